@@ -1,0 +1,135 @@
+"""Host-side plan of one Prism launch (the plan/run split: host work once, kernels only read).
+
+A launch covers R prefill chunks ("requests") whose query rows are contiguous in ``q``.
+Everything a kernel needs to map a program id to its request, block and output slot is
+computed here on the CPU from the scheduler's CPU tensors, then copied to the device once
+per step (non-blocking). No kernel or launcher reads anything back to the host.
+
+Block bookkeeping (B = block size, see prism_vllm.reference for the math):
+
+    request r: rows cu_q[r] .. cu_q[r+1]-1 of q at absolute positions ctx_lens[r] ..
+    query blocks of r: absolute qb0_r .. qb0_r + nq_r - 1, flattened over requests -> g in [0, NQB)
+    key blocks of r:   0 .. nk_r - 1,                        flattened           -> kb in [0, NKB)
+    selection row (g, h): BSR row of q head h in query block g, with capacity qb_abs[g] + 1
+        (the causal maximum); its indices live at
+        sel_idx[sel_off[g]*HQ + h*(qb_abs[g]+1) : ... + sel_cnt[g*HQ + h]], ascending.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = ["PrefillPlan", "make_plan"]
+
+IntSeq = Union[Sequence[int], torch.Tensor]
+
+
+@dataclass
+class PrefillPlan:
+    """Metadata of one launch. Device tensors are int32; sizes are host ints."""
+
+    block_size: int
+    num_reqs: int
+    num_tokens: int
+    """Query rows covered (cu_q[-1])."""
+    num_q_blocks: int
+    """NQB: query blocks over all requests."""
+    num_k_blocks: int
+    """NKB: key blocks over all requests."""
+    max_k_blocks: int
+    """max_r nk_r: longest selection row."""
+    sel_capacity: int
+    """Length of sel_idx needed: HQ * sum_g (qb_abs[g] + 1)."""
+    num_q_heads: int
+
+    cu_q: torch.Tensor  # [R+1] query row offsets
+    ctx_lens: torch.Tensor  # [R] tokens cached before the chunk
+    seq_lens: torch.Tensor  # [R] ctx + chunk length
+    dense: torch.Tensor  # [R] 1: select every causal block for this request (no estimation)
+    cu_qb: torch.Tensor  # [R+1] query-block offsets
+    cu_kb: torch.Tensor  # [R+1] key-block offsets
+    qb_req: torch.Tensor  # [NQB] request of each query block
+    qb_abs: torch.Tensor  # [NQB] absolute index of each query block
+    sel_off: torch.Tensor  # [NQB+1] cumulative (qb_abs + 1)
+    kb_req: torch.Tensor  # [NKB] request of each key block
+
+    def to(self, device: Union[str, torch.device], non_blocking: bool = True) -> "PrefillPlan":
+        kw = {}
+        for k, v in self.__dict__.items():
+            if isinstance(v, torch.Tensor):
+                if torch.device(device).type == "cuda" and v.device.type == "cpu" and non_blocking:
+                    v = v.pin_memory()
+                v = v.to(device, non_blocking=non_blocking)
+            kw[k] = v
+        return PrefillPlan(**kw)
+
+
+def make_plan(
+    cu_q: IntSeq,
+    ctx_lens: IntSeq,
+    num_q_heads: int,
+    block_size: int = 128,
+    dense: Optional[IntSeq] = None,
+) -> PrefillPlan:
+    """Build a plan on the CPU.
+
+    Args:
+        cu_q: [R+1] query row offsets of the chunks (cu_q[0] is usually 0).
+        ctx_lens: [R] tokens already in the KV cache before each chunk.
+        num_q_heads: HQ.
+        block_size: Prism block size B.
+        dense: [R] optional flags; 1 makes a request attend to every causal block.
+    """
+    cu_q = torch.as_tensor(cu_q, dtype=torch.int64).cpu()
+    ctx = torch.as_tensor(ctx_lens, dtype=torch.int64).cpu()
+    R = ctx.numel()
+    if cu_q.numel() != R + 1:
+        raise ValueError(f"cu_q has {cu_q.numel()} entries, expected num_reqs + 1 = {R + 1}")
+    qlen = cu_q[1:] - cu_q[:-1]
+    if R and (qlen < 1).any():
+        raise ValueError(f"every chunk needs >= 1 query row, got lengths {qlen.tolist()}")
+    if (ctx < 0).any():
+        raise ValueError(f"ctx_lens must be >= 0, got {ctx.tolist()}")
+    B = block_size
+    seq = ctx + qlen
+    qb0 = ctx // B
+    nq = (seq - 1) // B - qb0 + 1
+    nk = (seq + B - 1) // B
+    zero = torch.zeros(1, dtype=torch.int64)
+    cu_qb = torch.cat([zero, nq.cumsum(0)])
+    cu_kb = torch.cat([zero, nk.cumsum(0)])
+    NQB, NKB = int(cu_qb[-1]), int(cu_kb[-1])
+    qb_req = torch.repeat_interleave(torch.arange(R), nq)
+    qb_abs = torch.arange(NQB) - cu_qb[qb_req] + qb0[qb_req]
+    sel_off = torch.cat([zero, (qb_abs + 1).cumsum(0)])
+    kb_req = torch.repeat_interleave(torch.arange(R), nk)
+    if (int(nk.max()) if R else 0) > 32767:
+        raise ValueError(
+            f"a sequence of {int(seq.max())} tokens has more than 32767 Prism blocks; block indices "
+            f"are int16, so Prism supports up to {32767 * B} tokens per sequence"
+        )
+    dense_t = torch.zeros(R, dtype=torch.int64) if dense is None else torch.as_tensor(dense, dtype=torch.int64).cpu()
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    return PrefillPlan(
+        block_size=B,
+        num_reqs=R,
+        num_tokens=int(cu_q[-1]),
+        num_q_blocks=NQB,
+        num_k_blocks=NKB,
+        max_k_blocks=(int(nk.max()) if R else 0),
+        sel_capacity=int(sel_off[-1]) * num_q_heads,
+        num_q_heads=num_q_heads,
+        cu_q=i32(cu_q),
+        ctx_lens=i32(ctx),
+        seq_lens=i32(seq),
+        dense=i32(dense_t),
+        cu_qb=i32(cu_qb),
+        cu_kb=i32(cu_kb),
+        qb_req=i32(qb_req),
+        qb_abs=i32(qb_abs),
+        sel_off=i32(sel_off),
+        kb_req=i32(kb_req),
+    )

@@ -1,0 +1,183 @@
+"""`PrismConfig`: the one typed configuration of the Prism backend.
+
+Read once from vLLM's ``--additional-config '{"prism": {...}}'`` (which vLLM hashes into its
+compile-cache key), validated at startup. Every field has a docstring; a bad value raises
+``ValueError`` naming the field, the value, the allowed range and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+__all__ = ["PrismConfig", "ADDITIONAL_CONFIG_KEY"]
+
+#: Key under vLLM's ``additional_config`` that holds Prism's settings.
+ADDITIONAL_CONFIG_KEY = "prism"
+
+#: Block sizes the kernels are built for.
+SUPPORTED_BLOCK_SIZES = (128,)
+
+
+@dataclass(frozen=True)
+class PrismConfig:
+    """Settings of Prism block-sparse prefill (paper: arXiv 2602.08426).
+
+    Block importance is estimated from mean-pooled 128-token blocks of queries and keys,
+    scored in a high- and a low-frequency RoPE band, calibrated, selected by top-p per band,
+    united, and attention is computed exactly on the selected blocks only.
+    """
+
+    block_size: int = 128
+    """Tokens per Prism block (query and key side). Blocks are absolute: block j covers
+    positions [j*block_size, (j+1)*block_size) of a request, whatever the chunking."""
+
+    high_band_dims: Optional[int] = None
+    """Head dimensions in the high-frequency band (the fastest-rotating RoPE pairs).
+    None: half of the rotary dims (64 at rotary dim 128, as in the paper). Even, >= 2."""
+
+    low_band_dims: Optional[int] = None
+    """Rotary head dimensions in the low-frequency band (the slowest-rotating RoPE pairs);
+    unrotated dims of partial-rotary models are always added to this band (zero frequency).
+    None: three quarters of the rotary dims (96 at rotary dim 128). Even, >= 2."""
+
+    high_threshold: float = 0.95
+    """Top-p mass kept per query block in the high band, in (0, 1]. 1.0 keeps every block."""
+
+    low_threshold: float = 0.95
+    """Top-p mass kept per query block in the low band, in (0, 1]. 1.0 keeps every block."""
+
+    calibrate: bool = True
+    """Energy calibration: divide each band's logits by
+    t = sqrt(d_band/d) * rms(q_band)/rms(q) * rms(k_band)/rms(k), restoring the energy that
+    mean pooling removed from the high band. False: temperature 1 for both bands."""
+
+    keep_sink: bool = True
+    """Always attend to key block 0 (the attention sink)."""
+
+    keep_diagonal: bool = True
+    """Always attend to the query block's own (diagonal, causally masked) key block."""
+
+    min_context_len: int = 16384
+    """Smallest sequence length (context + this chunk, tokens) at which a prefill chunk is
+    served by Prism; shorter ones go to FlashAttention. The default is the measured
+    break-even on an H200 (benchmarks/results/kernels-h200.json)."""
+
+    min_query_len: int = 16
+    """Smallest prefill chunk (query tokens) served by Prism. Decode and speculative-decode
+    rows are always served by FlashAttention (and keep its CUDA graphs)."""
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if self.block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(
+                f"prism.block_size={self.block_size!r} is not supported; the kernels are built for "
+                f"{SUPPORTED_BLOCK_SIZES}. Remove the field or set it to 128."
+            )
+        for name in ("high_band_dims", "low_band_dims"):
+            v = getattr(self, name)
+            if v is not None and (v < 2 or v % 2):
+                raise ValueError(
+                    f"prism.{name}={v!r} is invalid: it must be an even number >= 2 (RoPE rotates "
+                    f"dimensions in pairs) and at most the model's rotary dimension. Remove it to use "
+                    f"the default."
+                )
+        for name in ("high_threshold", "low_threshold"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and 0.0 < v <= 1.0):
+                raise ValueError(
+                    f"prism.{name}={v!r} is out of range: it is a top-p probability mass in (0, 1] "
+                    f"(default 0.95; 1.0 selects every block)."
+                )
+        if self.min_context_len < 0:
+            raise ValueError(
+                f"prism.min_context_len={self.min_context_len!r} is out of range: use a token count "
+                f">= 0 (0 sends every prefill chunk through Prism)."
+            )
+        if self.min_query_len < 2:
+            raise ValueError(
+                f"prism.min_query_len={self.min_query_len!r} is out of range: use an integer >= 2 "
+                f"(single-token decode rows always stay on FlashAttention)."
+            )
+
+    def _check_types(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            v = getattr(self, f.name)
+            want = hints[f.name]
+            optional = typing.get_origin(want) is typing.Union and type(None) in typing.get_args(want)
+            base = [a for a in typing.get_args(want) if a is not type(None)][0] if optional else want
+            if v is None and optional:
+                continue
+            ok = isinstance(v, base) and not (base in (int, float) and isinstance(v, bool))
+            if base is float and isinstance(v, int) and not isinstance(v, bool):
+                object.__setattr__(self, f.name, float(v))
+                ok = True
+            if not ok:
+                raise ValueError(
+                    f"prism.{f.name}={v!r} has the wrong type: expected {base.__name__}"
+                    f"{' or null' if optional else ''} (default {f.default!r})."
+                )
+
+    # -- band sizes resolved against a model's rotary dimension -----------------------------
+    def band_dims(self, rotary_dim: int) -> tuple[int, int]:
+        """(high, low) band sizes in rotary dims for a model with ``rotary_dim`` rotated dims."""
+        hi = self.high_band_dims if self.high_band_dims is not None else max(2, (rotary_dim // 2) // 2 * 2)
+        lo = self.low_band_dims if self.low_band_dims is not None else max(2, (rotary_dim * 3 // 4) // 2 * 2)
+        for name, v in (("high_band_dims", hi), ("low_band_dims", lo)):
+            if v > rotary_dim:
+                raise ValueError(
+                    f"prism.{name}={v} exceeds the model's rotary dimension {rotary_dim}; use an even "
+                    f"value <= {rotary_dim} or remove it to use the default."
+                )
+        return hi, lo
+
+    # -- parsing -----------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Optional[Mapping[str, Any]]) -> "PrismConfig":
+        """Build from a plain dict (the value of ``additional_config["prism"]``)."""
+        if d is None:
+            return cls()
+        if isinstance(d, PrismConfig):
+            return d
+        if not isinstance(d, Mapping):
+            raise ValueError(
+                f'--additional-config "prism" must be a JSON object, got {type(d).__name__}: {d!r}. '
+                f'Example: --additional-config \'{{"prism": {{"high_threshold": 0.9}}}}\''
+            )
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown prism setting(s) {unknown} in --additional-config; valid fields: "
+                f"{sorted(known)}"
+            )
+        return cls(**dict(d))
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> "PrismConfig":
+        """Read ``vllm_config.additional_config["prism"]`` (absent: defaults)."""
+        extra = getattr(vllm_config, "additional_config", None) or {}
+        return cls.from_dict(extra.get(ADDITIONAL_CONFIG_KEY))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Field name -> docstring (for README tables and ``--help``)."""
+        import ast
+        import inspect
+        import textwrap
+
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        docs: dict[str, str] = {}
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[attr-defined]
+        return docs
+

@@ -1,0 +1,257 @@
+"""Prism in plain PyTorch: the readable specification every kernel is tested against.
+
+One request at a time, no paging, float32 math. Notation (one prefill chunk of a request):
+
+    ctx   tokens already in the KV cache before this chunk (absolute position of its first row)
+    L     query rows in this chunk (positions ctx .. ctx+L-1)
+    S     ctx + L, keys visible to the chunk (positions 0 .. S-1)
+    B     Prism block size (128); block j covers absolute positions [jB, jB+B)
+    qb0   ctx // B, absolute index of the chunk's first (possibly partial) query block
+    nq    query blocks of the chunk: (ctx+L-1)//B - qb0 + 1
+    nk    key blocks: ceil(S / B)
+    q: [L, HQ, D]   k, v: [S, HKV, D]   G = HQ // HKV (GQA group; q head h reads kv head h // G)
+
+The algorithm (paper arXiv 2602.08426, DESIGN.md):
+
+1. Mean-pool queries and keys per absolute block over the tokens that exist (a chunk that
+   starts mid-block pools only its own rows of that block; the last block may be partial).
+2. Energy calibration per (request, q head): for band b in {high, low},
+   t_b = sqrt(d_b/D) * (rms(q_b)/rms(q)) * (rms(k_b)/rms(k)), rms taken over the pooled blocks
+   that exist (the chunk's query blocks; all key blocks) and the band's dims.
+3. Per band, logits[i, j] = <q_b[i], k_b[j]> / (sqrt(d_b) * t_b), causal over blocks
+   (key block j <= absolute query block qb0+i), softmax over j.
+4. Top-p per band: keep every block whose probability is >= t*, where t* is the probability
+   at which the descending cumulative sum first reaches the band's threshold (ties at t* are
+   all kept; a threshold of 1.0 keeps every causal block).
+5. Union of both bands, plus the sink block 0 and the diagonal block (if configured).
+6. Exact softmax(scale * q k^T) v over the keys of the selected blocks, causal per token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .config import PrismConfig
+from .rope import Bands
+
+__all__ = [
+    "num_blocks",
+    "pool_blocks",
+    "band_temperatures",
+    "band_logits",
+    "top_p_threshold",
+    "top_p_mask",
+    "select_blocks",
+    "block_sparse_attention",
+    "dense_causal_attention",
+    "prism_attention",
+    "prism_attention_batch",
+]
+
+_EPS = 1e-6
+
+
+def num_blocks(ctx: int, L: int, block: int) -> tuple[int, int, int]:
+    """(qb0, nq, nk) for a chunk of L >= 1 rows after ctx cached tokens."""
+    if L < 1 or ctx < 0:
+        raise ValueError(f"need L >= 1 and ctx >= 0, got L={L}, ctx={ctx}")
+    qb0 = ctx // block
+    nq = (ctx + L - 1) // block - qb0 + 1
+    nk = -(-(ctx + L) // block)
+    return qb0, nq, nk
+
+
+def pool_blocks(x: torch.Tensor, start: int, block: int) -> torch.Tensor:
+    """Mean of x's rows per absolute block.
+
+    Args:
+        x: [N, H, D], row t at absolute position start + t.
+    Returns:
+        [nb, H, D] float32, block (start // block) + i in row i, averaged over its rows in x.
+    """
+    n = x.shape[0]
+    pos = torch.arange(start, start + n, device=x.device)
+    blk = pos // block - start // block
+    nb = int(blk[-1]) + 1
+    out = torch.zeros((nb,) + tuple(x.shape[1:]), dtype=torch.float32, device=x.device)
+    out.index_add_(0, blk, x.float())
+    cnt = torch.bincount(blk, minlength=nb).to(torch.float32)
+    return out / cnt.view(-1, *([1] * (x.dim() - 1)))
+
+
+def _rms(x: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+    """[H]: sqrt(mean(x[:, h, dims]^2)) over blocks and the given dims."""
+    return x[..., dims].pow(2).mean(dim=(0, 2)).sqrt()
+
+
+def band_temperatures(
+    qp: torch.Tensor, kp: torch.Tensor, bands: Bands, calibrate: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per q head temperatures (t_high, t_low), each [HQ] float32.
+
+    qp: [nq, HQ, D] pooled queries, kp: [nk, HKV, D] pooled keys.
+    """
+    hq, d = qp.shape[1], qp.shape[2]
+    if not calibrate:
+        one = torch.ones(hq, dtype=torch.float32, device=qp.device)
+        return one, one.clone()
+    g = hq // kp.shape[1]
+    alld = torch.ones(d, dtype=torch.bool, device=qp.device)
+    rq = _rms(qp, alld).clamp_min(_EPS)
+    rk = _rms(kp, alld).clamp_min(_EPS).repeat_interleave(g)
+    temps = []
+    for m in (bands.high.to(qp.device), bands.low.to(qp.device)):
+        db = int(m.sum())
+        t = math.sqrt(db / d) * (_rms(qp, m) / rq) * (_rms(kp, m).repeat_interleave(g) / rk)
+        temps.append(t.clamp_min(_EPS))
+    return temps[0], temps[1]
+
+
+def band_logits(
+    qp: torch.Tensor, kp: torch.Tensor, mask: torch.Tensor, temp: torch.Tensor, qb0: int
+) -> torch.Tensor:
+    """[HQ, nq, nk] float32 logits of one band, -inf above the block diagonal."""
+    hq, nq, nk = qp.shape[1], qp.shape[0], kp.shape[0]
+    g = hq // kp.shape[1]
+    m = mask.to(qp.device)
+    qb = qp[..., m].permute(1, 0, 2)  # [HQ, nq, db]
+    kb = kp[..., m].repeat_interleave(g, dim=1).permute(1, 0, 2)  # [HQ, nk, db]
+    logits = qb @ kb.transpose(1, 2) / (math.sqrt(int(m.sum())) * temp.view(-1, 1, 1))
+    causal = torch.arange(nk, device=qp.device)[None, :] <= (qb0 + torch.arange(nq, device=qp.device))[:, None]
+    return logits.masked_fill(~causal, float("-inf"))
+
+
+def top_p_threshold(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """[...]: the probability t* of the block at which the descending cumulative mass of
+    ``probs`` ([..., n], rows summing to 1) first reaches p; 0 when p >= 1."""
+    if p >= 1.0:
+        return torch.zeros(probs.shape[:-1], dtype=probs.dtype, device=probs.device)
+    srt = torch.sort(probs, dim=-1, descending=True).values
+    csum = srt.cumsum(-1)
+    k = (csum < p).sum(-1, keepdim=True).clamp_max(probs.shape[-1] - 1)
+    return srt.gather(-1, k).squeeze(-1)
+
+
+def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Bool [..., n]: the smallest set of largest probabilities whose mass reaches p (ties
+    at the boundary all kept; p >= 1 keeps every entry with probability > 0 or finite logit)."""
+    t = top_p_threshold(probs, p)
+    return probs >= t.unsqueeze(-1)
+
+
+def select_blocks(
+    qp: torch.Tensor, kp: torch.Tensor, qb0: int, bands: Bands, cfg: PrismConfig
+) -> torch.Tensor:
+    """Selected key blocks, bool [HQ, nq, nk] (False above the diagonal)."""
+    nq, nk = qp.shape[0], kp.shape[0]
+    t_hi, t_lo = band_temperatures(qp, kp, bands, cfg.calibrate)
+    causal = torch.arange(nk, device=qp.device)[None, :] <= (qb0 + torch.arange(nq, device=qp.device))[:, None]
+    sel = torch.zeros((qp.shape[1], nq, nk), dtype=torch.bool, device=qp.device)
+    for m, t, p in ((bands.high, t_hi, cfg.high_threshold), (bands.low, t_lo, cfg.low_threshold)):
+        probs = torch.softmax(band_logits(qp, kp, m, t, qb0), dim=-1)
+        sel |= top_p_mask(probs, p) if p < 1.0 else causal.expand_as(sel)
+    if cfg.keep_sink:
+        sel[:, :, 0] = True
+    if cfg.keep_diagonal:
+        i = torch.arange(nq, device=qp.device)
+        sel[:, i, qb0 + i] = True
+    return sel & causal
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ctx: int,
+    block_mask: torch.Tensor,
+    block: int,
+    scale: float,
+) -> torch.Tensor:
+    """Exact attention of q over the keys of the selected blocks, causal per token.
+
+    q: [L, HQ, D] at positions ctx..ctx+L-1; k, v: [S, HKV, D], S = ctx + L;
+    block_mask: bool [HQ, nq, nk] over absolute query blocks qb0.. and key blocks 0..nk-1.
+    Returns [L, HQ, D] in q's dtype (math in float32).
+    """
+    L, hq, _ = q.shape
+    S, hkv = k.shape[0], k.shape[1]
+    g = hq // hkv
+    qpos = torch.arange(ctx, ctx + L, device=q.device)
+    kpos = torch.arange(S, device=q.device)
+    qi = qpos // block - ctx // block  # row's query block (relative)
+    kj = kpos // block
+    allowed = block_mask[:, qi][:, :, kj] & (kpos[None, :] <= qpos[:, None])  # [HQ, L, S]
+    qf = q.float().permute(1, 0, 2)
+    kf = k.float().repeat_interleave(g, dim=1).permute(1, 0, 2)
+    vf = v.float().repeat_interleave(g, dim=1).permute(1, 0, 2)
+    s = (qf @ kf.transpose(1, 2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    out = torch.softmax(s, dim=-1) @ vf
+    return out.permute(1, 0, 2).to(q.dtype)
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int, scale: float) -> torch.Tensor:
+    """Dense causal attention through torch's SDPA (an independent check of the above).
+
+    q: [L, HQ, D] at positions ctx..; k, v: [ctx+L, HKV, D]. Returns [L, HQ, D].
+    """
+    L, hq, _ = q.shape
+    S = k.shape[0]
+    g = hq // k.shape[1]
+    mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(diagonal=ctx)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float().transpose(0, 1),
+        k.float().repeat_interleave(g, dim=1).transpose(0, 1),
+        v.float().repeat_interleave(g, dim=1).transpose(0, 1),
+        attn_mask=mask,
+        scale=scale,
+    )
+    return out.transpose(0, 1).to(q.dtype)
+
+
+def prism_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ctx: int,
+    bands: Bands,
+    cfg: PrismConfig,
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole algorithm for one chunk. Returns (out [L, HQ, D], block_mask [HQ, nq, nk])."""
+    L, hq, d = q.shape
+    if k.shape[0] != ctx + L:
+        raise ValueError(f"k has {k.shape[0]} rows, expected ctx + L = {ctx + L}")
+    if hq % k.shape[1]:
+        raise ValueError(f"HQ={hq} is not a multiple of HKV={k.shape[1]}")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    B = cfg.block_size
+    qp = pool_blocks(q, ctx, B)
+    kp = pool_blocks(k, 0, B)
+    mask = select_blocks(qp, kp, ctx // B, bands, cfg)
+    return block_sparse_attention(q, k, v, ctx, mask, B, scale), mask
+
+
+def prism_attention_batch(
+    q: torch.Tensor,
+    cu_q: Sequence[int],
+    ctx_lens: Sequence[int],
+    ks: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    bands: Bands,
+    cfg: PrismConfig,
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Several requests: q rows cu_q[r]:cu_q[r+1] belong to request r, whose keys/values are
+    ks[r], vs[r] ([ctx_lens[r] + L_r, HKV, D]). Returns (out like q, per-request masks)."""
+    out = torch.empty_like(q)
+    masks = []
+    for r in range(len(ctx_lens)):
+        a, b = int(cu_q[r]), int(cu_q[r + 1])
+        o, m = prism_attention(q[a:b], ks[r], vs[r], int(ctx_lens[r]), bands, cfg, scale)
+        out[a:b] = o
+        masks.append(m)
+    return out, masks
