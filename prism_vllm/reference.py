@@ -15,9 +15,13 @@ The algorithm (paper arXiv 2602.08426, DESIGN.md):
 
 1. Mean-pool queries and keys per absolute block over the tokens that exist (a chunk that
    starts mid-block pools only its own rows of that block; the last block may be partial).
-2. Energy calibration per (request, q head): for band b in {high, low},
-   t_b = sqrt(d_b/D) * (rms(q_b)/rms(q)) * (rms(k_b)/rms(k)), rms taken over the pooled blocks
-   that exist (the chunk's query blocks; all key blocks) and the band's dims.
+2. Energy calibration per (q head, query block i): for band b in {high, low},
+   t_b = sqrt(d_b/D) * (rms(q_b)/rms(q)) * (rms(k_b)/rms(k)), the query ratio over the pooled
+   query block i, the key ratio over the pooled key blocks that exist causally for it
+   (0 .. qb0+i, kv head h // G), rms over blocks and the band's dims. Scoping the statistics
+   causally (instead of over the whole chunk, as the official code does for one-shot prefill)
+   makes the selection of a query block independent of how the scheduler cut the prompt at
+   block boundaries (chunked prefill, prefix-cache hits).
 3. Per band, logits[i, j] = <q_b[i], k_b[j]> / (sqrt(d_b) * t_b), causal over blocks
    (key block j <= absolute query block qb0+i), softmax over j.
 4. Top-p per band: keep every block whose probability is >= t*, where t* is the probability
@@ -82,30 +86,34 @@ def pool_blocks(x: torch.Tensor, start: int, block: int) -> torch.Tensor:
     return out / cnt.view(-1, *([1] * (x.dim() - 1)))
 
 
-def _rms(x: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
-    """[H]: sqrt(mean(x[:, h, dims]^2)) over blocks and the given dims."""
-    return x[..., dims].pow(2).mean(dim=(0, 2)).sqrt()
-
-
 def band_temperatures(
-    qp: torch.Tensor, kp: torch.Tensor, bands: Bands, calibrate: bool
+    qp: torch.Tensor, kp: torch.Tensor, qb0: int, bands: Bands, calibrate: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per q head temperatures (t_high, t_low), each [HQ] float32.
+    """Per (query block, q head) temperatures (t_high, t_low), each [nq, HQ] float32.
 
-    qp: [nq, HQ, D] pooled queries, kp: [nk, HKV, D] pooled keys.
+    qp: [nq, HQ, D] pooled queries of absolute blocks qb0.., kp: [nk, HKV, D] pooled keys.
     """
-    hq, d = qp.shape[1], qp.shape[2]
+    nq, hq, d = qp.shape
     if not calibrate:
-        one = torch.ones(hq, dtype=torch.float32, device=qp.device)
+        one = torch.ones(nq, hq, dtype=torch.float32, device=qp.device)
         return one, one.clone()
     g = hq // kp.shape[1]
+    last = qb0 + torch.arange(nq, device=qp.device)  # last causal key block of each row
+    # Causal prefix sums of key energy per kv head: [nk, HKV] -> rows 0..I inclusive.
+    def k_mean_sq(m: torch.Tensor) -> torch.Tensor:
+        e = kp[..., m].pow(2).sum(-1).cumsum(0)[last]  # [nq, HKV]
+        return (e / ((last + 1).unsqueeze(1) * int(m.sum()))).repeat_interleave(g, dim=1)
+
+    def q_mean_sq(m: torch.Tensor) -> torch.Tensor:
+        return qp[..., m].pow(2).mean(-1)  # [nq, HQ]
+
     alld = torch.ones(d, dtype=torch.bool, device=qp.device)
-    rq = _rms(qp, alld).clamp_min(_EPS)
-    rk = _rms(kp, alld).clamp_min(_EPS).repeat_interleave(g)
+    rq = q_mean_sq(alld).sqrt().clamp_min(_EPS)
+    rk = k_mean_sq(alld).sqrt().clamp_min(_EPS)
     temps = []
     for m in (bands.high.to(qp.device), bands.low.to(qp.device)):
         db = int(m.sum())
-        t = math.sqrt(db / d) * (_rms(qp, m) / rq) * (_rms(kp, m).repeat_interleave(g) / rk)
+        t = math.sqrt(db / d) * (q_mean_sq(m).sqrt() / rq) * (k_mean_sq(m).sqrt() / rk)
         temps.append(t.clamp_min(_EPS))
     return temps[0], temps[1]
 
@@ -113,13 +121,15 @@ def band_temperatures(
 def band_logits(
     qp: torch.Tensor, kp: torch.Tensor, mask: torch.Tensor, temp: torch.Tensor, qb0: int
 ) -> torch.Tensor:
-    """[HQ, nq, nk] float32 logits of one band, -inf above the block diagonal."""
+    """[HQ, nq, nk] float32 logits of one band, -inf above the block diagonal.
+
+    temp: [nq, HQ] temperatures of the band (see band_temperatures)."""
     hq, nq, nk = qp.shape[1], qp.shape[0], kp.shape[0]
     g = hq // kp.shape[1]
     m = mask.to(qp.device)
     qb = qp[..., m].permute(1, 0, 2)  # [HQ, nq, db]
     kb = kp[..., m].repeat_interleave(g, dim=1).permute(1, 0, 2)  # [HQ, nk, db]
-    logits = qb @ kb.transpose(1, 2) / (math.sqrt(int(m.sum())) * temp.view(-1, 1, 1))
+    logits = qb @ kb.transpose(1, 2) / (math.sqrt(int(m.sum())) * temp.t().unsqueeze(-1))
     causal = torch.arange(nk, device=qp.device)[None, :] <= (qb0 + torch.arange(nq, device=qp.device))[:, None]
     return logits.masked_fill(~causal, float("-inf"))
 
@@ -147,7 +157,7 @@ def select_blocks(
 ) -> torch.Tensor:
     """Selected key blocks, bool [HQ, nq, nk] (False above the diagonal)."""
     nq, nk = qp.shape[0], kp.shape[0]
-    t_hi, t_lo = band_temperatures(qp, kp, bands, cfg.calibrate)
+    t_hi, t_lo = band_temperatures(qp, kp, qb0, bands, cfg.calibrate)
     causal = torch.arange(nk, device=qp.device)[None, :] <= (qb0 + torch.arange(nq, device=qp.device))[:, None]
     sel = torch.zeros((qp.shape[1], nq, nk), dtype=torch.bool, device=qp.device)
     for m, t, p in ((bands.high, t_hi, cfg.high_threshold), (bands.low, t_lo, cfg.low_threshold)):
