@@ -1,0 +1,198 @@
+"""The pure-PyTorch reference: pooling, calibration, top-p, selection, sparse attention.
+
+Checked against independent computations (plain loops, torch SDPA) and, when the official
+Prism code is available (env PRISM_OFFICIAL_DIR pointing at a folder holding its `prism/`
+package; not shipped here), against the official estimation on inputs where both apply.
+"""
+
+import itertools
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from prism_vllm import PrismConfig
+from prism_vllm import reference as R
+from prism_vllm.rope import RopeLayout, rope_bands
+
+BANDS64 = rope_bands(RopeLayout(64, 64), 32, 48)
+ALL = PrismConfig(high_threshold=1.0, low_threshold=1.0)
+
+
+def _qkv(L, ctx, hq, hkv, d, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(L, hq, d, generator=g).to(dtype)
+    k = torch.randn(ctx + L, hkv, d, generator=g).to(dtype)
+    v = torch.randn(ctx + L, hkv, d, generator=g).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("start,n", [(0, 1), (0, 127), (0, 129), (77, 300), (128, 128), (200, 1000)], ids=str)
+def test_pool_blocks_averages_existing_rows_of_absolute_blocks(start, n):
+    x = torch.randn(n, 2, 8)
+    got = R.pool_blocks(x, start, 128)
+    first = start // 128
+    for i in range(got.shape[0]):
+        lo, hi = max((first + i) * 128, start), min((first + i + 1) * 128, start + n)
+        torch.testing.assert_close(got[i], x[lo - start : hi - start].mean(0))
+    assert got.shape[0] == (start + n - 1) // 128 - first + 1
+
+
+@pytest.mark.parametrize(
+    "L,ctx,hq,hkv",
+    [(1, 0, 2, 2), (127, 0, 4, 1), (129, 0, 3, 1), (300, 77, 8, 2), (256, 128, 4, 4), (1000, 200, 4, 1)],
+    ids=lambda x: str(x),
+)
+def test_all_blocks_selected_equals_dense_sdpa(L, ctx, hq, hkv):
+    q, k, v = _qkv(L, ctx, hq, hkv, 64)
+    out, mask = R.prism_attention(q, k, v, ctx, BANDS64, ALL)
+    causal = torch.arange(mask.shape[2])[None, :] <= (ctx // 128 + torch.arange(mask.shape[1]))[:, None]
+    assert torch.equal(mask, causal.expand_as(mask))
+    torch.testing.assert_close(out, R.dense_causal_attention(q, k, v, ctx, 1 / 8), atol=2e-5, rtol=1e-4)
+
+
+def test_single_token_context_has_no_nan():
+    q, k, v = _qkv(1, 0, 4, 2, 64)
+    out, mask = R.prism_attention(q, k, v, 0, BANDS64, PrismConfig())
+    assert mask.tolist() == [[[True]]] * 4
+    torch.testing.assert_close(out, v.repeat_interleave(2, 1))
+
+
+def test_block_sparse_attention_matches_a_plain_loop():
+    L, ctx, hq, hkv, d = 200, 100, 4, 2, 16
+    q, k, v = _qkv(L, ctx, hq, hkv, d, seed=3)
+    nq, nk = (ctx + L - 1) // 128 - ctx // 128 + 1, -(-(ctx + L) // 128)
+    mask = torch.rand(hq, nq, nk, generator=torch.Generator().manual_seed(1)) < 0.5
+    mask[:, torch.arange(nq), ctx // 128 + torch.arange(nq)] = True  # every row sees itself
+    got = R.block_sparse_attention(q, k, v, ctx, mask, 128, 0.3)
+    for h in range(hq):
+        for t in range(L):
+            p = ctx + t
+            keys = [j for j in range(p + 1) if mask[h, p // 128 - ctx // 128, j // 128]]
+            s = torch.stack([q[t, h] @ k[j, h // 2] for j in keys]) * 0.3
+            want = torch.softmax(s, 0) @ v[keys, h // 2]
+            torch.testing.assert_close(got[t, h], want, atol=1e-5, rtol=1e-5)
+
+
+def _official_rule_top_p(probs, p):
+    """Sort descending and keep while the mass *before* the block is < p (the paper's rule)."""
+    out = torch.zeros_like(probs, dtype=torch.bool)
+    for idx in itertools.product(*map(range, probs.shape[:-1])):
+        order = torch.argsort(probs[idx], descending=True)
+        acc = 0.0
+        for j in order.tolist():
+            if acc < p:
+                out[idx + (j,)] = True
+            acc += float(probs[idx + (j,)])
+    return out
+
+
+@pytest.mark.parametrize("p", [0.5, 0.8, 0.95, 0.999])
+def test_top_p_matches_the_sorted_cumulative_rule(p):
+    logits = torch.randn(6, 40, dtype=torch.float64) * 2
+    probs = torch.softmax(logits, -1)
+    assert torch.equal(R.top_p_mask(probs, p), _official_rule_top_p(probs, p))
+
+
+def test_top_p_keeps_ties_at_the_boundary_and_everything_at_one():
+    probs = torch.tensor([[0.4, 0.2, 0.2, 0.2]])
+    assert R.top_p_mask(probs, 0.5).tolist() == [[True, True, True, True]]
+    assert R.top_p_mask(probs, 0.4).tolist() == [[True, False, False, False]]
+    assert R.top_p_threshold(probs, 1.0).item() == 0.0
+
+
+def test_calibration_formula_per_row():
+    torch.manual_seed(0)
+    qp, kp = torch.randn(3, 2, 64), torch.randn(5, 1, 64)
+    qb0 = 2  # rows see key blocks 0..2, 0..3, 0..4
+    th, tl = R.band_temperatures(qp, kp, qb0, BANDS64, True)
+    for i in range(3):
+        for h in range(2):
+            ks = kp[: qb0 + i + 1, 0]
+            for t, m in ((th, BANDS64.high), (tl, BANDS64.low)):
+                rq = qp[i, h, m].pow(2).mean().sqrt() / qp[i, h].pow(2).mean().sqrt()
+                rk = ks[:, m].pow(2).mean().sqrt() / ks.pow(2).mean().sqrt()
+                torch.testing.assert_close(t[i, h], math.sqrt(int(m.sum()) / 64) * rq * rk)
+    one = R.band_temperatures(qp, kp, qb0, BANDS64, False)
+    assert all(bool((x == 1).all()) for x in one)
+
+
+def _structured(L, hq, hkv, d, seed):
+    """Queries/keys where a few key blocks clearly dominate (selections are sparse)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(L, hq, d, generator=g) * 0.3
+    k = torch.randn(L, hkv, d, generator=g) * 0.3
+    hot = torch.randn(hkv, d, generator=g)
+    for b in range(0, L, 128 * 3):  # every third block carries a shared direction
+        k[b : b + 128] += 2.0 * hot
+    q += 2.0 * hot.repeat_interleave(hq // hkv, 0)
+    return q, k
+
+
+def test_selection_invariants_and_sparsity_on_structured_input():
+    L, hq, hkv, d = 1280, 4, 2, 64
+    q, k = _structured(L, hq, hkv, d, seed=5)
+    qp, kp = R.pool_blocks(q, 0, 128), R.pool_blocks(k, 0, 128)
+    sel = R.select_blocks(qp, kp, 0, BANDS64, PrismConfig())
+    nq = nk = 10
+    causal = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None]
+    assert not (sel & ~causal).any()
+    assert sel[:, :, 0].all() and sel[:, torch.arange(nq), torch.arange(nq)].all()
+    hot_blocks = torch.zeros(nk, dtype=torch.bool)
+    hot_blocks[::3] = True
+    assert (sel | ~(causal & hot_blocks)).all(), "the dominant blocks must be selected"
+    assert sel.sum() < causal.sum() * hq * 0.8, "structured input should give a sparse selection"
+    no_extra = R.select_blocks(qp, kp, 0, BANDS64, PrismConfig(keep_sink=False, keep_diagonal=False))
+    assert (no_extra <= sel).all()
+
+
+@pytest.mark.parametrize("cut", [128, 512, 1024])
+def test_block_aligned_chunking_gives_identical_selection_and_output(cut):
+    L, hq, hkv, d = 1280, 4, 2, 64
+    q, k = _structured(L, hq, hkv, d, seed=7)
+    v = torch.randn(L, hkv, d)
+    full_out, full_mask = R.prism_attention(q, k, v, 0, BANDS64, PrismConfig())
+    o1, m1 = R.prism_attention(q[:cut], k[:cut], v[:cut], 0, BANDS64, PrismConfig())
+    o2, m2 = R.prism_attention(q[cut:], k, v, cut, BANDS64, PrismConfig())
+    nb = cut // 128
+    assert torch.equal(full_mask[:, :nb, :nb], m1) and torch.equal(full_mask[:, nb:], m2)
+    torch.testing.assert_close(torch.cat([o1, o2]), full_out, atol=1e-6, rtol=1e-5)
+
+
+def test_batch_equals_per_request():
+    cfg = PrismConfig()
+    q1, k1, v1 = _qkv(300, 0, 4, 2, 64, seed=1)
+    q2, k2, v2 = _qkv(50, 140, 4, 2, 64, seed=2)
+    out, masks = R.prism_attention_batch(torch.cat([q1, q2]), [0, 300, 350], [0, 140], [k1, k2], [v1, v2], BANDS64, cfg)
+    torch.testing.assert_close(out[:300], R.prism_attention(q1, k1, v1, 0, BANDS64, cfg)[0])
+    torch.testing.assert_close(out[300:], R.prism_attention(q2, k2, v2, 140, BANDS64, cfg)[0])
+    assert [tuple(m.shape) for m in masks] == [(4, 3, 3), (4, 1, 2)]
+
+
+OFFICIAL = os.environ.get("PRISM_OFFICIAL_DIR")
+
+
+@pytest.mark.skipif(not OFFICIAL, reason="set PRISM_OFFICIAL_DIR to a folder holding the official prism/ package")
+@pytest.mark.parametrize("threshold", [0.8, 0.95])
+def test_selection_matches_the_official_estimation_without_calibration(threshold):
+    """One-shot, block-aligned, NeoX head_dim 128, calibration off: both codes implement the
+    same selection (the official calibrates over the whole chunk, ours causally per block)."""
+    sys.path.insert(0, OFFICIAL)
+    from prism.prism import prism_block_estimate  # type: ignore
+
+    L, h, d = 1024, 4, 128
+    bands = rope_bands(RopeLayout(d, d), 64, 96)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(L, h, d, generator=g)
+    k = torch.randn(L, h, d, generator=g) * 0.5
+    k[::256] *= 4  # some outstanding tokens make a few blocks dominant
+    cfg = PrismConfig(high_threshold=threshold, low_threshold=threshold, calibrate=False)
+    ours = R.select_blocks(R.pool_blocks(q, 0, 128), R.pool_blocks(k, 0, 128), 0, bands, cfg)
+    theirs = prism_block_estimate(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], low_freq_threshold=threshold,
+        high_freq_threshold=threshold, calibrate=False,
+    )[0]
+    causal = torch.arange(8)[None, :] <= torch.arange(8)[:, None]
+    assert torch.equal(ours, theirs & causal)
