@@ -1,0 +1,278 @@
+"""Mean pooling of queries (ragged prefill chunks) and keys (vLLM's paged KV cache) per Prism block.
+
+Step 1 of Prism (see ``prism_vllm.reference.pool_blocks``): every absolute block of B = 128
+positions is summarised by the mean of its rows that exist. A chunk that starts mid-block pools
+only its own rows of that first query block; the last query and key blocks may be partial.
+
+Shape legend (one launch, see kernels/plan.py):
+
+    T     query rows of the launch (chunks of R requests, contiguous in q)
+    HQ    q heads; HKV kv heads; D head dim (any, padded to a power of two in registers)
+    B     Prism block (plan.block_size); NQB / NKB query / key blocks over all requests
+    PS    page size (tokens per KV-cache page, any multiple of 16), NP pages in the cache
+    q: [T, HQ, D]   k_cache: [NP, PS, HKV, D]   block_table: [R, max_pages] int32
+    pooled q: [NQB, HQ, D] float32   pooled k: [NKB, HKV, D] float32
+
+Both kernels are pure streaming reductions (memory bound): one program per (block, head tile)
+reads its block's rows in BLOCK_T-row tiles and accumulates in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .plan import PrefillPlan
+
+__all__ = ["pool_queries", "pool_keys_paged"]
+
+
+@triton.jit
+def _pool_queries_kernel(
+    q,
+    out,
+    cu_q,
+    ctx_lens,
+    seq_lens,
+    qb_req,
+    qb_abs,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[g, h, :] = mean of q's rows of absolute query block qb_abs[g] of request qb_req[g]."""
+    g = tl.program_id(0)
+    h0 = tl.program_id(1) * BLOCK_H
+    r = tl.load(qb_req + g)
+    qb = tl.load(qb_abs + g)
+    ctx = tl.load(ctx_lens + r)
+    seq = tl.load(seq_lens + r)
+    row0 = tl.load(cu_q + r) - ctx  # q row of absolute position 0 (may be negative)
+    p_lo = tl.maximum(qb * B, ctx)  # the chunk's rows of this block: positions [p_lo, p_hi)
+    p_hi = tl.minimum(qb * B + B, seq)
+
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    hd_mask = (offs_h[:, None] < H) & (offs_d[None, :] < D)
+    hd_off = offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    # Row-wise partial sums; one cross-row reduction at the end instead of one per tile.
+    acc = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_D), dtype=tl.float32)
+    for p0 in range(p_lo, p_hi, BLOCK_T):
+        pos = p0 + offs_t
+        rows = (row0 + pos).to(tl.int64)
+        x = tl.load(
+            q + rows[:, None, None] * stride_qt + hd_off[None, :, :],
+            mask=(pos < p_hi)[:, None, None] & hd_mask[None, :, :],
+            other=0.0,
+        )
+        acc += x.to(tl.float32)
+    mean = tl.sum(acc, axis=0) / (p_hi - p_lo).to(tl.float32)
+    o_ptr = out + g.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od
+    tl.store(o_ptr, mean, mask=hd_mask)
+
+
+@triton.jit
+def _pool_keys_paged_kernel(
+    k_cache,
+    block_table,
+    out,
+    cu_kb,
+    seq_lens,
+    kb_req,
+    stride_kp,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_bt,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    PS: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[kb, h, :] = mean of the keys of block j = kb - cu_kb[r] of request r = kb_req[kb],
+    gathered from the paged cache (position p: page block_table[r, p // PS], slot p % PS)."""
+    kb = tl.program_id(0)
+    h0 = tl.program_id(1) * BLOCK_H
+    r = tl.load(kb_req + kb)
+    j = kb - tl.load(cu_kb + r)
+    seq = tl.load(seq_lens + r)
+    p_lo = j * B
+    p_hi = tl.minimum(p_lo + B, seq)
+
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    hd_mask = (offs_h[:, None] < H) & (offs_d[None, :] < D)
+    hd_off = offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd
+    bt_row = block_table + r.to(tl.int64) * stride_bt
+    acc = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_D), dtype=tl.float32)
+    for p0 in range(p_lo, p_hi, BLOCK_T):
+        pos = p0 + offs_t
+        ok = pos < p_hi
+        # One page-table entry per row: any page size works (smaller or larger than B);
+        # PS is constexpr so // and % become shifts for the usual power-of-two page sizes.
+        page = tl.load(bt_row + pos // PS, mask=ok, other=0).to(tl.int64)
+        row_off = page * stride_kp + (pos % PS).to(tl.int64) * stride_ks
+        x = tl.load(
+            k_cache + row_off[:, None, None] + hd_off[None, :, :],
+            mask=ok[:, None, None] & hd_mask[None, :, :],
+            other=0.0,
+        )
+        acc += x.to(tl.float32)
+    mean = tl.sum(acc, axis=0) / (p_hi - p_lo).to(tl.float32)
+    o_ptr = out + kb.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od
+    tl.store(o_ptr, mean, mask=hd_mask)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _tile_sizes(H: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_H, BLOCK_D): about 8K elements per loaded tile (16 KB of fp16/bf16), so a
+    program keeps several row loads in flight without spilling."""
+    block_d = triton.next_power_of_2(D)
+    block_h = min(triton.next_power_of_2(H), max(1, 1024 // block_d))
+    block_t = max(1, min(32, 8192 // (block_h * block_d)))
+    return block_t, block_h, block_d
+
+
+def pool_queries(q: torch.Tensor, plan: PrefillPlan, out: torch.Tensor) -> torch.Tensor:
+    """Mean-pooled queries of every (absolute) query block of the launch.
+
+    Args:
+        q: [T >= plan.num_tokens, HQ, D] float16/bfloat16/float32, any strides (e.g. a view of
+            vLLM's padded query); rows cu_q[r] .. cu_q[r+1]-1 are request r's chunk.
+        plan: the launch's PrefillPlan, on q's device.
+        out: [>= plan.num_q_blocks, HQ, D] float32, any strides; row g receives the mean of the
+            chunk's rows in absolute block plan.qb_abs[g] of request plan.qb_req[g]
+            (``reference.pool_blocks(q_r, ctx_r, B)``).
+
+    Returns:
+        out. One kernel launch; no host sync, no allocation.
+    """
+    _check(q.dim() == 3, f"Invalid shape of q: expected [T, HQ, D], got {tuple(q.shape)}")
+    T, H, D = q.shape
+    _check(q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"Invalid dtype of q: {q.dtype}")
+    _check(T >= plan.num_tokens, f"q has {T} rows, the plan covers {plan.num_tokens}")
+    _check(
+        out.dim() == 3 and out.shape[0] >= plan.num_q_blocks and tuple(out.shape[1:]) == (H, D),
+        f"Invalid shape of out: expected [>= {plan.num_q_blocks}, {H}, {D}], got {tuple(out.shape)}",
+    )
+    _check(out.dtype == torch.float32, f"Invalid dtype of out: expected float32, got {out.dtype}")
+    _check(out.device == q.device, f"out is on {out.device}, q on {q.device}")
+    _check(plan.qb_abs.device == q.device, f"plan is on {plan.qb_abs.device}, q on {q.device}; use plan.to(device)")
+    if plan.num_q_blocks == 0:
+        return out
+    bt, bh, bd = _tile_sizes(H, D)
+    grid = (plan.num_q_blocks, triton.cdiv(H, bh))
+    _pool_queries_kernel[grid](
+        q=q,
+        out=out,
+        cu_q=plan.cu_q,
+        ctx_lens=plan.ctx_lens,
+        seq_lens=plan.seq_lens,
+        qb_req=plan.qb_req,
+        qb_abs=plan.qb_abs,
+        stride_qt=q.stride(0),
+        stride_qh=q.stride(1),
+        stride_qd=q.stride(2),
+        stride_ob=out.stride(0),
+        stride_oh=out.stride(1),
+        stride_od=out.stride(2),
+        H=H,
+        D=D,
+        B=plan.block_size,
+        BLOCK_T=bt,
+        BLOCK_H=bh,
+        BLOCK_D=bd,
+        num_warps=4,
+    )
+    return out
+
+
+def pool_keys_paged(
+    k_cache: torch.Tensor, block_table: torch.Tensor, plan: PrefillPlan, out: torch.Tensor
+) -> torch.Tensor:
+    """Mean-pooled keys of every key block of every request, read from the paged KV cache.
+
+    Args:
+        k_cache: [NP, PS, HKV, D] float16/bfloat16/float32 view with any strides (vLLM 0.26:
+            ``kv_cache.transpose(1, 2).split(D, -1)[0]`` of FlashAttention's packed cache, NHD
+            or HND). Keys 0 .. seq_len-1 of every request must already be in the cache.
+        block_table: [>= R, max_pages] int32; position p of request r is in page
+            ``block_table[r, p // PS]``, slot ``p % PS``.
+        plan: the launch's PrefillPlan, on the cache's device.
+        out: [>= plan.num_k_blocks, HKV, D] float32, any strides; row cu_kb[r] + j receives the
+            mean of request r's keys at positions [jB, min(jB + B, seq_len)).
+
+    Returns:
+        out. One kernel launch; no host sync, no allocation.
+    """
+    _check(
+        k_cache.dim() == 4,
+        f"Invalid shape of k_cache: expected [num_pages, page_size, HKV, D], got {tuple(k_cache.shape)}",
+    )
+    NP, PS, H, D = k_cache.shape
+    _check(k_cache.dtype in (torch.float16, torch.bfloat16, torch.float32), f"Invalid dtype of k_cache: {k_cache.dtype}")
+    _check(PS >= 1, f"Invalid page size {PS}")
+    _check(
+        block_table.dim() == 2 and block_table.dtype == torch.int32 and block_table.shape[0] >= plan.num_reqs,
+        f"Invalid block_table: expected int32 [>= {plan.num_reqs}, max_pages], got {block_table.dtype} "
+        f"{tuple(block_table.shape)}",
+    )
+    _check(block_table.stride(1) == 1, f"block_table must be row-contiguous, got strides {block_table.stride()}")
+    _check(
+        out.dim() == 3 and out.shape[0] >= plan.num_k_blocks and tuple(out.shape[1:]) == (H, D),
+        f"Invalid shape of out: expected [>= {plan.num_k_blocks}, {H}, {D}], got {tuple(out.shape)}",
+    )
+    _check(out.dtype == torch.float32, f"Invalid dtype of out: expected float32, got {out.dtype}")
+    for name, t in (("block_table", block_table), ("out", out), ("plan", plan.kb_req)):
+        _check(t.device == k_cache.device, f"{name} is on {t.device}, k_cache on {k_cache.device}")
+    if plan.num_k_blocks == 0:
+        return out
+    bt, bh, bd = _tile_sizes(H, D)
+    grid = (plan.num_k_blocks, triton.cdiv(H, bh))
+    _pool_keys_paged_kernel[grid](
+        k_cache=k_cache,
+        block_table=block_table,
+        out=out,
+        cu_kb=plan.cu_kb,
+        seq_lens=plan.seq_lens,
+        kb_req=plan.kb_req,
+        stride_kp=k_cache.stride(0),
+        stride_ks=k_cache.stride(1),
+        stride_kh=k_cache.stride(2),
+        stride_kd=k_cache.stride(3),
+        stride_bt=block_table.stride(0),
+        stride_ob=out.stride(0),
+        stride_oh=out.stride(1),
+        stride_od=out.stride(2),
+        PS=PS,
+        H=H,
+        D=D,
+        B=plan.block_size,
+        BLOCK_T=bt,
+        BLOCK_H=bh,
+        BLOCK_D=bd,
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,116 @@
+"""Pooled queries and keys (kernels/pooling.py) against reference.pool_blocks.
+
+CPU: the Triton interpreter on fp16 inputs and small shapes. GPU (`-m gpu`): bf16 at 32K tokens.
+"""
+
+import pytest
+import torch
+
+from conftest import DEVICE, make_paged_kv
+from prism_vllm import reference as R
+from prism_vllm.kernels import make_plan
+from prism_vllm.kernels.pooling import pool_keys_paged, pool_queries
+
+B = 128
+
+
+def _batch(chunks, hq, hkv, d, dtype, device, seed=0):
+    """chunks: [(ctx, L)]; returns q [T, HQ, D], per-request keys [ctx+L, HKV, D], plan."""
+    gen = torch.Generator().manual_seed(seed)
+    cu = [0]
+    for _, L in chunks:
+        cu.append(cu[-1] + L)
+    q = torch.randn(cu[-1], hq, d, generator=gen).to(dtype).to(device)
+    ks = [torch.randn(c + L, hkv, d, generator=gen).to(dtype).to(device) for c, L in chunks]
+    plan = make_plan(cu, [c for c, _ in chunks], hq, B).to(device)
+    return q, ks, cu, plan
+
+
+def _ref_q(q, chunks, cu):
+    return torch.cat([R.pool_blocks(q[cu[i] : cu[i + 1]], c, B) for i, (c, _) in enumerate(chunks)])
+
+
+def _ref_k(ks):
+    return torch.cat([R.pool_blocks(k, 0, B) for k in ks])
+
+
+CHUNKS = {
+    "L1": [(0, 1)],
+    "L127": [(0, 127)],
+    "L129": [(0, 129)],
+    "ctx77_L300": [(77, 300)],
+    "ctx128_L129": [(128, 129)],
+    "ctx200_L1000": [(200, 1000)],
+    "three_reqs": [(0, 129), (77, 1), (200, 300)],
+}
+
+
+@pytest.mark.parametrize("name", list(CHUNKS), ids=str)
+@pytest.mark.parametrize("hq,d", [(4, 64), (3, 80)], ids=lambda x: str(x))
+def test_pool_queries_matches_reference(name, hq, d):
+    chunks = CHUNKS[name]
+    q, _, cu, plan = _batch(chunks, hq, 1, d, torch.float16, DEVICE)
+    out = torch.full((plan.num_q_blocks + 2, hq, d), float("nan"), device=DEVICE)
+    pool_queries(q=q, plan=plan, out=out)
+    torch.testing.assert_close(out[: plan.num_q_blocks], _ref_q(q, chunks, cu), atol=1e-5, rtol=1e-4)
+    assert out[plan.num_q_blocks :].isnan().all(), "rows past num_q_blocks must stay untouched"
+
+
+def test_pool_queries_strided_view_of_padded_query():
+    chunks = [(77, 300), (0, 50)]
+    q, _, cu, plan = _batch(chunks, 4, 1, 64, torch.float16, DEVICE)
+    # vLLM hands a view of a padded [T_pad, HQ_total, D] buffer; make q a non-contiguous slice.
+    big = torch.randn(q.shape[0] + 16, 6, 64, dtype=torch.float16, device=DEVICE)
+    big[: q.shape[0], 1:5] = q
+    view = big[:, 1:5]
+    out = torch.empty(plan.num_q_blocks, 4, 64, device=DEVICE)
+    pool_queries(q=view, plan=plan, out=out)
+    torch.testing.assert_close(out, _ref_q(q, chunks, cu), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("page_size", [16, 32, 256])
+@pytest.mark.parametrize("name", ["L1", "L127", "ctx77_L300", "three_reqs"], ids=str)
+def test_pool_keys_paged_matches_reference(layout, page_size, name):
+    chunks = CHUNKS[name]
+    _, ks, _, plan = _batch(chunks, 4, 2, 64, torch.float16, DEVICE, seed=1)
+    k_cache, _, table = make_paged_kv(ks, ks, page_size, layout, seed=page_size)
+    out = torch.full((plan.num_k_blocks + 1, 2, 64), float("nan"), device=DEVICE)
+    pool_keys_paged(k_cache=k_cache, block_table=table, plan=plan, out=out)
+    torch.testing.assert_close(out[: plan.num_k_blocks], _ref_k(ks), atol=1e-5, rtol=1e-4)
+    assert out[plan.num_k_blocks :].isnan().all()
+
+
+def test_pool_keys_single_kv_head_and_odd_head_dim():
+    chunks = [(200, 1000)]
+    _, ks, _, plan = _batch(chunks, 4, 1, 80, torch.float16, DEVICE, seed=2)
+    k_cache, _, table = make_paged_kv(ks, ks, 32, "HND")
+    out = torch.empty(plan.num_k_blocks, 1, 80, device=DEVICE)
+    pool_keys_paged(k_cache=k_cache, block_table=table, plan=plan, out=out)
+    torch.testing.assert_close(out, _ref_k(ks), atol=1e-5, rtol=1e-4)
+
+
+def test_pooling_rejects_bad_shapes():
+    chunks = [(0, 129)]
+    q, ks, _, plan = _batch(chunks, 4, 2, 64, torch.float16, DEVICE)
+    with pytest.raises(ValueError, match="Invalid shape of out"):
+        pool_queries(q=q, plan=plan, out=torch.empty(1, 4, 64, device=DEVICE))
+    with pytest.raises(ValueError, match="Invalid dtype of out"):
+        pool_queries(q=q, plan=plan, out=torch.empty(2, 4, 64, dtype=torch.float16, device=DEVICE))
+    k_cache, _, table = make_paged_kv(ks, ks, 16)
+    with pytest.raises(ValueError, match="block_table"):
+        pool_keys_paged(k_cache=k_cache, block_table=table.long(), plan=plan, out=torch.empty(2, 2, 64, device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_pooling_gpu_32k_bf16(layout):
+    chunks = [(0, 32768), (20000, 3000), (1000, 77)]
+    q, ks, cu, plan = _batch(chunks, 32, 8, 128, torch.bfloat16, "cuda", seed=3)
+    outq = torch.empty(plan.num_q_blocks, 32, 128, device="cuda")
+    pool_queries(q=q, plan=plan, out=outq)
+    torch.testing.assert_close(outq, _ref_q(q, chunks, cu), atol=1e-5, rtol=1e-4)
+    k_cache, _, table = make_paged_kv(ks, ks, 16, layout)
+    outk = torch.empty(plan.num_k_blocks, 8, 128, device="cuda")
+    pool_keys_paged(k_cache=k_cache, block_table=table, plan=plan, out=outk)
+    torch.testing.assert_close(outk, _ref_k(ks), atol=1e-5, rtol=1e-4)
