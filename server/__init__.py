@@ -1,0 +1,13 @@
+"""The ``prism-vllm`` command line and HTTP extensions.
+
+- ``prism-vllm serve``: vLLM's OpenAI-compatible server with Prism on by default
+  (:mod:`prism_vllm.server.cli`), serving the bundled SmolLM2 model when no model is given
+  (:mod:`prism_vllm.server.bundled`).
+- ``GET /prism/stats`` and ``prism_*`` Prometheus series: a ``vllm.endpoint_plugins`` plugin
+  (:mod:`prism_vllm.server.http`) reading per-worker counters through ``collective_rpc``
+  (:mod:`prism_vllm.server.worker`).
+- ``prism-vllm inspect``: attention block maps with Prism's selection drawn over them
+  (:mod:`prism_vllm.server.inspect_attention`).
+
+Importing this package imports neither torch nor vLLM.
+"""

