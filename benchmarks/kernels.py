@@ -1,0 +1,885 @@
+#!/usr/bin/env python
+"""Kernel benchmark: Prism's kernels vs vLLM's FA3 dense vs the official Prism kernels (issue 2, item 7).
+
+Llama-3.1-8B layer shape (32 q heads, 8 kv heads, head dim 128, bf16, causal), one request whose
+K/V sit in a FlashAttention-layout paged cache ([pages, 16, HKV, 2D], K and V packed in the last
+dim, randomly permuted block table). Sections:
+
+  sparse      block-sparse attention at fixed masks (sink + diagonal + a random subset of the other
+              causal blocks per (head, query block)), density 1.0 / 0.2 / 0.1 / 0.05 at 8K / 32K / 128K:
+              ours (sparse_prefill on the paged cache) vs FA3 dense (same paged cache) vs the official
+              block_sparse_attention (contiguous [1, H, L, D], its own mask format) and, with
+              --official-paged, the official paged kernel on the same cache.
+  estimation  pooling + calibration + dual-band top-p selection, ours vs the official
+              prism_block_estimate, on structured synthetic q/k (see make_structured_qk): median
+              time and extra GPU memory (peak over the call minus what was allocated before it;
+              ours includes allocating its buffers, the official includes its temporaries).
+  break_even  estimation + sparse attention at the density our selection picks on the structured
+              input, and at fixed proxy densities 0.3 / 0.5, vs FA3 dense at 8K / 16K / 32K.
+  sanity      once at the smallest length: ours at density 1.0 vs FA3 (max abs error), ours vs the
+              official kernel on the same fixed mask, our selection vs prism_vllm.reference.
+
+Usage (GPU machine, from the repo root; vLLM staged for FA3):
+    bash benchmarks/fetch_official.sh     # here, then carry benchmarks/_official
+    python benchmarks/kernels.py --official-dir benchmarks/_official --commit $SHA
+    python benchmarks/kernels.py --sweep  # sparse_prefill launch settings, one table
+    python benchmarks/plot_kernels.py benchmarks/results/kernels-h200.json
+CPU plumbing check (TRITON_INTERPRET=1, fp16, tiny shapes, no FA3, no official):
+    python benchmarks/kernels.py --dry-run --out /tmp/k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+if "--dry-run" in sys.argv:
+    # The interpreter must be chosen before triton is imported (by torch or by our kernels).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "kernels-h200.json"
+DEFAULT_SWEEP_OUT = REPO / "benchmarks" / "results" / "kernels-sweep-h200.json"
+KB = 1024
+
+
+def tok(L: int) -> str:
+    return f"{L // KB}K" if L % KB == 0 else str(L)
+
+
+# ----------------------------------------------------------------------------------------------
+# settings
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    device: str
+    dtype: torch.dtype
+    hq: int = 32
+    hkv: int = 8
+    d: int = 128
+    page: int = 16
+    block: int = 128
+    rope_base: float = 500000.0  # Llama-3.1
+    lengths: list[int] = field(default_factory=lambda: [8 * KB, 32 * KB, 128 * KB])
+    densities: list[float] = field(default_factory=lambda: [1.0, 0.2, 0.1, 0.05])
+    est_lengths: list[int] = field(default_factory=lambda: [8 * KB, 32 * KB, 128 * KB])
+    be_lengths: list[int] = field(default_factory=lambda: [8 * KB, 16 * KB, 32 * KB])
+    be_proxies: list[float] = field(default_factory=lambda: [0.3, 0.5])
+    sweep_points: list[tuple[int, float]] = field(default_factory=lambda: [(32 * KB, 1.0), (128 * KB, 0.1)])
+    budget_ms: float = 400.0  # time spent per measurement (after warm-up), at least min_reps calls
+    min_reps: int = 3
+    max_reps: int = 50
+    dry: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.d ** -0.5
+
+
+def make_setup(args: argparse.Namespace) -> Setup:
+    if args.dry_run:
+        s = Setup(
+            device="cuda" if torch.cuda.is_available() else "cpu",
+            dtype=torch.float16,  # tl.dot on bf16 is wrong under the interpreter
+            hq=2, hkv=1, d=64,
+            lengths=[384], densities=[1.0, 0.5],
+            est_lengths=[384], be_lengths=[384], be_proxies=[0.5],
+            sweep_points=[(256, 1.0)],
+            budget_ms=0.0, min_reps=1, max_reps=1, dry=True,
+        )
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA GPU: run on the GPU machine, or use --dry-run for the CPU plumbing check")
+        s = Setup(device="cuda", dtype=torch.bfloat16)
+        if args.quick:
+            s.lengths, s.densities = [8 * KB, 32 * KB], [1.0, 0.1]
+            s.est_lengths, s.be_lengths, s.be_proxies = [8 * KB, 32 * KB], [8 * KB, 16 * KB], [0.3]
+            s.sweep_points = [(32 * KB, 1.0)]
+            s.budget_ms = 200.0
+    if args.lengths:
+        s.lengths = s.est_lengths = [int(x) for x in args.lengths.split(",")]
+    if args.densities:
+        s.densities = [float(x) for x in args.densities.split(",")]
+    if args.budget_ms is not None:
+        s.budget_ms = args.budget_ms
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(fn: Callable[[], Any], s: Setup) -> float:
+    """Median milliseconds of fn(): one warm-up call (compilation, autotuning), one call to size
+    the repetitions to s.budget_ms, then min_reps..max_reps calls each timed with CUDA events.
+    The inputs here are far larger than L2 (40-50 MB), so no cache flushing is needed."""
+    if s.device != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = (time.perf_counter() - t0) * 1e3
+    n = int(min(s.max_reps, max(s.min_reps, s.budget_ms // max(est, 1e-3))))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(starts, ends))
+
+
+def extra_memory_mb(fn: Callable[[], Any], device: str) -> Optional[float]:
+    """Peak GPU memory allocated during fn() minus what was allocated before it (MB)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    res = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del res
+    return (peak - base) / 2**20
+
+
+def attn_tflops(tokens: int, density: float, s: Setup) -> float:
+    """Causal attention FLOPs (4 * L^2/2 * D per head) scaled by the computed block fraction."""
+    return 4.0 * tokens * tokens / 2 * s.d * s.hq * density / 1e12
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Paged:
+    """One request's K/V in a FlashAttention-layout paged cache."""
+
+    cache: torch.Tensor  # [NP, PS, HKV, 2D]
+    k: torch.Tensor  # [NP, PS, HKV, D] strided view (K half)
+    v: torch.Tensor  # [NP, PS, HKV, D] strided view (V half)
+    block_table: torch.Tensor  # [1, pages] int32, a random permutation of the pages
+    tokens: int
+
+
+def make_paged(k: torch.Tensor, v: torch.Tensor, s: Setup, gen: torch.Generator) -> Paged:
+    """Scatter contiguous k, v ([L, HKV, D]) into a packed NHD paged cache with spare pages, pages
+    assigned in random order. Unused slots hold random values (never zeros: they would hide
+    reads of the wrong slot)."""
+    L = k.shape[0]
+    pages = -(-L // s.page)
+    npages = pages + 7
+    cache = torch.randn(npages, s.page, s.hkv, 2 * s.d, device=s.device, dtype=s.dtype, generator=gen)
+    perm = torch.randperm(npages, device=s.device, generator=gen)[:pages]
+    pad = pages * s.page - L
+    kp = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)).view(pages, s.page, s.hkv, s.d)
+    vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad)).view(pages, s.page, s.hkv, s.d)
+    cache[perm, :, :, : s.d] = kp
+    cache[perm, :, :, s.d :] = vp
+    # What vLLM's FlashAttention backend passes: kv_cache.transpose(1, 2).split(D, -1) of the
+    # logical [NP, HKV, PS, 2D] cache, i.e. these strided views of the physical NHD tensor.
+    return Paged(cache, cache[..., : s.d], cache[..., s.d :], perm.to(torch.int32).view(1, -1).contiguous(), L)
+
+
+def randn(shape: tuple[int, ...], s: Setup, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, device=s.device, dtype=torch.float32, generator=gen).to(s.dtype)
+
+
+def _rope_neox(x: torch.Tensor, base: float) -> torch.Tensor:
+    """NeoX-style RoPE (pair i with i + D/2) at positions 0..L-1 of x: [L, H, D] float32."""
+    L, _, D = x.shape
+    inv = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float64) / D)
+    ang = (torch.arange(L, device=x.device, dtype=torch.float64)[:, None] * inv[None, :]).float()
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def make_structured_qk(
+    L: int, s: Setup, gen: torch.Generator, *, salient_frac: float = 0.02, a_salient: float = 4.0,
+    a_local: float = 2.0, a_query: float = 2.0, split_pair: int = 24,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic post-RoPE q [L, HQ, D] and k [L, HKV, D] whose Prism selection is sparse-ish.
+
+    Random Gaussian q/k give near-uniform pooled scores, hence near-dense selections. Here every
+    kv head has a direction c shared by its q heads, split by RoPE pair: the fast pairs
+    (< split_pair) carry c at a constant amplitude in every key (after RoPE their pooled scores
+    decay with block distance: local / slash structure, seen by the high band); the slow pairs
+    carry c only in the sink block and a few random "salient" blocks (vertical stripes, seen by
+    the low band). Unit Gaussian noise on top. Tuned on CPU against prism_vllm.reference (our
+    selection picks ~13-26% of causal blocks at 8K-32K); a stand-in for real activations, not a
+    claim about any model.
+    """
+    dev, G, D, half = s.device, s.hq // s.hkv, s.d, s.d // 2
+    nk = -(-L // s.block)
+    c = torch.randn(s.hkv, D, device=dev, generator=gen)
+    cq = c.repeat_interleave(G, 0) + 0.3 * torch.randn(s.hq, D, device=dev, generator=gen)
+    local = ((torch.arange(D, device=dev) % half) < split_pair).float()
+    salient = torch.rand(s.hkv, nk, device=dev, generator=gen) < salient_frac
+    salient[:, 0] = True
+    amp = salient.float() * a_salient  # [HKV, nk]
+    blk = torch.arange(L, device=dev) // s.block
+    k = torch.randn(L, s.hkv, D, device=dev, generator=gen)
+    k += (a_local * local + amp[:, blk].T[:, :, None] * (1.0 - local)) * c  # [L, HKV, D]
+    q = torch.randn(L, s.hq, D, device=dev, generator=gen) + a_query * cq
+    return _rope_neox(q, s.rope_base).to(s.dtype), _rope_neox(k, s.rope_base).to(s.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# masks: one fixed block mask, in our BSR layout and the official dense layout
+# ----------------------------------------------------------------------------------------------
+def causal_blocks(nq: int) -> int:
+    return nq * (nq + 1) // 2
+
+
+def fixed_mask(hq: int, nq: int, density: float, device: str, gen: torch.Generator) -> torch.Tensor:
+    """Bool [HQ, nq, nq]: per (head, query block i) the sink (0), the diagonal (i) and each other
+    causal block independently with the probability that makes the expected overall density
+    (selected / causal blocks) equal ``density`` (floored by the forced blocks)."""
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nq, device=device)[None, :]
+    causal = j <= i
+    forced = causal & ((j == 0) | (j == i))
+    free = causal & ~forced
+    n_forced, n_free = int(forced.sum()), int(free.sum())
+    p = 0.0 if n_free == 0 else min(1.0, max(0.0, (density * causal_blocks(nq) - n_forced) / n_free))
+    if p >= 1.0:
+        return causal.expand(hq, nq, nq).clone()
+    rnd = torch.rand(hq, nq, nq, device=device, generator=gen) < p
+    return forced | (free & rnd)
+
+
+def mask_density(mask: torch.Tensor) -> float:
+    return float(mask.sum()) / (mask.shape[0] * causal_blocks(mask.shape[1]))
+
+
+def _row_starts(plan: Any, hq: int) -> torch.Tensor:
+    """[nq, HQ] int64: first sel_idx slot of each selection row (kernels/plan.py layout)."""
+    off = plan.sel_off[:-1].long() * hq
+    cap = plan.qb_abs.long() + 1
+    return off[:, None] + torch.arange(hq, device=off.device)[None, :] * cap[:, None]
+
+
+def mask_to_bsr(mask: torch.Tensor, plan: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our BSR selection (sel_idx int16, sel_cnt int32) of a block mask [HQ, nq, nk] for a plan
+    of one request starting at position 0: row (g, h) lists mask[h, g].nonzero() ascending."""
+    hq, nq, nk = mask.shape
+    sel_cnt = mask.sum(-1).t().contiguous().view(-1).to(torch.int32)  # index g * HQ + h
+    sel_idx = torch.zeros(plan.sel_capacity, dtype=torch.int16, device=mask.device)
+    starts = _row_starts(plan, hq)  # [nq, HQ]
+    cols = torch.arange(nk, device=mask.device, dtype=torch.int16)
+    for h in range(hq):  # per head: bounded temporaries even at 128K
+        m = mask[h]
+        dest = starts[:, h : h + 1] + m.long().cumsum(-1) - 1
+        sel_idx[dest[m]] = cols.expand(nq, nk)[m]
+    return sel_idx, sel_cnt
+
+
+def bsr_to_mask(sel_idx: torch.Tensor, sel_cnt: torch.Tensor, plan: Any, hq: int, nk: int) -> torch.Tensor:
+    """Inverse of mask_to_bsr (bool [HQ, nq, nk]); entries past a row's count are ignored."""
+    nq = plan.num_q_blocks
+    starts = _row_starts(plan, hq)  # [nq, HQ]
+    cnt = sel_cnt[: nq * hq].view(nq, hq).long()
+    p = torch.arange(nk, device=sel_idx.device)
+    valid = p[None, None, :] < cnt[:, :, None]  # [nq, HQ, nk]
+    idx = (starts[:, :, None] + p[None, None, :]).clamp_max(sel_idx.numel() - 1)
+    cols = sel_idx[idx].long().clamp(0, nk - 1)
+    row = torch.arange(nq * hq, device=sel_idx.device).view(nq, hq, 1)
+    mask = torch.zeros(nq * hq * nk, dtype=torch.bool, device=sel_idx.device)
+    mask[(row * nk + cols)[valid]] = True
+    mask = mask.view(nq, hq, nk)
+    return mask.permute(1, 0, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# implementations
+# ----------------------------------------------------------------------------------------------
+def load_fa3(s: Setup) -> tuple[Optional[Callable[..., Any]], str]:
+    """vLLM's flash_attn_varlen_func with FA3 available, else (None, why)."""
+    if s.dry:
+        return None, "dry run"
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func, is_fa_version_supported
+    except Exception as e:  # noqa: BLE001 - any import failure means "no FA3 here"
+        return None, f"vllm.vllm_flash_attn not importable ({type(e).__name__}: {e}); stage vLLM and `source /root/prism-stage/env.sh`"
+    if not is_fa_version_supported(3):
+        return None, "FA3 not supported on this GPU/build"
+    return flash_attn_varlen_func, "vllm.vllm_flash_attn FA3"
+
+
+def fa3_call(fa: Callable[..., Any], q: torch.Tensor, kv: Paged, s: Setup, out: torch.Tensor) -> Callable[[], Any]:
+    L = q.shape[0]
+    cu_q = torch.tensor([0, L], dtype=torch.int32, device=s.device)
+    seqused = torch.tensor([L], dtype=torch.int32, device=s.device)
+    return lambda: fa(
+        q=q, k=kv.k, v=kv.v, out=out, cu_seqlens_q=cu_q, max_seqlen_q=L, seqused_k=seqused, max_seqlen_k=L,
+        softmax_scale=s.scale, causal=True, block_table=kv.block_table, fa_version=3,
+    )
+
+
+@dataclass
+class Official:
+    """The official Prism functions used here (from --official-dir)."""
+
+    commit: str
+    block_sparse_attention: Optional[Callable[..., Any]] = None
+    block_sparse_attention_paged: Optional[Callable[..., Any]] = None
+    prism_block_estimate: Optional[Callable[..., Any]] = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _load_module_file(name: str, path: Path) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load_official(dir_: Optional[str], s: Setup) -> tuple[Optional[Official], str]:
+    """Import the official package's kernels from DIR/prism (never copied into this repo).
+
+    Its prism/__init__.py and prism.py import transformers (for type annotations and the HF
+    patch). The whole package is imported when that works; otherwise its kernel modules are
+    loaded by file path and prism.py is imported with stand-ins for the three transformers
+    names it uses only as annotations (glue, marked below)."""
+    if s.dry:
+        return None, "dry run"
+    if not dir_:
+        return None, "no --official-dir (bash benchmarks/fetch_official.sh, then carry benchmarks/_official)"
+    root = Path(dir_).resolve()
+    pkg = root / "prism"
+    if not (pkg / "kernels" / "block_sparse_attn.py").exists():
+        return None, f"{pkg}/kernels/block_sparse_attn.py not found"
+    commit = (root / "COMMIT").read_text().strip() if (root / "COMMIT").exists() else "unknown"
+    off = Official(commit=commit)
+    sys.path.insert(0, str(root))
+    try:
+        bsa = importlib.import_module("prism.kernels.block_sparse_attn")
+        bsa_paged = importlib.import_module("prism.kernels.block_sparse_attn_paged")
+    except Exception as e:  # noqa: BLE001
+        off.notes.append(f"package import of kernels failed ({e}); loaded by file path")
+        bsa = _load_module_file("prism_official_bsa", pkg / "kernels" / "block_sparse_attn.py")
+        bsa_paged = _load_module_file("prism_official_bsa_paged", pkg / "kernels" / "block_sparse_attn_paged.py")
+    off.block_sparse_attention = bsa.block_sparse_attention
+    off.block_sparse_attention_paged = bsa_paged.block_sparse_attention_paged
+    try:
+        est = importlib.import_module("prism.prism")
+    except Exception as e:  # noqa: BLE001
+        # --- glue: stand-ins for annotation-only transformers imports of prism/prism.py ---
+        off.notes.append(f"import prism.prism failed ({type(e).__name__}: {e}); retried with transformers stand-ins")
+        for modname, attr in (
+            ("transformers.cache_utils", "Cache"),
+            ("transformers.processing_utils", "Unpack"),
+            ("transformers.modeling_flash_attention_utils", "FlashAttentionKwargs"),
+        ):
+            m = sys.modules.get(modname) or types.ModuleType(modname)
+            if not hasattr(m, attr):
+                setattr(m, attr, type(attr, (), {"__class_getitem__": classmethod(lambda cls, item: cls)}))
+            sys.modules[modname] = m
+        sys.modules.setdefault("transformers", types.ModuleType("transformers"))
+        for k in [k for k in sys.modules if k == "prism" or k.startswith("prism.")]:
+            del sys.modules[k]
+        # --- end glue ---
+        try:
+            est = importlib.import_module("prism.prism")
+        except Exception as e2:  # noqa: BLE001
+            off.notes.append(f"official estimation unavailable: {type(e2).__name__}: {e2}")
+            est = None
+    if est is not None:
+        off.prism_block_estimate = est.prism_block_estimate
+    return off, f"official Prism {commit[:12]} from {pkg}"
+
+
+class Ours:
+    """Our estimation (pooling + temperatures + selection) with preallocated buffers."""
+
+    def __init__(self, s: Setup, L: int):
+        from prism_vllm.config import PrismConfig
+        from prism_vllm.kernels import make_plan
+        from prism_vllm.rope import RopeLayout, rope_bands
+
+        self.s = s
+        self.cfg = PrismConfig()
+        self.bands = rope_bands(RopeLayout(s.d, s.d, True, s.rope_base), *self.cfg.band_dims(s.d))
+        self.plan = make_plan([0, L], [0], s.hq, s.block).to(s.device)
+        self.tokens = L
+        self.band_hi = self.bands.high.to(device=s.device, dtype=torch.float32).contiguous()
+        self.band_lo = self.bands.low.to(device=s.device, dtype=torch.float32).contiguous()
+        self.select_knobs: dict[str, Any] = {}
+
+    def alloc(self) -> dict[str, torch.Tensor]:
+        p, s = self.plan, self.s
+        dev = s.device
+        return {
+            "qp": torch.empty(p.num_q_blocks, s.hq, s.d, device=dev, dtype=torch.float32),
+            "kp": torch.empty(p.num_k_blocks, s.hkv, s.d, device=dev, dtype=torch.float32),
+            "sel_idx": torch.zeros(p.sel_capacity, device=dev, dtype=torch.int16),
+            "sel_cnt": torch.zeros(p.num_q_blocks * s.hq, device=dev, dtype=torch.int32),
+        }
+
+    def estimate(self, q: torch.Tensor, kv: Paged, buf: dict[str, torch.Tensor]) -> None:
+        from prism_vllm.kernels import pooling, selection
+
+        pooling.pool_queries(q, self.plan, buf["qp"])
+        pooling.pool_keys_paged(kv.k, kv.block_table, self.plan, buf["kp"])
+        c = self.cfg
+        selection.select_blocks(
+            buf["qp"], buf["kp"], self.plan, self.band_hi, self.band_lo, c.high_threshold, c.low_threshold,
+            c.calibrate, c.keep_sink, c.keep_diagonal, buf["sel_idx"], buf["sel_cnt"], **self.select_knobs,
+        )
+
+    def sparse(self, q: torch.Tensor, kv: Paged, sel_idx: torch.Tensor, sel_cnt: torch.Tensor, out: torch.Tensor,
+               **knobs: Any) -> torch.Tensor:
+        from prism_vllm.kernels.sparse_prefill import sparse_prefill
+
+        return sparse_prefill(q, kv.k, kv.v, kv.block_table, self.plan, sel_idx, sel_cnt, self.s.scale, out, **knobs)
+
+    def density(self, sel_cnt: torch.Tensor) -> float:
+        return float(sel_cnt[: self.plan.num_q_blocks * self.s.hq].sum()) / (
+            self.s.hq * causal_blocks(self.plan.num_q_blocks)
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# sections
+# ----------------------------------------------------------------------------------------------
+class Progress:
+    """tqdm when present, else one line per step."""
+
+    def __init__(self, total: int, desc: str):
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr)
+        except ImportError:
+            self.bar = None
+        self.total, self.n, self.desc = total, 0, desc
+
+    def step(self, what: str) -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update(1)
+        else:
+            print(f"[{self.desc} {self.n}/{self.total}] {what}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(max abs error, ||a-b|| / ||b||) in float32."""
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max()), float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def sparse_inputs(L: int, s: Setup, gen: torch.Generator) -> tuple[torch.Tensor, Paged, torch.Tensor, torch.Tensor]:
+    q = randn((L, s.hq, s.d), s, gen)
+    k = randn((L, s.hkv, s.d), s, gen)
+    v = randn((L, s.hkv, s.d), s, gen)
+    return q, make_paged(k, v, s, gen), k, v
+
+
+def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Official], res: dict[str, Any],
+               bar: Progress, official_paged: bool) -> None:
+    from prism_vllm import reference
+
+    gen = torch.Generator(device=s.device).manual_seed(1)
+    for li, L in enumerate(s.lengths):
+        q, kv, k, v = sparse_inputs(L, s, gen)
+        ours = Ours(s, L)
+        nq = ours.plan.num_q_blocks
+        out = torch.empty_like(q)
+        fa3_ms = None
+        if fa3 is not None:
+            fa3_out = torch.empty_like(q)
+            fa3_ms = bench(fa3_call(fa3, q, kv, s, fa3_out), s)
+        bar.step(f"{tok(L)} fa3")
+        qc = kc = vc = None
+        if off is not None:
+            qc = q.permute(1, 0, 2).unsqueeze(0).contiguous()  # [1, HQ, L, D], its layout
+            kc = k.permute(1, 0, 2).unsqueeze(0).contiguous()
+            vc = v.permute(1, 0, 2).unsqueeze(0).contiguous()
+            pos = torch.arange(L, device=s.device)
+            req_to_token = (kv.block_table[0].long()[pos // s.page] * s.page + pos % s.page).to(torch.int32)[None]
+            k_pool, v_pool = kv.k.flatten(0, 1), kv.v.flatten(0, 1)  # [NP*PS, HKV, D] views of the cache
+            zero = torch.zeros(1, dtype=torch.int32, device=s.device)
+            seq = torch.tensor([L], dtype=torch.int32, device=s.device)
+        for di, dens in enumerate(s.densities):
+            mask = fixed_mask(s.hq, nq, dens, s.device, gen)
+            sel_idx, sel_cnt = mask_to_bsr(mask, ours.plan)
+            measured = mask_density(mask)
+            row: dict[str, Any] = {"tokens": L, "density_target": dens, "density": round(measured, 5)}
+            if li == 0 and di == 0 and dens == 1.0:
+                check_dense(s, ours, q, kv, k, v, sel_idx, sel_cnt, fa3, res)
+            row["prism_ms"] = bench(lambda: ours.sparse(q, kv, sel_idx, sel_cnt, out), s)
+            row["fa3_ms"] = fa3_ms
+            row["official_ms"] = None
+            if off is not None and off.block_sparse_attention is not None:
+                omask = mask.unsqueeze(0)  # [1, HQ, nq, nk] bool: the official format
+                row["official_ms"] = bench(lambda: off.block_sparse_attention(qc, kc, vc, omask, s.block, True), s)
+                if li == 0 and dens < 1.0 and not any(c["check"] == "prism_vs_official_same_mask" for c in res["sanity"]):
+                    ours.sparse(q, kv, sel_idx, sel_cnt, out)
+                    o_off = off.block_sparse_attention(qc, kc, vc, omask, s.block, True)[0].permute(1, 0, 2)
+                    add_check(res, "prism_vs_official_same_mask", L, measured, out, o_off, tol=2e-2)
+                if official_paged and off.block_sparse_attention_paged is not None:
+                    row["official_paged_ms"] = bench(
+                        lambda: off.block_sparse_attention_paged(
+                            q, k_pool, v_pool, omask, req_to_token, zero, seq, zero, zero, s.block, True
+                        ),
+                        s,
+                    )
+            if s.dry and dens < 1.0:
+                ours.sparse(q, kv, sel_idx, sel_cnt, out)
+                ref = reference.block_sparse_attention(q, k, v, 0, mask, s.block, s.scale)
+                add_check(res, "prism_vs_reference_fixed_mask", L, measured, out, ref, tol=5e-3)
+            tf = attn_tflops(L, measured, s)
+            row["prism_tflops"] = round(tf / (row["prism_ms"] / 1e3), 1)
+            if fa3_ms is not None:
+                row["fa3_tflops"] = round(attn_tflops(L, 1.0, s) / (fa3_ms / 1e3), 1)
+                row["speedup_vs_fa3"] = round(fa3_ms / row["prism_ms"], 3)
+                if row["official_ms"] is not None:
+                    row["official_speedup_vs_fa3"] = round(fa3_ms / row["official_ms"], 3)
+            if row["official_ms"] is not None:
+                row["speedup_vs_official"] = round(row["official_ms"] / row["prism_ms"], 3)
+            res["sparse"].append(row)
+            bar.step(f"{tok(L)} d={dens}")
+            del mask, sel_idx, sel_cnt
+        del q, kv, k, v, out, qc, kc, vc
+        if s.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def add_check(res: dict[str, Any], name: str, L: int, density: Optional[float], a: torch.Tensor, b: torch.Tensor,
+              tol: float) -> None:
+    mx, rel = rel_err(a, b)
+    ok = bool(math.isfinite(rel) and rel < tol and torch.isfinite(a.float()).all())
+    res["sanity"].append({"check": name, "tokens": L, "density": density, "max_abs_err": mx, "rel_err": rel,
+                          "tol_rel": tol, "ok": ok})
+    print(f"sanity {name} L={L}: max abs err {mx:.3e}, rel err {rel:.3e} ({'ok' if ok else 'FAILED'})",
+          file=sys.stderr, flush=True)
+
+
+def check_dense(s: Setup, ours: Ours, q: torch.Tensor, kv: Paged, k: torch.Tensor, v: torch.Tensor,
+                sel_idx: torch.Tensor, sel_cnt: torch.Tensor, fa3: Optional[Callable[..., Any]],
+                res: dict[str, Any]) -> None:
+    """Ours at density 1.0 (poisoned output first) vs FA3 on the same cache, or vs an independent
+    dense reference when FA3 is absent (SDPA on GPU, the float32 reference on CPU)."""
+    from prism_vllm import reference
+
+    L = q.shape[0]
+    out = torch.full_like(q, float("nan"))
+    ours.sparse(q, kv, sel_idx, sel_cnt, out)
+    if fa3 is not None:
+        ref = torch.empty_like(q)
+        fa3_call(fa3, q, kv, s, ref)()
+        add_check(res, "prism_dense_vs_fa3", L, 1.0, out, ref, tol=2e-2)
+    elif s.device == "cuda":
+        G = s.hq // s.hkv
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.repeat_interleave(G, 1).transpose(0, 1), v.repeat_interleave(G, 1).transpose(0, 1),
+            is_causal=True, scale=s.scale,
+        ).transpose(0, 1)
+        add_check(res, "prism_dense_vs_sdpa", L, 1.0, out, ref, tol=2e-2)
+    else:
+        ref = reference.dense_causal_attention(q, k, v, 0, s.scale)
+        add_check(res, "prism_dense_vs_reference", L, 1.0, out, ref, tol=5e-3)
+
+
+def run_estimation(s: Setup, off: Optional[Official], res: dict[str, Any], bar: Progress) -> dict[int, dict[str, Any]]:
+    """Returns per length the structured inputs' estimation time and our selection (for break-even)."""
+    from prism_vllm import reference
+
+    gen = torch.Generator(device=s.device).manual_seed(2)
+    keep: dict[int, dict[str, Any]] = {}
+    for li, L in enumerate(sorted(set(s.est_lengths) | set(s.be_lengths))):
+        q, k = make_structured_qk(L, s, gen)
+        v = randn((L, s.hkv, s.d), s, gen)
+        kv = make_paged(k, v, s, gen)
+        ours = Ours(s, L)
+        buf = ours.alloc()
+        row: dict[str, Any] = {"tokens": L}
+        row["prism_ms"] = bench(lambda: ours.estimate(q, kv, buf), s)
+        row["prism_density"] = round(ours.density(buf["sel_cnt"]), 5)
+        del buf
+
+        def ours_fresh() -> dict[str, torch.Tensor]:
+            b = ours.alloc()
+            ours.estimate(q, kv, b)
+            return b
+
+        row["extra_mem_mb"] = extra_memory_mb(ours_fresh, s.device)
+        buf = ours_fresh()
+        nk = ours.plan.num_k_blocks
+        if li == 0:
+            # our selection vs the reference spec on the same input (near-ties may flip a block)
+            got = bsr_to_mask(buf["sel_idx"], buf["sel_cnt"], ours.plan, s.hq, nk)
+            qp = reference.pool_blocks(q, 0, s.block)
+            kp = reference.pool_blocks(k, 0, s.block)
+            want = reference.select_blocks(qp, kp, 0, ours.bands, ours.cfg)
+            diff = float((got != want).sum()) / max(1, int(want.sum()))
+            ok = diff < 1e-3
+            res["sanity"].append({"check": "prism_selection_vs_reference", "tokens": L, "mismatch_frac": diff,
+                                  "ref_density": mask_density(want), "ok": ok})
+            print(f"sanity selection L={L}: {diff:.2e} of selected blocks differ from the reference "
+                  f"({'ok' if ok else 'FAILED'})", file=sys.stderr, flush=True)
+        row["official_ms"] = row["official_extra_mem_mb"] = row["official_density"] = None
+        if off is not None and off.prism_block_estimate is not None:
+            G = s.hq // s.hkv
+            qc = q.permute(1, 0, 2).unsqueeze(0).contiguous()  # [1, HQ, L, D]
+            # Its estimate takes keys with HQ heads: its HF forward repeats KV heads first.
+            kc = k.repeat_interleave(G, 1).permute(1, 0, 2).unsqueeze(0).contiguous()
+            row["official_ms"] = bench(lambda: off.prism_block_estimate(qc, kc), s)
+            row["official_extra_mem_mb"] = extra_memory_mb(lambda: off.prism_block_estimate(qc, kc), s.device)
+            om = off.prism_block_estimate(qc, kc)[0]
+            row["official_density"] = round(mask_density(om), 5)
+            del qc, kc, om
+        if L in s.est_lengths:
+            res["estimation"].append(row)
+        keep[L] = {"est_ms": row["prism_ms"], "q": q, "kv": kv, "buf": buf, "ours": ours,
+                   "density": row["prism_density"]} if L in s.be_lengths else {}
+        bar.step(f"est {tok(L)}")
+    return keep
+
+
+def run_break_even(s: Setup, fa3: Optional[Callable[..., Any]], est: dict[int, dict[str, Any]],
+                   res: dict[str, Any], bar: Progress) -> None:
+    gen = torch.Generator(device=s.device).manual_seed(3)
+    for L in s.be_lengths:
+        e = est[L]
+        q, kv, ours, buf = e["q"], e["kv"], e["ours"], e["buf"]
+        out = torch.empty_like(q)
+        fa3_ms = bench(fa3_call(fa3, q, kv, s, torch.empty_like(q)), s) if fa3 is not None else None
+
+        def row(mode: str, density: float, sparse_ms: float, total_ms: float) -> dict[str, Any]:
+            r = {"tokens": L, "mode": mode, "density": round(density, 5), "estimation_ms": e["est_ms"],
+                 "sparse_ms": sparse_ms, "total_ms": total_ms, "fa3_ms": fa3_ms}
+            r["speedup_vs_fa3"] = round(fa3_ms / total_ms, 3) if fa3_ms else None
+            r["not_slower_than_fa3"] = (total_ms <= fa3_ms) if fa3_ms else None
+            return r
+
+        sp = bench(lambda: ours.sparse(q, kv, buf["sel_idx"], buf["sel_cnt"], out), s)
+
+        def pipeline() -> None:
+            ours.estimate(q, kv, buf)
+            ours.sparse(q, kv, buf["sel_idx"], buf["sel_cnt"], out)
+
+        res["break_even"].append(row("prism_selection_structured_synthetic", e["density"], sp, bench(pipeline, s)))
+        for dens in s.be_proxies:
+            mask = fixed_mask(s.hq, ours.plan.num_q_blocks, dens, s.device, gen)
+            si, sc = mask_to_bsr(mask, ours.plan)
+            sp = bench(lambda: ours.sparse(q, kv, si, sc, out), s)
+            res["break_even"].append(row(f"proxy_fixed_density_{dens}", mask_density(mask), sp, e["est_ms"] + sp))
+        bar.step(f"break-even {tok(L)}")
+        est[L] = {}
+        if s.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any]) -> None:
+    from prism_vllm.kernels import sparse_prefill as sp_mod
+
+    configs = sp_mod.candidate_configs(s.d)
+    gen = torch.Generator(device=s.device).manual_seed(4)
+    bar = Progress(len(s.sweep_points) * (len(configs) + 1), "sweep")
+    for L, dens in s.sweep_points:
+        q, kv, _, _ = sparse_inputs(L, s, gen)
+        ours = Ours(s, L)
+        mask = fixed_mask(s.hq, ours.plan.num_q_blocks, dens, s.device, gen)
+        si, sc = mask_to_bsr(mask, ours.plan)
+        out = torch.empty_like(q)
+        fa3_ms = bench(fa3_call(fa3, q, kv, s, torch.empty_like(q)), s) if fa3 is not None else None
+        bar.step(f"{tok(L)} fa3")
+        for c in configs:
+            knobs = {"block_m": c.block_m, "block_n": c.block_n, "num_warps": c.num_warps, "num_stages": c.num_stages}
+            r: dict[str, Any] = {"tokens": L, "density": round(mask_density(mask), 5), **knobs, "fa3_ms": fa3_ms}
+            try:
+                r["prism_ms"] = bench(lambda: ours.sparse(q, kv, si, sc, out, **knobs), s)
+                r["speedup_vs_fa3"] = round(fa3_ms / r["prism_ms"], 3) if fa3_ms else None
+            except Exception as ex:  # noqa: BLE001 - e.g. out of shared memory for a config
+                r["prism_ms"], r["error"] = None, f"{type(ex).__name__}: {str(ex)[:200]}"
+            res["sweep"].append(r)
+            bar.step(f"{tok(L)} {knobs}")
+        del q, kv, mask, si, sc, out
+    bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+def _fmt(x: Any, nd: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> str:
+    head = [h for _, h in cols]
+    body = [[_fmt(r.get(k)) for k, _ in cols] for r in rows]
+    w = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w[i]) for i, h in enumerate(head))]
+    lines += ["  ".join(c.rjust(w[i]) for i, c in enumerate(b)) for b in body]
+    return "\n".join(lines)
+
+
+def summary(res: dict[str, Any]) -> str:
+    out = []
+    if res.get("sparse"):
+        out.append("== sparse attention (ms; speedup = FA3 / impl) ==")
+        out.append(table(res["sparse"], [("tokens", "tokens"), ("density", "density"), ("prism_ms", "prism"),
+                                          ("fa3_ms", "fa3"), ("official_ms", "official"),
+                                          ("official_paged_ms", "off_paged"), ("speedup_vs_fa3", "prism/fa3x"),
+                                          ("official_speedup_vs_fa3", "off/fa3x"), ("prism_tflops", "TFLOP/s")]))
+    if res.get("estimation"):
+        out.append("== estimation (ms, extra MB, selected density) ==")
+        out.append(table(res["estimation"], [("tokens", "tokens"), ("prism_ms", "prism"), ("official_ms", "official"),
+                                              ("extra_mem_mb", "prism_MB"), ("official_extra_mem_mb", "official_MB"),
+                                              ("prism_density", "prism_dens"), ("official_density", "off_dens")]))
+    if res.get("break_even"):
+        out.append("== break-even: estimation + sparse vs FA3 dense (ms) ==")
+        out.append(table(res["break_even"], [("tokens", "tokens"), ("mode", "mode"), ("density", "density"),
+                                              ("estimation_ms", "est"), ("sparse_ms", "sparse"),
+                                              ("total_ms", "total"), ("fa3_ms", "fa3"),
+                                              ("speedup_vs_fa3", "fa3/total")]))
+    if res.get("sweep"):
+        out.append("== sparse_prefill launch settings ==")
+        out.append(table(res["sweep"], [("tokens", "tokens"), ("density", "density"), ("block_m", "BM"),
+                                         ("block_n", "BN"), ("num_warps", "warps"), ("num_stages", "stages"),
+                                         ("prism_ms", "prism"), ("fa3_ms", "fa3"), ("speedup_vs_fa3", "fa3/prism"),
+                                         ("error", "error")]))
+    if res.get("sanity"):
+        bad = [c for c in res["sanity"] if not c["ok"]]
+        out.append(f"== sanity: {len(res['sanity']) - len(bad)}/{len(res['sanity'])} ok ==")
+        for c in bad:
+            out.append(f"FAILED {c}")
+    if res.get("notes"):
+        out.append("notes: " + " | ".join(res["notes"]))
+    return "\n".join(out)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - the GPU machine's copy may have no .git
+        return "unknown"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)})")
+    ap.add_argument("--plot", action="store_true", help="also write the PNG plot next to the JSON")
+    ap.add_argument("--quick", action="store_true", help="smaller set: 8K/32K, densities 1.0/0.1")
+    ap.add_argument("--sweep", action="store_true",
+                    help="only time sparse_prefill's launch settings at 32K d=1.0 and 128K d=0.1")
+    ap.add_argument("--dry-run", action="store_true", help="CPU plumbing check: interpreter, fp16, tiny shapes")
+    ap.add_argument("--official-dir", default=None, help="folder holding the official prism/ package")
+    ap.add_argument("--official-paged", action="store_true", help="also time the official paged kernel")
+    ap.add_argument("--commit", default=None, help="commit of the measured tree (default: git rev-parse HEAD)")
+    ap.add_argument("--lengths", default=None, help="comma-separated token counts (overrides sparse/estimation)")
+    ap.add_argument("--densities", default=None, help="comma-separated densities for the sparse section")
+    ap.add_argument("--budget-ms", type=float, default=None, help="time per measurement after warm-up")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: sparse,estimation,break_even")
+    args = ap.parse_args(argv)
+
+    s = make_setup(args)
+    fa3, fa3_why = load_fa3(s)
+    off, off_why = load_official(args.official_dir, s) if not args.sweep else (None, "sweep")
+    out_path = args.out or (DEFAULT_SWEEP_OUT if args.sweep else DEFAULT_OUT)
+    res: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name() if s.device == "cuda" else "cpu (dry run, TRITON_INTERPRET=1)",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": args.commit or os.environ.get("PRISM_COMMIT") or git_commit(),
+        "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(["kernels.py", *argv]),
+        "setup": {"hq": s.hq, "hkv": s.hkv, "head_dim": s.d, "dtype": str(s.dtype).replace("torch.", ""),
+                  "page_size": s.page, "prism_block": s.block, "causal": True, "requests": 1,
+                  "block_table": "random permutation", "timing": f"median of CUDA-event timed calls after warm-up, "
+                  f"~{s.budget_ms:.0f} ms per measurement, >= {s.min_reps} calls"},
+        "versions": {"torch": torch.__version__, "triton": _version("triton"), "vllm": _version("vllm"),
+                     "official_prism": off.commit if off else None},
+        "fa3": fa3_why if fa3 is None else "vllm.vllm_flash_attn.flash_attn_varlen_func(fa_version=3, paged)",
+        "official": off_why,
+        "sparse": [], "estimation": [], "break_even": [], "sanity": [], "notes": [],
+    }
+    if fa3 is None:
+        msg = f"FA3 unavailable: {fa3_why}; fa3_ms columns are None"
+        res["notes"].append(msg)
+        print(msg, file=sys.stderr)
+    if off is None:
+        res["notes"].append(f"official Prism unavailable: {off_why}; official columns are None")
+        print(f"official Prism unavailable: {off_why}", file=sys.stderr)
+    else:
+        res["notes"] += off.notes
+    if args.sweep:
+        res["sweep"] = []
+        for k in ("sparse", "estimation", "break_even"):
+            res.pop(k)
+        run_sweep(s, fa3, res)
+    else:
+        skip = set(filter(None, args.skip.split(",")))
+        steps = (0 if "sparse" in skip else len(s.lengths) * (1 + len(s.densities)))
+        steps += 0 if "estimation" in skip else len(set(s.est_lengths) | set(s.be_lengths))
+        steps += 0 if "break_even" in skip or "estimation" in skip else len(s.be_lengths)
+        bar = Progress(steps, "kernels")
+        if "sparse" not in skip:
+            run_sparse(s, fa3, off, res, bar, args.official_paged)
+        if "estimation" not in skip:
+            if "break_even" in skip:
+                s.be_lengths = []
+            est = run_estimation(s, off, res, bar)
+            if s.be_lengths:
+                run_break_even(s, fa3, est, res, bar)
+        bar.close()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(res, indent=1) + "\n")
+    print(summary(res))
+    print(f"wrote {out_path}")
+    if args.plot and not args.sweep:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from plot_kernels import plot
+
+        png = plot(out_path)
+        print(f"wrote {png}")
+    return 0 if all(c["ok"] for c in res["sanity"]) else 2
+
+
+def _version(dist: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
