@@ -1,0 +1,105 @@
+"""benchmarks/kernels.py plumbing on CPU: the --dry-run end to end (Triton interpreter, fp16, tiny
+shapes, no FA3, no official code), and its mask helpers against plain torch."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks" / "kernels.py"
+
+
+def _load_bench():
+    if "bench_kernels" in sys.modules:
+        return sys.modules["bench_kernels"]
+    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_kernels"] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "kernels.json"
+    cmd = [sys.executable, str(BENCH), "--dry-run", "--out", str(out), "--commit", "test-commit"]
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    if has_mpl:
+        cmd.append("--plot")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, f"dry run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text()), out, has_mpl, proc.stdout
+
+
+def test_dry_run_json_schema(dry_run):
+    res, _, _, stdout = dry_run
+    for key in ("gpu", "date", "commit", "command", "sparse", "estimation", "break_even", "sanity"):
+        assert key in res, key
+    assert res["commit"] == "test-commit"
+    assert "--dry-run" in res["command"]
+    assert res["sparse"] and res["estimation"] and res["break_even"]
+    for r in res["sparse"]:
+        assert {"tokens", "density", "prism_ms", "fa3_ms", "official_ms"} <= set(r)
+        assert r["fa3_ms"] is None and r["official_ms"] is None  # no silent stand-in for FA3
+        assert math.isfinite(r["prism_ms"]) and r["prism_ms"] > 0
+        assert 0.0 < r["density"] <= 1.0
+    dens = sorted(r["density"] for r in res["sparse"])
+    assert dens[-1] == 1.0 and dens[0] < 1.0  # the fixed mask really dropped blocks
+    for r in res["estimation"]:
+        assert {"tokens", "prism_ms", "official_ms", "extra_mem_mb"} <= set(r)
+        assert 0.0 < r["prism_density"] <= 1.0
+    for r in res["break_even"]:
+        assert math.isclose(r["total_ms"], r["total_ms"]) and r["total_ms"] > 0
+    assert "sparse attention" in stdout and "sanity" in stdout
+
+
+def test_dry_run_sanity_checks_pass(dry_run):
+    res = dry_run[0]
+    names = {c["check"] for c in res["sanity"]}
+    assert {"prism_dense_vs_reference", "prism_vs_reference_fixed_mask", "prism_selection_vs_reference"} <= names
+    assert all(c["ok"] for c in res["sanity"]), res["sanity"]
+
+
+def test_dry_run_plot(dry_run):
+    _, out, has_mpl, _ = dry_run
+    if not has_mpl:
+        pytest.skip("matplotlib not installed")
+    png = out.with_suffix(".png")
+    assert png.exists() and png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("nq,density", [(1, 1.0), (5, 0.5), (9, 0.2), (16, 1.0), (33, 0.1)])
+def test_fixed_mask_and_bsr_round_trip(nq, density):
+    from prism_vllm.kernels import make_plan
+
+    bench = _load_bench()
+    hq = 3
+    gen = torch.Generator().manual_seed(nq)
+    m = bench.fixed_mask(hq, nq, density, "cpu", gen)
+    i = torch.arange(nq)
+    causal = i[None, :] <= i[:, None]
+    assert not (m & ~causal).any()  # causal only
+    assert m[:, :, 0].all() and m[:, i, i].all()  # sink and diagonal
+    if density == 1.0:
+        assert m.equal(causal.expand_as(m))
+    L = nq * 128 - 5  # partial last block
+    plan = make_plan([0, L], [0], hq, 128)
+    sel_idx, sel_cnt = bench.mask_to_bsr(m, plan)
+    # independent decoding of the plan's documented layout
+    for g in range(nq):
+        for h in range(hq):
+            start = int(plan.sel_off[g]) * hq + h * (g + 1)
+            got = sel_idx[start : start + int(sel_cnt[g * hq + h])].long()
+            assert got.tolist() == m[h, g].nonzero().flatten().tolist()
+    assert bench.bsr_to_mask(sel_idx, sel_cnt, plan, hq, nq).equal(m)
+    assert bench.mask_density(m) == pytest.approx(float(m.sum()) / (hq * nq * (nq + 1) / 2))
