@@ -85,6 +85,7 @@ class Setup:
     min_reps: int = 3
     max_reps: int = 50
     dry: bool = False
+    select_precision: Optional[str] = None  # selection's tl.dot precision (None: its default)
 
     @property
     def scale(self) -> float:
@@ -117,6 +118,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
         s.densities = [float(x) for x in args.densities.split(",")]
     if args.budget_ms is not None:
         s.budget_ms = args.budget_ms
+    s.select_precision = args.select_precision
     return s
 
 
@@ -431,7 +433,7 @@ class Ours:
         self.tokens = L
         self.band_hi = self.bands.high.to(device=s.device, dtype=torch.float32).contiguous()
         self.band_lo = self.bands.low.to(device=s.device, dtype=torch.float32).contiguous()
-        self.select_knobs: dict[str, Any] = {}
+        self.select_knobs: dict[str, Any] = {} if s.select_precision is None else {"precision": s.select_precision}
 
     def alloc(self) -> dict[str, torch.Tensor]:
         p, s = self.plan, self.s
@@ -636,6 +638,7 @@ def run_estimation(s: Setup, off: Optional[Official], res: dict[str, Any], bar: 
             return b
 
         row["extra_mem_mb"] = extra_memory_mb(ours_fresh, s.device)
+        row["prism_buffers_mb"] = round(sum(t.numel() * t.element_size() for t in ours.alloc().values()) / 2**20, 2)
         buf = ours_fresh()
         nk = ours.plan.num_k_blocks
         if li == 0:
@@ -651,7 +654,7 @@ def run_estimation(s: Setup, off: Optional[Official], res: dict[str, Any], bar: 
             print(f"sanity selection L={L}: {diff:.2e} of selected blocks differ from the reference "
                   f"({'ok' if ok else 'FAILED'})", file=sys.stderr, flush=True)
         row["official_ms"] = row["official_extra_mem_mb"] = row["official_density"] = None
-        if off is not None and off.prism_block_estimate is not None:
+        if off is not None and off.prism_block_estimate is not None and L in s.est_lengths:
             G = s.hq // s.hkv
             qc = q.permute(1, 0, 2).unsqueeze(0).contiguous()  # [1, HQ, L, D]
             # Its estimate takes keys with HQ heads: its HF forward repeats KV heads first.
@@ -708,7 +711,7 @@ def run_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any]) 
 
     configs = sp_mod.candidate_configs(s.d)
     gen = torch.Generator(device=s.device).manual_seed(4)
-    bar = Progress(len(s.sweep_points) * (len(configs) + 1), "sweep")
+    bar = Progress(len(s.sweep_points) * (len(configs) + 1), "sweep")  # + 3 precision rows, untracked
     for L, dens in s.sweep_points:
         q, kv, _, _ = sparse_inputs(L, s, gen)
         ours = Ours(s, L)
@@ -728,6 +731,26 @@ def run_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any]) 
             res["sweep"].append(r)
             bar.step(f"{tok(L)} {knobs}")
         del q, kv, mask, si, sc, out
+    # Selection precision at the longest sweep length, on the structured input: time and how
+    # many selected blocks differ from the exact ("ieee") selection.
+    L = max(p[0] for p in s.sweep_points)
+    q, k = make_structured_qk(L, s, gen)
+    kv = make_paged(k, randn((L, s.hkv, s.d), s, gen), s, gen)
+    ours = Ours(s, L)
+    exact = None
+    for prec in ("ieee", "tf32x3", "tf32"):
+        ours.select_knobs = {"precision": prec}
+        buf = ours.alloc()
+        r = {"tokens": L, "section": "estimation", "select_precision": prec}
+        try:
+            r["prism_ms"] = bench(lambda: ours.estimate(q, kv, buf), s)
+            r["density"] = round(ours.density(buf["sel_cnt"]), 5)
+            m = bsr_to_mask(buf["sel_idx"], buf["sel_cnt"], ours.plan, s.hq, ours.plan.num_k_blocks)
+            exact = m if exact is None else exact
+            r["blocks_differing_from_ieee"] = int((m != exact).sum())
+        except Exception as ex:  # noqa: BLE001
+            r["prism_ms"], r["error"] = None, f"{type(ex).__name__}: {str(ex)[:200]}"
+        res["sweep"].append(r)
     bar.close()
 
 
@@ -772,10 +795,16 @@ def summary(res: dict[str, Any]) -> str:
                                               ("speedup_vs_fa3", "fa3/total")]))
     if res.get("sweep"):
         out.append("== sparse_prefill launch settings ==")
-        out.append(table(res["sweep"], [("tokens", "tokens"), ("density", "density"), ("block_m", "BM"),
+        out.append(table([r for r in res["sweep"] if "select_precision" not in r], [("tokens", "tokens"), ("density", "density"), ("block_m", "BM"),
                                          ("block_n", "BN"), ("num_warps", "warps"), ("num_stages", "stages"),
                                          ("prism_ms", "prism"), ("fa3_ms", "fa3"), ("speedup_vs_fa3", "fa3/prism"),
                                          ("error", "error")]))
+        est_rows = [r for r in res["sweep"] if "select_precision" in r]
+        if est_rows:
+            out.append("== estimation by selection precision ==")
+            out.append(table(est_rows, [("tokens", "tokens"), ("select_precision", "precision"), ("prism_ms", "ms"),
+                                        ("density", "density"), ("blocks_differing_from_ieee", "diff_blocks"),
+                                        ("error", "error")]))
     if res.get("sanity"):
         bad = [c for c in res["sanity"] if not c["ok"]]
         out.append(f"== sanity: {len(res['sanity']) - len(bad)}/{len(res['sanity'])} ok ==")
@@ -808,6 +837,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--lengths", default=None, help="comma-separated token counts (overrides sparse/estimation)")
     ap.add_argument("--densities", default=None, help="comma-separated densities for the sparse section")
     ap.add_argument("--budget-ms", type=float, default=None, help="time per measurement after warm-up")
+    ap.add_argument("--select-precision", default=None, choices=["ieee", "tf32x3", "tf32"],
+                    help="tl.dot precision of our selection kernel (default: the kernel's default)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: sparse,estimation,break_even")
     args = ap.parse_args(argv)
 
