@@ -1,0 +1,340 @@
+"""Block selection (kernels/selection.py) against reference.select_blocks / band_temperatures.
+
+The kernel's top-p is exact for its own probabilities; they differ from the reference's by float
+rounding (another summation order of the dot products and of the kept mass). So a block may
+legitimately flip only where the reference itself is on a knife edge. The comparison therefore
+splits every band's blocks, per row, into
+
+    certainly kept:     p >= t*(thr - delta) * (1 + eps)
+    certainly dropped:  p <  t*(thr + delta) * (1 - eps)
+    ambiguous:          in between
+
+with t*(x) the reference's top-p threshold at mass x, eps a relative error of a probability and
+delta an absolute error of a kept mass. Bound: the fp32 logits of both implementations differ by
+a few ulp of |q||k| / (sqrt(d) t) (<= ~1e-6 absolute for the O(10) logits used here), so
+probabilities agree to ~1e-6 relative and masses (sums of <= 100 terms <= 1) to ~1e-6 absolute;
+eps = delta = 2e-5 (GPU "ieee" and CPU) leave a 10x margin. The union must contain every
+certainly-kept block (plus sink/diagonal) and no block that both bands certainly drop; the
+ambiguous ones are counted and must stay rare (a handful out of thousands here, usually zero).
+"""
+
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from prism_vllm import PrismConfig
+from prism_vllm import reference as R
+from prism_vllm.kernels import make_plan
+from prism_vllm.kernels.selection import select_blocks, selection_launch_config
+from prism_vllm.rope import RopeLayout, rope_bands
+
+B = 128
+BANDS = {
+    "neox64": rope_bands(RopeLayout(64, 64, True), 32, 48),
+    "gptj64": rope_bands(RopeLayout(64, 64, False), 32, 48),
+    "partial64": rope_bands(RopeLayout(64, 32, True), 16, 16),  # 32 unrotated dims join the low band
+    "neox128": rope_bands(RopeLayout(128, 128, True), 64, 96),
+}
+
+
+def _structured(chunks, hq, hkv, d, seed, device, n_hot=3, strength=4.0):
+    """Pooled q/k per request where each query block strongly matches a few 'hot' key blocks
+    (and the rest is noise), so top-p keeps a sparse set, like real attention."""
+    gen = torch.Generator().manual_seed(seed)
+    qps, kps = [], []
+    for ctx, L in chunks:
+        qb0, nq, nk = R.num_blocks(ctx, L, B)
+        kp = 0.5 * torch.randn(nk, hkv, d, generator=gen)
+        dirs = torch.randn(n_hot, hkv, d, generator=gen)
+        hot = torch.randint(0, nk, (n_hot,), generator=gen)
+        kp[hot] += strength * dirs / math.sqrt(d) * 4
+        qp = 0.5 * torch.randn(nq, hq, d, generator=gen)
+        which = torch.randint(0, n_hot, (nq, hq), generator=gen)
+        g = hq // hkv
+        for i in range(nq):
+            for h in range(hq):
+                qp[i, h] += strength * dirs[which[i, h], h // g] / math.sqrt(d) * 4
+        qps.append(qp)
+        kps.append(kp)
+    return [x.to(device) for x in qps], [x.to(device) for x in kps]
+
+
+def _run(chunks, qps, kps, bands, cfg, dense=None, **kw):
+    hq, hkv, d = qps[0].shape[1], kps[0].shape[1], qps[0].shape[2]
+    cu = [0]
+    for _, L in chunks:
+        cu.append(cu[-1] + L)
+    plan = make_plan(cu, [c for c, _ in chunks], hq, B, dense=dense).to(DEVICE)
+    pq = torch.cat(qps)
+    pk = torch.cat(kps)
+    sel_idx = torch.full((plan.sel_capacity + 5,), -7, dtype=torch.int16, device=DEVICE)
+    sel_cnt = torch.full((plan.num_q_blocks * hq,), -7, dtype=torch.int32, device=DEVICE)
+    temps = torch.full((plan.num_q_blocks, hq, 2), float("nan"), device=DEVICE)
+    select_blocks(
+        pooled_q=pq,
+        pooled_k=pk,
+        plan=plan,
+        band_high=bands.high.float().to(DEVICE),
+        band_low=bands.low.float().to(DEVICE),
+        high_threshold=cfg.high_threshold,
+        low_threshold=cfg.low_threshold,
+        calibrate=cfg.calibrate,
+        keep_sink=cfg.keep_sink,
+        keep_diagonal=cfg.keep_diagonal,
+        sel_idx=sel_idx,
+        sel_cnt=sel_cnt,
+        temps_out=temps,
+        **kw,
+    )
+    return plan, sel_idx, sel_cnt, temps
+
+
+def bsr_to_masks(plan, sel_idx, sel_cnt, hq):
+    """Dense bool [HQ, nq, nk] per request from the kernel's BSR rows (checking their form)."""
+    cu_qb, cu_kb = plan.cu_qb.tolist(), plan.cu_kb.tolist()
+    qb_abs, sel_off = plan.qb_abs.tolist(), plan.sel_off.tolist()
+    idx, cnt = sel_idx.cpu().long(), sel_cnt.cpu().long()
+    masks = []
+    for r in range(plan.num_reqs):
+        nq, nk = cu_qb[r + 1] - cu_qb[r], cu_kb[r + 1] - cu_kb[r]
+        m = torch.zeros(hq, nq, nk, dtype=torch.bool)
+        for i in range(nq):
+            g = cu_qb[r] + i
+            for h in range(hq):
+                c = int(cnt[g * hq + h])
+                assert 0 <= c <= qb_abs[g] + 1, f"row (g={g}, h={h}) count {c}"
+                start = sel_off[g] * hq + h * (qb_abs[g] + 1)
+                row = idx[start : start + c]
+                assert (row[1:] > row[:-1]).all(), f"row (g={g}, h={h}) not strictly ascending: {row.tolist()}"
+                assert c == 0 or (0 <= int(row[0]) and int(row[-1]) <= qb_abs[g]), f"non-causal block in {row.tolist()}"
+                m[h, i, row] = True
+        masks.append(m)
+    return masks
+
+
+def _band_probs(qp, kp, qb0, bands, calibrate):
+    t_hi, t_lo = R.band_temperatures(qp, kp, qb0, bands, calibrate)
+    return [
+        torch.softmax(R.band_logits(qp, kp, m, t, qb0).double(), dim=-1)
+        for m, t in ((bands.high, t_hi), (bands.low, t_lo))
+    ]
+
+
+def compare_with_reference(chunks, qps, kps, bands, cfg, masks, dense=None, eps=2e-5, delta=2e-5):
+    """Assert the kernel's masks agree with the reference up to knife-edge blocks; return
+    (ambiguous blocks, causal blocks)."""
+    n_amb = n_causal = 0
+    for r, (ctx, L) in enumerate(chunks):
+        qp, kp, got = qps[r].cpu(), kps[r].cpu(), masks[r]
+        qb0, nq, nk = R.num_blocks(ctx, L, B)
+        causal = torch.arange(nk)[None, :] <= (qb0 + torch.arange(nq))[:, None]
+        ref = R.select_blocks(qp, kp, qb0, bands, cfg)
+        n_causal += int(causal.sum()) * qp.shape[1]
+        if dense is not None and dense[r]:
+            assert torch.equal(got, causal.expand_as(got)), f"dense request {r} must select every causal block"
+            continue
+        if cfg.high_threshold >= 1.0 or cfg.low_threshold >= 1.0:
+            assert torch.equal(got, ref), f"request {r}: a threshold of 1.0 must select every causal block"
+            continue
+        must = torch.zeros_like(got)
+        may = torch.zeros_like(got)
+        for probs, thr in zip(_band_probs(qp, kp, qb0, bands, cfg.calibrate), (cfg.high_threshold, cfg.low_threshold)):
+            t_hi = R.top_p_threshold(probs, thr - delta).unsqueeze(-1)
+            t_lo = R.top_p_threshold(probs, min(thr + delta, 1.0)).unsqueeze(-1)
+            must |= probs >= t_hi * (1 + eps)
+            may |= probs >= t_lo * (1 - eps)
+        forced = torch.zeros_like(got)
+        if cfg.keep_sink:
+            forced[:, :, 0] = True
+        if cfg.keep_diagonal:
+            forced[:, torch.arange(nq), qb0 + torch.arange(nq)] = True
+        must = (must | forced) & causal
+        may = (may | forced) & causal
+        assert not (must & ~ref).any() and not (ref & ~may).any(), "test bug: reference outside its own bounds"
+        missing = must & ~got
+        extra = got & ~may
+        assert not missing.any(), f"request {r}: certainly-kept blocks missing at {missing.nonzero()[:5].tolist()}"
+        assert not extra.any(), f"request {r}: certainly-dropped blocks selected at {extra.nonzero()[:5].tolist()}"
+        n_amb += int((got != ref).sum())
+    return n_amb, n_causal
+
+
+def _check_temps(chunks, qps, kps, bands, cfg, plan, temps, rtol=2e-5):
+    cu_qb = plan.cu_qb.tolist()
+    for r, (ctx, L) in enumerate(chunks):
+        t_hi, t_lo = R.band_temperatures(qps[r].cpu(), kps[r].cpu(), ctx // B, bands, cfg.calibrate)
+        want = torch.stack(
+            [1 / (math.sqrt(bands.high_dims) * t_hi), 1 / (math.sqrt(bands.low_dims) * t_lo)], dim=-1
+        )
+        torch.testing.assert_close(temps[cu_qb[r] : cu_qb[r + 1]].cpu(), want, rtol=rtol, atol=0)
+
+
+CASES = {
+    # name: (chunks [(ctx, L)], HQ, HKV, bands)
+    "one_req_g4": ([(0, 1000)], 4, 1, "neox64"),
+    "mid_block_start_g1": ([(200, 1000)], 2, 2, "gptj64"),
+    "three_reqs_g3": ([(0, 129), (77, 1), (1000, 700)], 6, 2, "neox64"),
+    "partial_rotary_g8": ([(300, 600), (0, 256)], 8, 1, "partial64"),
+    "two_tiles_g4": ([(9000, 200), (100, 50)], 8, 2, "gptj64"),
+}
+CFGS = {
+    "t95_80": PrismConfig(high_threshold=0.95, low_threshold=0.8),
+    "t80_95_nocal": PrismConfig(high_threshold=0.8, low_threshold=0.95, calibrate=False),
+    "t95_nosink_nodiag": PrismConfig(keep_sink=False, keep_diagonal=False),
+}
+
+
+@pytest.mark.parametrize("cfg_name", list(CFGS), ids=str)
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_selection_matches_reference(case, cfg_name):
+    chunks, hq, hkv, bname = CASES[case]
+    cfg, bands = CFGS[cfg_name], BANDS[bname]
+    qps, kps = _structured(chunks, hq, hkv, 64, seed=len(case), device=DEVICE)
+    plan, sel_idx, sel_cnt, temps = _run(chunks, qps, kps, bands, cfg)
+    masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
+    n_amb, n_causal = compare_with_reference(chunks, qps, kps, bands, cfg, masks)
+    assert n_amb <= max(2, n_causal // 1000), f"{n_amb} of {n_causal} blocks differ at the top-p edge"
+    sel_frac = sum(int(m.sum()) for m in masks) / n_causal
+    assert sel_frac < 0.8, f"inputs meant to give sparse selections selected {sel_frac:.0%}"
+    _check_temps(chunks, qps, kps, bands, cfg, plan, temps)
+
+
+@pytest.mark.parametrize("resident_max_blocks", [16, None], ids=["multipass", "resident"])
+@pytest.mark.parametrize("cfg_name", ["t95_80", "t95_nosink_nodiag"], ids=str)
+def test_multipass_path_matches_reference(resident_max_blocks, cfg_name):
+    # 41 and 9 key blocks: with a resident cap of 16 blocks the long request is streamed
+    # (several tiles of 32 and several threshold passes); the short one shares the launch.
+    chunks = [(4000, 1200), (0, 1100)]
+    hq, hkv, bands, cfg = 4, 1, BANDS["neox64"], CFGS[cfg_name]
+    cfg_launch = selection_launch_config(hq, hkv, 41, resident_max_blocks)
+    assert cfg_launch["path"] == ("multipass" if resident_max_blocks else "resident")
+    qps, kps = _structured(chunks, hq, hkv, 64, seed=5, device=DEVICE)
+    plan, sel_idx, sel_cnt, temps = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks)
+    masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
+    n_amb, n_causal = compare_with_reference(chunks, qps, kps, bands, cfg, masks)
+    assert n_amb <= 2
+    _check_temps(chunks, qps, kps, bands, cfg, plan, temps)
+
+
+@pytest.mark.parametrize("resident_max_blocks", [16, None], ids=["multipass", "resident"])
+def test_threshold_one_selects_every_causal_block(resident_max_blocks):
+    chunks = [(77, 300), (2500, 1000)]
+    cfg = PrismConfig(high_threshold=1.0, low_threshold=0.5, keep_sink=False, keep_diagonal=False)
+    qps, kps = _structured(chunks, 4, 2, 64, seed=3, device=DEVICE)
+    plan, sel_idx, sel_cnt, _ = _run(chunks, qps, kps, BANDS["neox64"], cfg, resident_max_blocks=resident_max_blocks)
+    masks = bsr_to_masks(plan, sel_idx, sel_cnt, 4)
+    for (ctx, L), m in zip(chunks, masks):
+        qb0, nq, nk = R.num_blocks(ctx, L, B)
+        causal = torch.arange(nk)[None, :] <= (qb0 + torch.arange(nq))[:, None]
+        assert torch.equal(m, causal.expand_as(m))
+
+
+@pytest.mark.parametrize("resident_max_blocks", [16, None], ids=["multipass", "resident"])
+def test_dense_flag_selects_every_causal_block_of_that_request_only(resident_max_blocks):
+    chunks = [(1000, 700), (2300, 300), (0, 500)]
+    cfg = CFGS["t95_80"]
+    qps, kps = _structured(chunks, 4, 1, 64, seed=9, device=DEVICE)
+    dense = [0, 1, 0]
+    plan, sel_idx, sel_cnt, _ = _run(
+        chunks, qps, kps, BANDS["neox64"], cfg, dense=dense, resident_max_blocks=resident_max_blocks
+    )
+    masks = bsr_to_masks(plan, sel_idx, sel_cnt, 4)
+    compare_with_reference(chunks, qps, kps, BANDS["neox64"], cfg, masks, dense=dense)
+
+
+def test_single_token_context_selects_block_zero_only():
+    chunks = [(0, 1), (0, 1)]
+    cfg = PrismConfig(keep_sink=False, keep_diagonal=False)
+    qps, kps = _structured(chunks, 4, 2, 64, seed=1, device=DEVICE)
+    plan, sel_idx, sel_cnt, _ = _run(chunks, qps, kps, BANDS["neox64"], cfg)
+    assert sel_cnt.tolist() == [1] * 8
+    assert sel_idx[: plan.sel_capacity].tolist() == [0] * 8
+
+
+def test_gaussian_inputs_and_head_dim_128():
+    # Plain Gaussian pooled vectors (near-uniform softmax, so many blocks sit close together).
+    chunks = [(5000, 3000)]
+    gen = torch.Generator().manual_seed(0)
+    qb0, nq, nk = R.num_blocks(*chunks[0], B)
+    qps = [torch.randn(nq, 4, 128, generator=gen).to(DEVICE)]
+    kps = [torch.randn(nk, 1, 128, generator=gen).to(DEVICE)]
+    cfg = PrismConfig(high_threshold=0.9, low_threshold=0.9)
+    plan, sel_idx, sel_cnt, temps = _run(chunks, qps, kps, BANDS["neox128"], cfg)
+    masks = bsr_to_masks(plan, sel_idx, sel_cnt, 4)
+    n_amb, n_causal = compare_with_reference(chunks, qps, kps, BANDS["neox128"], cfg, masks)
+    assert n_amb <= 2
+    _check_temps(chunks, qps, kps, BANDS["neox128"], cfg, plan, temps)
+
+
+def test_selection_rejects_bad_arguments():
+    chunks = [(0, 300)]
+    qps, kps = _structured(chunks, 4, 1, 64, seed=1, device=DEVICE)
+    with pytest.raises(ValueError, match="high_threshold"):
+        select_blocks(
+            pooled_q=qps[0], pooled_k=kps[0], plan=make_plan([0, 300], [0], 4).to(DEVICE),
+            band_high=BANDS["neox64"].high.float().to(DEVICE), band_low=BANDS["neox64"].low.float().to(DEVICE),
+            high_threshold=0.0, low_threshold=0.9, calibrate=True, keep_sink=True, keep_diagonal=True,
+            sel_idx=torch.empty(100, dtype=torch.int16, device=DEVICE),
+            sel_cnt=torch.empty(12, dtype=torch.int32, device=DEVICE),
+        )
+    with pytest.raises(ValueError, match="Invalid sel_cnt"):
+        select_blocks(
+            pooled_q=qps[0], pooled_k=kps[0], plan=make_plan([0, 300], [0], 4).to(DEVICE),
+            band_high=BANDS["neox64"].high.float().to(DEVICE), band_low=BANDS["neox64"].low.float().to(DEVICE),
+            high_threshold=0.9, low_threshold=0.9, calibrate=True, keep_sink=True, keep_diagonal=True,
+            sel_idx=torch.empty(100, dtype=torch.int16, device=DEVICE),
+            sel_cnt=torch.empty(12, dtype=torch.int64, device=DEVICE),
+        )
+
+
+# --- GPU: realistic sizes (bf16-pooled inputs are fp32 here already; bf16 tokens are covered by
+# test_prefill / test_pooling). eps/delta per dot precision: "ieee" is plain fp32 like the reference;
+# "tf32x3" splits operands into tf32 pairs (~2^-21 relative per product), so its bound is 5x wider.
+GPU_TOL = {"ieee": (2e-5, 2e-5), "tf32x3": (1e-4, 1e-4)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", list(GPU_TOL))
+@pytest.mark.parametrize(
+    "chunks",
+    [[(0, 32768)], [(20000, 4096), (1000, 77), (0, 8192)], [(262144 - 1000, 1000)]],
+    ids=["32k_one_shot", "three_chunks", "256k_ctx_resident_limit"],
+)
+def test_selection_gpu_realistic(chunks, precision):
+    hq, hkv, d = 32, 8, 128
+    bands, cfg = BANDS["neox128"], CFGS["t95_80"]
+    qps, kps = _structured(chunks, hq, hkv, d, seed=11, device="cuda", n_hot=8)
+    plan, sel_idx, sel_cnt, temps = _run(chunks, qps, kps, bands, cfg, precision=precision)
+    torch.cuda.synchronize()
+    masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
+    eps, delta = GPU_TOL[precision]
+    n_amb, n_causal = compare_with_reference(chunks, qps, kps, bands, cfg, masks, eps=eps, delta=delta)
+    assert n_amb <= max(2, n_causal // 10000), f"{n_amb} of {n_causal} blocks differ at the top-p edge"
+    _check_temps(chunks, qps, kps, bands, cfg, plan, temps, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg_name", ["t95_80", "t95_nosink_nodiag"], ids=str)
+def test_selection_gpu_1m_context_multipass(cfg_name):
+    # A short chunk at the end of a 1M-token context: rows of 8192 key blocks (multi-pass path).
+    chunks = [(2**20 - 128, 128), (2**20 - 700, 300)]
+    hq, hkv, d = 32, 8, 128
+    assert selection_launch_config(hq, hkv, 8192)["path"] == "multipass"
+    bands, cfg = BANDS["neox128"], CFGS[cfg_name]
+    qps, kps = _structured(chunks, hq, hkv, d, seed=12, device="cuda", n_hot=16)
+    plan, sel_idx, sel_cnt, temps = _run(chunks, qps, kps, bands, cfg)
+    torch.cuda.synchronize()
+    masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
+    n_amb, _ = compare_with_reference(chunks, qps, kps, bands, cfg, masks)
+    assert n_amb <= 4
+    _check_temps(chunks, qps, kps, bands, cfg, plan, temps, rtol=1e-4)
+    # Gaussian pooled vectors: flat softmax over 8192 blocks, so thousands of blocks are kept.
+    gen = torch.Generator().manual_seed(0)
+    gq = [torch.randn(x.shape, generator=gen).cuda() for x in qps]
+    gk = [torch.randn(x.shape, generator=gen).cuda() for x in kps]
+    plan, sel_idx, sel_cnt, _ = _run(chunks, gq, gk, bands, cfg)
+    masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
+    n_amb, n_causal = compare_with_reference(chunks, gq, gk, bands, cfg, masks)
+    assert n_amb <= max(4, n_causal // 10000)
