@@ -155,6 +155,23 @@ def bench(fn: Callable[[], Any], s: Setup) -> float:
     return statistics.median(a.elapsed_time(b) for a, b in zip(starts, ends))
 
 
+ERRORS: list[str] = []
+
+
+def bench_or_none(fn: Callable[[], Any], s: Setup, what: str) -> Optional[float]:
+    """bench() for a baseline (FA3, official): a failure is recorded in the notes and gives None
+    instead of ending a one-shot GPU run."""
+    try:
+        return bench(fn, s)
+    except Exception as e:  # noqa: BLE001
+        msg = f"{what} failed: {type(e).__name__}: {str(e)[:300]}"
+        ERRORS.append(msg)
+        print(msg, file=sys.stderr, flush=True)
+        if s.device == "cuda":
+            torch.cuda.synchronize()
+        return None
+
+
 def extra_memory_mb(fn: Callable[[], Any], device: str) -> Optional[float]:
     """Peak GPU memory allocated during fn() minus what was allocated before it (MB)."""
     if device != "cuda":
@@ -522,7 +539,7 @@ def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Offici
         fa3_ms = None
         if fa3 is not None:
             fa3_out = torch.empty_like(q)
-            fa3_ms = bench(fa3_call(fa3, q, kv, s, fa3_out), s)
+            fa3_ms = bench_or_none(fa3_call(fa3, q, kv, s, fa3_out), s, f"FA3 {tok(L)}")
         bar.step(f"{tok(L)} fa3")
         qc = kc = vc = None
         if off is not None:
@@ -546,17 +563,20 @@ def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Offici
             row["official_ms"] = None
             if off is not None and off.block_sparse_attention is not None:
                 omask = mask.unsqueeze(0)  # [1, HQ, nq, nk] bool: the official format
-                row["official_ms"] = bench(lambda: off.block_sparse_attention(qc, kc, vc, omask, s.block, True), s)
-                if li == 0 and dens < 1.0 and not any(c["check"] == "prism_vs_official_same_mask" for c in res["sanity"]):
+                row["official_ms"] = bench_or_none(
+                    lambda: off.block_sparse_attention(qc, kc, vc, omask, s.block, True), s, f"official sparse {tok(L)} d={dens}"
+                )
+                if row["official_ms"] is not None and li == 0 and dens < 1.0 and not any(c["check"] == "prism_vs_official_same_mask" for c in res["sanity"]):
                     ours.sparse(q, kv, sel_idx, sel_cnt, out)
                     o_off = off.block_sparse_attention(qc, kc, vc, omask, s.block, True)[0].permute(1, 0, 2)
                     add_check(res, "prism_vs_official_same_mask", L, measured, out, o_off, tol=2e-2)
                 if official_paged and off.block_sparse_attention_paged is not None:
-                    row["official_paged_ms"] = bench(
+                    row["official_paged_ms"] = bench_or_none(
                         lambda: off.block_sparse_attention_paged(
                             q, k_pool, v_pool, omask, req_to_token, zero, seq, zero, zero, s.block, True
                         ),
                         s,
+                        f"official paged sparse {tok(L)} d={dens}",
                     )
             if s.dry and dens < 1.0:
                 ours.sparse(q, kv, sel_idx, sel_cnt, out)
@@ -659,11 +679,13 @@ def run_estimation(s: Setup, off: Optional[Official], res: dict[str, Any], bar: 
             qc = q.permute(1, 0, 2).unsqueeze(0).contiguous()  # [1, HQ, L, D]
             # Its estimate takes keys with HQ heads: its HF forward repeats KV heads first.
             kc = k.repeat_interleave(G, 1).permute(1, 0, 2).unsqueeze(0).contiguous()
-            row["official_ms"] = bench(lambda: off.prism_block_estimate(qc, kc), s)
-            row["official_extra_mem_mb"] = extra_memory_mb(lambda: off.prism_block_estimate(qc, kc), s.device)
-            om = off.prism_block_estimate(qc, kc)[0]
-            row["official_density"] = round(mask_density(om), 5)
-            del qc, kc, om
+            row["official_ms"] = bench_or_none(lambda: off.prism_block_estimate(qc, kc), s, f"official estimation {tok(L)}")
+            if row["official_ms"] is not None:
+                row["official_extra_mem_mb"] = extra_memory_mb(lambda: off.prism_block_estimate(qc, kc), s.device)
+                om = off.prism_block_estimate(qc, kc)[0]
+                row["official_density"] = round(mask_density(om), 5)
+                del om
+            del qc, kc
         if L in s.est_lengths:
             res["estimation"].append(row)
         keep[L] = {"est_ms": row["prism_ms"], "q": q, "kv": kv, "buf": buf, "ours": ours,
@@ -679,7 +701,7 @@ def run_break_even(s: Setup, fa3: Optional[Callable[..., Any]], est: dict[int, d
         e = est[L]
         q, kv, ours, buf = e["q"], e["kv"], e["ours"], e["buf"]
         out = torch.empty_like(q)
-        fa3_ms = bench(fa3_call(fa3, q, kv, s, torch.empty_like(q)), s) if fa3 is not None else None
+        fa3_ms = bench_or_none(fa3_call(fa3, q, kv, s, torch.empty_like(q)), s, f"FA3 {tok(L)}") if fa3 is not None else None
 
         def row(mode: str, density: float, sparse_ms: float, total_ms: float) -> dict[str, Any]:
             r = {"tokens": L, "mode": mode, "density": round(density, 5), "estimation_ms": e["est_ms"],
@@ -718,7 +740,7 @@ def run_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any]) 
         mask = fixed_mask(s.hq, ours.plan.num_q_blocks, dens, s.device, gen)
         si, sc = mask_to_bsr(mask, ours.plan)
         out = torch.empty_like(q)
-        fa3_ms = bench(fa3_call(fa3, q, kv, s, torch.empty_like(q)), s) if fa3 is not None else None
+        fa3_ms = bench_or_none(fa3_call(fa3, q, kv, s, torch.empty_like(q)), s, f"FA3 {tok(L)}") if fa3 is not None else None
         bar.step(f"{tok(L)} fa3")
         for c in configs:
             knobs = {"block_m": c.block_m, "block_n": c.block_n, "num_warps": c.num_warps, "num_stages": c.num_stages}
@@ -805,6 +827,9 @@ def summary(res: dict[str, Any]) -> str:
             out.append(table(est_rows, [("tokens", "tokens"), ("select_precision", "precision"), ("prism_ms", "ms"),
                                         ("density", "density"), ("blocks_differing_from_ieee", "diff_blocks"),
                                         ("error", "error")]))
+    if res.get("break_even_min_tokens"):
+        out.append("break-even (shortest measured length not slower than FA3 from there on): "
+                   + ", ".join(f"{m}: {v}" for m, v in res["break_even_min_tokens"].items()))
     if res.get("sanity"):
         bad = [c for c in res["sanity"] if not c["ok"]]
         out.append(f"== sanity: {len(res['sanity']) - len(bad)}/{len(res['sanity'])} ok ==")
@@ -890,6 +915,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             if s.be_lengths:
                 run_break_even(s, fa3, est, res, bar)
         bar.close()
+    res["notes"] += ERRORS
+    if res.get("break_even"):
+        # Per mode: the shortest measured length from which on estimation + sparse is not slower
+        # than FA3 dense (None: slower at every measured length, or FA3 missing).
+        summ = {}
+        for mode in dict.fromkeys(r["mode"] for r in res["break_even"]):
+            rows = sorted((r for r in res["break_even"] if r["mode"] == mode), key=lambda r: r["tokens"])
+            first = None
+            for i, r in enumerate(rows):
+                if all(x["not_slower_than_fa3"] for x in rows[i:]):
+                    first = r["tokens"]
+                    break
+            summ[mode] = first
+        res["break_even_min_tokens"] = summ
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(res, indent=1) + "\n")
     print(summary(res))
