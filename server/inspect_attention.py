@@ -383,8 +383,7 @@ def draw_layer(lr: LayerResult, out: Path, title: str, threshold: float) -> Path
     fig, axes = plt.subplots(
         rows, 2 * per_row, figsize=(2.2 * 2 * per_row + 1.0, 2.4 * rows + 1.0), squeeze=False, layout="constrained"
     )
-    cmap = matplotlib.colormaps["magma"].copy()
-    cmap.set_bad("#dddddd")
+    cmap = matplotlib.colormaps["magma"].with_extremes(bad="#dddddd")  # grey: above the diagonal
     nb = lr.maps.mass.shape[1]
     upper = torch.ones(nb, nb, dtype=torch.bool).triu(1)
     norm = LogNorm(vmin=1e-4, vmax=1.0)
