@@ -9,5 +9,6 @@ Modules, one kernel family each:
 """
 
 from .plan import PrefillPlan, make_plan
+from .sparse_prefill import sparse_prefill
 
-__all__ = ["PrefillPlan", "make_plan"]
+__all__ = ["PrefillPlan", "make_plan", "sparse_prefill"]

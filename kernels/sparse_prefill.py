@@ -1,0 +1,489 @@
+"""Block-sparse prefill attention over vLLM's paged KV cache (Prism step 6).
+
+Exact ``softmax(scale * q k^T) v`` per query row over the keys of the key blocks selected for
+its (query block, q head), causal per token; see ``prism_vllm.reference.block_sparse_attention``
+(one request) -- this kernel does every request of a launch at once, reading K/V in place from
+the paged cache (FlashAttention's packed layout, NHD or HND) and never materialising scores.
+
+Shape legend (one launch, see kernels/plan.py):
+
+    T     query rows of the launch (chunks of R requests, contiguous in q)
+    HQ    q heads; HKV kv heads; G = HQ // HKV (q head h reads kv head h // G, no K/V repeat)
+    D     head dim (64, 128 or 256)
+    B     Prism block (plan.block_size, 128); query block g covers absolute positions
+          [qb_abs[g]*B, +B) of request qb_req[g], clipped to the chunk's rows
+    PS    page size (tokens per KV-cache page), NP pages in the cache
+    q: [T, HQ, D]   out: [T, HQ, D]   k_cache, v_cache: [NP, PS, HKV, D]   block_table: [R, max_pages]
+    sel_idx: int16 [plan.sel_capacity]   sel_cnt: int32 [NQB * HQ]
+
+Structure (FlashAttention-2 forward, Hopper habits):
+* one program = BLOCK_M query rows of one query block and one q head; the q tile stays on chip;
+* it walks the selected key blocks in BLOCK_N-key tiles gathered from pages (block_table is read
+  once per tile when a page holds whole tiles, else once per key, a cached gather);
+* online softmax in base 2 with ``scale * log2(e)`` folded into one FMA per score;
+* every selected block before the diagonal is fully visible, so that loop carries no mask math;
+  only the diagonal block (and the keys past the end of the sequence in it) is masked;
+* the program order puts the G q heads of one kv head side by side (they read the same K/V
+  tiles, which then come from L2) and the latest, heaviest query blocks first (a shorter tail).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .plan import PrefillPlan
+
+__all__ = ["sparse_prefill", "SparsePrefillConfig", "default_config", "candidate_configs"]
+
+_LOG2E = 1.4426950408889634
+_HEAD_DIMS = (64, 128, 256)
+
+
+@dataclass(frozen=True)
+class SparsePrefillConfig:
+    """Launch settings of the kernel (the knobs a benchmark sweeps).
+
+    block_m: query rows per program (64 or 128; B must be a multiple). With 64, a Prism block is
+        served by two programs.
+    block_n: keys per inner tile (32, 64 or 128; B must be a multiple).
+    num_warps: warps per program (8 = two Hopper warpgroups for block_m 128).
+    num_stages: software-pipelining depth; the page-id loads take half of it, so K/V tiles are
+        prefetched (num_stages - 1) // 2 tiles ahead. Shared memory: about
+        2 * (BLOCK_M * D + ((num_stages + 1) // 2) * 2 * BLOCK_N * D) bytes (227 KB max on Hopper).
+    """
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 5
+
+
+# Defaults by head dim for Hopper, from offline sm_90 builds (Triton 3.6, ptxas -v; not yet timed):
+# each fits the 227 KB of shared memory per program without register spills. The page lookup is a
+# load feeding the K/V load addresses, so Triton's pipeliner splits num_stages between the two:
+# K/V tiles are prefetched (num_stages - 1) // 2 tiles ahead (5 -> 2 tiles, 3 -> 1 tile).
+# D=256 keeps 3 stages: deeper ones spill or overflow shared memory. The lead's sweep may
+# replace these with measured winners.
+_DEFAULTS = {
+    64: SparsePrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=5),
+    128: SparsePrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=5),
+    256: SparsePrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+}
+
+# Spill-free and within shared memory on sm_90 (checked offline as above).
+_CANDIDATES = {
+    64: [
+        SparsePrefillConfig(128, 128, 8, 5),
+        SparsePrefillConfig(128, 128, 8, 3),
+        SparsePrefillConfig(128, 64, 8, 5),
+        SparsePrefillConfig(128, 64, 8, 7),
+        SparsePrefillConfig(64, 64, 4, 5),
+        SparsePrefillConfig(64, 128, 4, 3),
+    ],
+    128: [
+        SparsePrefillConfig(128, 64, 8, 5),
+        SparsePrefillConfig(128, 64, 8, 7),
+        SparsePrefillConfig(128, 64, 8, 3),
+        SparsePrefillConfig(128, 128, 8, 3),
+        SparsePrefillConfig(128, 32, 8, 5),
+        SparsePrefillConfig(64, 64, 4, 5),
+    ],
+    256: [
+        SparsePrefillConfig(128, 64, 8, 3),
+        SparsePrefillConfig(128, 32, 8, 5),
+    ],
+}
+
+
+def default_config(head_dim: int) -> SparsePrefillConfig:
+    """The default launch settings for a head dim (64, 128 or 256)."""
+    if head_dim not in _DEFAULTS:
+        raise NotImplementedError(
+            f"sparse_prefill supports head dims {_HEAD_DIMS}, got head_dim={head_dim}; "
+            "serve this model with the FLASH_ATTN backend"
+        )
+    return _DEFAULTS[head_dim]
+
+
+def candidate_configs(head_dim: int) -> list[SparsePrefillConfig]:
+    """Launch settings worth timing for a head dim, default first (for benchmark sweeps)."""
+    default = default_config(head_dim)
+    return [default] + [c for c in _CANDIDATES[head_dim] if c != default]
+
+
+@triton.jit
+def _tile_rows(
+    bt_row,  # block_table row of the request (int32 pointer)
+    n0,  # absolute position of the tile's first key (a multiple of BLOCK_N)
+    seq,  # keys that exist (only read when MASKED)
+    stride_p,
+    stride_s,
+    PS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Element offsets of the tile's BLOCK_N key rows (positions n0 .. n0+BLOCK_N-1) in a cache
+    view with page stride stride_p and slot stride stride_s (head offset and d excluded); int64."""
+    offs = tl.arange(0, BLOCK_N)
+    if PS % BLOCK_N == 0:
+        # the whole tile lies in one page: one block_table load per tile
+        page = tl.load(bt_row + n0 // PS).to(tl.int64)
+        rows = page * stride_p + ((n0 % PS) + offs).to(tl.int64) * stride_s
+    else:
+        # one lookup per key (a warp's duplicates coalesce into one transaction). Loading one id
+        # per page and broadcasting it (reshape or gather) would save instructions, but with
+        # Triton 3.6 either op keeps the software pipeliner from pipelining the K/V loads.
+        pos = n0 + offs
+        if MASKED:
+            # pages past the end of the sequence may hold no valid id
+            pages = tl.load(bt_row + pos // PS, mask=pos < seq, other=0)
+        else:
+            pages = tl.load(bt_row + pos // PS)
+        rows = pages.to(tl.int64) * stride_p + (pos % PS).to(tl.int64) * stride_s
+    return rows
+
+
+@triton.jit
+def _attend_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_head,  # k_cache + kv_head * stride_kh
+    v_head,
+    bt_row,
+    n0,
+    seq,
+    qpos,  # [BLOCK_M] absolute positions of the program's rows (read when MASKED)
+    qk_scale,
+    stride_kp,
+    stride_ks,
+    stride_vp,
+    stride_vs,
+    D: tl.constexpr,
+    PS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One BLOCK_N-key tile of the online softmax. MASKED (constexpr, so the mask math compiles
+    away in the main loop): keys past qpos (causal) or past seq (no data) are dropped."""
+    offs_d = tl.arange(0, D)
+    k_rows = _tile_rows(bt_row, n0, seq, stride_kp, stride_ks, PS, BLOCK_N, MASKED)
+    v_rows = _tile_rows(bt_row, n0, seq, stride_vp, stride_vs, PS, BLOCK_N, MASKED)
+    if MASKED:
+        kpos = n0 + tl.arange(0, BLOCK_N)
+        live = (kpos < seq)[:, None]
+        # slots past the sequence end are uninitialised cache memory (maybe NaN): never load
+        # them, since 0 * NaN in p @ v would poison the row
+        k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=live, other=0.0)
+        v = tl.load(v_head + v_rows[:, None] + offs_d[None, :], mask=live, other=0.0)
+    else:
+        k = tl.load(k_head + k_rows[:, None] + offs_d[None, :])
+        v = tl.load(v_head + v_rows[:, None] + offs_d[None, :])
+    qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
+    if MASKED:
+        visible = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < seq)
+        qk = tl.where(visible, qk, float("-inf"))
+    # base-2 online softmax: scale*log2(e) folded into one FMA per score; m_i starts finite,
+    # so a row with no visible key in this tile gets p = exp2(-inf) = 0 and alpha = 1
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _sparse_prefill_fwd_kernel(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    out,
+    cu_q,
+    ctx_lens,
+    seq_lens,
+    dense,
+    qb_req,
+    qb_abs,
+    sel_off,
+    sel_idx,
+    sel_cnt,
+    qk_scale,  # scale * log2(e)
+    NQB,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kp,
+    stride_ks,
+    stride_kh,
+    stride_vp,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    B: tl.constexpr,
+    PS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Program pid -> (query block g, row part mp, q head h), h fastest: the G heads of a kv head
+    are neighbours (shared K/V tiles in L2); g runs from the last query block down (heaviest
+    first). Rows of the program: absolute positions qb_abs[g]*B + mp*BLOCK_M + [0, BLOCK_M)."""
+    tl.static_assert(B % BLOCK_M == 0, "Prism block must be a multiple of BLOCK_M")
+    tl.static_assert(B % BLOCK_N == 0, "Prism block must be a multiple of BLOCK_N")
+    MP: tl.constexpr = B // BLOCK_M  # programs per query block and head
+    TPB: tl.constexpr = B // BLOCK_N  # key tiles per Prism block
+
+    pid = tl.program_id(0)
+    h = pid % HQ
+    rest = pid // HQ
+    mp = rest % MP
+    g = NQB - 1 - rest // MP
+
+    r = tl.load(qb_req + g)
+    qb = tl.load(qb_abs + g)
+    ctx = tl.load(ctx_lens + r)
+    seq = tl.load(seq_lens + r)
+    row0 = tl.load(cu_q + r)
+    # plan.dense[r]: every causal block, the selection row is not read
+    dense_flag = tl.load(dense + r)
+    is_dense = dense_flag != 0
+    is_sparse = dense_flag == 0
+
+    pos_lo = qb * B + mp * BLOCK_M
+    if (pos_lo + BLOCK_M <= ctx) | (pos_lo >= seq):
+        # this part of the query block lies outside the chunk (partial first / last block)
+        return
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    qpos = pos_lo + offs_m
+    row_ok = (qpos >= ctx) & (qpos < seq)
+    rows = (row0 + qpos - ctx).to(tl.int64)  # only dereferenced under row_ok
+    q_tile = tl.load(
+        q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0
+    )
+
+    kvh = h // G
+    k_head = k_cache + kvh.to(tl.int64) * stride_kh
+    v_head = v_cache + kvh.to(tl.int64) * stride_vh
+    bt_row = block_table + r.to(tl.int64) * stride_bt
+
+    # selection row (g, h): int64 offsets, sel_off[g] * HQ overflows int32 at long contexts
+    sel_row = sel_idx + tl.load(sel_off + g).to(tl.int64) * HQ + h.to(tl.int64) * (qb + 1)
+    cnt = tl.load(sel_cnt + g.to(tl.int64) * HQ + h)
+    # the diagonal block (if selected) is the last index of the ascending row
+    last = tl.load(sel_row + cnt - 1, mask=(cnt > 0) & is_sparse, other=-1).to(tl.int32)
+    has_diag = (last == qb) | is_dense
+    n_full = tl.where(is_dense, qb, cnt - (last == qb).to(tl.int32))
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+
+    # fully visible blocks: every key precedes every row of the program, no mask math
+    for it in tl.range(0, n_full * TPB):
+        j = it // TPB
+        sel = tl.load(sel_row + j, mask=is_sparse, other=0).to(tl.int32)
+        blk = tl.where(is_dense, j, sel)
+        n0 = blk * B + (it % TPB) * BLOCK_N
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q_tile, k_head, v_head, bt_row, n0, seq, qpos, qk_scale,
+            stride_kp, stride_ks, stride_vp, stride_vs, D, PS, BLOCK_N, False,
+        )
+
+    # diagonal block: only the tiles up to the program's last row (and the sequence end)
+    if has_diag:
+        n_hi = tl.minimum(pos_lo + BLOCK_M, seq)
+        n_diag = tl.cdiv(n_hi - qb * B, BLOCK_N)
+        for it in tl.range(0, n_diag, num_stages=1):
+            n0 = qb * B + it * BLOCK_N
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q_tile, k_head, v_head, bt_row, n0, seq, qpos, qk_scale,
+                stride_kp, stride_ks, stride_vp, stride_vs, D, PS, BLOCK_N, True,
+            )
+
+    # rows with an empty selection (never produced by Prism's selection) are written as 0
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_i[:, None]
+    tl.store(
+        out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+        o.to(out.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def sparse_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    plan: PrefillPlan,
+    sel_idx: torch.Tensor,
+    sel_cnt: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    *,
+    config: Optional[SparsePrefillConfig] = None,
+    block_m: Optional[int] = None,
+    block_n: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None,
+) -> torch.Tensor:
+    """Block-sparse causal attention of every chunk of ``plan`` over the paged KV cache.
+
+    Row t of request r (``plan.cu_q[r] <= t < plan.cu_q[r+1]``, absolute position
+    ``plan.ctx_lens[r] + t - plan.cu_q[r]``) in q head h attends, with an exact softmax of
+    ``scale * q k^T``, to the keys at positions <= its own that lie in the key blocks selected for
+    its query block g and head h: ``sel_idx[sel_off[g]*HQ + h*(qb_abs[g]+1) + i]`` for
+    ``i < sel_cnt[g*HQ + h]`` (absolute block ids, ascending). Requests with ``plan.dense[r] = 1``
+    attend to every causal block and their selection rows are not read. A row with an empty
+    selection is written as zeros. Same math as ``prism_vllm.reference.block_sparse_attention``.
+
+    Args:
+        q: [T, HQ, D] float16/bfloat16, T >= plan.num_tokens; any strides with q.stride(-1) == 1.
+        k_cache, v_cache: [NP, PS, HKV, D] views of the paged cache in q's dtype, any strides with
+            stride(-1) == 1 (vLLM: ``kv_cache.transpose(1, 2).split(D, -1)`` of FlashAttention's
+            packed NHD or HND cache). The chunk's own K/V must already be in the cache.
+        block_table: [>= R, max_pages] int32; key position p of request r lives in page
+            ``block_table[r, p // PS]``, slot ``p % PS``.
+        plan: PrefillPlan of the launch, on q's device (``plan.num_q_heads == HQ``).
+        sel_idx: int16 [>= plan.sel_capacity] selected key blocks (BSR indices).
+        sel_cnt: int32 [>= plan.num_q_blocks * HQ] selected blocks per (query block, q head).
+        scale: softmax scale (usually D ** -0.5).
+        out: [T_out >= plan.num_tokens, HQ, D] output, any strides with stride(-1) == 1; rows
+            [0, plan.num_tokens) are written, the others are left alone.
+        config / block_m / block_n / num_warps / num_stages: launch settings; the explicit
+            keywords override ``config``, which defaults to ``default_config(D)``. See
+            ``SparsePrefillConfig`` and ``candidate_configs`` for what a sweep should try.
+
+    Returns:
+        out.
+
+    Launches one kernel; reads nothing back to the host and allocates nothing.
+    """
+    _check(q.dim() == 3, f"Invalid shape of q: expected [T, HQ, D], got {tuple(q.shape)}")
+    T, HQ, D = q.shape
+    _check(
+        q.dtype in (torch.float16, torch.bfloat16),
+        f"Invalid dtype of q: expected float16 or bfloat16, got {q.dtype}; fp8 queries are not supported",
+    )
+    if D not in _HEAD_DIMS:
+        raise NotImplementedError(
+            f"sparse_prefill supports head dims {_HEAD_DIMS}, got head_dim={D}; "
+            "serve this model with the FLASH_ATTN backend"
+        )
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check(t.dim() == 4, f"Invalid shape of {name}: expected [num_pages, page_size, HKV, D], got {tuple(t.shape)}")
+        _check(t.dtype == q.dtype, f"Invalid dtype of {name}: expected {q.dtype} (q's dtype), got {t.dtype}")
+        _check(t.device == q.device, f"{name} is on {t.device}, q on {q.device}")
+    _check(
+        v_cache.shape == k_cache.shape,
+        f"Invalid shape of v_cache: expected {tuple(k_cache.shape)} (k_cache's), got {tuple(v_cache.shape)}",
+    )
+    NP, PS, HKV, DK = k_cache.shape
+    _check(DK == D, f"Invalid shape of k_cache: head dim {DK} != q's head dim {D}")
+    _check(HKV >= 1 and HQ % HKV == 0, f"HQ={HQ} q heads is not a multiple of HKV={HKV} kv heads")
+    _check(PS >= 1, f"Invalid page size {PS}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+        _check(t.stride(-1) == 1, f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
+    _check(
+        out.dim() == 3 and out.shape[1:] == q.shape[1:] and out.shape[0] >= plan.num_tokens,
+        f"Invalid shape of out: expected [>= {plan.num_tokens}, {HQ}, {D}], got {tuple(out.shape)}",
+    )
+    _check(
+        out.dtype in (torch.float16, torch.bfloat16, torch.float32),
+        f"Invalid dtype of out: expected float16, bfloat16 or float32, got {out.dtype}",
+    )
+    _check(out.device == q.device, f"out is on {out.device}, q on {q.device}")
+    _check(T >= plan.num_tokens, f"q has {T} rows, the plan covers {plan.num_tokens}")
+    _check(plan.num_q_heads == HQ, f"plan was built for {plan.num_q_heads} q heads, q has {HQ}")
+    _check(
+        block_table.dim() == 2 and block_table.dtype == torch.int32 and block_table.shape[0] >= plan.num_reqs,
+        f"Invalid block_table: expected int32 [>= {plan.num_reqs}, max_pages], got {block_table.dtype} "
+        f"{tuple(block_table.shape)}",
+    )
+    _check(block_table.stride(1) == 1, f"block_table must be row-contiguous, got strides {block_table.stride()}")
+    _check(
+        sel_idx.dtype == torch.int16 and sel_idx.dim() == 1 and sel_idx.numel() >= plan.sel_capacity,
+        f"Invalid sel_idx: expected int16 [>= {plan.sel_capacity}], got {sel_idx.dtype} {tuple(sel_idx.shape)}",
+    )
+    _check(
+        sel_cnt.dtype == torch.int32 and sel_cnt.dim() == 1 and sel_cnt.numel() >= plan.num_q_blocks * HQ,
+        f"Invalid sel_cnt: expected int32 [>= {plan.num_q_blocks * HQ}], got {sel_cnt.dtype} {tuple(sel_cnt.shape)}",
+    )
+    for name, t in (("block_table", block_table), ("sel_idx", sel_idx), ("sel_cnt", sel_cnt), ("plan", plan.qb_abs)):
+        _check(t.device == q.device, f"{name} is on {t.device}, q on {q.device}; move it with .to(q.device)")
+
+    cfg = config if config is not None else default_config(D)
+    bm = cfg.block_m if block_m is None else block_m
+    bn = cfg.block_n if block_n is None else block_n
+    B = plan.block_size
+    _check(
+        bm in (16, 32, 64, 128) and B % bm == 0,
+        f"block_m={bm} must be 16, 32, 64 or 128 and divide the Prism block size {B}",
+    )
+    _check(
+        bn in (16, 32, 64, 128) and B % bn == 0,
+        f"block_n={bn} must be 16, 32, 64 or 128 and divide the Prism block size {B}",
+    )
+    if plan.num_q_blocks == 0:
+        return out
+
+    grid = (plan.num_q_blocks * (B // bm) * HQ,)
+    _sparse_prefill_fwd_kernel[grid](
+        q=q,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_table=block_table,
+        out=out,
+        cu_q=plan.cu_q,
+        ctx_lens=plan.ctx_lens,
+        seq_lens=plan.seq_lens,
+        dense=plan.dense,
+        qb_req=plan.qb_req,
+        qb_abs=plan.qb_abs,
+        sel_off=plan.sel_off,
+        sel_idx=sel_idx,
+        sel_cnt=sel_cnt,
+        qk_scale=float(scale) * _LOG2E,
+        NQB=plan.num_q_blocks,
+        stride_qt=q.stride(0),
+        stride_qh=q.stride(1),
+        stride_ot=out.stride(0),
+        stride_oh=out.stride(1),
+        stride_kp=k_cache.stride(0),
+        stride_ks=k_cache.stride(1),
+        stride_kh=k_cache.stride(2),
+        stride_vp=v_cache.stride(0),
+        stride_vs=v_cache.stride(1),
+        stride_vh=v_cache.stride(2),
+        stride_bt=block_table.stride(0),
+        HQ=HQ,
+        G=HQ // HKV,
+        D=D,
+        B=B,
+        PS=PS,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        num_warps=cfg.num_warps if num_warps is None else num_warps,
+        num_stages=cfg.num_stages if num_stages is None else num_stages,
+    )
+    return out
