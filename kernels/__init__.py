@@ -9,6 +9,20 @@ Modules, one kernel family each:
 """
 
 from .plan import PrefillPlan, make_plan
+from .pooling import pool_keys_paged, pool_queries
+from .prefill import PrismParams, PrismWorkspace, last_selection, prism_prefill
+from .selection import select_blocks
 from .sparse_prefill import sparse_prefill
 
-__all__ = ["PrefillPlan", "make_plan", "sparse_prefill"]
+__all__ = [
+    "PrefillPlan",
+    "make_plan",
+    "pool_queries",
+    "pool_keys_paged",
+    "select_blocks",
+    "sparse_prefill",
+    "PrismParams",
+    "PrismWorkspace",
+    "prism_prefill",
+    "last_selection",
+]

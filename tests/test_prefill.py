@@ -1,0 +1,270 @@
+"""The Prism prefill facade (kernels/prefill.py) end to end against reference.prism_attention_batch.
+
+Selections are compared as in test_selection (equal up to blocks on the reference's own top-p
+knife edge, which stay rare); outputs are compared with the reference attention over the blocks
+the kernel selected (identical to prism_attention_batch's output whenever the masks are equal,
+which they are for these seeds).
+"""
+
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, make_paged_kv
+from prism_vllm import PrismConfig
+from prism_vllm import reference as R
+from prism_vllm.kernels import PrismParams, PrismWorkspace, last_selection, make_plan, prism_prefill
+from prism_vllm.rope import RopeLayout, rope_bands
+from test_selection import bsr_to_masks, compare_with_reference
+
+try:
+    from prism_vllm.kernels.sparse_prefill import sparse_prefill  # noqa: F401
+
+    HAVE_SPARSE = True
+except ImportError:  # written in parallel; the facade test needs it
+    HAVE_SPARSE = False
+
+needs_sparse = pytest.mark.skipif(not HAVE_SPARSE, reason="kernels/sparse_prefill.py has not landed yet")
+
+B = 128
+TOL = {torch.float16: (4e-3, 1e-2), torch.bfloat16: (2.5e-2, 2e-2)}
+
+
+def _structured_tokens(chunks, hq, hkv, d, dtype, device, seed=0, n_hot=4):
+    """Per request q [L, HQ, D] and k, v [ctx+L, HKV, D] whose block means are structured
+    (each query block aligned with a few hot key blocks) under token-level noise."""
+    gen = torch.Generator().manual_seed(seed)
+    qs, ks, vs = [], [], []
+    g = hq // hkv
+    for ctx, L in chunks:
+        S = ctx + L
+        nk = -(-S // B)
+        dirs = torch.randn(n_hot, hkv, d, generator=gen) * 2.0
+        kb = 0.3 * torch.randn(nk, hkv, d, generator=gen)
+        kb[torch.randint(0, nk, (n_hot,), generator=gen)] += dirs
+        k = kb.repeat_interleave(B, 0)[:S] + 0.5 * torch.randn(S, hkv, d, generator=gen)
+        which = torch.randint(0, n_hot, (nk, hq), generator=gen)
+        qb = 0.3 * torch.randn(nk, hq, d, generator=gen) + dirs[which, torch.arange(hq) // g]
+        q = (qb.repeat_interleave(B, 0)[:S] + 0.5 * torch.randn(S, hq, d, generator=gen))[ctx:]
+        v = torch.randn(S, hkv, d, generator=gen)
+        qs.append(q.to(dtype).to(device))
+        ks.append(k.to(dtype).to(device))
+        vs.append(v.to(dtype).to(device))
+    return qs, ks, vs
+
+
+def _ref_by_query_block(q, k, v, ctx, mask, scale):
+    """reference.block_sparse_attention one query block at a time (memory O(B * S) per call)."""
+    out = torch.empty_like(q)
+    qb0 = ctx // B
+    for i in range(mask.shape[1]):
+        lo, hi = max((qb0 + i) * B, ctx), min((qb0 + i + 1) * B, ctx + q.shape[0])
+        out[lo - ctx : hi - ctx] = R.block_sparse_attention(
+            q[lo - ctx : hi - ctx], k[:hi], v[:hi], lo, mask[:, i : i + 1, : -(-hi // B)], B, scale
+        )
+    return out
+
+
+def _density(masks, chunks):
+    """Selected / causal (query block, key block, head) triples over all requests."""
+    causal = 0
+    for m, (c, _) in zip(masks, chunks):
+        tri = torch.arange(m.shape[2])[None, :] <= (c // B + torch.arange(m.shape[1]))[:, None]
+        causal += int(tri.sum()) * m.shape[0]
+    return sum(int(m.sum()) for m in masks) / causal
+
+
+def _run_case(chunks, hq, hkv, d, dtype, cfg, bands, layout, page_size, dense=None, seed=0, device=DEVICE):
+    qs, ks, vs = _structured_tokens(chunks, hq, hkv, d, dtype, device, seed=seed)
+    q = torch.cat(qs)
+    cu = [0]
+    for _, L in chunks:
+        cu.append(cu[-1] + L)
+    plan = make_plan(cu, [c for c, _ in chunks], hq, B, dense=dense).to(device)
+    k_cache, v_cache, table = make_paged_kv(ks, vs, page_size, layout, seed=seed)
+    scale = 1 / math.sqrt(d)
+    params = PrismParams.make(bands=bands, scale=scale, config=cfg, device=device)
+    sizes = PrismWorkspace.sizes_for(
+        cu[-1], max(c + L for c, L in chunks), len(chunks), hq, num_kv_heads=hkv, head_dim=d,
+        max_long_reqs=len(chunks),
+    )
+    ws = PrismWorkspace.allocate(sizes, device)
+    assert ws.fits(plan)
+    out = torch.full_like(q, float("nan"))
+    assert prism_prefill(q, k_cache, v_cache, table, plan, params, ws, out) is out
+    return qs, ks, vs, q, plan, ws, out, scale
+
+
+def _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, bands, dense=None, max_amb=2):
+    hq = q.shape[1]
+    assert not out.isnan().any()
+    sel = last_selection(ws, plan)
+    masks = bsr_to_masks(plan, sel["sel_idx"], sel["counts"].flatten(), hq)
+    # The reference's own pooled blocks (fp32 means of the same fp16/bf16 tokens).
+    qps = [R.pool_blocks(qs[r], c, B).cpu() for r, (c, _) in enumerate(chunks)]
+    kps = [R.pool_blocks(ks[r], 0, B).cpu() for r in range(len(chunks))]
+    n_amb, _ = compare_with_reference(chunks, qps, kps, bands, cfg, masks, dense=dense)
+    assert n_amb <= max_amb
+    atol, rtol = TOL[q.dtype]
+    cu = plan.cu_q.tolist()
+    for r, (ctx, L) in enumerate(chunks):
+        got = out[cu[r] : cu[r + 1]]
+        want = _ref_by_query_block(qs[r].float(), ks[r].float(), vs[r].float(), ctx, masks[r].to(q.device), scale)
+        torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol, msg=lambda m: f"request {r}: {m}")
+        if dense is not None and dense[r]:
+            sdpa = R.dense_causal_attention(qs[r].float(), ks[r].float(), vs[r].float(), ctx, scale)
+            torch.testing.assert_close(got.float(), sdpa, atol=atol, rtol=rtol)
+    return masks
+
+
+BANDS64 = rope_bands(RopeLayout(64, 64, True), 32, 48)
+BANDS64_GPTJ = rope_bands(RopeLayout(64, 64, False), 32, 48)
+
+
+@needs_sparse
+def test_prefill_one_request_matches_reference_batch():
+    chunks, cfg = [(0, 700)], PrismConfig(high_threshold=0.95, low_threshold=0.8)
+    qs, ks, vs, q, plan, ws, out, scale = _run_case(chunks, 4, 2, 64, torch.float16, cfg, BANDS64, "NHD", 16)
+    masks = _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, BANDS64)
+    # The facade is reference.prism_attention_batch (the masks are equal here, so the outputs are).
+    ref_out, ref_masks = R.prism_attention_batch(q, [0, 700], [0], ks, vs, BANDS64, cfg, scale)
+    assert all(torch.equal(m, rm.cpu()) for m, rm in zip(masks, ref_masks))
+    atol, rtol = TOL[torch.float16]
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=atol, rtol=rtol)
+    assert _density(masks, chunks) < 0.8  # the structured input gives a sparse selection indeed
+
+
+@needs_sparse
+def test_prefill_chunked_batch_with_dense_request():
+    chunks = [(300, 500), (1000, 260), (0, 129)]
+    cfg = PrismConfig(high_threshold=0.9, low_threshold=0.9, keep_sink=True, keep_diagonal=False)
+    dense = [0, 1, 0]
+    qs, ks, vs, q, plan, ws, out, scale = _run_case(
+        chunks, 6, 2, 64, torch.float16, cfg, BANDS64_GPTJ, "HND", 32, dense=dense, seed=1
+    )
+    _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, BANDS64_GPTJ, dense=dense)
+
+
+@needs_sparse
+def test_prefill_threshold_one_is_dense_attention():
+    chunks = [(77, 300), (0, 200)]
+    cfg = PrismConfig(high_threshold=1.0, low_threshold=1.0)
+    qs, ks, vs, q, plan, ws, out, scale = _run_case(chunks, 4, 1, 64, torch.float16, cfg, BANDS64, "NHD", 16, seed=2)
+    atol, rtol = TOL[torch.float16]
+    cu = plan.cu_q.tolist()
+    for r, (ctx, _) in enumerate(chunks):
+        sdpa = R.dense_causal_attention(qs[r].float(), ks[r].float(), vs[r].float(), ctx, scale)
+        torch.testing.assert_close(out[cu[r] : cu[r + 1]].float(), sdpa, atol=atol, rtol=rtol)
+
+
+def test_workspace_sizes_bound_scheduler_batches():
+    # Random steps a scheduler with these limits can produce (one long request, the rest fresh
+    # prompts or short contexts) must fit; three requests at the longest context must not.
+    T, max_len, seqs, hq = 4096, 40000, 8, 4
+    ws = PrismWorkspace.allocate(PrismWorkspace.sizes_for(T, max_len, seqs, hq, num_kv_heads=2, head_dim=16), "cpu")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(1, seqs + 1, (1,), generator=gen))
+        cuts = sorted(torch.randint(1, T, (n - 1,), generator=gen).tolist())
+        lens = [b - a for a, b in zip([0] + cuts, cuts + [T])]
+        lens = [x for x in lens if x > 0]
+        ctx = [0] * len(lens)
+        ctx[0] = max_len - lens[0]  # the long one ends at the longest context
+        for i in range(1, len(lens)):
+            ctx[i] = int(torch.randint(0, 2, (1,), generator=gen)) * int(torch.randint(0, 200, (1,), generator=gen))
+        cu = [0]
+        for x in lens:
+            cu.append(cu[-1] + x)
+        plan = make_plan(cu, ctx, hq)
+        assert ws.fits(plan), (lens, ctx)
+    three_long = make_plan([0, 100, 200, 300], [max_len - 100] * 3, hq)
+    assert not ws.fits(three_long)
+    with pytest.raises(ValueError, match="too small"):
+        prism_prefill(
+            torch.zeros(300, hq, 16), torch.zeros(1, 16, 2, 16), torch.zeros(1, 16, 2, 16),
+            torch.zeros(3, 1, dtype=torch.int32), three_long,
+            PrismParams.make(bands=rope_bands(RopeLayout(16, 16), 8, 8), scale=0.25, config=PrismConfig(), device="cpu"),
+            ws, torch.zeros(300, hq, 16),
+        )
+
+
+def test_workspace_allocate_needs_kv_heads_and_head_dim():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        PrismWorkspace.allocate(PrismWorkspace.sizes_for(2048, 8192, 4, 8), "cpu")
+
+
+# ------------------------------------------------------------------------------------------ GPU
+BANDS128 = rope_bands(RopeLayout(128, 128, True), 64, 96)
+
+
+@pytest.mark.gpu
+@needs_sparse
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("chunks", [[(0, 32768)], [(16384, 16384), (3000, 1000)]], ids=["one_shot", "chunked"])
+def test_prefill_gpu_32k_bf16(chunks, layout):
+    cfg = PrismConfig()
+    qs, ks, vs, q, plan, ws, out, scale = _run_case(
+        chunks, 32, 8, 128, torch.bfloat16, cfg, BANDS128, layout, 16, seed=3, device="cuda"
+    )
+    torch.cuda.synchronize()
+    masks = _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, BANDS128, max_amb=8)
+    density = _density(masks, chunks)
+    print(f"selected density {density:.3f}")
+    assert density < 0.5
+
+
+@pytest.mark.gpu
+def test_estimation_budget_128k():
+    """The hard budget: pool q + pool k + calibration + selection at 128K tokens (one request,
+    HQ=32, HKV=8, D=128, bf16) in <= 1.0 ms and <= 64 MB of buffers. Prints the breakdown."""
+    from prism_vllm.kernels import pool_keys_paged, pool_queries, select_blocks
+
+    L, hq, hkv, d = 131072, 32, 8, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(L, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    kv = torch.randn(L // 16, 16, hkv, 2 * d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k_cache = kv.permute(0, 2, 1, 3).transpose(1, 2).split(d, -1)[0]  # vLLM's NHD view
+    table = torch.randperm(L // 16, device="cuda", generator=gen).to(torch.int32)[None]
+    plan = make_plan([0, L], [0], hq).to("cuda")
+    cfg = PrismConfig()
+    params = PrismParams.make(bands=BANDS128, scale=d**-0.5, config=cfg, device="cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    ws = PrismWorkspace(plan.num_q_blocks, plan.num_k_blocks, 1, plan.sel_capacity, hq, hkv, d, "cuda")
+    buffers_mb = (torch.cuda.memory_allocated() - before) / 2**20
+    pq, pk = ws.pooled_q[: plan.num_q_blocks], ws.pooled_k[: plan.num_k_blocks]
+    steps = {
+        "pool_q": lambda: pool_queries(q=q, plan=plan, out=pq),
+        "pool_k": lambda: pool_keys_paged(k_cache=k_cache, block_table=table, plan=plan, out=pk),
+        "select": lambda: select_blocks(
+            pq, pk, plan, params.band_high, params.band_low, cfg.high_threshold, cfg.low_threshold,
+            cfg.calibrate, cfg.keep_sink, cfg.keep_diagonal, ws.sel_idx, ws.sel_cnt[: plan.num_q_blocks * hq],
+        ),
+    }
+
+    def timed(fn, reps=20):
+        for _ in range(3):
+            fn()
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        return sorted(ts)[len(ts) // 2]
+
+    ms = {name: timed(fn) for name, fn in steps.items()}
+    total = timed(lambda: [fn() for fn in steps.values()])
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for fn in steps.values():
+        fn()
+    torch.cuda.synchronize()
+    temp_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    print(f"estimation 128K: {ms} total {total:.3f} ms; buffers {buffers_mb:.1f} MB, temporaries {temp_mb:.1f} MB")
+    assert temp_mb < 1.0, "launchers must not allocate"
+    assert buffers_mb <= 64.0
+    assert total <= 1.0, f"estimation took {total:.3f} ms (> 1.0 ms): {ms}"
