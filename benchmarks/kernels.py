@@ -437,42 +437,56 @@ def load_official(dir_: Optional[str], s: Setup) -> tuple[Optional[Official], st
 
 
 class Ours:
-    """Our estimation (pooling + temperatures + selection) with preallocated buffers."""
+    """Our kernels on one request of L tokens, through the product's entry points
+    (prism_vllm.kernels.prefill: PrismParams, PrismWorkspace, prism_prefill)."""
 
     def __init__(self, s: Setup, L: int):
         from prism_vllm.config import PrismConfig
         from prism_vllm.kernels import make_plan
+        from prism_vllm.kernels.prefill import PrismParams
         from prism_vllm.rope import RopeLayout, rope_bands
 
         self.s = s
         self.cfg = PrismConfig()
         self.bands = rope_bands(RopeLayout(s.d, s.d, True, s.rope_base), *self.cfg.band_dims(s.d))
+        self.params = PrismParams.make(bands=self.bands, scale=s.scale, config=self.cfg, device=s.device)
         self.plan = make_plan([0, L], [0], s.hq, s.block).to(s.device)
         self.tokens = L
-        self.band_hi = self.bands.high.to(device=s.device, dtype=torch.float32).contiguous()
-        self.band_lo = self.bands.low.to(device=s.device, dtype=torch.float32).contiguous()
-        self.select_knobs: dict[str, Any] = {} if s.select_precision is None else {"precision": s.select_precision}
+        self.precision = s.select_precision or "ieee"  # prism_prefill's default
 
-    def alloc(self) -> dict[str, torch.Tensor]:
+    def alloc(self) -> Any:
+        """A PrismWorkspace sized exactly for this launch (the backend allocates one per device,
+        sized for its scheduler limits, and shares it between layers)."""
+        from prism_vllm.kernels.prefill import PrismWorkspace
+
         p, s = self.plan, self.s
-        dev = s.device
-        return {
-            "qp": torch.empty(p.num_q_blocks, s.hq, s.d, device=dev, dtype=torch.float32),
-            "kp": torch.empty(p.num_k_blocks, s.hkv, s.d, device=dev, dtype=torch.float32),
-            "sel_idx": torch.zeros(p.sel_capacity, device=dev, dtype=torch.int16),
-            "sel_cnt": torch.zeros(p.num_q_blocks * s.hq, device=dev, dtype=torch.int32),
-        }
-
-    def estimate(self, q: torch.Tensor, kv: Paged, buf: dict[str, torch.Tensor]) -> None:
-        from prism_vllm.kernels import pooling, selection
-
-        pooling.pool_queries(q, self.plan, buf["qp"])
-        pooling.pool_keys_paged(kv.k, kv.block_table, self.plan, buf["kp"])
-        c = self.cfg
-        selection.select_blocks(
-            buf["qp"], buf["kp"], self.plan, self.band_hi, self.band_lo, c.high_threshold, c.low_threshold,
-            c.calibrate, c.keep_sink, c.keep_diagonal, buf["sel_idx"], buf["sel_cnt"], **self.select_knobs,
+        return PrismWorkspace(
+            max_q_blocks=p.num_q_blocks, max_k_blocks=p.num_k_blocks, max_reqs=1, max_sel_capacity=p.sel_capacity,
+            num_q_heads=s.hq, num_kv_heads=s.hkv, head_dim=s.d, device=s.device, block_size=s.block,
         )
+
+    def estimate(self, q: torch.Tensor, kv: Paged, ws: Any) -> None:
+        """The estimation launches of prism_prefill (pool q, pool k, select), same arguments."""
+        from prism_vllm.kernels.pooling import pool_keys_paged, pool_queries
+        from prism_vllm.kernels.selection import select_blocks
+
+        p, pr = self.plan, self.params
+        nqb = p.num_q_blocks
+        pool_queries(q=q, plan=p, out=ws.pooled_q[:nqb])
+        pool_keys_paged(k_cache=kv.k, block_table=kv.block_table, plan=p, out=ws.pooled_k[: p.num_k_blocks])
+        select_blocks(
+            pooled_q=ws.pooled_q[:nqb], pooled_k=ws.pooled_k[: p.num_k_blocks], plan=p,
+            band_high=pr.band_high, band_low=pr.band_low, high_threshold=pr.high_threshold,
+            low_threshold=pr.low_threshold, calibrate=pr.calibrate, keep_sink=pr.keep_sink,
+            keep_diagonal=pr.keep_diagonal, sel_idx=ws.sel_idx, sel_cnt=ws.sel_cnt[: nqb * self.s.hq],
+            temps_out=ws.temps[:nqb], precision=self.precision,
+        )
+
+    def prefill(self, q: torch.Tensor, kv: Paged, ws: Any, out: torch.Tensor) -> torch.Tensor:
+        """The whole Prism prefill (estimation + sparse attention), as the backend calls it."""
+        from prism_vllm.kernels.prefill import prism_prefill
+
+        return prism_prefill(q, kv.k, kv.v, kv.block_table, self.plan, self.params, ws, out, precision=self.precision)
 
     def sparse(self, q: torch.Tensor, kv: Paged, sel_idx: torch.Tensor, sel_cnt: torch.Tensor, out: torch.Tensor,
                **knobs: Any) -> torch.Tensor:
@@ -480,10 +494,11 @@ class Ours:
 
         return sparse_prefill(q, kv.k, kv.v, kv.block_table, self.plan, sel_idx, sel_cnt, self.s.scale, out, **knobs)
 
-    def density(self, sel_cnt: torch.Tensor) -> float:
-        return float(sel_cnt[: self.plan.num_q_blocks * self.s.hq].sum()) / (
-            self.s.hq * causal_blocks(self.plan.num_q_blocks)
-        )
+    def sel(self, ws: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return ws.sel_idx, ws.sel_cnt[: self.plan.num_q_blocks * self.s.hq]
+
+    def density(self, ws: Any) -> float:
+        return float(self.sel(ws)[1].sum()) / (self.s.hq * causal_blocks(self.plan.num_q_blocks))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -647,24 +662,27 @@ def run_estimation(s: Setup, off: Optional[Official], res: dict[str, Any], bar: 
         v = randn((L, s.hkv, s.d), s, gen)
         kv = make_paged(k, v, s, gen)
         ours = Ours(s, L)
-        buf = ours.alloc()
+        ws = ours.alloc()
         row: dict[str, Any] = {"tokens": L}
-        row["prism_ms"] = bench(lambda: ours.estimate(q, kv, buf), s)
-        row["prism_density"] = round(ours.density(buf["sel_cnt"]), 5)
-        del buf
+        row["prism_ms"] = bench(lambda: ours.estimate(q, kv, ws), s)
+        row["prism_density"] = round(ours.density(ws), 5)
+        row["workspace_mb"] = round(ws.nbytes / 2**20, 2)
+        # With the workspace already allocated (as in the backend) the call itself allocates nothing.
+        row["call_extra_mem_mb"] = extra_memory_mb(lambda: ours.estimate(q, kv, ws), s.device)
+        del ws
 
-        def ours_fresh() -> dict[str, torch.Tensor]:
-            b = ours.alloc()
-            ours.estimate(q, kv, b)
-            return b
+        def ours_fresh() -> Any:
+            w = ours.alloc()
+            ours.estimate(q, kv, w)
+            return w
 
+        # Reported extra memory: this launch's workspace plus anything the call allocates.
         row["extra_mem_mb"] = extra_memory_mb(ours_fresh, s.device)
-        row["prism_buffers_mb"] = round(sum(t.numel() * t.element_size() for t in ours.alloc().values()) / 2**20, 2)
-        buf = ours_fresh()
+        ws = ours_fresh()
         nk = ours.plan.num_k_blocks
         if li == 0:
             # our selection vs the reference spec on the same input (near-ties may flip a block)
-            got = bsr_to_mask(buf["sel_idx"], buf["sel_cnt"], ours.plan, s.hq, nk)
+            got = bsr_to_mask(*ours.sel(ws), ours.plan, s.hq, nk)
             qp = reference.pool_blocks(q, 0, s.block)
             kp = reference.pool_blocks(k, 0, s.block)
             want = reference.select_blocks(qp, kp, 0, ours.bands, ours.cfg)
@@ -689,7 +707,7 @@ def run_estimation(s: Setup, off: Optional[Official], res: dict[str, Any], bar: 
             del qc, kc
         if L in s.est_lengths:
             res["estimation"].append(row)
-        keep[L] = {"est_ms": row["prism_ms"], "q": q, "kv": kv, "buf": buf, "ours": ours,
+        keep[L] = {"est_ms": row["prism_ms"], "q": q, "kv": kv, "ws": ws, "ours": ours,
                    "density": row["prism_density"]} if L in s.be_lengths else {}
         bar.step(f"est {tok(L)}")
     return keep
@@ -700,7 +718,7 @@ def run_break_even(s: Setup, fa3: Optional[Callable[..., Any]], est: dict[int, d
     gen = torch.Generator(device=s.device).manual_seed(3)
     for L in s.be_lengths:
         e = est[L]
-        q, kv, ours, buf = e["q"], e["kv"], e["ours"], e["buf"]
+        q, kv, ours, ws = e["q"], e["kv"], e["ours"], e["ws"]
         out = torch.empty_like(q)
         fa3_ms = bench_or_none(fa3_call(fa3, q, kv, s, torch.empty_like(q)), s, f"FA3 {tok(L)}") if fa3 is not None else None
 
@@ -711,13 +729,11 @@ def run_break_even(s: Setup, fa3: Optional[Callable[..., Any]], est: dict[int, d
             r["not_slower_than_fa3"] = (total_ms <= fa3_ms) if fa3_ms else None
             return r
 
-        sp = bench(lambda: ours.sparse(q, kv, buf["sel_idx"], buf["sel_cnt"], out), s)
-
-        def pipeline() -> None:
-            ours.estimate(q, kv, buf)
-            ours.sparse(q, kv, buf["sel_idx"], buf["sel_cnt"], out)
-
-        res["break_even"].append(row("prism_selection_structured_synthetic", e["density"], sp, bench(pipeline, s)))
+        sel_idx, sel_cnt = ours.sel(ws)
+        sp = bench(lambda: ours.sparse(q, kv, sel_idx, sel_cnt, out), s)
+        # total: prism_prefill (estimation + sparse attention), the backend's call
+        total = bench(lambda: ours.prefill(q, kv, ws, out), s)
+        res["break_even"].append(row("prism_selection_structured_synthetic", e["density"], sp, total))
         for dens in s.be_proxies:
             mask = fixed_mask(s.hq, ours.plan.num_q_blocks, dens, s.device, gen)
             si, sc = mask_to_bsr(mask, ours.plan)
@@ -730,7 +746,7 @@ def run_break_even(s: Setup, fa3: Optional[Callable[..., Any]], est: dict[int, d
 
 
 def run_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any]) -> None:
-    from prism_vllm.kernels import sparse_prefill as sp_mod
+    sp_mod = importlib.import_module("prism_vllm.kernels.sparse_prefill")  # the module, not the function
 
     configs = sp_mod.candidate_configs(s.d)
     gen = torch.Generator(device=s.device).manual_seed(4)
@@ -743,12 +759,19 @@ def run_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any]) 
         out = torch.empty_like(q)
         fa3_ms = bench_or_none(fa3_call(fa3, q, kv, s, torch.empty_like(q)), s, f"FA3 {tok(L)}") if fa3 is not None else None
         bar.step(f"{tok(L)} fa3")
+        first: Optional[torch.Tensor] = None
         for c in configs:
             knobs = {"block_m": c.block_m, "block_n": c.block_n, "num_warps": c.num_warps, "num_stages": c.num_stages}
             r: dict[str, Any] = {"tokens": L, "density": round(mask_density(mask), 5), **knobs, "fa3_ms": fa3_ms}
             try:
+                out.fill_(float("nan"))  # poison: every row must be written
                 r["prism_ms"] = bench(lambda: ours.sparse(q, kv, si, sc, out, **knobs), s)
                 r["speedup_vs_fa3"] = round(fa3_ms / r["prism_ms"], 3) if fa3_ms else None
+                # every config must compute what the first (default) one does
+                if first is None:
+                    first = out.clone()
+                r["max_abs_diff_vs_default"], r["rel_diff_vs_default"] = rel_err(out, first)
+                r["ok"] = bool(r["rel_diff_vs_default"] < 1e-2 and torch.isfinite(out).all())
             except Exception as ex:  # noqa: BLE001 - e.g. out of shared memory for a config
                 r["prism_ms"], r["error"] = None, f"{type(ex).__name__}: {str(ex)[:200]}"
             res["sweep"].append(r)
@@ -762,13 +785,13 @@ def run_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any]) 
     ours = Ours(s, L)
     exact = None
     for prec in ("ieee", "tf32x3", "tf32"):
-        ours.select_knobs = {"precision": prec}
-        buf = ours.alloc()
+        ours.precision = prec
+        ws = ours.alloc()
         r = {"tokens": L, "section": "estimation", "select_precision": prec}
         try:
-            r["prism_ms"] = bench(lambda: ours.estimate(q, kv, buf), s)
-            r["density"] = round(ours.density(buf["sel_cnt"]), 5)
-            m = bsr_to_mask(buf["sel_idx"], buf["sel_cnt"], ours.plan, s.hq, ours.plan.num_k_blocks)
+            r["prism_ms"] = bench(lambda: ours.estimate(q, kv, ws), s)
+            r["density"] = round(ours.density(ws), 5)
+            m = bsr_to_mask(*ours.sel(ws), ours.plan, s.hq, ours.plan.num_k_blocks)
             exact = m if exact is None else exact
             r["blocks_differing_from_ieee"] = int((m != exact).sum())
         except Exception as ex:  # noqa: BLE001
@@ -808,7 +831,8 @@ def summary(res: dict[str, Any]) -> str:
     if res.get("estimation"):
         out.append("== estimation (ms, extra MB, selected density) ==")
         out.append(table(res["estimation"], [("tokens", "tokens"), ("prism_ms", "prism"), ("official_ms", "official"),
-                                              ("extra_mem_mb", "prism_MB"), ("official_extra_mem_mb", "official_MB"),
+                                              ("extra_mem_mb", "prism_MB"), ("call_extra_mem_mb", "call_MB"),
+                                              ("official_extra_mem_mb", "official_MB"),
                                               ("prism_density", "prism_dens"), ("official_density", "off_dens")]))
     if res.get("break_even"):
         out.append("== break-even: estimation + sparse vs FA3 dense (ms) ==")
@@ -821,7 +845,7 @@ def summary(res: dict[str, Any]) -> str:
         out.append(table([r for r in res["sweep"] if "select_precision" not in r], [("tokens", "tokens"), ("density", "density"), ("block_m", "BM"),
                                          ("block_n", "BN"), ("num_warps", "warps"), ("num_stages", "stages"),
                                          ("prism_ms", "prism"), ("fa3_ms", "fa3"), ("speedup_vs_fa3", "fa3/prism"),
-                                         ("error", "error")]))
+                                         ("rel_diff_vs_default", "rel_diff"), ("ok", "ok"), ("error", "error")]))
         est_rows = [r for r in res["sweep"] if "select_precision" in r]
         if est_rows:
             out.append("== estimation by selection precision ==")
@@ -940,7 +964,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         png = plot(out_path)
         print(f"wrote {png}")
-    return 0 if all(c["ok"] for c in res["sanity"]) else 2
+    bad_sweep = [r for r in res.get("sweep", []) if r.get("ok") is False]
+    return 0 if all(c["ok"] for c in res["sanity"]) and not bad_sweep else 2
 
 
 def _version(dist: str) -> Optional[str]:

@@ -103,3 +103,19 @@ def test_fixed_mask_and_bsr_round_trip(nq, density):
             assert got.tolist() == m[h, g].nonzero().flatten().tolist()
     assert bench.bsr_to_mask(sel_idx, sel_cnt, plan, hq, nq).equal(m)
     assert bench.mask_density(m) == pytest.approx(float(m.sum()) / (hq * nq * (nq + 1) / 2))
+
+
+def test_dry_run_sweep(tmp_path):
+    out = tmp_path / "sweep.json"
+    cmd = [sys.executable, str(BENCH), "--dry-run", "--sweep", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"),
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-4000:]}"
+    res = json.loads(out.read_text())
+    attn = [r for r in res["sweep"] if "select_precision" not in r]
+    est = [r for r in res["sweep"] if "select_precision" in r]
+    assert len(attn) >= 2 and {r["block_n"] for r in attn} >= {64, 128}
+    for r in attn:  # every launch setting computes the default's output
+        assert r["ok"] and r["rel_diff_vs_default"] < 1e-2 and r["prism_ms"] > 0
+    assert [r["select_precision"] for r in est] == ["ieee", "tf32x3", "tf32"]
+    assert all(r["prism_ms"] > 0 and 0 < r["density"] <= 1 for r in est)
