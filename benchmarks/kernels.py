@@ -345,7 +345,8 @@ def load_fa3(s: Setup) -> tuple[Optional[Callable[..., Any]], str]:
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func, is_fa_version_supported
     except Exception as e:  # noqa: BLE001 - any import failure means "no FA3 here"
-        return None, f"vllm.vllm_flash_attn not importable ({type(e).__name__}: {e}); stage vLLM and `source /root/prism-stage/env.sh`"
+        return None, (f"vllm.vllm_flash_attn not importable ({type(e).__name__}: {e}); "
+                      "stage vLLM and `source /root/prism-stage/env.sh`")
     if not is_fa_version_supported(3):
         return None, "FA3 not supported on this GPU/build"
     return flash_attn_varlen_func, "vllm.vllm_flash_attn FA3"
@@ -580,9 +581,11 @@ def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Offici
             if off is not None and off.block_sparse_attention is not None:
                 omask = mask.unsqueeze(0)  # [1, HQ, nq, nk] bool: the official format
                 row["official_ms"] = bench_or_none(
-                    lambda: off.block_sparse_attention(qc, kc, vc, omask, s.block, True), s, f"official sparse {tok(L)} d={dens}"
+                    lambda: off.block_sparse_attention(qc, kc, vc, omask, s.block, True), s,
+                    f"official sparse {tok(L)} d={dens}",
                 )
-                if row["official_ms"] is not None and li == 0 and dens < 1.0 and not _checked(res, "prism_vs_official_same_mask"):
+                first_sparse = li == 0 and dens < 1.0
+                if row["official_ms"] is not None and first_sparse and not _checked(res, "prism_vs_official_same_mask"):
                     out.fill_(float("nan"))
                     ours.sparse(q, kv, sel_idx, sel_cnt, out)
                     o_off = off.block_sparse_attention(qc, kc, vc, omask, s.block, True)[0].permute(1, 0, 2)
@@ -713,7 +716,8 @@ def run_estimation(s: Setup, off: Optional[Official], res: dict[str, Any], bar: 
             qc = q.permute(1, 0, 2).unsqueeze(0).contiguous()  # [1, HQ, L, D]
             # Its estimate takes keys with HQ heads: its HF forward repeats KV heads first.
             kc = k.repeat_interleave(G, 1).permute(1, 0, 2).unsqueeze(0).contiguous()
-            row["official_ms"] = bench_or_none(lambda: off.prism_block_estimate(qc, kc), s, f"official estimation {tok(L)}")
+            row["official_ms"] = bench_or_none(lambda: off.prism_block_estimate(qc, kc), s,
+                                               f"official estimation {tok(L)}")
             if row["official_ms"] is not None:
                 row["official_extra_mem_mb"] = extra_memory_mb(lambda: off.prism_block_estimate(qc, kc), s.device)
                 om = off.prism_block_estimate(qc, kc)[0]
@@ -735,7 +739,9 @@ def run_break_even(s: Setup, fa3: Optional[Callable[..., Any]], est: dict[int, d
         e = est[L]
         q, kv, ours, ws = e["q"], e["kv"], e["ours"], e["ws"]
         out = torch.empty_like(q)
-        fa3_ms = bench_or_none(fa3_call(fa3, q, kv, s, torch.empty_like(q)), s, f"FA3 {tok(L)}") if fa3 is not None else None
+        fa3_ms = None
+        if fa3 is not None:
+            fa3_ms = bench_or_none(fa3_call(fa3, q, kv, s, torch.empty_like(q)), s, f"FA3 {tok(L)}")
 
         def row(mode: str, density: float, sparse_ms: float, total_ms: float) -> dict[str, Any]:
             r = {"tokens": L, "mode": mode, "density": round(density, 5), "estimation_ms": e["est_ms"],
@@ -772,7 +778,9 @@ def run_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any]) 
         mask = fixed_mask(s.hq, ours.plan.num_q_blocks, dens, s.device, gen)
         si, sc = mask_to_bsr(mask, ours.plan)
         out = torch.empty_like(q)
-        fa3_ms = bench_or_none(fa3_call(fa3, q, kv, s, torch.empty_like(q)), s, f"FA3 {tok(L)}") if fa3 is not None else None
+        fa3_ms = None
+        if fa3 is not None:
+            fa3_ms = bench_or_none(fa3_call(fa3, q, kv, s, torch.empty_like(q)), s, f"FA3 {tok(L)}")
         bar.step(f"{tok(L)} fa3")
         first: Optional[torch.Tensor] = None
         for c in configs:
@@ -857,7 +865,8 @@ def summary(res: dict[str, Any]) -> str:
                                               ("speedup_vs_fa3", "fa3/total")]))
     if res.get("sweep"):
         out.append("== sparse_prefill launch settings ==")
-        out.append(table([r for r in res["sweep"] if "select_precision" not in r], [("tokens", "tokens"), ("density", "density"), ("block_m", "BM"),
+        attn_rows = [r for r in res["sweep"] if "select_precision" not in r]
+        out.append(table(attn_rows, [("tokens", "tokens"), ("density", "density"), ("block_m", "BM"),
                                          ("block_n", "BN"), ("num_warps", "warps"), ("num_stages", "stages"),
                                          ("prism_ms", "prism"), ("fa3_ms", "fa3"), ("speedup_vs_fa3", "fa3/prism"),
                                          ("rel_diff_vs_default", "rel_diff"), ("ok", "ok"), ("error", "error")]))

@@ -110,7 +110,8 @@ def plot(json_path: Path, png: Optional[Path] = None) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json", type=Path, nargs="?", default=Path(__file__).resolve().parent / "results" / "kernels-h200.json")
+    ap.add_argument("json", type=Path, nargs="?",
+                    default=Path(__file__).resolve().parent / "results" / "kernels-h200.json")
     ap.add_argument("--png", type=Path, default=None)
     args = ap.parse_args(argv)
     print(plot(args.json, args.png))
