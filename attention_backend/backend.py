@@ -1,0 +1,591 @@
+"""Prism as a vLLM 0.26 attention backend: FlashAttention plus a Prism path for long prefills.
+
+Three classes, subclasses of vLLM's FlashAttention ones (registered as vLLM's CUSTOM backend by
+prism_vllm.plugin, selected with ``--attention-backend prism``):
+
+* ``PrismAttentionBackend``: FlashAttention's capabilities (so vLLM validates exactly what it
+  validates for FLASH_ATTN: every model FLASH_ATTN serves starts), Prism's builder and impl.
+* ``PrismMetadataBuilder``: once per step, on the host, splits the batch into a FlashAttention
+  prefix (decodes, short prefills) and a Prism suffix (long prefill chunks; see ``routing``),
+  builds FlashAttention's metadata for the prefix once and a ``PrefillPlan`` for the suffix,
+  and copies the plan to the device.
+* ``PrismAttentionImpl``: ``forward`` runs FlashAttention unchanged on the prefix (or on the
+  whole batch for layers Prism cannot serve) and launches the Prism kernels on the suffix,
+  into the same output. No host sync, no allocation, no loop over requests.
+
+Layers Prism cannot help (sliding-window / chunked-local / encoder / cross attention, ALiBi,
+no RoPE, soft-capped logits, sinks, fp8 KV cache, decode context parallelism, multimodal
+prefix-LM, head sizes the kernels lack) stay on FlashAttention, logged once per reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.v1.attention.backend import (
+    AttentionCGSupport,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend,
+    FlashAttentionImpl,
+    FlashAttentionMetadata,
+    FlashAttentionMetadataBuilder,
+)
+from vllm.utils.torch_utils import is_quantized_kv_cache
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+
+from prism_vllm.config import PrismConfig
+from prism_vllm.kernels.plan import PrefillPlan, make_plan
+from prism_vllm.stats import STATS
+
+from .rope_source import bands_for, resolve_rotary
+from .routing import PrefillRoute, route_prism_suffix, split_launches
+from .workspace import POOL, WorkspaceNeed
+
+__all__ = [
+    "PrismAttentionBackend",
+    "PrismAttentionImpl",
+    "PrismMetadata",
+    "PrismMetadataBuilder",
+    "PrismStep",
+    "PrismLaunch",
+]
+
+logger = logging.getLogger("prism_vllm.attention_backend")
+
+_logged_reasons: set[str] = set()
+_log_lock = threading.Lock()
+
+
+def note_fallback(reason: str, where: str = "") -> None:
+    """Count one layer served by FlashAttention; log each distinct reason once per process."""
+    STATS.record_fallback(reason)
+    with _log_lock:
+        if reason in _logged_reasons:
+            return
+        _logged_reasons.add(reason)
+    logger.info(
+        "Prism: FlashAttention (dense) serves %s: %s",
+        f"layer {where} and any other such layer" if where else "such layers",
+        reason,
+    )
+
+
+def _kernels():
+    """The kernel adapter, imported on first use (keeps plugin registration import-light)."""
+    from . import kernels_api
+
+    return kernels_api
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class PrismLaunch:
+    """One Prism kernel launch: a run of consecutive requests of the Prism part."""
+
+    token_start: int
+    """First query row of the launch in the batch."""
+    token_end: int
+    plan: PrefillPlan
+    """On the device; request i of the plan is request ``first_req + i`` of the batch."""
+    block_table: torch.Tensor
+    """[plan.num_reqs, max_blocks] int32 device view of the batch's block table."""
+    causal_blocks: int = 0
+    """Sampled steps: (query block, head, key block) causal triples of its sparse requests."""
+    sparse_qb_weight: Optional[torch.Tensor] = None
+    """Sampled steps with dense requests: [NQB] int32, 1 on query blocks of sparse requests."""
+
+
+@dataclass
+class PrismStep:
+    """The Prism part of one step (shared by every layer of the group)."""
+
+    start: int
+    """First request served by Prism; requests [0, start) go to FlashAttention."""
+    end: int
+    token_start: int
+    token_end: int
+    launches: list[PrismLaunch]
+    workspace: Any
+    sample: bool = False
+    """Sample block density and launch time this step (see prism_vllm.stats)."""
+    timed: bool = False
+
+
+@dataclass
+class PrismMetadata(FlashAttentionMetadata):
+    """FlashAttention's metadata of the *whole* batch, plus Prism's split of it.
+
+    The inherited fields describe every request (what FlashAttention runs for layers Prism
+    does not serve). With ``prism`` set, ``prism_head`` is FlashAttention's metadata of the
+    prefix [0, prism.start) (None when Prism serves every request).
+    """
+
+    prism: Optional[PrismStep] = None
+    prism_head: Optional[FlashAttentionMetadata] = None
+
+
+_FA_FIELDS = tuple(f.name for f in dataclasses.fields(FlashAttentionMetadata))
+
+
+def _wrap(md: FlashAttentionMetadata, **extra: Any) -> PrismMetadata:
+    out = PrismMetadata(**{name: getattr(md, name) for name in _FA_FIELDS}, **extra)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend
+# ----------------------------------------------------------------------------------------------
+class PrismAttentionBackend(FlashAttentionBackend):
+    """FlashAttention for decode and short prefills, Prism block-sparse prefill for long ones."""
+
+    @staticmethod
+    def get_name() -> str:
+        # vLLM maps the layer's backend back to the enum with AttentionBackendEnum[get_name()];
+        # Prism is registered as the CUSTOM member (the plugin aliases the name 'PRISM' to it).
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type["PrismAttentionImpl"]:
+        return PrismAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["PrismMetadataBuilder"]:
+        return PrismMetadataBuilder
+
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        # Prism's selection and split launches are not batch-invariant.
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Builder
+# ----------------------------------------------------------------------------------------------
+class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
+    """Splits each batch into a FlashAttention prefix and a Prism suffix (host work only)."""
+
+    # V1 shallow-copies cached metadata for other KV-cache groups; Prism's plan is per build.
+    supports_update_block_table: bool = False
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec: AttentionSpec) -> AttentionCGSupport:
+        # Full CUDA graphs only for uniform (decode) batches, which Prism never touches; a
+        # mixed batch captured in a full graph would freeze Prism's host-side routing.
+        base = super().get_cudagraph_support(vllm_config, kv_cache_spec)
+        cap = AttentionCGSupport.UNIFORM_BATCH
+        return base if base.value <= cap.value else cap
+
+    def use_cascade_attention(self, *args: Any, **kwargs: Any) -> bool:
+        return False
+
+    def __init__(
+        self,
+        kv_cache_spec: AttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # V1 model runner: put decodes (incl. speculative ones) first and prefill chunks last,
+        # so long chunks form a suffix. V2 always sorts that way and ignores the threshold.
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
+        self.prism_config = PrismConfig.from_vllm_config(vllm_config)
+        self.decode_threshold = int(self.reorder_batch_threshold or 1)
+        self.prism_on = False
+        self.prism_num_heads = 0
+        self.workspace: Any = None
+
+        impls = self._prism_impls(vllm_config, layer_names)
+        group_reason = self._group_reason(kv_cache_spec)
+        ready, ready_names = [], []
+        for name, layer, impl in impls:
+            if group_reason is not None:
+                impl.prism_disable(group_reason, name)
+            elif impl.prism_prepare(name, device, layer):
+                ready.append(impl)
+                ready_names.append(name)
+        if not ready:
+            return
+        shape = (ready[0].num_heads, ready[0].num_kv_heads, ready[0].head_size)
+        for name, impl in zip(ready_names, ready):
+            if (impl.num_heads, impl.num_kv_heads, impl.head_size) != shape:
+                impl.prism_disable("attention layers of one KV-cache group with different head counts", name)
+        ready = [impl for impl in ready if impl.prism_layer is not None]
+        self.prism_on = True
+        self.prism_num_heads = shape[0]
+        sched = vllm_config.scheduler_config
+        need = WorkspaceNeed(
+            max_num_batched_tokens=int(sched.max_num_batched_tokens),
+            max_model_len=int(vllm_config.model_config.max_model_len),
+            max_num_seqs=int(sched.max_num_seqs),
+            num_q_heads=shape[0],
+            num_kv_heads=shape[1],
+            head_dim=shape[2],
+        )
+        lane = POOL.lane_for(self, tuple(layer_names))
+        self.workspace = POOL.get(device, lane, need, _kernels().new_workspace)
+        logger.debug(
+            "prism: %d of %d layers of this group on Prism (workspace lane %d)", len(ready), len(impls), lane
+        )
+
+    def _group_reason(self, spec: AttentionSpec) -> Optional[str]:
+        if type(spec) is not FullAttentionSpec:
+            return f"{type(spec).__name__} layers (sliding-window, chunked-local, sink, encoder or cross attention KV layout)"
+        if self.dcp_world_size > 1:
+            return "decode context parallelism shards the KV cache"
+        return None
+
+    @staticmethod
+    def _prism_impls(vllm_config: VllmConfig, layer_names: list[str]) -> list[tuple[str, Any, "PrismAttentionImpl"]]:
+        ctx = getattr(vllm_config.compilation_config, "static_forward_context", None) or {}
+        out = []
+        for name in layer_names:
+            layer = ctx.get(name)
+            impl = getattr(layer, "impl", None)
+            if isinstance(impl, PrismAttentionImpl):
+                out.append((name, layer, impl))
+        return out
+
+    # -- per step ------------------------------------------------------------------------------
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+        **kwargs: Any,
+    ) -> PrismMetadata:
+        cm = common_attn_metadata
+        route = self._route(cm, fast_build)
+        if route is None:
+            md = self._fa_build(common_prefix_len, cm, fast_build, kwargs)
+            if self.prism_on:
+                STATS.record_step(0, 0, int(cm.query_start_loc_cpu[cm.num_reqs]), 0, 0)
+            return _wrap(md)
+        return self._build_split(cm, route, fast_build, kwargs)
+
+    def _fa_build(self, common_prefix_len: int, cm: CommonAttentionMetadata, fast_build: bool, kwargs: dict) -> FlashAttentionMetadata:
+        if kwargs:
+            return super().build(common_prefix_len, cm, fast_build, **kwargs)  # type: ignore[call-arg]
+        return super().build(common_prefix_len, cm, fast_build)
+
+    def _route(self, cm: CommonAttentionMetadata, fast_build: bool) -> Optional[PrefillRoute]:
+        # fast_build: speculative-decoding drafter steps; cascade/causal tensors: not Prism's.
+        if not self.prism_on or fast_build or cm.causal is not True:
+            return None
+        upper = cm.seq_lens_cpu_upper_bound
+        if upper is None:
+            return None
+        cfg = self.prism_config
+        route = route_prism_suffix(
+            cm.query_start_loc_cpu,
+            upper,
+            cm.num_reqs,
+            min_query_len=cfg.min_query_len,
+            min_context_len=cfg.min_context_len,
+            decode_threshold=self.decode_threshold,
+        )
+        return route
+
+    def _build_split(self, cm: CommonAttentionMetadata, route: PrefillRoute, fast_build: bool, kwargs: dict) -> PrismMetadata:
+        ws = self.workspace
+        lim = ws.limits()
+        B = self.prism_config.block_size
+        fitted, groups = split_launches(
+            route,
+            block_size=B,
+            num_q_heads=self.prism_num_heads,
+            max_reqs=lim["max_reqs"],
+            max_q_blocks=lim["max_q_blocks"],
+            max_k_blocks=lim["max_k_blocks"],
+            max_sel_capacity=lim["max_sel_capacity"],
+        )
+        if fitted is None:
+            md = self._fa_build(0, cm, fast_build, kwargs)
+            STATS.record_step(0, 0, int(cm.query_start_loc_cpu[cm.num_reqs]), 0, 0)
+            return _wrap(md)
+        route = fitted
+        s, e = route.start, route.end
+        if s > 0:
+            head = self._fa_build(0, self._head_common(cm, s, route.token_start), fast_build, kwargs)
+            # The whole batch for layers Prism does not serve: same tensors, no AOT schedule
+            # (one FA build per step: FA3's persistent scheduler buffer now holds the head's).
+            full = dataclasses.replace(
+                head,
+                num_actual_tokens=cm.num_actual_tokens,
+                max_query_len=cm.max_query_len,
+                query_start_loc=cm.query_start_loc,
+                max_seq_len=cm.max_seq_len,
+                seq_lens=cm.seq_lens,
+                block_table=cm.block_table_tensor,
+                slot_mapping=cm.slot_mapping,
+                scheduler_metadata=None,
+                max_num_splits=0,
+            )
+        else:
+            head = None
+            full = self._fa_build(0, cm, fast_build, kwargs)
+
+        dense = route.dense
+        sample = STATS.record_step(
+            prism_tokens=route.sparse_tokens,
+            prism_dense_tokens=route.num_tokens - route.sparse_tokens,
+            flash_tokens=route.token_start,
+            prism_requests=route.num_reqs,
+            prism_dense_requests=int(dense.sum()),
+        )
+        launches = []
+        for i0, i1 in groups:
+            cu = route.cu_q[i0 : i1 + 1] - route.cu_q[i0]
+            plan = make_plan(cu, route.ctx_lens[i0:i1], self.prism_num_heads, B, dense=dense[i0:i1].astype(np.int64))
+            assert ws.fits(plan), (ws.limits(), plan.num_q_blocks, plan.num_k_blocks, plan.sel_capacity)
+            causal_blocks, qb_weight = 0, None
+            if sample:
+                qb_sparse = (plan.dense.to(torch.int64) == 0)[plan.qb_req.to(torch.int64)]
+                causal_blocks = int(((plan.qb_abs.to(torch.int64) + 1) * qb_sparse).sum()) * plan.num_q_heads
+                if bool(dense[i0:i1].any()):
+                    qb_weight = qb_sparse.to(torch.int32).to(self.device, non_blocking=True)
+            t0 = route.token_start + int(route.cu_q[i0])
+            launches.append(
+                PrismLaunch(
+                    token_start=t0,
+                    token_end=t0 + int(cu[-1]),
+                    plan=plan.to(self.device),
+                    block_table=cm.block_table_tensor[s + i0 : s + i1],
+                    causal_blocks=causal_blocks,
+                    sparse_qb_weight=qb_weight,
+                )
+            )
+        step = PrismStep(
+            start=s,
+            end=e,
+            token_start=route.token_start,
+            token_end=route.token_end,
+            launches=launches,
+            workspace=ws,
+            sample=sample,
+        )
+        return _wrap(full, prism=step, prism_head=head)
+
+    @staticmethod
+    def _head_common(cm: CommonAttentionMetadata, s: int, t: int) -> CommonAttentionMetadata:
+        """The first s requests (t query rows) of a batch, with max lengths from CPU data."""
+        qsl_cpu = cm.query_start_loc_cpu[: s + 1]
+        upper = cm.seq_lens_cpu_upper_bound
+        assert upper is not None
+        q = qsl_cpu[1:] - qsl_cpu[:-1]
+
+        def rows(x: Any) -> Any:
+            return None if x is None else x[:s]
+
+        return cm.replace(
+            query_start_loc=cm.query_start_loc[: s + 1],
+            query_start_loc_cpu=qsl_cpu,
+            seq_lens=cm.seq_lens[:s],
+            num_reqs=s,
+            num_actual_tokens=t,
+            max_query_len=int(q.max()),
+            max_seq_len=int(upper[:s].max()),
+            block_table_tensor=cm.block_table_tensor[:s],
+            slot_mapping=cm.slot_mapping[:t],
+            positions=None if cm.positions is None else cm.positions[:t],
+            is_prefilling=rows(cm.is_prefilling),
+            seq_lens_cpu_upper_bound=upper[:s],
+            encoder_seq_lens=rows(cm.encoder_seq_lens),
+            encoder_seq_lens_cpu=rows(cm.encoder_seq_lens_cpu),
+            dcp_local_seq_lens=rows(cm.dcp_local_seq_lens),
+            dcp_local_seq_lens_cpu=rows(cm.dcp_local_seq_lens_cpu),
+            rswa_prefix_lens=rows(cm.rswa_prefix_lens),
+            mm_req_doc_ranges=None
+            if cm.mm_req_doc_ranges is None
+            else {i: r for i, r in cm.mm_req_doc_ranges.items() if i < s},
+            _seq_lens_cpu=rows(cm._seq_lens_cpu),
+            _num_computed_tokens_cpu=rows(cm._num_computed_tokens_cpu),
+            _num_computed_tokens_cache=None,
+            _token_to_req_indices_cache=None,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Impl
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class PrismLayer:
+    """What one layer needs at launch time (resolved once, at builder construction)."""
+
+    params: Any
+    description: str
+
+
+class PrismAttentionImpl(FlashAttentionImpl):
+    """FlashAttention's impl with a Prism path for the suffix planned by the builder."""
+
+    prism_layer: Optional[PrismLayer]
+    prism_reason: Optional[str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        vllm_config = get_current_vllm_config_or_none()
+        # Invalid --additional-config prism values stop startup here (model construction).
+        self.prism_config = (
+            PrismConfig.from_vllm_config(vllm_config) if vllm_config is not None else PrismConfig()
+        )
+        self.prism_layer = None
+        self.prism_reason = None
+        self._rope_owner: Optional[weakref.ReferenceType] = None
+        reason = self._static_reason(vllm_config)
+        if reason is not None:
+            self.prism_disable(reason)
+        elif vllm_config is not None:
+            self._reserve_workspace(vllm_config)
+
+    # -- eligibility -----------------------------------------------------------------------------
+    def _static_reason(self, vllm_config: Optional[VllmConfig]) -> Optional[str]:
+        if self.attn_type != AttentionType.DECODER:
+            kind = getattr(self.attn_type, "value", self.attn_type)
+            return f"{kind} attention (Prism is for causal decoder self-attention)"
+        if self.sliding_window != (-1, -1):
+            return "sliding-window layers (Prism selects among all earlier blocks)"
+        if self.alibi_slopes is not None:
+            return "ALiBi position bias (Prism's bands need RoPE)"
+        if self.logits_soft_cap:
+            return "logits soft-capping (not implemented in Prism's kernels)"
+        if self.sinks is not None:
+            return "learned attention sinks (not implemented in Prism's kernels)"
+        if is_quantized_kv_cache(self.kv_cache_dtype):
+            return f"quantized KV cache kv_cache_dtype={self.kv_cache_dtype} (Prism reads a float16/bfloat16 cache; fp8 query input too)"
+        if self.dcp_world_size > 1:
+            return "decode context parallelism shards the KV cache"
+        try:
+            supported = _kernels().SUPPORTED_HEAD_SIZES
+        except ImportError as e:  # pragma: no cover - kernels missing on this install
+            return f"Prism kernels unavailable ({e})"
+        if self.head_size not in supported:
+            return f"head size {self.head_size} (Prism kernels support {list(supported)})"
+        model_config = getattr(vllm_config, "model_config", None)
+        if model_config is not None and getattr(model_config, "is_mm_prefix_lm", False):
+            return "multimodal prefix-LM (bidirectional image spans)"
+        return None
+
+    def prism_disable(self, reason: str, where: str = "") -> None:
+        """Serve this layer with FlashAttention only (logged once per reason)."""
+        if self.prism_reason is None:
+            self.prism_reason = reason
+            note_fallback(reason, where)
+        self.prism_layer = None
+
+    def prism_set_rope_owner(self, owner: "weakref.ReferenceType", attr_name: str) -> None:
+        """Called by the plugin's module hook: ``owner`` holds this layer (and its rotary_emb)."""
+        if self._rope_owner is None:
+            self._rope_owner = owner
+
+    def prism_prepare(self, layer_name: str, device: torch.device, layer: Any = None) -> bool:
+        """Resolve RoPE bands and launch parameters once; False if the layer stays dense.
+
+        Raises ValueError for band sizes the model's rotary dim cannot hold (a config error).
+        """
+        if self.prism_reason is not None:
+            return False
+        if self.prism_layer is not None:
+            return True
+        cache_dtype = getattr(layer, "kv_cache_torch_dtype", None)
+        act_dtype = getattr(layer, "dtype", None)
+        if cache_dtype is not None and act_dtype is not None and cache_dtype != act_dtype:
+            self.prism_disable(
+                f"KV cache dtype {cache_dtype} differs from the activations' {act_dtype}", layer_name
+            )
+            return False
+        owner = self._rope_owner() if self._rope_owner is not None else None
+        src = resolve_rotary(owner, self.head_size)
+        if isinstance(src, str):
+            self.prism_disable(src, layer_name)
+            return False
+        bands = bands_for(src, self.prism_config)
+        params = _kernels().make_params(bands, self.scale, self.prism_config, device)
+        self.prism_layer = PrismLayer(params=params, description=src.description)
+        logger.debug("prism: %s on Prism (%s)", layer_name, src.description)
+        return True
+
+    def _reserve_workspace(self, vllm_config: VllmConfig) -> None:
+        # Allocated while the model is built, so vLLM's memory profiling (which skips
+        # attention) counts it. The builder reuses this lane-0 buffer.
+        try:
+            sched = vllm_config.scheduler_config
+            need = WorkspaceNeed(
+                max_num_batched_tokens=int(sched.max_num_batched_tokens),
+                max_model_len=int(vllm_config.model_config.max_model_len),
+                max_num_seqs=int(sched.max_num_seqs),
+                num_q_heads=int(self.num_heads),
+                num_kv_heads=int(self.num_kv_heads),
+                head_dim=int(self.head_size),
+            )
+            device = torch.empty(0).device  # the model loader's device context
+        except AttributeError:
+            return
+        if device.type == "meta":
+            return
+        POOL.get(device, 0, need, _kernels().new_workspace)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(
+        self,
+        layer: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: Any,
+        output: torch.Tensor,
+        output_scale: Optional[torch.Tensor] = None,
+        output_block_scale: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        step: Optional[PrismStep] = getattr(attn_metadata, "prism", None)
+        lp = self.prism_layer
+        if step is None or lp is None:
+            # Profiling (metadata None), no Prism rows this step, or a layer Prism does not
+            # serve: FlashAttention over the whole batch, exactly as FLASH_ATTN would run it.
+            return super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+            )
+        head = attn_metadata.prism_head
+        if head is not None:
+            super().forward(layer, query, key, value, kv_cache, head, output, output_scale, output_block_scale)
+        k_cache, v_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        kern = _kernels()
+        timed = step.sample and not step.timed and output.is_cuda
+        if timed:
+            step.timed = True
+            ev0 = torch.cuda.Event(enable_timing=True)
+            ev1 = torch.cuda.Event(enable_timing=True)
+            ev0.record()
+        ws = step.workspace
+        for L in step.launches:  # one per workspace-sized run of requests (usually one)
+            t0, t1 = L.token_start, L.token_end
+            kern.launch(query[t0:t1], k_cache, v_cache, L.block_table, L.plan, lp.params, ws, output[t0:t1])
+            if step.sample:
+                self._sample_density(L, ws, kern)
+        if timed:
+            ev1.record()
+            STATS.add_timing(ev0, ev1)
+        return output
+
+    @staticmethod
+    def _sample_density(launch: PrismLaunch, ws: Any, kern: Any) -> None:
+        cnt = kern.selected_counts(ws, launch.plan)  # [NQB, HQ], no host sync
+        if launch.sparse_qb_weight is not None:
+            cnt = cnt * launch.sparse_qb_weight.unsqueeze(1)
+        STATS.selected_counter(cnt.device).add_(cnt.sum(dtype=torch.int64))
+        STATS.add_causal_blocks(launch.causal_blocks)
