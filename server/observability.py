@@ -183,8 +183,9 @@ class PrismCollector:
             return
         tok = CounterMetricFamily(
             "prism_prefill_tokens",
-            "Query tokens by attention path: sparse = Prism block-sparse, dense = every block "
-            "(FlashAttention, or Prism with all blocks selected); counted once across TP ranks",
+            "Query tokens by attention path: sparse = Prism block-sparse prefill; dense = every "
+            "block (kernel=flash_attention: decode rows and short prefills, kernel=prism: Prism "
+            "launches that kept every block); counted once across TP ranks",
             labels=["path", "kernel"],
         )
         for key, path, kernel in TOKEN_SERIES:
