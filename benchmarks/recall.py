@@ -1,0 +1,177 @@
+"""Attention recall of block selections on a real model's post-RoPE queries and keys.
+
+For one layer (one prefill of L tokens, q: [L, HQ, D], k: [L, HKV, D], G = HQ // HKV):
+
+    M[h, i, j]   true attention mass that the rows of query block i (head h) put on key block j:
+                 sum over rows r in block i of softmax_causal(scale * q_r k^T)[keys of block j]
+    recall(sel)  sum(M * sel) / (HQ * L): the share of true attention mass inside the selected
+                 blocks, averaged over heads and query rows (1.0 = nothing lost)
+    density(sel) selected / causal (head, query block, key block) triples
+
+Selections compared (all bool [HQ, nq, nk], causal):
+
+    prism          prism_vllm.reference.select_blocks: two RoPE bands, calibration, top-p
+    meanpool       the same top-p on one band of all head dims, no calibration (plain mean pooling)
+    meanpool_topk  mean-pool scores, the k best blocks per row with k = Prism's count (equal density)
+    oracle         the k blocks with the most true mass per row, k = Prism's count (upper bound)
+
+The true mass is computed exactly in float32, ``chunk_rows`` query rows at a time, so memory stays
+at HQ * chunk_rows * L floats. The model runs with a custom transformers attention function that
+hands each layer's q/k to a callback and then computes ordinary causal SDPA attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import torch
+
+from prism_vllm.config import PrismConfig
+from prism_vllm.reference import band_logits, pool_blocks, select_blocks
+from prism_vllm.rope import Bands, RopeLayout, rope_bands
+
+__all__ = ["block_mass", "topk_rows", "layer_recall", "model_bands", "capture_qk", "CAPTURE_NAME"]
+
+CAPTURE_NAME = "prism_bench_capture"
+METHODS = ("prism", "meanpool", "meanpool_topk", "oracle")
+
+
+def block_mass(q: torch.Tensor, k: torch.Tensor, block: int, scale: float, chunk_rows: int = 1024) -> torch.Tensor:
+    """True attention mass per (head, query block, key block) of one causal prefill.
+
+    Args:
+        q: [L, HQ, D] queries at positions 0..L-1; k: [L, HKV, D] keys (HQ % HKV == 0).
+        block: block size; scale: softmax scale; chunk_rows: query rows per step (rounded up to
+            a multiple of ``block``).
+    Returns:
+        [HQ, nq, nk] float32, nq = nk = ceil(L / block); row i sums to the number of rows of block i.
+    """
+    L, hq, _ = q.shape
+    if k.shape[0] != L or hq % k.shape[1]:
+        raise ValueError(f"expected k [L={L}, HKV | {hq}, D], got {tuple(k.shape)}")
+    g = hq // k.shape[1]
+    nb = -(-L // block)
+    chunk = max(block, -(-chunk_rows // block) * block)
+    kf = k.float().repeat_interleave(g, dim=1).permute(1, 0, 2)  # [HQ, L, D]
+    out = torch.zeros(hq, nb, nb, dtype=torch.float32, device=q.device)
+    for a in range(0, L, chunk):
+        b = min(L, a + chunk)
+        qf = q[a:b].float().permute(1, 0, 2)  # [HQ, R, D]
+        s = (qf @ kf[:, :b].transpose(1, 2)) * scale  # [HQ, R, b]
+        qpos = torch.arange(a, b, device=q.device)
+        kpos = torch.arange(b, device=q.device)
+        s.masked_fill_((kpos[None, :] > qpos[:, None]).unsqueeze(0), float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        del s
+        nkb = -(-b // block)
+        p = torch.nn.functional.pad(p, (0, nkb * block - b))
+        pb = p.view(hq, b - a, nkb, block).sum(-1)  # [HQ, R, nkb]
+        del p
+        rows = qpos // block
+        out[:, :, :nkb].index_add_(1, rows, pb)
+    return out
+
+
+def topk_rows(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the ``k[...]`` highest entries of each row of ``scores`` ([..., n]; k: [...])."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return ranks < k.unsqueeze(-1)
+
+
+def layer_recall(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    bands: Bands,
+    cfg: PrismConfig,
+    scale: Optional[float] = None,
+    chunk_rows: int = 1024,
+) -> dict[str, Any]:
+    """Recall and density of the four selections (module docstring) for one layer.
+
+    q: [L, HQ, D], k: [L, HKV, D] post-RoPE. Returns {'<method>_recall', '<method>_density',
+    'prism_recall_min_head'} as floats.
+    """
+    L, hq, d = q.shape
+    B = cfg.block_size
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    M = block_mass(q, k, B, scale, chunk_rows)  # [HQ, nb, nb]
+    nb = M.shape[1]
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
+    qp = pool_blocks(q, 0, B)
+    kp = pool_blocks(k, 0, B)
+    sel: dict[str, torch.Tensor] = {}
+    sel["prism"] = select_blocks(qp, kp, 0, bands, cfg)
+    alld = torch.ones(d, dtype=torch.bool)
+    one_band = Bands(high=alld, low=alld)
+    sel["meanpool"] = select_blocks(qp, kp, 0, one_band, dataclasses.replace(cfg, calibrate=False))
+    kcount = sel["prism"].sum(-1)  # [HQ, nb]
+    ones = torch.ones(nb, hq, dtype=torch.float32, device=q.device)
+    mp_scores = band_logits(qp, kp, alld, ones, 0).clone()  # [HQ, nb, nb], -inf above the diagonal
+    i = torch.arange(nb, device=q.device)
+    if cfg.keep_sink:
+        mp_scores[:, :, 0] = float("inf")
+    if cfg.keep_diagonal:
+        mp_scores[:, i, i] = float("inf")
+    mp_scores = mp_scores.masked_fill(~causal, float("-inf"))
+    sel["meanpool_topk"] = topk_rows(mp_scores, kcount) & causal
+    sel["oracle"] = topk_rows(M.masked_fill(~causal, float("-inf")), kcount) & causal
+    total_rows = float(hq * L)
+    n_causal = float(hq * causal.sum())
+    out: dict[str, Any] = {}
+    for name in METHODS:
+        s = sel[name]
+        out[f"{name}_recall"] = float((M * s).sum()) / total_rows
+        out[f"{name}_density"] = float(s.sum()) / n_causal
+    per_head = (M * sel["prism"]).sum(dim=(1, 2)) / L
+    out["prism_recall_min_head"] = float(per_head.min())
+    return out
+
+
+def model_bands(model: Any, cfg: PrismConfig) -> tuple[Bands, int]:
+    """Prism's bands for a transformers Llama-style model (NeoX rotate_half layout, full rotary),
+    from the model's own (possibly YaRN-scaled) ``rotary_emb.inv_freq``. Returns (bands, head_dim)."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    inv_freq = model.model.rotary_emb.inv_freq.detach().to("cpu", torch.float64)
+    rotary_dim = 2 * inv_freq.numel()
+    hi, lo = cfg.band_dims(rotary_dim)
+    layout = RopeLayout(head_size=head_dim, rotary_dim=rotary_dim, is_neox_style=True)
+    return rope_bands(layout, hi, lo, inv_freq), head_dim
+
+
+def capture_qk(model: Any, input_ids: torch.Tensor,
+               on_layer: Callable[[int, torch.Tensor, torch.Tensor, float], None]) -> torch.Tensor:
+    """Run ``model`` on one sequence (input_ids [L]) and call ``on_layer(layer, q, k, scale)``
+    with each layer's post-RoPE q [L, HQ, D] and k [L, HKV, D] before its attention runs.
+    Returns the logits of the last position ([vocab])."""
+    from transformers import AttentionInterface
+
+    def capture(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Any, scaling: Optional[float] = None, dropout: float = 0.0, **_: Any):
+        # query [1, HQ, L, D], key/value [1, HKV, L, D]: one unpadded sequence, so plain causal.
+        sc = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        on_layer(int(module.layer_idx), query[0].transpose(0, 1), key[0].transpose(0, 1), sc)
+        g = query.shape[1] // key.shape[1]
+        kk = key.repeat_interleave(g, dim=1)
+        vv = value.repeat_interleave(g, dim=1)
+        o = torch.nn.functional.scaled_dot_product_attention(query, kk, vv, is_causal=True, scale=sc)
+        return o.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(CAPTURE_NAME, capture)
+    previous = model.config._attn_implementation
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(CAPTURE_NAME)
+    else:  # older transformers
+        model.config._attn_implementation = CAPTURE_NAME
+    try:
+        with torch.no_grad():
+            return model(input_ids=input_ids.view(1, -1), use_cache=False, logits_to_keep=1).logits[0, -1]
+    finally:
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(previous)
+        else:
+            model.config._attn_implementation = previous

@@ -1,0 +1,448 @@
+"""End-to-end evidence: accuracy and speed of Prism against dense attention, one command.
+
+    python -m benchmarks.run [--only recall,ppl,needle,speed | accuracy] [--quick] [--out DIR]
+    python -m benchmarks.run --report [--readme README.md]     # tables + plots from the JSON, no GPU
+    python -m benchmarks.run --dry-run --out /tmp/bench         # CPU plumbing check, tiny random model
+
+Parts (each writes DIR/<part>.json with gpu, date, commit, command and its rows):
+
+    recall   attention recall per layer and block density on SmolLM2-135M-Instruct's real post-RoPE
+             q/k (transformers, one causal prefill): Prism's reference selection, mean-pool only,
+             mean-pool at Prism's block count, oracle top-k at Prism's block count
+    ppl      perplexity through vLLM (prompt logprobs), Prism vs FLASH_ATTN, YaRN above 8K
+    needle   passkey retrieval through vLLM, single key and 4 keys, 5 depths, several seeds
+    speed    TTFT / prefill throughput through vLLM, Prism vs FLASH_ATTN (no enforce_eager):
+             SmolLM2 with YaRN, and the Llama-3.1-8B architecture with dummy weights at a fixed
+             block budget (needs PrismConfig.block_budget; skipped while it does not exist);
+             break-even context length derived from the SmolLM2 rows
+
+Each vLLM engine runs in its own subprocess under a hard time limit (GPU memory is freed when it
+exits); a job killed at its limit still reports what it finished. Prism runs with
+``min_context_len=0`` here so every chunk is served by Prism (otherwise short contexts silently
+fall back to FlashAttention); ``--prism '{...}'`` adds PrismConfig fields.
+
+The text is Debian's fortune files (benchmarks/corpus.py): run ``python -m benchmarks.corpus`` on a
+machine with apt-get and carry ``benchmarks/data`` to the GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from benchmarks import common, corpus, prompts, report
+from benchmarks.common import KB, log, tok_label
+
+PARTS = ("recall", "ppl", "needle", "speed")
+#: Prompt tokens left free of a context of L tokens (vLLM needs prompt + outputs <= max_model_len).
+OUT_RESERVE = 16
+SMOL_NAME = "SmolLM2-135M"
+LLAMA_NAME = "Llama-3.1-8B (dummy weights)"
+
+
+def parse_lengths(s: Optional[str]) -> Optional[list[int]]:
+    """'4K,8K,12000' -> [4096, 8192, 12000]."""
+    if s is None:
+        return None
+    out = []
+    for tok in s.split(","):
+        tok = tok.strip().upper()
+        if tok:
+            out.append(int(float(tok[:-1]) * KB) if tok.endswith("K") else int(tok))
+    return out
+
+
+@dataclasses.dataclass
+class Plan:
+    dry: bool
+    quick: bool
+    native: int = common.SMOLLM2_NATIVE_LEN
+    recall_lengths: list[int] = dataclasses.field(default_factory=lambda: [8 * KB, 16 * KB, 32 * KB])
+    ppl_lengths: list[int] = dataclasses.field(default_factory=lambda: [8 * KB, 16 * KB, 32 * KB])
+    ppl_windows: int = 6
+    needle_lengths: list[int] = dataclasses.field(default_factory=lambda: [4 * KB, 8 * KB, 16 * KB, 32 * KB])
+    needle_seeds: int = 5
+    needle_kinds: tuple[str, ...] = ("single", "multi")
+    needle_max_tokens: int = 12
+    speed_lengths: list[int] = dataclasses.field(default_factory=lambda: [8 * KB, 16 * KB, 32 * KB, 64 * KB, 128 * KB])
+    speed_reps: int = 3
+    llama_lengths: list[int] = dataclasses.field(default_factory=lambda: [32 * KB, 64 * KB, 128 * KB])
+    llama_reps: int = 2
+    llama_budget: float = 0.1
+    max_num_batched_tokens: int = 16384
+    recall_chunk_rows: int = 1024
+    #: hard wall-clock limit per job kind, seconds (engine start included)
+    limits: dict[str, float] = dataclasses.field(default_factory=lambda: {
+        "recall": 420, "accuracy": 300, "speed": 420, "llama": 560})
+
+
+def make_plan(a: argparse.Namespace) -> Plan:
+    p = Plan(dry=a.dry_run, quick=a.quick)
+    if a.quick:
+        p.recall_lengths, p.ppl_lengths, p.ppl_windows = [8 * KB], [8 * KB], 4
+        p.needle_lengths, p.needle_seeds = [4 * KB, 8 * KB], 3
+        p.speed_lengths, p.llama_lengths = [8 * KB, 16 * KB, 32 * KB], []
+        p.limits = {"recall": 180, "accuracy": 200, "speed": 240, "llama": 0}
+    if a.dry_run:
+        p.native = 512
+        p.recall_lengths, p.ppl_lengths, p.ppl_windows = [512, 1024], [512, 1024], 2
+        p.needle_lengths, p.needle_seeds, p.needle_max_tokens = [1024], 1, 4
+        p.speed_lengths, p.speed_reps, p.llama_lengths = [256, 512, 1024], 1, []
+        p.recall_chunk_rows = 256
+        p.limits = {"recall": 120, "accuracy": 120, "speed": 120, "llama": 0}
+    for name in ("recall", "ppl", "needle", "speed", "llama"):
+        v = parse_lengths(getattr(a, f"{name}_lengths"))
+        if v is not None:
+            setattr(p, f"{name}_lengths", v)
+    if a.seeds is not None:
+        p.needle_seeds = a.seeds
+    if a.windows is not None:
+        p.ppl_windows = a.windows
+    if a.reps is not None:
+        p.speed_reps = p.llama_reps = a.reps
+    return p
+
+
+class Runner:
+    def __init__(self, a: argparse.Namespace, plan: Plan, argv: Sequence[str]):
+        self.a, self.plan = a, plan
+        self.out = Path(a.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.job_dir = self.out / "logs"
+        self.meta = common.run_meta(argv, a.commit, plan.dry)
+        self.t_end = time.monotonic() + a.budget_s if a.budget_s else None
+        # Dry run: lower thresholds, so the tiny random model's near-uniform attention still
+        # gives a sparse selection and Prism's numbers differ from dense.
+        preset = {"min_context_len": 0, **({"high_threshold": 0.5, "low_threshold": 0.5} if plan.dry else {})}
+        self.prism_cfg = {**preset, **json.loads(a.prism or "{}")}
+        self.in_process = plan.dry and not a.subprocess
+        if plan.dry:
+            self.model = str(common.write_tiny_llama(self.job_dir / "tiny-llama"))
+            self.tok = common.ByteTokenizer()
+            text = corpus.synthetic_text(4000)
+            self.corpus_source = "synthetic pseudo-English (dry run)"
+        else:
+            self.model = a.model or os.environ.get("PRISM_TEST_MODEL")
+            if not self.model or not Path(self.model).is_dir():
+                raise SystemExit("no model: pass --model DIR or set PRISM_TEST_MODEL (source /root/prism-stage/env.sh)")
+            self.tok = common.HFTokenizer(self.model)
+            text = corpus.load_text(download=True)
+            self.corpus_source = corpus.corpus_info().get("source", "benchmarks/data")
+        t0 = time.monotonic()
+        self.ids = self.tok.encode(text)
+        log(f"corpus: {len(text)} chars -> {len(self.ids)} tokens ({self.corpus_source}) in {time.monotonic() - t0:.1f} s")
+        self.results: dict[str, dict[str, Any]] = {}
+        self._ppl_logged: set[int] = set()
+
+    # -- helpers --------------------------------------------------------------------------------
+    def part_doc(self, part: str, **extra: Any) -> dict[str, Any]:
+        d = {"part": part, **self.meta, "model": SMOL_NAME if not self.plan.dry else "tiny random Llama (dry run)",
+             "model_path": self.model, "corpus": self.corpus_source, "corpus_tokens": len(self.ids),
+             "prism_config": self.prism_cfg, "rows": [], "jobs": []}
+        d.update(extra)
+        self.results[part] = d
+        return d
+
+    def save(self, part: str) -> None:
+        common.write_json(self.out / report.PART_FILES[part], self.results[part])
+
+    def windows(self, L: int, n: int, start: int) -> list[list[int]]:
+        return corpus.token_windows(self.ids, L, n, start)
+
+    def run_job(self, job: dict[str, Any], kind: str) -> dict[str, Any]:
+        limit = self.plan.limits[kind]
+        if self.t_end is not None:
+            left = self.t_end - time.monotonic() - 5
+            if left < 30:
+                log(f"job {job['name']}: skipped, {max(0, left):.0f} s of --budget-s left")
+                return {"status": "skipped (budget)", "rows": [], "errors": []}
+            limit = min(limit, left)
+        if self.in_process:
+            from benchmarks import worker
+
+            t0 = time.monotonic()
+            log(f"job {job['name']}: in process")
+            res = worker.run_job(dict(job, result_file=None))
+            res["status"] = "ok" if not res["errors"] else "failed"
+            res["wall_s"] = round(time.monotonic() - t0, 1)
+            return res
+        return common.run_job_subprocess(job, self.job_dir, limit, verbose=self.a.verbose)
+
+    @staticmethod
+    def job_summary(job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
+        return {"name": job["name"], "status": res.get("status"), "wall_s": res.get("wall_s"),
+                "engine_init_s": res.get("info", {}).get("engine_init_s"), "errors": res.get("errors", [])}
+
+    def engine_spec(self, backend: str, max_model_len: int, eager: bool, mem: float, **kw: Any) -> dict[str, Any]:
+        p = self.plan
+        spec = {"kind": "hf" if p.dry else "vllm", "backend": backend, "model": self.model,
+                "max_model_len": max_model_len, "enforce_eager": eager, "gpu_memory_utilization": mem,
+                "max_num_batched_tokens": p.max_num_batched_tokens, "max_num_seqs": 64,
+                "hf_overrides": common.yarn_overrides(self.model, max_model_len, p.native),
+                "prism": self.prism_cfg if backend == "prism" else None, "device": "cpu", "dtype": "float32"}
+        spec.update(kw)
+        return spec
+
+    def rope_label(self, L: int) -> str:
+        f = common.yarn_factor(L, self.plan.native)
+        return "native" if f <= 1.0 else f"YaRN x{f:g}"
+
+    # -- recall ------------------------------------------------------------------------------------
+    def part_recall(self) -> None:
+        p = self.plan
+        doc = self.part_doc("recall", settings={"lengths": p.recall_lengths, "method_names": report.METHOD_NAMES})
+        items = []
+        for i, L in enumerate(p.recall_lengths):
+            items.append({"length": L, "ids": self.windows(L, 1, 7 * i * KB)[0],
+                          "hf_overrides": common.yarn_overrides(self.model, L, p.native), "rope": self.rope_label(L)})
+        job = {"name": "recall", "kind": "recall", "model": self.model, "items": items, "prism": self.prism_cfg,
+               "device": "cpu" if p.dry else "cuda", "dtype": "float32" if p.dry else "bfloat16",
+               "chunk_rows": p.recall_chunk_rows}
+        res = self.run_job(job, "recall")
+        for r in res.get("rows", []):
+            r["summary"] = {m: {"recall": statistics.mean(l[f"{m}_recall"] for l in r["layers"]),
+                                "recall_min_layer": min(l[f"{m}_recall"] for l in r["layers"]),
+                                "density": statistics.mean(l[f"{m}_density"] for l in r["layers"])}
+                            for m in report.METHOD_NAMES}
+            doc["rows"].append(r)
+        doc["jobs"].append(self.job_summary(job, res))
+        self.save("recall")
+
+    # -- ppl + needle (shared engines) ---------------------------------------------------------------
+    def part_accuracy(self, do_ppl: bool, do_needle: bool) -> None:
+        p = self.plan
+        groups: dict[int, dict[str, list[int]]] = {}  # max_model_len -> lengths
+
+        def group_of(L: int) -> int:
+            return max(L, p.native)
+
+        if do_ppl:
+            for L in p.ppl_lengths:
+                groups.setdefault(group_of(L), {"ppl": [], "needle": []})["ppl"].append(L)
+            self.part_doc("ppl", settings={"lengths": p.ppl_lengths, "windows": p.ppl_windows,
+                                           "prompt_tokens": {str(L): L - OUT_RESERVE for L in p.ppl_lengths},
+                                           "enforce_eager": True}, summary=[])
+        cases: list[dict[str, Any]] = []
+        if do_needle:
+            for L in p.needle_lengths:
+                groups.setdefault(group_of(L), {"ppl": [], "needle": []})["needle"].append(L)
+            cases = prompts.needle_cases(self.tok, self.ids, [L - OUT_RESERVE for L in p.needle_lengths],
+                                         p.needle_kinds, prompts.DEPTHS, list(range(p.needle_seeds)))
+            self.part_doc("needle", settings={"lengths": p.needle_lengths, "kinds": list(p.needle_kinds),
+                                              "depths": list(prompts.DEPTHS), "seeds": p.needle_seeds,
+                                              "max_tokens": p.needle_max_tokens, "enforce_eager": True}, cases=[])
+        ppl_lp: dict[tuple[int, str], list[list[float]]] = {}
+        outputs: dict[str, dict[str, list[int]]] = {"dense": {}, "prism": {}}
+        for mml, g in sorted(groups.items()):
+            tasks = []
+            for L in g["ppl"]:
+                tasks.append({"task": "ppl", "label": f"{tok_label(L)}", "length": L,
+                              "windows": self.windows(L - OUT_RESERVE, p.ppl_windows, 0)})
+            if g["needle"]:
+                lens = {L - OUT_RESERVE for L in g["needle"]}
+                tasks.append({"task": "generate", "label": "needle " + ",".join(tok_label(L) for L in g["needle"]),
+                              "max_tokens": p.needle_max_tokens,
+                              "cases": [{"id": c["id"], "ids": c["ids"]} for c in cases if c["length"] in lens]})
+            for backend in ("dense", "prism"):
+                job = {"name": f"accuracy-{tok_label(mml)}-{backend}", "kind": "engine",
+                       "engine": self.engine_spec(backend, mml, eager=True, mem=0.45), "tasks": tasks}
+                res = self.run_job(job, "accuracy")
+                for r in res.get("rows", []):
+                    if r["task"] == "ppl":
+                        ppl_lp[(r["length"], backend)] = r["logprobs"]
+                    elif r["task"] == "generate":
+                        outputs[backend].update(r["outputs"])
+                js = self.job_summary(job, res)
+                if do_ppl:
+                    self.results["ppl"]["jobs"].append(js)
+                    self._ppl_rows(ppl_lp)
+                    self.save("ppl")
+                if do_needle:
+                    self.results["needle"]["jobs"].append(js)
+                    self._needle_rows(cases, outputs)
+                    self.save("needle")
+
+    def _ppl_rows(self, lp: dict[tuple[int, str], list[list[float]]]) -> None:
+        doc = self.results["ppl"]
+        doc["rows"], doc["summary"] = [], []
+        for (L, backend), rows in sorted(lp.items()):
+            s = prompts.ppl_summary(rows)
+            doc["rows"].append({"length": L, "prompt_tokens": L - OUT_RESERVE, "rope": self.rope_label(L),
+                                "backend": backend, "windows": len(rows), **s})
+        for L in sorted({k[0] for k in lp}):
+            if (L, "dense") in lp and (L, "prism") in lp:
+                d, pr = prompts.ppl_summary(lp[(L, "dense")]), prompts.ppl_summary(lp[(L, "prism")])
+                doc["summary"].append({
+                    "length": L, "rope": self.rope_label(L), "tokens": d["tokens"],
+                    "dense_ppl": d["ppl"], "prism_ppl": pr["ppl"], "delta_pct": 100 * (pr["ppl"] / d["ppl"] - 1),
+                    "dense_ppl_last_quarter": d["ppl_last_quarter"], "prism_ppl_last_quarter": pr["ppl_last_quarter"],
+                    "delta_last_quarter_pct": 100 * (pr["ppl_last_quarter"] / d["ppl_last_quarter"] - 1)})
+                if L not in self._ppl_logged:
+                    self._ppl_logged.add(L)
+                    log(f"ppl {tok_label(L)}: dense {d['ppl']:.3f}, prism {pr['ppl']:.3f} "
+                        f"({doc['summary'][-1]['delta_pct']:+.2f}%)")
+
+    def _needle_rows(self, cases: list[dict[str, Any]], outputs: dict[str, dict[str, list[int]]]) -> None:
+        doc = self.results["needle"]
+        agg: dict[tuple, list[int]] = {}
+        doc["cases"] = []
+        for backend, outs in outputs.items():
+            for c in cases:
+                if c["id"] not in outs:
+                    continue
+                ok = prompts.score_needle(self.tok, c, outs[c["id"]])
+                ctx = c["length"] + OUT_RESERVE
+                a = agg.setdefault((c["kind"], ctx, c["depth"], backend), [0, 0])
+                a[0] += int(ok)
+                a[1] += 1
+                doc["cases"].append({"id": c["id"], "backend": backend, "key": c["key"], "correct": ok,
+                                     "output": self.tok.decode(outs[c["id"]])})
+        doc["rows"] = [{"kind": k, "length": L, "depth": dp, "backend": be, "correct": n, "total": t,
+                        "accuracy": n / t} for (k, L, dp, be), (n, t) in sorted(agg.items())]
+
+    # -- speed -----------------------------------------------------------------------------------------
+    def part_speed(self) -> None:
+        p = self.plan
+        doc = self.part_doc("speed", models=[SMOL_NAME], skipped={}, settings={
+            "lengths": p.speed_lengths, "reps": p.speed_reps, "llama_lengths": p.llama_lengths,
+            "llama_block_budget": p.llama_budget, "enforce_eager": False, "enable_prefix_caching": False,
+            "max_num_batched_tokens": p.max_num_batched_tokens,
+            "ttft": "wall time of LLM.generate for one request with max_tokens=1, median over reps after one warm-up"})
+        if p.speed_lengths:
+            mml = max(p.speed_lengths)
+            prompts_by_len = {str(L): self.windows(L - OUT_RESERVE, p.speed_reps + 1, 3 * i * KB)
+                              for i, L in enumerate(p.speed_lengths)}
+            for backend in ("dense", "prism"):
+                job = {"name": f"speed-smollm2-{backend}", "kind": "engine",
+                       "engine": self.engine_spec(backend, mml, eager=False, mem=0.5, max_num_seqs=4),
+                       "tasks": [{"task": "speed", "label": f"SmolLM2 {backend}", "prompts": prompts_by_len}]}
+                res = self.run_job(job, "speed")
+                for r in res.get("rows", []):
+                    doc["rows"].append({"model": SMOL_NAME, "backend": backend, "rope": self.rope_label(mml), **r})
+                doc["jobs"].append(self.job_summary(job, res))
+                self._speed_summary()
+                self.save("speed")
+        self.part_llama()
+        self._speed_summary()
+        self.save("speed")
+
+    def part_llama(self) -> None:
+        p = self.plan
+        doc = self.results["speed"]
+        if not p.llama_lengths:
+            return
+        from prism_vllm.config import PrismConfig
+
+        if "block_budget" not in {f.name for f in dataclasses.fields(PrismConfig)}:
+            why = "PrismConfig has no 'block_budget' field yet (fixed block budget needed for dummy weights)"
+            doc["skipped"][LLAMA_NAME] = why
+            log(f"{LLAMA_NAME}: skipped, {why}")
+            return
+        doc["models"].append(LLAMA_NAME)
+        mdir = common.write_llama8b_dir(self.job_dir / "llama-3.1-8b-config")
+        mml = max(p.llama_lengths)
+        prompts_by_len = {str(L): self.windows(L - OUT_RESERVE, p.llama_reps + 1, 5 * i * KB)
+                          for i, L in enumerate(p.llama_lengths)}
+        for backend in ("dense", "prism"):
+            prism = {**self.prism_cfg, "block_budget": p.llama_budget} if backend == "prism" else None
+            spec = self.engine_spec(backend, mml, eager=False, mem=0.85, max_num_seqs=4, model=str(mdir),
+                                    tokenizer=self.model, load_format="dummy", hf_overrides=None, prism=prism)
+            job = {"name": f"speed-llama8b-{backend}", "kind": "engine", "engine": spec,
+                   "tasks": [{"task": "speed", "label": f"Llama-8B {backend}", "prompts": prompts_by_len}]}
+            res = self.run_job(job, "llama")
+            for r in res.get("rows", []):
+                doc["rows"].append({"model": LLAMA_NAME, "backend": backend, "rope": "llama3 x8 (native)",
+                                    "block_budget": p.llama_budget if backend == "prism" else None, **r})
+            doc["jobs"].append(self.job_summary(job, res))
+            self.save("speed")
+
+    def _speed_summary(self) -> None:
+        doc = self.results["speed"]
+        pairs = report.speed_pairs(doc["rows"], SMOL_NAME)
+        doc["break_even"] = report.break_even(pairs)
+        for r in doc["rows"]:
+            if r["backend"] == "prism" and r.get("prism_tokens") == 0:
+                r["warning"] = "Prism served no tokens in this row (everything fell back to FlashAttention)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=None, help="comma-separated parts: recall, ppl, needle, speed, accuracy (= recall,ppl,needle)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the most important evidence in a few minutes: recall 8K, ppl 8K, needle 4K/8K, speed 8K/16K/32K")
+    ap.add_argument("--dry-run", action="store_true", help="CPU plumbing check on a tiny random Llama (no vLLM)")
+    ap.add_argument("--subprocess", action="store_true", help="dry run: run jobs in subprocesses as on the GPU")
+    ap.add_argument("--report", action="store_true", help="only print the markdown tables and redraw plots from DIR's JSON")
+    ap.add_argument("--readme", default=None, help="with --report: update this README's results block")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; dry run: benchmarks/dry-run)")
+    ap.add_argument("--model", default=None, help="SmolLM2-135M-Instruct folder (default $PRISM_TEST_MODEL)")
+    ap.add_argument("--commit", default=None, help="commit of the measured tree (default git HEAD or $PRISM_BENCH_COMMIT)")
+    ap.add_argument("--prism", default=None, help="JSON of PrismConfig fields for the Prism runs (min_context_len=0 is preset)")
+    ap.add_argument("--budget-s", type=float, default=None, help="total wall-clock budget; jobs that would pass it are cut or skipped")
+    ap.add_argument("--verbose", action="store_true", help="echo all job output (vLLM INFO logs)")
+    for name in ("recall", "ppl", "needle", "speed", "llama"):
+        ap.add_argument(f"--{name}-lengths", default=None, help=f"override {name} context lengths, e.g. 8K,16K")
+    ap.add_argument("--seeds", type=int, default=None, help="needle seeds per point")
+    ap.add_argument("--windows", type=int, default=None, help="perplexity windows per length")
+    ap.add_argument("--reps", type=int, default=None, help="timed requests per speed point (after 1 warm-up)")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = build_parser().parse_args(argv)
+    if a.out is None:
+        a.out = str(common.REPO / "benchmarks" / ("dry-run" if a.dry_run else "results"))
+    out = Path(a.out)
+    if a.report:
+        res = report.load_results(out)
+        md = report.markdown(res, image_dir=os.path.relpath(out, Path(a.readme).resolve().parent) if a.readme else str(out))
+        report.plot_all(res, out)
+        print(md)
+        if a.readme:
+            changed = report.update_readme(Path(a.readme), md)
+            log(f"{a.readme}: {'updated' if changed else 'unchanged'}")
+        return 0
+    parts = set(PARTS)
+    if a.only:
+        parts = set()
+        for x in a.only.split(","):
+            x = x.strip()
+            if x == "accuracy":
+                parts |= {"recall", "ppl", "needle"}
+            elif x in PARTS:
+                parts.add(x)
+            elif x:
+                raise SystemExit(f"--only {x!r}: unknown part; use {', '.join(PARTS)} or accuracy")
+    plan = make_plan(a)
+    t0 = time.monotonic()
+    runner = Runner(a, plan, argv)
+    log(f"parts {sorted(parts)}; out {out}; {'dry run' if plan.dry else runner.meta['gpu']}")
+    if "recall" in parts:
+        runner.part_recall()
+    if parts & {"ppl", "needle"}:
+        runner.part_accuracy("ppl" in parts, "needle" in parts)
+    if "speed" in parts:
+        runner.part_speed()
+    res = report.load_results(out)
+    try:
+        report.plot_all(res, out)
+    except Exception as e:  # noqa: BLE001 - plots must not lose the measured JSON
+        log(f"plots failed: {type(e).__name__}: {e}")
+    print(report.markdown({k: v for k, v in res.items() if k in parts}))
+    failed = [j["name"] for d in runner.results.values() for j in d.get("jobs", []) if j["status"] != "ok"]
+    log(f"done in {time.monotonic() - t0:.0f} s; jobs not ok: {failed or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""One benchmark job, run in its own process: ``python -m benchmarks.worker JOB.json``.
+
+The orchestrator (benchmarks/run.py) writes the job file, runs this under a hard time limit and
+reads ``job["result_file"]``, which is rewritten after every finished unit of work, so a job
+killed at its limit still returns what it finished. Token ids come in the job (the orchestrator
+tokenizes and scores); this process only runs the model.
+
+Job kinds:
+    engine    an inference engine (``engine.kind``: 'vllm' on the GPU machine, 'hf' for the CPU dry
+              run: a transformers model whose 'prism' backend is prism_vllm.reference) and tasks:
+              ppl (prompt log-probabilities), generate (greedy completions), speed (time to first
+              token per length, and Prism's chosen density from prism_vllm.stats)
+    recall    attention recall per layer (benchmarks/recall.py) on a transformers model
+    selftest  prints and sleeps (tests the time limit and partial results without torch)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from typing import Any, Optional, Sequence
+
+from benchmarks.common import log, read_json, tok_label, write_json
+
+
+class Result:
+    """The job's result file, rewritten after each unit."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+        self.data: dict[str, Any] = {"rows": [], "errors": [], "info": {}}
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.data["rows"].append(row)
+        self.flush()
+
+    def error(self, where: str, exc: BaseException) -> None:
+        msg = f"{where}: {type(exc).__name__}: {exc}"
+        self.data["errors"].append(msg)
+        log("ERROR " + msg)
+        traceback.print_exc()
+        self.flush()
+
+    def flush(self) -> None:
+        if self.path:
+            write_json(self.path, self.data)
+
+
+# ---------------------------------------------------------------------------------------------
+# engines
+# ---------------------------------------------------------------------------------------------
+def _prism_stats_rpc(worker: Any, op: str) -> Any:
+    """Runs inside each vLLM worker (collective_rpc): reset / set sampling / read Prism's stats."""
+    try:
+        from prism_vllm import stats
+    except ImportError:
+        return None
+    if op == "reset":
+        stats.reset_stats()
+        return {}
+    if op.startswith("sample="):
+        stats.set_sample_every(int(op.split("=", 1)[1]))
+        return {}
+    return stats.collect_stats()
+
+
+class VllmEngine:
+    """vLLM's offline LLM with the job's flags (GPU machine)."""
+
+    def __init__(self, spec: dict[str, Any]):
+        # collective_rpc with a function (Prism's stats) needs pickle-based serialization.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        from vllm import LLM, SamplingParams
+
+        self.SamplingParams = SamplingParams
+        self.backend = spec["backend"]
+        kw: dict[str, Any] = dict(
+            model=spec["model"],
+            tokenizer=spec.get("tokenizer") or spec["model"],
+            attention_backend="prism" if self.backend == "prism" else "FLASH_ATTN",
+            max_model_len=int(spec["max_model_len"]),
+            enforce_eager=bool(spec.get("enforce_eager", False)),
+            gpu_memory_utilization=float(spec.get("gpu_memory_utilization", 0.5)),
+            enable_prefix_caching=False,
+            max_num_batched_tokens=int(spec.get("max_num_batched_tokens", 16384)),
+            max_num_seqs=int(spec.get("max_num_seqs", 64)),
+            dtype="bfloat16",
+            seed=0,
+        )
+        if spec.get("hf_overrides"):
+            kw["hf_overrides"] = spec["hf_overrides"]
+        if spec.get("load_format"):
+            kw["load_format"] = spec["load_format"]
+        if self.backend == "prism":
+            kw["additional_config"] = {"prism": dict(spec.get("prism") or {})}
+        log(f"vLLM engine: {self.backend}, max_model_len {kw['max_model_len']}, eager {kw['enforce_eager']}, "
+            f"overrides {'yes' if kw.get('hf_overrides') else 'no'}")
+        self.llm = LLM(**kw)
+
+    def _gen(self, prompts: Sequence[Sequence[int]], params: Any) -> list[Any]:
+        return self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Per prompt: log p(token_t | tokens_<t) for t = 1..L-1."""
+        outs = self._gen(prompts, self.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))
+        res = []
+        for ids, o in zip(prompts, outs):
+            lps = o.prompt_logprobs
+            row = []
+            for t in range(1, len(ids)):
+                d = lps[t]
+                if d is None or ids[t] not in d:
+                    raise RuntimeError(f"prompt logprob of token {t} missing")
+                row.append(float(d[ids[t]].logprob))
+            res.append(row)
+        return res
+
+    def greedy(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+        outs = self._gen(prompts, self.SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def prefill_seconds(self, ids: Sequence[int]) -> float:
+        """Wall time of one request with a single output token: its time to first token."""
+        p = self.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        self._gen([ids], p)
+        return time.perf_counter() - t0
+
+    def stats(self, op: str) -> Optional[dict[str, Any]]:
+        if self.backend != "prism":
+            return None
+        try:
+            res = self.llm.collective_rpc(_prism_stats_rpc, args=(op,))
+        except Exception as e:  # noqa: BLE001 - stats are optional evidence, never fatal
+            log(f"prism stats unavailable ({type(e).__name__}: {e})")
+            return None
+        return _merge_stats(res)
+
+
+def _merge_stats(per_worker: Sequence[Any]) -> Optional[dict[str, Any]]:
+    ds = [d for d in per_worker if isinstance(d, dict) and d]
+    if not ds:
+        return None
+    if len(ds) == 1:
+        return ds[0]
+    sel = sum(d.get("selected_blocks") or 0 for d in ds)
+    causal = sum(d.get("causal_blocks") or 0 for d in ds)
+    out = dict(ds[0])
+    for key in ("prism_tokens", "prism_dense_tokens", "flash_tokens"):
+        out[key] = sum(d.get(key) or 0 for d in ds)
+    out["selected_blocks"], out["causal_blocks"] = sel, causal
+    out["block_density"] = sel / causal if causal else None
+    return out
+
+
+def load_hf_model(path: str, overrides: Optional[dict[str, Any]], dtype: str, device: str, attn: str = "sdpa") -> Any:
+    """A transformers causal LM with vLLM-style ``hf_overrides`` applied to its config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path)
+    for k, v in (overrides or {}).items():
+        setattr(cfg, k, v)
+    model = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=getattr(torch, dtype),
+                                                 attn_implementation=attn)
+    return model.to(device).eval()
+
+
+class HFEngine:
+    """CPU dry-run engine: a transformers model; backend 'prism' runs prism_vllm.reference."""
+
+    ATTN_NAME = "prism_bench_reference"
+
+    def __init__(self, spec: dict[str, Any]):
+        import torch
+
+        from prism_vllm.config import PrismConfig
+
+        self.torch = torch
+        self.backend = spec["backend"]
+        self.device = spec.get("device", "cpu")
+        self.model = load_hf_model(spec["model"], spec.get("hf_overrides"), spec.get("dtype", "float32"), self.device)
+        self.selected = 0
+        self.causal = 0
+        self.prism_tokens = 0
+        if self.backend == "prism":
+            from transformers import AttentionInterface
+
+            from benchmarks.recall import model_bands
+            from prism_vllm.reference import prism_attention
+
+            cfg = PrismConfig.from_dict(spec.get("prism") or {})
+            bands, _ = model_bands(self.model, cfg)
+
+            def attend(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                       scaling: Optional[float] = None, dropout: float = 0.0, **_: Any):
+                q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+                ctx = k.shape[0] - q.shape[0]  # > 0 on cached decode steps
+                if q.shape[0] < max(cfg.min_query_len, 2) or k.shape[0] < cfg.min_context_len:
+                    g = query.shape[1] // key.shape[1]
+                    mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool, device=q.device).tril(ctx)
+                    o = torch.nn.functional.scaled_dot_product_attention(
+                        query, key.repeat_interleave(g, 1), value.repeat_interleave(g, 1), attn_mask=mask, scale=scaling)
+                    return o.transpose(1, 2).contiguous(), None
+                o, mask = prism_attention(q, k, v, ctx, bands, cfg, scaling)
+                nb = mask.shape[1]
+                self.selected += int(mask.sum())
+                self.causal += mask.shape[0] * nb * (nb + 1) // 2
+                self.prism_tokens += q.shape[0]
+                return o.unsqueeze(0), None
+
+            AttentionInterface.register(self.ATTN_NAME, attend)
+            self.model.set_attn_implementation(self.ATTN_NAME)
+        log(f"HF engine: {self.backend} on {self.device}")
+
+    def _logits(self, ids: Sequence[int]) -> Any:
+        x = self.torch.tensor([list(ids)], device=self.device)
+        with self.torch.no_grad():
+            return self.model(input_ids=x, use_cache=False).logits[0].float()
+
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
+        res = []
+        for ids in prompts:
+            lp = self.torch.log_softmax(self._logits(ids), dim=-1)
+            tgt = self.torch.tensor(list(ids[1:]), device=self.device)
+            res.append(lp[:-1].gather(1, tgt[:, None])[:, 0].tolist())
+        return res
+
+    def greedy(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+        """Prefill through the backend, then decode with the KV cache (decode rows stay dense,
+        as in vLLM)."""
+        torch = self.torch
+        res = []
+        for ids in prompts:
+            x = torch.tensor([list(ids)], device=self.device)
+            out: list[int] = []
+            past = None
+            with torch.no_grad():
+                for _ in range(max_tokens):
+                    o = self.model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1)
+                    past = o.past_key_values
+                    nxt = int(o.logits[0, -1].argmax())
+                    out.append(nxt)
+                    x = torch.tensor([[nxt]], device=self.device)
+            res.append(out)
+        return res
+
+    def prefill_seconds(self, ids: Sequence[int]) -> float:
+        t0 = time.perf_counter()
+        self._logits(ids)
+        return time.perf_counter() - t0
+
+    def stats(self, op: str) -> Optional[dict[str, Any]]:
+        if self.backend != "prism":
+            return None
+        if op == "reset":
+            self.selected = self.causal = self.prism_tokens = 0
+            return {}
+        if op.startswith("sample="):
+            return {}
+        return {"block_density": self.selected / self.causal if self.causal else None,
+                "prism_tokens": self.prism_tokens, "flash_tokens": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks
+# ---------------------------------------------------------------------------------------------
+def task_ppl(engine: Any, task: dict[str, Any], res: Result) -> None:
+    """Prompt log-probabilities of each window (per-token values go back to the orchestrator)."""
+    t0 = time.perf_counter()
+    lps = engine.prompt_logprobs(task["windows"])
+    dt = time.perf_counter() - t0
+    for w, row in enumerate(lps):
+        nll = -sum(row) / len(row)
+        log(f"ppl {task['label']} window {w + 1}/{len(lps)}: ppl {math.exp(nll):.3f}")
+    res.add({"task": "ppl", "label": task["label"], "length": task["length"], "logprobs": lps,
+             "seconds": round(dt, 2)})
+
+
+def task_generate(engine: Any, task: dict[str, Any], res: Result) -> None:
+    """Greedy completions of the cases (needle prompts); the orchestrator scores them."""
+    t0 = time.perf_counter()
+    cases = task["cases"]
+    outs = engine.greedy([c["ids"] for c in cases], int(task["max_tokens"]))
+    log(f"generate {task['label']}: {len(cases)} prompts in {time.perf_counter() - t0:.1f} s")
+    res.add({"task": "generate", "label": task["label"], "outputs": {c["id"]: o for c, o in zip(cases, outs)},
+             "seconds": round(time.perf_counter() - t0, 2)})
+
+
+def task_speed(engine: Any, task: dict[str, Any], res: Result) -> None:
+    """Per length: one warm-up request (Prism's density sampled on it), then timed requests on
+    distinct prompts; TTFT = wall time of a request with one output token."""
+    for L, prompts in sorted(((int(k), v) for k, v in task["prompts"].items())):
+        engine.stats("reset")
+        engine.stats("sample=1")
+        warm = engine.prefill_seconds(prompts[0])
+        st = engine.stats("collect")
+        engine.stats("sample=0")  # timed runs without sampling events
+        times = [engine.prefill_seconds(p) for p in prompts[1:]]
+        med = statistics.median(times)
+        n = len(prompts[0])
+        row = {"task": "speed", "label": task["label"], "length": L, "prompt_tokens": n, "ttft_ms": round(1e3 * med, 3),
+               "ttft_ms_all": [round(1e3 * t, 3) for t in times], "warmup_ms": round(1e3 * warm, 3),
+               "prefill_tok_s": round(n / med, 1)}
+        if st is not None:
+            row["density"] = st.get("block_density")
+            row["prism_tokens"] = st.get("prism_tokens")
+            row["flash_tokens"] = st.get("flash_tokens")
+            row["prism_launch_ms_mean"] = st.get("prism_launch_ms_mean")
+        dens = row.get("density")
+        log(f"speed {task['label']} {tok_label(L)}: TTFT {row['ttft_ms']:.1f} ms"
+            + (f", density {dens:.3f}" if isinstance(dens, float) else ""))
+        res.add(row)
+
+
+TASKS = {"ppl": task_ppl, "generate": task_generate, "speed": task_speed}
+
+
+def run_engine_job(job: dict[str, Any], res: Result) -> None:
+    spec = job["engine"]
+    t0 = time.perf_counter()
+    engine = VllmEngine(spec) if spec["kind"] == "vllm" else HFEngine(spec)
+    res.data["info"]["engine_init_s"] = round(time.perf_counter() - t0, 1)
+    log(f"engine ready in {res.data['info']['engine_init_s']} s")
+    res.flush()
+    for task in job["tasks"]:
+        try:
+            TASKS[task["task"]](engine, task, res)
+        except Exception as e:  # noqa: BLE001 - record and go on with the next task
+            res.error(f"{task['task']} {task.get('label', '')}", e)
+
+
+def run_recall_job(job: dict[str, Any], res: Result) -> None:
+    import torch
+
+    from benchmarks.recall import capture_qk, layer_recall, model_bands
+    from prism_vllm.config import PrismConfig
+
+    cfg = PrismConfig.from_dict(job.get("prism") or {})
+    device = job.get("device", "cuda")
+    for item in job["items"]:
+        L = int(item["length"])
+        t0 = time.perf_counter()
+        model = load_hf_model(job["model"], item.get("hf_overrides"), job.get("dtype", "bfloat16"), device)
+        bands, _ = model_bands(model, cfg)
+        layers: list[dict[str, Any]] = []
+
+        def on_layer(i: int, q: Any, k: Any, scale: float) -> None:
+            r = layer_recall(q, k, bands, cfg, scale, int(job.get("chunk_rows", 1024)))
+            r["layer"] = i
+            layers.append(r)
+
+        ids = torch.tensor(item["ids"], device=device)
+        capture_qk(model, ids, on_layer)
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        layers.sort(key=lambda r: r["layer"])
+        log(f"recall {tok_label(L)}: {len(layers)} layers in {time.perf_counter() - t0:.1f} s, prism recall "
+            f"{statistics.mean(r['prism_recall'] for r in layers):.4f} at density "
+            f"{statistics.mean(r['prism_density'] for r in layers):.3f}")
+        res.add({"task": "recall", "length": L, "rope": item.get("rope", "native"), "layers": layers,
+                 "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def run_selftest_job(job: dict[str, Any], res: Result) -> None:
+    for i in range(int(job.get("units", 3))):
+        time.sleep(float(job.get("sleep_s", 0.1)))
+        log(f"selftest unit {i}")
+        res.add({"task": "selftest", "unit": i})
+    if job.get("fail"):
+        raise RuntimeError("selftest asked to fail")
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one job in this process; returns the result dict (also written to job['result_file'])."""
+    res = Result(job.get("result_file"))
+    kind = job["kind"]
+    runner = {"engine": run_engine_job, "recall": run_recall_job, "selftest": run_selftest_job}[kind]
+    try:
+        runner(job, res)
+    except Exception as e:  # noqa: BLE001
+        res.error(f"job {job.get('name')}", e)
+        if job.get("raise", False):
+            raise
+    res.flush()
+    return res.data
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job = read_json(argv[0])
+    data = run_job(job)
+    return 1 if data["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""The end-to-end benchmark harness (benchmarks/): its math against independent references, its
+prompts, its job plumbing (time limits, partial results) and a whole CPU dry run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import common, corpus, prompts, recall, report, run
+from prism_vllm.config import PrismConfig
+from prism_vllm.rope import RopeLayout, rope_bands
+
+
+# -- recall math ---------------------------------------------------------------------------------
+def _rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """NeoX RoPE on [L, H, D] (positions 0..L-1)."""
+    L, _, D = x.shape
+    inv = base ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = torch.arange(L, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = ang.cos().float()[:, None], ang.sin().float()[:, None]
+    a, b = x[..., : D // 2], x[..., D // 2:]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
+@pytest.mark.parametrize("L,hq,hkv,chunk", [(300, 4, 2, 128), (512, 2, 2, 256), (129, 4, 1, 1024)],
+                         ids=["L300-gqa2-chunk128", "L512-mha-chunk256", "L129-gqa4-onechunk"])
+def test_block_mass_equals_dense_softmax(L: int, hq: int, hkv: int, chunk: int) -> None:
+    g = torch.Generator().manual_seed(L)
+    q = torch.randn(L, hq, 16, generator=g)
+    k = torch.randn(L, hkv, 16, generator=g)
+    scale = 0.3
+    got = recall.block_mass(q, k, 128, scale, chunk)
+    # independent: the full causal probability matrix, summed per block pair
+    kk = k.repeat_interleave(hq // hkv, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q.double(), kk.double()) * scale
+    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    nb = -(-L // 128)
+    want = torch.zeros(hq, nb, nb, dtype=torch.float64)
+    for i in range(nb):
+        for j in range(nb):
+            want[:, i, j] = p[:, i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].sum(dim=(1, 2))
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_topk_rows() -> None:
+    s = torch.tensor([[0.1, 0.5, 0.3, -math.inf], [3.0, 1.0, 2.0, 0.0]])
+    m = recall.topk_rows(s, torch.tensor([2, 1]))
+    assert m.tolist() == [[False, True, True, False], [True, False, False, False]]
+
+
+def _structured_qk(L: int = 1024, hq: int = 4, hkv: int = 2, d: int = 32, seed: int = 0):
+    """Queries that attend to a few recurring 'topic' keys far back plus locally (RoPE applied)."""
+    g = torch.Generator().manual_seed(seed)
+    topics = torch.randn(6, d, generator=g)
+    tid = torch.randint(0, 6, (L // 64 + 1,), generator=g).repeat_interleave(64)[:L]
+    k = 0.7 * torch.randn(L, hkv, d, generator=g) + 1.5 * topics[tid][:, None]
+    q = 0.7 * torch.randn(L, hq, d, generator=g) + 1.5 * topics[tid][:, None]
+    return _rope(q), _rope(k)
+
+
+def test_layer_recall_orders_and_limits() -> None:
+    q, k = _structured_qk()
+    d = q.shape[-1]
+    bands = rope_bands(RopeLayout(head_size=d, rotary_dim=d), *PrismConfig().band_dims(d))
+    cfg = PrismConfig(high_threshold=0.8, low_threshold=0.8)
+    r = recall.layer_recall(q, k, bands, cfg)
+    for m in recall.METHODS:
+        assert 0.0 < r[f"{m}_recall"] <= 1.0 + 1e-6
+        assert 0.0 < r[f"{m}_density"] <= 1.0
+    # equal block counts by construction; the oracle is the best selection of that size
+    assert r["meanpool_topk_density"] == pytest.approx(r["prism_density"])
+    assert r["oracle_density"] == pytest.approx(r["prism_density"])
+    assert r["oracle_recall"] >= r["prism_recall"] - 1e-6
+    assert r["oracle_recall"] >= r["meanpool_topk_recall"] - 1e-6
+    assert r["prism_density"] < 0.9  # the structured input is genuinely sparse at p=0.8
+    # every block selected: all the mass is kept
+    full = recall.layer_recall(q, k, bands, PrismConfig(high_threshold=1.0, low_threshold=1.0))
+    assert full["prism_recall"] == pytest.approx(1.0, abs=1e-5)
+    assert full["prism_density"] == pytest.approx(1.0)
+
+
+def test_layer_recall_matches_reference_selection() -> None:
+    """prism_recall is the mass inside prism_vllm.reference's own mask."""
+    from prism_vllm.reference import prism_attention
+
+    q, k = _structured_qk(L=640, seed=3)
+    d = q.shape[-1]
+    bands = rope_bands(RopeLayout(head_size=d, rotary_dim=d), *PrismConfig().band_dims(d))
+    cfg = PrismConfig(high_threshold=0.7, low_threshold=0.7)
+    _, mask = prism_attention(q, k, k, 0, bands, cfg)
+    M = recall.block_mass(q, k, 128, 1 / math.sqrt(d))
+    r = recall.layer_recall(q, k, bands, cfg)
+    assert r["prism_recall"] == pytest.approx(float((M * mask).sum()) / (q.shape[1] * q.shape[0]), rel=1e-5)
+    nb = mask.shape[1]
+    assert r["prism_density"] == pytest.approx(float(mask.sum()) / (q.shape[1] * nb * (nb + 1) / 2))
+
+
+def test_capture_keeps_model_outputs(tmp_path: Path) -> None:
+    from benchmarks.worker import load_hf_model
+
+    path = common.write_tiny_llama(tmp_path / "m", vocab_size=256)
+    model = load_hf_model(str(path), None, "float32", "cpu")
+    ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(0))
+    seen = []
+    got = recall.capture_qk(model, ids, lambda i, q, k, s: seen.append((i, q.shape, k.shape, s)))
+    with torch.no_grad():
+        want = model(input_ids=ids[None], use_cache=False).logits[0, -1]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert [s[0] for s in seen] == [0, 1]
+    assert seen[0][1] == (200, 4, 16) and seen[0][2] == (200, 2, 16) and seen[0][3] == pytest.approx(0.25)
+
+
+# -- prompts ---------------------------------------------------------------------------------------
+def test_needle_cases_exact_length_key_and_depth() -> None:
+    tok = common.ByteTokenizer()
+    ids = tok.encode(corpus.synthetic_text(3000, seed=1))
+    cases = prompts.needle_cases(tok, ids, [700, 1200], depths=(0.0, 0.5, 1.0), seeds=(0, 1))
+    assert len(cases) == 2 * 2 * 3 * 2
+    for c in cases:
+        assert len(c["ids"]) == c["length"]
+        text = tok.decode(c["ids"])
+        assert c["key"] in text
+        if c["kind"] == "single":
+            pos = text.index(f"The pass key is {c['key']}")
+            frac = pos / len(text)
+            assert abs(frac - c["depth"]) < 0.35, (c["id"], frac)
+        else:
+            assert len(re.findall(r"The pass key for the \w+ door is \d{5}\.", text)) == 4
+            asked = text.rsplit("What is the pass key for the ", 1)[1].split(" door")[0]
+            assert f"The pass key for the {asked} door is {c['key']}." in text
+    # keys and haystack are shared across the depths of one seed, differ across seeds
+    s0 = [c for c in cases if c["kind"] == "single" and c["length"] == 700 and c["seed"] == 0]
+    s1 = [c for c in cases if c["kind"] == "single" and c["length"] == 700 and c["seed"] == 1]
+    assert len({c["key"] for c in s0}) == 1 and s0[0]["key"] != s1[0]["key"]
+
+
+def test_score_needle() -> None:
+    tok = common.ByteTokenizer()
+    case = {"key": "71432"}
+    assert prompts.score_needle(tok, case, tok.encode(" 71432. Remember"))
+    assert prompts.score_needle(tok, case, tok.encode(" 7 1 4 3 2"))
+    assert not prompts.score_needle(tok, case, tok.encode(" 71433"))
+    assert not prompts.score_needle(tok, case, tok.encode(" 714320"))
+    assert not prompts.score_needle(tok, case, tok.encode(" the key"))
+
+
+def test_ppl_summary() -> None:
+    rows = [[-1.0, -2.0, -3.0, -4.0], [-0.5] * 4]
+    s = prompts.ppl_summary(rows)
+    assert s["tokens"] == 8
+    assert s["ppl"] == pytest.approx(math.exp((10 + 2) / 8))
+    assert s["ppl_last_quarter"] == pytest.approx(math.exp((4 + 0.5) / 2))
+
+
+# -- corpus ----------------------------------------------------------------------------------------
+def test_parse_fortunes_and_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = ("A clash of doctrine is not a disaster.\n\t\t-- Whitehead\n%\n"
+           "  ___\n |   |\n |___|\n%\n\n%\nLine one\n\tindented line two\n")
+    assert corpus.parse_fortunes(raw) == ["A clash of doctrine is not a disaster.\n-- Whitehead",
+                                          "Line one\nindented line two"]
+    fdir = tmp_path / "fortunes"
+    fdir.mkdir()
+    (fdir / "wisdom").write_text(raw)
+    (fdir / "literature").write_text("A classic is something that everyone wants to have read.\n%\n")
+    monkeypatch.setattr(corpus, "SYSTEM_DIR", fdir)
+    p = corpus.ensure_corpus(tmp_path / "data", download=False)
+    text = p.read_text()
+    assert text.startswith("A classic")  # FORTUNE_FILES order: literature before wisdom
+    assert "Whitehead" in text and "___" not in text
+    info = corpus.corpus_info(tmp_path / "data")
+    assert info["chars"] == len(text) and info["source"].startswith("installed:")
+    w = corpus.token_windows(list(range(10)), 4, 3, start=1)
+    assert w == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 0, 1, 2]]
+
+
+# -- speed summary ---------------------------------------------------------------------------------
+def _pairs(ratios):
+    return [{"length": L, "dense_ms": 10.0, "prism_ms": 10.0 * r} for L, r in ratios]
+
+
+def test_break_even() -> None:
+    be = report.break_even(_pairs([(8192, 1.5), (16384, 1.1), (32768, 0.5), (65536, 0.3)]))
+    # log-linear crossing between 16K (1.1) and 32K (0.5): 16K * 2^(0.1/0.6)
+    assert be["tokens"] == round(16384 * 2 ** (0.1 / 0.6))
+    assert be["recommended_min_context_len"] % 1024 == 0 and be["recommended_min_context_len"] >= be["tokens"]
+    assert report.break_even(_pairs([(8192, 0.9), (16384, 0.5)]))["tokens"] == 8192
+    assert report.break_even(_pairs([(8192, 0.9), (16384, 1.2)]))["tokens"] is None
+    # a dip below 1 followed by a loss does not count: the crossing is the last one
+    assert report.break_even(_pairs([(8192, 0.9), (16384, 1.2), (32768, 0.8)]))["between"] == [16384, 32768]
+
+
+def test_parse_lengths() -> None:
+    assert run.parse_lengths("4K, 8k,12000") == [4096, 8192, 12000]
+
+
+# -- model configs ---------------------------------------------------------------------------------
+def test_yarn_overrides(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}))
+    assert common.yarn_overrides(str(tmp_path), 8192) is None
+    ov = common.yarn_overrides(str(tmp_path), 32768)
+    assert ov == {"rope_parameters": {"rope_type": "yarn", "rope_theta": 100000.0, "factor": 4.0,
+                                      "original_max_position_embeddings": 8192},
+                  "max_position_embeddings": 32768}
+
+
+@pytest.mark.vllm
+def test_vllm_accepts_overrides_and_llama8b(tmp_path: Path) -> None:
+    """vLLM 0.26 resolves our YaRN overrides and the Llama-3.1-8B config to the lengths we run."""
+    pytest.importorskip("vllm")
+    from vllm.config import ModelConfig
+
+    tiny = common.write_tiny_llama(tmp_path / "tiny", max_pos=8192)
+    cfg = json.loads((tiny / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_theta": 100000.0, "rope_type": "default"}
+    (tiny / "config.json").write_text(json.dumps(cfg))
+    m = ModelConfig(model=str(tiny), tokenizer=str(tiny), hf_overrides=common.yarn_overrides(str(tiny), 131072),
+                    max_model_len=131072)
+    rp = m.hf_text_config.rope_parameters
+    assert m.max_model_len == 131072 and rp["rope_type"] == "yarn" and rp["factor"] == 16.0
+    assert rp["rope_theta"] == 100000.0
+    d = common.write_llama8b_dir(tmp_path / "l8b")
+    m8 = ModelConfig(model=str(d), tokenizer=str(tiny), max_model_len=131072)
+    assert m8.max_model_len == 131072 and m8.hf_text_config.rope_parameters["rope_type"] == "llama3"
+    assert m8.hf_text_config.num_key_value_heads == 8 and m8.hf_text_config.head_dim == 128
+
+
+# -- job plumbing ------------------------------------------------------------------------------------
+def test_subprocess_job_time_limit_keeps_partial_results(tmp_path: Path) -> None:
+    job = {"name": "slow", "kind": "selftest", "units": 200, "sleep_s": 0.2}
+    res = common.run_job_subprocess(job, tmp_path, timeout_s=6)
+    assert res["status"] == "timeout"
+    assert 0 < len(res["rows"]) < 200
+    assert res["wall_s"] < 40
+    res = common.run_job_subprocess({"name": "bad", "kind": "selftest", "units": 2, "sleep_s": 0, "fail": True},
+                                    tmp_path, timeout_s=60)
+    assert res["status"].startswith("failed") and len(res["rows"]) == 2 and res["errors"]
+
+
+def test_dry_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "res"
+    assert run.main(["--dry-run", "--out", str(out)]) == 0
+    res = report.load_results(out)
+    assert set(res) == {"recall", "ppl", "needle", "speed"}
+    for part, d in res.items():
+        for key in ("gpu", "date", "commit", "command", "rows", "jobs"):
+            assert key in d, (part, key)
+        assert d["rows"], part
+        assert all(j["status"] == "ok" for j in d["jobs"]), d["jobs"]
+        assert (out / f"{part}.png").is_file()
+    assert {r["length"] for r in res["recall"]["rows"]} == {512, 1024}
+    assert len(res["recall"]["rows"][0]["layers"]) == 2
+    assert {(s["length"]) for s in res["ppl"]["summary"]} == {512, 1024}
+    assert len(res["needle"]["rows"]) == 2 * 1 * 5 * 2  # kinds x lengths x depths x backends
+    sp = res["speed"]
+    assert {(r["backend"], r["length"]) for r in sp["rows"]} == {(b, L) for b in ("dense", "prism") for L in (256, 512, 1024)}
+    assert all(r["density"] is not None for r in sp["rows"] if r["backend"] == "prism")
+    assert "break_even" in sp
+    # the prism runs really were sparse (lowered thresholds in the dry run)
+    assert min(r["density"] for r in sp["rows"] if r["backend"] == "prism") < 1.0
+    capsys.readouterr()
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Results\n\n## Limitations\n")
+    assert run.main(["--report", "--out", str(out), "--readme", str(readme)]) == 0
+    printed = capsys.readouterr().out
+    assert "### Perplexity" in printed and "### Goals" in printed
+    text = readme.read_text()
+    assert text.index(report.README_BEGIN) < text.index("## Limitations")
+    assert "![TTFT](res/speed.png)" in text
+    run.main(["--report", "--out", str(out), "--readme", str(readme)])
+    assert readme.read_text().count(report.README_BEGIN) == 1
