@@ -309,3 +309,61 @@ def test_bundled_model_converts_once_and_is_the_real_model(tmp_path, monkeypatch
         nxt = model(ids).logits[0, -1].argmax()
     assert tok.decode(nxt).strip() == "Paris"
     assert tok.chat_template  # the instruct chat template travels with the tokenizer
+
+
+# ------------------------------------------------------------------ GPU: the real server
+@pytest.mark.gpu
+def test_prism_vllm_serve_end_to_end_gpu(tmp_path):
+    """`prism-vllm serve` on the staged model: OpenAI completions work, a long prompt goes
+    through Prism, and /prism/stats and /metrics report it (needs vLLM and PRISM_TEST_MODEL)."""
+    import time
+
+    import httpx
+
+    pytest.importorskip("vllm")
+    model = os.environ.get("PRISM_TEST_MODEL")
+    if not model:
+        pytest.skip("PRISM_TEST_MODEL is not set (see shared/device/README.md)")
+    port = 8791
+    log = open(tmp_path / "server.log", "w")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prism_vllm.server.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
+         "--enforce-eager", "--max-model-len", "8192", "--no-enable-prefix-caching", "--served-model-name", "m",
+         "--prism-min-context-len", "1024"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+            deadline = time.monotonic() + 480
+            while True:
+                assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                try:
+                    if c.get("/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(2)
+            before = c.get("/prism/stats").json()["aggregate"]["tokens"]["sparse"]
+            prompt = " ".join(f"item {i} is {i * 7 % 13}." for i in range(900))  # ~6K tokens
+            r = c.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 8})
+            assert r.status_code == 200, r.text
+            n_prompt = r.json()["usage"]["prompt_tokens"]
+            stats = c.get("/prism/stats")
+            assert stats.status_code == 200, stats.text
+            agg = stats.json()["aggregate"]
+            assert agg["workers_reporting"] == agg["workers_total"] >= 1
+            assert 0 < agg["tokens"]["sparse"] - before <= n_prompt
+            time.sleep(6)  # one poll of the Prometheus collector
+            assert "prism_prefill_tokens_total" in c.get("/metrics").text
+            bad = c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 4, "temperature": -1})
+            assert 400 <= bad.status_code < 500
+            assert c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 4}).status_code == 200
+    finally:
+        os.killpg(proc.pid, 2)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
