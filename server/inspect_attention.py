@@ -230,7 +230,7 @@ def probe_rope_layout(model: Any) -> tuple[RopeLayout, torch.Tensor]:
 def _attention_modules(model: Any) -> list[tuple[int, Any]]:
     """(layer index, attention module) of every decoder layer, in order."""
     mods = [
-        (int(getattr(m, "layer_idx")), m)
+        (int(m.layer_idx), m)
         for m in model.modules()
         if hasattr(m, "q_proj") and hasattr(m, "k_proj") and getattr(m, "layer_idx", None) is not None
     ]

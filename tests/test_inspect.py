@@ -142,7 +142,7 @@ def _tiny_model_dir(tmp_path: Path, text: str) -> Path:
 
 
 def test_inspect_command_writes_pngs_and_summary(tmp_path, capsys):
-    import matplotlib.image as mpimg
+    mpimg = pytest.importorskip("matplotlib.image", reason="pip install 'prism-vllm[inspect]'")
 
     from prism_vllm.server import cli
 
@@ -162,9 +162,9 @@ def test_inspect_command_writes_pngs_and_summary(tmp_path, capsys):
         assert img[..., :3].std() > 0.05  # not a blank canvas
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens"] == 640 and summary["drawn_layers"] == [0, 2]
-    assert [l["layer"] for l in summary["layers"]] == [0, 1, 2]
+    assert [layer["layer"] for layer in summary["layers"]] == [0, 1, 2]
     assert summary["config"]["high_threshold"] == 0.9
-    assert all(l["heads"] == [0, 1, 2] for l in summary["layers"])
+    assert all(layer["heads"] == [0, 1, 2] for layer in summary["layers"])
     assert summary["rope"]["is_neox_style"] is True
     assert "Prism density" in capsys.readouterr().out
 
