@@ -464,9 +464,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise UsageError(str(e)) from None
             print(path)
             return 0
-        _top_parser().parse_args(argv)
+        _top_parser().parse_args(argv)  # --version, or an error for an unknown command
         _top_parser().print_help()
-        return 2 if command is None and argv else 0
+        return 0
     except UsageError as e:
         print(f"prism-vllm {command}: error: {e}", file=sys.stderr)
         return 2
