@@ -433,6 +433,9 @@ def sparse_prefill(
     for name, t in (("block_table", block_table), ("sel_idx", sel_idx), ("sel_cnt", sel_cnt), ("plan", plan.qb_abs)):
         _check(t.device == q.device, f"{name} is on {t.device}, q on {q.device}; move it with .to(q.device)")
 
+    # the running max is taken before scaling (one multiply per row, not per score): needs scale > 0
+    _check(float(scale) > 0.0, f"softmax scale must be > 0, got scale={scale}")
+
     cfg = config if config is not None else default_config(D)
     bm = cfg.block_m if block_m is None else block_m
     bn = cfg.block_n if block_n is None else block_n

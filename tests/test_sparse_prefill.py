@@ -41,8 +41,9 @@ def make_paged_kv(
     """A FlashAttention-style packed paged cache holding each request's K/V.
 
     ks[r], vs[r]: [S_r, HKV, D]. layout: "NHD" (physical [pages, page_size, HKV, 2D], vLLM's
-    default), "HND" (physical [pages, HKV, page_size, 2D]) or "NHD_padded" (NHD with a padded page
-    stride). Pages are assigned in a random order; page 0 is never assigned and, like every slot
+    default), "HND" (physical [pages, HKV, page_size, 2D]), "NHD_padded" (NHD with a padded page
+    stride), or vLLM's cross-layer layouts with this layer at index 1 of 3: "NHD_xlayer" (physical
+    [pages, layers, page_size, HKV, 2D]) and "HND_xlayer" ([pages, HKV, layers, page_size, 2D]). Pages are assigned in a random order; page 0 is never assigned and, like every slot
     past a sequence's end, holds NaN, so reading it poisons the output. block_table rows are padded
     with page 0 (vLLM's null block). Returns (k_cache, v_cache, block_table) with K/V views
     [pages, page_size, HKV, D] as vLLM's FlashAttention forward sees them.
@@ -59,6 +60,12 @@ def make_paged_kv(
         logical = phys[:, :page_size].permute(0, 2, 1, 3)
     elif layout == "HND":
         logical = torch.full((total, hkv, page_size, 2 * d), float("nan"), dtype=dt, device=dev)
+    elif layout == "NHD_xlayer":
+        phys = torch.full((total, 3, page_size, hkv, 2 * d), float("nan"), dtype=dt, device=dev)
+        logical = phys[:, 1].permute(0, 2, 1, 3)
+    elif layout == "HND_xlayer":
+        phys = torch.full((total, hkv, 3, page_size, 2 * d), float("nan"), dtype=dt, device=dev)
+        logical = phys[:, :, 1]
     else:
         raise ValueError(layout)
     view = logical.transpose(1, 2)  # [pages, page_size, HKV, 2D], what FA's forward splits
@@ -240,8 +247,8 @@ CPU_CASES = [
     Case([1, 127, 129, 300], [0, 77, 128, 200], 4, 2, 64, page=16, layout="HND", pad_rows=3),
     Case([130, 60], [0, 300], 2, 1, 64, page=48, cfg=dict(block_n=64)),  # page size not dividing the tile
     Case([200, 90], [40, 0], 2, 1, 64, page=128, layout="HND", cfg=dict(block_n=64)),  # tiles inside one page
-    Case([260], [0], 2, 1, 256, page=32, cfg=dict(block_m=64, block_n=64)),  # D 256
-    Case([1000], [24], 2, 1, 64, page=32, density=0.3),  # ~1000 rows
+    Case([260], [0], 2, 1, 256, page=32, layout="NHD_xlayer", cfg=dict(block_m=64, block_n=64)),  # D 256
+    Case([1000], [24], 2, 1, 64, page=32, layout="HND_xlayer", density=0.3),  # ~1000 rows
     # plan.dense: every causal block, poisoned selection rows never read
     Case([150, 100], [0, 90], 2, 1, 64, dense=[1, 0]),
 ]
@@ -261,6 +268,17 @@ DENSE_CASES = [
 @pytest.mark.parametrize("case", DENSE_CASES, ids=str)
 def test_all_blocks_selected_equals_dense(case):
     run_case(case, torch.float16, "cpu", check_dense_ref=True)
+
+
+def test_chunked_reference_equals_reference():
+    """The GPU tests' row-chunked reference is the reference."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(333, 4, 64, generator=gen)
+    k, v = torch.randn(2, 333 + 77, 2, 64, generator=gen).unbind(0)
+    m = random_masks(4, [77], [333], 0.4, gen, "cpu", keep="none")[0]
+    torch.testing.assert_close(
+        _chunked_reference(q, k, v, 77, m, 0.125, 64), ref.block_sparse_attention(q, k, v, 77, m, B, 0.125)
+    )
 
 
 def test_empty_selection_row_is_zero():
@@ -309,9 +327,10 @@ def _args(T=10, hq=4, hkv=2, d=64, dtype=torch.float16, page=16):
         (lambda a: a.update(out=a["out"][:5]), ValueError, "Invalid shape of out"),
         (lambda a: a.update(q=a["q"].transpose(1, 2).contiguous().transpose(1, 2)), ValueError, "contiguous last dim"),
         (lambda a: a.update(block_n=96), ValueError, "block_n=96"),
+        (lambda a: a.update(scale=0.0), ValueError, "scale must be > 0"),
     ],
     ids=["heads", "dtype", "gqa-ok", "kv-mismatch", "sel-idx-dtype", "sel-cnt-short", "bt-dtype", "out-short",
-         "q-last-stride", "bad-block-n"],
+         "q-last-stride", "bad-block-n", "scale"],
 )
 def test_launcher_rejects_bad_inputs(mutate, exc, match):
     a = _args()
