@@ -572,11 +572,21 @@ class PrismAttentionImpl(FlashAttentionImpl):
             ev1 = torch.cuda.Event(enable_timing=True)
             ev0.record()
         ws = step.workspace
-        for L in step.launches:  # one per workspace-sized run of requests (usually one)
-            t0, t1 = L.token_start, L.token_end
-            kern.launch(query[t0:t1], k_cache, v_cache, L.block_table, L.plan, lp.params, ws, output[t0:t1])
-            if step.sample:
-                self._sample_density(L, ws, kern)
+        try:
+            for L in step.launches:  # one per workspace-sized run of requests (usually one)
+                t0, t1 = L.token_start, L.token_end
+                kern.launch(query[t0:t1], k_cache, v_cache, L.block_table, L.plan, lp.params, ws, output[t0:t1])
+                if step.sample:
+                    self._sample_density(L, ws, kern)
+        except Exception as e:  # noqa: BLE001 - e.g. a kernel that does not compile on this GPU
+            # Never fail a request Prism was only meant to speed up: this layer goes dense for
+            # good, and FlashAttention recomputes the whole batch with the full metadata.
+            logger.exception("Prism: kernel launch failed; FlashAttention serves this layer from now on")
+            STATS.record_kernel_failure()
+            self.prism_disable(f"Prism kernel launch failed ({type(e).__name__}: {e})")
+            return super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+            )
         if timed:
             ev1.record()
             STATS.add_timing(ev0, ev1)

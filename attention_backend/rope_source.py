@@ -50,6 +50,28 @@ def _check_rotation(cache: torch.Tensor, inv_freq: torch.Tensor) -> bool:
     return bool(diff.abs().max() <= _ANGLE_TOL)
 
 
+# Flags some vLLM 0.26 attention modules test before calling self.rotary_emb (so a layer can own
+# a rotary_emb and still skip it: the NoPE global layers of hybrid sliding-window models). The
+# first group applies RoPE only to sliding-window layers unless the flag is set (exaone4,
+# cohere2_moe, commandr/Cohere2); the second turns RoPE off when false (step3p5, olmo_hybrid).
+_ROPE_ON_SLIDING_UNLESS = ("apply_rope_all_layers", "force_rope", "v1")
+_ROPE_ON_IF = ("use_rope", "_use_rope")
+
+
+def _rope_skipped(owner: Any) -> Optional[str]:
+    cls = type(owner).__name__
+    sliding = bool(getattr(owner, "sliding_window", None))
+    for attr in _ROPE_ON_SLIDING_UNLESS:
+        if hasattr(owner, attr) and not getattr(owner, attr) and not sliding:
+            return f"{cls}.{attr}=False: its forward applies RoPE only to sliding-window layers (NoPE layer)"
+    for attr in _ROPE_ON_IF:
+        if hasattr(owner, attr) and not getattr(owner, attr):
+            return f"{cls}.{attr}=False: its forward skips rotary_emb (NoPE layer)"
+    if getattr(getattr(owner, "config", None), "use_mem_rope", True) is False:
+        return f"{cls}.config.use_mem_rope=False: its forward skips rotary_emb (NoPE layer)"
+    return None
+
+
 def resolve_rotary(owner: Any, head_size: int) -> Union[RotarySource, str]:
     """The rotary layout of the attention module ``owner``, or a reason why there is none.
 
@@ -63,6 +85,9 @@ def resolve_rotary(owner: Any, head_size: int) -> Union[RotarySource, str]:
     cls = type(owner).__name__
     if rot is None:
         return f"{cls} has no rotary_emb (no RoPE: ALiBi, NoPE or learned positions)"
+    skipped = _rope_skipped(owner)
+    if skipped is not None:
+        return skipped
     rcls = type(rot).__name__
     rotary_dim = getattr(rot, "rotary_dim", None)
     neox = getattr(rot, "is_neox_style", None)

@@ -24,7 +24,14 @@ from typing import Any, Deque
 
 import torch
 
-__all__ = ["collect_stats", "reset_stats", "set_sample_every", "record_fallback", "STATS"]
+__all__ = [
+    "collect_stats",
+    "collect_stats_rpc",
+    "reset_stats",
+    "set_sample_every",
+    "record_fallback",
+    "STATS",
+]
 
 _MAX_PENDING_EVENTS = 64
 
@@ -55,6 +62,7 @@ class PrismStats:
             self.launch_ms_total = 0.0
             self.launch_ms_samples = 0
             self.fallbacks: dict[str, int] = {}
+            self.kernel_failures = 0
 
     # -- hot path (builder, once per step) -------------------------------------------------
     def record_step(
@@ -118,6 +126,10 @@ class PrismStats:
         with self._lock:
             self.fallbacks[reason] = self.fallbacks.get(reason, 0) + layers
 
+    def record_kernel_failure(self) -> None:
+        with self._lock:
+            self.kernel_failures += 1
+
     def collect(self) -> dict[str, Any]:
         with self._lock:
             self._resolve_timings(block=True)
@@ -144,6 +156,7 @@ class PrismStats:
                 "prism_launch_ms_samples": self.launch_ms_samples,
                 "sample_every": self.sample_every,
                 "fallback_layers": dict(self.fallbacks),
+                "kernel_failures": self.kernel_failures,
             }
 
 
@@ -160,8 +173,16 @@ def collect_stats() -> dict[str, Any]:
     head, key block) triples over sampled layer launches; None before the first sample),
     ``prism_launch_ms_mean`` (GPU time of one sampled layer's Prism launch: estimation +
     sparse attention), ``fallback_layers`` (reason -> number of layers served by
-    FlashAttention), plus the sampling bookkeeping.
+    FlashAttention), ``kernel_failures`` (Prism launches that raised; those layers then went
+    dense), plus the sampling bookkeeping.
     """
+    return STATS.collect()
+
+
+def collect_stats_rpc(worker: Any = None) -> dict[str, Any]:
+    """``collect_stats`` in the shape of a vLLM ``collective_rpc`` callable, which receives the
+    worker as its first argument: ``llm.collective_rpc(collect_stats_rpc)`` returns one dict
+    per worker (one per tensor-parallel rank)."""
     return STATS.collect()
 
 

@@ -262,6 +262,29 @@ def test_missing_rotary_emb_falls_back_with_one_log_line(base_vllm_config, caplo
 
 
 @pytest.mark.parametrize(
+    "flags,match",
+    [
+        ({"apply_rope_all_layers": False, "sliding_window": None}, "apply_rope_all_layers=False"),
+        ({"v1": False, "sliding_window": None}, "v1=False"),
+        ({"use_rope": False}, "use_rope=False"),
+    ],
+    ids=["exaone4_global", "cohere2_global", "step3p5_nope"],
+)
+def test_layers_that_skip_their_rotary_emb_are_nope(flags, match):
+    """Hybrid models whose global layers own a rotary_emb but do not apply it (their forward
+    tests a flag): read the flag, do not trust the attribute alone."""
+    owner = torch.nn.Module()
+    owner.rotary_emb = SimpleNamespace(rotary_dim=D, is_neox_style=True, base=1e4, cos_sin_cache=None)
+    assert not isinstance(resolve_rotary(owner, D), str)
+    for k, v in flags.items():
+        setattr(owner, k, v)
+    reason = resolve_rotary(owner, D)
+    assert isinstance(reason, str) and match in reason
+    owner.sliding_window = 512 if "use_rope" not in flags else None  # sliding layers do rotate
+    assert isinstance(resolve_rotary(owner, D), str) == ("use_rope" in flags)
+
+
+@pytest.mark.parametrize(
     "kw,match",
     [
         ({"per_layer_sliding_window": 64}, "sliding-window"),
@@ -568,3 +591,27 @@ def test_split_launches_packs_requests_and_skips_oversized_ones():
     # A request with more key blocks than the workspace holds goes (with all before it) to FA.
     r3, launches = split_launches(r, max_k_blocks=9, **kw)
     assert r3.start == 3 and launches == [(0, 1)]
+
+
+def test_a_failing_kernel_launch_falls_back_to_flash_attention(base_vllm_config, fake_flash, monkeypatch):
+    from prism_vllm.attention_backend import kernels_api
+
+    b = BATCHES["mixed"]
+    vc = _vllm_config(base_vllm_config)
+    (owner,) = _model(vc, [ROPE])
+    builder = pb.PrismMetadataBuilder(_spec(), [owner.attn.layer_name], vc, torch.device("cpu"))
+    p = _paged_batch(b, 16, seed=11)
+    md = builder.build(0, p.cm)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(kernels_api, "launch", broken)
+    stats.reset_stats()
+    out = torch.full((p.query.shape[0], HQ, D), float("nan"), dtype=DTYPE)
+    owner.attn.impl.forward(owner.attn, p.query, None, None, p.kv_cache, md, out)
+    want, _ = _expected(b, p, None, (), PrismConfig(**CFG), prism_layer=False)
+    torch.testing.assert_close(out.float(), want.float(), atol=5e-3, rtol=5e-3)
+    assert fake_flash[-1] is md  # the whole batch, with the full-batch metadata
+    assert owner.attn.impl.prism_layer is None and "kernel launch failed" in owner.attn.impl.prism_reason
+    assert stats.collect_stats()["kernel_failures"] == 1
