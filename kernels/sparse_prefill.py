@@ -29,9 +29,7 @@ Structure (FlashAttention-2 forward, Hopper habits):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
@@ -39,7 +37,7 @@ import triton.language as tl
 
 from .plan import PrefillPlan
 
-__all__ = ["sparse_prefill", "SparsePrefillConfig", "default_config", "candidate_configs"]
+__all__ = ["SparsePrefillConfig", "candidate_configs", "default_config", "sparse_prefill"]
 
 _LOG2E = 1.4426950408889634
 _HEAD_DIMS = (64, 128, 256)
@@ -342,11 +340,11 @@ def sparse_prefill(
     scale: float,
     out: torch.Tensor,
     *,
-    config: Optional[SparsePrefillConfig] = None,
-    block_m: Optional[int] = None,
-    block_n: Optional[int] = None,
-    num_warps: Optional[int] = None,
-    num_stages: Optional[int] = None,
+    config: SparsePrefillConfig | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention of every chunk of ``plan`` over the paged KV cache.
 
@@ -399,7 +397,7 @@ def sparse_prefill(
         v_cache.shape == k_cache.shape,
         f"Invalid shape of v_cache: expected {tuple(k_cache.shape)} (k_cache's), got {tuple(v_cache.shape)}",
     )
-    NP, PS, HKV, DK = k_cache.shape
+    _, PS, HKV, DK = k_cache.shape
     _check(DK == D, f"Invalid shape of k_cache: head dim {DK} != q's head dim {D}")
     _check(HKV >= 1 and HQ % HKV == 0, f"HQ={HQ} q heads is not a multiple of HKV={HKV} kv heads")
     _check(PS >= 1, f"Invalid page size {PS}")

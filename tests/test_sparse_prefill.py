@@ -7,8 +7,8 @@ GPU (`-m gpu`): realistic sizes in bf16 and fp16, reference run on the GPU in fp
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import pytest
 import torch
@@ -147,7 +147,7 @@ class Case:
     layout: str = "NHD"
     keep: str = "sink+diag"
     density: float = 0.5
-    dense: Optional[list] = None  # plan.dense flags
+    dense: list | None = None  # plan.dense flags
     cfg: dict = field(default_factory=dict)  # launch keywords (block_m, block_n, ...)
     pad_rows: int = 0  # q/out rows past plan.num_tokens (must stay untouched)
 
@@ -172,7 +172,7 @@ def run_case(case: Case, dtype: torch.dtype, device, seed: int = 0, check_dense_
     gen = torch.Generator().manual_seed(seed)
     hq, hkv, d = case.hq, case.hkv, case.d
     T = sum(case.lens)
-    rnd = lambda *s: torch.randn(*s, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(device=device, dtype=dtype)
     # q as a strided view into a fused qkv projection, as vLLM hands it over
     qkv = rnd(T + case.pad_rows, (hq + 2 * hkv) * d)
     q = qkv[:, : hq * d].view(T + case.pad_rows, hq, d)
@@ -215,10 +215,10 @@ def run_case(case: Case, dtype: torch.dtype, device, seed: int = 0, check_dense_
             exp = _chunked_reference(qr, kr, vr, case.ctx[r], masks[r], scale, ref_rows)
         else:
             exp = ref.block_sparse_attention(qr, kr, vr, case.ctx[r], masks[r], B, scale)
-        torch.testing.assert_close(got, exp, atol=atol, rtol=rtol, msg=lambda m: f"request {r}: {m}")
+        torch.testing.assert_close(got, exp, atol=atol, rtol=rtol, msg=lambda m, r=r: f"request {r}: {m}")
         if check_dense_ref:
             dense = ref.dense_causal_attention(qr, kr, vr, case.ctx[r], scale)
-            torch.testing.assert_close(got, dense, atol=atol, rtol=rtol, msg=lambda m: f"request {r} vs SDPA: {m}")
+            torch.testing.assert_close(got, dense, atol=atol, rtol=rtol, msg=lambda m, r=r: f"request {r} vs SDPA: {m}")
 
 
 def _chunked_reference(q, k, v, ctx, mask, scale, rows):
@@ -241,13 +241,13 @@ CPU_CASES = [
     Case([1], [0], 2, 1, 64),
     Case([127], [0], 3, 1, 64, keep="none"),  # GQA 3, partial last block, diagonal may be missing
     Case([129], [77], 4, 1, 64, page=32, layout="HND"),  # GQA 4, chunk starts mid-block
-    Case([300], [200], 8, 1, 64, layout="NHD_padded", cfg=dict(block_m=64)),  # GQA 8, two programs per block
-    Case([300], [128], 2, 2, 128, page=32, keep="none", cfg=dict(block_n=32)),  # GQA 1, D 128
+    Case([300], [200], 8, 1, 64, layout="NHD_padded", cfg={"block_m": 64}),  # GQA 8, two programs per block
+    Case([300], [128], 2, 2, 128, page=32, keep="none", cfg={"block_n": 32}),  # GQA 1, D 128
     # several requests in one launch, every length and chunk start of the brief
     Case([1, 127, 129, 300], [0, 77, 128, 200], 4, 2, 64, page=16, layout="HND", pad_rows=3),
-    Case([130, 60], [0, 300], 2, 1, 64, page=48, cfg=dict(block_n=64)),  # page size not dividing the tile
-    Case([200, 90], [40, 0], 2, 1, 64, page=128, layout="HND", cfg=dict(block_n=64)),  # tiles inside one page
-    Case([260], [0], 2, 1, 256, page=32, layout="NHD_xlayer", cfg=dict(block_m=64, block_n=64)),  # D 256
+    Case([130, 60], [0, 300], 2, 1, 64, page=48, cfg={"block_n": 64}),  # page size not dividing the tile
+    Case([200, 90], [40, 0], 2, 1, 64, page=128, layout="HND", cfg={"block_n": 64}),  # tiles inside one page
+    Case([260], [0], 2, 1, 256, page=32, layout="NHD_xlayer", cfg={"block_m": 64, "block_n": 64}),  # D 256
     Case([1000], [24], 2, 1, 64, page=32, layout="HND_xlayer", density=0.3),  # ~1000 rows
     # plan.dense: every causal block, poisoned selection rows never read
     Case([150, 100], [0, 90], 2, 1, 64, dense=[1, 0]),
@@ -261,7 +261,7 @@ def test_sparse_prefill_matches_reference(case):
 
 DENSE_CASES = [
     Case([300], [0], 4, 2, 64, keep="all", page=16),
-    Case([1, 200], [0, 77], 3, 1, 128, keep="all", page=32, layout="HND", cfg=dict(block_m=64, block_n=32)),
+    Case([1, 200], [0, 77], 3, 1, 128, keep="all", page=32, layout="HND", cfg={"block_m": 64, "block_n": 32}),
 ]
 
 
@@ -307,11 +307,11 @@ def _args(T=10, hq=4, hkv=2, d=64, dtype=torch.float16, page=16):
     q = torch.zeros(T, hq, d, dtype=dtype)
     kv = torch.zeros(4, page, hkv, 2 * d, dtype=dtype)
     kc, vc = kv.split(d, dim=-1)
-    return dict(
-        q=q, k_cache=kc, v_cache=vc, block_table=torch.zeros(1, 4, dtype=torch.int32), plan=plan,
-        sel_idx=torch.zeros(plan.sel_capacity, dtype=torch.int16),
-        sel_cnt=torch.zeros(plan.num_q_blocks * hq, dtype=torch.int32), scale=0.125, out=torch.zeros_like(q),
-    )
+    return {
+        "q": q, "k_cache": kc, "v_cache": vc, "block_table": torch.zeros(1, 4, dtype=torch.int32), "plan": plan,
+        "sel_idx": torch.zeros(plan.sel_capacity, dtype=torch.int16),
+        "sel_cnt": torch.zeros(plan.num_q_blocks * hq, dtype=torch.int32), "scale": 0.125, "out": torch.zeros_like(q),
+    }
 
 
 @pytest.mark.parametrize(
@@ -392,6 +392,6 @@ def test_gpu_every_candidate_config_is_correct(d):
     """Every config a sweep may pick computes the same attention (compile + correctness)."""
     hq, hkv = (16, 4) if d < 256 else (8, 2)
     for cfg in candidate_configs(d):
-        kw = dict(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        kw = {"block_m": cfg.block_m, "block_n": cfg.block_n, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         run_case(Case([1500, 700], [77, 0], hq, hkv, d, page=16, density=0.4, cfg=kw), torch.bfloat16, "cuda",
                  ref_rows=512)
