@@ -318,8 +318,7 @@ class Runner:
             "ttft": "wall time of LLM.generate for one request with max_tokens=1, median over reps after one warm-up"})
         if p.speed_lengths:
             mml = max(p.speed_lengths)
-            prompts_by_len = {str(L): self.windows(L - OUT_RESERVE, p.speed_reps + 1, 3 * i * KB)
-                              for i, L in enumerate(p.speed_lengths)}
+            prompts_by_len = {str(L): self.windows(L - OUT_RESERVE, p.speed_reps + 1, 0) for L in p.speed_lengths}
             for backend in ("dense", "prism"):
                 job = {"name": f"speed-smollm2-{backend}", "kind": "engine",
                        "engine": self.engine_spec(backend, mml, eager=False, mem=0.5, max_num_seqs=4),
@@ -349,8 +348,7 @@ class Runner:
         doc["models"].append(LLAMA_NAME)
         mdir = common.write_llama8b_dir(self.job_dir / "llama-3.1-8b-config")
         mml = max(p.llama_lengths)
-        prompts_by_len = {str(L): self.windows(L - OUT_RESERVE, p.llama_reps + 1, 5 * i * KB)
-                          for i, L in enumerate(p.llama_lengths)}
+        prompts_by_len = {str(L): self.windows(L - OUT_RESERVE, p.llama_reps + 1, 0) for L in p.llama_lengths}
         for backend in ("dense", "prism"):
             prism = {**self.prism_cfg, "block_budget": p.llama_budget} if backend == "prism" else None
             spec = self.engine_spec(backend, mml, eager=False, mem=0.85, max_num_seqs=4, model=str(mdir),

@@ -78,10 +78,19 @@ class VllmEngine:
 
         self.SamplingParams = SamplingParams
         self.backend = spec["backend"]
+        kw = self.engine_kwargs(spec)
+        log(f"vLLM engine: {self.backend}, max_model_len {kw['max_model_len']}, eager {kw['enforce_eager']}, "
+            f"overrides {'yes' if kw.get('hf_overrides') else 'no'}")
+        self.llm = LLM(**kw)
+
+    @staticmethod
+    def engine_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+        """vLLM engine arguments of a job: identical for both backends except the backend name
+        and Prism's additional_config."""
         kw: dict[str, Any] = dict(
             model=spec["model"],
             tokenizer=spec.get("tokenizer") or spec["model"],
-            attention_backend="prism" if self.backend == "prism" else "FLASH_ATTN",
+            attention_backend="prism" if spec["backend"] == "prism" else "FLASH_ATTN",
             max_model_len=int(spec["max_model_len"]),
             enforce_eager=bool(spec.get("enforce_eager", False)),
             gpu_memory_utilization=float(spec.get("gpu_memory_utilization", 0.5)),
@@ -95,11 +104,9 @@ class VllmEngine:
             kw["hf_overrides"] = spec["hf_overrides"]
         if spec.get("load_format"):
             kw["load_format"] = spec["load_format"]
-        if self.backend == "prism":
+        if spec["backend"] == "prism":
             kw["additional_config"] = {"prism": dict(spec.get("prism") or {})}
-        log(f"vLLM engine: {self.backend}, max_model_len {kw['max_model_len']}, eager {kw['enforce_eager']}, "
-            f"overrides {'yes' if kw.get('hf_overrides') else 'no'}")
-        self.llm = LLM(**kw)
+        return kw
 
     def _gen(self, prompts: Sequence[Sequence[int]], params: Any) -> list[Any]:
         return self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
@@ -125,7 +132,8 @@ class VllmEngine:
 
     def prefill_seconds(self, ids: Sequence[int]) -> float:
         """Wall time of one request with a single output token: its time to first token."""
-        p = self.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        # detokenize=False: the dummy-weight Llama-3.1-8B samples ids beyond SmolLM2's vocabulary.
+        p = self.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
         t0 = time.perf_counter()
         self._gen([ids], p)
         return time.perf_counter() - t0

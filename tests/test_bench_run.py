@@ -275,3 +275,84 @@ def test_dry_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert "![TTFT](res/speed.png)" in text
     run.main(["--report", "--out", str(out), "--readme", str(readme)])
     assert readme.read_text().count(report.README_BEGIN) == 1
+
+
+# -- the vLLM glue, without a GPU ------------------------------------------------------------------
+def _spec(backend: str, **kw):
+    spec = {"kind": "vllm", "backend": backend, "model": "/nonexistent/model", "max_model_len": 32768,
+            "enforce_eager": True, "gpu_memory_utilization": 0.45, "max_num_batched_tokens": 16384,
+            "max_num_seqs": 64, "hf_overrides": None, "prism": {"min_context_len": 0} if backend == "prism" else None}
+    spec.update(kw)
+    return spec
+
+
+@pytest.mark.vllm
+def test_engine_kwargs_are_vllm_engine_args() -> None:
+    """Every engine argument the worker passes exists in vLLM 0.26's EngineArgs, both backends get
+    the same flags, and 'prism' resolves to the plugin's backend."""
+    pytest.importorskip("vllm")
+    from vllm.config import AttentionConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from benchmarks.worker import VllmEngine
+
+    dense = VllmEngine.engine_kwargs(_spec("dense"))
+    prism = VllmEngine.engine_kwargs(_spec("prism", hf_overrides={"max_position_embeddings": 32768},
+                                           load_format="dummy", tokenizer="/tok"))
+    EngineArgs(**dense)
+    EngineArgs(**prism)
+    assert AttentionConfig.validate_backend_before(prism["attention_backend"]).name == "CUSTOM"
+    assert AttentionConfig.validate_backend_before(dense["attention_backend"]).name == "FLASH_ATTN"
+    PrismConfig.from_dict(prism["additional_config"]["prism"])
+    same = {k for k in dense if k not in ("attention_backend",)}
+    assert {k: dense[k] for k in same if k in prism and k not in ("tokenizer",)} == \
+        {k: prism[k] for k in same if k in prism and k not in ("tokenizer",)}
+
+
+@pytest.mark.vllm
+def test_vllm_engine_tasks_with_a_stand_in_llm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's vLLM path (prompt logprobs parsing, greedy outputs, TTFT loop, Prism stats
+    through collective_rpc) against a stand-in LLM that returns vLLM's output structures."""
+    vllm = pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vllm.logprobs import Logprob
+
+    from benchmarks import worker
+
+    calls = []
+
+    class StandIn:
+        def __init__(self, **kw):
+            calls.append(("init", kw))
+
+        def generate(self, prompts, params, use_tqdm=True):
+            assert isinstance(params, vllm.SamplingParams) and use_tqdm is False
+            outs = []
+            for p in prompts:
+                ids = p["prompt_token_ids"]
+                plp = None
+                if params.prompt_logprobs is not None:
+                    plp = [None] + [{ids[t]: Logprob(logprob=-0.5), ids[t] + 1: Logprob(logprob=-9.0)}
+                                    for t in range(1, len(ids))]
+                outs.append(SimpleNamespace(prompt_logprobs=plp,
+                                            outputs=[SimpleNamespace(token_ids=list(range(params.max_tokens)))]))
+            return outs
+
+        def collective_rpc(self, fn, timeout=None, args=(), kwargs=None):
+            calls.append(("rpc", args))
+            return [fn(None, *args)]
+
+    monkeypatch.setattr(vllm, "LLM", StandIn)
+    job = {"name": "t", "kind": "engine", "engine": _spec("prism"), "tasks": [
+        {"task": "ppl", "label": "x", "length": 64, "windows": [[1, 2, 3, 4], [5, 6, 7]]},
+        {"task": "generate", "label": "n", "max_tokens": 3, "cases": [{"id": "a", "ids": [1, 2]}]},
+        {"task": "speed", "label": "s", "prompts": {"256": [[1] * 10, [2] * 10, [3] * 10]}}]}
+    res = worker.run_job(job)
+    assert res["errors"] == []
+    ppl, gen, speed = res["rows"]
+    assert ppl["logprobs"] == [[-0.5] * 3, [-0.5] * 2]
+    assert gen["outputs"] == {"a": [0, 1, 2]}
+    assert speed["length"] == 256 and speed["prompt_tokens"] == 10 and len(speed["ttft_ms_all"]) == 2
+    assert "density" in speed  # Prism's stats were read through collective_rpc
+    assert [c[1] for c in calls if c[0] == "rpc"] == [("reset",), ("sample=1",), ("collect",), ("sample=0",)]
