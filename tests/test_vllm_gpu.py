@@ -11,6 +11,7 @@ Engines (LLM engines with ``enforce_eager``; bf16, max_model_len 8192):
     prism         prism, default thresholds, min_context_len 1024, one-shot prefill
     prism_c512    same, max_num_batched_tokens 512 (chunks cut at 128-token block boundaries)
     prism_c1000   same, max_num_batched_tokens 1000 (chunks start mid-block), model runner V1
+    prism_preempt same, a KV cache too small for the batch: preemption and recompute
     serve         ``vllm serve --attention-backend prism`` (torch.compile + CUDA graphs, the
                   production default) + 32 concurrent OpenAI requests
     prism_tp2     prism dense on two GPUs (skipped with fewer)
@@ -155,6 +156,11 @@ _ENGINE = textwrap.dedent(
                     steps.append({"token": int(t), "lp": float(lp[t].logprob), "top": top})
                 rows.append({"token_ids": list(o.token_ids), "text": o.text, "steps": steps})
         out["results"][task["name"]] = rows
+    if job.get("metrics"):
+        out["metrics"] = {}
+        for m in llm.get_metrics():
+            if isinstance(getattr(m, "value", None), (int, float)):
+                out["metrics"][m.name] = out["metrics"].get(m.name, 0) + m.value
     if job["engine"].get("attention_backend") == "prism":
         from prism_vllm.stats import collect_stats_rpc
         out["stats"] = llm.collective_rpc(collect_stats_rpc)
@@ -163,8 +169,17 @@ _ENGINE = textwrap.dedent(
 )
 
 
-def _run_engine(engine: dict, tasks: list[dict], env: dict | None = None, timeout: int = 420) -> dict:
-    job = {"model": MODEL, "gpu_mem": float(GPU_MEM), "max_model_len": MAX_MODEL_LEN, "engine": engine, "tasks": tasks}
+def _run_engine(
+    engine: dict, tasks: list[dict], env: dict | None = None, timeout: int = 420, metrics: bool = False
+) -> dict:
+    job = {
+        "model": MODEL,
+        "gpu_mem": float(GPU_MEM),
+        "max_model_len": MAX_MODEL_LEN,
+        "engine": engine,
+        "tasks": tasks,
+        "metrics": metrics,
+    }
     with tempfile.TemporaryDirectory() as d:
         jp, op = os.path.join(d, "job.json"), os.path.join(d, "out.json")
         json.dump(job, open(jp, "w"))
@@ -243,6 +258,17 @@ def prism_c1000(prompts):
     )
 
 
+@pytest.fixture(scope="module")
+def prism_preempt(prompts):
+    # 700 KV blocks of 16 tokens cannot hold the three long prompts (938 blocks) at once: the
+    # scheduler preempts a running request and recomputes it later.
+    return _run_engine(
+        _prism(max_num_batched_tokens=2048, num_gpu_blocks_override=700, disable_log_stats=False),
+        _tasks(prompts, "long"),
+        metrics=True,
+    )
+
+
 def _compare_greedy(ref: dict, got: dict, tol: float = LOGPROB_TOL) -> int:
     """Same greedy tokens with chosen-token logprobs within ``tol``; a divergence is accepted
     only where the reference's top-2 margin was itself within noise. Returns matched steps."""
@@ -306,6 +332,14 @@ def test_mid_block_chunks_v1_runner_match_one_shot(prism, prism_c1000):
     assert "Using V2 Model Runner" not in prism_c1000["log"]
     assert "Using V2 Model Runner" in prism["log"]
     for a, b in zip(prism["results"]["long_serial"], prism_c1000["results"]["long"]):
+        print("matched steps:", _compare_greedy(a, b), "of", len(a["steps"]))
+
+
+def test_preemption_and_recompute(prism, prism_preempt):
+    _prism_ran(prism_preempt)
+    preempted = prism_preempt["metrics"].get("vllm:num_preemptions", 0)
+    assert preempted > 0, f"no preemption happened; lower num_gpu_blocks_override ({prism_preempt['metrics']})"
+    for a, b in zip(prism["results"]["long_serial"], prism_preempt["results"]["long"]):
         print("matched steps:", _compare_greedy(a, b), "of", len(a["steps"]))
 
 
