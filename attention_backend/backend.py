@@ -401,7 +401,7 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
             max_seq_len=int(upper[:s].max()),
             block_table_tensor=cm.block_table_tensor[:s],
             slot_mapping=cm.slot_mapping[:t],
-            positions=None if cm.positions is None else cm.positions[:t],
+            positions=None if cm.positions is None else cm.positions[..., :t],  # [T] or M-RoPE [3, T]
             is_prefilling=rows(cm.is_prefilling),
             seq_lens_cpu_upper_bound=upper[:s],
             encoder_seq_lens=rows(cm.encoder_seq_lens),

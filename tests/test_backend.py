@@ -432,6 +432,7 @@ def _paged_batch(b: Batch, page: int, seed: int, pad_tokens: int = 0) -> Paged:
         block_table_tensor=table,
         slot_mapping=torch.zeros(T, dtype=torch.int64),
         seq_lens_cpu_upper_bound=seq_t.clone(),
+        positions=torch.cat([torch.arange(c, c + q) for c, q in b.reqs] + [torch.zeros(pad_tokens, dtype=torch.long)]),
     )
     return Paged(query, phys.permute(0, 2, 1, 3), table, ks, vs, cm)
 
@@ -505,6 +506,7 @@ def test_forward_on_named_batches(base_vllm_config, fake_flash, case):
             assert head.seq_lens.tolist() == b.seq[: b.start].tolist()
             assert head.max_query_len == max(q for _, q in b.reqs[: b.start])
             assert head.max_seq_len == max(c + q for c, q in b.reqs[: b.start])
+            assert head.slot_mapping.shape[0] == int(b.qsl[b.start])
     # The inherited fields always describe the whole batch (for non-Prism layers).
     assert md.num_actual_tokens == p.cm.num_actual_tokens
     assert md.query_start_loc.tolist() == b.qsl.tolist()
