@@ -97,6 +97,13 @@ def gpu_name() -> str:
             return out.stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError):
         pass
+    try:  # no nvidia-smi: ask torch in a child, so this process keeps no CUDA context
+        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0) "
+                              "if torch.cuda.is_available() else 'cpu')"], capture_output=True, text=True, timeout=120)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[-1]
+    except (OSError, subprocess.SubprocessError):
+        pass
     return "cpu"
 
 
@@ -184,7 +191,7 @@ def run_job_subprocess(job: dict[str, Any], job_dir: Path, timeout_s: float, ver
                 lf.write(line)
                 lf.flush()
                 if verbose or line.startswith("[bench]"):
-                    sys.stdout.write("  " + line)
+                    sys.stdout.write(f"  {name}: " + line)
                     sys.stdout.flush()
 
         th = threading.Thread(target=pump, daemon=True)
@@ -200,8 +207,7 @@ def run_job_subprocess(job: dict[str, Any], job_dir: Path, timeout_s: float, ver
     if status != "ok":
         tail = log_file.read_text(errors="replace").splitlines()[-25:]
         log(f"job {name}: {status} after {wall:.0f} s; log tail:")
-        for line in tail:
-            print("    | " + line[:300], flush=True)
+        print("\n".join(f"    {name} | " + line[:300] for line in tail), flush=True)
     else:
         log(f"job {name}: done in {wall:.0f} s")
     res = read_json(result_file) if result_file.exists() else {}

@@ -78,6 +78,8 @@ class Plan:
     llama_reps: int = 2
     llama_budget: float = 0.1
     max_num_batched_tokens: int = 16384
+    #: KV cache of each accuracy engine (fixed, so engines can share the GPU without profiling)
+    accuracy_kv_bytes: int = 8 << 30
     recall_chunk_rows: int = 1024
     #: hard wall-clock limit per job kind, seconds (engine start included)
     limits: dict[str, float] = dataclasses.field(default_factory=lambda: {
@@ -195,8 +197,26 @@ class Runner:
         f = common.yarn_factor(L, self.plan.native)
         return "native" if f <= 1.0 else f"YaRN x{f:g}"
 
+    # -- job scheduling ------------------------------------------------------------------------------
+    def run_jobs(self, items: list[tuple[dict[str, Any], str, Any]], concurrency: int) -> None:
+        """Run (job, kind, on_done) items, ``concurrency`` at a time (accuracy jobs may share the
+        GPU: fixed KV cache sizes, no memory profiling); on_done(res) runs under a lock."""
+        if concurrency <= 1 or self.in_process or len(items) <= 1:
+            for job, kind, on_done in items:
+                on_done(self.run_job(job, kind))
+            return
+        import threading
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        lock = threading.Lock()
+        with ThreadPoolExecutor(max_workers=concurrency) as ex:
+            futs = {ex.submit(self.run_job, job, kind): on_done for job, kind, on_done in items}
+            for f in as_completed(futs):
+                with lock:
+                    futs[f](f.result())
+
     # -- recall ------------------------------------------------------------------------------------
-    def part_recall(self) -> None:
+    def recall_items(self) -> list[tuple[dict[str, Any], str, Any]]:
         p = self.plan
         doc = self.part_doc("recall", settings={"lengths": p.recall_lengths, "method_names": report.METHOD_NAMES})
         items = []
@@ -206,18 +226,23 @@ class Runner:
         job = {"name": "recall", "kind": "recall", "model": self.model, "items": items, "prism": self.prism_cfg,
                "device": "cpu" if p.dry else "cuda", "dtype": "float32" if p.dry else "bfloat16",
                "chunk_rows": p.recall_chunk_rows}
-        res = self.run_job(job, "recall")
-        for r in res.get("rows", []):
-            r["summary"] = {m: {"recall": statistics.mean(l[f"{m}_recall"] for l in r["layers"]),
-                                "recall_min_layer": min(l[f"{m}_recall"] for l in r["layers"]),
-                                "density": statistics.mean(l[f"{m}_density"] for l in r["layers"])}
-                            for m in report.METHOD_NAMES}
-            doc["rows"].append(r)
-        doc["jobs"].append(self.job_summary(job, res))
-        self.save("recall")
+
+        def done(res: dict[str, Any]) -> None:
+            for r in res.get("rows", []):
+                r["summary"] = {m: {"recall": statistics.mean(l[f"{m}_recall"] for l in r["layers"]),
+                                    "recall_min_layer": min(l[f"{m}_recall"] for l in r["layers"]),
+                                    "density": statistics.mean(l[f"{m}_density"] for l in r["layers"])}
+                                for m in report.METHOD_NAMES}
+                doc["rows"].append(r)
+            doc["jobs"].append(self.job_summary(job, res))
+            self.save("recall")
+
+        return [(job, "recall", done)]
 
     # -- ppl + needle (shared engines) ---------------------------------------------------------------
-    def part_accuracy(self, do_ppl: bool, do_needle: bool) -> None:
+    def accuracy_items(self, do_ppl: bool, do_needle: bool) -> list[tuple[dict[str, Any], str, Any]]:
+        """One engine job per (RoPE group, backend): ppl windows and needle prompts of the lengths
+        that share a max_model_len (native 8K, or YaRN stretched to the length)."""
         p = self.plan
         groups: dict[int, dict[str, list[int]]] = {}  # max_model_len -> lengths
 
@@ -241,6 +266,7 @@ class Runner:
                                               "max_tokens": p.needle_max_tokens, "enforce_eager": True}, cases=[])
         ppl_lp: dict[tuple[int, str], list[list[float]]] = {}
         outputs: dict[str, dict[str, list[int]]] = {"dense": {}, "prism": {}}
+        items = []
         for mml, g in sorted(groups.items()):
             tasks = []
             for L in g["ppl"]:
@@ -252,23 +278,27 @@ class Runner:
                               "max_tokens": p.needle_max_tokens,
                               "cases": [{"id": c["id"], "ids": c["ids"]} for c in cases if c["length"] in lens]})
             for backend in ("dense", "prism"):
-                job = {"name": f"accuracy-{tok_label(mml)}-{backend}", "kind": "engine",
-                       "engine": self.engine_spec(backend, mml, eager=True, mem=0.45), "tasks": tasks}
-                res = self.run_job(job, "accuracy")
-                for r in res.get("rows", []):
-                    if r["task"] == "ppl":
-                        ppl_lp[(r["length"], backend)] = r["logprobs"]
-                    elif r["task"] == "generate":
-                        outputs[backend].update(r["outputs"])
-                js = self.job_summary(job, res)
-                if do_ppl:
-                    self.results["ppl"]["jobs"].append(js)
-                    self._ppl_rows(ppl_lp)
-                    self.save("ppl")
-                if do_needle:
-                    self.results["needle"]["jobs"].append(js)
-                    self._needle_rows(cases, outputs)
-                    self.save("needle")
+                spec = self.engine_spec(backend, mml, eager=True, mem=0.25, kv_cache_memory_bytes=p.accuracy_kv_bytes)
+                job = {"name": f"accuracy-{tok_label(mml)}-{backend}", "kind": "engine", "engine": spec, "tasks": tasks}
+
+                def done(res: dict[str, Any], job: dict[str, Any] = job, backend: str = backend) -> None:
+                    for r in res.get("rows", []):
+                        if r["task"] == "ppl":
+                            ppl_lp[(r["length"], backend)] = r["logprobs"]
+                        elif r["task"] == "generate":
+                            outputs[backend].update(r["outputs"])
+                    js = self.job_summary(job, res)
+                    if do_ppl:
+                        self.results["ppl"]["jobs"].append(js)
+                        self._ppl_rows(ppl_lp)
+                        self.save("ppl")
+                    if do_needle:
+                        self.results["needle"]["jobs"].append(js)
+                        self._needle_rows(cases, outputs)
+                        self.save("needle")
+
+                items.append((job, "accuracy", done))
+        return items
 
     def _ppl_rows(self, lp: dict[tuple[int, str], list[list[float]]]) -> None:
         doc = self.results["ppl"]
@@ -387,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prism", default=None, help="JSON of PrismConfig fields for the Prism runs (min_context_len=0 is preset)")
     ap.add_argument("--budget-s", type=float, default=None, help="total wall-clock budget; jobs that would pass it are cut or skipped")
     ap.add_argument("--verbose", action="store_true", help="echo all job output (vLLM INFO logs)")
+    ap.add_argument("--jobs", type=int, default=3,
+                    help="accuracy jobs (recall, dense and Prism engines) sharing the GPU at once; speed jobs always run alone")
     for name in ("recall", "ppl", "needle", "speed", "llama"):
         ap.add_argument(f"--{name}-lengths", default=None, help=f"override {name} context lengths, e.g. 8K,16K")
     ap.add_argument("--seeds", type=int, default=None, help="needle seeds per point")
@@ -425,10 +457,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.monotonic()
     runner = Runner(a, plan, argv)
     log(f"parts {sorted(parts)}; out {out}; {'dry run' if plan.dry else runner.meta['gpu']}")
-    if "recall" in parts:
-        runner.part_recall()
+    # Accuracy jobs do not time anything: they may share the GPU. Speed jobs run alone.
+    items = runner.recall_items() if "recall" in parts else []
     if parts & {"ppl", "needle"}:
-        runner.part_accuracy("ppl" in parts, "needle" in parts)
+        items += runner.accuracy_items("ppl" in parts, "needle" in parts)
+    runner.run_jobs(items, a.jobs)
     if "speed" in parts:
         runner.part_speed()
     res = report.load_results(out)

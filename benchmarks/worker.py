@@ -104,6 +104,9 @@ class VllmEngine:
             kw["hf_overrides"] = spec["hf_overrides"]
         if spec.get("load_format"):
             kw["load_format"] = spec["load_format"]
+        if spec.get("kv_cache_memory_bytes"):
+            # fixed KV size, no memory profiling: engines may share the GPU (accuracy runs)
+            kw["kv_cache_memory_bytes"] = int(spec["kv_cache_memory_bytes"])
         if spec["backend"] == "prism":
             kw["additional_config"] = {"prism": dict(spec.get("prism") or {})}
         return kw
