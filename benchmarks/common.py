@@ -201,7 +201,7 @@ def run_job_subprocess(job: dict[str, Any], job_dir: Path, timeout_s: float, ver
             status = "ok" if rc == 0 else f"failed (rc={rc})"
         except subprocess.TimeoutExpired:
             status = "timeout"
-            _kill_group(proc)
+        _kill_group(proc)  # also after a normal exit: orphaned engine processes hold GPU memory
         th.join(timeout=10)
     wall = time.monotonic() - t0
     if status != "ok":
@@ -223,17 +223,35 @@ def run_job_subprocess(job: dict[str, Any], job_dir: Path, timeout_s: float, ver
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the child's process group, SIGKILL after 15 s."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+    """End every process left in the child's process group (its own session): SIGTERM, then
+    SIGKILL after 15 s. Returns when the group is gone (or after the SIGKILL grace)."""
+
+    def alive() -> bool:
+        try:
+            os.killpg(proc.pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
+        if not alive():
+            break
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            break
+        t_end = time.monotonic() + wait
+        while time.monotonic() < t_end:
+            if proc.poll() is None:
+                try:
+                    proc.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+            if not alive():
+                break
+            time.sleep(0.2)
+    if proc.poll() is None:
+        proc.wait(timeout=5)
 
 
 # -- tokenizers -----------------------------------------------------------------------------

@@ -243,6 +243,17 @@ def test_subprocess_job_time_limit_keeps_partial_results(tmp_path: Path) -> None
     assert res["status"].startswith("failed") and len(res["rows"]) == 2 and res["errors"]
 
 
+def test_subprocess_job_leaves_no_process_behind(tmp_path: Path) -> None:
+    """A finished job's leftover processes (vLLM's engine core holds GPU memory) are ended."""
+    res = common.run_job_subprocess({"name": "orphan", "kind": "selftest", "units": 1, "sleep_s": 0, "orphan": True},
+                                    tmp_path, timeout_s=60)
+    assert res["status"] == "ok" and res["done"]
+    pid = res["info"]["orphan_pid"]
+    stat = Path(f"/proc/{pid}/stat")
+    state = stat.read_text().rsplit(")", 1)[1].split()[0] if stat.exists() else "gone"
+    assert state in ("gone", "Z", "X"), f"orphan {pid} still running (state {state})"
+
+
 def test_dry_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "res"
     assert run.main(["--dry-run", "--out", str(out)]) == 0
