@@ -16,8 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 KB = 1024
@@ -78,11 +79,11 @@ def git_commit() -> str:
         return env
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
+                             text=True, timeout=10, check=False).stdout.strip()
         if not sha:
             return "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -92,14 +93,14 @@ def gpu_name() -> str:
     """Name of GPU 0 from nvidia-smi (no CUDA context in the orchestrator), else 'cpu'."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+                             capture_output=True, text=True, timeout=20, check=False)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError):
         pass
     try:  # no nvidia-smi: ask torch in a child, so this process keeps no CUDA context
-        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0) "
-                              "if torch.cuda.is_available() else 'cpu')"], capture_output=True, text=True, timeout=120)
+        probe = "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[-1]
     except (OSError, subprocess.SubprocessError):
@@ -107,10 +108,10 @@ def gpu_name() -> str:
     return "cpu"
 
 
-def versions() -> dict[str, Optional[str]]:
+def versions() -> dict[str, str | None]:
     from importlib import metadata
 
-    out: dict[str, Optional[str]] = {}
+    out: dict[str, str | None] = {}
     for dist in ("vllm", "torch", "triton", "transformers", "prism-vllm"):
         try:
             out[dist] = metadata.version(dist)
@@ -119,7 +120,7 @@ def versions() -> dict[str, Optional[str]]:
     return out
 
 
-def run_meta(command: Sequence[str], commit: Optional[str], dry_run: bool) -> dict[str, Any]:
+def run_meta(command: Sequence[str], commit: str | None, dry_run: bool) -> dict[str, Any]:
     return {
         "gpu": "cpu (dry run)" if dry_run else gpu_name(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -299,7 +300,7 @@ def yarn_factor(max_len: int, native: int = SMOLLM2_NATIVE_LEN) -> float:
     return max(1.0, max_len / native)
 
 
-def yarn_overrides(model_dir: str, max_len: int, native: int = SMOLLM2_NATIVE_LEN) -> Optional[dict[str, Any]]:
+def yarn_overrides(model_dir: str, max_len: int, native: int = SMOLLM2_NATIVE_LEN) -> dict[str, Any] | None:
     """``hf_overrides`` for vLLM 0.26 (transformers 5 keys: ``rope_parameters`` carries
     rope_type/rope_theta/factor/original_max_position_embeddings) that serve ``max_len`` tokens
     with YaRN; None when ``max_len`` fits the native context. vLLM derives the allowed length as

@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 import random
 import re
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-__all__ = ["Tokenizer", "NeedleCase", "needle_cases", "score_needle", "ppl_summary", "DEPTHS"]
+__all__ = ["DEPTHS", "NeedleCase", "Tokenizer", "needle_cases", "ppl_summary", "score_needle"]
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 COLORS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple")
@@ -75,7 +76,7 @@ def _case(tok: Tokenizer, corpus_ids: Sequence[int], nl: set[int], kind: str, L:
     if kind == "single":
         key = str(rng.randint(10000, 99999))
         needles = [(depth, tok.encode(f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"))]
-        question = tok.encode(f"\n\nWhat is the pass key? The pass key is")
+        question = tok.encode("\n\nWhat is the pass key? The pass key is")
     elif kind == "multi":
         colors = rng.sample(COLORS, n_keys)
         keys = [str(rng.randint(10000, 99999)) for _ in colors]
@@ -95,7 +96,7 @@ def _case(tok: Tokenizer, corpus_ids: Sequence[int], nl: set[int], kind: str, L:
     start = rng.randrange(0, max(1, len(corpus_ids) - n_hay))
     hay = [corpus_ids[(start + i) % len(corpus_ids)] for i in range(n_hay)]
     # Insert the deepest needle first so earlier insertion points stay valid.
-    points = sorted(((_snap(int(round(d * n_hay)), hay, nl), n) for d, n in needles), key=lambda x: -x[0])
+    points = sorted(((_snap(round(d * n_hay), hay, nl), n) for d, n in needles), key=lambda x: -x[0])
     for p, n in points:
         hay[p:p] = n
     ids = intro + hay + question

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ from prism_vllm.config import PrismConfig
 from prism_vllm.reference import band_logits, pool_blocks, select_blocks
 from prism_vllm.rope import Bands, RopeLayout, rope_bands
 
-__all__ = ["block_mass", "topk_rows", "layer_recall", "model_bands", "capture_qk", "CAPTURE_NAME"]
+__all__ = ["CAPTURE_NAME", "block_mass", "capture_qk", "layer_recall", "model_bands", "topk_rows"]
 
 CAPTURE_NAME = "prism_bench_capture"
 METHODS = ("prism", "meanpool", "meanpool_topk", "oracle")
@@ -87,7 +88,7 @@ def layer_recall(
     k: torch.Tensor,
     bands: Bands,
     cfg: PrismConfig,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     chunk_rows: int = 1024,
 ) -> dict[str, Any]:
     """Recall and density of the four selections (module docstring) for one layer.
@@ -151,7 +152,7 @@ def capture_qk(model: Any, input_ids: torch.Tensor,
     from transformers import AttentionInterface
 
     def capture(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: Any, scaling: Optional[float] = None, dropout: float = 0.0, **_: Any):
+                attention_mask: Any, scaling: float | None = None, dropout: float = 0.0, **_: Any):
         # query [1, HQ, L, D], key/value [1, HKV, L, D]: one unpadded sequence, so plain causal.
         sc = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         on_layer(int(module.layer_idx), query[0].transpose(0, 1), key[0].transpose(0, 1), sc)

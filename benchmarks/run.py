@@ -33,10 +33,10 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from benchmarks import common, corpus, prompts, report
 from benchmarks.common import KB, log, tok_label
@@ -48,7 +48,7 @@ SMOL_NAME = "SmolLM2-135M"
 LLAMA_NAME = "Llama-3.1-8B (dummy weights)"
 
 
-def parse_lengths(s: Optional[str]) -> Optional[list[int]]:
+def parse_lengths(s: str | None) -> list[int] | None:
     """'4K,8K,12000' -> [4096, 8192, 12000]."""
     if s is None:
         return None
@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
     if a.out is None:
@@ -436,7 +436,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.report:
         res = report.load_results(out)
         md = report.markdown(res, image_dir=os.path.relpath(out, Path(a.readme).resolve().parent) if a.readme else str(out))
-        report.plot_all(res, out)
+        try:
+            report.plot_all(res, out)
+        except ImportError as e:
+            log(f"plots skipped ({e}); pip install matplotlib")
         print(md)
         if a.readme:
             changed = report.update_readme(Path(a.readme), md)

@@ -22,7 +22,8 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from benchmarks.common import log, read_json, tok_label, write_json
 
@@ -30,7 +31,7 @@ from benchmarks.common import log, read_json, tok_label, write_json
 class Result:
     """The job's result file, rewritten after each unit."""
 
-    def __init__(self, path: Optional[str]):
+    def __init__(self, path: str | None):
         self.path = path
         self.data: dict[str, Any] = {"rows": [], "errors": [], "info": {}}
 
@@ -87,7 +88,7 @@ class VllmEngine:
     def engine_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
         """vLLM engine arguments of a job: identical for both backends except the backend name
         and Prism's additional_config."""
-        kw: dict[str, Any] = dict(
+        kw: dict[str, Any] = dict(  # noqa: C408 - reads as engine keyword arguments
             model=spec["model"],
             tokenizer=spec.get("tokenizer") or spec["model"],
             attention_backend="prism" if spec["backend"] == "prism" else "FLASH_ATTN",
@@ -141,7 +142,7 @@ class VllmEngine:
         self._gen([ids], p)
         return time.perf_counter() - t0
 
-    def stats(self, op: str) -> Optional[dict[str, Any]]:
+    def stats(self, op: str) -> dict[str, Any] | None:
         if self.backend != "prism":
             return None
         try:
@@ -152,7 +153,7 @@ class VllmEngine:
         return _merge_stats(res)
 
 
-def _merge_stats(per_worker: Sequence[Any]) -> Optional[dict[str, Any]]:
+def _merge_stats(per_worker: Sequence[Any]) -> dict[str, Any] | None:
     ds = [d for d in per_worker if isinstance(d, dict) and d]
     if not ds:
         return None
@@ -168,7 +169,7 @@ def _merge_stats(per_worker: Sequence[Any]) -> Optional[dict[str, Any]]:
     return out
 
 
-def load_hf_model(path: str, overrides: Optional[dict[str, Any]], dtype: str, device: str, attn: str = "sdpa") -> Any:
+def load_hf_model(path: str, overrides: dict[str, Any] | None, dtype: str, device: str, attn: str = "sdpa") -> Any:
     """A transformers causal LM with vLLM-style ``hf_overrides`` applied to its config."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -208,7 +209,7 @@ class HFEngine:
             bands, _ = model_bands(self.model, cfg)
 
             def attend(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
-                       scaling: Optional[float] = None, dropout: float = 0.0, **_: Any):
+                       scaling: float | None = None, dropout: float = 0.0, **_: Any):
                 q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
                 ctx = k.shape[0] - q.shape[0]  # > 0 on cached decode steps
                 if q.shape[0] < max(cfg.min_query_len, 2) or k.shape[0] < cfg.min_context_len:
@@ -265,7 +266,7 @@ class HFEngine:
         self._logits(ids)
         return time.perf_counter() - t0
 
-    def stats(self, op: str) -> Optional[dict[str, Any]]:
+    def stats(self, op: str) -> dict[str, Any] | None:
         if self.backend != "prism":
             return None
         if op == "reset":
@@ -360,7 +361,7 @@ def run_recall_job(job: dict[str, Any], res: Result) -> None:
         bands, _ = model_bands(model, cfg)
         layers: list[dict[str, Any]] = []
 
-        def on_layer(i: int, q: Any, k: Any, scale: float) -> None:
+        def on_layer(i: int, q: Any, k: Any, scale: float, bands: Any = bands, layers: list = layers) -> None:
             r = layer_recall(q, k, bands, cfg, scale, int(job.get("chunk_rows", 1024)))
             r["layer"] = i
             layers.append(r)
@@ -398,7 +399,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     runner = {"engine": run_engine_job, "recall": run_recall_job, "selftest": run_selftest_job}[kind]
     try:
         runner(job, res)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         res.error(f"job {job.get('name')}", e)
         if job.get("raise", False):
             raise
@@ -407,7 +408,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     return res.data
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     job = read_json(argv[0])
     data = run_job(job)
