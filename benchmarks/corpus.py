@@ -118,16 +118,22 @@ def _download_debs(workdir: Path) -> tuple[Path, Path | None, str]:
             f"copy {DATA_DIR} here, or install the package (apt-get install fortunes)."
         )
 
-    def download() -> subprocess.CompletedProcess:
-        return subprocess.run(["apt-get", "download", *PACKAGES], cwd=workdir,
-                              capture_output=True, text=True, check=False)
+    hint = (f"Without a Debian registry here, run `python -m benchmarks.corpus` on a machine that has one "
+            f"and copy {DATA_DIR} over (on the GPU machine: carry benchmarks/data).")
 
-    r = download()
+    def apt(*args: str) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run(["apt-get", *args], cwd=workdir, capture_output=True, text=True, check=False,
+                                  timeout=120)
+        except subprocess.TimeoutExpired as e:
+            raise RuntimeError(f"apt-get {' '.join(args)} timed out. {hint}") from e
+
+    r = apt("download", *PACKAGES)
     if r.returncode != 0:  # package lists may be missing on a fresh machine
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True, check=False)
-        r = download()
+        apt("update", "-qq")
+        r = apt("download", *PACKAGES)
     if r.returncode != 0:
-        raise RuntimeError(f"apt-get download {' '.join(PACKAGES)} failed: {r.stderr.strip()[-500:]}")
+        raise RuntimeError(f"apt-get download {' '.join(PACKAGES)} failed: {r.stderr.strip()[-300:]}. {hint}")
     version = ""
     root = workdir / "root"
     for deb in sorted(workdir.glob("*.deb")):

@@ -75,7 +75,7 @@ def _case(tok: Tokenizer, corpus_ids: Sequence[int], nl: set[int], kind: str, L:
     intro = tok.encode(INTRO[kind])
     if kind == "single":
         key = str(rng.randint(10000, 99999))
-        needles = [(depth, tok.encode(f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"))]
+        needles = [(depth, tok.encode(f"\nThe pass key is {key}. Remember it. The pass key is {key}.\n\n"))]
         question = tok.encode("\n\nWhat is the pass key? The pass key is")
     elif kind == "multi":
         colors = rng.sample(COLORS, n_keys)
