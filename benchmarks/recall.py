@@ -145,10 +145,14 @@ def model_bands(model: Any, cfg: PrismConfig) -> tuple[Bands, int]:
 
 
 def capture_qk(model: Any, input_ids: torch.Tensor,
-               on_layer: Callable[[int, torch.Tensor, torch.Tensor, float], None]) -> torch.Tensor:
+               on_layer: Callable[[int, torch.Tensor, torch.Tensor, float], None], via: str = "auto") -> torch.Tensor:
     """Run ``model`` on one sequence (input_ids [L]) and call ``on_layer(layer, q, k, scale)``
     with each layer's post-RoPE q [L, HQ, D] and k [L, HKV, D] before its attention runs.
-    Returns the logits of the last position ([vocab])."""
+    Returns the logits of the last position ([vocab]).
+
+    ``via``: 'implementation' switches the model to a registered custom attention function;
+    'override' temporarily replaces the model's current one (e.g. 'sdpa') in transformers'
+    registry; 'auto' tries the first and falls back to the second."""
     from transformers import AttentionInterface
 
     def capture(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -162,17 +166,29 @@ def capture_qk(model: Any, input_ids: torch.Tensor,
         o = torch.nn.functional.scaled_dot_product_attention(query, kk, vv, is_causal=True, scale=sc)
         return o.transpose(1, 2).contiguous(), None
 
-    AttentionInterface.register(CAPTURE_NAME, capture)
-    previous = model.config._attn_implementation
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(CAPTURE_NAME)
-    else:  # older transformers
-        model.config._attn_implementation = CAPTURE_NAME
-    try:
+    def forward() -> torch.Tensor:
         with torch.no_grad():
             return model(input_ids=input_ids.view(1, -1), use_cache=False, logits_to_keep=1).logits[0, -1]
-    finally:
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation(previous)
+
+    previous = model.config._attn_implementation
+    if via in ("auto", "implementation"):
+        AttentionInterface.register(CAPTURE_NAME, capture)
+        try:
+            model.set_attn_implementation(CAPTURE_NAME)
+        except Exception:
+            if via == "implementation":
+                raise
         else:
-            model.config._attn_implementation = previous
+            try:
+                return forward()
+            finally:
+                model.set_attn_implementation(previous)
+    # Fallback: stand in for the model's own implementation (one process-wide entry, restored).
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    original = ALL_ATTENTION_FUNCTIONS[previous]
+    AttentionInterface.register(previous, capture)
+    try:
+        return forward()
+    finally:
+        AttentionInterface.register(previous, original)

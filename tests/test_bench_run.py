@@ -104,19 +104,33 @@ def test_layer_recall_matches_reference_selection() -> None:
     assert r["prism_density"] == pytest.approx(float(mask.sum()) / (q.shape[1] * nb * (nb + 1) / 2))
 
 
-def test_capture_keeps_model_outputs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("via", ["implementation", "override"])
+def test_capture_keeps_model_outputs(tmp_path: Path, via: str) -> None:
     from benchmarks.worker import load_hf_model
 
     path = common.write_tiny_llama(tmp_path / "m", vocab_size=256)
     model = load_hf_model(str(path), None, "float32", "cpu")
     ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(0))
     seen = []
-    got = recall.capture_qk(model, ids, lambda i, q, k, s: seen.append((i, q.shape, k.shape, s)))
+    got = recall.capture_qk(model, ids, lambda i, q, k, s: seen.append((i, q, k, s)), via=via)
     with torch.no_grad():
         want = model(input_ids=ids[None], use_cache=False).logits[0, -1]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert model.config._attn_implementation == "sdpa"  # restored
     assert [s[0] for s in seen] == [0, 1]
-    assert seen[0][1] == (200, 4, 16) and seen[0][2] == (200, 2, 16) and seen[0][3] == pytest.approx(0.25)
+    assert seen[0][1].shape == (200, 4, 16) and seen[0][2].shape == (200, 2, 16) and seen[0][3] == pytest.approx(0.25)
+    # the captured q/k are the layer's post-RoPE projections: recompute layer 0's from its input
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        h = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids[None]))
+        pos = model.model.rotary_emb(h, torch.arange(200)[None])
+        q = attn.q_proj(h).view(1, 200, 4, 16).transpose(1, 2)
+        k = attn.k_proj(h).view(1, 200, 2, 16).transpose(1, 2)
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        q, k = apply_rotary_pos_emb(q, k, *pos)
+    torch.testing.assert_close(seen[0][1], q[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seen[0][2], k[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
 
 
 # -- prompts ---------------------------------------------------------------------------------------
