@@ -77,6 +77,9 @@ class Plan:
     llama_lengths: list[int] = dataclasses.field(default_factory=lambda: [32 * KB, 64 * KB, 128 * KB])
     llama_reps: int = 2
     llama_budget: float = 0.1
+    #: also time Prism with PrismConfig's defaults (min_context_len as shipped): below it every
+    #: prompt should run at FlashAttention's speed
+    speed_default_config: bool = True
     max_num_batched_tokens: int = 16384
     #: KV cache of each accuracy engine (fixed, so engines can share the GPU without profiling)
     accuracy_kv_bytes: int = 8 << 30
@@ -93,6 +96,7 @@ def make_plan(a: argparse.Namespace) -> Plan:
         p.needle_lengths, p.needle_seeds = [4 * KB, 8 * KB], 3
         p.speed_lengths, p.llama_lengths = [8 * KB, 16 * KB, 32 * KB], []
         p.limits = {"recall": 180, "accuracy": 200, "speed": 240, "llama": 0}
+        p.speed_default_config = False
     if a.dry_run:
         p.native = 512
         p.recall_lengths, p.ppl_lengths, p.ppl_windows = [512, 1024], [512, 1024], 2
@@ -100,6 +104,7 @@ def make_plan(a: argparse.Namespace) -> Plan:
         p.speed_lengths, p.speed_reps, p.llama_lengths = [256, 512, 1024], 1, []
         p.recall_chunk_rows = 256
         p.limits = {"recall": 120, "accuracy": 120, "speed": 120, "llama": 0}
+        p.speed_default_config = True
     for name in ("recall", "ppl", "needle", "speed", "llama"):
         v = parse_lengths(getattr(a, f"{name}_lengths"))
         if v is not None:
@@ -108,6 +113,8 @@ def make_plan(a: argparse.Namespace) -> Plan:
         p.needle_seeds = a.seeds
     if a.windows is not None:
         p.ppl_windows = a.windows
+    if a.speed_default_config is not None:
+        p.speed_default_config = a.speed_default_config
     if a.reps is not None:
         p.speed_reps = p.llama_reps = a.reps
     return p
@@ -124,7 +131,8 @@ class Runner:
         # Dry run: lower thresholds, so the tiny random model's near-uniform attention still
         # gives a sparse selection and Prism's numbers differ from dense.
         preset = {"min_context_len": 0, **({"high_threshold": 0.5, "low_threshold": 0.5} if plan.dry else {})}
-        self.prism_cfg = {**preset, **json.loads(a.prism or "{}")}
+        self.user_prism = json.loads(a.prism or "{}")
+        self.prism_cfg = {**preset, **self.user_prism}
         self.in_process = plan.dry and not a.subprocess
         if plan.dry:
             self.model = str(common.write_tiny_llama(self.job_dir / "tiny-llama"))
@@ -187,9 +195,11 @@ class Runner:
         p = self.plan
         spec = {"kind": "hf" if p.dry else "vllm", "backend": backend, "model": self.model,
                 "max_model_len": max_model_len, "enforce_eager": eager, "gpu_memory_utilization": mem,
-                "max_num_batched_tokens": p.max_num_batched_tokens, "max_num_seqs": 64,
+                "max_num_batched_tokens": p.max_num_batched_tokens,
+            "prism_default_config": self.user_prism, "max_num_seqs": 64,
                 "hf_overrides": common.yarn_overrides(self.model, max_model_len, p.native),
-                "prism": self.prism_cfg if backend == "prism" else None, "device": "cpu", "dtype": "float32"}
+                "prism": self.prism_cfg if backend == "prism" else self.user_prism if backend == "prism-default" else None,
+                "device": "cpu", "dtype": "float32"}
         spec.update(kw)
         return spec
 
@@ -345,11 +355,13 @@ class Runner:
             "lengths": p.speed_lengths, "reps": p.speed_reps, "llama_lengths": p.llama_lengths,
             "llama_block_budget": p.llama_budget, "enforce_eager": False, "enable_prefix_caching": False,
             "max_num_batched_tokens": p.max_num_batched_tokens,
+            "prism_default_config": self.user_prism,
             "ttft": "wall time of LLM.generate for one request with max_tokens=1, median over reps after one warm-up"})
         if p.speed_lengths:
             mml = max(p.speed_lengths)
             prompts_by_len = {str(L): self.windows(L - OUT_RESERVE, p.speed_reps + 1, 0) for L in p.speed_lengths}
-            for backend in ("dense", "prism"):
+            backends = ("dense", "prism") + (("prism-default",) if p.speed_default_config else ())
+            for backend in backends:
                 job = {"name": f"speed-smollm2-{backend}", "kind": "engine",
                        "engine": self.engine_spec(backend, mml, eager=False, mem=0.5, max_num_seqs=4),
                        "tasks": [{"task": "speed", "label": f"SmolLM2 {backend}", "prompts": prompts_by_len}]}
@@ -421,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accuracy jobs (recall, dense and Prism engines) sharing the GPU at once; speed jobs always run alone")
     for name in ("recall", "ppl", "needle", "speed", "llama"):
         ap.add_argument(f"--{name}-lengths", default=None, help=f"override {name} context lengths, e.g. 8K,16K")
+    ap.add_argument("--speed-default-config", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time Prism with PrismConfig's shipped defaults (default: on, off with --quick)")
     ap.add_argument("--seeds", type=int, default=None, help="needle seeds per point")
     ap.add_argument("--windows", type=int, default=None, help="perplexity windows per length")
     ap.add_argument("--reps", type=int, default=None, help="timed requests per speed point (after 1 warm-up)")

@@ -91,7 +91,7 @@ class VllmEngine:
         kw: dict[str, Any] = dict(  # noqa: C408 - reads as engine keyword arguments
             model=spec["model"],
             tokenizer=spec.get("tokenizer") or spec["model"],
-            attention_backend="prism" if spec["backend"] == "prism" else "FLASH_ATTN",
+            attention_backend="prism" if spec["backend"].startswith("prism") else "FLASH_ATTN",
             max_model_len=int(spec["max_model_len"]),
             enforce_eager=bool(spec.get("enforce_eager", False)),
             gpu_memory_utilization=float(spec.get("gpu_memory_utilization", 0.5)),
@@ -108,7 +108,7 @@ class VllmEngine:
         if spec.get("kv_cache_memory_bytes"):
             # fixed KV size, no memory profiling: engines may share the GPU (accuracy runs)
             kw["kv_cache_memory_bytes"] = int(spec["kv_cache_memory_bytes"])
-        if spec["backend"] == "prism":
+        if spec["backend"].startswith("prism"):
             kw["additional_config"] = {"prism": dict(spec.get("prism") or {})}
         return kw
 
@@ -143,7 +143,7 @@ class VllmEngine:
         return time.perf_counter() - t0
 
     def stats(self, op: str) -> dict[str, Any] | None:
-        if self.backend != "prism":
+        if not self.backend.startswith("prism"):
             return None
         try:
             res = self.llm.collective_rpc(_prism_stats_rpc, args=(op,))
@@ -199,7 +199,7 @@ class HFEngine:
         self.selected = 0
         self.causal = 0
         self.prism_tokens = 0
-        if self.backend == "prism":
+        if self.backend.startswith("prism"):
             from transformers import AttentionInterface
 
             from benchmarks.recall import model_bands
@@ -267,7 +267,7 @@ class HFEngine:
         return time.perf_counter() - t0
 
     def stats(self, op: str) -> dict[str, Any] | None:
-        if self.backend != "prism":
+        if not self.backend.startswith("prism"):
             return None
         if op == "reset":
             self.selected = self.causal = self.prism_tokens = 0

@@ -287,8 +287,11 @@ def test_dry_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert {(s["length"]) for s in res["ppl"]["summary"]} == {512, 1024}
     assert len(res["needle"]["rows"]) == 2 * 1 * 5 * 2  # kinds x lengths x depths x backends
     sp = res["speed"]
-    assert {(r["backend"], r["length"]) for r in sp["rows"]} == {(b, L) for b in ("dense", "prism") for L in (256, 512, 1024)}
+    assert {(r["backend"], r["length"]) for r in sp["rows"]} == \
+        {(b, L) for b in ("dense", "prism", "prism-default") for L in (256, 512, 1024)}
     assert all(r["density"] is not None for r in sp["rows"] if r["backend"] == "prism")
+    # shipped defaults (min_context_len 16K) keep these short prompts off Prism entirely
+    assert all(r["prism_tokens"] == 0 for r in sp["rows"] if r["backend"] == "prism-default")
     assert "break_even" in sp
     # the prism runs really were sparse (lowered thresholds in the dry run)
     assert min(r["density"] for r in sp["rows"] if r["backend"] == "prism") < 1.0
