@@ -11,10 +11,12 @@ Parts (each writes DIR/<part>.json with gpu, date, commit, command and its rows)
              mean-pool at Prism's block count, oracle top-k at Prism's block count
     ppl      perplexity through vLLM (prompt logprobs), Prism vs FLASH_ATTN, YaRN above 8K
     needle   passkey retrieval through vLLM, single key and 4 keys, 5 depths, several seeds
-    speed    TTFT / prefill throughput through vLLM, Prism vs FLASH_ATTN (no enforce_eager):
-             SmolLM2 with YaRN, and the Llama-3.1-8B architecture with dummy weights at a fixed
-             block budget (needs PrismConfig.block_budget; skipped while it does not exist);
-             break-even context length derived from the SmolLM2 rows
+    speed    TTFT / prefill throughput through vLLM, Prism vs FLASH_ATTN (no enforce_eager) on
+             SmolLM2 with YaRN (Prism forced on every chunk, and Prism with PrismConfig's shipped
+             defaults); the break-even context length derived from these rows
+    llama8b  the same on the Llama-3.1-8B architecture with dummy weights at a fixed block budget
+             (needs PrismConfig.block_budget; skipped while it does not exist), file
+             speed-llama8b.json
 
 Each vLLM engine runs in its own subprocess under a hard time limit (GPU memory is freed when it
 exits); a job killed at its limit still reports what it finished. Prism runs with
@@ -41,11 +43,11 @@ from typing import Any
 from benchmarks import common, corpus, prompts, report
 from benchmarks.common import KB, log, tok_label
 
-PARTS = ("recall", "ppl", "needle", "speed")
+PARTS = ("recall", "ppl", "needle", "speed", "llama8b")
 #: Prompt tokens left free of a context of L tokens (vLLM needs prompt + outputs <= max_model_len).
 OUT_RESERVE = 16
-SMOL_NAME = "SmolLM2-135M"
-LLAMA_NAME = "Llama-3.1-8B (dummy weights)"
+SMOL_NAME = report.SMOL_NAME
+LLAMA_NAME = report.LLAMA_NAME
 
 
 def parse_lengths(s: str | None) -> list[int] | None:
@@ -101,9 +103,9 @@ def make_plan(a: argparse.Namespace) -> Plan:
         p.native = 512
         p.recall_lengths, p.ppl_lengths, p.ppl_windows = [512, 1024], [512, 1024], 2
         p.needle_lengths, p.needle_seeds, p.needle_max_tokens = [1024], 1, 4
-        p.speed_lengths, p.speed_reps, p.llama_lengths = [256, 512, 1024], 1, []
+        p.speed_lengths, p.speed_reps, p.llama_lengths = [256, 512, 1024], 1, [512, 1024]
         p.recall_chunk_rows = 256
-        p.limits = {"recall": 120, "accuracy": 120, "speed": 120, "llama": 0}
+        p.limits = {"recall": 120, "accuracy": 120, "speed": 120, "llama": 120}
         p.speed_default_config = True
     for name in ("recall", "ppl", "needle", "speed", "llama"):
         v = parse_lengths(getattr(a, f"{name}_lengths"))
@@ -350,50 +352,56 @@ class Runner:
 
     # -- speed -----------------------------------------------------------------------------------------
     def part_speed(self) -> None:
+        """SmolLM2 (real weights, YaRN): dense, Prism forced on, Prism with shipped defaults."""
         p = self.plan
         doc = self.part_doc("speed", models=[SMOL_NAME], skipped={}, settings={
-            "lengths": p.speed_lengths, "reps": p.speed_reps, "llama_lengths": p.llama_lengths,
-            "llama_block_budget": p.llama_budget, "enforce_eager": False, "enable_prefix_caching": False,
-            "max_num_batched_tokens": p.max_num_batched_tokens,
-            "prism_default_config": self.user_prism,
+            "lengths": p.speed_lengths, "reps": p.speed_reps, "enforce_eager": False, "enable_prefix_caching": False,
+            "max_num_batched_tokens": p.max_num_batched_tokens, "prism_default_config": self.user_prism,
             "ttft": "wall time of LLM.generate for one request with max_tokens=1, median over reps after one warm-up"})
-        if p.speed_lengths:
-            mml = max(p.speed_lengths)
-            prompts_by_len = {str(L): self.windows(L - OUT_RESERVE, p.speed_reps + 1, 0) for L in p.speed_lengths}
-            backends = ("dense", "prism") + (("prism-default",) if p.speed_default_config else ())
-            for backend in backends:
-                job = {"name": f"speed-smollm2-{backend}", "kind": "engine",
-                       "engine": self.engine_spec(backend, mml, eager=False, mem=0.5, max_num_seqs=4),
-                       "tasks": [{"task": "speed", "label": f"SmolLM2 {backend}", "prompts": prompts_by_len}]}
-                res = self.run_job(job, "speed")
-                for r in res.get("rows", []):
-                    doc["rows"].append({"model": SMOL_NAME, "backend": backend, "rope": self.rope_label(mml), **r})
-                doc["jobs"].append(self.job_summary(job, res))
-                self._speed_summary()
-                self.save("speed")
-        self.part_llama()
-        self._speed_summary()
-        self.save("speed")
+        if not p.speed_lengths:
+            return
+        mml = max(p.speed_lengths)
+        prompts_by_len = {str(L): self.windows(L - OUT_RESERVE, p.speed_reps + 1, 0) for L in p.speed_lengths}
+        backends = ("dense", "prism") + (("prism-default",) if p.speed_default_config else ())
+        for backend in backends:
+            job = {"name": f"speed-smollm2-{backend}", "kind": "engine",
+                   "engine": self.engine_spec(backend, mml, eager=False, mem=0.5, max_num_seqs=4),
+                   "tasks": [{"task": "speed", "label": f"SmolLM2 {backend}", "prompts": prompts_by_len}]}
+            res = self.run_job(job, "speed")
+            for r in res.get("rows", []):
+                doc["rows"].append({"model": SMOL_NAME, "backend": backend, "rope": self.rope_label(mml), **r})
+            doc["jobs"].append(self.job_summary(job, res))
+            self._speed_summary(doc)
+            self.save("speed")
 
     def part_llama(self) -> None:
+        """The Llama-3.1-8B architecture with dummy weights at a fixed block budget."""
         p = self.plan
-        doc = self.results["speed"]
-        if not p.llama_lengths:
-            return
+        doc = self.part_doc("llama8b", models=[LLAMA_NAME], skipped={}, settings={
+            "lengths": p.llama_lengths, "reps": p.llama_reps, "block_budget": p.llama_budget,
+            "enforce_eager": False, "enable_prefix_caching": False, "max_num_batched_tokens": p.max_num_batched_tokens,
+            "config": common.LLAMA_31_8B_CONFIG, "load_format": "dummy",
+            "ttft": "wall time of LLM.generate for one request with max_tokens=1, median over reps after one warm-up"})
+        if p.dry:
+            doc["model"] = "tiny random Llama standing in for Llama-3.1-8B (dry run)"
         from prism_vllm.config import PrismConfig
 
         if "block_budget" not in {f.name for f in dataclasses.fields(PrismConfig)}:
-            why = "PrismConfig has no 'block_budget' field yet (fixed block budget needed for dummy weights)"
+            why = ("PrismConfig has no 'block_budget' field yet: random weights give near-uniform attention, "
+                   "so these rows need a fixed block budget")
             doc["skipped"][LLAMA_NAME] = why
             log(f"{LLAMA_NAME}: skipped, {why}")
+            self.save("llama8b")
             return
-        doc["models"].append(LLAMA_NAME)
-        mdir = common.write_llama8b_dir(self.job_dir / "llama-3.1-8b-config")
+        if not p.llama_lengths:
+            self.save("llama8b")
+            return
+        mdir = self.model if p.dry else str(common.write_llama8b_dir(self.job_dir / "llama-3.1-8b-config"))
         mml = max(p.llama_lengths)
         prompts_by_len = {str(L): self.windows(L - OUT_RESERVE, p.llama_reps + 1, 0) for L in p.llama_lengths}
         for backend in ("dense", "prism"):
             prism = {**self.prism_cfg, "block_budget": p.llama_budget} if backend == "prism" else None
-            spec = self.engine_spec(backend, mml, eager=False, mem=0.85, max_num_seqs=4, model=str(mdir),
+            spec = self.engine_spec(backend, mml, eager=False, mem=0.85, max_num_seqs=4, model=mdir,
                                     tokenizer=self.model, load_format="dummy", hf_overrides=None, prism=prism)
             job = {"name": f"speed-llama8b-{backend}", "kind": "engine", "engine": spec,
                    "tasks": [{"task": "speed", "label": f"Llama-8B {backend}", "prompts": prompts_by_len}]}
@@ -402,12 +410,13 @@ class Runner:
                 doc["rows"].append({"model": LLAMA_NAME, "backend": backend, "rope": "llama3 x8 (native)",
                                     "block_budget": p.llama_budget if backend == "prism" else None, **r})
             doc["jobs"].append(self.job_summary(job, res))
-            self.save("speed")
+            self._speed_summary(doc)
+            self.save("llama8b")
 
-    def _speed_summary(self) -> None:
-        doc = self.results["speed"]
-        pairs = report.speed_pairs(doc["rows"], SMOL_NAME)
-        doc["break_even"] = report.break_even(pairs)
+    @staticmethod
+    def _speed_summary(doc: dict[str, Any]) -> None:
+        if doc["part"] == "speed":
+            doc["break_even"] = report.break_even(report.speed_pairs(doc["rows"], SMOL_NAME))
         for r in doc["rows"]:
             if r["backend"] == "prism" and r.get("prism_tokens") == 0:
                 r["warning"] = "Prism served no tokens in this row (everything fell back to FlashAttention)"
@@ -416,7 +425,8 @@ class Runner:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=None, help="comma-separated parts: recall, ppl, needle, speed, accuracy (= recall,ppl,needle)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated parts: recall, ppl, needle, speed, llama8b; accuracy = recall,ppl,needle")
     ap.add_argument("--quick", action="store_true",
                     help="the most important evidence in a few minutes: recall 8K, ppl 8K, needle 4K/8K, speed 8K/16K/32K")
     ap.add_argument("--dry-run", action="store_true", help="CPU plumbing check on a tiny random Llama (no vLLM)")
@@ -481,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner.run_jobs(items, a.jobs)
     if "speed" in parts:
         runner.part_speed()
+    if "llama8b" in parts:
+        runner.part_llama()
     res = report.load_results(out)
     try:
         report.plot_all(res, out)
