@@ -332,9 +332,10 @@ def test_engine_kwargs_are_vllm_engine_args() -> None:
 
     from benchmarks.worker import VllmEngine
 
-    dense = VllmEngine.engine_kwargs(_spec("dense"))
+    dense = VllmEngine.engine_kwargs(_spec("dense", kv_cache_memory_bytes=8 << 30))
+    assert dense["kv_cache_memory_bytes"] == 8 << 30
     prism = VllmEngine.engine_kwargs(_spec("prism", hf_overrides={"max_position_embeddings": 32768},
-                                           load_format="dummy", tokenizer="/tok"))
+                                           load_format="dummy", tokenizer="/tok", kv_cache_memory_bytes=8 << 30))
     EngineArgs(**dense)
     EngineArgs(**prism)
     assert AttentionConfig.validate_backend_before(prism["attention_backend"]).name == "CUSTOM"
