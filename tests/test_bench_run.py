@@ -8,17 +8,22 @@ import importlib.util
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
 
-from benchmarks import common, corpus, prompts, recall, report, run
+# benchmarks/ is a folder of scripts at the repo root, not part of the installed package.
+if str(Path(__file__).resolve().parent.parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common, corpus, prompts, recall, report, run  # noqa: E402
+from prism_vllm.config import PrismConfig  # noqa: E402
+from prism_vllm.rope import RopeLayout, rope_bands  # noqa: E402
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
-from prism_vllm.config import PrismConfig
-from prism_vllm.rope import RopeLayout, rope_bands
 
 
 # -- recall math ---------------------------------------------------------------------------------
