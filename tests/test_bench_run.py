@@ -19,9 +19,9 @@ import torch
 if str(Path(__file__).resolve().parent.parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import common, corpus, prompts, recall, report, run  # noqa: E402
-from prism_vllm.config import PrismConfig  # noqa: E402
-from prism_vllm.rope import RopeLayout, rope_bands  # noqa: E402
+from benchmarks import common, corpus, prompts, recall, report, run
+from prism_vllm.config import PrismConfig
+from prism_vllm.rope import RopeLayout, rope_bands
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
