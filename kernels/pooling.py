@@ -19,6 +19,8 @@ reads its block's rows in BLOCK_T-row tiles and accumulates in float32.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -87,6 +89,9 @@ def _pool_keys_paged_kernel(
     k_cache,
     block_table,
     out,
+    energy_out,
+    band_hi,
+    band_lo,
     cu_kb,
     seq_lens,
     kb_req,
@@ -98,6 +103,8 @@ def _pool_keys_paged_kernel(
     stride_ob,
     stride_oh,
     stride_od,
+    stride_eb,
+    stride_eh,
     PS: tl.constexpr,
     H: tl.constexpr,
     D: tl.constexpr,
@@ -105,6 +112,7 @@ def _pool_keys_paged_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ENERGY: tl.constexpr,
 ):
     """out[kb, h, :] = mean of the keys of block j = kb - cu_kb[r] of request r = kb_req[kb],
     gathered from the paged cache (position p: page block_table[r, p // PS], slot p % PS)."""
@@ -139,6 +147,15 @@ def _pool_keys_paged_kernel(
     mean = tl.sum(acc, axis=0) / (p_hi - p_lo).to(tl.float32)
     o_ptr = out + kb.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od
     tl.store(o_ptr, mean, mask=hd_mask)
+    if ENERGY:  # |mean|^2 over all dims and over each band's dims (Prism's calibration statistics)
+        m2 = mean * mean
+        hi_m = tl.load(band_hi + offs_d, mask=offs_d < D, other=0.0)
+        lo_m = tl.load(band_lo + offs_d, mask=offs_d < D, other=0.0)
+        e_ptr = energy_out + kb.to(tl.int64) * stride_eb + offs_h * stride_eh
+        h_ok = offs_h < H
+        tl.store(e_ptr, tl.sum(m2, axis=1), mask=h_ok)
+        tl.store(e_ptr + 1, tl.sum(m2 * hi_m[None, :], axis=1), mask=h_ok)
+        tl.store(e_ptr + 2, tl.sum(m2 * lo_m[None, :], axis=1), mask=h_ok)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -210,7 +227,13 @@ def pool_queries(q: torch.Tensor, plan: PrefillPlan, out: torch.Tensor) -> torch
 
 
 def pool_keys_paged(
-    k_cache: torch.Tensor, block_table: torch.Tensor, plan: PrefillPlan, out: torch.Tensor
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    plan: PrefillPlan,
+    out: torch.Tensor,
+    energy_out: Optional[torch.Tensor] = None,
+    band_high: Optional[torch.Tensor] = None,
+    band_low: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mean-pooled keys of every key block of every request, read from the paged KV cache.
 
@@ -223,6 +246,11 @@ def pool_keys_paged(
         plan: the launch's PrefillPlan, on the cache's device.
         out: [>= plan.num_k_blocks, HKV, D] float32, any strides; row cu_kb[r] + j receives the
             mean of request r's keys at positions [jB, min(jB + B, seq_len)).
+        energy_out: optional float32 [>= plan.num_k_blocks, HKV, 3] (last dim contiguous):
+            receives, per pooled key k, (|k|^2, |k * band_high|^2, |k * band_low|^2), the key
+            statistics of Prism's energy calibration (``select_blocks(..., key_energy=...)``),
+            so the selection does not recompute them.
+        band_high, band_low: float32 [D] 0/1 band masks; required with energy_out.
 
     Returns:
         out. One kernel launch; no host sync, no allocation.
@@ -247,14 +275,36 @@ def pool_keys_paged(
     _check(out.dtype == torch.float32, f"Invalid dtype of out: expected float32, got {out.dtype}")
     for name, t in (("block_table", block_table), ("out", out), ("plan", plan.kb_req)):
         _check(t.device == k_cache.device, f"{name} is on {t.device}, k_cache on {k_cache.device}")
+    if energy_out is not None:
+        _check(
+            energy_out.dtype == torch.float32
+            and energy_out.dim() == 3
+            and energy_out.shape[0] >= plan.num_k_blocks
+            and tuple(energy_out.shape[1:]) == (H, 3)
+            and energy_out.stride(2) == 1,
+            f"Invalid energy_out: expected float32 [>= {plan.num_k_blocks}, {H}, 3] with a contiguous last dim, "
+            f"got {energy_out.dtype} {tuple(energy_out.shape)}",
+        )
+        for name, band in (("band_high", band_high), ("band_low", band_low)):
+            _check(
+                band is not None and band.dtype == torch.float32 and band.shape == (D,) and band.is_contiguous(),
+                f"energy_out needs {name}: a contiguous float32 [{D}] 0/1 mask, got "
+                f"{None if band is None else (band.dtype, tuple(band.shape))}",
+            )
+            _check(band.device == k_cache.device, f"{name} is on {band.device}, k_cache on {k_cache.device}")
+        _check(energy_out.device == k_cache.device, f"energy_out is on {energy_out.device}, k_cache on {k_cache.device}")
     if plan.num_k_blocks == 0:
         return out
     bt, bh, bd = _tile_sizes(H, D)
     grid = (plan.num_k_blocks, triton.cdiv(H, bh))
+    has_e = energy_out is not None
     _pool_keys_paged_kernel[grid](
         k_cache=k_cache,
         block_table=block_table,
         out=out,
+        energy_out=energy_out if has_e else out,
+        band_hi=band_high if has_e else out,
+        band_lo=band_low if has_e else out,
         cu_kb=plan.cu_kb,
         seq_lens=plan.seq_lens,
         kb_req=plan.kb_req,
@@ -266,6 +316,8 @@ def pool_keys_paged(
         stride_ob=out.stride(0),
         stride_oh=out.stride(1),
         stride_od=out.stride(2),
+        stride_eb=energy_out.stride(0) if has_e else 0,
+        stride_eh=energy_out.stride(1) if has_e else 0,
         PS=PS,
         H=H,
         D=D,
@@ -273,6 +325,7 @@ def pool_keys_paged(
         BLOCK_T=bt,
         BLOCK_H=bh,
         BLOCK_D=bd,
+        ENERGY=has_e,
         num_warps=4,
     )
     return out

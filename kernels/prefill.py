@@ -85,6 +85,7 @@ class PrismWorkspace:
 
     Buffers (views of them are handed to the kernels):
         pooled_q: float32 [max_q_blocks, HQ, D]     pooled_k: float32 [max_k_blocks, HKV, D]
+        key_energy: float32 [max_k_blocks, HKV, 3]  (calibration statistics of pooled keys)
         sel_idx:  int16 [max_sel_capacity]          sel_cnt:  int32 [max_q_blocks * HQ]
         temps:    float32 [max_q_blocks, HQ, 2]     (logit multipliers, for stats)
     """
@@ -125,6 +126,7 @@ class PrismWorkspace:
         f32 = dict(dtype=torch.float32, device=device)
         self.pooled_q = torch.empty(self.max_q_blocks, num_q_heads, head_dim, **f32)
         self.pooled_k = torch.empty(self.max_k_blocks, num_kv_heads, head_dim, **f32)
+        self.key_energy = torch.empty(self.max_k_blocks, num_kv_heads, 3, **f32)
         self.temps = torch.empty(self.max_q_blocks, num_q_heads, 2, **f32)
         self.sel_idx = torch.empty(self.max_sel_capacity, dtype=torch.int16, device=device)
         self.sel_cnt = torch.empty(self.max_q_blocks * num_q_heads, dtype=torch.int32, device=device)
@@ -206,7 +208,8 @@ class PrismWorkspace:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.pooled_q, self.pooled_k, self.temps, self.sel_idx, self.sel_cnt))
+        bufs = (self.pooled_q, self.pooled_k, self.key_energy, self.temps, self.sel_idx, self.sel_cnt)
+        return sum(t.numel() * t.element_size() for t in bufs)
 
     def fits(self, plan: PrefillPlan) -> bool:
         """Whether ``plan`` fits the buffers (host ints only; no device access)."""
@@ -230,7 +233,7 @@ def prism_prefill(
     workspace: PrismWorkspace,
     out: torch.Tensor,
     *,
-    precision: str = "ieee",
+    precision: str = "tf32x3",
 ) -> torch.Tensor:
     """Prism block-sparse prefill of every chunk of ``plan`` (``reference.prism_attention_batch``).
 
@@ -262,15 +265,24 @@ def prism_prefill(
         )
     from .sparse_prefill import sparse_prefill  # lazily: written in parallel, optional at import
 
-    nqb, hq = plan.num_q_blocks, workspace.num_q_heads
+    nqb, nkb, hq = plan.num_q_blocks, plan.num_k_blocks, workspace.num_q_heads
     sel_cnt = workspace.sel_cnt[: nqb * hq]
+    key_energy = workspace.key_energy[:nkb] if params.calibrate else None
     all_blocks = params.high_threshold >= 1.0 or params.low_threshold >= 1.0
     if not all_blocks:  # a threshold of 1.0 selects every causal block: no scores needed
         pool_queries(q=q, plan=plan, out=workspace.pooled_q[:nqb])
-        pool_keys_paged(k_cache=k_cache, block_table=block_table, plan=plan, out=workspace.pooled_k[: plan.num_k_blocks])
+        pool_keys_paged(
+            k_cache=k_cache,
+            block_table=block_table,
+            plan=plan,
+            out=workspace.pooled_k[:nkb],
+            energy_out=key_energy,
+            band_high=params.band_high,
+            band_low=params.band_low,
+        )
     select_blocks(
         pooled_q=workspace.pooled_q[:nqb],
-        pooled_k=workspace.pooled_k[: plan.num_k_blocks],
+        pooled_k=workspace.pooled_k[:nkb],
         plan=plan,
         band_high=params.band_high,
         band_low=params.band_low,
@@ -282,6 +294,7 @@ def prism_prefill(
         sel_idx=workspace.sel_idx,
         sel_cnt=sel_cnt,
         temps_out=workspace.temps[:nqb],
+        key_energy=key_energy,
         precision=precision,
     )
     return sparse_prefill(

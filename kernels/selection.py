@@ -43,7 +43,7 @@ i = m % QR, which is query block g0 + i // G_PAD and q head kvh * G + i % G_PAD.
 
 from __future__ import annotations
 
-import math
+import os
 from typing import Optional
 
 import torch
@@ -60,12 +60,13 @@ _PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 @triton.jit
 def _rows(
-    g0, kvh, r, NQB, qb_req, qb_abs, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
-    QR: tl.constexpr, N: tl.constexpr,
+    g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, G: tl.constexpr, G_PAD: tl.constexpr,
+    BLOCK_G: tl.constexpr, QR: tl.constexpr, N: tl.constexpr,
 ):
     """For N row slots (N = QR: q rows; N = 2 * QR: q rows of both bands), slot m being q row
-    i = m % QR: (g, h, active, I) with I = qb_abs[g], or I = -1 for slots that are padding or
-    belong to another request than r."""
+    i = m % QR: (g, h, active, I) with I = qb_abs[g], or I = -1 for slots that are padding,
+    belong to another request than r, or whose row length I + 1 is outside this launch's
+    level (lvl_lo, lvl_hi]."""
     i = tl.arange(0, N) % QR
     gi = i // G_PAD
     hh = i % G_PAD
@@ -74,37 +75,113 @@ def _rows(
     req = tl.load(qb_req + g, mask=ok, other=-1)
     ok = ok & (req == r)
     qb = tl.load(qb_abs + g, mask=ok, other=-1)
+    ok = ok & (qb + 1 > lvl_lo) & (qb + 1 <= lvl_hi)
+    qb = tl.where(ok, qb, -1)
     return g, kvh * G + hh, ok, qb
 
 
 @triton.jit
-def _load_k_tile(pooled_k, kb0, kvh, c0, ncol, stride_kb, stride_kh, stride_kd, offs_d, dmask, BN: tl.constexpr):
-    """Pooled keys of key blocks c0 .. c0+BN-1 of the request (zeros past ncol): [BN, BLOCK_D]."""
+def _score_tile(
+    q_rows, okm, is_hi, band_hi, band_lo, pooled_k, kb0, kvh, c0, ncol, stride_qd, stride_kb, stride_kh,
+    stride_kd, M: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, DC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Raw band scores [M, BN] = <q_band(row), k(col)> of key blocks c0 .. c0+BN-1 (< ncol).
+
+    The head dim is walked in DC-wide chunks so that the dot operands held in registers stay
+    small (a full-width fp32 operand would take hundreds of registers per thread and spill).
+    """
     cols = c0 + tl.arange(0, BN)
-    ptr = pooled_k + (kb0 + cols).to(tl.int64)[:, None] * stride_kb + kvh * stride_kh + offs_d[None, :] * stride_kd
-    return tl.load(ptr, mask=(cols < ncol)[:, None] & dmask[None, :], other=0.0), cols
+    k_rows = pooled_k + (kb0 + cols).to(tl.int64) * stride_kb + kvh * stride_kh
+    kmask = cols < ncol
+    s = tl.zeros((M, BN), dtype=tl.float32)
+    for d0 in tl.static_range(0, BLOCK_D, DC):
+        offs = d0 + tl.arange(0, DC)
+        dm = offs < D
+        hm = tl.load(band_hi + offs, mask=dm, other=0.0)
+        lm = tl.load(band_lo + offs, mask=dm, other=0.0)
+        kc = tl.load(k_rows[:, None] + offs[None, :] * stride_kd, mask=kmask[:, None] & dm[None, :], other=0.0)
+        qc = tl.load(q_rows[:, None] + offs[None, :] * stride_qd, mask=okm[:, None] & dm[None, :], other=0.0)
+        qc = qc * tl.where(is_hi[:, None], hm[None, :], lm[None, :])
+        s = tl.dot(qc, tl.trans(kc), s, input_precision=PRECISION)
+    return s
 
 
 @triton.jit
-def _key_energy(kv, cols, qb, is_hi, hi_m, lo_m):
-    """Per row: (sum over visible blocks j <= I of |k_j|^2 over all dims, ... over the row's band)."""
-    k2 = kv * kv
-    e_all = tl.sum(k2, axis=1)
-    e_hi = tl.sum(k2 * hi_m[None, :], axis=1)
-    e_lo = tl.sum(k2 * lo_m[None, :], axis=1)
-    vis = cols[None, :] <= qb[:, None]
-    e_band = tl.where(is_hi[:, None], e_hi[None, :], e_lo[None, :])
-    return tl.sum(tl.where(vis, e_all[None, :], 0.0), axis=1), tl.sum(tl.where(vis, e_band, 0.0), axis=1)
+def _key_energy_tile(
+    key_energy, pooled_k, band_hi, band_lo, kb0, kvh, c0, ncol, qbm, is_hi, stride_eb, stride_eh, stride_kb,
+    stride_kh, stride_kd, BN: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, DC: tl.constexpr,
+    HAS_KE: tl.constexpr,
+):
+    """Per row, the key energy of the visible blocks (c0 <= col <= I) of this tile: over all
+    dims, over the row's band dims. Read from key_energy ([NKB, HKV, 3]: all, high, low; see
+    pool_keys_paged) when HAS_KE, else computed from the pooled keys."""
+    cols = c0 + tl.arange(0, BN)
+    kmask = cols < ncol
+    if HAS_KE:
+        e_ptr = key_energy + (kb0 + cols).to(tl.int64) * stride_eb + kvh * stride_eh
+        e_all = tl.load(e_ptr, mask=kmask, other=0.0)
+        e_hi = tl.load(e_ptr + 1, mask=kmask, other=0.0)
+        e_lo = tl.load(e_ptr + 2, mask=kmask, other=0.0)
+    else:
+        k_rows = pooled_k + (kb0 + cols).to(tl.int64) * stride_kb + kvh * stride_kh
+        e_all = tl.zeros((BN,), dtype=tl.float32)
+        e_hi = tl.zeros((BN,), dtype=tl.float32)
+        e_lo = tl.zeros((BN,), dtype=tl.float32)
+        for d0 in tl.static_range(0, BLOCK_D, DC):
+            offs = d0 + tl.arange(0, DC)
+            dm = offs < D
+            hm = tl.load(band_hi + offs, mask=dm, other=0.0)
+            lm = tl.load(band_lo + offs, mask=dm, other=0.0)
+            kc = tl.load(k_rows[:, None] + offs[None, :] * stride_kd, mask=kmask[:, None] & dm[None, :], other=0.0)
+            k2 = kc * kc
+            e_all += tl.sum(k2, axis=1)
+            e_hi += tl.sum(k2 * hm[None, :], axis=1)
+            e_lo += tl.sum(k2 * lm[None, :], axis=1)
+    vis = cols[None, :] <= qbm[:, None]
+    ea = tl.sum(tl.where(vis, e_all[None, :], 0.0), axis=1)
+    eb = tl.sum(tl.where(vis, tl.where(is_hi[:, None], e_hi[None, :], e_lo[None, :]), 0.0), axis=1)
+    return ea, eb
 
 
 @triton.jit
-def _multiplier(qv, qband, ek_all, ek_b, qb, d_b, D: tl.constexpr, CALIBRATE: tl.constexpr):
-    """Logit multiplier 1 / (sqrt(d_b) * t_b) per row (t_b = 1 without calibration)."""
+def _feasible_floor(thr, qb):
+    """Bits of a threshold known to be feasible (kept mass >= thr), to start the bisection
+    above 0: the blocks below t weigh less than n * t in all, so t = (1 - thr) / (2n) keeps at
+    least 1 - (1 - thr) / 2 >= thr + 5e-3 for thr <= 0.99, a margin far above the float error
+    of the masses (n = I + 1 blocks). Saves ~3 of ~30 bisection steps; 0 otherwise."""
+    n = tl.maximum(qb + 1, 1).to(tl.float32)
+    t = tl.where(thr <= 0.99, (1.0 - thr) / (2.0 * n), 0.0)
+    return t.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _kept(pb, t, p, USE_ASM: tl.constexpr):
+    """p where bits(p) >= t, else 0. On the GPU as one setp + selp per element: left to LLVM, the
+    select over a large register tensor is packed into bit masks and costs twice as much (the
+    bisection below runs it ~30 times over every resident element)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            asm="{ .reg .pred q; setp.ge.s32 q, $1, $2; selp.f32 $0, $3, 0f00000000, q; }",
+            constraints="=r,r,r,r",
+            args=[pb, t, p],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        return tl.where(pb >= t, p, 0.0)
+
+
+@triton.jit
+def _multiplier(q_e_all, q_e_band, ek_all, ek_b, qb, d_b, D: tl.constexpr, CALIBRATE: tl.constexpr):
+    """Logit multiplier 1 / (sqrt(d_b) * t_b) per row (t_b = 1 without calibration), from the
+    row's pooled-query energies (all dims, band dims) and key energies over blocks 0..I."""
     if CALIBRATE:
         eps = 1e-6
         nblk = tl.maximum(qb + 1, 1).to(tl.float32)  # padding rows (qb = -1): no 0/0
-        rq = tl.maximum(tl.sqrt(tl.sum(qv * qv, axis=1) / D), eps)
-        rq_b = tl.sqrt(tl.sum(qband * qband, axis=1) / d_b)
+        rq = tl.maximum(tl.sqrt(q_e_all / D), eps)
+        rq_b = tl.sqrt(q_e_band / d_b)
         rk = tl.maximum(tl.sqrt(ek_all / (nblk * D)), eps)
         rk_b = tl.sqrt(ek_b / (nblk * d_b))
         t = tl.maximum(tl.sqrt(d_b / D) * (rq_b / rq) * (rk_b / rk), eps)
@@ -112,6 +189,30 @@ def _multiplier(qv, qband, ek_all, ek_b, qb, d_b, D: tl.constexpr, CALIBRATE: tl
     else:
         mult = 1.0 / tl.sqrt(d_b)
     return mult
+
+
+@triton.jit
+def _row_setup(
+    g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, pooled_q, band_hi, band_lo, stride_qb, stride_qh,
+    stride_qd, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_G: tl.constexpr, QR: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The program's [M = 2 * QR] rows for request r: (row pointers into pooled_q, active, I,
+    is_high_band, band size, query energy over all dims, over the row's band dims)."""
+    M: tl.constexpr = 2 * QR
+    gm, hm, okm, qbm = _rows(g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, G, G_PAD, BLOCK_G, QR, M)
+    is_hi = tl.arange(0, M) < QR
+    q_rows = pooled_q + gm.to(tl.int64) * stride_qb + hm * stride_qh
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    hi_m = tl.load(band_hi + offs_d, mask=dmask, other=0.0)
+    lo_m = tl.load(band_lo + offs_d, mask=dmask, other=0.0)
+    d_b = tl.where(is_hi, tl.sum(hi_m, axis=0), tl.sum(lo_m, axis=0))  # band sizes: no host read
+    qv = tl.load(q_rows[:, None] + offs_d[None, :] * stride_qd, mask=okm[:, None] & dmask[None, :], other=0.0)
+    q2 = qv * qv
+    q_e_all = tl.sum(q2, axis=1)
+    q_e_band = tl.sum(q2 * tl.where(is_hi[:, None], hi_m[None, :], lo_m[None, :]), axis=1)
+    return gm, hm, okm, qbm, q_rows, is_hi, d_b, q_e_all, q_e_band
 
 
 @triton.jit
@@ -128,13 +229,18 @@ def _select_resident_kernel(
     sel_idx,
     sel_cnt,
     temps_out,
+    key_energy,
     NQB,
+    lvl_lo,
+    lvl_hi,
     stride_qb,
     stride_qh,
     stride_qd,
     stride_kb,
     stride_kh,
     stride_kd,
+    stride_eb,
+    stride_eh,
     thr_hi,
     thr_lo,
     HQ: tl.constexpr,
@@ -143,122 +249,125 @@ def _select_resident_kernel(
     BLOCK_G: tl.constexpr,
     QR: tl.constexpr,
     NK_PAD: tl.constexpr,
-    BN: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DC: tl.constexpr,
+    EB: tl.constexpr,
     CALIBRATE: tl.constexpr,
+    HAS_KE: tl.constexpr,
     KEEP_SINK: tl.constexpr,
     KEEP_DIAG: tl.constexpr,
-    ALL_CAUSAL: tl.constexpr,
     WRITE_TEMPS: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_ASM: tl.constexpr,
 ):
+    """Rows of length I + 1 in (lvl_lo, lvl_hi <= NK_PAD]: everything on chip, one row per
+    [M, NK_PAD] register row, scores from one tl.dot per DC-wide head-dim chunk."""
     M: tl.constexpr = 2 * QR
-    NT: tl.constexpr = NK_PAD // BN
-    tl.static_assert(NK_PAD % BN == 0)
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     g0 = pid * BLOCK_G
     r_first = tl.load(qb_req + g0)
     r_last = tl.load(qb_req + tl.minimum(g0 + BLOCK_G, NQB) - 1)
     cols = tl.arange(0, NK_PAD)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    band = tl.arange(0, M) // QR
-    is_hi = band == 0
-    hi_m = tl.load(band_hi + offs_d, mask=dmask, other=0.0)
-    lo_m = tl.load(band_lo + offs_d, mask=dmask, other=0.0)
-    d_hi = tl.sum(hi_m, axis=0)  # band sizes, counted here so the host never reads the masks
-    d_lo = tl.sum(lo_m, axis=0)
 
     # A group of query blocks may straddle requests; each request's rows are done in turn
-    # (one iteration unless the group holds a request boundary).
+    # (one iteration unless the group holds a request boundary). Groups without a row of this
+    # launch's level do nothing.
     for r in range(r_first, r_last + 1):
-        gq, hq, okq, qbq = _rows(g0, kvh, r, NQB, qb_req, qb_abs, G, G_PAD, BLOCK_G, QR, QR)
-        causal_q = cols[None, :] <= qbq[:, None]  # [QR, NK_PAD]; all False for inactive rows
-        is_dense = tl.load(dense + r) != 0
-        if ALL_CAUSAL:
-            sel = causal_q
-        else:
-            # -- the program's rows of both bands: [M] = [2 * QR] --
-            gm, hm, okm, qbm = _rows(g0, kvh, r, NQB, qb_req, qb_abs, G, G_PAD, BLOCK_G, QR, M)
+        gq, hq, okq, qbq = _rows(g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, G, G_PAD, BLOCK_G, QR, QR)
+        if tl.max(qbq, axis=0) >= 0:
+            is_dense = tl.load(dense + r) != 0
+            gm, hm, okm, qbm, q_rows, is_hi, d_b, q_e_all, q_e_band = _row_setup(
+                g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, pooled_q, band_hi, band_lo, stride_qb, stride_qh,
+                stride_qd, G, G_PAD, BLOCK_G, QR, D, BLOCK_D,
+            )
             ncol = tl.max(qbm, axis=0) + 1  # key blocks visible to any row of the group
             kb0 = tl.load(cu_kb + r)
-            qptr = pooled_q + gm.to(tl.int64)[:, None] * stride_qb + hm[:, None] * stride_qh
-            qv = tl.load(qptr + offs_d[None, :] * stride_qd, mask=okm[:, None] & dmask[None, :], other=0.0)
-            qband = qv * tl.where(is_hi[:, None], hi_m[None, :], lo_m[None, :])
-            n_tiles = tl.where(is_dense, 0, tl.cdiv(ncol, BN))  # dense requests need no scores
+            k_rows = pooled_k + (kb0 + cols).to(tl.int64) * stride_kb + kvh * stride_kh
+            kmask = (cols < ncol) & (not is_dense)  # dense requests: no scores, no loads
 
-            # -- raw band scores of every visible key block, kept on chip --
-            raw = tl.zeros((M, NT, BN), dtype=tl.float32)
+            # -- calibration: key energy of blocks 0..I per row --
             ek_all = tl.zeros((M,), dtype=tl.float32)
             ek_b = tl.zeros((M,), dtype=tl.float32)
-            tiles = tl.arange(0, NT)
-            for t in range(0, n_tiles):
-                kv, kcols = _load_k_tile(
-                    pooled_k, kb0, kvh, t * BN, ncol, stride_kb, stride_kh, stride_kd, offs_d, dmask, BN
-                )
-                s = tl.dot(qband, tl.trans(kv), input_precision=PRECISION)  # [M, BN], fp32 accumulate
-                # Registers cannot be indexed dynamically: broadcast the tile, keep it in slot t.
-                raw = tl.where((tiles == t)[None, :, None], s[:, None, :], raw)
-                if CALIBRATE:
-                    ea, eb = _key_energy(kv, kcols, qbm, is_hi, hi_m, lo_m)
+            if CALIBRATE:
+                for c0 in range(0, tl.where(is_dense, 0, ncol), EB):
+                    ea, eb = _key_energy_tile(
+                        key_energy, pooled_k, band_hi, band_lo, kb0, kvh, c0, ncol, qbm, is_hi, stride_eb,
+                        stride_eh, stride_kb, stride_kh, stride_kd, EB, D, BLOCK_D, DC, HAS_KE,
+                    )
                     ek_all += ea
                     ek_b += eb
-            d_b = tl.where(is_hi, d_hi, d_lo)
-            mult = _multiplier(qv, qband, ek_all, ek_b, qbm, d_b, D, CALIBRATE)
-            if WRITE_TEMPS:
-                tptr = temps_out + (gm.to(tl.int64) * HQ + hm) * 2 + band
-                tl.store(tptr, mult, mask=okm & (n_tiles > 0))
 
-            # -- softmax per row (causal blocks only) --
-            causal_m = cols[None, :] <= qbm[:, None]
-            logits = tl.where(causal_m, tl.reshape(raw, (M, NK_PAD)) * mult[:, None], float("-inf"))
+            # -- scores of the whole row at once: the accumulator IS the resident row --
+            raw = tl.zeros((M, NK_PAD), dtype=tl.float32)
+            for d0 in range(0, BLOCK_D, DC):
+                offs = d0 + tl.arange(0, DC)
+                dm = offs < D
+                hm_c = tl.load(band_hi + offs, mask=dm, other=0.0)
+                lm_c = tl.load(band_lo + offs, mask=dm, other=0.0)
+                kc = tl.load(k_rows[:, None] + offs[None, :] * stride_kd, mask=kmask[:, None] & dm[None, :], other=0.0)
+                qc = tl.load(q_rows[:, None] + offs[None, :] * stride_qd, mask=okm[:, None] & dm[None, :], other=0.0)
+                qc = qc * tl.where(is_hi[:, None], hm_c[None, :], lm_c[None, :])
+                raw = tl.dot(qc, tl.trans(kc), raw, input_precision=PRECISION)
+            mult = _multiplier(q_e_all, q_e_band, ek_all, ek_b, qbm, d_b, D, CALIBRATE)
+            if WRITE_TEMPS:
+                tptr = temps_out + (gm.to(tl.int64) * HQ + hm) * 2 + tl.where(is_hi, 0, 1)
+                tl.store(tptr, mult, mask=okm & (not is_dense))
+
+            # -- softmax per row over its causal blocks (probability 0 elsewhere) --
+            logits = tl.where(cols[None, :] <= qbm[:, None], raw * mult[:, None], float("-inf"))
             mx = tl.max(logits, axis=1)
             mx = tl.where(mx == float("-inf"), 0.0, mx)
             e = tl.exp(logits - mx[:, None])
             z = tl.sum(e, axis=1)
-            p = e / tl.where(z > 0.0, z, 1.0)[:, None]
+            p = e * (1.0 / tl.where(z > 0.0, z, 1.0))[:, None]
 
             # -- top-p threshold by bisection over float bit patterns: lo feasible, hi not --
             thr = tl.where(is_hi, thr_hi, thr_lo)
             pb = p.to(tl.int32, bitcast=True)
-            lo = tl.zeros((M,), dtype=tl.int32)
-            hi = tl.max(pb, axis=1) + 1
+            lo = _feasible_floor(thr, qbm)
+            hi = tl.maximum(tl.max(pb, axis=1) + 1, lo + 1)
             while tl.max(hi - lo, axis=0) > 1:
                 mid = lo + (hi - lo) // 2
-                mass = tl.sum(tl.where(pb >= mid[:, None], p, 0.0), axis=1)
+                mass = tl.sum(_kept(pb, tl.broadcast_to(mid[:, None], (M, NK_PAD)), p, USE_ASM), axis=1)
                 ok = mass >= thr
                 lo = tl.where(ok, mid, lo)
                 hi = tl.where(ok, hi, mid)
-            keep = ((pb >= lo[:, None]) & causal_m).to(tl.int32)
-            # Union of the two bands: rows m and m + QR are the same (query block, head).
-            sel = tl.max(tl.reshape(keep, (2, QR, NK_PAD)), axis=0) != 0
-            sel = tl.where(is_dense, causal_q, sel)
-        if KEEP_SINK:
-            sel = sel | (cols[None, :] == 0)
-        if KEEP_DIAG:
-            sel = sel | (cols[None, :] == qbq[:, None])
-        sel = sel & causal_q
+            # Union of the two bands: rows m and m + QR are the same (query block, head). Blocks
+            # past the diagonal (p = 0, kept only when lo = 0) are cut by the causal mask below.
+            keep = (pb >= lo[:, None]).to(tl.int32)
+            sel = tl.max(tl.reshape(keep, (2, QR, NK_PAD)), axis=0)
+            sel = tl.where(is_dense, 1, sel)
+            if KEEP_SINK:
+                sel = tl.where(cols[None, :] == 0, 1, sel)
+            if KEEP_DIAG:
+                sel = tl.where(cols[None, :] == qbq[:, None], 1, sel)
+            sel = tl.where(cols[None, :] <= qbq[:, None], sel, 0)
 
-        # -- BSR emission: ascending block ids at exclusive-prefix positions --
-        seli = sel.to(tl.int32)
-        pos = tl.cumsum(seli, axis=1) - seli
-        base = tl.load(sel_off + gq, mask=okq, other=0).to(tl.int64) * HQ + hq.to(tl.int64) * (qbq + 1)
-        vals = tl.zeros((QR, NK_PAD), dtype=tl.int16) + cols.to(tl.int16)[None, :]
-        tl.store(sel_idx + base[:, None] + pos, vals, mask=sel)
-        tl.store(sel_cnt + gq.to(tl.int64) * HQ + hq, tl.sum(seli, axis=1), mask=okq)
+            # -- BSR emission: ascending block ids at exclusive-prefix positions --
+            pos = tl.cumsum(sel, axis=1) - sel
+            base = tl.load(sel_off + gq, mask=okq, other=0).to(tl.int64) * HQ + hq.to(tl.int64) * (qbq + 1)
+            vals = tl.zeros((QR, NK_PAD), dtype=tl.int16) + cols.to(tl.int16)[None, :]
+            tl.store(sel_idx + base[:, None] + pos, vals, mask=sel != 0)
+            tl.store(sel_cnt + gq.to(tl.int64) * HQ + hq, tl.sum(sel, axis=1), mask=okq)
 
 
 @triton.jit
-def _tile_probs(qband, mult, mx, z, qbm, pooled_k, kb0, kvh, c0, ncol, stride_kb, stride_kh, stride_kd, offs_d, dmask,
-                BN: tl.constexpr, PRECISION: tl.constexpr):
-    """Probabilities [M, BN] of key blocks c0.. (0 where not causal); identical in every pass."""
-    kv, kcols = _load_k_tile(pooled_k, kb0, kvh, c0, ncol, stride_kb, stride_kh, stride_kd, offs_d, dmask, BN)
-    s = tl.dot(qband, tl.trans(kv), input_precision=PRECISION) * mult[:, None]
-    causal = kcols[None, :] <= qbm[:, None]
-    e = tl.where(causal, tl.exp(s - mx[:, None]), 0.0)
-    return e / z[:, None], causal, kcols
+def _tile_probs(
+    q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, c0, ncol, stride_qd, stride_kb, stride_kh,
+    stride_kd, mult, mx, rz, M: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    DC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Probabilities [M, BN] of key blocks c0.. (0 past each row's diagonal); the same code, so
+    the same values, in every pass."""
+    s = _score_tile(
+        q_rows, okm, is_hi, band_hi, band_lo, pooled_k, kb0, kvh, c0, ncol, stride_qd, stride_kb, stride_kh,
+        stride_kd, M, BN, D, BLOCK_D, DC, PRECISION,
+    )
+    s = s * mult[:, None]
+    causal = (c0 + tl.arange(0, BN))[None, :] <= qbm[:, None]
+    return tl.where(causal, tl.exp(s - mx[:, None]), 0.0) * rz[:, None]
 
 
 @triton.jit
@@ -275,13 +384,18 @@ def _select_multipass_kernel(
     sel_idx,
     sel_cnt,
     temps_out,
+    key_energy,
     NQB,
+    lvl_lo,
+    lvl_hi,
     stride_qb,
     stride_qh,
     stride_qd,
     stride_kb,
     stride_kh,
     stride_kd,
+    stride_eb,
+    stride_eh,
     thr_hi,
     thr_lo,
     HQ: tl.constexpr,
@@ -293,7 +407,9 @@ def _select_multipass_kernel(
     NCAND: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DC: tl.constexpr,
     CALIBRATE: tl.constexpr,
+    HAS_KE: tl.constexpr,
     KEEP_SINK: tl.constexpr,
     KEEP_DIAG: tl.constexpr,
     ALL_CAUSAL: tl.constexpr,
@@ -306,43 +422,36 @@ def _select_multipass_kernel(
     g0 = pid * BLOCK_G
     r_first = tl.load(qb_req + g0)
     r_last = tl.load(qb_req + tl.minimum(g0 + BLOCK_G, NQB) - 1)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    band = tl.arange(0, M) // QR
-    is_hi = band == 0
-    hi_m = tl.load(band_hi + offs_d, mask=dmask, other=0.0)
-    lo_m = tl.load(band_lo + offs_d, mask=dmask, other=0.0)
-    d_hi = tl.sum(hi_m, axis=0)  # band sizes, counted here so the host never reads the masks
-    d_lo = tl.sum(lo_m, axis=0)
     cand_i = tl.arange(0, NCAND)
 
     for r in range(r_first, r_last + 1):
-        gq, hq, okq, qbq = _rows(g0, kvh, r, NQB, qb_req, qb_abs, G, G_PAD, BLOCK_G, QR, QR)
-        gm, hm, okm, qbm = _rows(g0, kvh, r, NQB, qb_req, qb_abs, G, G_PAD, BLOCK_G, QR, M)
+        # Groups without a row of this launch's level have ncol = 0: every loop below is empty.
+        gq, hq, okq, qbq = _rows(g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, G, G_PAD, BLOCK_G, QR, QR)
+        gm, hm, okm, qbm, q_rows, is_hi, d_b, q_e_all, q_e_band = _row_setup(
+            g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, pooled_q, band_hi, band_lo, stride_qb, stride_qh,
+            stride_qd, G, G_PAD, BLOCK_G, QR, D, BLOCK_D,
+        )
         ncol = tl.max(qbm, axis=0) + 1
         kb0 = tl.load(cu_kb + r)
         estimate = tl.load(dense + r) == 0
         if ALL_CAUSAL:
             estimate = estimate & False
         n_tiles = tl.where(estimate, tl.cdiv(ncol, BN), 0)
-        qptr = pooled_q + gm.to(tl.int64)[:, None] * stride_qb + hm[:, None] * stride_qh
-        qv = tl.load(qptr + offs_d[None, :] * stride_qd, mask=okm[:, None] & dmask[None, :], other=0.0)
-        qband = qv * tl.where(is_hi[:, None], hi_m[None, :], lo_m[None, :])
 
         # -- pass 0: key energies of the causal prefixes (calibration) --
         ek_all = tl.zeros((M,), dtype=tl.float32)
         ek_b = tl.zeros((M,), dtype=tl.float32)
         if CALIBRATE:
             for t in range(0, n_tiles):
-                kv, kcols = _load_k_tile(
-                    pooled_k, kb0, kvh, t * BN, ncol, stride_kb, stride_kh, stride_kd, offs_d, dmask, BN
+                ea, eb = _key_energy_tile(
+                    key_energy, pooled_k, band_hi, band_lo, kb0, kvh, t * BN, ncol, qbm, is_hi, stride_eb,
+                    stride_eh, stride_kb, stride_kh, stride_kd, BN, D, BLOCK_D, DC, HAS_KE,
                 )
-                ea, eb = _key_energy(kv, kcols, qbm, is_hi, hi_m, lo_m)
                 ek_all += ea
                 ek_b += eb
-        d_b = tl.where(is_hi, d_hi, d_lo)
-        mult = _multiplier(qv, qband, ek_all, ek_b, qbm, d_b, D, CALIBRATE)
+        mult = _multiplier(q_e_all, q_e_band, ek_all, ek_b, qbm, d_b, D, CALIBRATE)
         if WRITE_TEMPS:
+            band = tl.where(is_hi, 0, 1)
             tptr = temps_out + (gm.to(tl.int64) * HQ + hm) * 2 + band
             tl.store(tptr, mult, mask=okm & (n_tiles > 0))
 
@@ -350,32 +459,35 @@ def _select_multipass_kernel(
         mx = tl.full((M,), float("-inf"), dtype=tl.float32)
         z = tl.zeros((M,), dtype=tl.float32)
         for t in range(0, n_tiles):
-            kv, kcols = _load_k_tile(pooled_k, kb0, kvh, t * BN, ncol, stride_kb, stride_kh, stride_kd, offs_d, dmask, BN)
-            s = tl.dot(qband, tl.trans(kv), input_precision=PRECISION) * mult[:, None]
-            s = tl.where(kcols[None, :] <= qbm[:, None], s, float("-inf"))
+            s = _score_tile(
+                q_rows, okm, is_hi, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol, stride_qd,
+                stride_kb, stride_kh, stride_kd, M, BN, D, BLOCK_D, DC, PRECISION,
+            )
+            s = s * mult[:, None]
+            s = tl.where((t * BN + tl.arange(0, BN))[None, :] <= qbm[:, None], s, float("-inf"))
             m_new = tl.maximum(mx, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             z = z * tl.exp(mx - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
             mx = m_new
         mx = tl.where(mx == float("-inf"), 0.0, mx)
-        z = tl.where(z > 0.0, z, 1.0)
+        rz = 1.0 / tl.where(z > 0.0, z, 1.0)
 
         # -- passes 2..: NCAND-way bisection of the threshold's bit pattern (lo feasible, hi not) --
         thr = tl.where(is_hi, thr_hi, thr_lo)
-        lo = tl.zeros((M,), dtype=tl.int32)
-        hi = tl.where(okm & estimate, 0x3F800001, 1)  # bits(1.0) + 1: no probability reaches it
+        live = okm & estimate
+        lo = tl.where(live, _feasible_floor(thr, qbm), 0)
+        hi = tl.where(live, 0x3F800001, 1)  # bits(1.0) + 1: no probability reaches it
         while tl.max(hi - lo, axis=0) > 1:
             span = (hi - lo).to(tl.int64)
             cand = (lo.to(tl.int64)[:, None] + span[:, None] * (cand_i[None, :] + 1) // (NCAND + 1)).to(tl.int32)
             mass = tl.zeros((M, NCAND), dtype=tl.float32)
             for t in range(0, n_tiles):
-                p, causal, kcols = _tile_probs(
-                    qband, mult, mx, z, qbm, pooled_k, kb0, kvh, t * BN, ncol, stride_kb, stride_kh, stride_kd,
-                    offs_d, dmask, BN, PRECISION,
+                p = _tile_probs(
+                    q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol, stride_qd,
+                    stride_kb, stride_kh, stride_kd, mult, mx, rz, M, BN, D, BLOCK_D, DC, PRECISION,
                 )
                 pb = p.to(tl.int32, bitcast=True)
-                above = pb[:, :, None] >= cand[:, None, :]
-                mass += tl.sum(tl.where(above, p[:, :, None], 0.0), axis=1)
+                mass += tl.sum(tl.where(pb[:, :, None] >= cand[:, None, :], p[:, :, None], 0.0), axis=1)
             # The kept mass falls as the candidate rises, so the feasible ones form a prefix.
             n_ok = tl.sum((mass >= thr[:, None]).to(tl.int32), axis=1)
             new_lo = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None] - 1, cand, 0), axis=1)
@@ -387,27 +499,25 @@ def _select_multipass_kernel(
         base = tl.load(sel_off + gq, mask=okq, other=0).to(tl.int64) * HQ + hq.to(tl.int64) * (qbq + 1)
         count = tl.zeros((QR,), dtype=tl.int32)
         for t in range(0, tl.cdiv(ncol, BN)):
-            c0 = t * BN
+            cols = t * BN + tl.arange(0, BN)
             if estimate:
-                p, causal, kcols = _tile_probs(
-                    qband, mult, mx, z, qbm, pooled_k, kb0, kvh, c0, ncol, stride_kb, stride_kh, stride_kd,
-                    offs_d, dmask, BN, PRECISION,
+                p = _tile_probs(
+                    q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol, stride_qd,
+                    stride_kb, stride_kh, stride_kd, mult, mx, rz, M, BN, D, BLOCK_D, DC, PRECISION,
                 )
-                keep = ((p.to(tl.int32, bitcast=True) >= lo[:, None]) & causal).to(tl.int32)
-                sel = tl.max(tl.reshape(keep, (2, QR, BN)), axis=0) != 0
+                keep = (p.to(tl.int32, bitcast=True) >= lo[:, None]).to(tl.int32)
+                sel = tl.max(tl.reshape(keep, (2, QR, BN)), axis=0)
             else:
-                sel = tl.full((QR, BN), 1, dtype=tl.int1)
-            cols = c0 + tl.arange(0, BN)
+                sel = tl.full((QR, BN), 1, dtype=tl.int32)
             if KEEP_SINK:
-                sel = sel | (cols[None, :] == 0)
+                sel = tl.where(cols[None, :] == 0, 1, sel)
             if KEEP_DIAG:
-                sel = sel | (cols[None, :] == qbq[:, None])
-            sel = sel & (cols[None, :] <= qbq[:, None])
-            seli = sel.to(tl.int32)
-            pos = count[:, None] + tl.cumsum(seli, axis=1) - seli
+                sel = tl.where(cols[None, :] == qbq[:, None], 1, sel)
+            sel = tl.where(cols[None, :] <= qbq[:, None], sel, 0)
+            pos = count[:, None] + tl.cumsum(sel, axis=1) - sel
             vals = tl.zeros((QR, BN), dtype=tl.int16) + cols.to(tl.int16)[None, :]
-            tl.store(sel_idx + base[:, None] + pos, vals, mask=sel)
-            count += tl.sum(seli, axis=1)
+            tl.store(sel_idx + base[:, None] + pos, vals, mask=sel != 0)
+            count += tl.sum(sel, axis=1)
         tl.store(sel_cnt + gq.to(tl.int64) * HQ + hq, count, mask=okq)
 
 
@@ -416,35 +526,68 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-#: fp32 elements of resident logits per program ([2 * QR, NK_PAD]); 64 registers per thread at
-#: 16 warps. Rows longer than fits with one query block per program take the multi-pass path.
-_RESIDENT_ELEMS = 32768
-_MAX_Q_ROWS = 32  # BLOCK_G * G_PAD cap (rows of one band)
+#: Longest row (key blocks) kept on chip: the DC-wide key chunk of a whole row, [NK_PAD, DC] fp32,
+#: is a tl.dot operand in shared memory (128 KB at 2048 x 16). Longer rows take the multi-pass path.
+_RESIDENT_MAX_BLOCKS = 2048
+#: fp32 elements of resident scores per program ([2 * QR, NK_PAD]): 64 registers per thread at 8
+#: warps (more makes ptxas spill: measured with ptxas -v for sm_90a). Rows too long for one query
+#: block per program in twice this budget take the multi-pass path.
+_RESIDENT_ELEMS = 16384
+_MAX_Q_ROWS = 32  # QR cap (q rows of one band per program)
+_DC = 16  # head-dim chunk of one tl.dot: small fp32 operands in registers / shared memory
+#: Resident launches per selection: rows are split by length into levels (NK/2, NK], ... so that
+#: a row's [NK_PAD] register row is at least half causal; the lowest level takes all short rows.
+_LEVELS = 4
+_MIN_LEVEL = 16
+
+
+def _resident_launch(g_pad: int, nk_pad: int, lvl_lo: int, lvl_hi: int) -> dict:
+    block_g = max(1, min(_MAX_Q_ROWS // g_pad, _RESIDENT_ELEMS // (2 * g_pad * nk_pad)))
+    block_g = 1 << (block_g.bit_length() - 1)  # power of two
+    qr = max(8, block_g * g_pad)  # 2 * QR >= 16 rows for tl.dot
+    elems = 2 * qr * nk_pad
+    warps = max(4, min(16, elems // (32 * 64)))  # ~64 resident fp32 per thread
+    stages = 2 if nk_pad * _DC * 4 * 2 <= 160 * 1024 else 1
+    return dict(path="resident", lvl_lo=lvl_lo, lvl_hi=lvl_hi, BLOCK_G=block_g, QR=qr, NK_PAD=nk_pad,
+                num_warps=warps, num_stages=stages)
 
 
 def selection_launch_config(
-    num_q_heads: int, num_kv_heads: int, max_k_blocks: int, resident_max_blocks: Optional[int] = None
-) -> dict:
-    """Launch settings of the selection kernel for a plan's shape (host ints only).
+    num_q_heads: int,
+    num_kv_heads: int,
+    max_k_blocks: int,
+    all_blocks: bool = False,
+    resident_max_blocks: Optional[int] = None,
+) -> list[dict]:
+    """The launches of one selection for a plan's shape (host ints only).
 
-    Returns a dict with path ("resident" or "multipass"), G_PAD, BLOCK_G, QR, NK_PAD (resident),
-    BN, NCAND (multi-pass) and num_warps. ``resident_max_blocks`` caps NK_PAD of the resident path
-    (tests use a small cap to exercise the multi-pass path on small shapes).
+    Each is a dict: path ("resident" or "multipass"), the row lengths it serves
+    (lvl_lo, lvl_hi], BLOCK_G (query blocks per program), QR (padded q rows per band),
+    NK_PAD (resident) or BN / NCAND (multi-pass), num_warps, num_stages. Every row belongs to
+    exactly one launch. ``resident_max_blocks`` lowers the longest resident row (tests use it to
+    exercise the multi-pass path on small shapes).
     """
     G = num_q_heads // num_kv_heads
     g_pad = triton.next_power_of_2(G)
-    nk_pad = max(16, triton.next_power_of_2(max(1, max_k_blocks)))
-    cap = _RESIDENT_ELEMS // (2 * max(8, g_pad)) if resident_max_blocks is None else resident_max_blocks
-    if nk_pad <= cap:
-        block_g = max(1, min(_MAX_Q_ROWS // g_pad, _RESIDENT_ELEMS // (2 * g_pad * nk_pad)))
-        block_g = 1 << (block_g.bit_length() - 1)  # power of two
-        qr = max(8, block_g * g_pad)  # 2 * QR >= 16 rows for tl.dot
-        bn = min(64, nk_pad)
-        warps = max(4, min(16, (2 * qr * nk_pad) // (32 * 64)))
-        return dict(path="resident", G_PAD=g_pad, BLOCK_G=block_g, QR=qr, NK_PAD=nk_pad, BN=bn, num_warps=warps)
-    block_g = max(1, 16 // g_pad)
-    qr = max(8, block_g * g_pad)
-    return dict(path="multipass", G_PAD=g_pad, BLOCK_G=block_g, QR=qr, BN=32, NCAND=16, num_warps=8)
+    nk_top = max(_MIN_LEVEL, triton.next_power_of_2(max(1, max_k_blocks)))
+    cap = _RESIDENT_MAX_BLOCKS if resident_max_blocks is None else resident_max_blocks
+    # One query block per program must fit, in up to twice the budget (at 16 warps).
+    cap = min(cap, 2 * _RESIDENT_ELEMS // (2 * max(8, g_pad)))
+    mp_block_g = max(1, 16 // g_pad)
+    multipass = dict(path="multipass", lvl_lo=0, lvl_hi=2**31 - 1, BLOCK_G=mp_block_g, QR=max(8, mp_block_g * g_pad),
+                     BN=32, NCAND=8, num_warps=8, num_stages=2)
+    if all_blocks:  # nothing to score: the multi-pass kernel's tiled emission serves any length
+        return [multipass]
+    launches = []
+    nk = nk_top
+    if nk > cap:
+        launches.append(dict(multipass, lvl_lo=cap))
+        nk = cap
+    lowest = max(_MIN_LEVEL, nk >> (_LEVELS - 1))
+    while nk >= lowest and nk >= _MIN_LEVEL:
+        launches.append(_resident_launch(g_pad, nk, nk // 2 if nk > lowest else 0, nk))
+        nk //= 2
+    return launches
 
 
 def select_blocks(
@@ -462,7 +605,8 @@ def select_blocks(
     sel_cnt: torch.Tensor,
     temps_out: Optional[torch.Tensor] = None,
     *,
-    precision: str = "ieee",
+    key_energy: Optional[torch.Tensor] = None,
+    precision: str = "tf32x3",
     resident_max_blocks: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prism's block selection of every (query block, q head) of the launch, as BSR rows.
@@ -485,13 +629,18 @@ def select_blocks(
         temps_out: optional float32 [>= NQB, HQ, 2], contiguous: receives the logit multipliers
             1 / (sqrt(d_band) * t_band) (high, low) of estimated rows (not written for dense
             requests, nor at all when a threshold is 1.0, which selects every block anyway).
-        precision: tl.dot precision of the fp32 scores: "ieee" (exact fp32 FMA), "tf32x3"
-            (tensor cores, ~fp32 accuracy) or "tf32" (fast, ~1e-3 relative: can flip blocks
-            near the top-p boundary).
+        precision: tl.dot precision of the fp32 scores: "tf32x3" (default: tensor cores, three
+            tf32 products per fp32 product, ~fp32 accuracy), "ieee" (fp32 FMA on CUDA cores, the
+            reference's arithmetic, several times slower) or "tf32" (fastest, ~1e-3 relative:
+            flips blocks near the top-p boundary). The CPU interpreter computes all three in fp32.
+        key_energy: optional float32 [>= NKB, HKV, 3] per-block key energies (all dims, high
+            band, low band) from ``pool_keys_paged(..., energy_out=...)`` with the same bands;
+            without it the kernels recompute them from pooled_k (one more pass over the keys).
         resident_max_blocks: override of the longest row kept on chip (tests).
 
     Returns:
-        (sel_idx, sel_cnt). One kernel launch; no host sync, no allocation.
+        (sel_idx, sel_cnt). A few kernel launches (one per row-length level, see
+        ``selection_launch_config``); no host sync, no allocation.
     """
     _check(pooled_q.dim() == 3, f"Invalid shape of pooled_q: expected [NQB, HQ, D], got {tuple(pooled_q.shape)}")
     _check(pooled_k.dim() == 3, f"Invalid shape of pooled_k: expected [NKB, HKV, D], got {tuple(pooled_k.shape)}")
@@ -526,6 +675,17 @@ def select_blocks(
             f"Invalid temps_out: expected contiguous float32 [>= {plan.num_q_blocks}, {HQ}, 2], got "
             f"{temps_out.dtype} {tuple(temps_out.shape)}",
         )
+    if key_energy is not None:
+        _check(
+            key_energy.dtype == torch.float32
+            and key_energy.dim() == 3
+            and key_energy.shape[0] >= plan.num_k_blocks
+            and tuple(key_energy.shape[1:]) == (HKV, 3)
+            and key_energy.stride(2) == 1,
+            f"Invalid key_energy: expected float32 [>= {plan.num_k_blocks}, {HKV}, 3] with a contiguous last "
+            f"dim, got {key_energy.dtype} {tuple(key_energy.shape)}",
+        )
+        _check(key_energy.device == pooled_q.device, f"key_energy is on {key_energy.device}, pooled_q on {pooled_q.device}")
     _check(precision in _PRECISIONS, f"precision={precision!r} must be one of {_PRECISIONS}")
     dev = pooled_q.device
     for name, t in (("pooled_k", pooled_k), ("band_high", band_high), ("band_low", band_low), ("sel_idx", sel_idx),
@@ -534,8 +694,7 @@ def select_blocks(
     if plan.num_q_blocks == 0:
         return sel_idx, sel_cnt
 
-    cfg = selection_launch_config(HQ, HKV, plan.max_k_blocks, resident_max_blocks)
-    all_causal = high_threshold >= 1.0 or low_threshold >= 1.0
+    all_blocks = high_threshold >= 1.0 or low_threshold >= 1.0
     common = dict(
         pooled_q=pooled_q,
         pooled_k=pooled_k,
@@ -548,7 +707,8 @@ def select_blocks(
         sel_off=plan.sel_off,
         sel_idx=sel_idx,
         sel_cnt=sel_cnt,
-        temps_out=temps_out if temps_out is not None else sel_cnt,
+        temps_out=temps_out if temps_out is not None else pooled_q,
+        key_energy=key_energy if key_energy is not None else pooled_k,
         NQB=plan.num_q_blocks,
         stride_qb=pooled_q.stride(0),
         stride_qh=pooled_q.stride(1),
@@ -556,27 +716,30 @@ def select_blocks(
         stride_kb=pooled_k.stride(0),
         stride_kh=pooled_k.stride(1),
         stride_kd=pooled_k.stride(2),
+        stride_eb=key_energy.stride(0) if key_energy is not None else 0,
+        stride_eh=key_energy.stride(1) if key_energy is not None else 0,
         thr_hi=float(high_threshold),
         thr_lo=float(low_threshold),
         HQ=HQ,
         G=HQ // HKV,
-        G_PAD=cfg["G_PAD"],
-        BLOCK_G=cfg["BLOCK_G"],
-        QR=cfg["QR"],
-        BN=cfg["BN"],
+        G_PAD=triton.next_power_of_2(HQ // HKV),
         D=D,
-        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_D=max(_DC, triton.next_power_of_2(D)),
+        DC=_DC,
         CALIBRATE=bool(calibrate),
+        HAS_KE=key_energy is not None,
         KEEP_SINK=bool(keep_sink),
         KEEP_DIAG=bool(keep_diagonal),
-        ALL_CAUSAL=all_causal,
         WRITE_TEMPS=temps_out is not None,
         PRECISION=precision,
-        num_warps=cfg["num_warps"],
     )
-    grid = (triton.cdiv(plan.num_q_blocks, cfg["BLOCK_G"]), HKV)
-    if cfg["path"] == "resident":
-        _select_resident_kernel[grid](NK_PAD=cfg["NK_PAD"], **common)
-    else:
-        _select_multipass_kernel[grid](NCAND=cfg["NCAND"], **common)
+    use_asm = pooled_q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    for ln in selection_launch_config(HQ, HKV, plan.max_k_blocks, all_blocks, resident_max_blocks):
+        grid = (triton.cdiv(plan.num_q_blocks, ln["BLOCK_G"]), HKV)
+        kw = dict(common, lvl_lo=ln["lvl_lo"], lvl_hi=ln["lvl_hi"], BLOCK_G=ln["BLOCK_G"], QR=ln["QR"],
+                  num_warps=ln["num_warps"], num_stages=ln["num_stages"])
+        if ln["path"] == "resident":
+            _select_resident_kernel[grid](NK_PAD=ln["NK_PAD"], EB=min(64, ln["NK_PAD"]), USE_ASM=use_asm, **kw)
+        else:
+            _select_multipass_kernel[grid](BN=ln["BN"], NCAND=ln["NCAND"], ALL_CAUSAL=all_blocks, **kw)
     return sel_idx, sel_cnt

@@ -81,6 +81,36 @@ def test_pool_keys_paged_matches_reference(layout, page_size, name):
     assert out[plan.num_k_blocks :].isnan().all()
 
 
+def key_energy_reference(kp, bands):
+    """(|k|^2, |k_high|^2, |k_low|^2) per pooled key: [NKB, HKV, 3]."""
+    k2 = kp.float().pow(2)
+    hi, lo = bands.high.to(kp.device), bands.low.to(kp.device)
+    return torch.stack([k2.sum(-1), k2[..., hi].sum(-1), k2[..., lo].sum(-1)], dim=-1)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_pool_keys_energy_out(layout):
+    from prism_vllm.rope import RopeLayout, rope_bands
+
+    bands = rope_bands(RopeLayout(64, 48, False), 16, 32)  # GPT-J pairs, 16 unrotated dims
+    chunks = CHUNKS["three_reqs"]
+    _, ks, _, plan = _batch(chunks, 4, 2, 64, torch.float16, DEVICE, seed=4)
+    k_cache, _, table = make_paged_kv(ks, ks, 16, layout)
+    out = torch.empty(plan.num_k_blocks, 2, 64, device=DEVICE)
+    energy = torch.full((plan.num_k_blocks + 1, 2, 3), float("nan"), device=DEVICE)
+    pool_keys_paged(
+        k_cache=k_cache, block_table=table, plan=plan, out=out, energy_out=energy,
+        band_high=bands.high.float().to(DEVICE), band_low=bands.low.float().to(DEVICE),
+    )
+    ref = _ref_k(ks)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(energy[: plan.num_k_blocks], key_energy_reference(ref, bands), atol=1e-5, rtol=1e-4)
+    assert energy[plan.num_k_blocks :].isnan().all()
+    with pytest.raises(ValueError, match="band_low"):
+        pool_keys_paged(k_cache=k_cache, block_table=table, plan=plan, out=out, energy_out=energy,
+                        band_high=bands.high.float().to(DEVICE))
+
+
 def test_pool_keys_single_kv_head_and_odd_head_dim():
     chunks = [(200, 1000)]
     _, ks, _, plan = _batch(chunks, 4, 1, 80, torch.float16, DEVICE, seed=2)

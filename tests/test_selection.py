@@ -61,7 +61,15 @@ def _structured(chunks, hq, hkv, d, seed, device, n_hot=3, strength=4.0):
     return [x.to(device) for x in qps], [x.to(device) for x in kps]
 
 
-def _run(chunks, qps, kps, bands, cfg, dense=None, **kw):
+def _key_energy(kp, bands):
+    """(|k|^2, |k_high|^2, |k_low|^2) of each pooled key: [NKB, HKV, 3] (what pool_keys_paged's
+    energy_out holds; tests/test_pooling.py checks the kernel against the same formula)."""
+    k2 = kp.pow(2)
+    hi, lo = bands.high.to(kp.device), bands.low.to(kp.device)
+    return torch.stack([k2.sum(-1), k2[..., hi].sum(-1), k2[..., lo].sum(-1)], dim=-1)
+
+
+def _run(chunks, qps, kps, bands, cfg, dense=None, with_energy=True, **kw):
     hq, hkv, d = qps[0].shape[1], kps[0].shape[1], qps[0].shape[2]
     cu = [0]
     for _, L in chunks:
@@ -72,6 +80,8 @@ def _run(chunks, qps, kps, bands, cfg, dense=None, **kw):
     sel_idx = torch.full((plan.sel_capacity + 5,), -7, dtype=torch.int16, device=DEVICE)
     sel_cnt = torch.full((plan.num_q_blocks * hq,), -7, dtype=torch.int32, device=DEVICE)
     temps = torch.full((plan.num_q_blocks, hq, 2), float("nan"), device=DEVICE)
+    if with_energy:
+        kw["key_energy"] = _key_energy(pk, bands)
     select_blocks(
         pooled_q=pq,
         pooled_k=pk,
@@ -178,11 +188,14 @@ CASES = {
     "three_reqs_g3": ([(0, 129), (77, 1), (1000, 700)], 6, 2, "neox64"),
     "partial_rotary_g8": ([(300, 600), (0, 256)], 8, 1, "partial64"),
     "two_tiles_g4": ([(9000, 200), (100, 50)], 8, 2, "gptj64"),
+    "three_levels_g2": ([(0, 40 * 128 + 5)], 4, 2, "neox64"),  # rows of 1..41 blocks: levels 16/32/64
 }
 CFGS = {
     "t95_80": PrismConfig(high_threshold=0.95, low_threshold=0.8),
     "t80_95_nocal": PrismConfig(high_threshold=0.8, low_threshold=0.95, calibrate=False),
     "t95_nosink_nodiag": PrismConfig(keep_sink=False, keep_diagonal=False),
+    # above 0.99 the bisection starts from 0 instead of its proven-feasible floor
+    "t995_99": PrismConfig(high_threshold=0.995, low_threshold=0.99),
 }
 
 
@@ -192,7 +205,8 @@ def test_selection_matches_reference(case, cfg_name):
     chunks, hq, hkv, bname = CASES[case]
     cfg, bands = CFGS[cfg_name], BANDS[bname]
     qps, kps = _structured(chunks, hq, hkv, 64, seed=len(case), device=DEVICE)
-    plan, sel_idx, sel_cnt, temps = _run(chunks, qps, kps, bands, cfg)
+    # Key energies from pool_keys_paged's energy_out (the facade's way) or recomputed in-kernel.
+    plan, sel_idx, sel_cnt, temps = _run(chunks, qps, kps, bands, cfg, with_energy=len(case) % 2 == 0)
     masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
     n_amb, n_causal = compare_with_reference(chunks, qps, kps, bands, cfg, masks)
     assert n_amb <= max(2, n_causal // 1000), f"{n_amb} of {n_causal} blocks differ at the top-p edge"
@@ -208,14 +222,17 @@ def test_multipass_path_matches_reference(resident_max_blocks, cfg_name):
     # (several tiles of 32 and several threshold passes); the short one shares the launch.
     chunks = [(4000, 1200), (0, 1100)]
     hq, hkv, bands, cfg = 4, 1, BANDS["neox64"], CFGS[cfg_name]
-    cfg_launch = selection_launch_config(hq, hkv, 41, resident_max_blocks)
-    assert cfg_launch["path"] == ("multipass" if resident_max_blocks else "resident")
+    paths = [ln["path"] for ln in selection_launch_config(hq, hkv, 41, resident_max_blocks=resident_max_blocks)]
+    assert ("multipass" in paths) == bool(resident_max_blocks) and "resident" in paths
     qps, kps = _structured(chunks, hq, hkv, 64, seed=5, device=DEVICE)
-    plan, sel_idx, sel_cnt, temps = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks)
-    masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
-    n_amb, n_causal = compare_with_reference(chunks, qps, kps, bands, cfg, masks)
-    assert n_amb <= 2
-    _check_temps(chunks, qps, kps, bands, cfg, plan, temps)
+    for with_energy in (True, False):
+        plan, sel_idx, sel_cnt, temps = _run(
+            chunks, qps, kps, bands, cfg, with_energy=with_energy, resident_max_blocks=resident_max_blocks
+        )
+        masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
+        n_amb, n_causal = compare_with_reference(chunks, qps, kps, bands, cfg, masks)
+        assert n_amb <= 2
+        _check_temps(chunks, qps, kps, bands, cfg, plan, temps)
 
 
 @pytest.mark.parametrize("resident_max_blocks", [16, None], ids=["multipass", "resident"])
@@ -321,7 +338,7 @@ def test_selection_gpu_1m_context_multipass(cfg_name):
     # A short chunk at the end of a 1M-token context: rows of 8192 key blocks (multi-pass path).
     chunks = [(2**20 - 128, 128), (2**20 - 700, 300)]
     hq, hkv, d = 32, 8, 128
-    assert selection_launch_config(hq, hkv, 8192)["path"] == "multipass"
+    assert selection_launch_config(hq, hkv, 8192)[0]["path"] == "multipass"
     bands, cfg = BANDS["neox128"], CFGS[cfg_name]
     qps, kps = _structured(chunks, hq, hkv, d, seed=12, device="cuda", n_hot=16)
     plan, sel_idx, sel_cnt, temps = _run(chunks, qps, kps, bands, cfg)
