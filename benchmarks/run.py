@@ -97,7 +97,7 @@ def make_plan(a: argparse.Namespace) -> Plan:
         p.recall_lengths, p.ppl_lengths, p.ppl_windows = [8 * KB], [8 * KB], 4
         p.needle_lengths, p.needle_seeds = [4 * KB, 8 * KB], 3
         p.speed_lengths, p.llama_lengths = [8 * KB, 16 * KB, 32 * KB], []
-        p.limits = {"recall": 180, "accuracy": 200, "speed": 240, "llama": 0}
+        p.limits = {"recall": 180, "accuracy": 200, "speed": 240, "llama": 560}
         p.speed_default_config = False
     if a.dry_run:
         p.native = 512
@@ -197,8 +197,7 @@ class Runner:
         p = self.plan
         spec = {"kind": "hf" if p.dry else "vllm", "backend": backend, "model": self.model,
                 "max_model_len": max_model_len, "enforce_eager": eager, "gpu_memory_utilization": mem,
-                "max_num_batched_tokens": p.max_num_batched_tokens,
-            "prism_default_config": self.user_prism, "max_num_seqs": 64,
+                "max_num_batched_tokens": p.max_num_batched_tokens, "max_num_seqs": 64,
                 "hf_overrides": common.yarn_overrides(self.model, max_model_len, p.native),
                 "prism": self.prism_cfg if backend == "prism" else self.user_prism if backend == "prism-default" else None,
                 "device": "cpu", "dtype": "float32"}
@@ -469,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             changed = report.update_readme(Path(a.readme), md)
             log(f"{a.readme}: {'updated' if changed else 'unchanged'}")
         return 0
-    parts = set(PARTS)
+    parts = set(PARTS) - ({"llama8b"} if a.quick else set())
     if a.only:
         parts = set()
         for x in a.only.split(","):
