@@ -139,7 +139,7 @@ def goals(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
     be = sp.get("break_even", {})
     if pairs:
         out.append(("break-even context length (SmolLM2, Prism forced on every chunk)",
-                    f"{be.get('tokens')} tokens ({be.get('note', '')})", be.get("tokens") is not None))
+                    f"{be.get('tokens') or 'none'} tokens ({be.get('note', '')})", be.get("tokens") is not None))
     dflt = [p for p in pairs if p.get("prism_default_ms") is not None]
     if dflt:
         # 5% slack: the two numbers come from separate engines (timer noise, not attention)
@@ -193,12 +193,14 @@ def markdown(res: dict[str, dict[str, Any]], image_dir: str | None = None) -> st
             for r in d["rows"]:
                 if r["kind"] == kind and r["length"] == L:
                     per_depth.setdefault(r["depth"], {})[r["backend"]] = r
-            depth_s = " ".join(f"{dp:g}:{v.get('dense', {}).get('correct', '-')}/{v.get('prism', {}).get('correct', '-')}"
-                               for dp, v in sorted(per_depth.items()))
+            depth_s = " · ".join(f"{dp:g}: {v.get('dense', {}).get('correct', '-')} vs {v.get('prism', {}).get('correct', '-')}"
+                                 for dp, v in sorted(per_depth.items()))
             dn, pr = a.get("dense", [0, 0]), a.get("prism", [0, 0])
             rows.append([kind, tok_label(L), f"{dn[0]}/{dn[1]}", f"{pr[0]}/{pr[1]}", depth_s])
         parts.append("### Passkey retrieval through vLLM (greedy)\n\n" + _meta_line(d) + "\n\n"
-                     + _table(["keys", "context", "FLASH_ATTN correct", "Prism correct", "per depth (dense/Prism)"], rows))
+                     + _table(["keys", "context", "FLASH_ATTN correct", "Prism correct",
+                               f"correct per depth, FLASH_ATTN vs Prism (of {d.get('settings', {}).get('seeds', '?')} seeds)"],
+                              rows))
         if image_dir:
             parts.append(f"![needle]({image_dir}/needle.png)")
     for part, title, img in (("speed", "SmolLM2-135M-Instruct, YaRN", "speed"),
@@ -224,7 +226,10 @@ def markdown(res: dict[str, dict[str, Any]], image_dir: str | None = None) -> st
                 + (_table(head, rows) if rows else "_no measured rows_"))
         if part == "speed":
             be = d.get("break_even", {})
-            text += f"\n\nBreak-even: **{be.get('tokens', 'n/a')} tokens**, {be.get('note', '')}."
+            tokens = be.get("tokens")
+            text += (f"\n\nBreak-even: **{tokens} tokens** ({be.get('note', '')}); suggested "
+                     f"`min_context_len`: {be.get('recommended_min_context_len')}." if tokens is not None
+                     else f"\n\nBreak-even: none measured ({be.get('note', '')}).")
         skipped = [f"{m}: {why}" for m, why in d.get("skipped", {}).items()]
         if skipped:
             text += "\n\nSkipped: " + "; ".join(skipped)
@@ -248,7 +253,8 @@ def update_readme(readme: Path, md: str) -> bool:
         new = text[:a] + block + text[b:]
     elif "## Results" in text:
         i = text.index("## Results") + len("## Results")
-        new = text[:i] + "\n\n" + block + "\n" + text[i:].lstrip("\n")
+        rest = text[i:].lstrip("\n")
+        new = text[:i] + "\n\n" + block + ("\n\n" + rest if rest else "\n")
         if not new.endswith("\n"):
             new += "\n"
     else:
