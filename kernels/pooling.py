@@ -260,7 +260,9 @@ def pool_keys_paged(
         f"Invalid shape of k_cache: expected [num_pages, page_size, HKV, D], got {tuple(k_cache.shape)}",
     )
     NP, PS, H, D = k_cache.shape
-    _check(k_cache.dtype in (torch.float16, torch.bfloat16, torch.float32), f"Invalid dtype of k_cache: {k_cache.dtype}")
+    _check(
+        k_cache.dtype in (torch.float16, torch.bfloat16, torch.float32), f"Invalid dtype of k_cache: {k_cache.dtype}"
+    )
     _check(PS >= 1, f"Invalid page size {PS}")
     _check(
         block_table.dim() == 2 and block_table.dtype == torch.int32 and block_table.shape[0] >= plan.num_reqs,
@@ -292,7 +294,9 @@ def pool_keys_paged(
                 f"{None if band is None else (band.dtype, tuple(band.shape))}",
             )
             _check(band.device == k_cache.device, f"{name} is on {band.device}, k_cache on {k_cache.device}")
-        _check(energy_out.device == k_cache.device, f"energy_out is on {energy_out.device}, k_cache on {k_cache.device}")
+        _check(
+            energy_out.device == k_cache.device, f"energy_out is on {energy_out.device}, k_cache on {k_cache.device}"
+        )
     if plan.num_k_blocks == 0:
         return out
     bt, bh, bd = _tile_sizes(H, D)

@@ -114,7 +114,9 @@ class PrismWorkspace:
             if int(v) < 1:
                 raise ValueError(f"PrismWorkspace: {name}={v} must be >= 1")
         if num_q_heads % num_kv_heads:
-            raise ValueError(f"PrismWorkspace: num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+            raise ValueError(
+                f"PrismWorkspace: num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}"
+            )
         self.max_q_blocks = int(max_q_blocks)
         self.max_k_blocks = int(max_k_blocks)
         self.max_reqs = int(max_reqs)

@@ -17,16 +17,23 @@ finds it without sorting, by bisection over the int32 bit patterns of t (non-neg
 order like their bit patterns): exact, at most 31 steps.
 
 Nothing of size [heads x q blocks x k blocks] touches global memory: a program owns BLOCK_G
-query blocks of one request and the G q heads of one kv head (so each pooled-K tile is loaded
-once for all of them), and keeps its rows of logits on chip:
+query blocks of one request and the G q heads of one kv head (so each pooled key is loaded once
+for all of them), and keeps its rows of scores on chip:
 
-* resident path (rows of <= a few thousand key blocks): the whole row of logits of both bands
-  stays in registers ([2 * QR, NK_PAD], NK_PAD = next power of two >= plan.max_k_blocks);
-  key tiles are scored with tl.dot and written into it; softmax, bisection and the ascending
-  index emission (tl.cumsum over the selected mask) all run on the resident row;
-* multi-pass path (longer rows, e.g. 1M-token contexts): the same math streaming key tiles,
-  recomputing the logits in each pass (energies, online max/sum, then bisection passes that
-  test NCAND thresholds at once, then emission with a running offset).
+* resident path (rows of up to 2048 key blocks, 256K tokens): the whole row of both bands stays
+  in registers ([2 * QR, NK_PAD]); it is the accumulator of one tl.dot per 16-wide head-dim
+  chunk over all NK_PAD key blocks at once; softmax, bisection and the ascending index emission
+  (tl.cumsum over the selected mask) all run on it. Rows are split by length into levels
+  (NK/2, NK] with NK_PAD = NK, one launch each, so a register row is at least half causal and
+  short rows get more query blocks per program (the lowest level takes every short row);
+* multi-pass path (longer rows, e.g. 1M-token contexts): the same math streaming 32-block key
+  tiles, recomputing the scores in each pass (online max/sum, then bisection passes that test
+  NCAND thresholds at once, then emission with a running offset).
+
+The calibration's key energies (|k|^2 over all dims and over each band, per pooled key) come
+from ``pool_keys_paged(..., energy_out=...)`` when given; otherwise the kernels compute them from
+the pooled keys in an extra pass. Scores use tl.dot in fp32 with tf32x3 by default (three tf32
+tensor-core products, ~fp32 accuracy); "ieee" reproduces the reference's fp32 FMA arithmetic.
 
 Shape legend (one launch, see kernels/plan.py):
 
@@ -36,6 +43,7 @@ Shape legend (one launch, see kernels/plan.py):
     band_high, band_low: [D] float32 0/1 masks (prism_vllm.rope.Bands)
     sel_idx: int16 [>= plan.sel_capacity]; row (g, h) at sel_off[g]*HQ + h*(qb_abs[g]+1)
     sel_cnt: int32 [>= NQB * HQ]; temps_out: float32 [>= NQB, HQ, 2] (optional)
+    key_energy: float32 [>= NKB, HKV, 3] (optional)
 
 Rows: row m of a program's [2 * QR, ...] tensors is band m // QR (0 high, 1 low) of q row
 i = m % QR, which is query block g0 + i // G_PAD and q head kvh * G + i % G_PAD.
@@ -646,15 +654,18 @@ def select_blocks(
     _check(pooled_k.dim() == 3, f"Invalid shape of pooled_k: expected [NKB, HKV, D], got {tuple(pooled_k.shape)}")
     _, HQ, D = pooled_q.shape
     HKV = pooled_k.shape[1]
-    _check(pooled_q.shape[0] >= plan.num_q_blocks, f"pooled_q has {pooled_q.shape[0]} rows, plan needs {plan.num_q_blocks}")
-    _check(pooled_k.shape[0] >= plan.num_k_blocks, f"pooled_k has {pooled_k.shape[0]} rows, plan needs {plan.num_k_blocks}")
+    _check(pooled_q.shape[0] >= plan.num_q_blocks, f"pooled_q has {pooled_q.shape[0]} rows, plan: {plan.num_q_blocks}")
+    _check(pooled_k.shape[0] >= plan.num_k_blocks, f"pooled_k has {pooled_k.shape[0]} rows, plan: {plan.num_k_blocks}")
     _check(pooled_k.shape[2] == D, f"Invalid shape of pooled_k: head dim {pooled_k.shape[2]} != pooled_q's {D}")
     _check(HKV >= 1 and HQ % HKV == 0, f"HQ={HQ} q heads is not a multiple of HKV={HKV} kv heads")
     _check(plan.num_q_heads == HQ, f"plan was built for {plan.num_q_heads} q heads, pooled_q has {HQ}")
     for name, t in (("pooled_q", pooled_q), ("pooled_k", pooled_k), ("band_high", band_high), ("band_low", band_low)):
         _check(t.dtype == torch.float32, f"Invalid dtype of {name}: expected float32, got {t.dtype}")
     for name, t in (("band_high", band_high), ("band_low", band_low)):
-        _check(t.dim() == 1 and t.numel() == D and t.is_contiguous(), f"Invalid {name}: expected contiguous [{D}], got {tuple(t.shape)}")
+        _check(
+            t.dim() == 1 and t.numel() == D and t.is_contiguous(),
+            f"Invalid {name}: expected contiguous [{D}], got {tuple(t.shape)}",
+        )
     for name, v in (("high_threshold", high_threshold), ("low_threshold", low_threshold)):
         _check(0.0 < float(v) <= 1.0, f"{name}={v!r} is out of range: a top-p mass in (0, 1]")
     _check(
@@ -685,7 +696,9 @@ def select_blocks(
             f"Invalid key_energy: expected float32 [>= {plan.num_k_blocks}, {HKV}, 3] with a contiguous last "
             f"dim, got {key_energy.dtype} {tuple(key_energy.shape)}",
         )
-        _check(key_energy.device == pooled_q.device, f"key_energy is on {key_energy.device}, pooled_q on {pooled_q.device}")
+        _check(
+            key_energy.device == pooled_q.device, f"key_energy is on {key_energy.device}, pooled_q on {pooled_q.device}"
+        )
     _check(precision in _PRECISIONS, f"precision={precision!r} must be one of {_PRECISIONS}")
     dev = pooled_q.device
     for name, t in (("pooled_k", pooled_k), ("band_high", band_high), ("band_low", band_low), ("sel_idx", sel_idx),
@@ -733,7 +746,8 @@ def select_blocks(
         WRITE_TEMPS=temps_out is not None,
         PRECISION=precision,
     )
-    use_asm = pooled_q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    # PTX inline assembly: NVIDIA GPUs only (not the interpreter, not ROCm).
+    use_asm = pooled_q.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
     for ln in selection_launch_config(HQ, HKV, plan.max_k_blocks, all_blocks, resident_max_blocks):
         grid = (triton.cdiv(plan.num_q_blocks, ln["BLOCK_G"]), HKV)
         kw = dict(common, lvl_lo=ln["lvl_lo"], lvl_hi=ln["lvl_hi"], BLOCK_G=ln["BLOCK_G"], QR=ln["QR"],

@@ -5,11 +5,11 @@ CPU: the Triton interpreter on fp16 inputs and small shapes. GPU (`-m gpu`): bf1
 
 import pytest
 import torch
-
 from conftest import DEVICE, make_paged_kv
-from prism_vllm import reference as R
 from prism_vllm.kernels import make_plan
 from prism_vllm.kernels.pooling import pool_keys_paged, pool_queries
+
+from prism_vllm import reference as R
 
 B = 128
 

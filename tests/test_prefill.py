@@ -10,13 +10,13 @@ import math
 
 import pytest
 import torch
-
 from conftest import DEVICE, make_paged_kv
+from prism_vllm.kernels import PrismParams, PrismWorkspace, last_selection, make_plan, prism_prefill
+from test_selection import bsr_to_masks, compare_with_reference
+
 from prism_vllm import PrismConfig
 from prism_vllm import reference as R
-from prism_vllm.kernels import PrismParams, PrismWorkspace, last_selection, make_plan, prism_prefill
 from prism_vllm.rope import RopeLayout, rope_bands
-from test_selection import bsr_to_masks, compare_with_reference
 
 try:
     from prism_vllm.kernels.sparse_prefill import sparse_prefill  # noqa: F401
@@ -111,7 +111,7 @@ def _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, bands, dense=None, 
     for r, (ctx, L) in enumerate(chunks):
         got = out[cu[r] : cu[r + 1]]
         want = _ref_by_query_block(qs[r].float(), ks[r].float(), vs[r].float(), ctx, masks[r].to(q.device), scale)
-        torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol, msg=lambda m: f"request {r}: {m}")
+        torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol, msg=lambda m, r=r: f"request {r}: {m}")
         if dense is not None and dense[r]:
             sdpa = R.dense_causal_attention(qs[r].float(), ks[r].float(), vs[r].float(), ctx, scale)
             torch.testing.assert_close(got.float(), sdpa, atol=atol, rtol=rtol)
@@ -184,7 +184,9 @@ def test_workspace_sizes_bound_scheduler_batches():
         prism_prefill(
             torch.zeros(300, hq, 16), torch.zeros(1, 16, 2, 16), torch.zeros(1, 16, 2, 16),
             torch.zeros(3, 1, dtype=torch.int32), three_long,
-            PrismParams.make(bands=rope_bands(RopeLayout(16, 16), 8, 8), scale=0.25, config=PrismConfig(), device="cpu"),
+            PrismParams.make(
+                bands=rope_bands(RopeLayout(16, 16), 8, 8), scale=0.25, config=PrismConfig(), device="cpu"
+            ),
             ws, torch.zeros(300, hq, 16),
         )
 
@@ -234,12 +236,17 @@ def test_estimation_budget_128k():
     ws = PrismWorkspace(plan.num_q_blocks, plan.num_k_blocks, 1, plan.sel_capacity, hq, hkv, d, "cuda")
     buffers_mb = (torch.cuda.memory_allocated() - before) / 2**20
     pq, pk = ws.pooled_q[: plan.num_q_blocks], ws.pooled_k[: plan.num_k_blocks]
-    steps = {
+    ke = ws.key_energy[: plan.num_k_blocks]
+    steps = {  # what prism_prefill runs before the sparse attention
         "pool_q": lambda: pool_queries(q=q, plan=plan, out=pq),
-        "pool_k": lambda: pool_keys_paged(k_cache=k_cache, block_table=table, plan=plan, out=pk),
+        "pool_k": lambda: pool_keys_paged(
+            k_cache=k_cache, block_table=table, plan=plan, out=pk, energy_out=ke,
+            band_high=params.band_high, band_low=params.band_low,
+        ),
         "select": lambda: select_blocks(
             pq, pk, plan, params.band_high, params.band_low, cfg.high_threshold, cfg.low_threshold,
             cfg.calibrate, cfg.keep_sink, cfg.keep_diagonal, ws.sel_idx, ws.sel_cnt[: plan.num_q_blocks * hq],
+            key_energy=ke,
         ),
     }
 

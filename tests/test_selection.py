@@ -22,12 +22,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import DEVICE
-from prism_vllm import PrismConfig
-from prism_vllm import reference as R
 from prism_vllm.kernels import make_plan
 from prism_vllm.kernels.selection import select_blocks, selection_launch_config
+
+from prism_vllm import PrismConfig
+from prism_vllm import reference as R
 from prism_vllm.rope import RopeLayout, rope_bands
 
 B = 128
@@ -70,7 +70,7 @@ def _key_energy(kp, bands):
 
 
 def _run(chunks, qps, kps, bands, cfg, dense=None, with_energy=True, **kw):
-    hq, hkv, d = qps[0].shape[1], kps[0].shape[1], qps[0].shape[2]
+    hq = qps[0].shape[1]
     cu = [0]
     for _, L in chunks:
         cu.append(cu[-1] + L)
