@@ -190,8 +190,17 @@ class Runner:
 
     @staticmethod
     def job_summary(job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
-        return {"name": job["name"], "status": res.get("status"), "wall_s": res.get("wall_s"),
-                "engine_init_s": res.get("info", {}).get("engine_init_s"), "errors": res.get("errors", [])}
+        info = res.get("info", {})
+        out = {"name": job["name"], "status": res.get("status"), "wall_s": res.get("wall_s"),
+               "engine_init_s": info.get("engine_init_s"), "errors": res.get("errors", [])}
+        st = info.get("prism_stats")
+        if st is not None:
+            keep = ("prism_tokens", "prism_dense_tokens", "flash_tokens", "block_density", "fallback_layers")
+            out["prism_stats"] = {k: st.get(k) for k in keep}
+            if not st.get("prism_tokens"):
+                out["warning"] = "Prism served no tokens in this job: its rows measure FlashAttention"
+                log(f"WARNING {job['name']}: {out['warning']}")
+        return out
 
     def engine_spec(self, backend: str, max_model_len: int, eager: bool, mem: float, **kw: Any) -> dict[str, Any]:
         p = self.plan

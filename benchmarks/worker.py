@@ -344,6 +344,16 @@ def run_engine_job(job: dict[str, Any], res: Result) -> None:
             TASKS[task["task"]](engine, task, res)
         except Exception as e:  # noqa: BLE001 - record and go on with the next task
             res.error(f"{task['task']} {task.get('label', '')}", e)
+    # What Prism actually served over the whole job (tokens, fallbacks, sampled density): a Prism
+    # run that silently fell back to FlashAttention must not pass for Prism's accuracy.
+    if all(t["task"] != "speed" for t in job["tasks"]):
+        st = engine.stats("collect")
+        if st is not None:
+            res.data["info"]["prism_stats"] = st
+            log(f"prism served {st.get('prism_tokens')} tokens (dense rows inside Prism {st.get('prism_dense_tokens')}, "
+                f"FlashAttention {st.get('flash_tokens')}), sampled density {st.get('block_density')}, "
+                f"fallbacks {st.get('fallback_layers')}")
+        res.flush()
 
 
 def run_recall_job(job: dict[str, Any], res: Result) -> None:

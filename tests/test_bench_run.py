@@ -295,6 +295,8 @@ def test_dry_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert {r["length"] for r in res["recall"]["rows"]} == {512, 1024}
     assert len(res["recall"]["rows"][0]["layers"]) == 2
     assert {(s["length"]) for s in res["ppl"]["summary"]} == {512, 1024}
+    prism_jobs = [j for j in res["ppl"]["jobs"] if j["name"].endswith("-prism")]
+    assert prism_jobs and all(j["prism_stats"]["prism_tokens"] > 0 and "warning" not in j for j in prism_jobs)
     assert len(res["needle"]["rows"]) == 2 * 1 * 5 * 2  # kinds x lengths x depths x backends
     sp = res["speed"]
     assert {(r["backend"], r["length"]) for r in sp["rows"]} == \
