@@ -52,6 +52,19 @@ def _meta_line(d: dict[str, Any]) -> str:
     return s + f"; `{d.get('command', '')}`_"
 
 
+def _served(d: dict[str, Any]) -> str:
+    """One line on what Prism served in a part's engine jobs (from prism_vllm.stats)."""
+    out = []
+    for j in d.get("jobs", []):
+        st = j.get("prism_stats")
+        if st:
+            out.append(f"{j['name']}: {st.get('prism_tokens')} tokens through Prism, sampled density "
+                       f"{_f(st.get('block_density'))}" + (f", fallbacks {st['fallback_layers']}" if st.get("fallback_layers") else ""))
+        if j.get("status") != "ok":
+            out.append(f"{j['name']}: **{j.get('status')}**")
+    return ("\n\n" + "; ".join(out) + ".") if out else ""
+
+
 def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -176,7 +189,7 @@ def markdown(res: dict[str, dict[str, Any]], image_dir: str | None = None) -> st
                  s["tokens"]] for s in d.get("summary", [])]
         parts.append("### Perplexity through vLLM (prompt logprobs)\n\n" + _meta_line(d) + "\n\n"
                      + _table(["context", "RoPE", "FLASH_ATTN", "Prism", "Δ", "FLASH_ATTN last ¼", "Prism last ¼", "Δ last ¼",
-                               "tokens scored"], rows))
+                               "tokens scored"], rows) + _served(d))
         if image_dir:
             parts.append(f"![perplexity]({image_dir}/ppl.png)")
     if "needle" in res:
@@ -200,7 +213,7 @@ def markdown(res: dict[str, dict[str, Any]], image_dir: str | None = None) -> st
         parts.append("### Passkey retrieval through vLLM (greedy)\n\n" + _meta_line(d) + "\n\n"
                      + _table(["keys", "context", "FLASH_ATTN correct", "Prism correct",
                                f"correct per depth, FLASH_ATTN vs Prism (of {d.get('settings', {}).get('seeds', '?')} seeds)"],
-                              rows))
+                              rows) + _served(d))
         if image_dir:
             parts.append(f"![needle]({image_dir}/needle.png)")
     for part, title, img in (("speed", "SmolLM2-135M-Instruct, YaRN", "speed"),
