@@ -67,7 +67,8 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, block: int, scale: float, chunk
         p = torch.softmax(s, dim=-1)
         del s
         nkb = -(-b // block)
-        p = torch.nn.functional.pad(p, (0, nkb * block - b))
+        if nkb * block != b:  # partial last key block (no copy otherwise)
+            p = torch.nn.functional.pad(p, (0, nkb * block - b))
         pb = p.view(hq, b - a, nkb, block).sum(-1)  # [HQ, R, nkb]
         del p
         rows = qpos // block

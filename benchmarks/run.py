@@ -25,6 +25,20 @@ fall back to FlashAttention); ``--prism '{...}'`` adds PrismConfig fields.
 
 The text is Debian's fortune files (benchmarks/corpus.py): run ``python -m benchmarks.corpus`` on a
 machine with apt-get and carry ``benchmarks/data`` to the GPU machine.
+
+On the GPU machine (vLLM and the model staged with ../shared/device/stage --model, benchmarks/data
+carried), each command well inside the 10-minute limit of one device call:
+
+    source /root/prism-stage/env.sh
+    python -m benchmarks.run --quick --only accuracy --budget-s 540 --commit SHA --out $OUT/results
+    python -m benchmarks.run --quick --only speed    --budget-s 540 --commit SHA --out $OUT/results
+    # full evidence, one call each:
+    python -m benchmarks.run --only accuracy --budget-s 570 --commit SHA --out $OUT/results
+    python -m benchmarks.run --only speed    --budget-s 570 --commit SHA --out $OUT/results
+    python -m benchmarks.run --only llama8b  --budget-s 570 --commit SHA --out $OUT/results
+
+then copy the returned results/*.json here into benchmarks/results and run
+``python -m benchmarks.run --report --readme README.md`` (tables, plots, README block).
 """
 
 from __future__ import annotations
