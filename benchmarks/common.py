@@ -68,7 +68,9 @@ def tok_label(n: int) -> str:
 
 def log(msg: str) -> None:
     """Progress line (the orchestrator echoes lines starting with '[bench]')."""
-    print(f"[bench] {time.strftime('%H:%M:%S')} {msg}", flush=True)
+    # one write per line: threads (parallel jobs) must not interleave inside a line
+    sys.stdout.write(f"[bench] {time.strftime('%H:%M:%S')} {msg}\n")
+    sys.stdout.flush()
 
 
 # -- run metadata --------------------------------------------------------------------------
