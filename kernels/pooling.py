@@ -90,6 +90,7 @@ def _pool_keys_paged_kernel(
     block_table,
     out,
     energy_out,
+    split_out,
     band_hi,
     band_lo,
     cu_kb,
@@ -105,6 +106,9 @@ def _pool_keys_paged_kernel(
     stride_od,
     stride_eb,
     stride_eh,
+    stride_sb,
+    stride_sh,
+    stride_sp,
     PS: tl.constexpr,
     H: tl.constexpr,
     D: tl.constexpr,
@@ -113,6 +117,7 @@ def _pool_keys_paged_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ENERGY: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """out[kb, h, :] = mean of the keys of block j = kb - cu_kb[r] of request r = kb_req[kb],
     gathered from the paged cache (position p: page block_table[r, p // PS], slot p % PS)."""
@@ -156,6 +161,11 @@ def _pool_keys_paged_kernel(
         tl.store(e_ptr, tl.sum(m2, axis=1), mask=h_ok)
         tl.store(e_ptr + 1, tl.sum(m2 * hi_m[None, :], axis=1), mask=h_ok)
         tl.store(e_ptr + 2, tl.sum(m2 * lo_m[None, :], axis=1), mask=h_ok)
+    if SPLIT:  # mean = hi + lo exactly, hi with the 13 low mantissa bits cleared (a tf32 value)
+        hi = (mean.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        s_ptr = split_out + kb.to(tl.int64) * stride_sb + offs_h[:, None] * stride_sh + offs_d[None, :]
+        tl.store(s_ptr, hi, mask=hd_mask)
+        tl.store(s_ptr + stride_sp, mean - hi, mask=hd_mask)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -234,6 +244,7 @@ def pool_keys_paged(
     energy_out: Optional[torch.Tensor] = None,
     band_high: Optional[torch.Tensor] = None,
     band_low: Optional[torch.Tensor] = None,
+    split_out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mean-pooled keys of every key block of every request, read from the paged KV cache.
 
@@ -251,6 +262,10 @@ def pool_keys_paged(
             statistics of Prism's energy calibration (``select_blocks(..., key_energy=...)``),
             so the selection does not recompute them.
         band_high, band_low: float32 [D] 0/1 band masks; required with energy_out.
+        split_out: optional float32 [>= plan.num_k_blocks, HKV, 2, D] (last dim contiguous):
+            receives each pooled key as an exact sum hi + lo of two tf32-representable parts
+            (``select_blocks(..., pooled_k_split=...)`` then scores with three plain tf32
+            products instead of splitting the keys again in every program).
 
     Returns:
         out. One kernel launch; no host sync, no allocation.
@@ -297,16 +312,29 @@ def pool_keys_paged(
         _check(
             energy_out.device == k_cache.device, f"energy_out is on {energy_out.device}, k_cache on {k_cache.device}"
         )
+    if split_out is not None:
+        _check(
+            split_out.dtype == torch.float32
+            and split_out.dim() == 4
+            and split_out.shape[0] >= plan.num_k_blocks
+            and tuple(split_out.shape[1:]) == (H, 2, D)
+            and split_out.stride(3) == 1
+            and split_out.device == k_cache.device,
+            f"Invalid split_out: expected float32 [>= {plan.num_k_blocks}, {H}, 2, {D}] with a contiguous last dim "
+            f"on {k_cache.device}, got {split_out.dtype} {tuple(split_out.shape)} on {split_out.device}",
+        )
     if plan.num_k_blocks == 0:
         return out
     bt, bh, bd = _tile_sizes(H, D)
     grid = (plan.num_k_blocks, triton.cdiv(H, bh))
     has_e = energy_out is not None
+    has_s = split_out is not None
     _pool_keys_paged_kernel[grid](
         k_cache=k_cache,
         block_table=block_table,
         out=out,
         energy_out=energy_out if has_e else out,
+        split_out=split_out if has_s else out,
         band_hi=band_high if has_e else out,
         band_lo=band_low if has_e else out,
         cu_kb=plan.cu_kb,
@@ -322,6 +350,9 @@ def pool_keys_paged(
         stride_od=out.stride(2),
         stride_eb=energy_out.stride(0) if has_e else 0,
         stride_eh=energy_out.stride(1) if has_e else 0,
+        stride_sb=split_out.stride(0) if has_s else 0,
+        stride_sh=split_out.stride(1) if has_s else 0,
+        stride_sp=split_out.stride(2) if has_s else 0,
         PS=PS,
         H=H,
         D=D,
@@ -330,6 +361,7 @@ def pool_keys_paged(
         BLOCK_H=bh,
         BLOCK_D=bd,
         ENERGY=has_e,
+        SPLIT=has_s,
         num_warps=4,
     )
     return out

@@ -86,6 +86,7 @@ class PrismWorkspace:
     Buffers (views of them are handed to the kernels):
         pooled_q: float32 [max_q_blocks, HQ, D]     pooled_k: float32 [max_k_blocks, HKV, D]
         key_energy: float32 [max_k_blocks, HKV, 3]  (calibration statistics of pooled keys)
+        pooled_k_split: float32 [max_k_blocks, HKV, 2, D]  (pooled keys as tf32 hi + lo pairs)
         sel_idx:  int16 [max_sel_capacity]          sel_cnt:  int32 [max_q_blocks * HQ]
         temps:    float32 [max_q_blocks, HQ, 2]     (logit multipliers, for stats)
     """
@@ -129,6 +130,7 @@ class PrismWorkspace:
         self.pooled_q = torch.empty(self.max_q_blocks, num_q_heads, head_dim, **f32)
         self.pooled_k = torch.empty(self.max_k_blocks, num_kv_heads, head_dim, **f32)
         self.key_energy = torch.empty(self.max_k_blocks, num_kv_heads, 3, **f32)
+        self.pooled_k_split = torch.empty(self.max_k_blocks, num_kv_heads, 2, head_dim, **f32)
         self.temps = torch.empty(self.max_q_blocks, num_q_heads, 2, **f32)
         self.sel_idx = torch.empty(self.max_sel_capacity, dtype=torch.int16, device=device)
         self.sel_cnt = torch.empty(self.max_q_blocks * num_q_heads, dtype=torch.int32, device=device)
@@ -210,7 +212,8 @@ class PrismWorkspace:
 
     @property
     def nbytes(self) -> int:
-        bufs = (self.pooled_q, self.pooled_k, self.key_energy, self.temps, self.sel_idx, self.sel_cnt)
+        bufs = (self.pooled_q, self.pooled_k, self.key_energy, self.pooled_k_split, self.temps, self.sel_idx,
+                self.sel_cnt)
         return sum(t.numel() * t.element_size() for t in bufs)
 
     def fits(self, plan: PrefillPlan) -> bool:
@@ -270,6 +273,7 @@ def prism_prefill(
     nqb, nkb, hq = plan.num_q_blocks, plan.num_k_blocks, workspace.num_q_heads
     sel_cnt = workspace.sel_cnt[: nqb * hq]
     key_energy = workspace.key_energy[:nkb] if params.calibrate else None
+    split = workspace.pooled_k_split[:nkb] if precision == "tf32x3" else None
     all_blocks = params.high_threshold >= 1.0 or params.low_threshold >= 1.0
     if not all_blocks:  # a threshold of 1.0 selects every causal block: no scores needed
         pool_queries(q=q, plan=plan, out=workspace.pooled_q[:nqb])
@@ -281,6 +285,7 @@ def prism_prefill(
             energy_out=key_energy,
             band_high=params.band_high,
             band_low=params.band_low,
+            split_out=split,
         )
     select_blocks(
         pooled_q=workspace.pooled_q[:nqb],
@@ -297,6 +302,7 @@ def prism_prefill(
         sel_cnt=sel_cnt,
         temps_out=workspace.temps[:nqb],
         key_energy=key_energy,
+        pooled_k_split=split,
         precision=precision,
     )
     return sparse_prefill(

@@ -238,6 +238,7 @@ def _select_resident_kernel(
     sel_cnt,
     temps_out,
     key_energy,
+    pooled_k_split,
     NQB,
     lvl_lo,
     lvl_hi,
@@ -249,6 +250,9 @@ def _select_resident_kernel(
     stride_kd,
     stride_eb,
     stride_eh,
+    stride_sb,
+    stride_sh,
+    stride_sp,
     thr_hi,
     thr_lo,
     HQ: tl.constexpr,
@@ -263,6 +267,7 @@ def _select_resident_kernel(
     EB: tl.constexpr,
     CALIBRATE: tl.constexpr,
     HAS_KE: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     KEEP_SINK: tl.constexpr,
     KEEP_DIAG: tl.constexpr,
     WRITE_TEMPS: tl.constexpr,
@@ -309,15 +314,39 @@ def _select_resident_kernel(
 
             # -- scores of the whole row at once: the accumulator IS the resident row --
             raw = tl.zeros((M, NK_PAD), dtype=tl.float32)
-            for d0 in range(0, BLOCK_D, DC):
-                offs = d0 + tl.arange(0, DC)
-                dm = offs < D
-                hm_c = tl.load(band_hi + offs, mask=dm, other=0.0)
-                lm_c = tl.load(band_lo + offs, mask=dm, other=0.0)
-                kc = tl.load(k_rows[:, None] + offs[None, :] * stride_kd, mask=kmask[:, None] & dm[None, :], other=0.0)
-                qc = tl.load(q_rows[:, None] + offs[None, :] * stride_qd, mask=okm[:, None] & dm[None, :], other=0.0)
-                qc = qc * tl.where(is_hi[:, None], hm_c[None, :], lm_c[None, :])
-                raw = tl.dot(qc, tl.trans(kc), raw, input_precision=PRECISION)
+            if SPLIT_K:
+                # Keys pre-split into tf32 pairs (pool_keys_paged split_out): per head-dim chunk and
+                # part, q_hi.k_part (+ q_lo.k_hi for the high part) in plain tf32 -- tf32x3 without
+                # re-splitting the keys in every program. One part per iteration keeps the shared
+                # memory per pipeline stage at [NK_PAD, DC].
+                s_rows = pooled_k_split + (kb0 + cols).to(tl.int64) * stride_sb + kvh * stride_sh
+                for v in range(0, 2 * BLOCK_D // DC):
+                    offs = (v // 2) * DC + tl.arange(0, DC)
+                    part = v % 2
+                    dm = offs < D
+                    hm_c = tl.load(band_hi + offs, mask=dm, other=0.0)
+                    lm_c = tl.load(band_lo + offs, mask=dm, other=0.0)
+                    kc = tl.load(s_rows[:, None] + part * stride_sp + offs[None, :], mask=kmask[:, None] & dm[None, :],
+                                 other=0.0)
+                    qmask = okm[:, None] & dm[None, :]
+                    qc = tl.load(q_rows[:, None] + offs[None, :] * stride_qd, mask=qmask, other=0.0)
+                    qc = qc * tl.where(is_hi[:, None], hm_c[None, :], lm_c[None, :])
+                    q_hi = (qc.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                    q_lo = tl.where(part == 0, qc - q_hi, 0.0)
+                    raw = tl.dot(q_lo, tl.trans(kc), raw, input_precision="tf32")
+                    raw = tl.dot(q_hi, tl.trans(kc), raw, input_precision="tf32")
+            else:
+                for d0 in range(0, BLOCK_D, DC):
+                    offs = d0 + tl.arange(0, DC)
+                    dm = offs < D
+                    hm_c = tl.load(band_hi + offs, mask=dm, other=0.0)
+                    lm_c = tl.load(band_lo + offs, mask=dm, other=0.0)
+                    kc = tl.load(k_rows[:, None] + offs[None, :] * stride_kd, mask=kmask[:, None] & dm[None, :],
+                                 other=0.0)
+                    qmask = okm[:, None] & dm[None, :]
+                    qc = tl.load(q_rows[:, None] + offs[None, :] * stride_qd, mask=qmask, other=0.0)
+                    qc = qc * tl.where(is_hi[:, None], hm_c[None, :], lm_c[None, :])
+                    raw = tl.dot(qc, tl.trans(kc), raw, input_precision=PRECISION)
             mult = _multiplier(q_e_all, q_e_band, ek_all, ek_b, qbm, d_b, D, CALIBRATE)
             if WRITE_TEMPS:
                 tptr = temps_out + (gm.to(tl.int64) * HQ + hm) * 2 + tl.where(is_hi, 0, 1)
@@ -614,6 +643,7 @@ def select_blocks(
     temps_out: Optional[torch.Tensor] = None,
     *,
     key_energy: Optional[torch.Tensor] = None,
+    pooled_k_split: Optional[torch.Tensor] = None,
     precision: str = "tf32x3",
     resident_max_blocks: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -644,6 +674,9 @@ def select_blocks(
         key_energy: optional float32 [>= NKB, HKV, 3] per-block key energies (all dims, high
             band, low band) from ``pool_keys_paged(..., energy_out=...)`` with the same bands;
             without it the kernels recompute them from pooled_k (one more pass over the keys).
+        pooled_k_split: optional float32 [>= NKB, HKV, 2, D] tf32 (hi, lo) parts of pooled_k from
+            ``pool_keys_paged(..., split_out=...)``; with precision "tf32x3" the resident path then
+            scores with plain tf32 products of pre-split keys (same accuracy, fewer instructions).
         resident_max_blocks: override of the longest row kept on chip (tests).
 
     Returns:
@@ -699,6 +732,17 @@ def select_blocks(
         _check(
             key_energy.device == pooled_q.device, f"key_energy is on {key_energy.device}, pooled_q on {pooled_q.device}"
         )
+    if pooled_k_split is not None:
+        _check(
+            pooled_k_split.dtype == torch.float32
+            and pooled_k_split.dim() == 4
+            and pooled_k_split.shape[0] >= plan.num_k_blocks
+            and tuple(pooled_k_split.shape[1:]) == (HKV, 2, D)
+            and pooled_k_split.stride(3) == 1
+            and pooled_k_split.device == pooled_q.device,
+            f"Invalid pooled_k_split: expected float32 [>= {plan.num_k_blocks}, {HKV}, 2, {D}] with a contiguous "
+            f"last dim on {pooled_q.device}, got {pooled_k_split.dtype} {tuple(pooled_k_split.shape)}",
+        )
     _check(precision in _PRECISIONS, f"precision={precision!r} must be one of {_PRECISIONS}")
     dev = pooled_q.device
     for name, t in (("pooled_k", pooled_k), ("band_high", band_high), ("band_low", band_low), ("sel_idx", sel_idx),
@@ -748,12 +792,23 @@ def select_blocks(
     )
     # PTX inline assembly: NVIDIA GPUs only (not the interpreter, not ROCm).
     use_asm = pooled_q.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+    split_k = pooled_k_split is not None and precision == "tf32x3"
     for ln in selection_launch_config(HQ, HKV, plan.max_k_blocks, all_blocks, resident_max_blocks):
         grid = (triton.cdiv(plan.num_q_blocks, ln["BLOCK_G"]), HKV)
         kw = dict(common, lvl_lo=ln["lvl_lo"], lvl_hi=ln["lvl_hi"], BLOCK_G=ln["BLOCK_G"], QR=ln["QR"],
                   num_warps=ln["num_warps"], num_stages=ln["num_stages"])
         if ln["path"] == "resident":
-            _select_resident_kernel[grid](NK_PAD=ln["NK_PAD"], EB=min(64, ln["NK_PAD"]), USE_ASM=use_asm, **kw)
+            _select_resident_kernel[grid](
+                NK_PAD=ln["NK_PAD"],
+                EB=min(64, ln["NK_PAD"]),
+                USE_ASM=use_asm,
+                SPLIT_K=split_k,
+                pooled_k_split=pooled_k_split if split_k else pooled_k,
+                stride_sb=pooled_k_split.stride(0) if split_k else 0,
+                stride_sh=pooled_k_split.stride(1) if split_k else 0,
+                stride_sp=pooled_k_split.stride(2) if split_k else 0,
+                **kw,
+            )
         else:
             _select_multipass_kernel[grid](BN=ln["BN"], NCAND=ln["NCAND"], ALL_CAUSAL=all_blocks, **kw)
     return sel_idx, sel_cnt

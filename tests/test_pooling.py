@@ -98,14 +98,20 @@ def test_pool_keys_energy_out(layout):
     k_cache, _, table = make_paged_kv(ks, ks, 16, layout)
     out = torch.empty(plan.num_k_blocks, 2, 64, device=DEVICE)
     energy = torch.full((plan.num_k_blocks + 1, 2, 3), float("nan"), device=DEVICE)
+    split = torch.full((plan.num_k_blocks, 2, 2, 64), float("nan"), device=DEVICE)
     pool_keys_paged(
         k_cache=k_cache, block_table=table, plan=plan, out=out, energy_out=energy,
-        band_high=bands.high.float().to(DEVICE), band_low=bands.low.float().to(DEVICE),
+        band_high=bands.high.float().to(DEVICE), band_low=bands.low.float().to(DEVICE), split_out=split,
     )
     ref = _ref_k(ks)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(energy[: plan.num_k_blocks], key_energy_reference(ref, bands), atol=1e-5, rtol=1e-4)
     assert energy[plan.num_k_blocks :].isnan().all()
+    # split_out: an exact tf32 (hi, lo) decomposition of the pooled keys the kernel wrote
+    hi, lo = split[:, :, 0], split[:, :, 1]
+    assert torch.equal(hi + lo, out)
+    assert ((hi.view(torch.int32) & 8191) == 0).all(), "hi must be tf32-representable (13 low bits clear)"
+    assert (lo.abs() <= hi.abs() * 2**-10).all()
     with pytest.raises(ValueError, match="band_low"):
         pool_keys_paged(k_cache=k_cache, block_table=table, plan=plan, out=out, energy_out=energy,
                         band_high=bands.high.float().to(DEVICE))

@@ -108,7 +108,7 @@ def _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, bands, dense=None, 
     assert n_amb <= max_amb
     atol, rtol = TOL[q.dtype]
     cu = plan.cu_q.tolist()
-    for r, (ctx, L) in enumerate(chunks):
+    for r, (ctx, _) in enumerate(chunks):
         got = out[cu[r] : cu[r + 1]]
         want = _ref_by_query_block(qs[r].float(), ks[r].float(), vs[r].float(), ctx, masks[r].to(q.device), scale)
         torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol, msg=lambda m, r=r: f"request {r}: {m}")
@@ -237,16 +237,17 @@ def test_estimation_budget_128k():
     buffers_mb = (torch.cuda.memory_allocated() - before) / 2**20
     pq, pk = ws.pooled_q[: plan.num_q_blocks], ws.pooled_k[: plan.num_k_blocks]
     ke = ws.key_energy[: plan.num_k_blocks]
+    ks = ws.pooled_k_split[: plan.num_k_blocks]
     steps = {  # what prism_prefill runs before the sparse attention
         "pool_q": lambda: pool_queries(q=q, plan=plan, out=pq),
         "pool_k": lambda: pool_keys_paged(
             k_cache=k_cache, block_table=table, plan=plan, out=pk, energy_out=ke,
-            band_high=params.band_high, band_low=params.band_low,
+            band_high=params.band_high, band_low=params.band_low, split_out=ks,
         ),
         "select": lambda: select_blocks(
             pq, pk, plan, params.band_high, params.band_low, cfg.high_threshold, cfg.low_threshold,
             cfg.calibrate, cfg.keep_sink, cfg.keep_diagonal, ws.sel_idx, ws.sel_cnt[: plan.num_q_blocks * hq],
-            key_energy=ke,
+            key_energy=ke, pooled_k_split=ks,
         ),
     }
 

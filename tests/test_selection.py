@@ -69,7 +69,14 @@ def _key_energy(kp, bands):
     return torch.stack([k2.sum(-1), k2[..., hi].sum(-1), k2[..., lo].sum(-1)], dim=-1)
 
 
-def _run(chunks, qps, kps, bands, cfg, dense=None, with_energy=True, **kw):
+def tf32_split(kp):
+    """[..., D] -> [..., 2, D]: (hi, lo) with hi = kp with the 13 low mantissa bits cleared (tf32)
+    and lo = kp - hi (exact), what pool_keys_paged's split_out holds."""
+    hi = (kp.contiguous().view(torch.int32) & -8192).view(torch.float32)
+    return torch.stack([hi, kp - hi], dim=-2)
+
+
+def _run(chunks, qps, kps, bands, cfg, dense=None, with_energy=True, with_split=False, **kw):
     hq = qps[0].shape[1]
     cu = [0]
     for _, L in chunks:
@@ -82,6 +89,8 @@ def _run(chunks, qps, kps, bands, cfg, dense=None, with_energy=True, **kw):
     temps = torch.full((plan.num_q_blocks, hq, 2), float("nan"), device=DEVICE)
     if with_energy:
         kw["key_energy"] = _key_energy(pk, bands)
+    if with_split:
+        kw["pooled_k_split"] = tf32_split(pk)
     select_blocks(
         pooled_q=pq,
         pooled_k=pk,
@@ -173,7 +182,7 @@ def compare_with_reference(chunks, qps, kps, bands, cfg, masks, dense=None, eps=
 
 def _check_temps(chunks, qps, kps, bands, cfg, plan, temps, rtol=2e-5):
     cu_qb = plan.cu_qb.tolist()
-    for r, (ctx, L) in enumerate(chunks):
+    for r, (ctx, _) in enumerate(chunks):
         t_hi, t_lo = R.band_temperatures(qps[r].cpu(), kps[r].cpu(), ctx // B, bands, cfg.calibrate)
         want = torch.stack(
             [1 / (math.sqrt(bands.high_dims) * t_hi), 1 / (math.sqrt(bands.low_dims) * t_lo)], dim=-1
@@ -205,8 +214,10 @@ def test_selection_matches_reference(case, cfg_name):
     chunks, hq, hkv, bname = CASES[case]
     cfg, bands = CFGS[cfg_name], BANDS[bname]
     qps, kps = _structured(chunks, hq, hkv, 64, seed=len(case), device=DEVICE)
-    # Key energies from pool_keys_paged's energy_out (the facade's way) or recomputed in-kernel.
-    plan, sel_idx, sel_cnt, temps = _run(chunks, qps, kps, bands, cfg, with_energy=len(case) % 2 == 0)
+    # Key energies / tf32-split keys from pool_keys_paged (the facade's way) or computed in-kernel.
+    plan, sel_idx, sel_cnt, temps = _run(
+        chunks, qps, kps, bands, cfg, with_energy=len(case) % 2 == 0, with_split=len(cfg_name) % 2 == 0
+    )
     masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
     n_amb, n_causal = compare_with_reference(chunks, qps, kps, bands, cfg, masks)
     assert n_amb <= max(2, n_causal // 1000), f"{n_amb} of {n_causal} blocks differ at the top-p edge"
