@@ -10,7 +10,7 @@ Modules, one kernel family each:
 
 from .plan import PrefillPlan, make_plan
 from .pooling import pool_keys_paged, pool_queries
-from .prefill import PrismParams, PrismWorkspace, last_selection, prism_prefill
+from .prefill import PrismParams, PrismWorkspace, last_selection, prism_estimate, prism_prefill
 from .selection import select_blocks
 from .sparse_prefill import sparse_prefill
 
@@ -23,6 +23,7 @@ __all__ = [
     "sparse_prefill",
     "PrismParams",
     "PrismWorkspace",
+    "prism_estimate",
     "prism_prefill",
     "last_selection",
 ]

@@ -33,7 +33,14 @@ if TYPE_CHECKING:  # only for type hints: kernels never import the vLLM glue
     from prism_vllm.config import PrismConfig
     from prism_vllm.rope import Bands
 
-__all__ = ["PrismParams", "PrismWorkspace", "prism_prefill", "last_selection", "SUPPORTED_HEAD_DIMS"]
+__all__ = [
+    "PrismParams",
+    "PrismWorkspace",
+    "prism_estimate",
+    "prism_prefill",
+    "last_selection",
+    "SUPPORTED_HEAD_DIMS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -228,35 +235,7 @@ class PrismWorkspace:
         )
 
 
-def prism_prefill(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    plan: PrefillPlan,
-    params: PrismParams,
-    workspace: PrismWorkspace,
-    out: torch.Tensor,
-    *,
-    precision: str = "tf32x3",
-) -> torch.Tensor:
-    """Prism block-sparse prefill of every chunk of ``plan`` (``reference.prism_attention_batch``).
-
-    Args:
-        q: [T >= plan.num_tokens, HQ, D] float16/bfloat16, any strides with stride(-1) == 1.
-        k_cache, v_cache: [NP, PS, HKV, D] views of the paged cache (vLLM:
-            ``kv_cache.transpose(1, 2).split(D, -1)``); the chunks' own K/V already written.
-        block_table: [>= R, max_pages] int32 page table of the plan's requests.
-        plan: PrefillPlan on q's device; ``workspace.fits(plan)`` must hold.
-        params: the layer's PrismParams.
-        workspace: preallocated buffers (see PrismWorkspace); after the call they hold this
-            launch's pooled blocks and selection (``last_selection``).
-        out: [>= plan.num_tokens, HQ, D] output; rows [0, plan.num_tokens) are written.
-        precision: tl.dot precision of the block scores (see ``select_blocks``).
-
-    Returns:
-        out. Launches four kernels; no host sync, no allocation.
-    """
+def _check_launch(q: torch.Tensor, k_cache: torch.Tensor, plan: PrefillPlan, workspace: "PrismWorkspace") -> None:
     if not workspace.fits(plan):
         raise ValueError(
             f"the Prism workspace {workspace.limits()} is too small for this launch (query blocks "
@@ -268,8 +247,30 @@ def prism_prefill(
             f"q {tuple(q.shape)} / k_cache {tuple(k_cache.shape)} do not match the workspace's "
             f"HQ={workspace.num_q_heads}, HKV={workspace.num_kv_heads}, D={workspace.head_dim}"
         )
-    from .sparse_prefill import sparse_prefill  # lazily: written in parallel, optional at import
 
+
+def prism_estimate(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    plan: PrefillPlan,
+    params: PrismParams,
+    workspace: PrismWorkspace,
+    *,
+    precision: str = "tf32x3",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prism's block estimation of every chunk of ``plan``: pool queries and keys, calibrate,
+    select (``reference.select_blocks`` per request) into the workspace.
+
+    Args: as ``prism_prefill`` (q, the K half of the paged cache, its page table, the plan, the
+    layer's params, the workspace) and the tl.dot precision of the scores (see select_blocks).
+
+    Returns:
+        (sel_idx, sel_cnt) views of the workspace: the BSR selection ``sparse_prefill`` reads.
+        Up to three pooling/selection launches plus one per row-length level; no host sync, no
+        allocation.
+    """
+    _check_launch(q, k_cache, plan, workspace)
     nqb, nkb, hq = plan.num_q_blocks, plan.num_k_blocks, workspace.num_q_heads
     sel_cnt = workspace.sel_cnt[: nqb * hq]
     key_energy = workspace.key_energy[:nkb] if params.calibrate else None
@@ -305,13 +306,48 @@ def prism_prefill(
         pooled_k_split=split,
         precision=precision,
     )
+    return workspace.sel_idx, sel_cnt
+
+
+def prism_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    plan: PrefillPlan,
+    params: PrismParams,
+    workspace: PrismWorkspace,
+    out: torch.Tensor,
+    *,
+    precision: str = "tf32x3",
+) -> torch.Tensor:
+    """Prism block-sparse prefill of every chunk of ``plan`` (``reference.prism_attention_batch``).
+
+    Args:
+        q: [T >= plan.num_tokens, HQ, D] float16/bfloat16, any strides with stride(-1) == 1.
+        k_cache, v_cache: [NP, PS, HKV, D] views of the paged cache (vLLM:
+            ``kv_cache.transpose(1, 2).split(D, -1)``); the chunks' own K/V already written.
+        block_table: [>= R, max_pages] int32 page table of the plan's requests.
+        plan: PrefillPlan on q's device; ``workspace.fits(plan)`` must hold.
+        params: the layer's PrismParams.
+        workspace: preallocated buffers (see PrismWorkspace); after the call they hold this
+            launch's pooled blocks and selection (``last_selection``).
+        out: [>= plan.num_tokens, HQ, D] output; rows [0, plan.num_tokens) are written.
+        precision: tl.dot precision of the block scores (see ``select_blocks``).
+
+    Returns:
+        out. ``prism_estimate`` then ``sparse_prefill``; no host sync, no allocation.
+    """
+    from .sparse_prefill import sparse_prefill  # lazily: written in parallel, optional at import
+
+    sel_idx, sel_cnt = prism_estimate(q, k_cache, block_table, plan, params, workspace, precision=precision)
     return sparse_prefill(
         q=q,
         k_cache=k_cache,
         v_cache=v_cache,
         block_table=block_table,
         plan=plan,
-        sel_idx=workspace.sel_idx,
+        sel_idx=sel_idx,
         sel_cnt=sel_cnt,
         scale=params.scale,
         out=out,
