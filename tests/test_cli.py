@@ -346,7 +346,7 @@ def test_prism_vllm_serve_end_to_end_gpu(tmp_path):
                 assert time.monotonic() < deadline, "server did not start"
                 time.sleep(2)
             before = c.get("/prism/stats").json()["aggregate"]["tokens"]["sparse"]
-            prompt = " ".join(f"item {i} is {i * 7 % 13}." for i in range(900))  # ~6K tokens
+            prompt = " ".join(f"item {i} is {i * 7 % 13}." for i in range(600))  # ~5.5K tokens (900 items exceed 8K)
             r = c.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 8})
             assert r.status_code == 200, r.text
             n_prompt = r.json()["usage"]["prompt_tokens"]
