@@ -27,7 +27,7 @@ import torch
 
 from .plan import PrefillPlan
 from .pooling import pool_keys_paged, pool_queries
-from .selection import select_blocks
+from .selection import SelectionTuning, select_blocks
 
 if TYPE_CHECKING:  # only for type hints: kernels never import the vLLM glue
     from prism_vllm.config import PrismConfig
@@ -258,12 +258,14 @@ def prism_estimate(
     workspace: PrismWorkspace,
     *,
     precision: str = "tf32x3",
+    tuning: Optional[SelectionTuning] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prism's block estimation of every chunk of ``plan``: pool queries and keys, calibrate,
     select (``reference.select_blocks`` per request) into the workspace.
 
     Args: as ``prism_prefill`` (q, the K half of the paged cache, its page table, the plan, the
-    layer's params, the workspace) and the tl.dot precision of the scores (see select_blocks).
+    layer's params, the workspace), the tl.dot precision of the scores and the selection's launch
+    knobs (see select_blocks).
 
     Returns:
         (sel_idx, sel_cnt) views of the workspace: the BSR selection ``sparse_prefill`` reads.
@@ -305,6 +307,7 @@ def prism_estimate(
         key_energy=key_energy,
         pooled_k_split=split,
         precision=precision,
+        tuning=tuning,
     )
     return workspace.sel_idx, sel_cnt
 
@@ -320,6 +323,7 @@ def prism_prefill(
     out: torch.Tensor,
     *,
     precision: str = "tf32x3",
+    tuning: Optional[SelectionTuning] = None,
 ) -> torch.Tensor:
     """Prism block-sparse prefill of every chunk of ``plan`` (``reference.prism_attention_batch``).
 
@@ -333,14 +337,17 @@ def prism_prefill(
         workspace: preallocated buffers (see PrismWorkspace); after the call they hold this
             launch's pooled blocks and selection (``last_selection``).
         out: [>= plan.num_tokens, HQ, D] output; rows [0, plan.num_tokens) are written.
-        precision: tl.dot precision of the block scores (see ``select_blocks``).
+        precision, tuning: tl.dot precision of the block scores and the selection's launch knobs
+            (see ``select_blocks``).
 
     Returns:
         out. ``prism_estimate`` then ``sparse_prefill``; no host sync, no allocation.
     """
     from .sparse_prefill import sparse_prefill  # lazily: written in parallel, optional at import
 
-    sel_idx, sel_cnt = prism_estimate(q, k_cache, block_table, plan, params, workspace, precision=precision)
+    sel_idx, sel_cnt = prism_estimate(
+        q, k_cache, block_table, plan, params, workspace, precision=precision, tuning=tuning
+    )
     return sparse_prefill(
         q=q,
         k_cache=k_cache,

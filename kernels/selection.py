@@ -52,6 +52,7 @@ i = m % QR, which is query block g0 + i // G_PAD and q head kvh * G + i % G_PAD.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -60,7 +61,7 @@ import triton.language as tl
 
 from .plan import PrefillPlan
 
-__all__ = ["select_blocks", "selection_launch_config"]
+__all__ = ["select_blocks", "selection_launch_config", "SelectionTuning", "DEFAULT_TUNING"]
 
 _EPS = 1e-6  # the reference's clamp on rms values and temperatures
 _PRECISIONS = ("ieee", "tf32x3", "tf32")
@@ -563,27 +564,41 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-#: Longest row (key blocks) kept on chip: the DC-wide key chunk of a whole row, [NK_PAD, DC] fp32,
-#: is a tl.dot operand in shared memory (128 KB at 2048 x 16). Longer rows take the multi-pass path.
-_RESIDENT_MAX_BLOCKS = 2048
-#: fp32 elements of resident scores per program ([2 * QR, NK_PAD]): 64 registers per thread at 8
-#: warps (more makes ptxas spill: measured with ptxas -v for sm_90a). Rows too long for one query
-#: block per program in twice this budget take the multi-pass path.
-_RESIDENT_ELEMS = 16384
-_MAX_Q_ROWS = 32  # QR cap (q rows of one band per program)
 _DC = 16  # head-dim chunk of one tl.dot: small fp32 operands in registers / shared memory
-#: Resident launches per selection: rows are split by length into levels (NK/2, NK], ... so that
-#: a row's [NK_PAD] register row is at least half causal; the lowest level takes all short rows.
-_LEVELS = 4
 _MIN_LEVEL = 16
 
 
-def _resident_launch(g_pad: int, nk_pad: int, lvl_lo: int, lvl_hi: int) -> dict:
-    block_g = max(1, min(_MAX_Q_ROWS // g_pad, _RESIDENT_ELEMS // (2 * g_pad * nk_pad)))
+@dataclass(frozen=True)
+class SelectionTuning:
+    """Launch knobs of the selection kernels (what a benchmark sweeps; defaults from ptxas -v for
+    sm_90a: the level-0 program at 128K, [16, 1024] resident fp32 at 8 warps, does not spill)."""
+
+    resident_elems: int = 16384
+    """fp32 elements of resident scores per program ([2 * QR, NK_PAD]); more query blocks per
+    program share each key load, but past ~64 per thread ptxas spills."""
+    elems_per_thread: int = 64
+    """Resident elements per thread that pick num_warps (4..16)."""
+    resident_max_blocks: int = 2048
+    """Longest row kept on chip (its [NK_PAD, 16] fp32 key chunk is a tl.dot operand in shared
+    memory); longer rows, and rows that do not fit one query block per program in twice
+    resident_elems, take the multi-pass path."""
+    max_q_rows: int = 32
+    """Cap of QR, the q rows of one band per program."""
+    levels: int = 4
+    """Resident launches: rows are split by length into (NK/2, NK], ... so that a register row
+    is at least half causal; the lowest level takes all shorter rows."""
+    multipass_warps: int = 8
+
+
+DEFAULT_TUNING = SelectionTuning()
+
+
+def _resident_launch(t: SelectionTuning, g_pad: int, nk_pad: int, lvl_lo: int, lvl_hi: int) -> dict:
+    block_g = max(1, min(t.max_q_rows // g_pad, t.resident_elems // (2 * g_pad * nk_pad)))
     block_g = 1 << (block_g.bit_length() - 1)  # power of two
     qr = max(8, block_g * g_pad)  # 2 * QR >= 16 rows for tl.dot
     elems = 2 * qr * nk_pad
-    warps = max(4, min(16, elems // (32 * 64)))  # ~64 resident fp32 per thread
+    warps = max(4, min(16, elems // (32 * t.elems_per_thread)))
     stages = 2 if nk_pad * _DC * 4 * 2 <= 160 * 1024 else 1
     return dict(path="resident", lvl_lo=lvl_lo, lvl_hi=lvl_hi, BLOCK_G=block_g, QR=qr, NK_PAD=nk_pad,
                 num_warps=warps, num_stages=stages)
@@ -595,6 +610,7 @@ def selection_launch_config(
     max_k_blocks: int,
     all_blocks: bool = False,
     resident_max_blocks: Optional[int] = None,
+    tuning: Optional[SelectionTuning] = None,
 ) -> list[dict]:
     """The launches of one selection for a plan's shape (host ints only).
 
@@ -604,15 +620,16 @@ def selection_launch_config(
     exactly one launch. ``resident_max_blocks`` lowers the longest resident row (tests use it to
     exercise the multi-pass path on small shapes).
     """
+    t = DEFAULT_TUNING if tuning is None else tuning
     G = num_q_heads // num_kv_heads
     g_pad = triton.next_power_of_2(G)
     nk_top = max(_MIN_LEVEL, triton.next_power_of_2(max(1, max_k_blocks)))
-    cap = _RESIDENT_MAX_BLOCKS if resident_max_blocks is None else resident_max_blocks
+    cap = min(t.resident_max_blocks, resident_max_blocks or t.resident_max_blocks)
     # One query block per program must fit, in up to twice the budget (at 16 warps).
-    cap = min(cap, 2 * _RESIDENT_ELEMS // (2 * max(8, g_pad)))
+    cap = min(cap, 2 * t.resident_elems // (2 * max(8, g_pad)))
     mp_block_g = max(1, 16 // g_pad)
     multipass = dict(path="multipass", lvl_lo=0, lvl_hi=2**31 - 1, BLOCK_G=mp_block_g, QR=max(8, mp_block_g * g_pad),
-                     BN=32, NCAND=8, num_warps=8, num_stages=2)
+                     BN=32, NCAND=8, num_warps=t.multipass_warps, num_stages=2)
     if all_blocks:  # nothing to score: the multi-pass kernel's tiled emission serves any length
         return [multipass]
     launches = []
@@ -620,9 +637,9 @@ def selection_launch_config(
     if nk > cap:
         launches.append(dict(multipass, lvl_lo=cap))
         nk = cap
-    lowest = max(_MIN_LEVEL, nk >> (_LEVELS - 1))
+    lowest = max(_MIN_LEVEL, nk >> (t.levels - 1))
     while nk >= lowest and nk >= _MIN_LEVEL:
-        launches.append(_resident_launch(g_pad, nk, nk // 2 if nk > lowest else 0, nk))
+        launches.append(_resident_launch(t, g_pad, nk, nk // 2 if nk > lowest else 0, nk))
         nk //= 2
     return launches
 
@@ -646,6 +663,7 @@ def select_blocks(
     pooled_k_split: Optional[torch.Tensor] = None,
     precision: str = "tf32x3",
     resident_max_blocks: Optional[int] = None,
+    tuning: Optional[SelectionTuning] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prism's block selection of every (query block, q head) of the launch, as BSR rows.
 
@@ -678,6 +696,7 @@ def select_blocks(
             ``pool_keys_paged(..., split_out=...)``; with precision "tf32x3" the resident path then
             scores with plain tf32 products of pre-split keys (same accuracy, fewer instructions).
         resident_max_blocks: override of the longest row kept on chip (tests).
+        tuning: launch knobs (default DEFAULT_TUNING; see SelectionTuning).
 
     Returns:
         (sel_idx, sel_cnt). A few kernel launches (one per row-length level, see
@@ -793,7 +812,7 @@ def select_blocks(
     # PTX inline assembly: NVIDIA GPUs only (not the interpreter, not ROCm).
     use_asm = pooled_q.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
     split_k = pooled_k_split is not None and precision == "tf32x3"
-    for ln in selection_launch_config(HQ, HKV, plan.max_k_blocks, all_blocks, resident_max_blocks):
+    for ln in selection_launch_config(HQ, HKV, plan.max_k_blocks, all_blocks, resident_max_blocks, tuning):
         grid = (triton.cdiv(plan.num_q_blocks, ln["BLOCK_G"]), HKV)
         kw = dict(common, lvl_lo=ln["lvl_lo"], lvl_hi=ln["lvl_hi"], BLOCK_G=ln["BLOCK_G"], QR=ln["QR"],
                   num_warps=ln["num_warps"], num_stages=ln["num_stages"])

@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Prism estimation (pool q + pool k + calibration + selection) timing and launch-knob sweep.
+
+What prism_prefill runs before the sparse attention (``prism_vllm.kernels.prefill.prism_estimate``),
+on a Llama-3.1-8B layer shape (HQ=32, HKV=8, D=128, bf16) with one request per length, K in a
+FlashAttention-layout paged cache (NHD, 16-token pages, permuted table). Inputs are "structured"
+(each query block aligned with a few hot key blocks under token noise: sparse selections, like real
+attention) or Gaussian (near-flat softmax: dense selections, the emission's worst case).
+
+Per configuration it reports the median GPU time of back-to-back calls (launch overhead overlapped,
+as in a forward), the per-kernel breakdown, the selection density and the workspace size, and how
+many selected blocks differ from the "ieee" (reference arithmetic) selection.
+
+Usage (GPU machine, repo root):
+    python benchmarks/estimation_sweep.py                      # defaults at 32K/64K/128K, JSON to stdout
+    python benchmarks/estimation_sweep.py --lengths 131072 --sweep --out /tmp/est.json
+CPU plumbing check (Triton interpreter, fp16, tiny shapes, wall-clock instead of CUDA events):
+    python benchmarks/estimation_sweep.py --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+if "--dry-run" in sys.argv:  # must precede the first triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch
+
+DEV = "cpu" if "--dry-run" in sys.argv else "cuda"
+
+
+def _timed(fn, trials: int = 7, reps: int = 10) -> float:
+    if DEV == "cpu":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(trials):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / reps)
+    return sorted(ts)[len(ts) // 2]
+
+
+def _inputs(L: int, kind: str, hq: int, hkv: int, d: int, gen: torch.Generator):
+    B = 128
+    nk = -(-L // B)
+    if kind == "gaussian":
+        q = torch.randn(L, hq, d, device=DEV, generator=gen)
+        k = torch.randn(L, hkv, d, device=DEV, generator=gen)
+    else:  # structured: block means aligned with a few hot key blocks
+        n_hot = 16
+        dirs = 2.0 * torch.randn(n_hot, hkv, d, device=DEV, generator=gen)
+        kb = 0.3 * torch.randn(nk, hkv, d, device=DEV, generator=gen)
+        kb[torch.randint(0, nk, (n_hot,), device=DEV, generator=gen)] += dirs
+        which = torch.randint(0, n_hot, (nk, hq), device=DEV, generator=gen)
+        qb = 0.3 * torch.randn(nk, hq, d, device=DEV, generator=gen)
+        qb += dirs[which, torch.arange(hq, device=DEV) // (hq // hkv)]
+        k = kb.repeat_interleave(B, 0)[:L] + 0.5 * torch.randn(L, hkv, d, device=DEV, generator=gen)
+        q = qb.repeat_interleave(B, 0)[:L] + 0.5 * torch.randn(L, hq, d, device=DEV, generator=gen)
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16  # interpreter: fp16 (tl.dot on bf16 is wrong)
+    ps = 16
+    pages = -(-L // ps)
+    phys = torch.zeros(pages, ps, hkv, 2 * d, device=DEV, dtype=dtype)
+    table = torch.randperm(pages, device=DEV, generator=gen).to(torch.int32)
+    kpad = torch.zeros(pages * ps, hkv, d, device=DEV)
+    kpad[:L] = k
+    phys[table.long(), :, :, :d] = kpad.view(pages, ps, hkv, d).to(dtype)
+    k_cache = phys.permute(0, 2, 1, 3).transpose(1, 2).split(d, -1)[0]  # vLLM's view of an NHD cache
+    return q.to(dtype), k_cache, table[None]
+
+
+def main() -> None:  # noqa: C901 -- one linear script
+    # The timing lambdas below run inside their loop iteration; B023 does not apply.
+    from prism_vllm.config import PrismConfig
+    from prism_vllm.kernels import PrismParams, PrismWorkspace, make_plan, prism_estimate
+    from prism_vllm.kernels.pooling import pool_keys_paged, pool_queries
+    from prism_vllm.kernels.selection import DEFAULT_TUNING, select_blocks
+    from prism_vllm.rope import RopeLayout, rope_bands
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="32768,65536,131072")
+    ap.add_argument("--inputs", default="structured,gaussian")
+    ap.add_argument("--sweep", action="store_true", help="also try other SelectionTuning knobs and precisions")
+    ap.add_argument("--out", default=None, help="JSON output path (default stdout)")
+    ap.add_argument("--dry-run", action="store_true", help="CPU plumbing check: interpreter, tiny shapes")
+    args = ap.parse_args()
+
+    hq, hkv, d = (4, 1, 64) if args.dry_run else (32, 8, 128)
+    if args.dry_run:
+        args.lengths = "1000"
+    cfg = PrismConfig()
+    bands = rope_bands(RopeLayout(d, d, True), *cfg.band_dims(d))
+    params = PrismParams.make(bands=bands, scale=d**-0.5, config=cfg, device=DEV)
+    tunings = {"default": DEFAULT_TUNING}
+    if args.sweep:
+        for name, kw in {
+            "warps16": dict(elems_per_thread=32),
+            "elems32k_w16": dict(resident_elems=32768, elems_per_thread=64),
+            "levels2": dict(levels=2),
+            "levels6": dict(levels=6),
+            "maxrows16": dict(max_q_rows=16),
+        }.items():
+            tunings[name] = dataclasses.replace(DEFAULT_TUNING, **kw)
+    precisions = ["tf32x3", "ieee"] if args.sweep else ["tf32x3"]
+    rows = []
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    for L in [int(x) for x in args.lengths.split(",")]:
+        plan = make_plan([0, L], [0], hq).to(DEV)
+        ws = PrismWorkspace(plan.num_q_blocks, plan.num_k_blocks, 1, plan.sel_capacity, hq, hkv, d, DEV)
+        for kind in args.inputs.split(","):
+            q, k_cache, table = _inputs(L, kind, hq, hkv, d, gen)
+            prism_estimate(q, k_cache, table, plan, params, ws, precision="ieee")
+            ref_cnt = ws.sel_cnt[: plan.num_q_blocks * hq].clone()
+            ref_idx = ws.sel_idx[: plan.sel_capacity].clone()
+            for prec in precisions:
+                for tname, tuning in tunings.items():
+                    t0 = time.time()
+                    total = _timed(
+                        lambda: prism_estimate(q, k_cache, table, plan, params, ws, precision=prec, tuning=tuning)
+                    )
+                    cnt = ws.sel_cnt[: plan.num_q_blocks * hq]
+                    same = bool(torch.equal(cnt, ref_cnt))
+                    row = {
+                        "tokens": L, "inputs": kind, "precision": prec, "tuning": tname, "total_ms": round(total, 4),
+                        "density": round(float(cnt.sum()) / plan.sel_capacity, 4),
+                        "rows_with_other_count_than_ieee": int((cnt != ref_cnt).sum()),
+                        "workspace_mb": round(ws.nbytes / 2**20, 1),
+                    }
+                    if same:  # the same counts: compare the indices too (only valid entries)
+                        got = _valid_from(ws.sel_idx, cnt, plan, hq)
+                        row["same_selection_as_ieee"] = bool(torch.equal(got, _valid_from(ref_idx, ref_cnt, plan, hq)))
+                    if tname == "default" and prec == "tf32x3":
+                        pq, pk = ws.pooled_q[: plan.num_q_blocks], ws.pooled_k[: plan.num_k_blocks]
+                        ke, sp = ws.key_energy[: plan.num_k_blocks], ws.pooled_k_split[: plan.num_k_blocks]
+                        row["pool_q_ms"] = round(_timed(lambda: pool_queries(q=q, plan=plan, out=pq)), 4)
+                        row["pool_k_ms"] = round(_timed(lambda: pool_keys_paged(
+                            k_cache=k_cache, block_table=table, plan=plan, out=pk, energy_out=ke,
+                            band_high=params.band_high, band_low=params.band_low, split_out=sp)), 4)
+                        row["select_ms"] = round(_timed(lambda: select_blocks(
+                            pq, pk, plan, params.band_high, params.band_low, cfg.high_threshold, cfg.low_threshold,
+                            cfg.calibrate, cfg.keep_sink, cfg.keep_diagonal, ws.sel_idx,
+                            ws.sel_cnt[: plan.num_q_blocks * hq], key_energy=ke, pooled_k_split=sp)), 4)
+                    rows.append(row)
+                    print(f"[{time.time() - t0:5.1f}s] {row}", file=sys.stderr, flush=True)
+    gpu = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter)"
+    out = {"gpu": gpu, "torch": torch.__version__, "tuning_default": dataclasses.asdict(DEFAULT_TUNING), "rows": rows}
+    text = json.dumps(out, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+
+
+def _valid_from(sel_idx: torch.Tensor, sel_cnt: torch.Tensor, plan, hq: int) -> torch.Tensor:
+    """The selected block ids of every row, concatenated (a canonical form of the BSR content)."""
+    off = plan.sel_off[:-1].long() * hq  # [NQB]
+    cap = (plan.qb_abs.long() + 1)  # [NQB]
+    starts = (off[:, None] + torch.arange(hq, device=off.device)[None, :] * cap[:, None]).flatten()
+    cnt = sel_cnt.long()
+    pos = torch.repeat_interleave(starts, cnt) + (
+        torch.arange(int(cnt.sum()), device=cnt.device) - torch.repeat_interleave(cnt.cumsum(0) - cnt, cnt)
+    )
+    return sel_idx[pos]
+
+
+if __name__ == "__main__":
+    main()
