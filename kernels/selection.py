@@ -33,7 +33,10 @@ for all of them), and keeps its rows of scores on chip:
 The calibration's key energies (|k|^2 over all dims and over each band, per pooled key) come
 from ``pool_keys_paged(..., energy_out=...)`` when given; otherwise the kernels compute them from
 the pooled keys in an extra pass. Scores use tl.dot in fp32 with tf32x3 by default (three tf32
-tensor-core products, ~fp32 accuracy); "ieee" reproduces the reference's fp32 FMA arithmetic.
+tensor-core products, ~fp32 accuracy); "ieee" reproduces the reference's fp32 FMA arithmetic. With
+``pooled_k_split`` (``pool_keys_paged(..., split_out=...)``: each pooled key as an exact sum of two
+tf32 values, computed once) the resident path forms the same three products with plain tf32
+dots instead of re-splitting every key in every program that reads it.
 
 Shape legend (one launch, see kernels/plan.py):
 
