@@ -96,7 +96,7 @@ def _run_case(chunks, hq, hkv, d, dtype, cfg, bands, layout, page_size, dense=No
     return qs, ks, vs, q, plan, ws, out, scale
 
 
-def _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, bands, dense=None, max_amb=2):
+def _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, bands, dense=None, max_amb=2, tol=2e-5):
     hq = q.shape[1]
     assert not out.isnan().any()
     sel = last_selection(ws, plan)
@@ -104,7 +104,8 @@ def _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, bands, dense=None, 
     # The reference's own pooled blocks (fp32 means of the same fp16/bf16 tokens).
     qps = [R.pool_blocks(qs[r], c, B).cpu() for r, (c, _) in enumerate(chunks)]
     kps = [R.pool_blocks(ks[r], 0, B).cpu() for r in range(len(chunks))]
-    n_amb, _ = compare_with_reference(chunks, qps, kps, bands, cfg, masks, dense=dense)
+    # tol: see test_selection (eps = delta); the GPU's tf32x3 scores get the wider 1e-4 there too.
+    n_amb, _ = compare_with_reference(chunks, qps, kps, bands, cfg, masks, dense=dense, eps=tol, delta=tol)
     assert n_amb <= max_amb
     atol, rtol = TOL[q.dtype]
     cu = plan.cu_q.tolist()
@@ -210,7 +211,7 @@ def test_prefill_gpu_32k_bf16(chunks, layout):
         chunks, 32, 8, 128, torch.bfloat16, cfg, BANDS128, layout, 16, seed=3, device="cuda"
     )
     torch.cuda.synchronize()
-    masks = _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, BANDS128, max_amb=8)
+    masks = _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, BANDS128, max_amb=8, tol=1e-4)
     density = _density(masks, chunks)
     print(f"selected density {density:.3f}")
     assert density < 0.5
