@@ -112,6 +112,7 @@ def main() -> None:  # noqa: C901 -- one linear script
             "levels2": dict(levels=2),
             "levels6": dict(levels=6),
             "maxrows16": dict(max_q_rows=16),
+            "topp16bits": dict(topp_mantissa_bits=16),
         }.items():
             tunings[name] = dataclasses.replace(DEFAULT_TUNING, **kw)
     precisions = ["tf32x3", "ieee"] if args.sweep else ["tf32x3"]

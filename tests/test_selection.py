@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import DEVICE
 from prism_vllm.kernels import make_plan
-from prism_vllm.kernels.selection import select_blocks, selection_launch_config
+from prism_vllm.kernels.selection import SelectionTuning, select_blocks, selection_launch_config
 
 from prism_vllm import PrismConfig
 from prism_vllm import reference as R
@@ -294,6 +294,26 @@ def test_gaussian_inputs_and_head_dim_128():
     n_amb, n_causal = compare_with_reference(chunks, qps, kps, BANDS["neox128"], cfg, masks)
     assert n_amb <= 2
     _check_temps(chunks, qps, kps, BANDS["neox128"], cfg, plan, temps)
+
+
+@pytest.mark.parametrize("resident_max_blocks", [16, None], ids=["multipass", "resident"])
+def test_coarse_top_p_resolution_keeps_a_superset_within_its_bound(resident_max_blocks):
+    # topp_mantissa_bits < 23 stops the threshold search early: every exactly-selected block stays,
+    # extra blocks lie within 2^-bits (relative) below the threshold.
+    chunks = [(5000, 3000)]
+    gen = torch.Generator().manual_seed(3)
+    qb0, nq, nk = R.num_blocks(*chunks[0], B)
+    qps = [torch.randn(nq, 4, 64, generator=gen).to(DEVICE)]
+    kps = [torch.randn(nk, 1, 64, generator=gen).to(DEVICE)]
+    cfg, bands = PrismConfig(high_threshold=0.9, low_threshold=0.8), BANDS["neox64"]
+    exact = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks)
+    coarse = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks,
+                  tuning=SelectionTuning(topp_mantissa_bits=4))
+    m_exact = bsr_to_masks(exact[0], exact[1], exact[2], 4)[0]
+    m_coarse = bsr_to_masks(coarse[0], coarse[1], coarse[2], 4)[0]
+    assert not (m_exact & ~m_coarse).any(), "the coarse search must keep every exactly selected block"
+    assert (m_coarse & ~m_exact).any(), "4 bits on near-flat rows should admit extra blocks (else the test is vacuous)"
+    compare_with_reference(chunks, qps, kps, bands, cfg, [m_coarse], eps=2**-4 + 2e-5)
 
 
 def test_selection_rejects_bad_arguments():
