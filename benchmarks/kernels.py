@@ -453,7 +453,7 @@ class Ours:
         self.params = PrismParams.make(bands=self.bands, scale=s.scale, config=self.cfg, device=s.device)
         self.plan = make_plan([0, L], [0], s.hq, s.block).to(s.device)
         self.tokens = L
-        self.precision = s.select_precision or "ieee"  # prism_prefill's default
+        self.precision = s.select_precision or "tf32x3"  # prism_prefill's default
 
     def alloc(self) -> Any:
         """A PrismWorkspace sized exactly for this launch (the backend allocates one per device,
@@ -467,21 +467,12 @@ class Ours:
         )
 
     def estimate(self, q: torch.Tensor, kv: Paged, ws: Any) -> None:
-        """The estimation launches of prism_prefill (pool q, pool k, select), same arguments."""
-        from prism_vllm.kernels.pooling import pool_keys_paged, pool_queries
-        from prism_vllm.kernels.selection import select_blocks
+        """The estimation half of prism_prefill, exactly as the backend runs it
+        (prism_vllm.kernels.prefill.prism_estimate: pool q, pool k with key energies and split
+        keys, select)."""
+        from prism_vllm.kernels.prefill import prism_estimate
 
-        p, pr = self.plan, self.params
-        nqb = p.num_q_blocks
-        pool_queries(q=q, plan=p, out=ws.pooled_q[:nqb])
-        pool_keys_paged(k_cache=kv.k, block_table=kv.block_table, plan=p, out=ws.pooled_k[: p.num_k_blocks])
-        select_blocks(
-            pooled_q=ws.pooled_q[:nqb], pooled_k=ws.pooled_k[: p.num_k_blocks], plan=p,
-            band_high=pr.band_high, band_low=pr.band_low, high_threshold=pr.high_threshold,
-            low_threshold=pr.low_threshold, calibrate=pr.calibrate, keep_sink=pr.keep_sink,
-            keep_diagonal=pr.keep_diagonal, sel_idx=ws.sel_idx, sel_cnt=ws.sel_cnt[: nqb * self.s.hq],
-            temps_out=ws.temps[:nqb], precision=self.precision,
-        )
+        prism_estimate(q, kv.k, kv.block_table, self.plan, self.params, ws, precision=self.precision)
 
     def prefill(self, q: torch.Tensor, kv: Paged, ws: Any, out: torch.Tensor) -> torch.Tensor:
         """The whole Prism prefill (estimation + sparse attention), as the backend calls it."""
