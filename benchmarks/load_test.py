@@ -45,10 +45,17 @@ TEXT_FALLBACK = (
 
 
 # ------------------------------------------------------------------------------- helpers
+def _visible_gpus() -> list[str]:
+    """nvidia-smi flags restricting it to CUDA_VISIBLE_DEVICES: the server's GPUs, not whatever
+    else runs on the machine (the first H200 run counted a test on the other GPU)."""
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return [f"--id={vis}"] if vis else []
+
+
 def gpu_memory_mib() -> list[int]:
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            ["nvidia-smi", *_visible_gpus(), "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
             capture_output=True, text=True, timeout=20, check=True,
         ).stdout
         return [int(x) for x in out.split()]
@@ -93,7 +100,7 @@ def git_commit() -> str:
 
 def gpu_name() -> str:
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+        return subprocess.run(["nvidia-smi", *_visible_gpus(), "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                               text=True, timeout=20).stdout.strip().replace("\n", ", ")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
