@@ -284,3 +284,33 @@ def test_estimation_budget_128k():
     assert buffers_mb <= 64.0
     # The 1.0 ms target is measured and reported by benchmarks/kernels.py, not asserted here
     # (a timed assertion fails on a loaded GPU and proves nothing a benchmark doesn't).
+
+
+@needs_sparse
+@pytest.mark.parametrize("cut", [128, 256, 512], ids=lambda c: f"cut{c}")
+def test_block_aligned_chunks_select_and_attend_like_one_shot(cut):
+    """The product promise behind chunked prefill and prefix-cache hits: a prompt prefilled in
+    chunks cut at block boundaries gets the same selection and output as in one shot (the same
+    tokens and the same paged cache; only the launches differ)."""
+    L, hq, hkv, d = 640, 4, 2, 64
+    cfg = PrismConfig(min_context_len=0)
+    qs, ks, vs = _structured_tokens([(0, L)], hq, hkv, d, torch.float16, DEVICE, seed=5)
+    q, k_cache, v_cache, table = qs[0], *make_paged_kv(ks, vs, 16, "NHD", seed=5)
+    params = PrismParams.make(bands=BANDS64, scale=d**-0.5, config=cfg, device=DEVICE)
+
+    def run(ctx, n):
+        plan = make_plan([0, n], [ctx], hq, B).to(DEVICE)
+        ws = PrismWorkspace(plan.num_q_blocks, plan.num_k_blocks, 1, plan.sel_capacity, hq, hkv, d, DEVICE)
+        out = torch.full((n, hq, d), float("nan"), dtype=q.dtype, device=DEVICE)
+        prism_prefill(q[ctx : ctx + n], k_cache, v_cache, table, plan, params, ws, out)
+        sel = last_selection(ws, plan)
+        return out, bsr_to_masks(plan, sel["sel_idx"], sel["counts"].flatten(), hq)[0]
+
+    one_out, one_mask = run(0, L)
+    a_out, a_mask = run(0, cut)
+    b_out, b_mask = run(cut, L - cut)
+    nb = cut // B
+    assert one_mask.float().mean() < 0.9, "structured input should give a sparse selection"
+    assert torch.equal(a_mask, one_mask[:, :nb, :nb])
+    assert torch.equal(b_mask, one_mask[:, nb:])
+    torch.testing.assert_close(torch.cat([a_out, b_out]), one_out, atol=1e-3, rtol=1e-3)
