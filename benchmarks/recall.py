@@ -31,7 +31,8 @@ import torch
 
 from prism_vllm.config import PrismConfig
 from prism_vllm.reference import band_logits, pool_blocks, select_blocks
-from prism_vllm.rope import Bands, RopeLayout, rope_bands
+from prism_vllm.rope import Bands, rope_bands
+from prism_vllm.server.inspect_attention import block_attention_mass, probe_rope_layout
 
 __all__ = ["CAPTURE_NAME", "block_mass", "capture_qk", "layer_recall", "model_bands", "topk_rows"]
 
@@ -40,40 +41,19 @@ METHODS = ("prism", "meanpool", "meanpool_topk", "oracle")
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, block: int, scale: float, chunk_rows: int = 1024) -> torch.Tensor:
-    """True attention mass per (head, query block, key block) of one causal prefill.
+    """True attention mass per (head, query block, key block) of one causal prefill, summed over
+    the rows of each query block (row i sums to the number of rows of block i).
 
-    Args:
-        q: [L, HQ, D] queries at positions 0..L-1; k: [L, HKV, D] keys (HQ % HKV == 0).
-        block: block size; scale: softmax scale; chunk_rows: query rows per step (rounded up to
-            a multiple of ``block``).
-    Returns:
-        [HQ, nq, nk] float32, nq = nk = ceil(L / block); row i sums to the number of rows of block i.
+    q: [L, HQ, D] at positions 0..L-1, k: [L, HKV, D]. The product's
+    ``prism_vllm.server.inspect_attention.block_attention_mass`` computes the per-row average;
+    this only scales it back to sums, so recall weights every query row equally.
     """
     L, hq, _ = q.shape
     if k.shape[0] != L or hq % k.shape[1]:
         raise ValueError(f"expected k [L={L}, HKV | {hq}, D], got {tuple(k.shape)}")
-    g = hq // k.shape[1]
-    nb = -(-L // block)
-    chunk = max(block, -(-chunk_rows // block) * block)
-    kf = k.float().repeat_interleave(g, dim=1).permute(1, 0, 2)  # [HQ, L, D]
-    out = torch.zeros(hq, nb, nb, dtype=torch.float32, device=q.device)
-    for a in range(0, L, chunk):
-        b = min(L, a + chunk)
-        qf = q[a:b].float().permute(1, 0, 2)  # [HQ, R, D]
-        s = (qf @ kf[:, :b].transpose(1, 2)) * scale  # [HQ, R, b]
-        qpos = torch.arange(a, b, device=q.device)
-        kpos = torch.arange(b, device=q.device)
-        s.masked_fill_((kpos[None, :] > qpos[:, None]).unsqueeze(0), float("-inf"))
-        p = torch.softmax(s, dim=-1)
-        del s
-        nkb = -(-b // block)
-        if nkb * block != b:  # partial last key block (no copy otherwise)
-            p = torch.nn.functional.pad(p, (0, nkb * block - b))
-        pb = p.view(hq, b - a, nkb, block).sum(-1)  # [HQ, R, nkb]
-        del p
-        rows = qpos // block
-        out[:, :, :nkb].index_add_(1, rows, pb)
-    return out
+    mean = block_attention_mass(q, k, scale, block, row_chunk=chunk_rows)
+    rows = torch.bincount(torch.arange(L, device=q.device) // block, minlength=mean.shape[1]).float()
+    return mean * rows.view(1, -1, 1)
 
 
 def topk_rows(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -134,15 +114,12 @@ def layer_recall(
 
 
 def model_bands(model: Any, cfg: PrismConfig) -> tuple[Bands, int]:
-    """Prism's bands for a transformers Llama-style model (NeoX rotate_half layout, full rotary),
-    from the model's own (possibly YaRN-scaled) ``rotary_emb.inv_freq``. Returns (bands, head_dim)."""
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    inv_freq = model.model.rotary_emb.inv_freq.detach().to("cpu", torch.float64)
-    rotary_dim = 2 * inv_freq.numel()
-    hi, lo = cfg.band_dims(rotary_dim)
-    layout = RopeLayout(head_size=head_dim, rotary_dim=rotary_dim, is_neox_style=True)
-    return rope_bands(layout, hi, lo, inv_freq), head_dim
+    """Prism's bands for a transformers model, from its own rotary code (NeoX or GPT-J pairing,
+    partial rotary, YaRN-scaled frequencies: ``inspect_attention.probe_rope_layout``).
+    Returns (bands, head_dim)."""
+    layout, inv_freq = probe_rope_layout(model)
+    hi, lo = cfg.band_dims(layout.rotary_dim)
+    return rope_bands(layout, hi, lo, inv_freq), layout.head_size
 
 
 def capture_qk(model: Any, input_ids: torch.Tensor,

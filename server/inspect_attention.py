@@ -67,7 +67,12 @@ _ROW_CHUNK = 1024
 # analysis (pure torch)
 # --------------------------------------------------------------------------------------------
 def block_attention_mass(
-    q: torch.Tensor, k: torch.Tensor, scale: float, block: int, heads: Optional[Sequence[int]] = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    block: int,
+    heads: Optional[Sequence[int]] = None,
+    row_chunk: int = _ROW_CHUNK,
 ) -> torch.Tensor:
     """True causal attention mass per (query block, key block), per head.
 
@@ -76,6 +81,7 @@ def block_attention_mass(
         scale: softmax scale of the model's attention.
         block: block size B.
         heads: q heads to compute (default all).
+        row_chunk: query rows per step (rounded to whole blocks): memory H * row_chunk * S floats.
     Returns:
         [H, nb, nb] float32, nb = ceil(S / B): entry (h, i, j) is the attention probability of
         head h's rows in query block i that lands in key block j, averaged over those rows
@@ -89,7 +95,7 @@ def block_attention_mass(
     kh = k[:, idx // g].float().transpose(0, 1)  # [H, S, D]: each q head's kv head
     nb = -(-S // block)
     out = torch.zeros(len(heads), nb, nb, dtype=torch.float32, device=q.device)
-    step = max(block, _ROW_CHUNK // block * block)  # row chunks start on block boundaries
+    step = max(block, row_chunk // block * block)  # row chunks start on block boundaries
     for r0 in range(0, S, step):
         r1 = min(S, r0 + step)
         s = (qh[:, r0:r1] @ kh[:, :r1].transpose(1, 2)) * scale  # [H, rows, r1]
