@@ -350,7 +350,8 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         launches = []
         for i0, i1 in groups:
             cu = route.cu_q[i0 : i1 + 1] - route.cu_q[i0]
-            plan = make_plan(cu, route.ctx_lens[i0:i1], self.prism_num_heads, B, dense=dense[i0:i1].astype(np.int64))
+            plan = make_plan(cu, route.ctx_lens[i0:i1], self.prism_num_heads, B, dense=dense[i0:i1].astype(np.int64),
+                             dense_tail=self.prism_config.dense_tail)
             assert ws.fits(plan), (ws.limits(), plan.num_q_blocks, plan.num_k_blocks, plan.sel_capacity)
             causal_blocks, qb_weight = 0, None
             if sample:

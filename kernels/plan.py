@@ -49,6 +49,7 @@ class PrefillPlan:
     ctx_lens: torch.Tensor  # [R] tokens cached before the chunk
     seq_lens: torch.Tensor  # [R] ctx + chunk length
     dense: torch.Tensor  # [R] 1: select every causal block for this request (no estimation)
+    qb_dense: torch.Tensor  # [NQB] 1: this query block selects every causal block (dense tail)
     cu_qb: torch.Tensor  # [R+1] query-block offsets
     cu_kb: torch.Tensor  # [R+1] key-block offsets
     qb_req: torch.Tensor  # [NQB] request of each query block
@@ -73,6 +74,7 @@ def make_plan(
     num_q_heads: int,
     block_size: int = 128,
     dense: Optional[IntSeq] = None,
+    dense_tail: bool = False,
 ) -> PrefillPlan:
     """Build a plan on the CPU.
 
@@ -82,6 +84,8 @@ def make_plan(
         num_q_heads: HQ.
         block_size: Prism block size B.
         dense: [R] optional flags; 1 makes a request attend to every causal block.
+        dense_tail: a chunk's last query block attends to every causal block when it is
+            partial (the chunk ends mid-block; PrismConfig.dense_tail).
     """
     cu_q = torch.as_tensor(cu_q, dtype=torch.int64).cpu()
     ctx = torch.as_tensor(ctx_lens, dtype=torch.int64).cpu()
@@ -112,6 +116,10 @@ def make_plan(
             f"are int16, so Prism supports up to {32767 * B} tokens per sequence"
         )
     dense_t = torch.zeros(R, dtype=torch.int64) if dense is None else torch.as_tensor(dense, dtype=torch.int64).cpu()
+    qb_dense = torch.zeros(NQB, dtype=torch.int64)
+    if dense_tail and R:
+        partial = (seq % B) != 0
+        qb_dense[(cu_qb[1:] - 1)[partial]] = 1
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     return PrefillPlan(
         block_size=B,
@@ -126,6 +134,7 @@ def make_plan(
         ctx_lens=i32(ctx),
         seq_lens=i32(seq),
         dense=i32(dense_t),
+        qb_dense=i32(qb_dense),
         cu_qb=i32(cu_qb),
         cu_kb=i32(cu_kb),
         qb_req=i32(qb_req),

@@ -64,6 +64,8 @@ class PrismParams:
     keep_diagonal: bool
     scale: float
     """Softmax scale of the attention (usually D ** -0.5)."""
+    block_budget: Optional[float] = None
+    """Cap on the selected share of each row's causal blocks (PrismConfig.block_budget)."""
 
     @classmethod
     def make(
@@ -80,6 +82,7 @@ class PrismParams:
             keep_sink=bool(cfg.keep_sink),
             keep_diagonal=bool(cfg.keep_diagonal),
             scale=float(scale),
+            block_budget=None if cfg.block_budget is None else float(cfg.block_budget),
         )
 
 
@@ -277,8 +280,8 @@ def prism_estimate(
     sel_cnt = workspace.sel_cnt[: nqb * hq]
     key_energy = workspace.key_energy[:nkb] if params.calibrate else None
     split = workspace.pooled_k_split[:nkb] if precision == "tf32x3" else None
-    all_blocks = params.high_threshold >= 1.0 or params.low_threshold >= 1.0
-    if not all_blocks:  # a threshold of 1.0 selects every causal block: no scores needed
+    all_blocks = (params.high_threshold >= 1.0 or params.low_threshold >= 1.0) and params.block_budget is None
+    if not all_blocks:  # a threshold of 1.0 selects every causal block: no scores needed (no budget)
         pool_queries(q=q, plan=plan, out=workspace.pooled_q[:nqb])
         pool_keys_paged(
             k_cache=k_cache,
@@ -306,6 +309,7 @@ def prism_estimate(
         temps_out=workspace.temps[:nqb],
         key_energy=key_energy,
         pooled_k_split=split,
+        block_budget=params.block_budget,
         precision=precision,
         tuning=tuning,
     )

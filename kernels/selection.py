@@ -9,12 +9,17 @@ q head h, with I = qb_abs[g] (its absolute block) and kv head h // G,
     p_b         = softmax(logits_b)
     keep_b      = { j : p_b[j] >= t*_b },  t*_b = max{ t : sum(p_b[p_b >= t]) >= threshold_b }
     selected    = keep_high | keep_low | {0 if keep_sink} | {I if keep_diagonal}
+                  (every causal block for dense requests and plan.qb_dense rows: dense tails)
+    block budget b (optional): of ``selected``, keep the sink/diagonal and the blocks whose
+                  max(p_high, p_low) reaches the k-th largest, k = ceil(b * (I + 1)) (>= 1)
 
 t*_b is the reference's "probability at which the descending cumulative sum first reaches the
 threshold": the mass kept above a threshold t only changes at probability values, so the
 largest t whose kept mass reaches the threshold is exactly that block's probability. The kernel
 finds it without sorting, by bisection over the int32 bit patterns of t (non-negative floats
-order like their bit patterns): exact, at most 31 steps.
+order like their bit patterns): exact, at most 31 steps. The budget's cut (the k-th largest
+rank value, forced blocks ranked 2.0 above any probability, unselected ones 0) is found the same
+way, counting blocks instead of summing mass.
 
 Nothing of size [heads x q blocks x k blocks] touches global memory: a program owns BLOCK_G
 query blocks of one request and the G q heads of one kv head (so each pooled key is loaded once
@@ -186,6 +191,38 @@ def _kept(pb, t, p, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _forced(cols, qbq, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr):
+    """[QR, N] blocks kept whatever the scores: the sink (column 0) and the diagonal (I)."""
+    f = (cols[None, :] < 0) & (qbq[:, None] >= -1)
+    if KEEP_SINK:
+        f = f | (cols[None, :] == 0)
+    if KEEP_DIAG:
+        f = f | (cols[None, :] == qbq[:, None])
+    return f
+
+
+@triton.jit
+def _budget_rank_bits(p, sel, forced, causal, QR: tl.constexpr, N: tl.constexpr):
+    """Bit patterns [QR, N] of the budget's rank values: 2.0 for forced blocks, max(p_high,
+    p_low) for the union's other blocks, 0 for unselected causal blocks, -1.0 (a negative int)
+    past the diagonal. p: [2 * QR, N] probabilities of both bands (rows m and m + QR)."""
+    score = tl.max(tl.reshape(p, (2, QR, N)), axis=0)
+    rank = tl.where(forced, 2.0, tl.where(sel != 0, score, 0.0))
+    return tl.where(causal, rank, -1.0).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _budget_k(budget, qbq, live):
+    """Blocks a row may keep, ceil(budget * (I + 1)) in fp32 (>= 1), and the bisection's
+    starting bracket [lo, hi): lo = 0 is feasible (every causal block counts), hi = bits(2.0) + 1
+    is not; rows that are not live get [0, 1) (nothing to search, everything kept)."""
+    k = tl.maximum(tl.ceil(budget * (qbq + 1).to(tl.float32)), 1.0).to(tl.int32)
+    lo = tl.zeros_like(qbq)
+    hi = tl.where(live, 0x40000001, 1)
+    return k, lo, hi
+
+
+@triton.jit
 def _multiplier(q_e_all, q_e_band, ek_all, ek_b, qb, d_b, D: tl.constexpr, CALIBRATE: tl.constexpr):
     """Logit multiplier 1 / (sqrt(d_b) * t_b) per row (t_b = 1 without calibration), from the
     row's pooled-query energies (all dims, band dims) and key energies over blocks 0..I."""
@@ -237,6 +274,7 @@ def _select_resident_kernel(
     qb_abs,
     cu_kb,
     dense,
+    qb_dense,
     sel_off,
     sel_idx,
     sel_cnt,
@@ -259,6 +297,7 @@ def _select_resident_kernel(
     stride_sp,
     thr_hi,
     thr_lo,
+    budget,
     HQ: tl.constexpr,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
@@ -278,6 +317,7 @@ def _select_resident_kernel(
     PRECISION: tl.constexpr,
     USE_ASM: tl.constexpr,
     TOPP_STOP: tl.constexpr,
+    BUDGET: tl.constexpr,
 ):
     """Rows of length I + 1 in (lvl_lo, lvl_hi <= NK_PAD]: everything on chip, one row per
     [M, NK_PAD] register row, scores from one tl.dot per DC-wide head-dim chunk."""
@@ -370,6 +410,7 @@ def _select_resident_kernel(
             pb = p.to(tl.int32, bitcast=True)
             lo = _feasible_floor(thr, qbm)
             hi = tl.maximum(tl.max(pb, axis=1) + 1, lo + 1)
+            hi = tl.where(thr >= 1.0, lo + 1, hi)  # top-p 1.0 keeps every block: no search
             while tl.max(hi - lo, axis=0) > TOPP_STOP:
                 mid = lo + (hi - lo) // 2
                 mass = tl.sum(_kept(pb, tl.broadcast_to(mid[:, None], (M, NK_PAD)), p, USE_ASM), axis=1)
@@ -380,12 +421,22 @@ def _select_resident_kernel(
             # past the diagonal (p = 0, kept only when lo = 0) are cut by the causal mask below.
             keep = (pb >= lo[:, None]).to(tl.int32)
             sel = tl.max(tl.reshape(keep, (2, QR, NK_PAD)), axis=0)
-            sel = tl.where(is_dense, 1, sel)
-            if KEEP_SINK:
-                sel = tl.where(cols[None, :] == 0, 1, sel)
-            if KEEP_DIAG:
-                sel = tl.where(cols[None, :] == qbq[:, None], 1, sel)
-            sel = tl.where(cols[None, :] <= qbq[:, None], sel, 0)
+            row_dense = (tl.load(qb_dense + gq, mask=okq, other=0) != 0) | is_dense
+            sel = tl.where(row_dense[:, None], 1, sel)
+            causal = cols[None, :] <= qbq[:, None]
+            forced = _forced(cols, qbq, KEEP_SINK, KEEP_DIAG)
+            sel = tl.where(forced, 1, sel)
+            if BUDGET:
+                # -- block budget: the k-th largest rank value by bisection over its bits --
+                rb = _budget_rank_bits(p, sel, forced, causal, QR, NK_PAD)
+                k, blo, bhi = _budget_k(budget, qbq, okq & ~row_dense)
+                while tl.max(bhi - blo, axis=0) > 1:
+                    mid = blo + (bhi - blo) // 2
+                    ok = tl.sum((rb >= mid[:, None]).to(tl.int32), axis=1) >= k
+                    blo = tl.where(ok, mid, blo)
+                    bhi = tl.where(ok, bhi, mid)
+                sel = tl.where(rb >= blo[:, None], sel, 0)
+            sel = tl.where(causal, sel, 0)
 
             # -- BSR emission: ascending block ids at exclusive-prefix positions --
             pos = tl.cumsum(sel, axis=1) - sel
@@ -422,6 +473,7 @@ def _select_multipass_kernel(
     qb_abs,
     cu_kb,
     dense,
+    qb_dense,
     sel_off,
     sel_idx,
     sel_cnt,
@@ -440,6 +492,7 @@ def _select_multipass_kernel(
     stride_eh,
     thr_hi,
     thr_lo,
+    budget,
     HQ: tl.constexpr,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
@@ -458,6 +511,7 @@ def _select_multipass_kernel(
     WRITE_TEMPS: tl.constexpr,
     PRECISION: tl.constexpr,
     TOPP_STOP: tl.constexpr,
+    BUDGET: tl.constexpr,
 ):
     M: tl.constexpr = 2 * QR
     pid = tl.program_id(0)
@@ -517,7 +571,7 @@ def _select_multipass_kernel(
 
         # -- passes 2..: NCAND-way bisection of the threshold's bit pattern (lo feasible, hi not) --
         thr = tl.where(is_hi, thr_hi, thr_lo)
-        live = okm & estimate
+        live = okm & estimate & (thr < 1.0)  # top-p 1.0 keeps every block: no search
         lo = tl.where(live, _feasible_floor(thr, qbm), 0)
         hi = tl.where(live, 0x3F800001, 1)  # bits(1.0) + 1: no probability reaches it
         while tl.max(hi - lo, axis=0) > TOPP_STOP:
@@ -538,25 +592,52 @@ def _select_multipass_kernel(
             lo = tl.where(n_ok > 0, new_lo, lo)
             hi = tl.where(n_ok < NCAND, new_hi, hi)
 
-        # -- last pass: union of both bands, sink, diagonal; ascending emission --
+        # -- block budget: NCAND-way bisection of the k-th largest rank value's bits --
+        row_dense = tl.load(qb_dense + gq, mask=okq, other=0) != 0
+        k, blo, bhi = _budget_k(budget, qbq, okq & estimate & ~row_dense)
+        if BUDGET:
+            while tl.max(bhi - blo, axis=0) > 1:
+                span = (bhi - blo).to(tl.int64)
+                cand = (blo.to(tl.int64)[:, None] + span[:, None] * (cand_i[None, :] + 1) // (NCAND + 1)).to(tl.int32)
+                cnt = tl.zeros((QR, NCAND), dtype=tl.int32)
+                for t in range(0, n_tiles):
+                    cols = t * BN + tl.arange(0, BN)
+                    p = _tile_probs(
+                        q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol, stride_qd,
+                        stride_kb, stride_kh, stride_kd, mult, mx, rz, M, BN, D, BLOCK_D, DC, PRECISION,
+                    )
+                    keep = (p.to(tl.int32, bitcast=True) >= lo[:, None]).to(tl.int32)
+                    forced = _forced(cols, qbq, KEEP_SINK, KEEP_DIAG)
+                    sel = tl.where(forced, 1, tl.max(tl.reshape(keep, (2, QR, BN)), axis=0))
+                    rb = _budget_rank_bits(p, sel, forced, cols[None, :] <= qbq[:, None], QR, BN)
+                    cnt += tl.sum((rb[:, :, None] >= cand[:, None, :]).to(tl.int32), axis=1)
+                n_ok = tl.sum((cnt >= k[:, None]).to(tl.int32), axis=1)
+                new_lo = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None] - 1, cand, 0), axis=1)
+                new_hi = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None], cand, 0), axis=1)
+                blo = tl.where(n_ok > 0, new_lo, blo)
+                bhi = tl.where(n_ok < NCAND, new_hi, bhi)
+
+        # -- last pass: union of both bands, sink, diagonal, budget; ascending emission --
         base = tl.load(sel_off + gq, mask=okq, other=0).to(tl.int64) * HQ + hq.to(tl.int64) * (qbq + 1)
         count = tl.zeros((QR,), dtype=tl.int32)
         for t in range(0, tl.cdiv(ncol, BN)):
             cols = t * BN + tl.arange(0, BN)
+            causal = cols[None, :] <= qbq[:, None]
+            forced = _forced(cols, qbq, KEEP_SINK, KEEP_DIAG)
             if estimate:
                 p = _tile_probs(
                     q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol, stride_qd,
                     stride_kb, stride_kh, stride_kd, mult, mx, rz, M, BN, D, BLOCK_D, DC, PRECISION,
                 )
                 keep = (p.to(tl.int32, bitcast=True) >= lo[:, None]).to(tl.int32)
-                sel = tl.max(tl.reshape(keep, (2, QR, BN)), axis=0)
+                sel = tl.where(forced, 1, tl.max(tl.reshape(keep, (2, QR, BN)), axis=0))
+                if BUDGET:
+                    rb = _budget_rank_bits(p, sel, forced, causal, QR, BN)
+                    sel = tl.where(rb >= blo[:, None], sel, 0)
+                sel = tl.where(row_dense[:, None], 1, sel)
             else:
                 sel = tl.full((QR, BN), 1, dtype=tl.int32)
-            if KEEP_SINK:
-                sel = tl.where(cols[None, :] == 0, 1, sel)
-            if KEEP_DIAG:
-                sel = tl.where(cols[None, :] == qbq[:, None], 1, sel)
-            sel = tl.where(cols[None, :] <= qbq[:, None], sel, 0)
+            sel = tl.where(causal, sel, 0)
             pos = count[:, None] + tl.cumsum(sel, axis=1) - sel
             vals = tl.zeros((QR, BN), dtype=tl.int16) + cols.to(tl.int16)[None, :]
             tl.store(sel_idx + base[:, None] + pos, vals, mask=sel != 0)
@@ -671,6 +752,7 @@ def select_blocks(
     *,
     key_energy: Optional[torch.Tensor] = None,
     pooled_k_split: Optional[torch.Tensor] = None,
+    block_budget: Optional[float] = None,
     precision: str = "tf32x3",
     resident_max_blocks: Optional[int] = None,
     tuning: Optional[SelectionTuning] = None,
@@ -705,6 +787,9 @@ def select_blocks(
         pooled_k_split: optional float32 [>= NKB, HKV, 2, D] tf32 (hi, lo) parts of pooled_k from
             ``pool_keys_paged(..., split_out=...)``; with precision "tf32x3" the resident path then
             scores with plain tf32 products of pre-split keys (same accuracy, fewer instructions).
+        block_budget: optional cap in (0, 1]: a row with I + 1 causal blocks keeps at most
+            ceil(block_budget * (I + 1)) of its selected blocks, the sink/diagonal first, then
+            the highest max(p_high, p_low) (``reference.cap_to_budget``); None: no cap.
         resident_max_blocks: override of the longest row kept on chip (tests).
         tuning: launch knobs (default DEFAULT_TUNING; see SelectionTuning).
 
@@ -773,6 +858,10 @@ def select_blocks(
             f"last dim on {pooled_q.device}, got {pooled_k_split.dtype} {tuple(pooled_k_split.shape)}",
         )
     _check(precision in _PRECISIONS, f"precision={precision!r} must be one of {_PRECISIONS}")
+    _check(
+        block_budget is None or 0.0 < float(block_budget) <= 1.0,
+        f"block_budget={block_budget!r} is out of range: a share of the causal blocks in (0, 1], or None",
+    )
     dev = pooled_q.device
     for name, t in (("pooled_k", pooled_k), ("band_high", band_high), ("band_low", band_low), ("sel_idx", sel_idx),
                     ("sel_cnt", sel_cnt), ("plan", plan.qb_abs)):
@@ -780,7 +869,8 @@ def select_blocks(
     if plan.num_q_blocks == 0:
         return sel_idx, sel_cnt
 
-    all_blocks = high_threshold >= 1.0 or low_threshold >= 1.0
+    # A threshold of 1.0 keeps every causal block: nothing to score, unless a budget ranks them.
+    all_blocks = (high_threshold >= 1.0 or low_threshold >= 1.0) and block_budget is None
     common = dict(
         pooled_q=pooled_q,
         pooled_k=pooled_k,
@@ -790,6 +880,7 @@ def select_blocks(
         qb_abs=plan.qb_abs,
         cu_kb=plan.cu_kb,
         dense=plan.dense,
+        qb_dense=plan.qb_dense,
         sel_off=plan.sel_off,
         sel_idx=sel_idx,
         sel_cnt=sel_cnt,
@@ -806,6 +897,8 @@ def select_blocks(
         stride_eh=key_energy.stride(1) if key_energy is not None else 0,
         thr_hi=float(high_threshold),
         thr_lo=float(low_threshold),
+        budget=float(block_budget) if block_budget is not None else 1.0,
+        BUDGET=block_budget is not None,
         HQ=HQ,
         G=HQ // HKV,
         G_PAD=triton.next_power_of_2(HQ // HKV),

@@ -57,8 +57,24 @@ class PrismConfig:
     key ratio over the key blocks causally visible to it, so selections do not depend on where
     chunked prefill cut the prompt. False: temperature 1 for both bands."""
 
+    block_budget: Optional[float] = None
+    """Cap on the blocks kept per (query block, q head), as a share of its causal key blocks,
+    in (0, 1]: of the blocks top-p selected, at most ceil(block_budget * (I + 1)) stay (I + 1
+    causal blocks), those with the highest max(p_high, p_low); the sink and diagonal blocks
+    always stay and count toward the cap; ties at the cut are all kept. None: no cap (top-p
+    alone decides). Bounds the work when attention is near-uniform (e.g. dummy weights)."""
+
     keep_sink: bool = True
     """Always attend to key block 0 (the attention sink)."""
+
+    dense_tail: bool = True
+    """The rows of a chunk's last query block, when that block is partial (the chunk ends
+    mid-block, as a prompt's end almost always does), attend to every causal block, as the
+    decode rows after them do. The answer to a long prompt is read from these rows; Prism's
+    pooled estimate of a partial block that mixes the question with earlier text misses needles
+    on small models (benchmarks/results/passkey-tail-cpu.txt). Chunks cut at block boundaries
+    end on a full block, so selections stay independent of block-aligned chunking. Costs at most
+    one block row per chunk. False: the paper's selection for every row."""
 
     keep_diagonal: bool = True
     """Always attend to the query block's own (diagonal, causally masked) key block."""
@@ -95,6 +111,11 @@ class PrismConfig:
                     f"prism.{name}={v!r} is out of range: it is a top-p probability mass in (0, 1] "
                     f"(default 0.95; 1.0 selects every block)."
                 )
+        if self.block_budget is not None and not (math.isfinite(self.block_budget) and 0.0 < self.block_budget <= 1.0):
+            raise ValueError(
+                f"prism.block_budget={self.block_budget!r} is out of range: it is a share of the causal "
+                f"key blocks in (0, 1] (e.g. 0.1 keeps at most 10% of them), or null for no cap."
+            )
         if self.min_context_len < 0:
             raise ValueError(
                 f"prism.min_context_len={self.min_context_len!r} is out of range: use a token count "

@@ -28,6 +28,11 @@ The algorithm (paper arXiv 2602.08426, DESIGN.md):
    at which the descending cumulative sum first reaches the band's threshold (ties at t* are
    all kept; a threshold of 1.0 keeps every causal block).
 5. Union of both bands, plus the sink block 0 and the diagonal block (if configured).
+   With a block budget b, a row with n = I + 1 causal blocks keeps at most
+   k = ceil(b * n) (float32 arithmetic, >= 1) of them: the forced blocks (sink, diagonal) and
+   the union's blocks with the highest max(p_high, p_low), ties at the cut all kept.
+   With dense_tail, a chunk whose last query block is partial ((ctx + L) % B != 0) selects
+   every causal block for that block.
 6. Exact softmax(scale * q k^T) v over the keys of the selected blocks, causal per token.
 """
 
@@ -48,6 +53,8 @@ __all__ = [
     "band_logits",
     "top_p_threshold",
     "top_p_mask",
+    "budget_counts",
+    "cap_to_budget",
     "select_blocks",
     "block_sparse_attention",
     "dense_causal_attention",
@@ -152,23 +159,62 @@ def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
     return probs >= t.unsqueeze(-1)
 
 
-def select_blocks(
-    qp: torch.Tensor, kp: torch.Tensor, qb0: int, bands: Bands, cfg: PrismConfig
+def budget_counts(n_causal: torch.Tensor, budget: float) -> torch.Tensor:
+    """Blocks a row with ``n_causal`` causal key blocks may keep under ``budget``:
+    ceil(budget * n) computed in float32 (as the kernels do), at least 1. Int64 like n_causal."""
+    b = torch.tensor(budget, dtype=torch.float32)
+    return torch.ceil(b * n_causal.to(torch.float32)).to(torch.int64).clamp_min(1)
+
+
+def cap_to_budget(
+    sel: torch.Tensor, forced: torch.Tensor, score: torch.Tensor, causal: torch.Tensor, k: torch.Tensor
 ) -> torch.Tensor:
-    """Selected key blocks, bool [HQ, nq, nk] (False above the diagonal)."""
+    """Keep, per row of ``sel`` ([..., n] bool), the forced blocks and the selected blocks whose
+    ``score`` is at least the k-th largest rank value, forced blocks ranking first (ties at the
+    cut all kept; rows with fewer than k candidates keep them all).
+
+    forced, causal: bool like sel; score: float32 in [0, 1] like sel; k: [...] int64 (>= 1)."""
+    rank = torch.where(forced, torch.full_like(score, 2.0), torch.where(sel, score, torch.zeros_like(score)))
+    rank = torch.where(causal, rank, torch.full_like(score, -1.0))
+    kth = torch.sort(rank, dim=-1, descending=True).values.gather(-1, (k - 1).unsqueeze(-1).clamp_max(rank.shape[-1] - 1))
+    return forced | (sel & (rank >= kth.clamp_min(0.0)))
+
+
+def select_blocks(
+    qp: torch.Tensor,
+    kp: torch.Tensor,
+    qb0: int,
+    bands: Bands,
+    cfg: PrismConfig,
+    seq_len: Optional[int] = None,
+) -> torch.Tensor:
+    """Selected key blocks, bool [HQ, nq, nk] (False above the diagonal).
+
+    seq_len: ctx + L of the chunk, for cfg.dense_tail (None: no dense tail)."""
     nq, nk = qp.shape[0], kp.shape[0]
     t_hi, t_lo = band_temperatures(qp, kp, qb0, bands, cfg.calibrate)
-    causal = torch.arange(nk, device=qp.device)[None, :] <= (qb0 + torch.arange(nq, device=qp.device))[:, None]
+    rows = qb0 + torch.arange(nq, device=qp.device)
+    causal = torch.arange(nk, device=qp.device)[None, :] <= rows[:, None]
     sel = torch.zeros((qp.shape[1], nq, nk), dtype=torch.bool, device=qp.device)
+    score = torch.zeros(sel.shape, dtype=torch.float32, device=qp.device)
     for m, t, p in ((bands.high, t_hi, cfg.high_threshold), (bands.low, t_lo, cfg.low_threshold)):
         probs = torch.softmax(band_logits(qp, kp, m, t, qb0), dim=-1)
         sel |= top_p_mask(probs, p) if p < 1.0 else causal.expand_as(sel)
+        score = torch.maximum(score, probs)
+    forced = torch.zeros_like(sel)
     if cfg.keep_sink:
-        sel[:, :, 0] = True
+        forced[:, :, 0] = True
     if cfg.keep_diagonal:
         i = torch.arange(nq, device=qp.device)
-        sel[:, i, qb0 + i] = True
-    return sel & causal
+        forced[:, i, qb0 + i] = True
+    forced &= causal
+    sel = (sel | forced) & causal
+    if cfg.block_budget is not None:
+        k = budget_counts(rows + 1, cfg.block_budget).expand(sel.shape[:-1])
+        sel = cap_to_budget(sel, forced, score, causal.expand_as(sel), k)
+    if cfg.dense_tail and seq_len is not None and seq_len % cfg.block_size:
+        sel[:, -1] = causal[-1]
+    return sel
 
 
 def block_sparse_attention(
@@ -241,7 +287,7 @@ def prism_attention(
     B = cfg.block_size
     qp = pool_blocks(q, ctx, B)
     kp = pool_blocks(k, 0, B)
-    mask = select_blocks(qp, kp, ctx // B, bands, cfg)
+    mask = select_blocks(qp, kp, ctx // B, bands, cfg, seq_len=ctx + L)
     return block_sparse_attention(q, k, v, ctx, mask, B, scale), mask
 
 

@@ -12,6 +12,7 @@ def test_defaults_match_the_paper():
     assert cfg.block_size == 128
     assert (cfg.high_threshold, cfg.low_threshold) == (0.95, 0.95)
     assert cfg.calibrate and cfg.keep_sink and cfg.keep_diagonal
+    assert cfg.block_budget is None  # no cap: top-p alone decides, as in the paper
     assert cfg.band_dims(128) == (64, 96)
     assert cfg.band_dims(64) == (32, 48)
 
@@ -35,6 +36,10 @@ def test_explicit_band_dims_are_checked_against_the_rotary_dim():
         ("calibrate", "yes", r"prism\.calibrate='yes' has the wrong type: expected bool"),
         ("high_threshold", "0.9", r"prism\.high_threshold='0\.9' has the wrong type: expected float"),
         ("min_context_len", True, r"prism\.min_context_len=True has the wrong type: expected int"),
+        ("block_budget", 0.0, r"prism\.block_budget=0\.0 is out of range.*\(0, 1\].*null for no cap"),
+        ("block_budget", 1.5, r"prism\.block_budget=1\.5 is out of range"),
+        ("block_budget", "10%", r"prism\.block_budget='10%' has the wrong type: expected float or null"),
+        ("dense_tail", 1, r"prism\.dense_tail=1 has the wrong type: expected bool"),
     ],
     ids=lambda x: str(x)[:24],
 )
@@ -77,3 +82,8 @@ def test_every_field_has_a_docstring():
     docs = PrismConfig.field_docs()
     assert set(docs) == set(PrismConfig().to_dict())
     assert all(len(d) > 20 for d in docs.values())
+
+
+def test_block_budget_accepts_an_int_one_as_float():
+    assert PrismConfig.from_dict({"block_budget": 1}).block_budget == 1.0
+    assert PrismConfig.from_dict({"block_budget": None}).block_budget is None

@@ -81,7 +81,7 @@ def _run_case(chunks, hq, hkv, d, dtype, cfg, bands, layout, page_size, dense=No
     cu = [0]
     for _, L in chunks:
         cu.append(cu[-1] + L)
-    plan = make_plan(cu, [c for c, _ in chunks], hq, B, dense=dense).to(device)
+    plan = make_plan(cu, [c for c, _ in chunks], hq, B, dense=dense, dense_tail=cfg.dense_tail).to(device)
     k_cache, v_cache, table = make_paged_kv(ks, vs, page_size, layout, seed=seed)
     scale = 1 / math.sqrt(d)
     params = PrismParams.make(bands=bands, scale=scale, config=cfg, device=device)
@@ -133,7 +133,8 @@ def test_prefill_one_request_matches_reference_batch():
     assert all(torch.equal(m, rm.cpu()) for m, rm in zip(masks, ref_masks))
     atol, rtol = TOL[torch.float16]
     torch.testing.assert_close(out.float(), ref_out.float(), atol=atol, rtol=rtol)
-    assert _density(masks, chunks) < 0.8  # the structured input gives a sparse selection indeed
+    # The structured input gives a sparse selection indeed (rows before the dense tail).
+    assert _density([m[:, :-1] for m in masks], chunks) < 0.8
 
 
 @needs_sparse
@@ -299,7 +300,7 @@ def test_block_aligned_chunks_select_and_attend_like_one_shot(cut):
     params = PrismParams.make(bands=BANDS64, scale=d**-0.5, config=cfg, device=DEVICE)
 
     def run(ctx, n):
-        plan = make_plan([0, n], [ctx], hq, B).to(DEVICE)
+        plan = make_plan([0, n], [ctx], hq, B, dense_tail=cfg.dense_tail).to(DEVICE)
         ws = PrismWorkspace(plan.num_q_blocks, plan.num_k_blocks, 1, plan.sel_capacity, hq, hkv, d, DEVICE)
         out = torch.full((n, hq, d), float("nan"), dtype=q.dtype, device=DEVICE)
         prism_prefill(q[ctx : ctx + n], k_cache, v_cache, table, plan, params, ws, out)
@@ -314,3 +315,48 @@ def test_block_aligned_chunks_select_and_attend_like_one_shot(cut):
     assert torch.equal(a_mask, one_mask[:, :nb, :nb])
     assert torch.equal(b_mask, one_mask[:, nb:])
     torch.testing.assert_close(torch.cat([a_out, b_out]), one_out, atol=1e-3, rtol=1e-3)
+
+
+@needs_sparse
+@pytest.mark.parametrize("dense_tail", [True, False], ids=["tail", "paper"])
+def test_dense_tail_attends_the_partial_last_block_densely(dense_tail):
+    """A chunk ending mid-block (a prompt's end): with dense_tail its last query block selects
+    every causal block and its rows equal dense attention; the other rows keep Prism's selection.
+    A chunk ending on a block boundary has no dense tail."""
+    chunks = [(0, 700), (256, 512), (1000, 300)]  # ends 700 (partial), 768 (aligned), 1300 (partial)
+    cfg = PrismConfig(high_threshold=0.9, low_threshold=0.8, dense_tail=dense_tail)
+    qs, ks, vs, q, plan, ws, out, scale = _run_case(chunks, 4, 2, 64, torch.float16, cfg, BANDS64, "NHD", 16, seed=3)
+    masks = _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, BANDS64)
+    atol, rtol = TOL[torch.float16]
+    cu = plan.cu_q.tolist()
+    for r, ((ctx, L), m) in enumerate(zip(chunks, masks)):
+        S = ctx + L
+        tail_full = bool(m[:, -1, : -(-S // B)].all())
+        assert tail_full == (dense_tail and S % B != 0), f"request {r}: tail row selected {m[:, -1].sum()} blocks"
+        assert m[:, :-1].float().mean() < 0.9, "the rows before the tail keep a sparse selection"
+        if tail_full:
+            first = max(ctx, (S - 1) // B * B)  # tail rows: positions first .. S-1
+            dense = R.dense_causal_attention(qs[r].float(), ks[r].float(), vs[r].float(), ctx, scale)
+            torch.testing.assert_close(out[cu[r] + first - ctx : cu[r + 1]].float(), dense[first - ctx :],
+                                       atol=atol, rtol=rtol)
+
+
+@needs_sparse
+def test_block_budget_through_the_facade():
+    """PrismConfig.block_budget reaches the kernels through PrismParams: thresholds 1.0 (top-p
+    keeps everything) and a 25% budget select what the reference selects, and the output is
+    exact attention over that selection."""
+    chunks = [(0, 1500), (600, 900)]
+    cfg = PrismConfig(high_threshold=1.0, low_threshold=1.0, block_budget=0.25)
+    qs, ks, vs, q, plan, ws, out, scale = _run_case(chunks, 4, 2, 64, torch.float16, cfg, BANDS64, "HND", 16, seed=4)
+    sel = last_selection(ws, plan)
+    masks = bsr_to_masks(plan, sel["sel_idx"], sel["counts"].flatten(), 4)
+    atol, rtol = TOL[torch.float16]
+    cu = plan.cu_q.tolist()
+    for r, ((ctx, L), m) in enumerate(zip(chunks, masks)):
+        ref = R.select_blocks(R.pool_blocks(qs[r], ctx, B).cpu(), R.pool_blocks(ks[r], 0, B).cpu(), ctx // B,
+                              BANDS64, cfg, seq_len=ctx + L)
+        assert int((m != ref).sum()) <= 2, f"request {r}: {int((m != ref).sum())} blocks differ from the reference"
+        assert m[:, :-1].float().mean() < 0.5, "a 25% budget must cut the all-blocks selection"
+        want = _ref_by_query_block(qs[r].float(), ks[r].float(), vs[r].float(), ctx, m.to(q.device), scale)
+        torch.testing.assert_close(out[cu[r] : cu[r + 1]].float(), want, atol=atol, rtol=rtol)

@@ -18,6 +18,7 @@ certainly-kept block (plus sink/diagonal) and no block that both bands certainly
 ambiguous ones are counted and must stay rare (a handful out of thousands here, usually zero).
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -81,7 +82,7 @@ def _run(chunks, qps, kps, bands, cfg, dense=None, with_energy=True, with_split=
     cu = [0]
     for _, L in chunks:
         cu.append(cu[-1] + L)
-    plan = make_plan(cu, [c for c, _ in chunks], hq, B, dense=dense).to(DEVICE)
+    plan = make_plan(cu, [c for c, _ in chunks], hq, B, dense=dense, dense_tail=cfg.dense_tail).to(DEVICE)
     pq = torch.cat(qps)
     pk = torch.cat(kps)
     sel_idx = torch.full((plan.sel_capacity + 5,), -7, dtype=torch.int16, device=DEVICE)
@@ -149,7 +150,7 @@ def compare_with_reference(chunks, qps, kps, bands, cfg, masks, dense=None, eps=
         qp, kp, got = qps[r].cpu(), kps[r].cpu(), masks[r]
         qb0, nq, nk = R.num_blocks(ctx, L, B)
         causal = torch.arange(nk)[None, :] <= (qb0 + torch.arange(nq))[:, None]
-        ref = R.select_blocks(qp, kp, qb0, bands, cfg)
+        ref = R.select_blocks(qp, kp, qb0, bands, cfg, seq_len=ctx + L)
         n_causal += int(causal.sum()) * qp.shape[1]
         if dense is not None and dense[r]:
             assert torch.equal(got, causal.expand_as(got)), f"dense request {r} must select every causal block"
@@ -171,6 +172,8 @@ def compare_with_reference(chunks, qps, kps, bands, cfg, masks, dense=None, eps=
             forced[:, torch.arange(nq), qb0 + torch.arange(nq)] = True
         must = (must | forced) & causal
         may = (may | forced) & causal
+        if cfg.dense_tail and (ctx + L) % B:  # the partial last block attends to every causal block
+            must[:, -1] = may[:, -1] = causal[-1]
         assert not (must & ~ref).any() and not (ref & ~may).any(), "test bug: reference outside its own bounds"
         missing = must & ~got
         extra = got & ~may
@@ -221,7 +224,11 @@ def test_selection_matches_reference(case, cfg_name):
     masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
     n_amb, n_causal = compare_with_reference(chunks, qps, kps, bands, cfg, masks)
     assert n_amb <= max(2, n_causal // 1000), f"{n_amb} of {n_causal} blocks differ at the top-p edge"
-    sel_frac = sum(int(m.sum()) for m in masks) / n_causal
+    # Sparse inputs indeed (rows other than the dense tails, which select every causal block).
+    body = [m[:, :-1] if cfg.dense_tail and (c + L) % B else m for m, (c, L) in zip(masks, chunks)]
+    body_causal = sum(int(torch.ones(m.shape[1:], dtype=torch.bool).tril(c // B).sum()) * hq
+                      for m, (c, _) in zip(body, chunks))
+    sel_frac = sum(int(m.sum()) for m in body) / max(1, body_causal)
     assert sel_frac < 0.8, f"inputs meant to give sparse selections selected {sel_frac:.0%}"
     _check_temps(chunks, qps, kps, bands, cfg, plan, temps)
 
@@ -389,3 +396,76 @@ def test_selection_gpu_1m_context_multipass(cfg_name):
     masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
     n_amb, n_causal = compare_with_reference(chunks, gq, gk, bands, cfg, masks)
     assert n_amb <= max(4, n_causal // 10000)
+
+
+def _row_budget(chunks, cfg, masks):
+    """Per request: (selected counts [HQ, nq], allowed maximum [nq]) under cfg.block_budget."""
+    out = []
+    for (ctx, L), m in zip(chunks, masks):
+        qb0, nq, _ = R.num_blocks(ctx, L, B)
+        rows = qb0 + torch.arange(nq)
+        k = R.budget_counts(rows + 1, cfg.block_budget)
+        n_forced = int(cfg.keep_sink) + int(cfg.keep_diagonal)
+        allowed = torch.maximum(k, torch.minimum(torch.full_like(k, n_forced), rows + 1))
+        if cfg.dense_tail and (ctx + L) % B:
+            allowed[-1] = rows[-1] + 1  # the dense tail is not capped
+        out.append((m.sum(-1), allowed))
+    return out
+
+
+BUDGET_CFGS = {
+    # thresholds 1.0: the budget alone decides (top-k of max(p_high, p_low))
+    "all_b10": PrismConfig(high_threshold=1.0, low_threshold=1.0, block_budget=0.1),
+    "t95_80_b25": PrismConfig(high_threshold=0.95, low_threshold=0.8, block_budget=0.25),
+    "t9_nosink_b05": PrismConfig(high_threshold=0.9, low_threshold=0.9, keep_sink=False, block_budget=0.05),
+}
+
+
+@pytest.mark.parametrize("resident_max_blocks", [16, None], ids=["multipass", "resident"])
+@pytest.mark.parametrize("cfg_name", list(BUDGET_CFGS), ids=str)
+def test_block_budget_caps_selection_like_reference(cfg_name, resident_max_blocks):
+    # Gaussian pooled vectors: near-flat softmax, so top-p keeps most blocks and the budget cuts.
+    chunks = [(4000, 1200), (0, 1100), (300, 200)]
+    cfg, bands = BUDGET_CFGS[cfg_name], BANDS["neox64"]
+    gen = torch.Generator().manual_seed(len(cfg_name))
+    qps, kps = [], []
+    for ctx, L in chunks:
+        _, nq, nk = R.num_blocks(ctx, L, B)
+        qps.append(torch.randn(nq, 4, 64, generator=gen).to(DEVICE))
+        kps.append(torch.randn(nk, 2, 64, generator=gen).to(DEVICE))
+    plan, sel_idx, sel_cnt, _ = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks,
+                                     block_budget=cfg.block_budget)
+    masks = bsr_to_masks(plan, sel_idx, sel_cnt, 4)
+    uncapped = dataclasses.replace(cfg, block_budget=None)
+    n_diff = n_causal = capped_rows = 0
+    for r, ((ctx, L), got) in enumerate(zip(chunks, masks)):
+        qb0 = ctx // B
+        ref = R.select_blocks(qps[r].cpu(), kps[r].cpu(), qb0, bands, cfg, seq_len=ctx + L)
+        free = R.select_blocks(qps[r].cpu(), kps[r].cpu(), qb0, bands, uncapped, seq_len=ctx + L)
+        n_diff += int((got != ref).sum())
+        n_causal += int(free.numel())
+        capped_rows += int((ref.sum(-1) < free.sum(-1)).sum())
+        assert not (got & ~free).any() or n_diff <= 2, f"request {r}: blocks outside the top-p union"
+        if cfg.keep_diagonal:
+            i = torch.arange(got.shape[1])
+            assert got[:, i, qb0 + i].all(), "the diagonal block must survive the budget"
+    for cnt, allowed in _row_budget(chunks, cfg, masks):
+        assert (cnt <= allowed).all(), f"rows over budget: {(cnt - allowed).max()} extra blocks"
+    assert capped_rows > 0, "the budget never cut a row (test inputs too sparse)"
+    assert n_diff <= 2, f"{n_diff} blocks differ from the reference at the budget's cut"
+
+
+def test_reference_budget_ranks_forced_blocks_first():
+    # One row of 10 causal blocks, budget 0.2 -> k = 2: sink + diagonal fill it, nothing else stays.
+    sel = torch.ones(1, 1, 10, dtype=torch.bool)
+    forced = torch.zeros_like(sel)
+    forced[..., 0] = forced[..., 9] = True
+    score = torch.linspace(0.01, 0.9, 10).view(1, 1, 10)
+    causal = torch.ones_like(sel)
+    k = R.budget_counts(torch.tensor([10]), 0.2).view(1, 1)
+    assert int(k) == 2
+    assert R.cap_to_budget(sel, forced, score, causal, k)[0, 0].nonzero().flatten().tolist() == [0, 9]
+    # k = 4: the two best-scoring non-forced blocks (8, 7) join; unselected blocks never do.
+    sel[..., 8] = False
+    k4 = torch.tensor([[4]])
+    assert R.cap_to_budget(sel, forced, score, causal, k4)[0, 0].nonzero().flatten().tolist() == [0, 6, 7, 9]
