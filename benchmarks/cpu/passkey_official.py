@@ -3,7 +3,10 @@
 Prefill only (the first answer token comes from the prefill's last row); dense SDPA vs the
 official Prism estimation (needs PRISM_OFFICIAL_DIR: `bash benchmarks/fetch_official.sh`) vs ours
 (prism_vllm.reference), each followed by exact attention over the selected blocks.
-Usage: PRISM_OFFICIAL_DIR=benchmarks/_official python benchmarks/cpu/passkey_official.py dense,official,rowcal
+Modes: dense, official, official_nocal, rowcal (ours, dense_tail off: the paper's rule for every
+row), nocal, tail (ours with PrismConfig's defaults, dense_tail on).
+Usage: PRISM_OFFICIAL_DIR=benchmarks/_official python benchmarks/cpu/passkey_official.py dense,official,rowcal [N]
+(N prompt tokens, default 4096; the official modes need N % 128 == 0.)
 Prints per depth "argmax==first key token:logprob of it" and the mean selected density."""
 import os
 import random, sys, time, math
@@ -14,7 +17,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from prism_vllm import PrismConfig, reference as R
 from prism_vllm.rope import RopeLayout, rope_bands
 from prism_vllm.server.bundled import ensure_bundled_model
-from prism.prism import prism_block_estimate
 torch.set_num_threads(2)
 M = os.environ.get("PRISM_TEST_MODEL") or str(ensure_bundled_model())
 tok = AutoTokenizer.from_pretrained(M)
@@ -29,13 +31,16 @@ def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw)
     q = query[0].transpose(0, 1); k = key[0].transpose(0, 1); vv = value[0].transpose(0, 1)
     g = q.shape[1] // k.shape[1]
+    if v.startswith("official"):
+        from prism.prism import prism_block_estimate
     if v == "official":
         m = prism_block_estimate(query, key.repeat_interleave(g, 1), low_freq_dim=48, high_freq_dim=32, calibrate=True)[0]
     elif v == "official_nocal":
         m = prism_block_estimate(query, key.repeat_interleave(g, 1), low_freq_dim=48, high_freq_dim=32, calibrate=False)[0]
     else:
-        cfg = {"rowcal": PrismConfig(), "nocal": PrismConfig(calibrate=False)}[v]
-        m = R.select_blocks(R.pool_blocks(q, 0, 128), R.pool_blocks(k, 0, 128), 0, bands, cfg)
+        cfg = {"rowcal": PrismConfig(dense_tail=False), "nocal": PrismConfig(calibrate=False, dense_tail=False),
+               "tail": PrismConfig()}[v]
+        m = R.select_blocks(R.pool_blocks(q, 0, 128), R.pool_blocks(k, 0, 128), 0, bands, cfg, seq_len=q.shape[0])
     nk = m.shape[-1]
     causal = torch.arange(nk)[None] <= torch.arange(nk)[:, None]
     m = m & causal
@@ -47,7 +52,7 @@ model.config._attn_implementation = "exp"
 filler = tok.encode(" The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.", add_special_tokens=False)
 head = tok.encode("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.", add_special_tokens=False)
 question = tok.encode("\nWhat is the pass key? The pass key is", add_special_tokens=False)
-n = 4096
+n = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
 rng = random.Random(1234)
 cases = []
 for depth in (0.1, 0.5, 0.9):
