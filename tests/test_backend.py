@@ -528,7 +528,9 @@ def test_forward_on_named_batches(base_vllm_config, fake_flash, case):
 
 def test_stats_count_rows_and_density(base_vllm_config, fake_flash):
     b = BATCHES["mixed"]
-    vc = _vllm_config(base_vllm_config)
+    # No dense tails: these chunks span 2-3 blocks, so their tail rows would select everything.
+    cfg = {**CFG, "dense_tail": False}
+    vc = _vllm_config(base_vllm_config, prism=cfg)
     (owner,) = _model(vc, [ROPE])
     builder = pb.PrismMetadataBuilder(_spec(), [owner.attn.layer_name], vc, torch.device("cpu"))
     p = _paged_batch(b, 16, seed=7)
@@ -538,7 +540,7 @@ def test_stats_count_rows_and_density(base_vllm_config, fake_flash):
     out = torch.empty(p.query.shape[0], HQ, D, dtype=DTYPE)
     owner.attn.impl.forward(owner.attn, p.query, None, None, p.kv_cache, md, out)
     s = stats.collect_stats()
-    _, masks = _expected(b, p, b.start, b.dense, PrismConfig(**CFG), prism_layer=True)
+    _, masks = _expected(b, p, b.start, b.dense, PrismConfig(**cfg), prism_layer=True)
     selected = sum(int(m.sum()) for m in masks.values())
     causal = 0
     for r, m in masks.items():
