@@ -63,19 +63,43 @@ def gpu_memory_mib() -> list[int]:
         return []
 
 
+def process_group_memory_mib(pgid: int) -> int | None:
+    """GPU memory of the processes in process group ``pgid`` (the server and its engine-core
+    and worker processes), from nvidia-smi's compute-apps list; None when none is listed (e.g.
+    a driver that hides per-process usage). Other jobs sharing the GPU do not count."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", *_visible_gpus(), "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    total, seen = 0, False
+    for line in out.splitlines():
+        try:
+            pid, mib = (int(x) for x in line.split(","))
+            if os.getpgid(pid) == pgid:
+                total, seen = total + mib, True
+        except (ValueError, ProcessLookupError, PermissionError):
+            continue
+    return total if seen else None
+
+
 class MemorySampler:
-    """Samples total GPU memory every `period` seconds in a thread, tagged with the phase."""
+    """Samples GPU memory every `period` seconds in a thread, tagged with the phase: the
+    server's own processes (once ``pgid`` is set) and, as a fallback, the whole GPU."""
 
     def __init__(self, period: float = 0.5):
-        self.period, self.phase, self.samples = period, "start", []
+        self.period, self.phase, self.samples, self.pgid = period, "start", [], None
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             m = gpu_memory_mib()
+            own = process_group_memory_mib(self.pgid) if self.pgid is not None else None
             if m:
-                self.samples.append((time.time(), self.phase, sum(m)))
+                self.samples.append((time.time(), self.phase, sum(m), own))
             self._stop.wait(self.period)
 
     def __enter__(self):
@@ -86,8 +110,14 @@ class MemorySampler:
         self._stop.set()
         self._t.join(timeout=30)
 
-    def of(self, phase: str) -> list[int]:
-        return [m for _, p, m in self.samples if p == phase]
+    def of(self, phase: str, scope: str = "gpu") -> list[int]:
+        """Samples of a phase: scope "gpu" (whole GPU) or "server" (its process group)."""
+        i = 2 if scope == "gpu" else 3
+        return [s[i] for s in self.samples if s[1] == phase and s[i] is not None]
+
+    def scope(self) -> str:
+        """"server" when per-process samples cover the warm-up and the load, else "gpu"."""
+        return "server" if self.of("warm", "server") and self.of("load", "server") else "gpu"
 
 
 def git_commit() -> str:
@@ -247,6 +277,7 @@ def main() -> int:
     warm = build_prompts(model, 8, args.short_tokens, args.long_tokens, seed=1)
     with open(log_path, "w") as log, MemorySampler() as mem:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        mem.pgid = server.pid  # start_new_session: the server leads its own process group
         try:
             summary.update(asyncio.run(_drive(args, server, prompts, warm, mem)))
         finally:
@@ -255,13 +286,16 @@ def main() -> int:
                 server.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
+        sc = mem.scope()
         summary["memory_mib"] = {p: {"min": min(v), "max": max(v), "n": len(v)} for p in ("warm", "load", "after")
-                                 if (v := mem.of(p))}
-        if mem.of("warm") and mem.of("load"):
-            base = max(mem.of("warm")[-5:])
-            growth = max(mem.of("load") + mem.of("after")) - base
+                                 if (v := mem.of(p, sc))}
+        summary["memory_scope"] = {"server": "the server's processes (nvidia-smi compute apps)",
+                                   "gpu": "the whole GPU"}[sc]
+        if mem.of("warm", sc) and mem.of("load", sc):
+            base = max(mem.of("warm", sc)[-5:])
+            growth = max(mem.of("load", sc) + mem.of("after", sc)) - base
             summary["checks"]["gpu_memory_flat"] = {"ok": growth <= args.memory_slack_mib, "growth_mib": growth,
-                                                    "slack_mib": args.memory_slack_mib}
+                                                    "slack_mib": args.memory_slack_mib, "scope": sc}
         else:
             summary["checks"]["gpu_memory_flat"] = {"ok": False, "error": "no nvidia-smi samples"}
     summary["ok"] = all(c.get("ok") for c in summary["checks"].values())
