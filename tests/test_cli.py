@@ -330,7 +330,7 @@ def test_prism_vllm_serve_end_to_end_gpu(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "prism_vllm.server.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
          "--enforce-eager", "--max-model-len", "8192", "--no-enable-prefix-caching", "--served-model-name", "m",
-         "--prism-min-context-len", "1024"],
+         "--prism-min-context-len", "1024", "--gpu-memory-utilization", "0.2"],  # shares the GPU with other tests
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     try:
