@@ -1,14 +1,49 @@
 #!/usr/bin/env bash
 # The GPU machine's part of the project, in pieces that fit one device call each (10 min).
-# Run from the repo root after staging vLLM + the model (shared/device/README.md):
+# Run from the repo root after staging vLLM + the model (shared/device/README.md) and carrying
+# benchmarks/data (python -m benchmarks.corpus):
 #   source /root/prism-stage/env.sh && bash benchmarks/gpu_suite.sh PIECE OUTDIR COMMIT
-# Pieces: kernels (kernel GPU tests + kernel benchmark), vllm (backend GPU tests),
-#         serve (served GPU tests), tp (tensor-parallel test, 2 GPUs), load (load test).
+# Pieces:
+#   kernels   kernel GPU tests + kernel benchmark
+#   vllm      backend GPU tests (LLM engines side by side) + the served tests
+#   tp        tensor-parallel test (2 GPUs)
+#   load      load test alone
+#   speed     evidence: TTFT on SmolLM2 (alone on the GPU: it times things)
+#   llama8b   evidence: TTFT on the Llama-3.1-8B architecture (alone on the GPU)
+#   shared    everything that times nothing, side by side on one GPU, each under a time limit:
+#             vllm + accuracy evidence + load test + the selection/prefill kernel GPU tests
+# OUTDIR collects logs and result JSON (device calls return at most 8 files: see the end).
 set -uo pipefail
 piece=$1; out=$2; sha=${3:-unknown}
 mkdir -p "$out"
 export VLLM_ALLOW_INSECURE_SERIALIZATION=1 PYTHONUNBUFFERED=1
+LIMIT=${PRISM_PIECE_LIMIT_S:-540}
 log() { echo "== $piece $(date -u +%FT%TZ) $*"; }
+summary() { grep -E "PASSED|FAILED|XFAIL|XPASS|ERROR|SKIPPED|passed|failed|passkey" "$1" | tail -"${2:-16}"; }
+
+run_vllm() {
+  timeout "$LIMIT" python -m pytest -m gpu -v -s tests/test_vllm_gpu.py tests/test_cli.py -k "not tensor_parallel" \
+    > "$out/gpu-vllm.log" 2>&1
+  echo "pytest rc=$?" >> "$out/gpu-vllm.log"
+}
+run_kernels_changed() {
+  timeout "$LIMIT" python -m pytest -m gpu -q tests/test_selection.py tests/test_prefill.py > "$out/gpu-kernels.log" 2>&1
+  echo "pytest rc=$?" >> "$out/gpu-kernels.log"
+}
+run_load() {
+  # a small utilization: other jobs may share the GPU (the memory check counts the server's processes)
+  timeout "$LIMIT" python benchmarks/load_test.py --out "$out/load-h200.json" --extra --gpu-memory-utilization 0.15 \
+    > "$out/load.log" 2>&1
+  echo "load rc=$?" >> "$out/load.log"
+}
+run_bench() {  # PART BUDGET_S [more benchmarks.run flags]
+  local part=$1 budget=$2; shift 2
+  python -m benchmarks.run --only "$part" --budget-s "$budget" --commit "$sha" --out "$out/results" "$@" \
+    > "$out/bench-$part.log" 2>&1
+  echo "bench rc=$?" >> "$out/bench-$part.log"
+  tar czf "$out/logs-$part.tgz" -C "$out/results" logs 2>/dev/null && rm -rf "$out/results/logs"
+}
+
 case "$piece" in
   kernels)
     log "kernel GPU tests"
@@ -19,16 +54,19 @@ case "$piece" in
     python benchmarks/kernels.py --official-dir benchmarks/_official --commit "$sha" --out "$out/kernels-h200.json" --plot \
       > "$out/bench.log" 2>&1; echo "bench rc=$?" >> "$out/bench.log"; tail -32 "$out/bench.log" ;;
   vllm)
-    python -m pytest -m gpu -v tests/test_vllm_gpu.py -k "not serve and not tensor_parallel" > "$out/gpu-vllm.log" 2>&1
-    echo "pytest rc=$?" >> "$out/gpu-vllm.log"; grep -E "PASSED|FAILED|XFAIL|XPASS|ERROR|passed|failed" "$out/gpu-vllm.log" | tail -14 ;;
-  serve)
-    python -m pytest -m gpu -v tests/test_vllm_gpu.py tests/test_cli.py -k "serve" > "$out/gpu-serve.log" 2>&1
-    echo "pytest rc=$?" >> "$out/gpu-serve.log"; grep -E "PASSED|FAILED|ERROR|passed|failed" "$out/gpu-serve.log" | tail -6 ;;
+    run_vllm; summary "$out/gpu-vllm.log" ;;
   tp)
     python -m pytest -m gpu -v tests/test_vllm_gpu.py -k "tensor_parallel" > "$out/gpu-tp.log" 2>&1
-    echo "pytest rc=$?" >> "$out/gpu-tp.log"; grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$out/gpu-tp.log" | tail -4 ;;
+    echo "pytest rc=$?" >> "$out/gpu-tp.log"; summary "$out/gpu-tp.log" 4 ;;
   load)
-    python benchmarks/load_test.py --out "$out/load-h200.json" > "$out/load.log" 2>&1; echo "load rc=$?" >> "$out/load.log"
-    tail -15 "$out/load.log" ;;
+    run_load; tail -15 "$out/load.log" ;;
+  speed|llama8b)
+    run_bench "$piece" "$LIMIT"; tail -30 "$out/bench-$piece.log" ;;
+  shared)
+    log "start: vllm tests, accuracy, load test, kernel tests side by side"
+    run_vllm & run_bench accuracy "$((LIMIT - 15))" --jobs 4 & run_load & run_kernels_changed &
+    wait
+    log "done"
+    summary "$out/gpu-vllm.log" 20; tail -3 "$out/gpu-kernels.log"; tail -4 "$out/load.log"; tail -25 "$out/bench-accuracy.log" ;;
   *) echo "unknown piece $piece"; exit 2 ;;
 esac

@@ -60,6 +60,11 @@ from benchmarks.common import KB, log, tok_label
 PARTS = ("recall", "ppl", "needle", "speed", "llama8b")
 #: Prompt tokens left free of a context of L tokens (vLLM needs prompt + outputs <= max_model_len).
 OUT_RESERVE = 16
+#: Prompt tokens of a perplexity window of a context of L tokens: L - 128, a whole number of Prism
+#: blocks when L is, so no window ends in a partial block and PrismConfig.dense_tail (a partial
+#: last block attends densely) changes none of the scored tokens: Prism's selection is measured
+#: on every one of them.
+PPL_RESERVE = 128
 SMOL_NAME = report.SMOL_NAME
 LLAMA_NAME = report.LLAMA_NAME
 
@@ -287,7 +292,7 @@ class Runner:
             for L in p.ppl_lengths:
                 groups.setdefault(group_of(L), {"ppl": [], "needle": []})["ppl"].append(L)
             self.part_doc("ppl", settings={"lengths": p.ppl_lengths, "windows": p.ppl_windows,
-                                           "prompt_tokens": {str(L): L - OUT_RESERVE for L in p.ppl_lengths},
+                                           "prompt_tokens": {str(L): L - PPL_RESERVE for L in p.ppl_lengths},
                                            "enforce_eager": True}, summary=[])
         cases: list[dict[str, Any]] = []
         if do_needle:
@@ -305,14 +310,14 @@ class Runner:
             tasks = []
             for L in g["ppl"]:
                 tasks.append({"task": "ppl", "label": f"{tok_label(L)}", "length": L,
-                              "windows": self.windows(L - OUT_RESERVE, p.ppl_windows, 0)})
+                              "windows": self.windows(L - PPL_RESERVE, p.ppl_windows, 0)})
             if g["needle"]:
                 lens = {L - OUT_RESERVE for L in g["needle"]}
                 tasks.append({"task": "generate", "label": "needle " + ",".join(tok_label(L) for L in g["needle"]),
                               "max_tokens": p.needle_max_tokens,
                               "cases": [{"id": c["id"], "ids": c["ids"]} for c in cases if c["length"] in lens]})
             for backend in ("dense", "prism"):
-                spec = self.engine_spec(backend, mml, eager=True, mem=0.25, kv_cache_memory_bytes=p.accuracy_kv_bytes)
+                spec = self.engine_spec(backend, mml, eager=True, mem=0.1, kv_cache_memory_bytes=p.accuracy_kv_bytes)
                 job = {"name": f"accuracy-{tok_label(mml)}-{backend}", "kind": "engine", "engine": spec, "tasks": tasks}
 
                 def done(res: dict[str, Any], job: dict[str, Any] = job, backend: str = backend) -> None:
@@ -339,7 +344,7 @@ class Runner:
         doc["rows"], doc["summary"] = [], []
         for (L, backend), rows in sorted(lp.items()):
             s = prompts.ppl_summary(rows)
-            doc["rows"].append({"length": L, "prompt_tokens": L - OUT_RESERVE, "rope": self.rope_label(L),
+            doc["rows"].append({"length": L, "prompt_tokens": L - PPL_RESERVE, "rope": self.rope_label(L),
                                 "backend": backend, "windows": len(rows), **s})
         for L in sorted({k[0] for k in lp}):
             if (L, "dense") in lp and (L, "prism") in lp:
