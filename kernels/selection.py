@@ -19,7 +19,8 @@ largest t whose kept mass reaches the threshold is exactly that block's probabil
 finds it without sorting, by bisection over the int32 bit patterns of t (non-negative floats
 order like their bit patterns): exact, at most 31 steps. The budget's cut (the k-th largest
 rank value, forced blocks ranked 2.0 above any probability, unselected ones 0) is found the same
-way, counting blocks instead of summing mass.
+way, counting blocks instead of summing mass; blocks tied at that value (near-uniform scores,
+e.g. dummy weights) are then cut by a second bisection over the column, keeping the most recent.
 
 Nothing of size [heads x q blocks x k blocks] touches global memory: a program owns BLOCK_G
 query blocks of one request and the G q heads of one kv head (so each pooled key is loaded once
@@ -220,6 +221,13 @@ def _budget_k(budget, qbq, live):
     lo = tl.zeros_like(qbq)
     hi = tl.where(live, 0x40000001, 1)
     return k, lo, hi
+
+
+@triton.jit
+def _budget_keep(rb, blo, clo, cols):
+    """[QR, N] the budget's kept blocks: rank above the cut value, or equal to it at a column
+    >= clo (ties go to the most recent blocks)."""
+    return (rb > blo[:, None]) | ((rb == blo[:, None]) & (cols[None, :] >= clo[:, None]))
 
 
 @triton.jit
@@ -435,7 +443,17 @@ def _select_resident_kernel(
                     ok = tl.sum((rb >= mid[:, None]).to(tl.int32), axis=1) >= k
                     blo = tl.where(ok, mid, blo)
                     bhi = tl.where(ok, bhi, mid)
-                sel = tl.where(rb >= blo[:, None], sel, 0)
+                # Ties at the cut value: the largest column cutoff leaving `need` of them.
+                need = k - tl.sum((rb > blo[:, None]).to(tl.int32), axis=1)
+                eq = rb == blo[:, None]
+                clo = tl.zeros_like(blo)
+                chi = tl.where(okq & ~row_dense, NK_PAD + 1, 1)
+                while tl.max(chi - clo, axis=0) > 1:
+                    mid = clo + (chi - clo) // 2
+                    ok = tl.sum((eq & (cols[None, :] >= mid[:, None])).to(tl.int32), axis=1) >= need
+                    clo = tl.where(ok, mid, clo)
+                    chi = tl.where(ok, chi, mid)
+                sel = tl.where(_budget_keep(rb, blo, clo, cols) | forced, sel, 0)
             sel = tl.where(causal, sel, 0)
 
             # -- BSR emission: ascending block ids at exclusive-prefix positions --
@@ -461,6 +479,27 @@ def _tile_probs(
     s = s * mult[:, None]
     causal = (c0 + tl.arange(0, BN))[None, :] <= qbm[:, None]
     return tl.where(causal, tl.exp(s - mx[:, None]), 0.0) * rz[:, None]
+
+
+@triton.jit
+def _tile_rank(
+    q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, c0, ncol, stride_qd, stride_kb,
+    stride_kh, stride_kd, mult, mx, rz, QR: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    DC: tl.constexpr, PRECISION: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
+):
+    """Of key blocks c0 .. c0+BN-1, per q row: (union of both bands' top-p with the forced
+    blocks [QR, BN] int32, forced [QR, BN], the budget's rank bits [QR, BN])."""
+    M: tl.constexpr = 2 * QR
+    cols = c0 + tl.arange(0, BN)
+    p = _tile_probs(
+        q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, c0, ncol, stride_qd, stride_kb, stride_kh,
+        stride_kd, mult, mx, rz, M, BN, D, BLOCK_D, DC, PRECISION,
+    )
+    keep = (p.to(tl.int32, bitcast=True) >= lo[:, None]).to(tl.int32)
+    forced = _forced(cols, qbq, KEEP_SINK, KEEP_DIAG)
+    sel = tl.where(forced, 1, tl.max(tl.reshape(keep, (2, QR, BN)), axis=0))
+    rb = _budget_rank_bits(p, sel, forced, cols[None, :] <= qbq[:, None], QR, BN)
+    return sel, forced, rb
 
 
 @triton.jit
@@ -601,21 +640,48 @@ def _select_multipass_kernel(
                 cand = (blo.to(tl.int64)[:, None] + span[:, None] * (cand_i[None, :] + 1) // (NCAND + 1)).to(tl.int32)
                 cnt = tl.zeros((QR, NCAND), dtype=tl.int32)
                 for t in range(0, n_tiles):
-                    cols = t * BN + tl.arange(0, BN)
-                    p = _tile_probs(
-                        q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol, stride_qd,
-                        stride_kb, stride_kh, stride_kd, mult, mx, rz, M, BN, D, BLOCK_D, DC, PRECISION,
+                    _, _, rb = _tile_rank(
+                        q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
+                        stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC, PRECISION,
+                        KEEP_SINK, KEEP_DIAG,
                     )
-                    keep = (p.to(tl.int32, bitcast=True) >= lo[:, None]).to(tl.int32)
-                    forced = _forced(cols, qbq, KEEP_SINK, KEEP_DIAG)
-                    sel = tl.where(forced, 1, tl.max(tl.reshape(keep, (2, QR, BN)), axis=0))
-                    rb = _budget_rank_bits(p, sel, forced, cols[None, :] <= qbq[:, None], QR, BN)
                     cnt += tl.sum((rb[:, :, None] >= cand[:, None, :]).to(tl.int32), axis=1)
                 n_ok = tl.sum((cnt >= k[:, None]).to(tl.int32), axis=1)
                 new_lo = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None] - 1, cand, 0), axis=1)
                 new_hi = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None], cand, 0), axis=1)
                 blo = tl.where(n_ok > 0, new_lo, blo)
                 bhi = tl.where(n_ok < NCAND, new_hi, bhi)
+        # -- ties at the cut value: NCAND-way bisection of the largest column cutoff --
+        clo = tl.zeros_like(blo)
+        chi = tl.where(okq & estimate & ~row_dense, ncol + 1, 1)
+        if BUDGET:
+            n_gt = tl.zeros_like(blo)
+            for t in range(0, n_tiles):
+                _, _, rb = _tile_rank(
+                    q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
+                    stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC, PRECISION,
+                    KEEP_SINK, KEEP_DIAG,
+                )
+                n_gt += tl.sum((rb > blo[:, None]).to(tl.int32), axis=1)
+            need = k - n_gt
+            while tl.max(chi - clo, axis=0) > 1:
+                span = (chi - clo).to(tl.int64)
+                cand = (clo.to(tl.int64)[:, None] + span[:, None] * (cand_i[None, :] + 1) // (NCAND + 1)).to(tl.int32)
+                cnt = tl.zeros((QR, NCAND), dtype=tl.int32)
+                for t in range(0, n_tiles):
+                    cols = t * BN + tl.arange(0, BN)
+                    _, _, rb = _tile_rank(
+                        q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
+                        stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC, PRECISION,
+                        KEEP_SINK, KEEP_DIAG,
+                    )
+                    eq = (rb == blo[:, None])[:, :, None] & (cols[None, :, None] >= cand[:, None, :])
+                    cnt += tl.sum(eq.to(tl.int32), axis=1)
+                n_ok = tl.sum((cnt >= need[:, None]).to(tl.int32), axis=1)
+                new_lo = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None] - 1, cand, 0), axis=1)
+                new_hi = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None], cand, 0), axis=1)
+                clo = tl.where(n_ok > 0, new_lo, clo)
+                chi = tl.where(n_ok < NCAND, new_hi, chi)
 
         # -- last pass: union of both bands, sink, diagonal, budget; ascending emission --
         base = tl.load(sel_off + gq, mask=okq, other=0).to(tl.int64) * HQ + hq.to(tl.int64) * (qbq + 1)
@@ -623,17 +689,14 @@ def _select_multipass_kernel(
         for t in range(0, tl.cdiv(ncol, BN)):
             cols = t * BN + tl.arange(0, BN)
             causal = cols[None, :] <= qbq[:, None]
-            forced = _forced(cols, qbq, KEEP_SINK, KEEP_DIAG)
             if estimate:
-                p = _tile_probs(
-                    q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol, stride_qd,
-                    stride_kb, stride_kh, stride_kd, mult, mx, rz, M, BN, D, BLOCK_D, DC, PRECISION,
+                sel, forced, rb = _tile_rank(
+                    q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
+                    stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC, PRECISION,
+                    KEEP_SINK, KEEP_DIAG,
                 )
-                keep = (p.to(tl.int32, bitcast=True) >= lo[:, None]).to(tl.int32)
-                sel = tl.where(forced, 1, tl.max(tl.reshape(keep, (2, QR, BN)), axis=0))
                 if BUDGET:
-                    rb = _budget_rank_bits(p, sel, forced, causal, QR, BN)
-                    sel = tl.where(rb >= blo[:, None], sel, 0)
+                    sel = tl.where(_budget_keep(rb, blo, clo, cols) | forced, sel, 0)
                 sel = tl.where(row_dense[:, None], 1, sel)
             else:
                 sel = tl.full((QR, BN), 1, dtype=tl.int32)

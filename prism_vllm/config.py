@@ -60,8 +60,8 @@ class PrismConfig:
     block_budget: Optional[float] = None
     """Cap on the blocks kept per (query block, q head), as a share of its causal key blocks,
     in (0, 1]: of the blocks top-p selected, at most ceil(block_budget * (I + 1)) stay (I + 1
-    causal blocks), those with the highest max(p_high, p_low); the sink and diagonal blocks
-    always stay and count toward the cap; ties at the cut are all kept. None: no cap (top-p
+    causal blocks), those with the highest max(p_high, p_low) (equal values: the most recent
+    blocks first); the sink and diagonal blocks always stay and count toward the cap. None: no cap (top-p
     alone decides). Bounds the work when attention is near-uniform (e.g. dummy weights)."""
 
     keep_sink: bool = True

@@ -30,7 +30,8 @@ The algorithm (paper arXiv 2602.08426, DESIGN.md):
 5. Union of both bands, plus the sink block 0 and the diagonal block (if configured).
    With a block budget b, a row with n = I + 1 causal blocks keeps at most
    k = ceil(b * n) (float32 arithmetic, >= 1) of them: the forced blocks (sink, diagonal) and
-   the union's blocks with the highest max(p_high, p_low), ties at the cut all kept.
+   the union's blocks with the highest max(p_high, p_low), equal values ordered by block index
+   (the most recent first).
    With dense_tail, a chunk whose last query block is partial ((ctx + L) % B != 0) selects
    every causal block for that block.
 6. Exact softmax(scale * q k^T) v over the keys of the selected blocks, causal per token.
@@ -169,15 +170,22 @@ def budget_counts(n_causal: torch.Tensor, budget: float) -> torch.Tensor:
 def cap_to_budget(
     sel: torch.Tensor, forced: torch.Tensor, score: torch.Tensor, causal: torch.Tensor, k: torch.Tensor
 ) -> torch.Tensor:
-    """Keep, per row of ``sel`` ([..., n] bool), the forced blocks and the selected blocks whose
-    ``score`` is at least the k-th largest rank value, forced blocks ranking first (ties at the
-    cut all kept; rows with fewer than k candidates keep them all).
+    """Keep, per row of ``sel`` ([..., n] bool), the forced blocks and the selected blocks among
+    the k first in rank order: forced blocks first (rank 2.0), then the others by ``score``
+    (unselected causal blocks rank 0, blocks past the diagonal -1); equal ranks are ordered by
+    block index, the most recent (highest) first, so a row keeps at most max(k, forced) blocks
+    even when scores tie (near-uniform attention, dummy weights).
 
     forced, causal: bool like sel; score: float32 in [0, 1] like sel; k: [...] int64 (>= 1)."""
     rank = torch.where(forced, torch.full_like(score, 2.0), torch.where(sel, score, torch.zeros_like(score)))
     rank = torch.where(causal, rank, torch.full_like(score, -1.0))
-    kth = torch.sort(rank, dim=-1, descending=True).values.gather(-1, (k - 1).unsqueeze(-1).clamp_max(rank.shape[-1] - 1))
-    return forced | (sel & (rank >= kth.clamp_min(0.0)))
+    n = rank.shape[-1]
+    rev = torch.arange(n - 1, -1, -1, device=rank.device)
+    # Stable descending sort of the column-reversed row: ties come out highest column first.
+    order = rev[torch.sort(rank[..., rev], dim=-1, descending=True, stable=True).indices]
+    first_k = torch.arange(n, device=rank.device) < k.unsqueeze(-1)
+    keep = torch.zeros_like(sel).scatter_(-1, order, first_k)
+    return forced | (sel & keep)
 
 
 def select_blocks(

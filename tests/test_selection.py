@@ -500,3 +500,30 @@ def test_block_budget_gpu_realistic(resident_max_blocks):
     density = sum(int(m.sum()) for m in masks) / sum(int(torch.ones(m.shape[1:]).tril(c // B).sum()) * hq
                                                      for m, (c, _) in zip(masks, chunks))
     assert 0.09 < density < 0.13, density
+
+
+@pytest.mark.parametrize("resident_max_blocks", [16, None], ids=["multipass", "resident"])
+def test_block_budget_breaks_exact_ties_toward_recent_blocks(resident_max_blocks):
+    # Zero queries: every block of a row has exactly the same probability (what dummy weights
+    # come close to). The budget must still keep k blocks, not every tied one: the sink, the
+    # diagonal and the most recent others.
+    chunks = [(2000, 1500), (0, 700)]
+    cfg, bands = PrismConfig(block_budget=0.1, dense_tail=False), BANDS["neox64"]
+    gen = torch.Generator().manual_seed(2)
+    qps, kps = [], []
+    for ctx, L in chunks:
+        _, nq, nk = R.num_blocks(ctx, L, B)
+        qps.append(torch.zeros(nq, 4, 64).to(DEVICE))
+        kps.append(torch.randn(nk, 2, 64, generator=gen).to(DEVICE))
+    plan, sel_idx, sel_cnt, _ = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks,
+                                     block_budget=cfg.block_budget)
+    masks = bsr_to_masks(plan, sel_idx, sel_cnt, 4)
+    for r, ((ctx, L), got) in enumerate(zip(chunks, masks)):
+        qb0 = ctx // B
+        ref = R.select_blocks(qps[r].cpu(), kps[r].cpu(), qb0, bands, cfg, seq_len=ctx + L)
+        assert torch.equal(got, ref), f"request {r}: {(got != ref).nonzero()[:5].tolist()}"
+        for i in range(got.shape[1]):
+            n = qb0 + i + 1
+            k = max(int(R.budget_counts(torch.tensor([n]), 0.1)), min(2, n))
+            want = sorted({0, n - 1} | set(range(n - 2, 0, -1)[: max(0, k - 2)]))
+            assert got[0, i].nonzero().flatten().tolist() == want, f"request {r} row {i}"
