@@ -21,18 +21,22 @@ LIMIT=${PRISM_PIECE_LIMIT_S:-540}
 log() { echo "== $piece $(date -u +%FT%TZ) $*"; }
 summary() { grep -E "PASSED|FAILED|XFAIL|XPASS|ERROR|SKIPPED|passed|failed|passkey" "$1" | tail -"${2:-16}"; }
 
-run_vllm() {
-  timeout "$LIMIT" python -m pytest -m gpu -v -s tests/test_vllm_gpu.py tests/test_cli.py -k "not tensor_parallel" \
+run_vllm() {  # [pytest -k expression]
+  timeout "$LIMIT" python -m pytest -m gpu -v -s tests/test_vllm_gpu.py tests/test_cli.py -k "${1:-not tensor_parallel}" \
     > "$out/gpu-vllm.log" 2>&1
   echo "pytest rc=$?" >> "$out/gpu-vllm.log"
 }
-run_kernels_changed() {
-  timeout "$LIMIT" python -m pytest -m gpu -q tests/test_selection.py tests/test_prefill.py > "$out/gpu-kernels.log" 2>&1
+run_kernels_changed() {  # [pytest -k expression]
+  timeout "$LIMIT" python -m pytest -m gpu -q tests/test_selection.py tests/test_prefill.py -k "${1:-}" \
+    > "$out/gpu-kernels.log" 2>&1
   echo "pytest rc=$?" >> "$out/gpu-kernels.log"
 }
 run_load() {
-  # a small utilization: other jobs may share the GPU (the memory check counts the server's processes)
-  timeout "$LIMIT" python benchmarks/load_test.py --out "$out/load-h200.json" --extra --gpu-memory-utilization 0.15 \
+  # other jobs may share the GPU: a low utilization floor and a fixed KV cache (vLLM's memory
+  # profiling fails when another process frees memory meanwhile); the memory check counts the
+  # server's own processes
+  timeout "$LIMIT" python benchmarks/load_test.py --out "$out/load-h200.json" \
+    --extra --gpu-memory-utilization 0.1 --kv-cache-memory-bytes 8589934592 \
     > "$out/load.log" 2>&1
   echo "load rc=$?" >> "$out/load.log"
 }
@@ -68,5 +72,9 @@ case "$piece" in
     wait
     log "done"
     summary "$out/gpu-vllm.log" 20; tail -3 "$out/gpu-kernels.log"; tail -4 "$out/load.log"; tail -25 "$out/bench-accuracy.log" ;;
+  retest)  # re-run what PRISM_RETEST_K selects, the load test and the budget kernel tests side by side
+    run_vllm "${PRISM_RETEST_K:-not tensor_parallel}" & run_load & run_kernels_changed budget &
+    wait
+    summary "$out/gpu-vllm.log" 20; tail -3 "$out/gpu-kernels.log"; tail -12 "$out/load.log" ;;
   *) echo "unknown piece $piece"; exit 2 ;;
 esac

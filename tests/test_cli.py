@@ -330,7 +330,9 @@ def test_prism_vllm_serve_end_to_end_gpu(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "prism_vllm.server.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
          "--enforce-eager", "--max-model-len", "8192", "--no-enable-prefix-caching", "--served-model-name", "m",
-         "--prism-min-context-len", "1024", "--gpu-memory-utilization", "0.2"],  # shares the GPU with other tests
+         # shares the GPU with other tests: a fixed KV cache skips vLLM's memory profiling (it fails
+         # when another process frees GPU memory meanwhile) and a low utilization floor
+         "--prism-min-context-len", "1024", "--gpu-memory-utilization", "0.1", "--kv-cache-memory-bytes", str(2 << 30)],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     try:
