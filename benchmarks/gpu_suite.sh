@@ -35,7 +35,7 @@ run_load() {
   # other jobs may share the GPU: a low utilization floor and a fixed KV cache (vLLM's memory
   # profiling fails when another process frees memory meanwhile); the memory check counts the
   # server's own processes
-  timeout "$LIMIT" python benchmarks/load_test.py --out "$out/load-h200.json" \
+  timeout "$LIMIT" python benchmarks/load_test.py --out "$out/load-h200.json" --commit "$sha" \
     --extra --gpu-memory-utilization 0.1 --kv-cache-memory-bytes 8589934592 \
     > "$out/load.log" 2>&1
   echo "load rc=$?" >> "$out/load.log"

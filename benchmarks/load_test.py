@@ -254,6 +254,7 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     ap.add_argument("--memory-slack-mib", type=int, default=512, help="allowed GPU memory growth after warm-up")
     ap.add_argument("--startup-timeout", type=float, default=600)
+    ap.add_argument("--commit", default=None, help="commit of the measured tree (default: git HEAD)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for prism-vllm serve")
     args = ap.parse_args()
 
@@ -270,7 +271,7 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "gpu": gpu_name(),
-        "commit": git_commit(), "command": " ".join(sys.argv), "server_command": " ".join(cmd),
+        "commit": args.commit or git_commit(), "command": " ".join(sys.argv), "server_command": " ".join(cmd),
         "config": vars(args), "checks": {},
     }
     prompts = build_prompts(model, args.requests, args.short_tokens, args.long_tokens, seed=0)

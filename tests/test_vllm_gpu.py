@@ -519,8 +519,12 @@ def test_serve_32_concurrent_requests(flash, prompts):
         log.seek(0)
         text = log.read()
         log.close()
-    assert "Prism: kernel launch failed" not in text, text[-4000:]
-    assert "Traceback" not in text, text[-4000:]
+    # Only while serving: SIGTERM shuts vLLM 0.26 down in abort mode, and its output handler then
+    # logs an EngineDeadError traceback (seen on the H200 on 2026-12-01 after all 32 requests
+    # had returned 200).
+    serving = text.split("shutdown triggered", 1)[0]
+    assert "Prism: kernel launch failed" not in serving, serving[-4000:]
+    assert "Traceback" not in serving, serving[-4000:]
 
 
 def _two_rank_model(dst: str) -> str:
