@@ -79,11 +79,14 @@ class PrismConfig:
     keep_diagonal: bool = True
     """Always attend to the query block's own (diagonal, causally masked) key block."""
 
-    min_context_len: int = 16384
+    min_context_len: int = 34816
     """Smallest sequence length (context + this chunk, tokens) at which a prefill chunk is
-    served by Prism; shorter ones go to FlashAttention. Default from the kernel benchmark on an
-    H200 (benchmarks/results/kernels-h200.json): estimation + sparse attention was 4% slower
-    than FA3 at 8K and 2.2x faster at 16K on structured inputs (density 0.15-0.18)."""
+    served by Prism; shorter ones go to FlashAttention. Default: the end-to-end break-even
+    measured through vLLM on an H200 (benchmarks/results/speed.json: SmolLM2-135M with YaRN,
+    Prism at its own density took 1.03x FLASH_ATTN's TTFT at 32K and 0.63x at 64K;
+    interpolated 34485 tokens, rounded up to whole blocks). Models with more work per token outside
+    attention, or sparser selections, break even earlier (Llama-3.1-8B at a 10% budget was
+    1.41x faster at 32K): lower it for them."""
 
     min_query_len: int = 16
     """Smallest prefill chunk (query tokens) served by Prism. Decode and speculative-decode
