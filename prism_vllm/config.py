@@ -67,17 +67,18 @@ class PrismConfig:
     keep_sink: bool = True
     """Always attend to key block 0 (the attention sink)."""
 
+    keep_diagonal: bool = True
+    """Always attend to the query block's own (diagonal, causally masked) key block."""
+
     dense_tail: bool = True
     """The rows of a chunk's last query block, when that block is partial (the chunk ends
     mid-block, as a prompt's end almost always does), attend to every causal block, as the
     decode rows after them do. The answer to a long prompt is read from these rows; Prism's
     pooled estimate of a partial block that mixes the question with earlier text misses needles
-    on small models (benchmarks/results/passkey-tail-cpu.txt). Chunks cut at block boundaries
+    on small models (SmolLM2-135M passkeys on the H200: 2/10 without, 9/10 with the
+    dense tail, FLASH_ATTN 9/10; benchmarks/results/gpu-tests.txt, passkey-tail-cpu.txt). Chunks cut at block boundaries
     end on a full block, so selections stay independent of block-aligned chunking. Costs at most
     one block row per chunk. False: the paper's selection for every row."""
-
-    keep_diagonal: bool = True
-    """Always attend to the query block's own (diagonal, causally masked) key block."""
 
     min_context_len: int = 34816
     """Smallest sequence length (context + this chunk, tokens) at which a prefill chunk is
