@@ -300,39 +300,19 @@ def engines(request, prompts):
     e.close()
 
 
-@pytest.fixture(scope="module")
-def flash(engines):
-    return engines.get("flash")
+def _engine_fixture(name: str):
+    """A module fixture ``name`` returning that engine's results (see _Engines)."""
+
+    def fixture(engines):
+        return engines.get(name)
+
+    return pytest.fixture(scope="module", name=name)(fixture)
 
 
-@pytest.fixture(scope="module")
-def prism_dense(engines):
-    return engines.get("prism_dense")
-
-
-@pytest.fixture(scope="module")
-def prism(engines):
-    return engines.get("prism")
-
-
-@pytest.fixture(scope="module")
-def prism_paper(engines):
-    return engines.get("prism_paper")
-
-
-@pytest.fixture(scope="module")
-def prism_c512(engines):
-    return engines.get("prism_c512")
-
-
-@pytest.fixture(scope="module")
-def prism_c1000(engines):
-    return engines.get("prism_c1000")
-
-
-@pytest.fixture(scope="module")
-def prism_preempt(engines):
-    return engines.get("prism_preempt")
+flash, prism_dense, prism, prism_paper, prism_c512, prism_c1000, prism_preempt = (
+    _engine_fixture(n)
+    for n in ("flash", "prism_dense", "prism", "prism_paper", "prism_c512", "prism_c1000", "prism_preempt")
+)
 
 
 def _compare_greedy(ref: dict, got: dict, tol: float = LOGPROB_TOL) -> int:
