@@ -13,14 +13,19 @@ prism_vllm.plugin, selected with ``--attention-backend prism``):
   whole batch for layers Prism cannot serve) and launches the Prism kernels on the suffix,
   into the same output. No host sync, no allocation, no loop over requests.
 
+The attend step runs on vLLM's own FA3 where the layer's FlashAttention is FA3 (Hopper:
+``kernels/attend_fa3.py``, virtual varlen sequences over the paged cache) and on Prism's Triton
+kernel elsewhere (``kernels/sparse_prefill.py``).
+
 Layers Prism cannot help (sliding-window / chunked-local / encoder / cross attention, ALiBi,
-no RoPE, soft-capped logits, sinks, fp8 KV cache, decode context parallelism, multimodal
-prefix-LM, head sizes the kernels lack) stay on FlashAttention, logged once per reason.
+no RoPE, soft-capped logits without FA3, sinks, fp8 KV cache, decode context parallelism,
+multimodal prefix-LM, head sizes the kernels lack) stay on FlashAttention, logged once per reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import weakref
@@ -46,7 +51,10 @@ from vllm.utils.torch_utils import is_quantized_kv_cache
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from prism_vllm.config import PrismConfig
-from prism_vllm.kernels.plan import PrefillPlan, make_plan
+from prism_vllm.kernels import FA3Launch, PrismParams, PrismWorkspace, prism_prefill
+from prism_vllm.kernels.attend_fa3 import AttendPlan, make_attend_plan
+from prism_vllm.kernels.plan import BlockSelection, PrefillPlan, make_plan
+from prism_vllm.kernels.prefill import SUPPORTED_HEAD_DIMS
 from prism_vllm.stats import STATS
 
 from .rope_source import bands_for, resolve_rotary
@@ -82,11 +90,45 @@ def note_fallback(reason: str, where: str = "") -> None:
     )
 
 
-def _kernels():
-    """The kernel adapter, imported on first use (keeps plugin registration import-light)."""
-    from . import kernels_api
+def _flash_attn_varlen_fa3() -> Any:
+    """vLLM's own ``flash_attn_varlen_func`` (the one its FlashAttention backend calls), FA3."""
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
-    return kernels_api
+    return functools.partial(flash_attn_varlen_func, fa_version=3)
+
+
+def _new_workspace(need: WorkspaceNeed, device: torch.device) -> PrismWorkspace:
+    sizes = PrismWorkspace.sizes_for(
+        need.max_num_batched_tokens,
+        need.max_model_len,
+        need.max_num_seqs,
+        need.num_q_heads,
+        num_kv_heads=need.num_kv_heads,
+        head_dim=need.head_dim,
+        attend_dtype=need.attend_dtype,
+    )
+    return PrismWorkspace.allocate(sizes, device)
+
+
+@functools.lru_cache(maxsize=1)
+def _FA3() -> Any:
+    return _flash_attn_varlen_fa3()
+
+
+def _workspace_need(vllm_config: Any, num_q_heads: int, num_kv_heads: int, head_dim: int, *, attend: bool) -> WorkspaceNeed:
+    """The worst case one launch must fit under vLLM's scheduler limits (FA3 attend buffers in
+    the model dtype when ``attend``)."""
+    sched = vllm_config.scheduler_config
+    dtype = getattr(vllm_config.model_config, "dtype", None)
+    return WorkspaceNeed(
+        max_num_batched_tokens=int(sched.max_num_batched_tokens),
+        max_model_len=int(vllm_config.model_config.max_model_len),
+        max_num_seqs=int(sched.max_num_seqs),
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        attend_dtype=dtype if attend and dtype in (torch.float16, torch.bfloat16) else None,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,6 +145,8 @@ class PrismLaunch:
     """On the device; request i of the plan is request ``first_req + i`` of the batch."""
     block_table: torch.Tensor
     """[plan.num_reqs, max_blocks] int32 device view of the batch's block table."""
+    attend: Optional[AttendPlan] = None
+    """Buckets of the FA3 attend step (None: the Triton kernel attends this launch)."""
     causal_blocks: int = 0
     """Sampled steps: (query block, head, key block) causal triples of its sparse requests."""
     sparse_qb_weight: Optional[torch.Tensor] = None
@@ -227,17 +271,9 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         ready = [impl for impl in ready if impl.prism_layer is not None]
         self.prism_on = True
         self.prism_num_heads = shape[0]
-        sched = vllm_config.scheduler_config
-        need = WorkspaceNeed(
-            max_num_batched_tokens=int(sched.max_num_batched_tokens),
-            max_model_len=int(vllm_config.model_config.max_model_len),
-            max_num_seqs=int(sched.max_num_seqs),
-            num_q_heads=shape[0],
-            num_kv_heads=shape[1],
-            head_dim=shape[2],
-        )
+        need = _workspace_need(vllm_config, *shape, attend=any(impl.prism_fa3 for impl in ready))
         lane = POOL.lane_for(self, tuple(layer_names))
-        self.workspace = POOL.get(device, lane, need, _kernels().new_workspace)
+        self.workspace = POOL.get(device, lane, need, _new_workspace)
         logger.debug(
             "prism: %d of %d layers of this group on Prism (workspace lane %d)", len(ready), len(impls), lane
         )
@@ -353,6 +389,10 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
             plan = make_plan(cu, route.ctx_lens[i0:i1], self.prism_num_heads, B, dense=dense[i0:i1].astype(np.int64),
                              dense_tail=self.prism_config.dense_tail)
             assert ws.fits(plan), (ws.limits(), plan.num_q_blocks, plan.num_k_blocks, plan.sel_capacity)
+            attend = None
+            if ws.attend is not None:  # FA3 buckets, planned here on the host (None: Triton attends)
+                attend = make_attend_plan(plan, ws.attend.capacity, block_budget=self.prism_config.block_budget,
+                                          all_blocks=self.prism_config.all_blocks)
             causal_blocks, qb_weight = 0, None
             if sample:
                 qb_sparse = (plan.dense.to(torch.int64) == 0)[plan.qb_req.to(torch.int64)]
@@ -366,6 +406,7 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
                     token_end=t0 + int(cu[-1]),
                     plan=plan.to(self.device),
                     block_table=cm.block_table_tensor[s + i0 : s + i1],
+                    attend=attend,
                     causal_blocks=causal_blocks,
                     sparse_qb_weight=qb_weight,
                 )
@@ -447,6 +488,10 @@ class PrismAttentionImpl(FlashAttentionImpl):
         self.prism_layer = None
         self.prism_reason = None
         self._rope_owner: Optional[weakref.ReferenceType] = None
+        # The attend step runs on FA3 where this layer's FlashAttention is FA3 (Hopper) and rows
+        # end on their diagonal block; elsewhere on Prism's Triton kernel.
+        self.prism_fa3 = self.vllm_flash_attn_version == 3 and self.prism_config.keep_diagonal
+        self._virtual_kv_reason: dict[tuple, Optional[str]] = {}
         reason = self._static_reason(vllm_config)
         if reason is not None:
             self.prism_disable(reason)
@@ -462,20 +507,19 @@ class PrismAttentionImpl(FlashAttentionImpl):
             return "sliding-window layers (Prism selects among all earlier blocks)"
         if self.alibi_slopes is not None:
             return "ALiBi position bias (Prism's bands need RoPE)"
-        if self.logits_soft_cap:
-            return "logits soft-capping (not implemented in Prism's kernels)"
+        if self.logits_soft_cap and not self.prism_fa3:
+            return "logits soft-capping without FA3 (Prism's Triton kernel has no soft-cap)"
         if self.sinks is not None:
             return "learned attention sinks (not implemented in Prism's kernels)"
         if is_quantized_kv_cache(self.kv_cache_dtype):
             return f"quantized KV cache kv_cache_dtype={self.kv_cache_dtype} (Prism reads a float16/bfloat16 cache; fp8 query input too)"
         if self.dcp_world_size > 1:
             return "decode context parallelism shards the KV cache"
-        try:
-            supported = _kernels().SUPPORTED_HEAD_SIZES
-        except ImportError as e:  # pragma: no cover - kernels missing on this install
-            return f"Prism kernels unavailable ({e})"
-        if self.head_size not in supported:
-            return f"head size {self.head_size} (Prism kernels support {list(supported)})"
+        if self.prism_fa3:
+            if self.head_size % 8 or self.head_size > 256:
+                return f"head size {self.head_size} (Prism's FA3 attend step supports multiples of 8 up to 256)"
+        elif self.head_size not in SUPPORTED_HEAD_DIMS:
+            return f"head size {self.head_size} (Prism's Triton kernel supports {list(SUPPORTED_HEAD_DIMS)})"
         model_config = getattr(vllm_config, "model_config", None)
         if model_config is not None and getattr(model_config, "is_mm_prefix_lm", False):
             return "multimodal prefix-LM (bidirectional image spans)"
@@ -515,7 +559,8 @@ class PrismAttentionImpl(FlashAttentionImpl):
             self.prism_disable(src, layer_name)
             return False
         bands = bands_for(src, self.prism_config)
-        params = _kernels().make_params(bands, self.scale, self.prism_config, device)
+        params = PrismParams.make(bands=bands, scale=self.scale, config=self.prism_config, device=device,
+                                  softcap=self.logits_soft_cap)
         self.prism_layer = PrismLayer(params=params, description=src.description)
         logger.debug("prism: %s on Prism (%s)", layer_name, src.description)
         return True
@@ -524,21 +569,14 @@ class PrismAttentionImpl(FlashAttentionImpl):
         # Allocated while the model is built, so vLLM's memory profiling (which skips
         # attention) counts it. The builder reuses this lane-0 buffer.
         try:
-            sched = vllm_config.scheduler_config
-            need = WorkspaceNeed(
-                max_num_batched_tokens=int(sched.max_num_batched_tokens),
-                max_model_len=int(vllm_config.model_config.max_model_len),
-                max_num_seqs=int(sched.max_num_seqs),
-                num_q_heads=int(self.num_heads),
-                num_kv_heads=int(self.num_kv_heads),
-                head_dim=int(self.head_size),
-            )
+            need = _workspace_need(vllm_config, int(self.num_heads), int(self.num_kv_heads), int(self.head_size),
+                                   attend=self.prism_fa3)
             device = torch.empty(0).device  # the model loader's device context
         except AttributeError:
             return
         if device.type == "meta":
             return
-        POOL.get(device, 0, need, _kernels().new_workspace)
+        POOL.get(device, 0, need, _new_workspace)
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(
@@ -565,7 +603,6 @@ class PrismAttentionImpl(FlashAttentionImpl):
         if head is not None:
             super().forward(layer, query, key, value, kv_cache, head, output, output_scale, output_block_scale)
         k_cache, v_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        kern = _kernels()
         timed = step.sample and not step.timed and output.is_cuda
         if timed:
             step.timed = True
@@ -576,9 +613,10 @@ class PrismAttentionImpl(FlashAttentionImpl):
         try:
             for L in step.launches:  # one per workspace-sized run of requests (usually one)
                 t0, t1 = L.token_start, L.token_end
-                kern.launch(query[t0:t1], k_cache, v_cache, L.block_table, L.plan, lp.params, ws, output[t0:t1])
+                sel = prism_prefill(query[t0:t1], k_cache, v_cache, L.block_table, L.plan, lp.params, ws,
+                                    output[t0:t1], fa3=self._fa3_launch(L, k_cache))
                 if step.sample:
-                    self._sample_density(L, ws, kern)
+                    self._sample_density(L, sel)
         except Exception as e:  # noqa: BLE001 - e.g. a kernel that does not compile on this GPU
             # Never fail a request Prism was only meant to speed up: this layer goes dense for
             # good, and FlashAttention recomputes the whole batch with the full metadata.
@@ -593,9 +631,28 @@ class PrismAttentionImpl(FlashAttentionImpl):
             STATS.add_timing(ev0, ev1)
         return output
 
+    def _fa3_launch(self, launch: PrismLaunch, k_cache: torch.Tensor) -> Optional[FA3Launch]:
+        """FA3 for this launch, or None (Triton): FA3 off for the layer, no bucket plan (rows too
+        wide for the workspace), or a cache layout whose strides allow no virtual-page view."""
+        if not self.prism_fa3 or launch.attend is None:
+            return None
+        key = (tuple(k_cache.shape), k_cache.stride())
+        reason = self._virtual_kv_reason.get(key, "")
+        if reason == "":  # first sight of this cache layout: host-only stride arithmetic, once
+            from prism_vllm.kernels.attend_fa3 import virtual_kv
+
+            got = virtual_kv(k_cache, k_cache, launch.plan.block_size)
+            reason = got if isinstance(got, str) else None
+            self._virtual_kv_reason[key] = reason
+            if reason is not None:
+                logger.info("Prism: the Triton kernel attends instead of FA3 for a cache with %s", reason)
+        if reason is not None:
+            return None
+        return FA3Launch(flash_attn_varlen_func=_FA3(), attend=launch.attend)
+
     @staticmethod
-    def _sample_density(launch: PrismLaunch, ws: Any, kern: Any) -> None:
-        cnt = kern.selected_counts(ws, launch.plan)  # [NQB, HQ], no host sync
+    def _sample_density(launch: PrismLaunch, sel: BlockSelection) -> None:
+        cnt = sel.selected_counts()  # [NQB, HQ], no host sync
         if launch.sparse_qb_weight is not None:
             cnt = cnt * launch.sparse_qb_weight.unsqueeze(1)
         STATS.selected_counter(cnt.device).add_(cnt.sum(dtype=torch.int64))

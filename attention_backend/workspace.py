@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -32,6 +32,8 @@ class WorkspaceNeed:
     num_q_heads: int
     num_kv_heads: int
     head_dim: int
+    attend_dtype: Optional[torch.dtype] = None
+    """Model dtype of the FA3 attend buffers (None: Triton attend step, no such buffers)."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -40,6 +42,7 @@ class WorkspaceNeed:
     def covers(self, other: "WorkspaceNeed") -> bool:
         return (
             self.shape == other.shape
+            and (other.attend_dtype is None or self.attend_dtype == other.attend_dtype)
             and self.max_num_batched_tokens >= other.max_num_batched_tokens
             and self.max_model_len >= other.max_model_len
             and self.max_num_seqs >= other.max_num_seqs
@@ -52,6 +55,7 @@ class WorkspaceNeed:
             max_num_batched_tokens=max(self.max_num_batched_tokens, other.max_num_batched_tokens),
             max_model_len=max(self.max_model_len, other.max_model_len),
             max_num_seqs=max(self.max_num_seqs, other.max_num_seqs),
+            attend_dtype=self.attend_dtype or other.attend_dtype,
         )
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import importlib
 import importlib.util
 import json
@@ -92,6 +93,9 @@ class Setup:
         return self.d ** -0.5
 
 
+SHAPES = {"llama8b": (32, 8, 128), "gqa7_d64": (14, 2, 64)}
+
+
 def make_setup(args: argparse.Namespace) -> Setup:
     if args.dry_run:
         s = Setup(
@@ -112,6 +116,8 @@ def make_setup(args: argparse.Namespace) -> Setup:
             s.est_lengths, s.be_lengths, s.be_proxies = [8 * KB, 32 * KB], [8 * KB, 16 * KB], [0.3]
             s.sweep_points = [(32 * KB, 1.0)]
             s.budget_ms = 200.0
+    if not args.dry_run:
+        s.hq, s.hkv, s.d = SHAPES[args.shape]
     if args.lengths:
         s.lengths = s.est_lengths = [int(x) for x in args.lengths.split(",")]
     if args.densities:
@@ -486,6 +492,36 @@ class Ours:
 
         return sparse_prefill(q, kv.k, kv.v, kv.block_table, self.plan, sel_idx, sel_cnt, self.s.scale, out, **knobs)
 
+    def attend_setup(self, kv: Paged) -> None:
+        """FA3 attend step state: the bucket plan and buffers the backend would use for a step of
+        this one request (max_num_batched_tokens = L), and the cache's virtual-page view."""
+        from prism_vllm.kernels.attend_fa3 import AttendWorkspace, attend_capacity, make_attend_plan, virtual_kv
+
+        s, p = self.s, self.plan
+        cap = attend_capacity(max_num_batched_tokens=self.tokens, max_q_blocks=p.num_q_blocks,
+                              max_k_blocks=p.num_k_blocks, num_q_heads=s.hq, head_dim=s.d,
+                              element_size=torch.empty(0, dtype=s.dtype).element_size(), block_size=s.block)
+        self.attend_ws = AttendWorkspace(cap, s.hq, s.d, s.dtype, s.device, s.block)
+        self.attend_plan = make_attend_plan(p.to("cpu"), cap)
+        self.vkv = virtual_kv(kv.k, kv.v, s.block)
+        assert not isinstance(self.vkv, str), self.vkv
+
+    def sparse_fa3(self, q: torch.Tensor, kv: Paged, sel_idx: torch.Tensor, sel_cnt: torch.Tensor, out: torch.Tensor,
+                   fa: Callable[..., Any], order: str = "kv_desc", copies_only: bool = False) -> torch.Tensor:
+        """The FA3 attend step (q copy + table build, FA3, output scatter), as the backend runs it;
+        ``copies_only``: the two Triton launches per bucket without the FA3 call."""
+        from prism_vllm.kernels.attend_fa3 import attend_fa3, scatter_out, virtual_sequences
+        from prism_vllm.kernels.plan import BlockSelection
+
+        sel = BlockSelection(plan=self.plan, indices=sel_idx, counts=sel_cnt)
+        if copies_only:
+            for b in self.attend_plan.buckets:
+                a = virtual_sequences(q, self.vkv, kv.block_table, sel, b, self.attend_ws, order=order)
+                scatter_out(a["out"], out, self.plan, b, self.s.hkv, order=order)
+            return out
+        return attend_fa3(q, self.vkv, kv.block_table, sel, self.attend_plan, self.s.scale, out,
+                          flash_attn_varlen_func=fa, workspace=self.attend_ws, order=order)
+
     def sel(self, ws: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return ws.sel_idx, ws.sel_cnt[: self.plan.num_q_blocks * self.s.hq]
 
@@ -544,10 +580,17 @@ def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Offici
         ours = Ours(s, L)
         nq = ours.plan.num_q_blocks
         out = torch.empty_like(q)
-        fa3_ms = None
+        fa3_ms = fa3_out = None
+        fa3v = None
         if fa3 is not None:
             fa3_out = torch.empty_like(q)
             fa3_ms = bench_or_none(fa3_call(fa3, q, kv, s, fa3_out), s, f"FA3 {tok(L)}")
+            fa3v = functools.partial(fa3, fa_version=3)
+        elif s.dry:  # plumbing check of the FA3 attend step: FA's semantics in plain PyTorch
+            fa3v = reference.paged_varlen_attention
+        if fa3v is not None:
+            ours.attend_setup(kv)
+            res.setdefault("attend_buckets", {})[tok(L)] = len(ours.attend_plan.buckets)
         bar.step(f"{tok(L)} fa3")
         qc = kc = vc = None
         if off is not None:
@@ -568,6 +611,28 @@ def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Offici
                 check_dense(s, ours, q, kv, k, v, sel_idx, sel_cnt, fa3, res)
             row["prism_ms"] = bench(lambda: ours.sparse(q, kv, sel_idx, sel_cnt, out), s)
             row["fa3_ms"] = fa3_ms
+            if fa3v is not None:
+                # the FA3 attend step, every copy and table build included
+                row["prism_fa3_ms"] = bench_or_none(lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa3v), s,
+                                                    f"FA3 attend {tok(L)} d={dens}")
+                if row["prism_fa3_ms"] is not None:
+                    row["fa3_attend_copies_ms"] = bench(
+                        lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa3v, copies_only=True), s)
+                    if L == max(s.lengths) and dens == 0.1:
+                        row["prism_fa3_head_asc_ms"] = bench(
+                            lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa3v, order="head_asc"), s)
+                    if fa3_ms is not None:
+                        row["fa3_attend_speedup_vs_fa3"] = round(fa3_ms / row["prism_fa3_ms"], 3)
+                        row["fa3_attend_per_block_eff"] = round(fa3_ms * measured / row["prism_fa3_ms"], 3)
+                    if not _checked(res, f"fa3_attend_vs_triton_{tok(L)}"):
+                        tri = torch.full_like(q, float("nan"))
+                        ours.sparse(q, kv, sel_idx, sel_cnt, tri)
+                        out.fill_(float("nan"))
+                        ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa3v)
+                        add_check(res, f"fa3_attend_vs_triton_{tok(L)}", L, measured, out, tri, tol=2e-2)
+                        if dens == 1.0 and fa3_out is not None:
+                            add_check(res, f"fa3_attend_dense_vs_fa3_{tok(L)}", L, measured, out, fa3_out, tol=2e-2)
+                        del tri
             row["official_ms"] = None
             if off is not None and off.block_sparse_attention is not None:
                 omask = mask.unsqueeze(0)  # [1, HQ, nq, nk] bool: the official format
@@ -839,6 +904,9 @@ def summary(res: dict[str, Any]) -> str:
     if res.get("sparse"):
         out.append("== sparse attention (ms; speedup = FA3 / impl) ==")
         out.append(table(res["sparse"], [("tokens", "tokens"), ("density", "density"), ("prism_ms", "prism"),
+                                          ("prism_fa3_ms", "prism_fa3"), ("fa3_attend_copies_ms", "copies"),
+                                          ("fa3_attend_speedup_vs_fa3", "pfa3/fa3x"),
+                                          ("fa3_attend_per_block_eff", "blk_eff"), ("prism_fa3_head_asc_ms", "head_asc"),
                                           ("fa3_ms", "fa3"), ("official_ms", "official"),
                                           ("official_paged_ms", "off_paged"), ("speedup_vs_fa3", "prism/fa3x"),
                                           ("official_speedup_vs_fa3", "off/fa3x"), ("prism_tflops", "TFLOP/s")]))
@@ -905,6 +973,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--select-precision", default=None, choices=["ieee", "tf32x3", "tf32"],
                     help="tl.dot precision of our selection kernel (default: the kernel's default)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: sparse,estimation,break_even")
+    ap.add_argument("--shape", default="llama8b", choices=sorted(SHAPES),
+                    help="layer shape: llama8b (32 q / 8 kv heads, d=128) or gqa7_d64 (14 q / 2 kv heads, d=64)")
     args = ap.parse_args(argv)
 
     s = make_setup(args)

@@ -3,18 +3,21 @@
 Modules, one kernel family each:
     plan            host-side launch metadata (PrefillPlan, make_plan)
     pooling         mean-pooled queries (ragged chunks) and keys (paged KV cache)
-    selection       calibrated dual-band scoring, top-p, union -> BSR block indices
-    sparse_prefill  block-sparse attention over the paged KV cache
+    selection       calibrated dual-band scoring, top-p, union -> BSR block indices (BlockSelection)
+    sparse_prefill  block-sparse attention over the paged KV cache (Triton; GPUs without FA3, CPU tests)
+    attend_fa3      block-sparse attention through vLLM's FA3 as virtual varlen sequences (Hopper)
     prefill         the whole Prism prefill (estimation + attention) into a caller's output
 """
 
-from .plan import PrefillPlan, make_plan
+from .plan import BlockSelection, PrefillPlan, make_plan
 from .pooling import pool_keys_paged, pool_queries
-from .prefill import PrismParams, PrismWorkspace, last_selection, prism_estimate, prism_prefill
+from .prefill import FA3Launch, PrismParams, PrismWorkspace, prism_attend, prism_estimate, prism_prefill
 from .selection import select_blocks
 from .sparse_prefill import sparse_prefill
 
 __all__ = [
+    "BlockSelection",
+    "FA3Launch",
     "PrefillPlan",
     "make_plan",
     "pool_queries",
@@ -25,5 +28,5 @@ __all__ = [
     "PrismWorkspace",
     "prism_estimate",
     "prism_prefill",
-    "last_selection",
+    "prism_attend",
 ]

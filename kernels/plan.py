@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["PrefillPlan", "make_plan"]
+__all__ = ["PrefillPlan", "make_plan", "BlockSelection"]
 
 IntSeq = Union[Sequence[int], torch.Tensor]
 
@@ -142,3 +142,87 @@ def make_plan(
         sel_off=i32(sel_off),
         kb_req=i32(kb_req),
     )
+
+
+@dataclass
+class BlockSelection:
+    """Which key blocks each (query block, q head) of a launch attends: the one contract between
+    estimation (``prism_estimate`` writes it) and attention (``sparse_prefill``,
+    ``attend_fa3`` read it), also used by tests, benchmarks and stats.
+
+    BSR rows over the plan's query blocks: row (g, h) lists ``counts[g * HQ + h]`` absolute key
+    block ids, ascending (so the diagonal block, when selected, comes last), at
+    ``indices[row_start(g, h) : row_start(g, h) + counts[g * HQ + h]]`` with
+    ``row_start(g, h) = plan.sel_off[g] * HQ + h * (plan.qb_abs[g] + 1)`` (each row has room for
+    its qb_abs[g] + 1 causal blocks). Rows of dense requests (``plan.dense``) and dense tails
+    (``plan.qb_dense``) hold every causal block. With ``all_blocks`` every row selects every
+    causal block and ``indices`` / ``counts`` were not written (estimation was skipped).
+    """
+
+    plan: PrefillPlan
+    indices: torch.Tensor
+    """int16 [>= plan.sel_capacity]."""
+    counts: torch.Tensor
+    """int32 [>= plan.num_q_blocks * HQ]."""
+    all_blocks: bool = False
+
+    @property
+    def num_q_heads(self) -> int:
+        return self.plan.num_q_heads
+
+    def row_starts(self) -> torch.Tensor:
+        """int64 [NQB, HQ]: offset of row (g, h) in ``indices``."""
+        p = self.plan
+        h = torch.arange(p.num_q_heads, device=p.sel_off.device)
+        return p.sel_off[:-1].long()[:, None] * p.num_q_heads + h[None, :] * (p.qb_abs.long()[:, None] + 1)
+
+    def selected_counts(self) -> torch.Tensor:
+        """int32 [NQB, HQ] selected key blocks per (query block, q head); no host sync."""
+        p = self.plan
+        if self.all_blocks:
+            return (p.qb_abs + 1)[:, None].expand(p.num_q_blocks, p.num_q_heads)
+        return self.counts[: p.num_q_blocks * p.num_q_heads].view(p.num_q_blocks, p.num_q_heads)
+
+    def to_masks(self) -> list[torch.Tensor]:
+        """Per request, bool [HQ, nq_r, nk_r] (CPU): True where the row selects the key block."""
+        p = self.plan
+        hq = p.num_q_heads
+        cu_qb, cu_kb, qb_abs = p.cu_qb.tolist(), p.cu_kb.tolist(), p.qb_abs.tolist()
+        cnt = self.selected_counts().cpu()
+        idx = self.indices.cpu().long()
+        starts = self.row_starts().cpu()
+        masks = []
+        for r in range(p.num_reqs):
+            nq, nk = cu_qb[r + 1] - cu_qb[r], cu_kb[r + 1] - cu_kb[r]
+            m = torch.zeros(hq, nq, nk, dtype=torch.bool)
+            for i in range(nq):
+                g = cu_qb[r] + i
+                if self.all_blocks:
+                    m[:, i, : qb_abs[g] + 1] = True
+                    continue
+                for h in range(hq):
+                    s = int(starts[g, h])
+                    m[h, i, idx[s : s + int(cnt[g, h])]] = True
+            masks.append(m)
+        return masks
+
+    @classmethod
+    def from_masks(cls, masks: Sequence[torch.Tensor], plan: PrefillPlan) -> "BlockSelection":
+        """The selection of per-request masks (bool [HQ, nq_r, nk_r], causal), on the plan's
+        device. The unused tail of each row holds the row's *unselected* causal blocks, so a
+        reader that goes past ``counts`` attends to wrong blocks and shows it."""
+        hq = plan.num_q_heads
+        dev = plan.qb_abs.device
+        indices = torch.zeros(max(plan.sel_capacity, 1), dtype=torch.int16)
+        counts = torch.zeros(max(plan.num_q_blocks * hq, 1), dtype=torch.int32)
+        sel_off, qb_abs, cu_qb = plan.sel_off.tolist(), plan.qb_abs.tolist(), plan.cu_qb.tolist()
+        for r, m in enumerate(masks):
+            m = m.cpu()
+            for i in range(m.shape[1]):
+                g = cu_qb[r] + i
+                row = m[:, i, : qb_abs[g] + 1]  # [HQ, causal blocks]
+                order = torch.argsort((~row).to(torch.int8), dim=1, stable=True)  # selected first, ascending
+                base = sel_off[g] * hq
+                indices[base : base + hq * (qb_abs[g] + 1)] = order.flatten().to(torch.int16)
+                counts[g * hq : (g + 1) * hq] = row.sum(1).to(torch.int32)
+        return cls(plan=plan, indices=indices.to(dev), counts=counts.to(dev))

@@ -25,7 +25,16 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
-from .plan import PrefillPlan
+from .attend_fa3 import (
+    AttendCapacity,
+    AttendPlan,
+    AttendWorkspace,
+    FlashAttnVarlen,
+    attend_capacity,
+    attend_fa3,
+    virtual_kv,
+)
+from .plan import BlockSelection, PrefillPlan
 from .pooling import pool_keys_paged, pool_queries
 from .selection import SelectionTuning, select_blocks
 
@@ -34,6 +43,7 @@ if TYPE_CHECKING:  # only for type hints: kernels never import the vLLM glue
     from prism_vllm.rope import Bands
 
 __all__ = [
+    "FA3Launch",
     "PrismParams",
     "PrismWorkspace",
     "prism_estimate",
@@ -66,10 +76,21 @@ class PrismParams:
     """Softmax scale of the attention (usually D ** -0.5)."""
     block_budget: Optional[float] = None
     """Cap on the selected share of each row's causal blocks (PrismConfig.block_budget)."""
+    softcap: float = 0.0
+    """Logit soft-cap of the layer (0: none); only the FA3 attend step applies it."""
+    all_blocks: bool = False
+    """Every row selects every causal block (PrismConfig.all_blocks): no estimation, plain causal
+    attention."""
 
     @classmethod
     def make(
-        cls, *, bands: "Bands", scale: float, config: "PrismConfig", device: Union[str, torch.device]
+        cls,
+        *,
+        bands: "Bands",
+        scale: float,
+        config: "PrismConfig",
+        device: Union[str, torch.device],
+        softcap: float = 0.0,
     ) -> "PrismParams":
         """From the layer's RoPE bands (prism_vllm.rope.rope_bands) and a PrismConfig."""
         cfg = config
@@ -83,6 +104,8 @@ class PrismParams:
             keep_diagonal=bool(cfg.keep_diagonal),
             scale=float(scale),
             block_budget=None if cfg.block_budget is None else float(cfg.block_budget),
+            softcap=float(softcap or 0.0),
+            all_blocks=cfg.all_blocks,
         )
 
 
@@ -99,6 +122,8 @@ class PrismWorkspace:
         pooled_k_split: float32 [max_k_blocks, HKV, 2, D]  (pooled keys as tf32 hi + lo pairs)
         sel_idx:  int16 [max_sel_capacity]          sel_cnt:  int32 [max_q_blocks * HQ]
         temps:    float32 [max_q_blocks, HQ, 2]     (logit multipliers, for stats)
+        attend:   the FA3 attend step's buffers (``AttendWorkspace``, at most 248 MiB plus the
+                  per-sequence arrays), when ``attend_capacity`` is given: None on the Triton path
     """
 
     def __init__(
@@ -112,6 +137,8 @@ class PrismWorkspace:
         head_dim: int,
         device: Union[str, torch.device],
         block_size: int = 128,
+        attend_capacity: Optional[AttendCapacity] = None,
+        attend_dtype: Optional[torch.dtype] = None,
     ) -> None:
         for name, v in (
             ("max_q_blocks", max_q_blocks),
@@ -144,6 +171,12 @@ class PrismWorkspace:
         self.temps = torch.empty(self.max_q_blocks, num_q_heads, 2, **f32)
         self.sel_idx = torch.empty(self.max_sel_capacity, dtype=torch.int16, device=device)
         self.sel_cnt = torch.empty(self.max_q_blocks * num_q_heads, dtype=torch.int32, device=device)
+        self.attend: Optional[AttendWorkspace] = None
+        if attend_capacity is not None:
+            if attend_dtype not in (torch.float16, torch.bfloat16):
+                raise ValueError(f"PrismWorkspace: the FA3 attend buffers need the model dtype (float16 or "
+                                 f"bfloat16), got attend_dtype={attend_dtype}")
+            self.attend = AttendWorkspace(attend_capacity, num_q_heads, head_dim, attend_dtype, device, block_size)
         logger.debug("Prism workspace: %.1f MB on %s (%s)", self.nbytes / 2**20, device, self.limits())
 
     @classmethod
@@ -169,6 +202,7 @@ class PrismWorkspace:
         head_dim: Optional[int] = None,
         block_size: int = 128,
         max_long_reqs: int = 1,
+        attend_dtype: Optional[torch.dtype] = None,
     ) -> dict:
         """Capacities for a scheduler configuration: the constructor's kwargs less ``device``
         (num_kv_heads / head_dim are passed through; ``allocate`` needs them).
@@ -184,6 +218,8 @@ class PrismWorkspace:
         Launches beyond the key/selection bounds (several long requests in one step) do not
         ``fit``: the backend serves them with FlashAttention or in smaller launches.
         At T = max_model_len = 128K, HQ = 32, HKV = 8, D = 128 this is ~63 MB in all.
+        With ``attend_dtype`` (the model dtype) the FA3 attend buffers are added
+        (``attend_fa3.attend_capacity``: <= 248 MiB plus the per-sequence arrays).
         """
         for name, v in (
             ("max_num_batched_tokens", max_num_batched_tokens),
@@ -201,6 +237,19 @@ class PrismWorkspace:
         long_q = min(q_blocks, T // B + 2 * max_long_reqs)
         # Request k's i-th query block from its end sees at most n - i blocks.
         entries = sum(max(1, n - i // max_long_reqs) for i in range(long_q))
+        attend = None
+        if attend_dtype is not None:
+            if head_dim is None:
+                raise ValueError("PrismWorkspace.sizes_for: attend_dtype needs head_dim")
+            attend = attend_capacity(
+                max_num_batched_tokens=T,
+                max_q_blocks=q_blocks,
+                max_k_blocks=n,
+                num_q_heads=int(num_q_heads),
+                head_dim=int(head_dim),
+                element_size=torch.empty(0, dtype=attend_dtype).element_size(),
+                block_size=B,
+            )
         return dict(
             max_q_blocks=q_blocks,
             max_k_blocks=max_long_reqs * n + q_blocks,
@@ -210,6 +259,8 @@ class PrismWorkspace:
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             block_size=B,
+            attend_capacity=attend,
+            attend_dtype=attend_dtype,
         )
 
     def limits(self) -> dict:
@@ -224,7 +275,7 @@ class PrismWorkspace:
     def nbytes(self) -> int:
         bufs = (self.pooled_q, self.pooled_k, self.key_energy, self.pooled_k_split, self.temps, self.sel_idx,
                 self.sel_cnt)
-        return sum(t.numel() * t.element_size() for t in bufs)
+        return sum(t.numel() * t.element_size() for t in bufs) + (self.attend.nbytes if self.attend else 0)
 
     def fits(self, plan: PrefillPlan) -> bool:
         """Whether ``plan`` fits the buffers (host ints only; no device access)."""
@@ -262,7 +313,7 @@ def prism_estimate(
     *,
     precision: str = "tf32x3",
     tuning: Optional[SelectionTuning] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> BlockSelection:
     """Prism's block estimation of every chunk of ``plan``: pool queries and keys, calibrate,
     select (``reference.select_blocks`` per request) into the workspace.
 
@@ -271,28 +322,28 @@ def prism_estimate(
     knobs (see select_blocks).
 
     Returns:
-        (sel_idx, sel_cnt) views of the workspace: the BSR selection ``sparse_prefill`` reads.
-        Up to three pooling/selection launches plus one per row-length level; no host sync, no
-        allocation.
+        The launch's BlockSelection (views of the workspace). When every row selects every causal
+        block (``params.all_blocks``) nothing is launched and the selection says so. Otherwise up to
+        three pooling/selection launches plus one per row-length level; no host sync, no allocation.
     """
     _check_launch(q, k_cache, plan, workspace)
     nqb, nkb, hq = plan.num_q_blocks, plan.num_k_blocks, workspace.num_q_heads
     sel_cnt = workspace.sel_cnt[: nqb * hq]
+    if params.all_blocks:  # nothing to score or write: attention reads no selection
+        return BlockSelection(plan=plan, indices=workspace.sel_idx, counts=sel_cnt, all_blocks=True)
     key_energy = workspace.key_energy[:nkb] if params.calibrate else None
     split = workspace.pooled_k_split[:nkb] if precision == "tf32x3" else None
-    all_blocks = (params.high_threshold >= 1.0 or params.low_threshold >= 1.0) and params.block_budget is None
-    if not all_blocks:  # a threshold of 1.0 selects every causal block: no scores needed (no budget)
-        pool_queries(q=q, plan=plan, out=workspace.pooled_q[:nqb])
-        pool_keys_paged(
-            k_cache=k_cache,
-            block_table=block_table,
-            plan=plan,
-            out=workspace.pooled_k[:nkb],
-            energy_out=key_energy,
-            band_high=params.band_high,
-            band_low=params.band_low,
-            split_out=split,
-        )
+    pool_queries(q=q, plan=plan, out=workspace.pooled_q[:nqb])
+    pool_keys_paged(
+        k_cache=k_cache,
+        block_table=block_table,
+        plan=plan,
+        out=workspace.pooled_k[:nkb],
+        energy_out=key_energy,
+        band_high=params.band_high,
+        band_low=params.band_low,
+        split_out=split,
+    )
     select_blocks(
         pooled_q=workspace.pooled_q[:nqb],
         pooled_k=workspace.pooled_k[:nkb],
@@ -313,7 +364,61 @@ def prism_estimate(
         precision=precision,
         tuning=tuning,
     )
-    return workspace.sel_idx, sel_cnt
+    return BlockSelection(plan=plan, indices=workspace.sel_idx, counts=sel_cnt)
+
+
+@dataclass(frozen=True)
+class FA3Launch:
+    """What the FA3 attend step needs beyond the Triton path's arguments."""
+
+    flash_attn_varlen_func: FlashAttnVarlen
+    """vLLM's ``flash_attn_varlen_func`` with ``fa_version=3`` bound (or a stand-in)."""
+    attend: AttendPlan
+    """The launch's buckets (``attend_fa3.make_attend_plan``, built on the host in the builder)."""
+
+
+def prism_attend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    selection: BlockSelection,
+    params: PrismParams,
+    workspace: PrismWorkspace,
+    out: torch.Tensor,
+    *,
+    fa3: Optional[FA3Launch] = None,
+) -> torch.Tensor:
+    """Exact attention of every chunk over its selected blocks: through FA3 (``attend_fa3``) when
+    ``fa3`` is given, else through the Triton kernel (``sparse_prefill``)."""
+    if fa3 is not None:
+        if not params.keep_diagonal:
+            raise ValueError("the FA3 attend step needs keep_diagonal=True (rows end on their diagonal block)")
+        if workspace.attend is None:
+            raise ValueError("the workspace has no FA3 attend buffers; allocate it with attend_dtype")
+        vkv = virtual_kv(k_cache, v_cache, selection.plan.block_size)
+        if isinstance(vkv, str):
+            raise ValueError(f"the FA3 attend step cannot address this KV cache: {vkv}")
+        return attend_fa3(
+            q, vkv, block_table, selection, fa3.attend, params.scale, out,
+            flash_attn_varlen_func=fa3.flash_attn_varlen_func, workspace=workspace.attend, softcap=params.softcap,
+        )
+    if params.softcap:
+        raise ValueError("the Triton attend step has no logit soft-cap; use the FA3 attend step")
+    from .sparse_prefill import sparse_prefill
+
+    return sparse_prefill(
+        q=q,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_table=block_table,
+        plan=selection.plan,
+        sel_idx=selection.indices,
+        sel_cnt=selection.counts,
+        scale=params.scale,
+        out=out,
+        all_blocks=selection.all_blocks,
+    )
 
 
 def prism_prefill(
@@ -326,9 +431,10 @@ def prism_prefill(
     workspace: PrismWorkspace,
     out: torch.Tensor,
     *,
+    fa3: Optional[FA3Launch] = None,
     precision: str = "tf32x3",
     tuning: Optional[SelectionTuning] = None,
-) -> torch.Tensor:
+) -> BlockSelection:
     """Prism block-sparse prefill of every chunk of ``plan`` (``reference.prism_attention_batch``).
 
     Args:
@@ -338,47 +444,16 @@ def prism_prefill(
         block_table: [>= R, max_pages] int32 page table of the plan's requests.
         plan: PrefillPlan on q's device; ``workspace.fits(plan)`` must hold.
         params: the layer's PrismParams.
-        workspace: preallocated buffers (see PrismWorkspace); after the call they hold this
-            launch's pooled blocks and selection (``last_selection``).
+        workspace: preallocated buffers (see PrismWorkspace).
         out: [>= plan.num_tokens, HQ, D] output; rows [0, plan.num_tokens) are written.
+        fa3: attend through FlashAttention 3 (see ``prism_attend``); None: the Triton kernel.
         precision, tuning: tl.dot precision of the block scores and the selection's launch knobs
             (see ``select_blocks``).
 
     Returns:
-        out. ``prism_estimate`` then ``sparse_prefill``; no host sync, no allocation.
+        The launch's BlockSelection (``prism_estimate``); ``out`` holds the attention. No host
+        sync, no allocation.
     """
-    from .sparse_prefill import sparse_prefill  # lazily: written in parallel, optional at import
-
-    sel_idx, sel_cnt = prism_estimate(
-        q, k_cache, block_table, plan, params, workspace, precision=precision, tuning=tuning
-    )
-    return sparse_prefill(
-        q=q,
-        k_cache=k_cache,
-        v_cache=v_cache,
-        block_table=block_table,
-        plan=plan,
-        sel_idx=sel_idx,
-        sel_cnt=sel_cnt,
-        scale=params.scale,
-        out=out,
-    )
-
-
-def last_selection(workspace: PrismWorkspace, plan: PrefillPlan) -> dict:
-    """Views of the selection of the last ``prism_prefill(plan, ...)`` on ``workspace``.
-
-    Returns a dict of device tensors (no host sync; read them after the step if needed):
-        counts: int32 [NQB, HQ] selected key blocks per (query block, q head)
-        causal: int32 [NQB] causal key blocks per query block (qb_abs + 1)
-        sel_idx: int16 [plan.sel_capacity] BSR indices (row (g, h) at sel_off[g]*HQ + h*(qb_abs[g]+1))
-        temps: float32 [NQB, HQ, 2] logit multipliers (high, low) of estimated rows
-    Stale for rows of dense requests' temps, and for temps when a threshold is 1.0.
-    """
-    nqb, hq = plan.num_q_blocks, workspace.num_q_heads
-    return dict(
-        counts=workspace.sel_cnt[: nqb * hq].view(nqb, hq),
-        causal=plan.qb_abs + 1,
-        sel_idx=workspace.sel_idx[: plan.sel_capacity],
-        temps=workspace.temps[:nqb],
-    )
+    selection = prism_estimate(q, k_cache, block_table, plan, params, workspace, precision=precision, tuning=tuning)
+    prism_attend(q, k_cache, v_cache, block_table, selection, params, workspace, out, fa3=fa3)
+    return selection

@@ -239,6 +239,7 @@ def _sparse_prefill_fwd_kernel(
     PS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ALL_BLOCKS: tl.constexpr,
 ):
     """Program pid -> (query block g, row part mp, q head h), h fastest: the G heads of a kv head
     are neighbours (shared K/V tiles in L2); g runs from the last query block down (heaviest
@@ -259,8 +260,8 @@ def _sparse_prefill_fwd_kernel(
     ctx = tl.load(ctx_lens + r)
     seq = tl.load(seq_lens + r)
     row0 = tl.load(cu_q + r)
-    # plan.dense[r]: every causal block, the selection row is not read
-    dense_flag = tl.load(dense + r)
+    # plan.dense[r] (or ALL_BLOCKS): every causal block, the selection row is not read
+    dense_flag = tl.load(dense + r) | ALL_BLOCKS
     is_dense = dense_flag != 0
     is_sparse = dense_flag == 0
 
@@ -348,6 +349,7 @@ def sparse_prefill(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    all_blocks: bool = False,
 ) -> torch.Tensor:
     """Block-sparse causal attention of every chunk of ``plan`` over the paged KV cache.
 
@@ -375,6 +377,8 @@ def sparse_prefill(
         config / block_m / block_n / num_warps / num_stages: launch settings; the explicit
             keywords override ``config``, which defaults to ``default_config(D)``. See
             ``SparsePrefillConfig`` and ``candidate_configs`` for what a sweep should try.
+        all_blocks: every row attends to every causal block; sel_idx / sel_cnt are not read
+            (``BlockSelection.all_blocks``: estimation was skipped).
 
     Returns:
         out.
@@ -488,6 +492,7 @@ def sparse_prefill(
         PS=PS,
         BLOCK_M=bm,
         BLOCK_N=bn,
+        ALL_BLOCKS=int(bool(all_blocks)),
         num_warps=cfg.num_warps if num_warps is None else num_warps,
         num_stages=cfg.num_stages if num_stages is None else num_stages,
     )

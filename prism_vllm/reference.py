@@ -61,6 +61,7 @@ __all__ = [
     "dense_causal_attention",
     "prism_attention",
     "prism_attention_batch",
+    "paged_varlen_attention",
 ]
 
 _EPS = 1e-6
@@ -319,3 +320,56 @@ def prism_attention_batch(
         out[a:b] = o
         masks.append(m)
     return out, masks
+
+
+def paged_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    max_seqlen_q: int,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_k: int,
+    seqused_k: torch.Tensor,
+    block_table: torch.Tensor,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    out: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
+    **unused: object,
+) -> torch.Tensor:
+    """FlashAttention's paged varlen forward (``flash_attn_varlen_func`` with ``seqused_k`` and
+    ``block_table``) in plain PyTorch, written from its documented semantics; float32 math.
+
+    Sequence b: queries q[cu_seqlens_q[b] : cu_seqlens_q[b+1]] (Lq rows), keys 0 .. n-1 with
+    n = seqused_k[b], key j read from page ``block_table[b, j // PS]``, slot ``j % PS`` of
+    k / v ([num_pages, PS, HKV, D], any strides). Causal masks are aligned to the bottom right:
+    query i sees key j iff j <= i + n - Lq; a row that sees no key is written as zeros. q head h
+    reads kv head h // (HQ // HKV). ``softcap`` > 0: scores become softcap * tanh(s / softcap).
+    Writes into ``out`` (like q) when given and returns it.
+    """
+    hq, d = q.shape[1], q.shape[2]
+    page, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    out = torch.empty_like(q) if out is None else out
+    cu = cu_seqlens_q.tolist()
+    used = seqused_k.tolist()
+    for b in range(len(used)):
+        a, e = cu[b], cu[b + 1]
+        lq, n = e - a, used[b]
+        if lq <= 0:
+            continue
+        assert lq <= max_seqlen_q and n <= max_seqlen_k, (lq, max_seqlen_q, n, max_seqlen_k)
+        pos = torch.arange(n, device=q.device)
+        pages = block_table[b, pos // page].long()
+        kk = k[pages, pos % page].float().repeat_interleave(g, dim=1).transpose(0, 1)  # [HQ, n, D]
+        vv = v[pages, pos % page].float().repeat_interleave(g, dim=1).transpose(0, 1)
+        s = (q[a:e].float().transpose(0, 1) @ kk.transpose(1, 2)) * scale  # [HQ, Lq, n]
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        if causal:
+            seen = pos[None, :] <= torch.arange(lq, device=q.device)[:, None] + (n - lq)
+            s = s.masked_fill(~seen, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows that see nothing: zeros
+        out[a:e] = (p @ vv).transpose(0, 1).to(out.dtype)
+    return out

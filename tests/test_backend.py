@@ -10,6 +10,7 @@ stitching of both parts into one output. The real FlashAttention runs in tests/t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import zlib
 from dataclasses import dataclass
@@ -469,12 +470,36 @@ FORWARD_CASES = {
 }
 
 
+@pytest.fixture
+def fa3_on_cpu(monkeypatch):
+    """Layers whose FlashAttention is FA3 (as on Hopper), with reference.paged_varlen_attention
+    (FA's documented paged varlen semantics) standing in for vLLM's FA3 kernel."""
+    init = FlashAttentionImpl.__init__
+
+    def fa3_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.vllm_flash_attn_version = 3
+
+    monkeypatch.setattr(FlashAttentionImpl, "__init__", fa3_init)
+    monkeypatch.setattr(pb, "_FA3", lambda: reference.paged_varlen_attention)
+    pb.POOL.clear()
+    yield
+    pb.POOL.clear()
+
+
+@pytest.mark.parametrize("case", ["mixed", "chunked_with_context", "prefix_hit", "many_long", "padded_tail"])
+def test_forward_on_named_batches_fa3_attend(base_vllm_config, fake_flash, fa3_on_cpu, case):
+    """The same batches with the attend step on FA3 (virtual varlen sequences)."""
+    test_forward_on_named_batches(base_vllm_config, fake_flash, case, attend="fa3")
+
+
 @pytest.mark.parametrize("case", list(FORWARD_CASES))
-def test_forward_on_named_batches(base_vllm_config, fake_flash, case):
+def test_forward_on_named_batches(base_vllm_config, fake_flash, case, attend="triton"):
     name, page, pad = FORWARD_CASES[case]
     b = BATCHES[name]
     vc = _vllm_config(base_vllm_config)
     owners = _model(vc, [ROPE, None])  # layer 1 has no rotary_emb: FlashAttention only
+    assert owners[0].attn.impl.prism_fa3 == (attend == "fa3")
     names = [o.attn.layer_name for o in owners]
     builder = pb.PrismMetadataBuilder(_spec(page), names, vc, torch.device("cpu"))
     assert builder.prism_on and owners[0].attn.impl.prism_layer is not None
@@ -492,6 +517,7 @@ def test_forward_on_named_batches(base_vllm_config, fake_flash, case):
         assert len(step.launches) == 1  # the workspace holds every named batch in one launch
         launch = step.launches[0]
         plan = launch.plan
+        assert (launch.attend is not None) == (attend == "fa3")
         assert (launch.token_start, launch.token_end) == (step.token_start, step.token_end)
         assert plan.ctx_lens.tolist() == [c for c, q in b.reqs[b.start :] if q > 0]
         assert plan.cu_q.tolist() == (b.qsl[b.start : step.end + 1] - b.qsl[b.start]).tolist()
@@ -581,6 +607,31 @@ def test_workspace_too_small_splits_the_prism_part_into_launches(base_vllm_confi
     assert fake_flash == []
 
 
+def test_below_break_even_batches_get_flash_attentions_metadata(base_vllm_config, fake_flash):
+    """A batch Prism does not serve (every chunk below min_context_len) gets exactly the metadata
+    FLASH_ATTN's own builder makes, and the layer's forward hands exactly that to FlashAttention."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+    b = BATCHES["mixed"]
+    vc = _vllm_config(base_vllm_config, prism={**CFG, "min_context_len": 100_000})
+    (owner,) = _model(vc, [ROPE])
+    names = [owner.attn.layer_name]
+    ours = pb.PrismMetadataBuilder(_spec(), names, vc, torch.device("cpu"))
+    theirs = FlashAttentionMetadataBuilder(_spec(), names, vc, torch.device("cpu"))
+    p = _paged_batch(b, 16, seed=5)
+    md, want = ours.build(0, p.cm), theirs.build(0, p.cm)
+    assert md.prism is None and md.prism_head is None
+    for f in dataclasses.fields(want):
+        a, w = getattr(md, f.name), getattr(want, f.name)
+        if isinstance(w, torch.Tensor):
+            assert isinstance(a, torch.Tensor) and torch.equal(a, w), f.name
+        else:
+            assert a == w, f.name
+    out = torch.empty(p.query.shape[0], HQ, D, dtype=DTYPE)
+    owner.attn.impl.forward(owner.attn, p.query, None, None, p.kv_cache, md, out)
+    assert fake_flash == [md]
+
+
 def test_split_launches_packs_requests_and_skips_oversized_ones():
     from prism_vllm.attention_backend.routing import split_launches
 
@@ -598,8 +649,6 @@ def test_split_launches_packs_requests_and_skips_oversized_ones():
 
 
 def test_a_failing_kernel_launch_falls_back_to_flash_attention(base_vllm_config, fake_flash, monkeypatch):
-    from prism_vllm.attention_backend import kernels_api
-
     b = BATCHES["mixed"]
     vc = _vllm_config(base_vllm_config)
     (owner,) = _model(vc, [ROPE])
@@ -610,7 +659,7 @@ def test_a_failing_kernel_launch_falls_back_to_flash_attention(base_vllm_config,
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel for this GPU")
 
-    monkeypatch.setattr(kernels_api, "launch", broken)
+    monkeypatch.setattr(pb, "prism_prefill", broken)
     stats.reset_stats()
     out = torch.full((p.query.shape[0], HQ, D), float("nan"), dtype=DTYPE)
     owner.attn.impl.forward(owner.attn, p.query, None, None, p.kv_cache, md, out)

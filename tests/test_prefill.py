@@ -11,21 +11,12 @@ import math
 import pytest
 import torch
 from conftest import DEVICE, make_paged_kv
-from prism_vllm.kernels import PrismParams, PrismWorkspace, last_selection, make_plan, prism_estimate, prism_prefill
-from test_selection import bsr_to_masks, compare_with_reference
+from prism_vllm.kernels import PrismParams, PrismWorkspace, make_plan, prism_estimate, prism_prefill
+from test_selection import compare_with_reference
 
 from prism_vllm import PrismConfig
 from prism_vllm import reference as R
 from prism_vllm.rope import RopeLayout, rope_bands
-
-try:
-    from prism_vllm.kernels.sparse_prefill import sparse_prefill  # noqa: F401
-
-    HAVE_SPARSE = True
-except ImportError:  # written in parallel; the facade test needs it
-    HAVE_SPARSE = False
-
-needs_sparse = pytest.mark.skipif(not HAVE_SPARSE, reason="kernels/sparse_prefill.py has not landed yet")
 
 B = 128
 TOL = {torch.float16: (4e-3, 1e-2), torch.bfloat16: (2.5e-2, 2e-2)}
@@ -92,15 +83,14 @@ def _run_case(chunks, hq, hkv, d, dtype, cfg, bands, layout, page_size, dense=No
     ws = PrismWorkspace.allocate(sizes, device)
     assert ws.fits(plan)
     out = torch.full_like(q, float("nan"))
-    assert prism_prefill(q, k_cache, v_cache, table, plan, params, ws, out) is out
-    return qs, ks, vs, q, plan, ws, out, scale
+    sel = prism_prefill(q, k_cache, v_cache, table, plan, params, ws, out)
+    assert sel.plan is plan
+    return qs, ks, vs, q, plan, sel, out, scale
 
 
-def _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, bands, dense=None, max_amb=2, tol=2e-5):
-    hq = q.shape[1]
+def _check(chunks, qs, ks, vs, q, plan, sel, out, scale, cfg, bands, dense=None, max_amb=2, tol=2e-5):
     assert not out.isnan().any()
-    sel = last_selection(ws, plan)
-    masks = bsr_to_masks(plan, sel["sel_idx"], sel["counts"].flatten(), hq)
+    masks = sel.to_masks()
     # The reference's own pooled blocks (fp32 means of the same fp16/bf16 tokens).
     qps = [R.pool_blocks(qs[r], c, B).cpu() for r, (c, _) in enumerate(chunks)]
     kps = [R.pool_blocks(ks[r], 0, B).cpu() for r in range(len(chunks))]
@@ -123,11 +113,10 @@ BANDS64 = rope_bands(RopeLayout(64, 64, True), 32, 48)
 BANDS64_GPTJ = rope_bands(RopeLayout(64, 64, False), 32, 48)
 
 
-@needs_sparse
 def test_prefill_one_request_matches_reference_batch():
     chunks, cfg = [(0, 700)], PrismConfig(high_threshold=0.95, low_threshold=0.8)
-    qs, ks, vs, q, plan, ws, out, scale = _run_case(chunks, 4, 2, 64, torch.float16, cfg, BANDS64, "NHD", 16)
-    masks = _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, BANDS64)
+    qs, ks, vs, q, plan, sel, out, scale = _run_case(chunks, 4, 2, 64, torch.float16, cfg, BANDS64, "NHD", 16)
+    masks = _check(chunks, qs, ks, vs, q, plan, sel, out, scale, cfg, BANDS64)
     # The facade is reference.prism_attention_batch (the masks are equal here, so the outputs are).
     ref_out, ref_masks = R.prism_attention_batch(q, [0, 700], [0], ks, vs, BANDS64, cfg, scale)
     assert all(torch.equal(m, rm.cpu()) for m, rm in zip(masks, ref_masks))
@@ -137,22 +126,20 @@ def test_prefill_one_request_matches_reference_batch():
     assert _density([m[:, :-1] for m in masks], chunks) < 0.8
 
 
-@needs_sparse
 def test_prefill_chunked_batch_with_dense_request():
     chunks = [(300, 500), (1000, 260), (0, 129)]
     cfg = PrismConfig(high_threshold=0.9, low_threshold=0.9, keep_sink=True, keep_diagonal=False)
     dense = [0, 1, 0]
-    qs, ks, vs, q, plan, ws, out, scale = _run_case(
+    qs, ks, vs, q, plan, sel, out, scale = _run_case(
         chunks, 6, 2, 64, torch.float16, cfg, BANDS64_GPTJ, "HND", 32, dense=dense, seed=1
     )
-    _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, BANDS64_GPTJ, dense=dense)
+    _check(chunks, qs, ks, vs, q, plan, sel, out, scale, cfg, BANDS64_GPTJ, dense=dense)
 
 
-@needs_sparse
 def test_prefill_threshold_one_is_dense_attention():
     chunks = [(77, 300), (0, 200)]
     cfg = PrismConfig(high_threshold=1.0, low_threshold=1.0)
-    qs, ks, vs, q, plan, ws, out, scale = _run_case(chunks, 4, 1, 64, torch.float16, cfg, BANDS64, "NHD", 16, seed=2)
+    qs, ks, vs, q, plan, sel, out, scale = _run_case(chunks, 4, 1, 64, torch.float16, cfg, BANDS64, "NHD", 16, seed=2)
     atol, rtol = TOL[torch.float16]
     cu = plan.cu_q.tolist()
     for r, (ctx, _) in enumerate(chunks):
@@ -203,16 +190,15 @@ BANDS128 = rope_bands(RopeLayout(128, 128, True), 64, 96)
 
 
 @pytest.mark.gpu
-@needs_sparse
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("chunks", [[(0, 32768)], [(16384, 16384), (3000, 1000)]], ids=["one_shot", "chunked"])
 def test_prefill_gpu_32k_bf16(chunks, layout):
     cfg = PrismConfig()
-    qs, ks, vs, q, plan, ws, out, scale = _run_case(
+    qs, ks, vs, q, plan, sel, out, scale = _run_case(
         chunks, 32, 8, 128, torch.bfloat16, cfg, BANDS128, layout, 16, seed=3, device="cuda"
     )
     torch.cuda.synchronize()
-    masks = _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, BANDS128, max_amb=8, tol=1e-4)
+    masks = _check(chunks, qs, ks, vs, q, plan, sel, out, scale, cfg, BANDS128, max_amb=8, tol=1e-4)
     density = _density(masks, chunks)
     print(f"selected density {density:.3f}")
     assert density < 0.5
@@ -287,7 +273,6 @@ def test_estimation_budget_128k():
     # (a timed assertion fails on a loaded GPU and proves nothing a benchmark doesn't).
 
 
-@needs_sparse
 @pytest.mark.parametrize("cut", [128, 256, 512], ids=lambda c: f"cut{c}")
 def test_block_aligned_chunks_select_and_attend_like_one_shot(cut):
     """The product promise behind chunked prefill and prefix-cache hits: a prompt prefilled in
@@ -303,9 +288,8 @@ def test_block_aligned_chunks_select_and_attend_like_one_shot(cut):
         plan = make_plan([0, n], [ctx], hq, B, dense_tail=cfg.dense_tail).to(DEVICE)
         ws = PrismWorkspace(plan.num_q_blocks, plan.num_k_blocks, 1, plan.sel_capacity, hq, hkv, d, DEVICE)
         out = torch.full((n, hq, d), float("nan"), dtype=q.dtype, device=DEVICE)
-        prism_prefill(q[ctx : ctx + n], k_cache, v_cache, table, plan, params, ws, out)
-        sel = last_selection(ws, plan)
-        return out, bsr_to_masks(plan, sel["sel_idx"], sel["counts"].flatten(), hq)[0]
+        sel = prism_prefill(q[ctx : ctx + n], k_cache, v_cache, table, plan, params, ws, out)
+        return out, sel.to_masks()[0]
 
     one_out, one_mask = run(0, L)
     a_out, a_mask = run(0, cut)
@@ -317,7 +301,6 @@ def test_block_aligned_chunks_select_and_attend_like_one_shot(cut):
     torch.testing.assert_close(torch.cat([a_out, b_out]), one_out, atol=1e-3, rtol=1e-3)
 
 
-@needs_sparse
 @pytest.mark.parametrize("dense_tail", [True, False], ids=["tail", "paper"])
 def test_dense_tail_attends_the_partial_last_block_densely(dense_tail):
     """A chunk ending mid-block (a prompt's end): with dense_tail its last query block selects
@@ -325,8 +308,8 @@ def test_dense_tail_attends_the_partial_last_block_densely(dense_tail):
     A chunk ending on a block boundary has no dense tail."""
     chunks = [(0, 700), (256, 512), (1000, 300)]  # ends 700 (partial), 768 (aligned), 1300 (partial)
     cfg = PrismConfig(high_threshold=0.9, low_threshold=0.8, dense_tail=dense_tail)
-    qs, ks, vs, q, plan, ws, out, scale = _run_case(chunks, 4, 2, 64, torch.float16, cfg, BANDS64, "NHD", 16, seed=3)
-    masks = _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, BANDS64)
+    qs, ks, vs, q, plan, sel, out, scale = _run_case(chunks, 4, 2, 64, torch.float16, cfg, BANDS64, "NHD", 16, seed=3)
+    masks = _check(chunks, qs, ks, vs, q, plan, sel, out, scale, cfg, BANDS64)
     atol, rtol = TOL[torch.float16]
     cu = plan.cu_q.tolist()
     for r, ((ctx, L), m) in enumerate(zip(chunks, masks)):
@@ -341,16 +324,14 @@ def test_dense_tail_attends_the_partial_last_block_densely(dense_tail):
                                        atol=atol, rtol=rtol)
 
 
-@needs_sparse
 def test_block_budget_through_the_facade():
     """PrismConfig.block_budget reaches the kernels through PrismParams: thresholds 1.0 (top-p
     keeps everything) and a 25% budget select what the reference selects, and the output is
     exact attention over that selection."""
     chunks = [(0, 1500), (600, 900)]
     cfg = PrismConfig(high_threshold=1.0, low_threshold=1.0, block_budget=0.25)
-    qs, ks, vs, q, plan, ws, out, scale = _run_case(chunks, 4, 2, 64, torch.float16, cfg, BANDS64, "HND", 16, seed=4)
-    sel = last_selection(ws, plan)
-    masks = bsr_to_masks(plan, sel["sel_idx"], sel["counts"].flatten(), 4)
+    qs, ks, vs, q, plan, sel, out, scale = _run_case(chunks, 4, 2, 64, torch.float16, cfg, BANDS64, "HND", 16, seed=4)
+    masks = sel.to_masks()
     atol, rtol = TOL[torch.float16]
     cu = plan.cu_q.tolist()
     for r, ((ctx, L), m) in enumerate(zip(chunks, masks)):

@@ -8,6 +8,7 @@ module-scoped fixtures start each engine once and the tests compare their output
 Engines (LLM engines with ``enforce_eager``; bf16, max_model_len 8192; all needed by the
 selected tests start at once, side by side on the GPU, see ``_Engines``):
     flash         FLASH_ATTN, one-shot prefill: the reference for everything
+    flash_b       FLASH_ATTN again on the short prompts: FLASH_ATTN's own run-to-run noise
     prism_dense   prism, both thresholds 1.0 (every block), min_context_len 512
     prism         prism, default thresholds, min_context_len 1024, one-shot prefill
     prism_paper   the same with dense_tail off (the paper's selection for every row)
@@ -251,6 +252,8 @@ def _engine_specs(p: dict) -> dict[str, tuple[dict, list[dict], dict]]:
     return {
         "flash": (dict(attention_backend="FLASH_ATTN", max_num_batched_tokens=8192),
                   _tasks(p, "short", "long", "passkey", "prefix"), {}),
+        # FLASH_ATTN again, under the same load: the noise floor of the short-prompt comparison
+        "flash_b": (dict(attention_backend="FLASH_ATTN", max_num_batched_tokens=8192), _tasks(p, "short"), {}),
         # "prefix" first: its first round must miss the prefix cache.
         "prism_dense": (_prism(ALL_BLOCKS, max_num_batched_tokens=8192), _tasks(p, "prefix", "long", "long_serial"), {}),
         "prism": (_prism(max_num_batched_tokens=8192), _tasks(p, "short", "long", "passkey"), {}),
@@ -309,9 +312,9 @@ def _engine_fixture(name: str):
     return pytest.fixture(scope="module", name=name)(fixture)
 
 
-flash, prism_dense, prism, prism_paper, prism_c512, prism_c1000, prism_preempt = (
+flash, flash_b, prism_dense, prism, prism_paper, prism_c512, prism_c1000, prism_preempt = (
     _engine_fixture(n)
-    for n in ("flash", "prism_dense", "prism", "prism_paper", "prism_c512", "prism_c1000", "prism_preempt")
+    for n in ("flash", "flash_b", "prism_dense", "prism", "prism_paper", "prism_c512", "prism_c1000", "prism_preempt")
 )
 
 
@@ -337,9 +340,26 @@ def _prism_ran(res: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Tests
 # ---------------------------------------------------------------------------------------------
-def test_below_break_even_outputs_identical(flash, prism):
-    for a, b in zip(flash["results"]["short"], prism["results"]["short"]):
-        assert a["token_ids"] == b["token_ids"]
+def test_below_break_even_matches_flash_attention(flash, flash_b, prism, prompts):
+    """Prompts below min_context_len are served by FlashAttention with the metadata FLASH_ATTN's
+    own builder makes (checked field by field on CPU: tests/test_backend.py::
+    test_below_break_even_batches_get_flash_attentions_metadata). Greedy tokens of two engines can
+    still part at a near-tie: an offline engine core starts stepping while LLM.generate is still
+    adding requests, so how the prompts are batched (GEMM shapes, FA's splits) depends on timing,
+    i.e. on what else runs on the GPU (seen on the H200 at 43100c5: token 6 of one prompt differed
+    with every engine of this module sharing the GPU, and never with two engines alone). So the
+    comparison is margin-aware like the other tests, and a second FLASH_ATTN engine (flash_b)
+    under the same load shows the noise floor of FLASH_ATTN against itself."""
+    ref, ref_b, got = (e["results"]["short"] for e in (flash, flash_b, prism))
+    assert len(ref) == len(ref_b) == len(got) == len(prompts["short"])
+    same_prism = same_flash = 0
+    for a, b, c in zip(ref, ref_b, got):
+        _compare_greedy(a, c)
+        _compare_greedy(a, b)
+        same_prism += a["token_ids"] == c["token_ids"]
+        same_flash += a["token_ids"] == b["token_ids"]
+    print(f"identical greedy outputs: prism vs FLASH_ATTN {same_prism}/{len(ref)}, "
+          f"FLASH_ATTN vs FLASH_ATTN {same_flash}/{len(ref)}")
 
 
 def test_all_blocks_matches_flash_attention(flash, prism_dense):

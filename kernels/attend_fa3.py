@@ -1,0 +1,679 @@
+"""Block-sparse prefill attention through FlashAttention 3 (vLLM's own FA3, handed in by the caller).
+
+Prism's attend step as FA3 varlen calls over *virtual sequences*: every (query block g, q head h)
+of a launch is one sequence with one head, whose keys are the key blocks row (g, h) selected,
+ascending (the diagonal block last), read through a paged block table that lists only those
+blocks' pages. FA's causal mask is aligned to the bottom right (query i of a sequence sees key j
+iff j <= i + seqlen_k - seqlen_q), so with the diagonal block last and
+
+    seqlen_k = B * (selected blocks - 1) + (keys of the diagonal block up to the row's last query)
+
+each query sees every key of the earlier selected blocks and the diagonal block's keys up to its
+own position: block-sparse causal attention (``reference.block_sparse_attention``), for full
+query blocks, a chunk's partial last block and a chunk that starts mid-block alike (blocks are
+absolute). Rows need their diagonal block, so this path requires ``keep_diagonal``.
+
+Picking the kv head with a page id: a cache page holds every kv head. FA3 reads the cache through
+its strides (it only requires stride(-1) == 1), so a strided view whose *virtual page* v starts at
+element ``v * sv`` addresses one kv head: physical page p, kv head kvh, slot offset o start at
+``p * sp + kvh * sh + o * ss`` = ``v * sv`` with sv = gcd of those strides (``virtual_kv``). A
+virtual page holds VPS = gcd(PS, B) tokens (the page size, or 128 for pages above 128 tokens), so
+a Prism block is PPB = B // VPS virtual pages. Virtual pages overlap in memory; FA3's paged path
+for pages smaller than its key tile gathers rows and does not care.
+
+One bucket of query blocks (``make_attend_plan``, host) at a time, three launches and an FA3 call:
+  1. ``_virtual_seqs_kernel``: per sequence its ``cu_seqlens_q`` entry, ``seqused_k`` and page-table
+     row, and its q rows copied head-major into the workspace;
+  2. FA3 into a head-major output buffer of the workspace;
+  3. ``_scatter_out_kernel``: the rows back into the caller's ``out``.
+Sequences are ordered kv head, query block descending, group member: the G heads of a kv group
+read the same K/V pages back to back (L2) and the longest rows start first. A launch in which every
+row selects every causal block (thresholds of 1.0) is plain causal attention: ``attend_dense_fa3``
+calls FA3 once on q / out and the requests' own page table.
+
+Shape legend (one launch, see kernels/plan.py):
+
+    T     query rows of the launch; HQ / HKV heads, G = HQ // HKV; D head dim (<= 256, D % 8 == 0)
+    B     Prism block (128); PS page size; VPS = gcd(PS, B); PPB = B // VPS
+    q, out: [T, HQ, D]   k_cache, v_cache: [NP, PS, HKV, D]   block_table: [R, max_pages] int32
+    bucket: query blocks [g_lo, g_hi), their rows [row_lo, row_hi) (T_b rows), S_b = HQ * (g_hi - g_lo)
+    q_virt, o_virt: [HQ * T_b, 1, D]   cu_seqlens_q: [S_b + 1]   seqused_k: [S_b]
+    page_table: [S_b, W_b * PPB] int32 (W_b: the bucket's widest possible row, in key blocks)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .plan import BlockSelection, PrefillPlan
+
+__all__ = [
+    "AttendBucket",
+    "AttendCapacity",
+    "AttendPlan",
+    "AttendWorkspace",
+    "VirtualKV",
+    "attend_capacity",
+    "attend_dense_fa3",
+    "attend_fa3",
+    "make_attend_plan",
+    "row_width_bounds",
+    "virtual_kv",
+]
+
+#: Smallest page size vLLM's FlashAttention takes (block sizes are multiples of 16): the table
+#: capacity is counted in virtual pages of this size, so it holds any page size.
+MIN_PAGE = 16
+#: Bytes of one bucket's q copy plus output copy, and of its page table (the workspace's bound).
+COPY_BYTES = 128 << 20
+TABLE_BYTES = 120 << 20
+ORDERS = {"kv_desc": 0, "head_asc": 1}
+
+
+# ----------------------------------------------------------------------------------------------
+# host side: capacity and the per-launch bucket plan (built once per step, in the builder)
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttendCapacity:
+    """What one bucket may hold (the workspace's sizes)."""
+
+    rows: int
+    """q rows per bucket (the q and output copies hold HQ * rows rows of D each)."""
+    sequences: int
+    """Virtual sequences per bucket."""
+    table_blocks: int
+    """Key blocks summed over a bucket's page-table rows (each B // MIN_PAGE entries)."""
+
+
+def attend_capacity(
+    *,
+    max_num_batched_tokens: int,
+    max_q_blocks: int,
+    max_k_blocks: int,
+    num_q_heads: int,
+    head_dim: int,
+    element_size: int,
+    block_size: int = 128,
+) -> AttendCapacity:
+    """Bucket capacity for a scheduler configuration, within COPY_BYTES + TABLE_BYTES (248 MiB) plus the per-sequence arrays.
+
+    rows: every row of a step if the two copies fit COPY_BYTES, else as many as fit (a 128K
+    one-shot prefill of a 32-head d=128 bf16 layer: 8192 rows, 16 buckets); sequences: one per
+    (query block, q head) of a full bucket; table: the widest rows (``max_k_blocks``) for every
+    sequence, capped by TABLE_BYTES (a bucket then holds fewer query blocks).
+    """
+    row_bytes = 2 * num_q_heads * head_dim * element_size
+    rows = max(1, min(int(max_num_batched_tokens), COPY_BYTES // row_bytes))
+    qbs = min(int(max_q_blocks), rows + 1)  # a bucket's query blocks each hold >= 1 row
+    sequences = qbs * num_q_heads
+    ppb = block_size // MIN_PAGE
+    table_blocks = max(1, min(sequences * int(max_k_blocks), TABLE_BYTES // (4 * ppb)))
+    return AttendCapacity(rows=rows, sequences=sequences, table_blocks=table_blocks)
+
+
+@dataclass(frozen=True)
+class AttendBucket:
+    """Query blocks [g_lo, g_hi) of a launch (attended in descending order), rows [row_lo, row_hi)."""
+
+    g_lo: int
+    g_hi: int
+    row_lo: int
+    row_hi: int
+    width: int
+    """Key blocks per page-table row: at least any row's selected count."""
+    max_rows: int
+    """Rows of its largest query block (max_seqlen_q)."""
+
+
+@dataclass(frozen=True)
+class AttendPlan:
+    """How one launch's attention runs on FA3 (host ints only)."""
+
+    buckets: tuple[AttendBucket, ...]
+    all_blocks: bool
+    """Every row selects every causal block: one plain causal FA3 call, no buckets."""
+    max_seqlen_q: int
+    """Longest chunk of the launch (the plain call's max_seqlen_q)."""
+    max_seqlen_k: int
+    """Longest sequence of the launch (context + chunk)."""
+
+
+def _qb_rows(plan: PrefillPlan) -> tuple[np.ndarray, np.ndarray]:
+    """[NQB] first q row (in the launch) and row count of every query block (host)."""
+    B = plan.block_size
+    r = plan.qb_req.cpu().numpy().astype(np.int64)
+    a = plan.qb_abs.cpu().numpy().astype(np.int64)
+    ctx = plan.ctx_lens.cpu().numpy().astype(np.int64)[r]
+    seq = plan.seq_lens.cpu().numpy().astype(np.int64)[r]
+    lo = np.maximum(a * B, ctx)
+    hi = np.minimum(a * B + B, seq)
+    return plan.cu_q.cpu().numpy().astype(np.int64)[r] + lo - ctx, hi - lo
+
+
+def row_width_bounds(plan: PrefillPlan, block_budget: Optional[float]) -> np.ndarray:
+    """[NQB] most key blocks any row of each query block can select (host).
+
+    Dense rows (dense requests, dense tails) and rows without a budget: every causal block. With a
+    block budget b a row keeps at most max(ceil(b * n), 2) of its n causal blocks (the cap plus the
+    forced sink and diagonal, see reference.cap_to_budget); one block of slack covers rounding.
+    """
+    a = plan.qb_abs.cpu().numpy().astype(np.int64)
+    n = a + 1
+    if block_budget is None:
+        return n
+    dense = plan.dense.cpu().numpy()[plan.qb_req.cpu().numpy()] != 0
+    dense |= plan.qb_dense.cpu().numpy() != 0
+    k = np.ceil(np.float32(block_budget) * n.astype(np.float32)).astype(np.int64)
+    return np.where(dense, n, np.minimum(n, np.maximum(k + 1, 2)))
+
+
+def make_attend_plan(
+    plan: PrefillPlan,
+    capacity: AttendCapacity,
+    *,
+    block_budget: Optional[float] = None,
+    all_blocks: bool = False,
+) -> Optional[AttendPlan]:
+    """Cut a launch into buckets that each fit ``capacity`` (host; ``plan`` may be on the CPU).
+
+    Query blocks are taken from the last one down; a bucket grows while its rows, sequences and
+    page-table blocks (sequences x the widest row's bound) fit. None when a single query block
+    does not fit (rows longer than TABLE_BYTES allows; the caller serves the launch otherwise).
+    """
+    hq = plan.num_q_heads
+    seq = plan.seq_lens.cpu().numpy()
+    cu = plan.cu_q.cpu().numpy()
+    max_q = int((cu[1:] - cu[:-1]).max()) if plan.num_reqs else 0
+    max_k = int(seq.max()) if plan.num_reqs else 0
+    if all_blocks or plan.num_q_blocks == 0:
+        return AttendPlan(buckets=(), all_blocks=all_blocks, max_seqlen_q=max_q, max_seqlen_k=max_k)
+    row0, rows = _qb_rows(plan)
+    width = row_width_bounds(plan, block_budget)
+    buckets: list[AttendBucket] = []
+    g_hi = plan.num_q_blocks
+    while g_hi > 0:
+        g, w, mr = g_hi - 1, 0, 0
+        while g >= 0:
+            w2, n = max(w, int(width[g])), g_hi - g
+            t = int(row0[g_hi - 1] + rows[g_hi - 1] - row0[g])
+            if t > capacity.rows or n * hq > capacity.sequences or n * hq * w2 > capacity.table_blocks:
+                break
+            w, mr = w2, max(mr, int(rows[g]))
+            g -= 1
+        if g == g_hi - 1:
+            return None
+        g_lo = g + 1
+        buckets.append(
+            AttendBucket(g_lo=g_lo, g_hi=g_hi, row_lo=int(row0[g_lo]),
+                         row_hi=int(row0[g_hi - 1] + rows[g_hi - 1]), width=w, max_rows=mr)
+        )
+        g_hi = g_lo
+    return AttendPlan(buckets=tuple(buckets), all_blocks=False, max_seqlen_q=max_q, max_seqlen_k=max_k)
+
+
+class AttendWorkspace:
+    """Preallocated buffers of one bucket (see AttendCapacity); shared by every layer."""
+
+    def __init__(self, capacity: AttendCapacity, num_q_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: Union[str, torch.device], block_size: int = 128) -> None:
+        self.capacity = capacity
+        self.num_q_heads = int(num_q_heads)
+        self.head_dim = int(head_dim)
+        self.dtype = dtype
+        n = capacity.rows * num_q_heads
+        self.q_virt = torch.empty(n, 1, head_dim, dtype=dtype, device=device)
+        self.o_virt = torch.empty(n, 1, head_dim, dtype=dtype, device=device)
+        self.cu_seqlens_q = torch.empty(capacity.sequences + 1, dtype=torch.int32, device=device)
+        self.seqused_k = torch.empty(capacity.sequences, dtype=torch.int32, device=device)
+        self.page_table = torch.empty(capacity.table_blocks * (block_size // MIN_PAGE), dtype=torch.int32,
+                                      device=device)
+
+    @property
+    def nbytes(self) -> int:
+        bufs = (self.q_virt, self.o_virt, self.cu_seqlens_q, self.seqused_k, self.page_table)
+        return sum(t.numel() * t.element_size() for t in bufs)
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache seen one kv head per page
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VirtualKV:
+    """K / V caches seen as [NV, VPS, 1, D]: virtual page ``p * page_mult + kvh * head_mult +
+    (o // VPS) * slot_mult`` holds tokens o .. o + VPS - 1 of physical page p, kv head kvh."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    """The cache views it was made from ([NP, PS, HKV, D])."""
+    v_cache: torch.Tensor
+    page_size: int
+    """VPS: tokens per virtual page."""
+    phys_page_size: int
+    """PS: tokens per cache page."""
+    num_kv_heads: int
+    page_mult: int
+    head_mult: int
+    slot_mult: int
+
+
+def virtual_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int = 128) -> Union[VirtualKV, str]:
+    """The virtual-page view of a paged cache ([NP, PS, HKV, D] views, FlashAttention's), or the
+    reason (a sentence) why the cache's strides do not allow one."""
+    NP, PS, HKV, D = k_cache.shape
+    if tuple(v_cache.shape) != tuple(k_cache.shape) or v_cache.stride() != k_cache.stride():
+        return "K and V cache views with different shapes or strides"
+    sp, ss, sh, sd = k_cache.stride()
+    if sd != 1:
+        return f"a KV cache without a contiguous head dim (strides {k_cache.stride()})"
+    vps = math.gcd(PS, block_size)
+    terms = [sp] + ([sh] if HKV > 1 else []) + ([vps * ss] if PS > vps else [])
+    sv = 0
+    for t in terms:
+        sv = math.gcd(sv, t)
+    if sv <= 0:
+        return f"degenerate KV cache strides {k_cache.stride()}"
+    page_mult, head_mult, slot_mult = sp // sv, (sh // sv if HKV > 1 else 0), (vps * ss // sv if PS > vps else 0)
+    last = (NP - 1) * page_mult + (HKV - 1) * head_mult + (PS // vps - 1) * slot_mult
+    if last >= 2**31 - 1:
+        return f"a KV cache too large for int32 virtual page ids ({last + 1} virtual pages)"
+    size, stride = (last + 1, vps, 1, D), (sv, ss, sh if HKV > 1 else D, 1)
+    k = k_cache.as_strided(size, stride, k_cache.storage_offset())
+    v = v_cache.as_strided(size, stride, v_cache.storage_offset())
+    return VirtualKV(k=k, v=v, k_cache=k_cache, v_cache=v_cache, page_size=vps, phys_page_size=PS, num_kv_heads=HKV, page_mult=page_mult, head_mult=head_mult, slot_mult=slot_mult)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _virtual_seq(s, g_lo, g_hi, row_lo, row_hi, cu_q, ctx_lens, seq_lens, qb_req, qb_abs,
+                 G: tl.constexpr, B: tl.constexpr, ORDER: tl.constexpr):
+    """Sequence s of a bucket -> its query block g, q head h, request r and rows.
+
+    ORDER 0: s = (kvh, query block descending, group member); 1: s = (q head, query block
+    ascending). Returns g, h, kvh, r, a (absolute block), seq, p_hi, rows, qrow (first q row in the
+    launch) and off (first row in the head-major copy)."""
+    n_b = g_hi - g_lo
+    if ORDER == 0:
+        kvh = s // (n_b * G)
+        rem = s % (n_b * G)
+        g = g_hi - 1 - rem // G
+        m = rem % G
+        h = kvh * G + m
+    else:
+        h = s // n_b
+        g = g_lo + s % n_b
+        kvh = h // G
+        m = h % G
+    r = tl.load(qb_req + g)
+    a = tl.load(qb_abs + g)
+    ctx = tl.load(ctx_lens + r)
+    seq = tl.load(seq_lens + r)
+    p_lo = tl.maximum(a * B, ctx)
+    p_hi = tl.minimum(a * B + B, seq)
+    rows = p_hi - p_lo
+    qrow = tl.load(cu_q + r) + p_lo - ctx
+    T_b = row_hi - row_lo
+    if ORDER == 0:
+        # kv head kvh owns G * T_b rows; in it the blocks after g (descending) come first, then
+        # the group members of g one after another
+        off = kvh * G * T_b + (row_hi - qrow - rows) * G + m * rows
+    else:
+        off = h * T_b + qrow - row_lo
+    return g, h, kvh, r, a, seq, p_hi, rows, qrow, off
+
+
+@triton.jit(do_not_specialize=["g_lo", "g_hi", "row_lo", "row_hi", "page_mult", "head_mult", "slot_mult"])
+def _virtual_seqs_kernel(
+    q,
+    q_virt,
+    cu_seqlens_q,
+    seqused_k,
+    page_table,
+    block_table,
+    sel_idx,
+    sel_cnt,
+    sel_off,
+    cu_q,
+    ctx_lens,
+    seq_lens,
+    dense,
+    qb_dense,
+    qb_req,
+    qb_abs,
+    g_lo,
+    g_hi,
+    row_lo,
+    row_hi,
+    stride_qt,
+    stride_qh,
+    stride_bt,
+    stride_pt,
+    page_mult,
+    head_mult,
+    slot_mult,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    B: tl.constexpr,
+    PS: tl.constexpr,
+    VPS: tl.constexpr,
+    PPB: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    ORDER: tl.constexpr,
+):
+    """One program per virtual sequence: cu_seqlens_q, seqused_k, page-table row, q copy."""
+    s = tl.program_id(0)
+    g, h, kvh, r, a, seq, p_hi, rows, qrow, off = _virtual_seq(
+        s, g_lo, g_hi, row_lo, row_hi, cu_q, ctx_lens, seq_lens, qb_req, qb_abs, G, B, ORDER
+    )
+    tl.store(cu_seqlens_q + s, off)
+    if s == 0:  # the end of the last sequence: every row of the bucket, every head
+        tl.store(cu_seqlens_q + (g_hi - g_lo) * HQ, HQ * (row_hi - row_lo))
+
+    # the row's key blocks: every causal one for dense rows, else the selection (ascending, the
+    # diagonal last, so FA's bottom-right causal mask is the block's own causal mask)
+    row_dense = (tl.load(dense + r) != 0) | (tl.load(qb_dense + g) != 0)
+    cnt = tl.where(row_dense, a + 1, tl.load(sel_cnt + g.to(tl.int64) * HQ + h))
+    row_ptr = sel_idx + tl.load(sel_off + g).to(tl.int64) * HQ + h.to(tl.int64) * (a + 1)
+    tl.store(seqused_k + s, (cnt - 1) * B + (p_hi - a * B))
+
+    pt_row = page_table + s.to(tl.int64) * stride_pt
+    bt_row = block_table + r.to(tl.int64) * stride_bt
+    kofs = tl.arange(0, PPB)
+    for j0 in range(0, cnt, BLOCK_J):
+        jj = j0 + tl.arange(0, BLOCK_J)
+        live = jj < cnt
+        sel = tl.load(row_ptr + jj, mask=live & (row_dense == 0), other=0).to(tl.int32)
+        blk = tl.where(row_dense, jj, sel)
+        tok = blk[:, None] * B + kofs[None, :] * VPS  # first token of each virtual page
+        ok = live[:, None] & (tok < seq)  # pages past the sequence end may not exist (never read)
+        phys = tl.load(bt_row + tok // PS, mask=ok, other=0).to(tl.int64)
+        virt = phys * page_mult + kvh * head_mult + ((tok % PS) // VPS) * slot_mult
+        tl.store(pt_row + jj[:, None] * PPB + kofs[None, :], virt.to(tl.int32), mask=ok)
+
+    # the block's rows of head h, head-major
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    for t0 in range(0, rows, BLOCK_T):
+        t = t0 + offs_t
+        mk = (t < rows)[:, None] & (offs_d < D)[None, :]
+        x = tl.load(q + (qrow + t).to(tl.int64)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=mk)
+        tl.store(q_virt + (off + t).to(tl.int64)[:, None] * D + offs_d[None, :], x, mask=mk)
+
+
+@triton.jit(do_not_specialize=["g_lo", "g_hi", "row_lo", "row_hi"])
+def _scatter_out_kernel(
+    o_virt,
+    out,
+    cu_q,
+    ctx_lens,
+    seq_lens,
+    qb_req,
+    qb_abs,
+    g_lo,
+    g_hi,
+    row_lo,
+    row_hi,
+    stride_ot,
+    stride_oh,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    ORDER: tl.constexpr,
+):
+    """One program per virtual sequence: its output rows back to out[rows, h]."""
+    s = tl.program_id(0)
+    g, h, kvh, r, a, seq, p_hi, rows, qrow, off = _virtual_seq(
+        s, g_lo, g_hi, row_lo, row_hi, cu_q, ctx_lens, seq_lens, qb_req, qb_abs, G, B, ORDER
+    )
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    for t0 in range(0, rows, BLOCK_T):
+        t = t0 + offs_t
+        mk = (t < rows)[:, None] & (offs_d < D)[None, :]
+        x = tl.load(o_virt + (off + t).to(tl.int64)[:, None] * D + offs_d[None, :], mask=mk)
+        tl.store(out + (qrow + t).to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :], x, mask=mk)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+FlashAttnVarlen = Callable[..., Any]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_launch(q: torch.Tensor, out: torch.Tensor, vkv: VirtualKV, block_table: torch.Tensor,
+                  plan: PrefillPlan, ws: Optional[AttendWorkspace]) -> None:
+    _check(q.dim() == 3 and out.shape[1:] == q.shape[1:], f"Invalid q / out shapes {tuple(q.shape)} / {tuple(out.shape)}")
+    T, HQ, D = q.shape
+    _check(q.dtype in (torch.float16, torch.bfloat16) and out.dtype == q.dtype,
+           f"FA3 attend needs float16/bfloat16 q and out of the same dtype, got {q.dtype} / {out.dtype}")
+    _check(vkv.k.dtype == q.dtype, f"KV cache dtype {vkv.k.dtype} differs from q's {q.dtype}")
+    _check(D % 8 == 0 and D <= 256, f"FA3 attend needs a head dim <= 256 and a multiple of 8, got {D}")
+    _check(HQ % vkv.num_kv_heads == 0, f"HQ={HQ} is not a multiple of HKV={vkv.num_kv_heads}")
+    _check(plan.num_q_heads == HQ, f"plan was built for {plan.num_q_heads} q heads, q has {HQ}")
+    _check(T >= plan.num_tokens and out.shape[0] >= plan.num_tokens,
+           f"q / out have {T} / {out.shape[0]} rows, the plan covers {plan.num_tokens}")
+    _check(q.stride(-1) == 1 and out.stride(-1) == 1, "q and out need a contiguous head dim")
+    _check(block_table.dtype == torch.int32 and block_table.stride(-1) == 1 and block_table.shape[0] >= plan.num_reqs,
+           f"Invalid block_table: expected row-contiguous int32 [>= {plan.num_reqs}, max_pages], got "
+           f"{block_table.dtype} {tuple(block_table.shape)}")
+    if ws is not None:
+        _check(ws.num_q_heads == HQ and ws.head_dim == D and ws.dtype == q.dtype,
+               f"attend workspace built for HQ={ws.num_q_heads}, D={ws.head_dim}, {ws.dtype}; q is "
+               f"{tuple(q.shape)} {q.dtype}")
+
+
+def virtual_sequences(
+    q: torch.Tensor,
+    vkv: VirtualKV,
+    block_table: torch.Tensor,
+    selection: BlockSelection,
+    bucket: AttendBucket,
+    ws: AttendWorkspace,
+    *,
+    order: str = "kv_desc",
+) -> dict[str, torch.Tensor]:
+    """Step 1 of a bucket: write its virtual sequences into the workspace (one launch).
+
+    Returns FA3's inputs as views of the workspace: ``q`` and ``out`` [HQ * T_b, 1, D],
+    ``cu_seqlens_q`` [S_b + 1], ``seqused_k`` [S_b], ``block_table`` [S_b, width * PPB]."""
+    plan = selection.plan
+    HQ, D = q.shape[1], q.shape[2]
+    B = plan.block_size
+    ppb = B // vkv.page_size
+    n_seq = (bucket.g_hi - bucket.g_lo) * HQ
+    n_rows = (bucket.row_hi - bucket.row_lo) * HQ
+    width = bucket.width * ppb
+    cap = ws.capacity
+    if n_seq > cap.sequences or n_rows > cap.rows * HQ or n_seq * width > ws.page_table.numel():
+        raise ValueError(f"bucket {bucket} does not fit the attend workspace {cap}; plan it with make_attend_plan")
+    table = ws.page_table[: n_seq * width].view(n_seq, width)
+    _virtual_seqs_kernel[(n_seq,)](
+        q=q,
+        q_virt=ws.q_virt,
+        cu_seqlens_q=ws.cu_seqlens_q,
+        seqused_k=ws.seqused_k,
+        page_table=table,
+        block_table=block_table,
+        sel_idx=selection.indices,
+        sel_cnt=selection.counts,
+        sel_off=plan.sel_off,
+        cu_q=plan.cu_q,
+        ctx_lens=plan.ctx_lens,
+        seq_lens=plan.seq_lens,
+        dense=plan.dense,
+        qb_dense=plan.qb_dense,
+        qb_req=plan.qb_req,
+        qb_abs=plan.qb_abs,
+        g_lo=bucket.g_lo,
+        g_hi=bucket.g_hi,
+        row_lo=bucket.row_lo,
+        row_hi=bucket.row_hi,
+        stride_qt=q.stride(0),
+        stride_qh=q.stride(1),
+        stride_bt=block_table.stride(0),
+        stride_pt=table.stride(0),
+        page_mult=vkv.page_mult,
+        head_mult=vkv.head_mult,
+        slot_mult=vkv.slot_mult,
+        HQ=HQ,
+        G=HQ // vkv.num_kv_heads,
+        D=D,
+        BLOCK_D=triton.next_power_of_2(D),
+        B=B,
+        PS=vkv.phys_page_size,
+        VPS=vkv.page_size,
+        PPB=ppb,
+        BLOCK_J=32,
+        BLOCK_T=32,
+        ORDER=ORDERS[order],
+        num_warps=4,
+    )
+    return dict(
+        q=ws.q_virt[:n_rows],
+        out=ws.o_virt[:n_rows],
+        cu_seqlens_q=ws.cu_seqlens_q[: n_seq + 1],
+        seqused_k=ws.seqused_k[:n_seq],
+        block_table=table,
+    )
+
+
+def scatter_out(o_virt: torch.Tensor, out: torch.Tensor, plan: PrefillPlan, bucket: AttendBucket,
+                num_kv_heads: int, *, order: str = "kv_desc") -> None:
+    """Step 3 of a bucket: its head-major output rows into ``out`` [T, HQ, D] (one launch)."""
+    HQ, D = out.shape[1], out.shape[2]
+    n_seq = (bucket.g_hi - bucket.g_lo) * HQ
+    _scatter_out_kernel[(n_seq,)](
+        o_virt=o_virt,
+        out=out,
+        cu_q=plan.cu_q,
+        ctx_lens=plan.ctx_lens,
+        seq_lens=plan.seq_lens,
+        qb_req=plan.qb_req,
+        qb_abs=plan.qb_abs,
+        g_lo=bucket.g_lo,
+        g_hi=bucket.g_hi,
+        row_lo=bucket.row_lo,
+        row_hi=bucket.row_hi,
+        stride_ot=out.stride(0),
+        stride_oh=out.stride(1),
+        G=HQ // num_kv_heads,
+        D=D,
+        BLOCK_D=triton.next_power_of_2(D),
+        B=plan.block_size,
+        BLOCK_T=32,
+        ORDER=ORDERS[order],
+        num_warps=4,
+    )
+
+
+def attend_fa3(
+    q: torch.Tensor,
+    vkv: VirtualKV,
+    block_table: torch.Tensor,
+    selection: BlockSelection,
+    attend: AttendPlan,
+    scale: float,
+    out: torch.Tensor,
+    *,
+    flash_attn_varlen_func: FlashAttnVarlen,
+    workspace: AttendWorkspace,
+    softcap: float = 0.0,
+    order: str = "kv_desc",
+) -> torch.Tensor:
+    """Block-sparse causal attention of every chunk of ``selection.plan`` through FA3.
+
+    Same math as ``sparse_prefill`` (``reference.block_sparse_attention``); rows must hold their
+    diagonal block (``keep_diagonal``; dense rows always do).
+
+    Args:
+        q: [T >= plan.num_tokens, HQ, D] float16/bfloat16, any strides with stride(-1) == 1.
+        vkv: ``virtual_kv(k_cache, v_cache)`` of the paged cache (the chunks' own K/V written).
+        block_table: [>= R, max_pages] int32 page table of the plan's requests.
+        selection: the launch's BlockSelection (``prism_estimate``), on q's device.
+        attend: ``make_attend_plan`` of the launch (host).
+        scale: softmax scale; softcap: FA's logit soft-cap (0: none).
+        out: [>= plan.num_tokens, HQ, D] like q; rows [0, plan.num_tokens) are written.
+        flash_attn_varlen_func: vLLM's ``flash_attn_varlen_func`` with ``fa_version=3`` bound (or a
+            stand-in with the same keyword semantics, e.g. ``reference.paged_varlen_attention``).
+        workspace: the attend buffers (see AttendCapacity).
+        order: sequence order, "kv_desc" (kv head, query block descending, group member) or
+            "head_asc" (q head, query block ascending), for benchmarks.
+
+    Per bucket: two Triton launches and one FA3 call; no host sync. ``attend.all_blocks``:
+    ``attend_dense_fa3`` instead.
+    """
+    plan = selection.plan
+    _check_launch(q, out, vkv, block_table, plan, workspace)
+    if attend.all_blocks or selection.all_blocks:
+        return attend_dense_fa3(q, vkv, block_table, plan, attend, scale, out,
+                                flash_attn_varlen_func=flash_attn_varlen_func, softcap=softcap)
+    B = plan.block_size
+    for bucket in attend.buckets:
+        a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, order=order)
+        flash_attn_varlen_func(
+            q=a["q"],
+            k=vkv.k,
+            v=vkv.v,
+            max_seqlen_q=bucket.max_rows,
+            cu_seqlens_q=a["cu_seqlens_q"],
+            max_seqlen_k=bucket.width * B,
+            seqused_k=a["seqused_k"],
+            block_table=a["block_table"],
+            softmax_scale=scale,
+            causal=True,
+            softcap=softcap,
+            out=a["out"],
+        )
+        scatter_out(a["out"], out, plan, bucket, vkv.num_kv_heads, order=order)
+    return out
+
+
+def attend_dense_fa3(
+    q: torch.Tensor,
+    vkv: VirtualKV,
+    block_table: torch.Tensor,
+    plan: PrefillPlan,
+    attend: AttendPlan,
+    scale: float,
+    out: torch.Tensor,
+    *,
+    flash_attn_varlen_func: FlashAttnVarlen,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Every chunk of ``plan`` with plain causal attention: one FA3 call on q / out and the
+    requests' own page table over the real cache (what FlashAttention itself runs)."""
+    n = plan.num_tokens
+    flash_attn_varlen_func(
+        q=q[:n],
+        k=vkv.k_cache,
+        v=vkv.v_cache,
+        max_seqlen_q=attend.max_seqlen_q,
+        cu_seqlens_q=plan.cu_q,
+        max_seqlen_k=attend.max_seqlen_k,
+        seqused_k=plan.seq_lens,
+        block_table=block_table[: plan.num_reqs],
+        softmax_scale=scale,
+        causal=True,
+        softcap=softcap,
+        out=out[:n],
+    )
+    return out

@@ -1,0 +1,310 @@
+"""Block-sparse attention through FA3's paged varlen call (kernels/attend_fa3.py).
+
+CPU (Triton interpreter, fp16): the virtual-sequence builder against a pure-PyTorch construction
+of the same FA3 inputs, and the whole attend step with ``reference.paged_varlen_attention`` (FA's
+documented paged varlen semantics, bottom-right causal) standing in for FA3, against
+``reference.block_sparse_attention`` per request, for every row kind: full query blocks, a chunk's
+partial last block, chunks starting mid-block, cached context, several requests, dense requests
+and dense tails, GQA groups, permuted page tables in vLLM's layouts, several buckets.
+GPU (`-m gpu`): vLLM's own FA3 on an H200 against the reference and the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA
+from test_sparse_prefill import TOL, make_paged_kv, random_masks
+
+from prism_vllm import reference as ref
+from prism_vllm.kernels import make_plan
+from prism_vllm.kernels.attend_fa3 import (
+    AttendCapacity,
+    AttendWorkspace,
+    attend_capacity,
+    attend_fa3,
+    make_attend_plan,
+    row_width_bounds,
+    virtual_kv,
+    virtual_sequences,
+)
+from prism_vllm.kernels.plan import BlockSelection
+from prism_vllm.kernels.sparse_prefill import sparse_prefill
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+B = 128
+BIG = AttendCapacity(rows=1 << 16, sequences=1 << 14, table_blocks=1 << 18)
+
+
+@dataclass
+class Case:
+    reqs: list  # (ctx, L) per request
+    hq: int = 4
+    hkv: int = 2
+    d: int = 64
+    page: int = 16
+    layout: str = "NHD"
+    dense: tuple = ()  # dense request flags
+    dense_tail: bool = False
+    keep: str = "sink+diag"
+    capacity: AttendCapacity = BIG
+    order: str = "kv_desc"
+
+
+CASES = {
+    "one_full_request": Case([(0, 384)]),
+    "partial_last_block": Case([(0, 300)]),
+    "mid_block_chunk_with_context": Case([(200, 250)], hq=4, hkv=1),
+    "prefix_context_several_requests": Case([(256, 200), (0, 130), (500, 77)], hq=8, hkv=2),
+    "dense_request_and_tail": Case([(0, 260), (130, 300)], dense=(1, 0), dense_tail=True),
+    "mha_hnd_page32": Case([(100, 400)], hq=2, hkv=2, page=32, layout="HND"),
+    "gqa8_d128_page64": Case([(0, 333)], hq=8, hkv=1, d=128, page=64),
+    "page256_virtual_half_pages": Case([(0, 520)], page=256),
+    "page256_hnd": Case([(64, 400)], page=256, layout="HND"),
+    "padded_and_cross_layer": Case([(0, 270), (40, 90)], layout="NHD_padded"),
+    "cross_layer_hnd": Case([(0, 300)], layout="HND_xlayer", hq=2, hkv=1),
+    "head_dim_80": Case([(0, 260)], d=80),
+    "many_buckets": Case([(0, 700), (300, 200)], capacity=AttendCapacity(rows=200, sequences=24, table_blocks=80)),
+    "many_buckets_head_order": Case([(0, 700), (300, 200)], capacity=AttendCapacity(rows=200, sequences=24,
+                                                                                         table_blocks=80),
+                                    order="head_asc"),
+    "every_block": Case([(0, 400), (128, 256)], keep="all"),
+}
+
+
+def _inputs(c: Case, seed: int = 0, dtype=torch.float16, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    lens = [L for _, L in c.reqs]
+    ctx = [x for x, _ in c.reqs]
+    q = torch.randn(sum(lens) + 3, c.hq, c.d, generator=gen).to(dtype).to(device)  # 3 spare rows
+    ks = [torch.randn(a + L, c.hkv, c.d, generator=gen).to(dtype).to(device) for a, L in c.reqs]
+    vs = [torch.randn(a + L, c.hkv, c.d, generator=gen).to(dtype).to(device) for a, L in c.reqs]
+    k_cache, v_cache, table = make_paged_kv(ks, vs, c.page, c.layout, gen)
+    cu = [0]
+    for L in lens:
+        cu.append(cu[-1] + L)
+    dense = list(c.dense) or [0] * len(lens)
+    plan = make_plan(cu, ctx, c.hq, B, dense=dense, dense_tail=c.dense_tail)
+    masks = random_masks(c.hq, ctx, lens, 0.3, gen, "cpu", keep=c.keep)
+    for r, m in enumerate(masks):  # what the selection writes for dense requests and tails
+        causal = torch.arange(m.shape[2])[None, :] <= (ctx[r] // B + torch.arange(m.shape[1]))[:, None]
+        if dense[r]:
+            m[:] = causal
+        if c.dense_tail and (ctx[r] + lens[r]) % B:
+            m[:, -1] = causal[-1]
+    sel = BlockSelection.from_masks(masks, plan.to(device))
+    return q, ks, vs, k_cache, v_cache, table.to(device), plan, sel, masks
+
+
+def _expected(q, ks, vs, c: Case, masks, scale):
+    outs, row = [], 0
+    for r, (a, L) in enumerate(c.reqs):
+        outs.append(ref.block_sparse_attention(q[row : row + L], ks[r], vs[r], a, masks[r].to(q.device), B, scale))
+        row += L
+    return torch.cat(outs)
+
+
+def _attend(c: Case, q, k_cache, v_cache, table, plan, sel, fa, scale, dtype=torch.float16):
+    vkv = virtual_kv(k_cache, v_cache)
+    assert not isinstance(vkv, str), vkv
+    ap = make_attend_plan(plan, c.capacity, all_blocks=(c.keep == "all"))
+    ws = AttendWorkspace(c.capacity, c.hq, c.d, dtype, q.device)
+    out = torch.full_like(q, float("nan"))
+    attend_fa3(q, vkv, table, sel, ap, scale, out, flash_attn_varlen_func=fa, workspace=ws, order=c.order)
+    return out, ap
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_attend_with_fa_semantics_equals_reference(name):
+    c = CASES[name]
+    q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c)
+    scale = c.d**-0.5
+    out, ap = _attend(c, q, kc, vc, table, plan.to(DEVICE), sel, ref.paged_varlen_attention, scale)
+    want = _expected(q, ks, vs, c, masks, scale)
+    T = plan.num_tokens
+    atol, rtol = TOL[torch.float16]
+    torch.testing.assert_close(out[:T].float(), want.float(), atol=atol, rtol=rtol)
+    assert out[T:].isnan().all(), "rows past the plan were written"
+    if name.startswith("many_buckets"):
+        assert len(ap.buckets) > 2
+    if c.keep == "all":
+        # every block selected is dense causal attention
+        row = 0
+        for r, (a, L) in enumerate(c.reqs):
+            dense = ref.dense_causal_attention(q[row : row + L], ks[r], vs[r], a, scale)
+            torch.testing.assert_close(out[row : row + L].float(), dense.float(), atol=atol, rtol=rtol)
+            row += L
+
+
+def _pytorch_virtual_sequences(c: Case, q, kc, table, plan, masks, bucket, vkv, order):
+    """The FA3 inputs of one bucket built in plain PyTorch, independently of the kernel's
+    closed-form offsets: sequences enumerated in order, q rows and pages gathered one by one."""
+    G = c.hq // c.hkv
+    qb_req, qb_abs, cu_q = plan.qb_req.tolist(), plan.qb_abs.tolist(), plan.cu_q.tolist()
+    cu_qb = plan.cu_qb.tolist()
+    ctx, seq = plan.ctx_lens.tolist(), plan.seq_lens.tolist()
+    gs = list(range(bucket.g_lo, bucket.g_hi))
+    if order == "kv_desc":
+        seqs = [(g, kvh * G + m) for kvh in range(c.hkv) for g in reversed(gs) for m in range(G)]
+    else:
+        seqs = [(g, h) for h in range(c.hq) for g in gs]
+    ps, vps = kc.shape[1], vkv.page_size
+    cu, used, rows_q, pages = [0], [], [], []
+    for g, h in seqs:
+        r, a = qb_req[g], qb_abs[g]
+        lo, hi = max(a * B, ctx[r]), min(a * B + B, seq[r])
+        t0 = cu_q[r] + lo - ctx[r]
+        rows_q.append(q[t0 : t0 + hi - lo, h])
+        cu.append(cu[-1] + hi - lo)
+        blocks = masks[r][h, g - cu_qb[r]].nonzero().flatten().tolist()
+        assert blocks[-1] == a
+        used.append((len(blocks) - 1) * B + hi - a * B)
+        row = []
+        for j in blocks:
+            for k in range(B // vps):
+                tok = j * B + k * vps
+                if tok < seq[r]:
+                    p = int(table[r, tok // ps])
+                    row.append(p * vkv.page_mult + (h // G) * vkv.head_mult + (tok % ps) // vps * vkv.slot_mult)
+        pages.append(row)
+    return torch.tensor(cu), torch.tensor(used), torch.cat(rows_q), pages
+
+
+@pytest.mark.parametrize("name", ["prefix_context_several_requests", "page256_hnd", "many_buckets",
+                                  "many_buckets_head_order", "dense_request_and_tail"])
+def test_virtual_sequences_match_a_pytorch_construction(name):
+    c = CASES[name]
+    q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c, seed=3)
+    vkv = virtual_kv(kc, vc)
+    ap = make_attend_plan(plan, c.capacity)
+    ws = AttendWorkspace(c.capacity, c.hq, c.d, torch.float16, q.device)
+    pd = plan.to(DEVICE)
+    for bucket in ap.buckets:
+        a = virtual_sequences(q, vkv, table, sel, bucket, ws, order=c.order)
+        cu, used, qv, pages = _pytorch_virtual_sequences(c, q.cpu(), kc, table.cpu(), plan, masks, bucket, vkv, c.order)
+        assert a["cu_seqlens_q"].cpu().tolist() == cu.tolist()
+        assert a["seqused_k"].cpu().tolist() == used.tolist()
+        assert torch.equal(a["q"][:, 0].cpu(), qv)
+        tab = a["block_table"].cpu()
+        for s, row in enumerate(pages):
+            assert tab[s, : len(row)].tolist() == row, f"sequence {s}"
+        # the page ids address the same K rows as the physical table
+        for s, (row, n) in enumerate(zip(pages, used.tolist())):
+            pos = torch.arange(n)
+            got = vkv.k[tab[s, pos // vkv.page_size].long().to(kc.device), pos % vkv.page_size, 0]
+            assert not got.isnan().any()
+    del pd
+
+
+def test_virtual_view_stays_inside_the_cache_storage():
+    for layout, page in (("NHD", 16), ("HND", 32), ("NHD_padded", 16), ("NHD_xlayer", 256), ("HND_xlayer", 128)):
+        gen = torch.Generator().manual_seed(1)
+        ks = [torch.randn(300, 2, 64, generator=gen).half()]
+        kc, vc, _ = make_paged_kv(ks, ks, page, layout, gen)
+        vkv = virtual_kv(kc, vc)
+        assert not isinstance(vkv, str), (layout, vkv)
+        for src, view in ((kc, vkv.k), (vc, vkv.v)):
+            last = view.storage_offset() + sum((n - 1) * s for n, s in zip(view.shape, view.stride()))
+            last_src = src.storage_offset() + sum((n - 1) * s for n, s in zip(src.shape, src.stride()))
+            assert last == last_src, layout
+
+
+def test_width_bounds_hold_the_budgeted_selection():
+    """A budget caps every sparse row at max(ceil(b * n), 2) blocks (reference.cap_to_budget):
+    the bucket widths must hold the largest row the reference can produce."""
+    plan = make_plan([0, 3000], [0], 4, B, dense_tail=True)
+    for budget in (0.05, 0.1, 0.3, 1.0):
+        w = row_width_bounds(plan, budget)
+        n = plan.qb_abs.long() + 1
+        k = ref.budget_counts(n, budget)
+        assert (torch.from_numpy(w) >= torch.maximum(k, torch.full_like(k, 2)).clamp_max(n)).all()
+        assert w[-1] == n[-1]  # the dense tail
+    assert (row_width_bounds(plan, None) == (plan.qb_abs + 1).numpy()).all()
+
+
+def test_attend_plan_buckets_cover_every_query_block_within_capacity():
+    plan = make_plan([0, 5000, 5100, 9000], [0, 640, 77], 8, B, dense_tail=True)
+    cap = AttendCapacity(rows=1000, sequences=80, table_blocks=900)
+    ap = make_attend_plan(plan, cap, block_budget=0.2)
+    w = row_width_bounds(plan, 0.2)
+    covered = []
+    for b in ap.buckets:
+        covered += list(range(b.g_lo, b.g_hi))
+        n = b.g_hi - b.g_lo
+        assert b.row_hi - b.row_lo <= cap.rows and n * 8 <= cap.sequences and n * 8 * b.width <= cap.table_blocks
+        assert b.width == max(w[b.g_lo : b.g_hi])
+    assert sorted(covered) == list(range(plan.num_q_blocks))
+    assert ap.buckets[0].g_hi == plan.num_q_blocks  # the last (longest) query blocks first
+    assert make_attend_plan(plan, AttendCapacity(rows=1000, sequences=80, table_blocks=10)) is None
+
+
+def test_capacity_bounds_the_workspace_at_128k():
+    """The attend workspace of a 128K one-shot prefill of a Llama-3.1-8B layer stays <= 256 MiB."""
+    cap = attend_capacity(max_num_batched_tokens=131072, max_q_blocks=1026, max_k_blocks=1024, num_q_heads=32,
+                          head_dim=128, element_size=2)
+    ws = AttendWorkspace(cap, 32, 128, torch.bfloat16, "meta")
+    assert ws.nbytes <= 256 << 20
+    plan = make_plan([0, 131072], [0], 32, B)
+    ap = make_attend_plan(plan, cap)
+    assert ap is not None and len(ap.buckets) >= 16
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+def _fa3():
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+        from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported
+    except ImportError as e:  # pragma: no cover - GPU machine without vLLM
+        pytest.skip(f"vLLM's FA3 not importable: {e}")
+    if not is_fa_version_supported(3):
+        pytest.skip("FA3 not supported on this GPU")
+    import functools
+
+    return functools.partial(flash_attn_varlen_func, fa_version=3)
+
+
+GPU_CASES = {
+    "8k_one_request": Case([(0, 8192)], hq=32, hkv=8, d=128),
+    "mid_block_chunks_context": Case([(5000, 3000), (0, 4100), (9000, 130)], hq=32, hkv=8, d=128, dense_tail=True),
+    "d64_gqa7": Case([(0, 6000)], hq=14, hkv=2, d=64),
+    "d256": Case([(300, 4000)], hq=8, hkv=2, d=256),
+    "buckets_page32_hnd": Case([(0, 9000)], hq=16, hkv=4, d=128, page=32, layout="HND",
+                               capacity=AttendCapacity(rows=2048, sequences=1024, table_blocks=40000)),
+    "every_block": Case([(0, 5000), (256, 3000)], hq=32, hkv=8, d=128, keep="all"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_fa3_attend_equals_reference_and_triton(name, dtype):
+    fa = _fa3()
+    c = GPU_CASES[name]
+    q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c, dtype=dtype, device="cuda")
+    scale = c.d**-0.5
+    pd = plan.to("cuda")
+    out, _ = _attend(c, q, kc, vc, table, pd, sel, fa, scale, dtype=dtype)
+    atol, rtol = TOL[dtype]
+    T = plan.num_tokens
+    # reference one query block at a time, fp32 (memory O(B * S))
+    want = torch.empty_like(q[:T])
+    row = 0
+    for r, (a, L) in enumerate(c.reqs):
+        qb0 = a // B
+        for i in range(masks[r].shape[1]):
+            lo, hi = max((qb0 + i) * B, a), min((qb0 + i + 1) * B, a + L)
+            want[row + lo - a : row + hi - a] = ref.block_sparse_attention(
+                q[row + lo - a : row + hi - a], ks[r][:hi], vs[r][:hi], lo,
+                masks[r][:, i : i + 1, : -(-hi // B)].cuda(), B, scale)
+        row += L
+    torch.testing.assert_close(out[:T].float(), want.float(), atol=atol, rtol=rtol)
+    if c.d in (64, 128, 256):
+        tri = torch.full_like(q, float("nan"))
+        sparse_prefill(q, kc, vc, table, pd, sel.indices, sel.counts, scale, tri)
+        torch.testing.assert_close(out[:T].float(), tri[:T].float(), atol=atol, rtol=rtol)
+    assert math.isfinite(float(out[:T].float().abs().max()))
