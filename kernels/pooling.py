@@ -13,6 +13,12 @@ Shape legend (one launch, see kernels/plan.py):
     q: [T, HQ, D]   k_cache: [NP, PS, HKV, D]   block_table: [R, max_pages] int32
     pooled q: [NQB, HQ, D] float32   pooled k: [NKB, HKV, D] float32
 
+fp8 (vLLM's ``--kv-cache-dtype fp8``): q and/or k_cache may be float8_e4m3fn with a per-tensor
+dequantisation scale (value = fp8 * scale, vLLM's ``layer._q_scale`` / ``layer._k_scale``, a
+float32 device tensor read in the kernel, never on the host). Rows are summed as exact fp8 -> fp32
+conversions and the block mean is scaled once, so pooled q/k, the key energies and the split keys
+are those of the dequantised values (``reference.pool_blocks(x.float() * scale)``).
+
 Both kernels are pure streaming reductions (memory bound): one program per (block, head tile)
 reads its block's rows in BLOCK_T-row tiles and accumulates in float32.
 """
@@ -33,6 +39,7 @@ __all__ = ["pool_queries", "pool_keys_paged"]
 @triton.jit
 def _pool_queries_kernel(
     q,
+    q_scale,
     out,
     cu_q,
     ctx_lens,
@@ -51,8 +58,10 @@ def _pool_queries_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
-    """out[g, h, :] = mean of q's rows of absolute query block qb_abs[g] of request qb_req[g]."""
+    """out[g, h, :] = mean of q's rows of absolute query block qb_abs[g] of request qb_req[g]
+    (times q_scale[0] when HAS_SCALE: fp8 q)."""
     g = tl.program_id(0)
     h0 = tl.program_id(1) * BLOCK_H
     r = tl.load(qb_req + g)
@@ -78,8 +87,10 @@ def _pool_queries_kernel(
             mask=(pos < p_hi)[:, None, None] & hd_mask[None, :, :],
             other=0.0,
         )
-        acc += x.to(tl.float32)
+        acc += x.to(tl.float32)  # fp8 -> fp32 is exact
     mean = tl.sum(acc, axis=0) / (p_hi - p_lo).to(tl.float32)
+    if HAS_SCALE:  # constexpr: fp16/bf16 compile without it; mean(x * s) = mean(x) * s, one multiply
+        mean = mean * tl.load(q_scale)
     o_ptr = out + g.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od
     tl.store(o_ptr, mean, mask=hd_mask)
 
@@ -87,6 +98,7 @@ def _pool_queries_kernel(
 @triton.jit
 def _pool_keys_paged_kernel(
     k_cache,
+    k_scale,
     block_table,
     out,
     energy_out,
@@ -118,9 +130,11 @@ def _pool_keys_paged_kernel(
     BLOCK_D: tl.constexpr,
     ENERGY: tl.constexpr,
     SPLIT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     """out[kb, h, :] = mean of the keys of block j = kb - cu_kb[r] of request r = kb_req[kb],
-    gathered from the paged cache (position p: page block_table[r, p // PS], slot p % PS)."""
+    gathered from the paged cache (position p: page block_table[r, p // PS], slot p % PS), times
+    k_scale[0] when HAS_SCALE (fp8 cache)."""
     kb = tl.program_id(0)
     h0 = tl.program_id(1) * BLOCK_H
     r = tl.load(kb_req + kb)
@@ -148,8 +162,10 @@ def _pool_keys_paged_kernel(
             mask=ok[:, None, None] & hd_mask[None, :, :],
             other=0.0,
         )
-        acc += x.to(tl.float32)
+        acc += x.to(tl.float32)  # fp8 -> fp32 is exact
     mean = tl.sum(acc, axis=0) / (p_hi - p_lo).to(tl.float32)
+    if HAS_SCALE:  # dequantise before the energies and the split: they describe the real keys
+        mean = mean * tl.load(k_scale)
     o_ptr = out + kb.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od
     tl.store(o_ptr, mean, mask=hd_mask)
     if ENERGY:  # |mean|^2 over all dims and over each band's dims (Prism's calibration statistics)
@@ -173,6 +189,46 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+#: Element types of q / k_cache: the model dtypes, plus vLLM's fp8 (e4m3, "fp8" / "fp8_e4m3" KV
+#: cache and FlashAttention's quantised queries) which needs a dequantisation scale.
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FP8 = torch.float8_e4m3fn
+
+
+def _check_scale(name: str, x: torch.Tensor, scale_name: str, scale: Optional[torch.Tensor]) -> bool:
+    """Validate the (dtype, scale) pair of q or k_cache; returns whether the kernel dequantises."""
+    if x.dtype == _FP8:
+        _check(
+            isinstance(scale, torch.Tensor),
+            f"{name} is float8_e4m3fn: pass {scale_name}, its per-tensor dequantisation scale "
+            f"(value = fp8 * scale; vLLM: layer._{scale_name}) as a float32 tensor of 1 element on "
+            f"{x.device}, got {type(scale).__name__}",
+        )
+        _check(
+            scale.dtype == torch.float32 and scale.numel() == 1,
+            f"Invalid {scale_name}: expected a float32 tensor of 1 element (per-tensor scale), got "
+            f"{scale.dtype} {tuple(scale.shape)}; per-head fp8 scales are not supported, serve such "
+            f"layers with FlashAttention",
+        )
+        _check(scale.device == x.device, f"{scale_name} is on {scale.device}, {name} on {x.device}")
+        return True
+    _check(
+        x.dtype in _FLOAT_DTYPES,
+        f"Invalid dtype of {name}: expected float16, bfloat16, float32 or float8_e4m3fn, got {x.dtype}"
+        + (
+            f"; fp8 data stored as uint8 (vLLM's fp8 KV cache) must be viewed as FlashAttention does: "
+            f"{name}.view(torch.float8_e4m3fn)"
+            if x.dtype == torch.uint8
+            else ""
+        ),
+    )
+    _check(
+        scale is None,
+        f"{scale_name} is only for a float8_e4m3fn {name}; {name} is {x.dtype}: pass {scale_name}=None",
+    )
+    return False
+
+
 def _tile_sizes(H: int, D: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_D): about 8K elements per loaded tile (16 KB of fp16/bf16), so a
     program keeps several row loads in flight without spilling."""
@@ -182,23 +238,28 @@ def _tile_sizes(H: int, D: int) -> tuple[int, int, int]:
     return block_t, block_h, block_d
 
 
-def pool_queries(q: torch.Tensor, plan: PrefillPlan, out: torch.Tensor) -> torch.Tensor:
+def pool_queries(
+    q: torch.Tensor, plan: PrefillPlan, out: torch.Tensor, q_scale: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Mean-pooled queries of every (absolute) query block of the launch.
 
     Args:
-        q: [T >= plan.num_tokens, HQ, D] float16/bfloat16/float32, any strides (e.g. a view of
-            vLLM's padded query); rows cu_q[r] .. cu_q[r+1]-1 are request r's chunk.
+        q: [T >= plan.num_tokens, HQ, D] float16/bfloat16/float32/float8_e4m3fn, any strides (e.g.
+            a view of vLLM's padded query); rows cu_q[r] .. cu_q[r+1]-1 are request r's chunk.
         plan: the launch's PrefillPlan, on q's device.
         out: [>= plan.num_q_blocks, HQ, D] float32, any strides; row g receives the mean of the
             chunk's rows in absolute block plan.qb_abs[g] of request plan.qb_req[g]
             (``reference.pool_blocks(q_r, ctx_r, B)``).
+        q_scale: required iff q is float8_e4m3fn: float32 tensor of 1 element on q's device, the
+            per-tensor dequantisation scale (q = fp8 * q_scale; vLLM's ``layer._q_scale``, with
+            which Attention.forward quantised the query for FlashAttention). Read in the kernel.
 
     Returns:
         out. One kernel launch; no host sync, no allocation.
     """
     _check(q.dim() == 3, f"Invalid shape of q: expected [T, HQ, D], got {tuple(q.shape)}")
     T, H, D = q.shape
-    _check(q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"Invalid dtype of q: {q.dtype}")
+    has_scale = _check_scale("q", q, "q_scale", q_scale)
     _check(T >= plan.num_tokens, f"q has {T} rows, the plan covers {plan.num_tokens}")
     _check(
         out.dim() == 3 and out.shape[0] >= plan.num_q_blocks and tuple(out.shape[1:]) == (H, D),
@@ -213,6 +274,7 @@ def pool_queries(q: torch.Tensor, plan: PrefillPlan, out: torch.Tensor) -> torch
     grid = (plan.num_q_blocks, triton.cdiv(H, bh))
     _pool_queries_kernel[grid](
         q=q,
+        q_scale=q_scale if has_scale else out,  # unused pointer when HAS_SCALE is False
         out=out,
         cu_q=plan.cu_q,
         ctx_lens=plan.ctx_lens,
@@ -231,6 +293,7 @@ def pool_queries(q: torch.Tensor, plan: PrefillPlan, out: torch.Tensor) -> torch
         BLOCK_T=bt,
         BLOCK_H=bh,
         BLOCK_D=bd,
+        HAS_SCALE=has_scale,
         num_warps=4,
     )
     return out
@@ -245,13 +308,15 @@ def pool_keys_paged(
     band_high: Optional[torch.Tensor] = None,
     band_low: Optional[torch.Tensor] = None,
     split_out: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mean-pooled keys of every key block of every request, read from the paged KV cache.
 
     Args:
-        k_cache: [NP, PS, HKV, D] float16/bfloat16/float32 view with any strides (vLLM 0.26:
-            ``kv_cache.transpose(1, 2).split(D, -1)[0]`` of FlashAttention's packed cache, NHD
-            or HND). Keys 0 .. seq_len-1 of every request must already be in the cache.
+        k_cache: [NP, PS, HKV, D] float16/bfloat16/float32/float8_e4m3fn view with any strides
+            (vLLM 0.26: ``kv_cache.transpose(1, 2).split(D, -1)[0]`` of FlashAttention's packed
+            cache, NHD or HND; an fp8 cache is uint8 storage, view it as float8_e4m3fn as
+            FlashAttention does). Keys 0 .. seq_len-1 of every request must already be in the cache.
         block_table: [>= R, max_pages] int32; position p of request r is in page
             ``block_table[r, p // PS]``, slot ``p % PS``.
         plan: the launch's PrefillPlan, on the cache's device.
@@ -266,6 +331,10 @@ def pool_keys_paged(
             receives each pooled key as an exact sum hi + lo of two tf32-representable parts
             (``select_blocks(..., pooled_k_split=...)`` then scores with three plain tf32
             products instead of splitting the keys again in every program).
+        k_scale: required iff k_cache is float8_e4m3fn: float32 tensor of 1 element on the
+            cache's device, the per-tensor dequantisation scale (k = fp8 * k_scale; vLLM's
+            ``layer._k_scale``, with which the cache write quantised the keys). out, energy_out
+            and split_out then describe the dequantised keys. Read in the kernel.
 
     Returns:
         out. One kernel launch; no host sync, no allocation.
@@ -275,9 +344,7 @@ def pool_keys_paged(
         f"Invalid shape of k_cache: expected [num_pages, page_size, HKV, D], got {tuple(k_cache.shape)}",
     )
     NP, PS, H, D = k_cache.shape
-    _check(
-        k_cache.dtype in (torch.float16, torch.bfloat16, torch.float32), f"Invalid dtype of k_cache: {k_cache.dtype}"
-    )
+    has_scale = _check_scale("k_cache", k_cache, "k_scale", k_scale)
     _check(PS >= 1, f"Invalid page size {PS}")
     _check(
         block_table.dim() == 2 and block_table.dtype == torch.int32 and block_table.shape[0] >= plan.num_reqs,
@@ -331,6 +398,7 @@ def pool_keys_paged(
     has_s = split_out is not None
     _pool_keys_paged_kernel[grid](
         k_cache=k_cache,
+        k_scale=k_scale if has_scale else out,  # unused pointer when HAS_SCALE is False
         block_table=block_table,
         out=out,
         energy_out=energy_out if has_e else out,
@@ -362,6 +430,7 @@ def pool_keys_paged(
         BLOCK_D=bd,
         ENERGY=has_e,
         SPLIT=has_s,
+        HAS_SCALE=has_scale,
         num_warps=4,
     )
     return out
