@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.platforms import current_platform
 from vllm.v1.attention.backend import (
     AttentionCGSupport,
     AttentionType,
@@ -52,6 +53,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from prism_vllm.config import PrismConfig
 from prism_vllm.kernels import FA3Launch, PrismParams, PrismWorkspace, prism_prefill
+from prism_vllm.kernels.prefill import Fp8Scales
 from prism_vllm.kernels.attend_fa3 import AttendPlan, make_attend_plan
 from prism_vllm.kernels.plan import BlockSelection, PrefillPlan, make_plan
 from prism_vllm.kernels.prefill import SUPPORTED_HEAD_DIMS
@@ -492,6 +494,7 @@ class PrismAttentionImpl(FlashAttentionImpl):
         # end on their diagonal block; elsewhere on Prism's Triton kernel.
         self.prism_fa3 = self.vllm_flash_attn_version == 3 and self.prism_config.keep_diagonal
         self._virtual_kv_reason: dict[tuple, Optional[str]] = {}
+        self._fp8 = is_quantized_kv_cache(self.kv_cache_dtype)
         reason = self._static_reason(vllm_config)
         if reason is not None:
             self.prism_disable(reason)
@@ -512,7 +515,12 @@ class PrismAttentionImpl(FlashAttentionImpl):
         if self.sinks is not None:
             return "learned attention sinks (not implemented in Prism's kernels)"
         if is_quantized_kv_cache(self.kv_cache_dtype):
-            return f"quantized KV cache kv_cache_dtype={self.kv_cache_dtype} (Prism reads a float16/bfloat16 cache; fp8 query input too)"
+            if not self.prism_fa3:
+                return (f"quantized KV cache kv_cache_dtype={self.kv_cache_dtype} without FA3 (Prism's Triton "
+                        f"attend step reads float16/bfloat16 caches only)")
+            if self.kv_cache_dtype not in ("fp8", "fp8_e4m3") or current_platform.fp8_dtype() != torch.float8_e4m3fn:
+                return (f"quantized KV cache kv_cache_dtype={self.kv_cache_dtype} (Prism reads fp8 e4m3 caches "
+                        f"with per-tensor scales only)")
         if self.dcp_world_size > 1:
             return "decode context parallelism shards the KV cache"
         if self.prism_fa3:
@@ -548,7 +556,13 @@ class PrismAttentionImpl(FlashAttentionImpl):
             return True
         cache_dtype = getattr(layer, "kv_cache_torch_dtype", None)
         act_dtype = getattr(layer, "dtype", None)
-        if cache_dtype is not None and act_dtype is not None and cache_dtype != act_dtype:
+        if self._fp8:
+            scales = [getattr(layer, n, None) for n in ("_q_scale", "_k_scale", "_v_scale")]
+            if any(t is None or t.numel() != 1 for t in scales):
+                self.prism_disable("fp8 KV cache with per-head scales (Prism's pooling takes one scale per tensor)",
+                                   layer_name)
+                return False
+        elif cache_dtype is not None and act_dtype is not None and cache_dtype != act_dtype:
             self.prism_disable(
                 f"KV cache dtype {cache_dtype} differs from the activations' {act_dtype}", layer_name
             )
@@ -603,6 +617,11 @@ class PrismAttentionImpl(FlashAttentionImpl):
         if head is not None:
             super().forward(layer, query, key, value, kv_cache, head, output, output_scale, output_block_scale)
         k_cache, v_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        scales = None
+        if self._fp8:  # vLLM stores fp8 as uint8 and hands fp8 queries (as FlashAttention reads them)
+            fp8 = current_platform.fp8_dtype()
+            k_cache, v_cache = k_cache.view(fp8), v_cache.view(fp8)
+            scales = Fp8Scales(q=layer._q_scale if query.dtype == fp8 else None, k=layer._k_scale, v=layer._v_scale)
         timed = step.sample and not step.timed and output.is_cuda
         if timed:
             step.timed = True
@@ -614,7 +633,7 @@ class PrismAttentionImpl(FlashAttentionImpl):
             for L in step.launches:  # one per workspace-sized run of requests (usually one)
                 t0, t1 = L.token_start, L.token_end
                 sel = prism_prefill(query[t0:t1], k_cache, v_cache, L.block_table, L.plan, lp.params, ws,
-                                    output[t0:t1], fa3=self._fa3_launch(L, k_cache))
+                                    output[t0:t1], fa3=self._fa3_launch(L, k_cache), scales=scales)
                 if step.sample:
                     self._sample_density(L, sel)
         except Exception as e:  # noqa: BLE001 - e.g. a kernel that does not compile on this GPU

@@ -228,16 +228,27 @@ class AttendWorkspace:
         self.head_dim = int(head_dim)
         self.dtype = dtype
         n = capacity.rows * num_q_heads
-        self.q_virt = torch.empty(n, 1, head_dim, dtype=dtype, device=device)
+        self._q_bytes = torch.empty(n * head_dim * torch.empty(0, dtype=dtype).element_size(), dtype=torch.uint8,
+                                    device=device)
         self.o_virt = torch.empty(n, 1, head_dim, dtype=dtype, device=device)
         self.cu_seqlens_q = torch.empty(capacity.sequences + 1, dtype=torch.int32, device=device)
         self.seqused_k = torch.empty(capacity.sequences, dtype=torch.int32, device=device)
         self.page_table = torch.empty(capacity.table_blocks * (block_size // MIN_PAGE), dtype=torch.int32,
                                       device=device)
 
+    def q_rows(self, n_rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """[n_rows, 1, D] contiguous view of the q copy in ``dtype`` (the model dtype, or fp8 for
+        quantized queries)."""
+        n = n_rows * self.head_dim
+        return self._q_bytes.view(dtype)[:n].view(n_rows, 1, self.head_dim)
+
+    @property
+    def q_virt(self) -> torch.Tensor:
+        return self.q_rows(self.capacity.rows * self.num_q_heads, self.dtype)
+
     @property
     def nbytes(self) -> int:
-        bufs = (self.q_virt, self.o_virt, self.cu_seqlens_q, self.seqused_k, self.page_table)
+        bufs = (self._q_bytes, self.o_virt, self.cu_seqlens_q, self.seqused_k, self.page_table)
         return sum(t.numel() * t.element_size() for t in bufs)
 
 
@@ -459,13 +470,27 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _descales(q_scale: Optional[torch.Tensor], k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
+              n_seq: int, n_kv: int) -> dict[str, torch.Tensor]:
+    """FA3's descale arguments ([sequences, kv heads] views of per-tensor scales, no copy), as
+    vLLM's FlashAttention passes them; nothing for unquantized inputs."""
+    out = {}
+    for name, t in (("q_descale", q_scale), ("k_descale", k_scale), ("v_descale", v_scale)):
+        if t is not None:
+            out[name] = t.reshape(1, 1).expand(n_seq, n_kv)
+    return out
+
+
 def _check_launch(q: torch.Tensor, out: torch.Tensor, vkv: VirtualKV, block_table: torch.Tensor,
                   plan: PrefillPlan, ws: Optional[AttendWorkspace]) -> None:
     _check(q.dim() == 3 and out.shape[1:] == q.shape[1:], f"Invalid q / out shapes {tuple(q.shape)} / {tuple(out.shape)}")
     T, HQ, D = q.shape
-    _check(q.dtype in (torch.float16, torch.bfloat16) and out.dtype == q.dtype,
-           f"FA3 attend needs float16/bfloat16 q and out of the same dtype, got {q.dtype} / {out.dtype}")
-    _check(vkv.k.dtype == q.dtype, f"KV cache dtype {vkv.k.dtype} differs from q's {q.dtype}")
+    if q.dtype == torch.float8_e4m3fn:  # quantized queries (fp8 KV cache): FA3 writes bf16/fp16
+        _check(out.dtype in (torch.float16, torch.bfloat16), f"Invalid dtype of out for fp8 q: {out.dtype}")
+    else:
+        _check(q.dtype in (torch.float16, torch.bfloat16) and out.dtype == q.dtype,
+               f"FA3 attend needs float16/bfloat16 q and out of the same dtype, got {q.dtype} / {out.dtype}")
+    _check(vkv.k.dtype == q.dtype, f"KV cache dtype {vkv.k.dtype} differs from q's {q.dtype}; FA3 needs them equal")
     _check(D % 8 == 0 and D <= 256, f"FA3 attend needs a head dim <= 256 and a multiple of 8, got {D}")
     _check(HQ % vkv.num_kv_heads == 0, f"HQ={HQ} is not a multiple of HKV={vkv.num_kv_heads}")
     _check(plan.num_q_heads == HQ, f"plan was built for {plan.num_q_heads} q heads, q has {HQ}")
@@ -476,9 +501,9 @@ def _check_launch(q: torch.Tensor, out: torch.Tensor, vkv: VirtualKV, block_tabl
            f"Invalid block_table: expected row-contiguous int32 [>= {plan.num_reqs}, max_pages], got "
            f"{block_table.dtype} {tuple(block_table.shape)}")
     if ws is not None:
-        _check(ws.num_q_heads == HQ and ws.head_dim == D and ws.dtype == q.dtype,
-               f"attend workspace built for HQ={ws.num_q_heads}, D={ws.head_dim}, {ws.dtype}; q is "
-               f"{tuple(q.shape)} {q.dtype}")
+        _check(ws.num_q_heads == HQ and ws.head_dim == D and ws.dtype == out.dtype,
+               f"attend workspace built for HQ={ws.num_q_heads}, D={ws.head_dim}, {ws.dtype}; out is "
+               f"{tuple(out.shape)} {out.dtype}")
 
 
 def virtual_sequences(
@@ -506,9 +531,10 @@ def virtual_sequences(
     if n_seq > cap.sequences or n_rows > cap.rows * HQ or n_seq * width > ws.page_table.numel():
         raise ValueError(f"bucket {bucket} does not fit the attend workspace {cap}; plan it with make_attend_plan")
     table = ws.page_table[: n_seq * width].view(n_seq, width)
+    q_virt = ws.q_rows(n_rows, q.dtype)
     _virtual_seqs_kernel[(n_seq,)](
         q=q,
-        q_virt=ws.q_virt,
+        q_virt=q_virt,
         cu_seqlens_q=ws.cu_seqlens_q,
         seqused_k=ws.seqused_k,
         page_table=table,
@@ -548,7 +574,7 @@ def virtual_sequences(
         num_warps=4,
     )
     return dict(
-        q=ws.q_virt[:n_rows],
+        q=q_virt,
         out=ws.o_virt[:n_rows],
         cu_seqlens_q=ws.cu_seqlens_q[: n_seq + 1],
         seqused_k=ws.seqused_k[:n_seq],
@@ -598,6 +624,9 @@ def attend_fa3(
     workspace: AttendWorkspace,
     softcap: float = 0.0,
     order: str = "kv_desc",
+    q_scale: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention of every chunk of ``selection.plan`` through FA3.
 
@@ -617,6 +646,8 @@ def attend_fa3(
         workspace: the attend buffers (see AttendCapacity).
         order: sequence order, "kv_desc" (kv head, query block descending, group member) or
             "head_asc" (q head, query block ascending), for benchmarks.
+        q_scale, k_scale, v_scale: per-tensor fp8 dequantisation scales (1-element device tensors,
+            vLLM's ``layer._q_scale`` etc.) for an fp8 cache / fp8 q: FA3's descales.
 
     Per bucket: two Triton launches and one FA3 call; no host sync. ``attend.all_blocks``:
     ``attend_dense_fa3`` instead.
@@ -625,11 +656,14 @@ def attend_fa3(
     _check_launch(q, out, vkv, block_table, plan, workspace)
     if attend.all_blocks or selection.all_blocks:
         return attend_dense_fa3(q, vkv, block_table, plan, attend, scale, out,
-                                flash_attn_varlen_func=flash_attn_varlen_func, softcap=softcap)
+                                flash_attn_varlen_func=flash_attn_varlen_func, softcap=softcap,
+                                q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
     B = plan.block_size
     for bucket in attend.buckets:
         a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, order=order)
+        n_seq = a["seqused_k"].shape[0]
         flash_attn_varlen_func(
+            **_descales(q_scale, k_scale, v_scale, n_seq, 1),
             q=a["q"],
             k=vkv.k,
             v=vkv.v,
@@ -658,11 +692,15 @@ def attend_dense_fa3(
     *,
     flash_attn_varlen_func: FlashAttnVarlen,
     softcap: float = 0.0,
+    q_scale: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Every chunk of ``plan`` with plain causal attention: one FA3 call on q / out and the
     requests' own page table over the real cache (what FlashAttention itself runs)."""
     n = plan.num_tokens
     flash_attn_varlen_func(
+        **_descales(q_scale, k_scale, v_scale, plan.num_reqs, vkv.num_kv_heads),
         q=q[:n],
         k=vkv.k_cache,
         v=vkv.v_cache,

@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # only for type hints: kernels never import the vLLM glue
 
 __all__ = [
     "FA3Launch",
+    "Fp8Scales",
     "PrismParams",
     "PrismWorkspace",
     "prism_estimate",
@@ -313,13 +314,15 @@ def prism_estimate(
     *,
     precision: str = "tf32x3",
     tuning: Optional[SelectionTuning] = None,
+    q_scale: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
 ) -> BlockSelection:
     """Prism's block estimation of every chunk of ``plan``: pool queries and keys, calibrate,
     select (``reference.select_blocks`` per request) into the workspace.
 
     Args: as ``prism_prefill`` (q, the K half of the paged cache, its page table, the plan, the
     layer's params, the workspace), the tl.dot precision of the scores and the selection's launch
-    knobs (see select_blocks).
+    knobs (see select_blocks), the fp8 scales of q and K (see ``pool_queries``).
 
     Returns:
         The launch's BlockSelection (views of the workspace). When every row selects every causal
@@ -333,7 +336,7 @@ def prism_estimate(
         return BlockSelection(plan=plan, indices=workspace.sel_idx, counts=sel_cnt, all_blocks=True)
     key_energy = workspace.key_energy[:nkb] if params.calibrate else None
     split = workspace.pooled_k_split[:nkb] if precision == "tf32x3" else None
-    pool_queries(q=q, plan=plan, out=workspace.pooled_q[:nqb])
+    pool_queries(q=q, plan=plan, out=workspace.pooled_q[:nqb], q_scale=q_scale)
     pool_keys_paged(
         k_cache=k_cache,
         block_table=block_table,
@@ -343,6 +346,7 @@ def prism_estimate(
         band_high=params.band_high,
         band_low=params.band_low,
         split_out=split,
+        k_scale=k_scale,
     )
     select_blocks(
         pooled_q=workspace.pooled_q[:nqb],
@@ -368,6 +372,17 @@ def prism_estimate(
 
 
 @dataclass(frozen=True)
+class Fp8Scales:
+    """Per-tensor dequantisation scales of an fp8 KV cache (value = fp8 * scale): 1-element
+    float32 device tensors, vLLM's ``layer._q_scale`` (None when q is not fp8), ``_k_scale``,
+    ``_v_scale``. Read on the device: updating them in place needs no new launch setup."""
+
+    q: Optional[torch.Tensor] = None
+    k: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
 class FA3Launch:
     """What the FA3 attend step needs beyond the Triton path's arguments."""
 
@@ -388,9 +403,11 @@ def prism_attend(
     out: torch.Tensor,
     *,
     fa3: Optional[FA3Launch] = None,
+    scales: Optional["Fp8Scales"] = None,
 ) -> torch.Tensor:
     """Exact attention of every chunk over its selected blocks: through FA3 (``attend_fa3``) when
-    ``fa3`` is given, else through the Triton kernel (``sparse_prefill``)."""
+    ``fa3`` is given, else through the Triton kernel (``sparse_prefill``). ``scales``: an fp8
+    cache (FA3 only)."""
     if fa3 is not None:
         if not params.keep_diagonal:
             raise ValueError("the FA3 attend step needs keep_diagonal=True (rows end on their diagonal block)")
@@ -399,10 +416,14 @@ def prism_attend(
         vkv = virtual_kv(k_cache, v_cache, selection.plan.block_size)
         if isinstance(vkv, str):
             raise ValueError(f"the FA3 attend step cannot address this KV cache: {vkv}")
+        sc = scales or Fp8Scales()
         return attend_fa3(
             q, vkv, block_table, selection, fa3.attend, params.scale, out,
             flash_attn_varlen_func=fa3.flash_attn_varlen_func, workspace=workspace.attend, softcap=params.softcap,
+            q_scale=sc.q, k_scale=sc.k, v_scale=sc.v,
         )
+    if scales is not None:
+        raise ValueError("the Triton attend step reads no fp8 cache; use the FA3 attend step")
     if params.softcap:
         raise ValueError("the Triton attend step has no logit soft-cap; use the FA3 attend step")
     from .sparse_prefill import sparse_prefill
@@ -432,6 +453,7 @@ def prism_prefill(
     out: torch.Tensor,
     *,
     fa3: Optional[FA3Launch] = None,
+    scales: Optional["Fp8Scales"] = None,
     precision: str = "tf32x3",
     tuning: Optional[SelectionTuning] = None,
 ) -> BlockSelection:
@@ -447,6 +469,7 @@ def prism_prefill(
         workspace: preallocated buffers (see PrismWorkspace).
         out: [>= plan.num_tokens, HQ, D] output; rows [0, plan.num_tokens) are written.
         fa3: attend through FlashAttention 3 (see ``prism_attend``); None: the Triton kernel.
+        scales: fp8 dequantisation scales when q / the cache are fp8 (vLLM ``--kv-cache-dtype fp8``).
         precision, tuning: tl.dot precision of the block scores and the selection's launch knobs
             (see ``select_blocks``).
 
@@ -454,6 +477,8 @@ def prism_prefill(
         The launch's BlockSelection (``prism_estimate``); ``out`` holds the attention. No host
         sync, no allocation.
     """
-    selection = prism_estimate(q, k_cache, block_table, plan, params, workspace, precision=precision, tuning=tuning)
-    prism_attend(q, k_cache, v_cache, block_table, selection, params, workspace, out, fa3=fa3)
+    sc = scales or Fp8Scales()
+    selection = prism_estimate(q, k_cache, block_table, plan, params, workspace, precision=precision, tuning=tuning,
+                               q_scale=sc.q, k_scale=sc.k)
+    prism_attend(q, k_cache, v_cache, block_table, selection, params, workspace, out, fa3=fa3, scales=scales)
     return selection

@@ -335,6 +335,9 @@ def paged_varlen_attention(
     causal: bool = False,
     out: Optional[torch.Tensor] = None,
     softcap: float = 0.0,
+    q_descale: Optional[torch.Tensor] = None,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
     **unused: object,
 ) -> torch.Tensor:
     """FlashAttention's paged varlen forward (``flash_attn_varlen_func`` with ``seqused_k`` and
@@ -345,7 +348,8 @@ def paged_varlen_attention(
     k / v ([num_pages, PS, HKV, D], any strides). Causal masks are aligned to the bottom right:
     query i sees key j iff j <= i + n - Lq; a row that sees no key is written as zeros. q head h
     reads kv head h // (HQ // HKV). ``softcap`` > 0: scores become softcap * tanh(s / softcap).
-    Writes into ``out`` (like q) when given and returns it.
+    ``*_descale`` ([batch, HKV] float32, fp8 inputs): q, k, v of sequence b, kv head j are
+    multiplied by their [b, j] entry. Writes into ``out`` when given and returns it.
     """
     hq, d = q.shape[1], q.shape[2]
     page, hkv = k.shape[1], k.shape[2]
@@ -362,9 +366,17 @@ def paged_varlen_attention(
         assert lq <= max_seqlen_q and n <= max_seqlen_k, (lq, max_seqlen_q, n, max_seqlen_k)
         pos = torch.arange(n, device=q.device)
         pages = block_table[b, pos // page].long()
-        kk = k[pages, pos % page].float().repeat_interleave(g, dim=1).transpose(0, 1)  # [HQ, n, D]
-        vv = v[pages, pos % page].float().repeat_interleave(g, dim=1).transpose(0, 1)
-        s = (q[a:e].float().transpose(0, 1) @ kk.transpose(1, 2)) * scale  # [HQ, Lq, n]
+
+        def scaled(x: torch.Tensor, ds: Optional[torch.Tensor]) -> torch.Tensor:  # x: [N, H, D]
+            x = x.float()
+            if ds is None:
+                return x
+            return x * ds[b].float().repeat_interleave(x.shape[1] // ds.shape[1])[None, :, None]
+
+        kk = scaled(k[pages, pos % page], k_descale).repeat_interleave(g, dim=1).transpose(0, 1)  # [HQ, n, D]
+        vv = scaled(v[pages, pos % page], v_descale).repeat_interleave(g, dim=1).transpose(0, 1)
+        qq = scaled(q[a:e], q_descale)
+        s = (qq.transpose(0, 1) @ kk.transpose(1, 2)) * scale  # [HQ, Lq, n]
         if softcap > 0:
             s = softcap * torch.tanh(s / softcap)
         if causal:

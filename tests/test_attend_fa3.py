@@ -308,3 +308,32 @@ def test_gpu_fa3_attend_equals_reference_and_triton(name, dtype):
         sparse_prefill(q, kc, vc, table, pd, sel.indices, sel.counts, scale, tri)
         torch.testing.assert_close(out[:T].float(), tri[:T].float(), atol=atol, rtol=rtol)
     assert math.isfinite(float(out[:T].float().abs().max()))
+
+
+def test_fp8_cache_and_queries_through_fa3_semantics():
+    """An fp8 (e4m3) cache with fp8 queries, as vLLM hands them for --kv-cache-dtype fp8: the copy
+    keeps q in fp8, FA3 gets per-tensor descales, the output is the model dtype; equal to the
+    reference on the dequantised values."""
+    fp8 = torch.float8_e4m3fn
+    c = Case([(100, 300), (0, 200)], hq=4, hkv=2, d=64)
+    gen = torch.Generator().manual_seed(9)
+    sq, sk, sv = (torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in (0.02, 0.03, 0.025))
+    qf = torch.randn(500, 4, 64, generator=gen)
+    q8 = (qf / sq.cpu()).to(fp8).to(DEVICE)
+    ks8 = [(torch.randn(a + L, 2, 64, generator=gen) / sk.cpu()).to(fp8).to(DEVICE) for a, L in c.reqs]
+    vs8 = [(torch.randn(a + L, 2, 64, generator=gen) / sv.cpu()).to(fp8).to(DEVICE) for a, L in c.reqs]
+    kc, vc, table = make_paged_kv(ks8, vs8, 16, "NHD", gen)
+    plan = make_plan([0, 300, 500], [100, 0], 4, B)
+    masks = random_masks(4, [100, 0], [300, 200], 0.3, gen, "cpu")
+    sel = BlockSelection.from_masks(masks, plan.to(DEVICE))
+    vkv = virtual_kv(kc, vc)
+    ws = AttendWorkspace(BIG, 4, 64, torch.float16, DEVICE)
+    out = torch.full((500, 4, 64), float("nan"), dtype=torch.float16, device=DEVICE)
+    attend_fa3(q8, vkv, table.to(DEVICE), sel, make_attend_plan(plan, BIG), 64**-0.5, out,
+               flash_attn_varlen_func=ref.paged_varlen_attention, workspace=ws, q_scale=sq, k_scale=sk, v_scale=sv)
+    row = 0
+    for r, (a, L) in enumerate(c.reqs):
+        want = ref.block_sparse_attention(q8[row : row + L].float() * sq, ks8[r].float() * sk, vs8[r].float() * sv, a,
+                                          masks[r].to(DEVICE), B, 64**-0.5)
+        torch.testing.assert_close(out[row : row + L].float(), want.float(), atol=2e-3, rtol=1e-2)
+        row += L
