@@ -37,11 +37,7 @@ import torch
 
 from vllm.config import VllmConfig, get_current_vllm_config_or_none
 from vllm.platforms import current_platform
-from vllm.v1.attention.backend import (
-    AttentionCGSupport,
-    AttentionType,
-    CommonAttentionMetadata,
-)
+from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionImpl,
@@ -49,17 +45,16 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 from vllm.utils.torch_utils import is_quantized_kv_cache
-from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+from vllm.v1.kv_cache_interface import AttentionSpec
 
-from prism_vllm.config import PrismConfig
 from prism_vllm.kernels import FA3Launch, PrismParams, PrismWorkspace, prism_prefill
-from prism_vllm.kernels.prefill import Fp8Scales
-from prism_vllm.kernels.attend_fa3 import AttendPlan, make_attend_plan
+from prism_vllm.kernels.attend_fa3 import AttendPlan, make_attend_plan, virtual_kv
 from prism_vllm.kernels.plan import BlockSelection, PrefillPlan, make_plan
-from prism_vllm.kernels.prefill import SUPPORTED_HEAD_DIMS
+from prism_vllm.kernels.prefill import Fp8Scales
 from prism_vllm.stats import STATS
 
-from .rope_source import bands_for, resolve_rotary
+from .eligibility import group_reason, layer_reason, layer_rope_reason, prism_config_of
+from .rope_source import bands_for
 from .routing import PrefillRoute, route_prism_suffix, split_launches
 from .workspace import POOL, WorkspaceNeed
 
@@ -110,6 +105,14 @@ def _new_workspace(need: WorkspaceNeed, device: torch.device) -> PrismWorkspace:
         attend_dtype=need.attend_dtype,
     )
     return PrismWorkspace.allocate(sizes, device)
+
+
+def _layer_device(owner: Any) -> torch.device:
+    """Where a layer's tensors live: its rotary cache's device, else the current CUDA device."""
+    cache = getattr(getattr(owner, "rotary_emb", None), "cos_sin_cache", None)
+    if isinstance(cache, torch.Tensor) and cache.device.type != "meta":
+        return cache.device
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 @functools.lru_cache(maxsize=1)
@@ -249,43 +252,34 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         # V1 model runner: put decodes (incl. speculative ones) first and prefill chunks last,
         # so long chunks form a suffix. V2 always sorts that way and ignores the threshold.
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
-        self.prism_config = PrismConfig.from_vllm_config(vllm_config)
+        self.prism_config = prism_config_of(vllm_config)
         self.decode_threshold = int(self.reorder_batch_threshold or 1)
         self.prism_on = False
+        self.prism_reason: Optional[str] = None
         self.prism_num_heads = 0
         self.workspace: Any = None
 
+        # Read the layers' own state (each impl resolved itself once its weights were loaded);
+        # a builder never changes a layer.
         impls = self._prism_impls(vllm_config, layer_names)
-        group_reason = self._group_reason(kv_cache_spec)
-        ready, ready_names = [], []
-        for name, layer, impl in impls:
-            if group_reason is not None:
-                impl.prism_disable(group_reason, name)
-            elif impl.prism_prepare(name, device, layer):
-                ready.append(impl)
-                ready_names.append(name)
+        ready = [(name, impl) for name, _, impl in impls if impl.prism_layer is not None]
+        shapes = [(impl.num_heads, impl.num_kv_heads, impl.head_size) for _, impl in ready]
+        reason = group_reason(kv_cache_spec, self.dcp_world_size, shapes)
+        if reason is not None:
+            self.prism_reason = reason
+            for name, _ in ready:
+                note_fallback(reason, name)
+            return
         if not ready:
             return
-        shape = (ready[0].num_heads, ready[0].num_kv_heads, ready[0].head_size)
-        for name, impl in zip(ready_names, ready):
-            if (impl.num_heads, impl.num_kv_heads, impl.head_size) != shape:
-                impl.prism_disable("attention layers of one KV-cache group with different head counts", name)
-        ready = [impl for impl in ready if impl.prism_layer is not None]
         self.prism_on = True
-        self.prism_num_heads = shape[0]
-        need = _workspace_need(vllm_config, *shape, attend=any(impl.prism_fa3 for impl in ready))
+        self.prism_num_heads = shapes[0][0]
+        need = _workspace_need(vllm_config, *shapes[0], attend=any(impl.prism_fa3 for _, impl in ready))
         lane = POOL.lane_for(self, tuple(layer_names))
         self.workspace = POOL.get(device, lane, need, _new_workspace)
         logger.debug(
             "prism: %d of %d layers of this group on Prism (workspace lane %d)", len(ready), len(impls), lane
         )
-
-    def _group_reason(self, spec: AttentionSpec) -> Optional[str]:
-        if type(spec) is not FullAttentionSpec:
-            return f"{type(spec).__name__} layers (sliding-window, chunked-local, sink, encoder or cross attention KV layout)"
-        if self.dcp_world_size > 1:
-            return "decode context parallelism shards the KV cache"
-        return None
 
     @staticmethod
     def _prism_impls(vllm_config: VllmConfig, layer_names: list[str]) -> list[tuple[str, Any, "PrismAttentionImpl"]]:
@@ -484,54 +478,21 @@ class PrismAttentionImpl(FlashAttentionImpl):
         super().__init__(*args, **kwargs)
         vllm_config = get_current_vllm_config_or_none()
         # Invalid --additional-config prism values stop startup here (model construction).
-        self.prism_config = (
-            PrismConfig.from_vllm_config(vllm_config) if vllm_config is not None else PrismConfig()
-        )
+        self.prism_config = prism_config_of(vllm_config)
         self.prism_layer = None
         self.prism_reason = None
         self._rope_owner: Optional[weakref.ReferenceType] = None
+        self._layer_attr: Optional[str] = None
         # The attend step runs on FA3 where this layer's FlashAttention is FA3 (Hopper) and rows
         # end on their diagonal block; elsewhere on Prism's Triton kernel.
         self.prism_fa3 = self.vllm_flash_attn_version == 3 and self.prism_config.keep_diagonal
         self._virtual_kv_reason: dict[tuple, Optional[str]] = {}
         self._fp8 = is_quantized_kv_cache(self.kv_cache_dtype)
-        reason = self._static_reason(vllm_config)
+        reason = layer_reason(self, vllm_config, fa3=self.prism_fa3)
         if reason is not None:
             self.prism_disable(reason)
         elif vllm_config is not None:
             self._reserve_workspace(vllm_config)
-
-    # -- eligibility -----------------------------------------------------------------------------
-    def _static_reason(self, vllm_config: Optional[VllmConfig]) -> Optional[str]:
-        if self.attn_type != AttentionType.DECODER:
-            kind = getattr(self.attn_type, "value", self.attn_type)
-            return f"{kind} attention (Prism is for causal decoder self-attention)"
-        if self.sliding_window != (-1, -1):
-            return "sliding-window layers (Prism selects among all earlier blocks)"
-        if self.alibi_slopes is not None:
-            return "ALiBi position bias (Prism's bands need RoPE)"
-        if self.logits_soft_cap and not self.prism_fa3:
-            return "logits soft-capping without FA3 (Prism's Triton kernel has no soft-cap)"
-        if self.sinks is not None:
-            return "learned attention sinks (not implemented in Prism's kernels)"
-        if is_quantized_kv_cache(self.kv_cache_dtype):
-            if not self.prism_fa3:
-                return (f"quantized KV cache kv_cache_dtype={self.kv_cache_dtype} without FA3 (Prism's Triton "
-                        f"attend step reads float16/bfloat16 caches only)")
-            if self.kv_cache_dtype not in ("fp8", "fp8_e4m3") or current_platform.fp8_dtype() != torch.float8_e4m3fn:
-                return (f"quantized KV cache kv_cache_dtype={self.kv_cache_dtype} (Prism reads fp8 e4m3 caches "
-                        f"with per-tensor scales only)")
-        if self.dcp_world_size > 1:
-            return "decode context parallelism shards the KV cache"
-        if self.prism_fa3:
-            if self.head_size % 8 or self.head_size > 256:
-                return f"head size {self.head_size} (Prism's FA3 attend step supports multiples of 8 up to 256)"
-        elif self.head_size not in SUPPORTED_HEAD_DIMS:
-            return f"head size {self.head_size} (Prism's Triton kernel supports {list(SUPPORTED_HEAD_DIMS)})"
-        model_config = getattr(vllm_config, "model_config", None)
-        if model_config is not None and getattr(model_config, "is_mm_prefix_lm", False):
-            return "multimodal prefix-LM (bidirectional image spans)"
-        return None
 
     def prism_disable(self, reason: str, where: str = "") -> None:
         """Serve this layer with FlashAttention only (logged once per reason)."""
@@ -544,9 +505,16 @@ class PrismAttentionImpl(FlashAttentionImpl):
         """Called by the plugin's module hook: ``owner`` holds this layer (and its rotary_emb)."""
         if self._rope_owner is None:
             self._rope_owner = owner
+            self._layer_attr = attr_name
 
-    def prism_prepare(self, layer_name: str, device: torch.device, layer: Any = None) -> bool:
-        """Resolve RoPE bands and launch parameters once; False if the layer stays dense.
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        """vLLM calls this once the model's weights are loaded (for dummy weights too): resolve
+        the layer's RoPE bands and launch parameters, or why it stays on FlashAttention."""
+        super().process_weights_after_loading(act_dtype)
+        self.prism_resolve()
+
+    def prism_resolve(self) -> bool:
+        """Resolve this layer's Prism state once (idempotent); False if it stays dense.
 
         Raises ValueError for band sizes the model's rotary dim cannot hold (a config error).
         """
@@ -554,29 +522,19 @@ class PrismAttentionImpl(FlashAttentionImpl):
             return False
         if self.prism_layer is not None:
             return True
-        cache_dtype = getattr(layer, "kv_cache_torch_dtype", None)
-        act_dtype = getattr(layer, "dtype", None)
-        if self._fp8:
-            scales = [getattr(layer, n, None) for n in ("_q_scale", "_k_scale", "_v_scale")]
-            if any(t is None or t.numel() != 1 for t in scales):
-                self.prism_disable("fp8 KV cache with per-head scales (Prism's pooling takes one scale per tensor)",
-                                   layer_name)
-                return False
-        elif cache_dtype is not None and act_dtype is not None and cache_dtype != act_dtype:
-            self.prism_disable(
-                f"KV cache dtype {cache_dtype} differs from the activations' {act_dtype}", layer_name
-            )
-            return False
         owner = self._rope_owner() if self._rope_owner is not None else None
-        src = resolve_rotary(owner, self.head_size)
+        layer = getattr(owner, self._layer_attr, None) if owner is not None and self._layer_attr else None
+        name = getattr(layer, "layer_name", "")
+        src = layer_rope_reason(self, owner, layer, fp8=self._fp8)
         if isinstance(src, str):
-            self.prism_disable(src, layer_name)
+            self.prism_disable(src, name)
             return False
         bands = bands_for(src, self.prism_config)
+        device = _layer_device(owner)
         params = PrismParams.make(bands=bands, scale=self.scale, config=self.prism_config, device=device,
                                   softcap=self.logits_soft_cap)
         self.prism_layer = PrismLayer(params=params, description=src.description)
-        logger.debug("prism: %s on Prism (%s)", layer_name, src.description)
+        logger.debug("prism: %s on Prism (%s)", name, src.description)
         return True
 
     def _reserve_workspace(self, vllm_config: VllmConfig) -> None:
@@ -658,8 +616,6 @@ class PrismAttentionImpl(FlashAttentionImpl):
         key = (tuple(k_cache.shape), k_cache.stride())
         reason = self._virtual_kv_reason.get(key, "")
         if reason == "":  # first sight of this cache layout: host-only stride arithmetic, once
-            from prism_vllm.kernels.attend_fa3 import virtual_kv
-
             got = virtual_kv(k_cache, k_cache, launch.plan.block_size)
             reason = got if isinstance(got, str) else None
             self._virtual_kv_reason[key] = reason

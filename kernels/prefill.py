@@ -49,7 +49,7 @@ __all__ = [
     "PrismWorkspace",
     "prism_estimate",
     "prism_prefill",
-    "last_selection",
+    "prism_attend",
     "SUPPORTED_HEAD_DIMS",
 ]
 

@@ -208,7 +208,10 @@ def _model(vc, ropes: list[Optional[dict]], neox: bool = True, **attn_kw) -> lis
     torch.set_default_dtype(DTYPE)
     try:
         with set_current_vllm_config(vc):
-            return [_Owner(i, r, neox, **attn_kw) for i, r in enumerate(ropes)]
+            owners = [_Owner(i, r, neox, **attn_kw) for i, r in enumerate(ropes)]
+            for o in owners:  # what vLLM's model loader does once the weights are in
+                o.attn.process_weights_after_loading(DTYPE)
+            return owners
     finally:
         torch.set_default_dtype(prev)
 
@@ -252,9 +255,9 @@ def test_rotary_layout_read_from_the_model(base_vllm_config, rope, neox, rotary_
 
 def test_missing_rotary_emb_falls_back_with_one_log_line(base_vllm_config, caplog):
     vc = _vllm_config(base_vllm_config)
-    owners = _model(vc, [None, None])
     pb._logged_reasons.clear()
     with caplog.at_level(logging.INFO, logger="prism_vllm.attention_backend"):
+        owners = _model(vc, [None, None])
         builder = pb.PrismMetadataBuilder(_spec(), [o.attn.layer_name for o in owners], vc, torch.device("cpu"))
     assert not builder.prism_on
     assert all("no rotary_emb" in o.attn.impl.prism_reason for o in owners)
@@ -300,7 +303,7 @@ def test_layers_prism_cannot_serve_stay_on_flash_attention(base_vllm_config, kw,
     (owner,) = _model(vc, [ROPE], **kw)
     impl = owner.attn.impl
     assert impl.prism_reason is not None and match in impl.prism_reason
-    assert not impl.prism_prepare(owner.attn.layer_name, torch.device("cpu"), owner.attn)
+    assert not impl.prism_resolve()
 
 
 def test_fp8_kv_cache_stays_on_flash_attention(base_vllm_config):
@@ -315,7 +318,8 @@ def test_non_full_attention_groups_never_plan(base_vllm_config):
     (owner,) = _model(vc, [ROPE])
     spec = SlidingWindowSpec(block_size=16, num_kv_heads=HKV, head_size=D, dtype=DTYPE, sliding_window=64)
     builder = pb.PrismMetadataBuilder(spec, [owner.attn.layer_name], vc, torch.device("cpu"))
-    assert not builder.prism_on and "SlidingWindowSpec" in owner.attn.impl.prism_reason
+    assert not builder.prism_on and "SlidingWindowSpec" in builder.prism_reason
+    assert owner.attn.impl.prism_layer is not None  # the builder reads its layers, never changes them
 
 
 def test_backend_declarations():
