@@ -53,6 +53,7 @@ from prism_vllm.kernels.plan import BlockSelection, PrefillPlan, make_plan
 from prism_vllm.kernels.prefill import Fp8Scales
 from prism_vllm.stats import STATS
 
+from . import break_even
 from .eligibility import group_reason, layer_reason, layer_rope_reason, prism_config_of
 from .rope_source import bands_for
 from .routing import PrefillRoute, route_prism_suffix, split_launches
@@ -105,6 +106,33 @@ def _new_workspace(need: WorkspaceNeed, device: torch.device) -> PrismWorkspace:
         attend_dtype=need.attend_dtype,
     )
     return PrismWorkspace.allocate(sizes, device)
+
+
+_NEVER = 1 << 62  # a min_context_len no sequence reaches
+
+
+def shape_key(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: Any, fa3: bool) -> str:
+    """What the break-even of a layer depends on (measured once per key and process)."""
+    name = str(dtype).replace("torch.", "")
+    return f"{num_q_heads}q/{num_kv_heads}kv d={head_dim} {name} {'fa3' if fa3 else 'triton'}"
+
+
+def _prior_density(cfg: Any) -> float:
+    """Block density assumed before Prism's first sampled launch."""
+    if cfg.all_blocks:
+        return 1.0
+    if cfg.block_budget is not None:
+        return min(break_even.PRIOR_DENSITY, float(cfg.block_budget))
+    return break_even.PRIOR_DENSITY
+
+
+def _limits(vllm_config: Any) -> Optional[tuple[int, int]]:
+    """(max_model_len, max_num_batched_tokens) of the engine, when known."""
+    try:
+        return (int(vllm_config.model_config.max_model_len),
+                int(vllm_config.scheduler_config.max_num_batched_tokens))
+    except (AttributeError, TypeError):
+        return None
 
 
 def _layer_device(owner: Any) -> torch.device:
@@ -274,7 +302,10 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
             return
         self.prism_on = True
         self.prism_num_heads = shapes[0][0]
-        need = _workspace_need(vllm_config, *shapes[0], attend=any(impl.prism_fa3 for _, impl in ready))
+        fa3 = any(impl.prism_fa3 for _, impl in ready)
+        self._shape_key = shape_key(*shapes[0], getattr(vllm_config.model_config, "dtype", None), fa3)
+        self._auto_min_context: Optional[int] = None
+        need = _workspace_need(vllm_config, *shapes[0], attend=fa3)
         lane = POOL.lane_for(self, tuple(layer_names))
         self.workspace = POOL.get(device, lane, need, _new_workspace)
         logger.debug(
@@ -327,10 +358,36 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
             upper,
             cm.num_reqs,
             min_query_len=cfg.min_query_len,
-            min_context_len=cfg.min_context_len,
+            min_context_len=self._min_context_len(),
             decode_threshold=self.decode_threshold,
         )
         return route
+
+    def _min_context_len(self) -> int:
+        """PrismConfig.min_context_len, with "auto" decided from this shape's measured timings at
+        the density Prism has been selecting (host arithmetic; see break_even)."""
+        cfg = self.prism_config
+        if cfg.min_context_len != "auto":
+            return int(cfg.min_context_len)
+        table = break_even.table_for(self._shape_key)
+        if table is None:
+            return cfg.fixed_min_context_len
+        seen = STATS.density_hint()
+        density = seen if seen is not None else _prior_density(cfg)
+        tokens = table.break_even(density)
+        value = tokens if tokens is not None else _NEVER
+        if value != self._auto_min_context:
+            first = self._auto_min_context is None
+            self._auto_min_context = value
+            STATS.record_break_even(self._shape_key, table.summary(density))
+            (logger.info if first else logger.debug)(
+                "Prism: min_context_len=auto for %s: %s at block density %.2f (%s); dense / Prism ms by "
+                "length: %s", self._shape_key,
+                f"Prism from {value} tokens" if tokens is not None else "FlashAttention at every measured length",
+                density, "sampled" if seen is not None else "assumed until the first samples",
+                ", ".join(f"{L // 1024}K {d:.2f}/{table.prism_ms(i, density):.2f}"
+                          for i, (L, d) in enumerate(zip(table.lengths, table.dense_ms))))
+        return value
 
     def _build_split(self, cm: CommonAttentionMetadata, route: PrefillRoute, fast_build: bool, kwargs: dict) -> PrismMetadata:
         ws = self.workspace
@@ -488,6 +545,7 @@ class PrismAttentionImpl(FlashAttentionImpl):
         self.prism_fa3 = self.vllm_flash_attn_version == 3 and self.prism_config.keep_diagonal
         self._virtual_kv_reason: dict[tuple, Optional[str]] = {}
         self._fp8 = is_quantized_kv_cache(self.kv_cache_dtype)
+        self._limits = _limits(vllm_config)
         reason = layer_reason(self, vllm_config, fa3=self.prism_fa3)
         if reason is not None:
             self.prism_disable(reason)
@@ -511,7 +569,29 @@ class PrismAttentionImpl(FlashAttentionImpl):
         """vLLM calls this once the model's weights are loaded (for dummy weights too): resolve
         the layer's RoPE bands and launch parameters, or why it stays on FlashAttention."""
         super().process_weights_after_loading(act_dtype)
-        self.prism_resolve()
+        if self.prism_resolve() and self.prism_config.min_context_len == "auto" and self._limits is not None:
+            self._measure_break_even(act_dtype)
+
+    def _measure_break_even(self, act_dtype: torch.dtype) -> None:
+        """Time dense vs Prism for this layer's shape on this GPU, once per shape and process
+        (before vLLM sizes its KV cache, so the synthetic inputs fit): see break_even."""
+        lp = self.prism_layer
+        device = lp.params.band_high.device
+        if device.type != "cuda":
+            return
+        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+
+        max_model_len, max_tokens = self._limits
+        key = shape_key(self.num_heads, self.num_kv_heads, self.head_size, act_dtype, self.prism_fa3)
+        table = break_even.measure(
+            key, num_q_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
+            dtype=act_dtype, scale=self.scale, params=lp.params, max_model_len=max_model_len,
+            max_num_batched_tokens=max_tokens, flash_attn_varlen_func=flash_attn_varlen_func,
+            fa_version=self.vllm_flash_attn_version, fa3_attend=_FA3() if self.prism_fa3 else None, device=device,
+        )
+        if table is not None and table.seconds:
+            logger.info("Prism: timed dense vs Prism for %s on %s in %.1f s (min_context_len=auto)",
+                        key, torch.cuda.get_device_name(device), table.seconds)
 
     def prism_resolve(self) -> bool:
         """Resolve this layer's Prism state once (idempotent); False if it stays dense.

@@ -212,7 +212,7 @@ class HFEngine:
                        scaling: float | None = None, dropout: float = 0.0, **_: Any):
                 q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
                 ctx = k.shape[0] - q.shape[0]  # > 0 on cached decode steps
-                if q.shape[0] < max(cfg.min_query_len, 2) or k.shape[0] < cfg.min_context_len:
+                if q.shape[0] < max(cfg.min_query_len, 2) or k.shape[0] < cfg.fixed_min_context_len:
                     g = query.shape[1] // key.shape[1]
                     mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool, device=q.device).tril(ctx)
                     o = torch.nn.functional.scaled_dot_product_attention(

@@ -11,15 +11,20 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
-__all__ = ["PrismConfig", "ADDITIONAL_CONFIG_KEY"]
+__all__ = ["PrismConfig", "ADDITIONAL_CONFIG_KEY", "AUTO_FALLBACK_MIN_CONTEXT_LEN"]
 
 #: Key under vLLM's ``additional_config`` that holds Prism's settings.
 ADDITIONAL_CONFIG_KEY = "prism"
 
 #: Block sizes the kernels are built for.
 SUPPORTED_BLOCK_SIZES = (128,)
+
+#: min_context_len when "auto" has no measurement (no CUDA GPU, or the measurement failed): the
+#: end-to-end break-even measured through vLLM on an H200 (SmolLM2-135M with the FA3 attend step,
+#: 2026-12-02, benchmarks/results/speed.json: 40,095 tokens), rounded up to whole blocks.
+AUTO_FALLBACK_MIN_CONTEXT_LEN = 40960
 
 
 @dataclass(frozen=True)
@@ -80,14 +85,17 @@ class PrismConfig:
     end on a full block, so selections stay independent of block-aligned chunking. Costs at most
     one block row per chunk. False: the paper's selection for every row."""
 
-    min_context_len: int = 34816
+    min_context_len: Union[int, str] = "auto"
     """Smallest sequence length (context + this chunk, tokens) at which a prefill chunk is
-    served by Prism; shorter ones go to FlashAttention. Default: the end-to-end break-even
-    measured through vLLM on an H200 (benchmarks/results/speed.json: SmolLM2-135M with YaRN,
-    Prism at its own density took 1.03x FLASH_ATTN's TTFT at 32K and 0.63x at 64K;
-    interpolated 34485 tokens, rounded up to whole blocks). Models with more work per token outside
-    attention, or sparser selections, break even earlier (Llama-3.1-8B at a 10% budget was
-    1.41x faster at 32K): lower it for them."""
+    served by Prism; shorter ones go to FlashAttention. "auto" (default): decided per layer shape
+    on the serving GPU: when the model loads, dense FlashAttention and Prism (estimation + attend
+    step at block densities 0.1-1.0) are timed on synthetic chunks of 4K-64K tokens (a few
+    seconds, once per shape and process), and Prism serves from the shortest length where it takes
+    at most 0.9 of dense's time at the density it has been selecting (0.5 until the first sampled
+    launches); the decision and its timings are in the startup log and /prism/stats. Without a
+    measurement (no CUDA) it is 40960, the end-to-end break-even measured through vLLM on an H200
+    (SmolLM2-135M, 2026-12-02, benchmarks/results/speed.json). An integer fixes the length
+    (0 sends every prefill chunk through Prism)."""
 
     min_query_len: int = 16
     """Smallest prefill chunk (query tokens) served by Prism. Decode and speculative-decode
@@ -120,10 +128,11 @@ class PrismConfig:
                 f"prism.block_budget={self.block_budget!r} is out of range: it is a share of the causal "
                 f"key blocks in (0, 1] (e.g. 0.1 keeps at most 10% of them), or null for no cap."
             )
-        if self.min_context_len < 0:
+        if self.min_context_len != "auto" and (isinstance(self.min_context_len, str) or self.min_context_len < 0):
             raise ValueError(
-                f"prism.min_context_len={self.min_context_len!r} is out of range: use a token count "
-                f">= 0 (0 sends every prefill chunk through Prism)."
+                f"prism.min_context_len={self.min_context_len!r} is out of range: use \"auto\" (the default: "
+                f"measured per layer shape on the GPU) or a token count >= 0 (0 sends every prefill chunk "
+                f"through Prism)."
             )
         if self.min_query_len < 2:
             raise ValueError(
@@ -131,22 +140,29 @@ class PrismConfig:
                 f"(single-token decode rows always stay on FlashAttention)."
             )
 
+    @property
+    def fixed_min_context_len(self) -> int:
+        """min_context_len as a number: "auto" without a measurement is AUTO_FALLBACK_MIN_CONTEXT_LEN."""
+        return AUTO_FALLBACK_MIN_CONTEXT_LEN if self.min_context_len == "auto" else int(self.min_context_len)
+
     def _check_types(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
             v = getattr(self, f.name)
             want = hints[f.name]
-            optional = typing.get_origin(want) is typing.Union and type(None) in typing.get_args(want)
-            base = [a for a in typing.get_args(want) if a is not type(None)][0] if optional else want
+            union = typing.get_origin(want) is typing.Union
+            optional = union and type(None) in typing.get_args(want)
+            bases = [a for a in typing.get_args(want) if a is not type(None)] if union else [want]
+            base = bases[0]
             if v is None and optional:
                 continue
-            ok = isinstance(v, base) and not (base in (int, float) and isinstance(v, bool))
+            ok = any(isinstance(v, b) and not (b in (int, float) and isinstance(v, bool)) for b in bases)
             if base is float and isinstance(v, int) and not isinstance(v, bool):
                 object.__setattr__(self, f.name, float(v))
                 ok = True
             if not ok:
                 raise ValueError(
-                    f"prism.{f.name}={v!r} has the wrong type: expected {base.__name__}"
+                    f"prism.{f.name}={v!r} has the wrong type: expected {' or '.join(b.__name__ for b in bases)}"
                     f"{' or null' if optional else ''} (default {f.default!r})."
                 )
 

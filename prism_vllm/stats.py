@@ -63,6 +63,12 @@ class PrismStats:
             self.launch_ms_samples = 0
             self.fallbacks: dict[str, int] = {}
             self.kernel_failures = 0
+            self.break_even: dict[str, Any] = {}
+            # density_hint(): an asynchronous host copy of the selected-block counter
+            self._hint_host: Any = None
+            self._hint_event: Any = None
+            self._hint_causal = 0
+            self._hint_value: Any = None
 
     # -- hot path (builder, once per step) -------------------------------------------------
     def record_step(
@@ -121,6 +127,33 @@ class PrismStats:
             self.launch_ms_samples += 1
         self._pending = keep
 
+    def density_hint(self) -> Any:
+        """Block density of the sampled launches as far as the host can see it without waiting
+        (None before the first sample): the builder reads it once per step. The device counter is
+        copied to pinned host memory asynchronously; a finished copy updates the value."""
+        ev = self._hint_event
+        if ev is not None and ev.query():
+            self._hint_value = float(self._hint_host.sum()) / self._hint_causal
+            self._hint_event = None
+        if self._hint_event is None and self.causal_blocks > self._hint_causal and self._selected:
+            counters = list(self._selected.values())
+            if counters[0].is_cuda:
+                if self._hint_host is None:
+                    self._hint_host = torch.zeros(len(counters), dtype=torch.int64, pin_memory=True)
+                for i, t in enumerate(counters[: self._hint_host.numel()]):
+                    self._hint_host[i : i + 1].copy_(t, non_blocking=True)
+                self._hint_causal = self.causal_blocks
+                self._hint_event = torch.cuda.Event()
+                self._hint_event.record()
+            else:  # CPU tensors: reading them does not wait for a GPU
+                self._hint_causal = self.causal_blocks
+                self._hint_value = sum(int(t.item()) for t in counters) / self._hint_causal
+        return self._hint_value
+
+    def record_break_even(self, shape: str, summary: dict[str, Any]) -> None:
+        """The automatic min_context_len decision of a layer shape (for /prism/stats)."""
+        self.break_even[shape] = summary
+
     # -- cold path -------------------------------------------------------------------------
     def record_fallback(self, reason: str, layers: int = 1) -> None:
         with self._lock:
@@ -157,6 +190,7 @@ class PrismStats:
                 "sample_every": self.sample_every,
                 "fallback_layers": dict(self.fallbacks),
                 "kernel_failures": self.kernel_failures,
+                "break_even": dict(self.break_even),
             }
 
 
@@ -174,7 +208,8 @@ def collect_stats() -> dict[str, Any]:
     ``prism_launch_ms_mean`` (GPU time of one sampled layer's Prism launch: estimation +
     sparse attention), ``fallback_layers`` (reason -> number of layers served by
     FlashAttention), ``kernel_failures`` (Prism launches that raised; those layers then went
-    dense), plus the sampling bookkeeping.
+    dense), ``break_even`` (layer shape -> the automatic min_context_len decision: the length,
+    the density it used and the timings behind it), plus the sampling bookkeeping.
     """
     return STATS.collect()
 

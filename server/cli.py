@@ -151,6 +151,14 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 def _parse_prism_value(flag: str, name: str, raw: Optional[str]) -> Any:
+    want = typing.get_type_hints(PrismConfig)[name]
+    if typing.get_origin(want) is typing.Union and set(typing.get_args(want)) == {int, str}:
+        if raw is None:
+            raise UsageError(f"{flag} needs a value (an integer or a word such as auto)")
+        try:
+            return int(raw)
+        except ValueError:
+            return raw.strip()  # PrismConfig says which words it takes
     base, optional = _field_type(name)
     if raw is None:
         raise UsageError(f"{flag} needs a value ({base.__name__})")

@@ -83,7 +83,8 @@ def aggregate(replies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ``{"workers_total", "workers_reporting", "tokens": {"sparse", "dense", "dense_prism",
         "dense_flash_attention", "sparse_fraction"}, "block_density", "selected_blocks",
         "causal_blocks", "launch_ms_mean", "launch_ms_samples", "estimation_ms_mean",
-        "estimation_ms_samples", "density_histogram", "fallback_layers", ...max counters}``.
+        "estimation_ms_samples", "density_histogram", "fallback_layers", "break_even",
+        ...max counters}``.
     """
     stats = [r.get("stats") or {} for r in replies if r.get("available")]
     out: dict[str, Any] = {"workers_total": len(replies), "workers_reporting": len(stats)}
@@ -129,6 +130,8 @@ def aggregate(replies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for reason, n in stage.items():
             fallback[reason] += n
     out["fallback_layers"] = dict(fallback)
+    # The automatic min_context_len per layer shape (rank 0's: every rank measures the same shape).
+    out["break_even"] = next((dict(s["break_even"]) for s in stats if s.get("break_even")), {})
     return out
 
 

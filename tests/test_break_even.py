@@ -1,0 +1,124 @@
+"""min_context_len = "auto": the decision from measured timing tables (pure arithmetic), the
+builder using it with the density Prism has been selecting, and what /prism/stats shows.
+The measurement itself needs a CUDA GPU (attention_backend/break_even.measure)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from prism_vllm import PrismConfig, stats  # noqa: E402
+from prism_vllm.attention_backend import break_even as be  # noqa: E402
+from prism_vllm.config import AUTO_FALLBACK_MIN_CONTEXT_LEN  # noqa: E402
+from prism_vllm.kernels import make_plan  # noqa: E402
+
+L = [4096, 8192, 16384, 32768, 65536]
+
+
+def _table(dense, est, attend_at_1, scale_with_density=True):
+    """attend at density rho = rho * attend_at_1 (linear), or flat when not scale_with_density."""
+    att = [[(r if scale_with_density else 1.0) * a for r in be.DENSITIES] for a in attend_at_1]
+    return be.TimingTable(shape="t", lengths=list(L), dense_ms=list(dense), estimate_ms=list(est), attend_ms=att)
+
+
+def test_break_even_interpolates_between_the_last_loss_and_the_first_gain():
+    # dense grows ~quadratically, estimation ~linearly, attend at density 1 costs 1.05x dense
+    dense = [0.1, 0.4, 1.6, 6.4, 25.6]
+    est = [0.2, 0.3, 0.5, 0.9, 1.7]
+    t = _table(dense, est, [1.05 * d for d in dense])
+    # density 0.3: ratios 2.3, 1.07, 0.63, 0.45, 0.38 -> pays from 16K, crossing between 8K and 16K
+    r = [t.prism_ms(i, 0.3) / dense[i] for i in range(5)]
+    assert r[1] > be.MARGIN > r[2]
+    got = t.break_even(0.3)
+    assert 8192 < got < 16384 and got % 128 == 0
+    # denser selections break even later; a tiny one earlier; density 1.0 never pays
+    assert t.break_even(0.6) > got > t.break_even(0.1)
+    assert t.break_even(1.0) is None
+
+
+def test_break_even_needs_every_longer_length_to_pay():
+    dense = [1.0] * 5
+    est = [0.1] * 5
+    att = [0.5, 0.5, 2.0, 0.5, 0.5]  # a loss at 16K: Prism only from 32K on
+    t = _table(dense, est, att, scale_with_density=False)
+    assert 16384 < t.break_even(0.3) <= 32768
+    t2 = _table(dense, est, [0.5] * 5, scale_with_density=False)
+    assert t2.break_even(0.3) == 4096  # pays at every measured length: the shortest one
+
+
+def test_attend_interpolates_in_density_and_clamps():
+    t = _table([1.0] * 5, [0.0] * 5, [1.0] * 5)
+    assert t.prism_ms(0, 0.2) == pytest.approx(0.2)  # between 0.1 and 0.3
+    assert t.prism_ms(0, 0.01) == pytest.approx(0.1)  # below the lowest measured density
+    assert t.prism_ms(0, 1.5) == pytest.approx(1.0)
+
+
+def test_summary_names_the_decision_and_its_numbers():
+    t = _table([0.1, 0.4, 1.6, 6.4, 25.6], [0.2, 0.3, 0.5, 0.9, 1.7], [0.1, 0.4, 1.6, 6.4, 25.6])
+    s = t.summary(0.3)
+    assert s["min_context_len"] == t.break_even(0.3) and s["density"] == 0.3
+    assert [r["tokens"] for r in s["rows"]] == L and s["rows"][2]["dense_ms"] == 1.6
+
+
+def test_measure_without_cuda_gives_no_table():
+    assert be.measure("cpu-shape", num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float16, scale=0.125,
+                      params=None, max_model_len=8192, max_num_batched_tokens=4096, flash_attn_varlen_func=None,
+                      fa_version=None, fa3_attend=None, device=torch.device("cpu")) is None
+    assert be.table_for("cpu-shape") is None
+
+
+def test_fixed_selection_has_sink_diagonal_and_the_density():
+    plan = make_plan([0, 2000], [1000], 4, 128)
+    gen = torch.Generator().manual_seed(0)
+    sel = be._fixed_selection(plan, 4, 0.3, gen, torch.device("cpu"))
+    (m,) = sel.to_masks()
+    qb0 = 1000 // 128
+    causal = torch.arange(m.shape[2])[None, :] <= (qb0 + torch.arange(m.shape[1]))[:, None]
+    assert not (m & ~causal).any()
+    assert m[:, :, 0].all() and m[:, torch.arange(m.shape[1]), qb0 + torch.arange(m.shape[1])].all()
+    dens = float(m.sum()) / float(causal.sum() * 4)
+    assert 0.3 < dens < 0.45  # 0.3 of the blocks plus the forced sink and diagonal
+
+
+def test_density_hint_reads_cpu_counters_without_waiting():
+    st = stats.PrismStats()
+    assert st.density_hint() is None
+    st.selected_counter(torch.device("cpu")).add_(30)
+    st.add_causal_blocks(100)
+    assert st.density_hint() == pytest.approx(0.3)
+
+
+def test_config_auto_is_the_default_and_falls_back_without_a_measurement():
+    cfg = PrismConfig()
+    assert cfg.min_context_len == "auto" and cfg.fixed_min_context_len == AUTO_FALLBACK_MIN_CONTEXT_LEN
+    assert PrismConfig(min_context_len=4096).fixed_min_context_len == 4096
+    with pytest.raises(ValueError, match=r"prism\.min_context_len='soon'.*\"auto\""):
+        PrismConfig(min_context_len="soon")
+
+
+def test_builder_routes_with_the_measured_break_even(monkeypatch):
+    """A builder with min_context_len=auto: no table -> the fixed fallback; a measured table ->
+    its break-even at the prior density, then at the sampled density, recorded for /prism/stats."""
+    from test_backend import _model, _spec, _vllm_config  # the CPU model pieces of the backend tests
+
+    from vllm.config import DeviceConfig, VllmConfig
+
+    from prism_vllm.attention_backend import backend as pb
+
+    vc = _vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu")), prism={"min_context_len": "auto"})
+    (owner,) = _model(vc, [{"rope_theta": 10000.0}])
+    builder = pb.PrismMetadataBuilder(_spec(), [owner.attn.layer_name], vc, torch.device("cpu"))
+    assert builder.prism_on
+    assert builder._min_context_len() == AUTO_FALLBACK_MIN_CONTEXT_LEN
+    t = _table([0.1, 0.4, 1.6, 6.4, 25.6], [0.2, 0.3, 0.5, 0.9, 1.7], [0.1, 0.4, 1.6, 6.4, 25.6])
+    monkeypatch.setitem(be._TABLES, builder._shape_key, t)
+    st = stats.PrismStats()
+    monkeypatch.setattr(pb, "STATS", st)
+    assert builder._min_context_len() == t.break_even(be.PRIOR_DENSITY)
+    st.selected_counter(torch.device("cpu")).add_(10)
+    st.add_causal_blocks(100)  # Prism has been selecting 10% of the blocks
+    assert builder._min_context_len() == t.break_even(0.1) < t.break_even(be.PRIOR_DENSITY)
+    rec = st.collect()["break_even"][builder._shape_key]
+    assert rec["min_context_len"] == t.break_even(0.1) and rec["density"] == 0.1
