@@ -35,6 +35,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from prism_vllm.config import ADDITIONAL_CONFIG_KEY, PrismConfig
 
+from .flags import PRISM_FLAG_PREFIX, UsageError, field_type, parse_prism_value, prism_flag_names
+
 __all__ = [
     "main",
     "ServePlan",
@@ -44,6 +46,7 @@ __all__ = [
     "serve_environment",
     "STATS_WORKER_EXTENSION",
     "ENDPOINT_PLUGIN_NAME",
+    "UsageError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,11 +57,6 @@ STATS_WORKER_EXTENSION = "prism_vllm.server.worker.PrismStatsExtension"
 ENDPOINT_PLUGIN_NAME = "prism_http"
 #: Entry-point name of the general plugin that registers the backend (``vllm.general_plugins``).
 GENERAL_PLUGIN_NAME = "prism"
-PRISM_FLAG_PREFIX = "--prism-"
-
-
-class UsageError(Exception):
-    """A command-line mistake: printed as ``prism-vllm serve: error: ...``, exit status 2."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,53 +125,6 @@ def _nested(keys: list[str], value: Any) -> dict[str, Any]:
     for k in reversed(keys):
         out = {k: out}
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Prism flags
-# --------------------------------------------------------------------------------------------
-def prism_flag_names() -> dict[str, str]:
-    """``--prism-<field>`` flag -> PrismConfig field name."""
-    return {PRISM_FLAG_PREFIX + f.name.replace("_", "-"): f.name for f in fields(PrismConfig)}
-
-
-def _field_type(name: str) -> tuple[type, bool]:
-    """(base type, optional) of a PrismConfig field."""
-    want = typing.get_type_hints(PrismConfig)[name]
-    args = typing.get_args(want)
-    if typing.get_origin(want) is typing.Union and type(None) in args:
-        return [a for a in args if a is not type(None)][0], True
-    return want, False
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _parse_prism_value(flag: str, name: str, raw: Optional[str]) -> Any:
-    base, optional = _field_type(name)
-    if raw is None:
-        raise UsageError(f"{flag} needs a value ({base.__name__})")
-    low = raw.strip().lower()
-    if optional and low in ("none", "null", "auto"):
-        return None
-    try:
-        if base is bool:
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-            raise ValueError
-        if base is int:
-            return int(raw)
-        if base is float:
-            return float(raw)
-    except ValueError:
-        pass
-    else:
-        return raw
-    hint = "true or false" if base is bool else base.__name__
-    raise UsageError(f"{flag}={raw!r} is not a valid {hint}" + (" (or none)" if optional else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +201,7 @@ def plan_serve(args: Sequence[str], bundled_model: Optional[Callable[[], str]] =
                     f"unknown option {name}; Prism's options are: {', '.join(sorted(flags))}"
                 )
             raw, i = _take_value(args, i)
-            prism[flags[canon]] = _parse_prism_value(canon, flags[canon], raw)
+            prism[flags[canon]] = parse_prism_value(canon, flags[canon], raw)
             continue
         if _flag_name(a) == "--additional-config":
             raw, nxt = _take_value(args, i)
@@ -355,7 +306,7 @@ def serve_help() -> str:
     ]
     defaults = PrismConfig()
     for f in fields(PrismConfig):
-        base, optional = _field_type(f.name)
+        base, optional = field_type(f.name)
         kind = "true|false" if base is bool else base.__name__.upper()
         if optional:
             kind += "|none"
@@ -387,7 +338,7 @@ def _run_vllm(argv: list[str]) -> int:
 
 
 def cmd_serve(args: Sequence[str]) -> int:
-    from .bundled import ensure_bundled_model
+    from prism_vllm.bundled import ensure_bundled_model
 
     def bundled() -> str:
         try:
@@ -456,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 description="Print the bundled model's folder, converting it once if needed.",
             )
             sub.parse_args(argv[1:])
-            from .bundled import ensure_bundled_model
+            from prism_vllm.bundled import ensure_bundled_model
 
             try:
                 path = ensure_bundled_model()

