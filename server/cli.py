@@ -35,7 +35,15 @@ from typing import Any, Callable, Optional, Sequence
 
 from prism_vllm.config import ADDITIONAL_CONFIG_KEY, PrismConfig
 
-from .flags import PRISM_FLAG_PREFIX, UsageError, field_type, parse_prism_value, prism_flag_names
+from .flags import (
+    PRISM_FLAG_PREFIX,
+    UsageError,
+    check_model_folder,
+    field_type,
+    flag_note,
+    parse_prism_value,
+    prism_flag_names,
+)
 
 __all__ = [
     "main",
@@ -57,6 +65,11 @@ STATS_WORKER_EXTENSION = "prism_vllm.server.worker.PrismStatsExtension"
 ENDPOINT_PLUGIN_NAME = "prism_http"
 #: Entry-point name of the general plugin that registers the backend (``vllm.general_plugins``).
 GENERAL_PLUGIN_NAME = "prism"
+#: vLLM's own ``serve`` options, for the pinned version (``vllm serve --help`` needs a GPU).
+VLLM_SERVE_DOCS = "https://docs.vllm.ai/en/v0.26.0/cli/serve/"
+NO_GPU = (
+    "no NVIDIA GPU found: serving needs a CUDA GPU (prism-vllm inspect and the test suite run on CPU)"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,8 +192,9 @@ def plan_serve(args: Sequence[str], bundled_model: Optional[Callable[[], str]] =
         bundled_model: returns the bundled model's folder (called only when no model is given;
             it may convert the model). None: leave the model out.
     Raises:
-        UsageError: a ``--prism-*`` flag is unknown or has a bad value, or ``--additional-config``
-            is not a JSON object while ``--prism-*`` flags need merging into it.
+        UsageError: a ``--prism-*`` flag is unknown or has a bad value, ``--additional-config``
+            is not a JSON object while ``--prism-*`` flags need merging into it, or MODEL /
+            ``--model`` is a local path that does not exist.
     """
     args = list(args)
     if any(a in ("-h", "--help") or a.startswith("--help=") for a in args):
@@ -248,6 +262,11 @@ def plan_serve(args: Sequence[str], bundled_model: Optional[Callable[[], str]] =
         rest.pop(0)  # an empty MODEL (e.g. compose's "${PRISM_MODEL:-}") means the bundled one
     has_model = bool(rest) and not rest[0].startswith("-")
     names = {_flag_name(a) for a in rest}
+    for i, a in enumerate(rest):
+        if _flag_name(a) == "--model":
+            check_model_folder(_take_value(rest, i)[0] or "")
+    if has_model:
+        check_model_folder(rest[0])
     if not has_model and not names & {"--model", "--config"} and bundled_model is not None:
         rest.insert(0, bundled_model())
         plan.bundled_model = True
@@ -311,12 +330,14 @@ def serve_help() -> str:
         if optional:
             kind += "|none"
         head = f"  {PRISM_FLAG_PREFIX}{f.name.replace('_', '-')} {kind}"
-        body = f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)!r})"
+        body = " ".join(x for x in (docs.get(f.name, ""), flag_note(f.name)) if x)
+        body += f" (default: {getattr(defaults, f.name)!r})"
         lines.append(head)
         lines += textwrap.wrap(body, width=width, initial_indent=" " * 8, subsequent_indent=" " * 8)
     lines += [
         "",
-        "vLLM's own options: run `vllm serve --help` (or `vllm serve --help=<keyword>`).",
+        f"vLLM's own options: {VLLM_SERVE_DOCS}",
+        "(or `vllm serve --help` on a machine with an NVIDIA GPU: without one it cannot start).",
     ]
     return "\n".join(lines)
 
@@ -337,19 +358,47 @@ def _run_vllm(argv: list[str]) -> int:
     return 0
 
 
+def nvidia_gpu_count() -> Optional[int]:
+    """NVIDIA GPUs on this machine, asked the way vLLM picks its CUDA platform: NVML (which, unlike
+    ``torch.cuda``, creates no CUDA context before vLLM starts its workers, and answers in
+    milliseconds where importing torch takes seconds), Jetson boards (CUDA without NVML) counting
+    as one. None when NVML's Python bindings (nvidia-ml-py, a vLLM dependency) are missing."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 1 if os.path.isfile("/etc/nv_tegra_release") or os.path.exists("/sys/class/tegra-firmware") else 0
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def cmd_serve(args: Sequence[str]) -> int:
     from prism_vllm.bundled import ensure_bundled_model
 
+    def require_gpu() -> None:
+        # Before converting the bundled model (a minute) and before vLLM, whose own answer on a
+        # machine without a GPU is a 60-line traceback ending in "Failed to infer device type".
+        if nvidia_gpu_count() == 0:
+            raise UsageError(NO_GPU)
+
     def bundled() -> str:
+        require_gpu()
         try:
             return str(ensure_bundled_model())
         except (FileNotFoundError, ImportError) as e:
             raise UsageError(f"no MODEL given and the bundled model is unavailable: {e}") from None
 
-    plan = plan_serve(args, bundled_model=bundled)
+    plan = plan_serve(args, bundled_model=bundled)  # argument errors first: they need no GPU
     if plan.show_help:
         print(serve_help())
         return 0
+    if not plan.bundled_model:
+        require_gpu()
     env = serve_environment(os.environ)
     os.environ.update(env)
     if plan.bundled_model:

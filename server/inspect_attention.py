@@ -27,7 +27,7 @@ import torch
 from prism_vllm.attention_maps import InspectResult, LayerResult, attention_modules, load_model, run_inspect
 from prism_vllm.config import PrismConfig
 
-from .flags import UsageError, parse_prism_value, prism_flag_names
+from .flags import UsageError, check_model_folder, flag_note, parse_prism_value, prism_flag_names
 
 __all__ = ["build_parser", "default_layers", "draw_chart", "draw_layer", "main"]
 
@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="prism-inspect", help="output folder (default: ./prism-inspect)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     for flag, name in prism_flag_names().items():
-        p.add_argument(flag, dest=f"prism_{name}", default=None, metavar="VALUE", help=f"PrismConfig.{name}")
+        note = flag_note(name)
+        p.add_argument(flag, dest=f"prism_{name}", default=None, metavar="VALUE",
+                       help=f"PrismConfig.{name}" + (f". {note}" if note else ""))
     return p
 
 
@@ -202,15 +204,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UsageError(f"--tokens {args.tokens} is too short: use at least {2 * cfg.block_size} (two blocks)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_path = args.model
-    if model_path is None:
+    if model_path is not None:
+        check_model_folder(model_path)
+    else:
         from prism_vllm.bundled import ensure_bundled_model
 
         try:
             model_path = str(ensure_bundled_model())
         except (FileNotFoundError, ImportError) as e:
             raise UsageError(f"no --model given and the bundled model is unavailable: {e}") from None
-    tok, model = load_model(model_path, device)
-    ids = tok(text_path.read_text(encoding="utf-8", errors="replace"), return_tensors="pt").input_ids[:, : args.tokens]
+    try:
+        tok, model = load_model(model_path, device)
+    except OSError as e:  # transformers: not a model folder, unknown hub id, offline
+        raise UsageError(f"could not load --model {model_path}: {' '.join(str(e).split())}") from None
+    ids = tok(text_path.read_text(encoding="utf-8", errors="replace"), return_tensors="pt").input_ids
+    if ids.shape[1] < args.tokens:
+        logger.warning("--tokens %d: %s has only %d tokens; using all %d", args.tokens, text_path, ids.shape[1], ids.shape[1])
+    ids = ids[:, : args.tokens]
     if ids.shape[1] < 2 * cfg.block_size:
         raise UsageError(f"{text_path} has only {ids.shape[1]} tokens; Prism needs at least two 128-token blocks")
     n_layers = len(attention_modules(model))

@@ -177,3 +177,31 @@ def test_inspect_rejects_short_text(tmp_path, capsys):
     txt.write_text("too short")
     assert cli.main(["inspect", str(txt), "--tokens", "100"]) == 2
     assert "too short" in capsys.readouterr().err
+
+
+def test_inspect_names_a_missing_model_folder(tmp_path, capsys):
+    from prism_vllm.server import cli
+
+    txt = tmp_path / "t.txt"
+    txt.write_text("word " * 2000)
+    assert cli.main(["inspect", str(txt), "--model", "/nonexistent/model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("prism-vllm inspect: error: model folder /nonexistent/model does not exist (give an existing "
+                   "folder, or a model hub id such as Qwen/Qwen2.5-7B-Instruct)")
+
+
+def test_inspect_says_when_the_text_is_shorter_than_tokens(tmp_path, caplog):
+    from prism_vllm.server import cli
+
+    text = _text_slice(2500)
+    txt = tmp_path / "gpl3-slice.txt"
+    txt.write_text(text)
+    model_dir = _tiny_model_dir(tmp_path, text)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        rc = cli.main(["inspect", str(txt), "--model", str(model_dir), "--tokens", "100000", "--layers", "0",
+                       "--heads", "0", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    n = json.loads((out / "summary.json").read_text())["tokens"]
+    assert n < 100000
+    assert f"--tokens 100000: {txt} has only {n} tokens; using all {n}" in caplog.text
