@@ -260,7 +260,7 @@ def main() -> int:
 
     model = args.model
     if not model:
-        from prism_vllm.server.bundled import ensure_bundled_model
+        from prism_vllm.bundled import ensure_bundled_model
 
         model = str(ensure_bundled_model())
     cmd = [sys.executable, "-m", "prism_vllm.server.cli", "serve", model, "--host", "127.0.0.1",

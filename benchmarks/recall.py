@@ -32,7 +32,7 @@ import torch
 from prism_vllm.config import PrismConfig
 from prism_vllm.reference import band_logits, pool_blocks, select_blocks
 from prism_vllm.rope import Bands, rope_bands
-from prism_vllm.server.inspect_attention import block_attention_mass, probe_rope_layout
+from prism_vllm.attention_maps import block_attention_mass, probe_rope_layout
 
 __all__ = ["CAPTURE_NAME", "block_mass", "capture_qk", "layer_recall", "model_bands", "topk_rows"]
 
@@ -45,7 +45,7 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, block: int, scale: float, chunk
     the rows of each query block (row i sums to the number of rows of block i).
 
     q: [L, HQ, D] at positions 0..L-1, k: [L, HKV, D]. The product's
-    ``prism_vllm.server.inspect_attention.block_attention_mass`` computes the per-row average;
+    ``prism_vllm.attention_maps.block_attention_mass`` computes the per-row average;
     this only scales it back to sums, so recall weights every query row equally.
     """
     L, hq, _ = q.shape
@@ -115,7 +115,7 @@ def layer_recall(
 
 def model_bands(model: Any, cfg: PrismConfig) -> tuple[Bands, int]:
     """Prism's bands for a transformers model, from its own rotary code (NeoX or GPT-J pairing,
-    partial rotary, YaRN-scaled frequencies: ``inspect_attention.probe_rope_layout``).
+    partial rotary, YaRN-scaled frequencies: ``attention_maps.probe_rope_layout``).
     Returns (bands, head_dim)."""
     layout, inv_freq = probe_rope_layout(model)
     hi, lo = cfg.band_dims(layout.rotary_dim)

@@ -15,8 +15,7 @@ Parts (each writes DIR/<part>.json with gpu, date, commit, command and its rows)
              SmolLM2 with YaRN (Prism forced on every chunk, and Prism with PrismConfig's shipped
              defaults); the break-even context length derived from these rows
     llama8b  the same on the Llama-3.1-8B architecture with dummy weights at a fixed block budget
-             (needs PrismConfig.block_budget; skipped while it does not exist), file
-             speed-llama8b.json
+             (random weights give near-uniform attention, hence the budget), file speed-llama8b.json
 
 Each vLLM engine runs in its own subprocess under a hard time limit (GPU memory is freed when it
 exits); a job killed at its limit still reports what it finished. Prism runs with
@@ -411,15 +410,6 @@ class Runner:
             "ttft": "wall time of LLM.generate for one request with max_tokens=1, median over reps after one warm-up"})
         if p.dry:
             doc["model"] = "tiny random Llama standing in for Llama-3.1-8B (dry run)"
-        from prism_vllm.config import PrismConfig
-
-        if "block_budget" not in {f.name for f in dataclasses.fields(PrismConfig)}:
-            why = ("PrismConfig has no 'block_budget' field yet: random weights give near-uniform attention, "
-                   "so these rows need a fixed block budget")
-            doc["skipped"][LLAMA_NAME] = why
-            log(f"{LLAMA_NAME}: skipped, {why}")
-            self.save("llama8b")
-            return
         if not p.llama_lengths:
             self.save("llama8b")
             return

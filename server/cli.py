@@ -35,6 +35,16 @@ from typing import Any, Callable, Optional, Sequence
 
 from prism_vllm.config import ADDITIONAL_CONFIG_KEY, PrismConfig
 
+from .flags import (
+    PRISM_FLAG_PREFIX,
+    UsageError,
+    check_model_folder,
+    field_type,
+    flag_note,
+    parse_prism_value,
+    prism_flag_names,
+)
+
 __all__ = [
     "main",
     "ServePlan",
@@ -44,6 +54,7 @@ __all__ = [
     "serve_environment",
     "STATS_WORKER_EXTENSION",
     "ENDPOINT_PLUGIN_NAME",
+    "UsageError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,11 +65,11 @@ STATS_WORKER_EXTENSION = "prism_vllm.server.worker.PrismStatsExtension"
 ENDPOINT_PLUGIN_NAME = "prism_http"
 #: Entry-point name of the general plugin that registers the backend (``vllm.general_plugins``).
 GENERAL_PLUGIN_NAME = "prism"
-PRISM_FLAG_PREFIX = "--prism-"
-
-
-class UsageError(Exception):
-    """A command-line mistake: printed as ``prism-vllm serve: error: ...``, exit status 2."""
+#: vLLM's own ``serve`` options, for the pinned version (``vllm serve --help`` needs a GPU).
+VLLM_SERVE_DOCS = "https://docs.vllm.ai/en/v0.26.0/cli/serve/"
+NO_GPU = (
+    "no NVIDIA GPU found: serving needs a CUDA GPU (prism-vllm inspect and the test suite run on CPU)"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,61 +141,6 @@ def _nested(keys: list[str], value: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Prism flags
-# --------------------------------------------------------------------------------------------
-def prism_flag_names() -> dict[str, str]:
-    """``--prism-<field>`` flag -> PrismConfig field name."""
-    return {PRISM_FLAG_PREFIX + f.name.replace("_", "-"): f.name for f in fields(PrismConfig)}
-
-
-def _field_type(name: str) -> tuple[type, bool]:
-    """(base type, optional) of a PrismConfig field."""
-    want = typing.get_type_hints(PrismConfig)[name]
-    args = typing.get_args(want)
-    if typing.get_origin(want) is typing.Union and type(None) in args:
-        return [a for a in args if a is not type(None)][0], True
-    return want, False
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _parse_prism_value(flag: str, name: str, raw: Optional[str]) -> Any:
-    want = typing.get_type_hints(PrismConfig)[name]
-    if typing.get_origin(want) is typing.Union and set(typing.get_args(want)) == {int, str}:
-        if raw is None:
-            raise UsageError(f"{flag} needs a value (an integer or a word such as auto)")
-        try:
-            return int(raw)
-        except ValueError:
-            return raw.strip()  # PrismConfig says which words it takes
-    base, optional = _field_type(name)
-    if raw is None:
-        raise UsageError(f"{flag} needs a value ({base.__name__})")
-    low = raw.strip().lower()
-    if optional and low in ("none", "null", "auto"):
-        return None
-    try:
-        if base is bool:
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-            raise ValueError
-        if base is int:
-            return int(raw)
-        if base is float:
-            return float(raw)
-    except ValueError:
-        pass
-    else:
-        return raw
-    hint = "true or false" if base is bool else base.__name__
-    raise UsageError(f"{flag}={raw!r} is not a valid {hint}" + (" (or none)" if optional else ""))
-
-
-# --------------------------------------------------------------------------------------------
 # serve
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -236,8 +192,9 @@ def plan_serve(args: Sequence[str], bundled_model: Optional[Callable[[], str]] =
         bundled_model: returns the bundled model's folder (called only when no model is given;
             it may convert the model). None: leave the model out.
     Raises:
-        UsageError: a ``--prism-*`` flag is unknown or has a bad value, or ``--additional-config``
-            is not a JSON object while ``--prism-*`` flags need merging into it.
+        UsageError: a ``--prism-*`` flag is unknown or has a bad value, ``--additional-config``
+            is not a JSON object while ``--prism-*`` flags need merging into it, or MODEL /
+            ``--model`` is a local path that does not exist.
     """
     args = list(args)
     if any(a in ("-h", "--help") or a.startswith("--help=") for a in args):
@@ -258,7 +215,7 @@ def plan_serve(args: Sequence[str], bundled_model: Optional[Callable[[], str]] =
                     f"unknown option {name}; Prism's options are: {', '.join(sorted(flags))}"
                 )
             raw, i = _take_value(args, i)
-            prism[flags[canon]] = _parse_prism_value(canon, flags[canon], raw)
+            prism[flags[canon]] = parse_prism_value(canon, flags[canon], raw)
             continue
         if _flag_name(a) == "--additional-config":
             raw, nxt = _take_value(args, i)
@@ -305,6 +262,11 @@ def plan_serve(args: Sequence[str], bundled_model: Optional[Callable[[], str]] =
         rest.pop(0)  # an empty MODEL (e.g. compose's "${PRISM_MODEL:-}") means the bundled one
     has_model = bool(rest) and not rest[0].startswith("-")
     names = {_flag_name(a) for a in rest}
+    for i, a in enumerate(rest):
+        if _flag_name(a) == "--model":
+            check_model_folder(_take_value(rest, i)[0] or "")
+    if has_model:
+        check_model_folder(rest[0])
     if not has_model and not names & {"--model", "--config"} and bundled_model is not None:
         rest.insert(0, bundled_model())
         plan.bundled_model = True
@@ -363,17 +325,19 @@ def serve_help() -> str:
     ]
     defaults = PrismConfig()
     for f in fields(PrismConfig):
-        base, optional = _field_type(f.name)
+        base, optional = field_type(f.name)
         kind = "true|false" if base is bool else base.__name__.upper()
         if optional:
             kind += "|none"
         head = f"  {PRISM_FLAG_PREFIX}{f.name.replace('_', '-')} {kind}"
-        body = f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)!r})"
+        body = " ".join(x for x in (docs.get(f.name, ""), flag_note(f.name)) if x)
+        body += f" (default: {getattr(defaults, f.name)!r})"
         lines.append(head)
         lines += textwrap.wrap(body, width=width, initial_indent=" " * 8, subsequent_indent=" " * 8)
     lines += [
         "",
-        "vLLM's own options: run `vllm serve --help` (or `vllm serve --help=<keyword>`).",
+        f"vLLM's own options: {VLLM_SERVE_DOCS}",
+        "(or `vllm serve --help` on a machine with an NVIDIA GPU: without one it cannot start).",
     ]
     return "\n".join(lines)
 
@@ -394,19 +358,47 @@ def _run_vllm(argv: list[str]) -> int:
     return 0
 
 
+def nvidia_gpu_count() -> Optional[int]:
+    """NVIDIA GPUs on this machine, asked the way vLLM picks its CUDA platform: NVML (which, unlike
+    ``torch.cuda``, creates no CUDA context before vLLM starts its workers, and answers in
+    milliseconds where importing torch takes seconds), Jetson boards (CUDA without NVML) counting
+    as one. None when NVML's Python bindings (nvidia-ml-py, a vLLM dependency) are missing."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 1 if os.path.isfile("/etc/nv_tegra_release") or os.path.exists("/sys/class/tegra-firmware") else 0
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def cmd_serve(args: Sequence[str]) -> int:
-    from .bundled import ensure_bundled_model
+    from prism_vllm.bundled import ensure_bundled_model
+
+    def require_gpu() -> None:
+        # Before converting the bundled model (a minute) and before vLLM, whose own answer on a
+        # machine without a GPU is a 60-line traceback ending in "Failed to infer device type".
+        if nvidia_gpu_count() == 0:
+            raise UsageError(NO_GPU)
 
     def bundled() -> str:
+        require_gpu()
         try:
             return str(ensure_bundled_model())
         except (FileNotFoundError, ImportError) as e:
             raise UsageError(f"no MODEL given and the bundled model is unavailable: {e}") from None
 
-    plan = plan_serve(args, bundled_model=bundled)
+    plan = plan_serve(args, bundled_model=bundled)  # argument errors first: they need no GPU
     if plan.show_help:
         print(serve_help())
         return 0
+    if not plan.bundled_model:
+        require_gpu()
     env = serve_environment(os.environ)
     os.environ.update(env)
     if plan.bundled_model:
@@ -464,7 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 description="Print the bundled model's folder, converting it once if needed.",
             )
             sub.parse_args(argv[1:])
-            from .bundled import ensure_bundled_model
+            from prism_vllm.bundled import ensure_bundled_model
 
             try:
                 path = ensure_bundled_model()

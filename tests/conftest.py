@@ -15,6 +15,20 @@ if not HAS_CUDA:
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
+#: Triton 3.6's interpreter turns one-element numpy arrays into Python ints (its ``__index__``
+#: shim), which numpy >= 1.25 deprecates: about 4,000 identical warnings per CPU run, none of
+#: them about our code. Ignored for that message from that module only, and only when the
+#: interpreter runs (pytest re-applies its ini filters around every test, so a plain
+#: warnings.filterwarnings here would be overridden).
+INTERPRETER_NOISE = (
+    "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning:triton.runtime.interpreter"
+)
+
+
+def pytest_configure(config):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        config.addinivalue_line("filterwarnings", INTERPRETER_NOISE)
+
 
 def make_paged_kv(ks, vs, page_size, layout="NHD", seed=0, spare_pages=3):
     """Write per-request K/V ([S_r, HKV, D] each) into a paged cache laid out like vLLM 0.26's

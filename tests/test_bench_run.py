@@ -3,14 +3,12 @@ prompts, its job plumbing (time limits, partial results) and a whole CPU dry run
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
 import re
 import sys
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
@@ -286,9 +284,6 @@ def test_dry_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
         for key in ("gpu", "date", "commit", "command", "rows", "jobs"):
             assert key in d, (part, key)
         assert all(j["status"] == "ok" for j in d["jobs"]), d["jobs"]
-        if part == "llama8b" and d["skipped"]:  # until PrismConfig has block_budget
-            assert not d["rows"] and "block_budget" in d["skipped"][report.LLAMA_NAME]
-            continue
         assert d["rows"], part
         if HAS_MPL:
             assert (out / report.PART_FILES[part].replace(".json", ".png")).is_file()
@@ -302,11 +297,17 @@ def test_dry_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert {(r["backend"], r["length"]) for r in sp["rows"]} == \
         {(b, L) for b in ("dense", "prism", "prism-default") for L in (256, 512, 1024)}
     assert all(r["density"] is not None for r in sp["rows"] if r["backend"] == "prism")
-    # shipped defaults (min_context_len 16K) keep these short prompts off Prism entirely
+    # shipped defaults (min_context_len far above 1024 tokens) keep these short prompts off Prism entirely
     assert all(r["prism_tokens"] == 0 for r in sp["rows"] if r["backend"] == "prism-default")
     assert "break_even" in sp
     # the prism runs really were sparse (lowered thresholds in the dry run)
     assert min(r["density"] for r in sp["rows"] if r["backend"] == "prism") < 1.0
+    # the Llama-8B part runs both backends (the tiny model stands in) with the budget on Prism's rows
+    ll = res["llama8b"]
+    assert not ll["skipped"]
+    assert {(r["backend"], r["length"]) for r in ll["rows"]} == {(b, L) for b in ("dense", "prism") for L in (512, 1024)}
+    assert all(r["block_budget"] == 0.1 for r in ll["rows"] if r["backend"] == "prism")
+    assert "Llama-3.1-8B architecture" in report.markdown({"llama8b": ll})
     capsys.readouterr()
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n## Results\n\n## Limitations\n")
@@ -401,21 +402,3 @@ def test_vllm_engine_tasks_with_a_stand_in_llm(monkeypatch: pytest.MonkeyPatch) 
     assert "density" in speed  # Prism's stats were read through collective_rpc
     assert [c[1] for c in calls if c[0] == "rpc"] == [("reset",), ("sample=1",), ("collect",), ("sample=0",)]
 
-
-def test_llama8b_part_once_block_budget_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a PrismConfig that has block_budget, the Llama-8B part runs both backends (dry run:
-    the tiny model stands in) and labels the Prism rows with the budget."""
-    import prism_vllm.config as config_mod
-
-    @dataclasses.dataclass(frozen=True)
-    class WithBudget(config_mod.PrismConfig):
-        block_budget: Optional[float] = None  # noqa: UP045 - get_type_hints needs it resolvable
-
-    monkeypatch.setattr(config_mod, "PrismConfig", WithBudget)
-    out = tmp_path / "res"
-    assert run.main(["--dry-run", "--only", "llama8b", "--out", str(out)]) == 0
-    d = report.load_results(out)["llama8b"]
-    assert not d["skipped"]
-    assert {(r["backend"], r["length"]) for r in d["rows"]} == {(b, L) for b in ("dense", "prism") for L in (512, 1024)}
-    assert all(r["block_budget"] == 0.1 for r in d["rows"] if r["backend"] == "prism")
-    assert "Llama-3.1-8B architecture" in report.markdown({"llama8b": d})

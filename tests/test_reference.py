@@ -1,14 +1,17 @@
 """The pure-PyTorch reference: pooling, calibration, top-p, selection, sparse attention.
 
-Checked against independent computations (plain loops, torch SDPA) and, when the official
-Prism code is available (env PRISM_OFFICIAL_DIR pointing at a folder holding its `prism/`
-package; not shipped here), against the official estimation on inputs where both apply.
+Checked against independent computations (plain loops, torch SDPA) and against the official
+Prism estimation's own output on seeded inputs, recorded in tests/data/official_selection.json
+by benchmarks/official_selection.py (the official code is never committed; with
+PRISM_OFFICIAL_DIR set, the record is also re-checked against a live run of it).
 """
 
 import itertools
+import json
 import math
 import os
-import sys
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,28 +174,59 @@ def test_batch_equals_per_request():
     assert [tuple(m.shape) for m in masks] == [(4, 3, 3), (4, 1, 2)]
 
 
-OFFICIAL = os.environ.get("PRISM_OFFICIAL_DIR")
+# -- the official code's own selections (recorded; the code itself is never committed) ----------
+OFFICIAL_RECORD = Path(__file__).parent / "data" / "official_selection.json"
+OFFICIAL = json.loads(OFFICIAL_RECORD.read_text())
 
 
-@pytest.mark.skipif(not OFFICIAL, reason="set PRISM_OFFICIAL_DIR to a folder holding the official prism/ package")
-@pytest.mark.parametrize("threshold", [0.8, 0.95])
-def test_selection_matches_the_official_estimation_without_calibration(threshold):
-    """One-shot, block-aligned, NeoX head_dim 128, calibration off: both codes implement the
-    same selection (the official calibrates over the whole chunk, ours causally per block)."""
-    sys.path.insert(0, OFFICIAL)
-    from prism.prism import prism_block_estimate  # type: ignore
+def _ours_on_official_case(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our reference on a recorded case: (mask [H, nq, nk], p_high, p_low [H, nq, nk])."""
+    from benchmarks.official_selection import case_inputs, input_digest
 
-    L, h, d = 1024, 4, 128
-    bands = rope_bands(RopeLayout(d, d), 64, 96)
-    g = torch.Generator().manual_seed(11)
-    q = torch.randn(L, h, d, generator=g)
-    k = torch.randn(L, h, d, generator=g) * 0.5
-    k[::256] *= 4  # some outstanding tokens make a few blocks dominant
-    cfg = PrismConfig(high_threshold=threshold, low_threshold=threshold, calibrate=False)
-    ours = R.select_blocks(R.pool_blocks(q, 0, 128), R.pool_blocks(k, 0, 128), 0, bands, cfg)
-    theirs = prism_block_estimate(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], low_freq_threshold=threshold,
-        high_freq_threshold=threshold, calibrate=False,
-    )[0]
-    causal = torch.arange(8)[None, :] <= torch.arange(8)[:, None]
-    assert torch.equal(ours, theirs & causal)
+    q, k = case_inputs(case)
+    assert input_digest(q, k) == case["input_sha256"], "the seeded inputs changed: re-record (see the JSON's command)"
+    d = OFFICIAL["head_dim"]
+    bands = rope_bands(RopeLayout(d, d), OFFICIAL["high_band_dims"], OFFICIAL["low_band_dims"])
+    cfg = PrismConfig(high_threshold=case["high"], low_threshold=case["low"], calibrate=False,
+                      keep_sink=case["keep"], keep_diagonal=case["keep"])
+    B = OFFICIAL["block_size"]
+    ctx = case["kv_len"] - case["q_len"]
+    qp, kp = R.pool_blocks(q, ctx, B), R.pool_blocks(k, 0, B)
+    qb0 = ctx // B
+    mask = R.select_blocks(qp, kp, qb0, bands, cfg)
+    one = torch.ones(qp.shape[0], qp.shape[1])
+    probs = [torch.softmax(R.band_logits(qp, kp, m, one, qb0), -1) for m in (bands.high, bands.low)]
+    return mask, probs[0], probs[1]
+
+
+def test_official_record_names_its_source():
+    assert re.fullmatch(r"[0-9a-f]{40}", OFFICIAL["official_commit"])
+    assert OFFICIAL["command"].startswith("python -m benchmarks.official_selection") and OFFICIAL["date"]
+    assert len(OFFICIAL["cases"]) >= 5
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL["cases"]))
+def test_selection_matches_the_recorded_official_estimation(name):
+    """Uncalibrated, block-aligned, NeoX head_dim 128: both codes implement the same selection
+    (the official calibrates over the whole chunk, ours causally per block, so only calibrate=False
+    compares). One prefill with and one chunk after context; equal and unequal band thresholds."""
+    case = OFFICIAL["cases"][name]
+    mask, p_high, p_low = _ours_on_official_case(case)
+    theirs = torch.tensor([[[c == "1" for c in row] for row in head] for head in case["mask"]])
+    nq, nk = theirs.shape[1:]
+    causal = torch.arange(nk)[None, :] <= (nk - nq + torch.arange(nq))[:, None]
+    torch.testing.assert_close(p_high, torch.tensor(case["probs_high"]), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(p_low, torch.tensor(case["probs_low"]), atol=1e-6, rtol=1e-5)
+    assert torch.equal(mask, theirs & causal)
+    assert 0.2 < mask.sum() / (causal.sum() * mask.shape[0]) < 0.9  # neither trivial nor everything
+
+
+@pytest.mark.skipif(not os.environ.get("PRISM_OFFICIAL_DIR"),
+                    reason="set PRISM_OFFICIAL_DIR to re-run the official code (bash benchmarks/fetch_official.sh)")
+def test_official_record_is_what_the_official_code_gives_now():
+    from benchmarks.official_selection import run_official
+
+    for name, case in OFFICIAL["cases"].items():
+        got = run_official(Path(os.environ["PRISM_OFFICIAL_DIR"]), case)
+        assert got["mask"] == case["mask"], name
+        torch.testing.assert_close(torch.tensor(got["probs_high"]), torch.tensor(case["probs_high"]))

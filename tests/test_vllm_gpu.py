@@ -330,7 +330,14 @@ def _compare_greedy(ref: dict, got: dict, tol: float = LOGPROB_TOL) -> int:
             assert margin < 2 * tol, f"step {i}: token {b['token']} != {a['token']} with a clear margin {margin:.3f}"
             return i
         assert abs(a["lp"] - b["lp"]) < tol, f"step {i}: logprob {b['lp']:.4f} vs {a['lp']:.4f}"
+    assert len(got["steps"]) == len(ref["steps"]), f"{len(got['steps'])} steps vs {len(ref['steps'])}, no divergence"
     return len(ref["steps"])
+
+
+def _pairs(a: list, b: list) -> zip:
+    """zip() that fails when one side returned fewer results (plain zip would stop silently)."""
+    assert len(a) == len(b), f"{len(a)} results vs {len(b)}"
+    return zip(a, b)
 
 
 def _prism_ran(res: dict) -> dict:
@@ -368,7 +375,7 @@ def test_below_break_even_matches_flash_attention(flash, flash_b, prism, prompts
 def test_all_blocks_matches_flash_attention(flash, prism_dense):
     s = _prism_ran(prism_dense)
     assert s["block_density"] == 1.0  # thresholds 1.0 select every causal block
-    for a, b in zip(flash["results"]["long"], prism_dense["results"]["long"]):
+    for a, b in _pairs(flash["results"]["long"], prism_dense["results"]["long"]):
         print("matched steps:", _compare_greedy(a, b), "of", len(a["steps"]))
 
 
@@ -386,7 +393,7 @@ def test_passkey_retrieval_equals_flash_attention(flash, prism, prism_paper, pro
     _prism_ran(prism)
     _prism_ran(prism_paper)
     keys = prompts["keys"]
-    ok = {name: [k in r["text"] for k, r in zip(keys, res["results"]["passkey"])]
+    ok = {name: [k in r["text"] for k, r in _pairs(keys, res["results"]["passkey"])]
           for name, res in (("FLASH_ATTN", flash), ("prism", prism), ("prism dense_tail=false", prism_paper))}
     for name, v in ok.items():
         print(f"passkey {name:24s} {sum(v)}/{len(keys)} {v}")
@@ -403,7 +410,7 @@ def test_default_thresholds_select_fewer_blocks(prism):
 def test_block_aligned_chunks_match_one_shot(prism_dense, prism_c512):
     """512-token chunks of a prompt prefilled alone start at multiples of 128."""
     _prism_ran(prism_c512)
-    for a, b in zip(prism_dense["results"]["long_serial"], prism_c512["results"]["long_serial"]):
+    for a, b in _pairs(prism_dense["results"]["long_serial"], prism_c512["results"]["long_serial"]):
         print("matched steps:", _compare_greedy(a, b), "of", len(a["steps"]))
 
 
@@ -411,7 +418,7 @@ def test_mid_block_chunks_v1_runner_match_one_shot(prism_dense, prism_c1000):
     _prism_ran(prism_c1000)
     # The runner is chosen by vLLM's own switch (VLLM_USE_V2_MODEL_RUNNER=0 in the fixture); its
     # "Using V2 Model Runner" line is logged in the worker process and not captured here.
-    for a, b in zip(prism_dense["results"]["long_serial"], prism_c1000["results"]["long"]):
+    for a, b in _pairs(prism_dense["results"]["long_serial"], prism_c1000["results"]["long"]):
         print("matched steps:", _compare_greedy(a, b), "of", len(a["steps"]))
 
 
@@ -419,14 +426,14 @@ def test_preemption_and_recompute(prism_dense, prism_preempt):
     _prism_ran(prism_preempt)
     preempted = prism_preempt["metrics"].get("vllm:num_preemptions", 0)
     assert preempted > 0, f"no preemption happened; lower num_gpu_blocks_override ({prism_preempt['metrics']})"
-    for a, b in zip(prism_dense["results"]["long_serial"], prism_preempt["results"]["long"]):
+    for a, b in _pairs(prism_dense["results"]["long_serial"], prism_preempt["results"]["long"]):
         print("matched steps:", _compare_greedy(a, b), "of", len(a["steps"]))
 
 
 def test_prefix_cache_hit_matches_miss(flash, prism_dense):
     rows = prism_dense["results"]["prefix"]
     _compare_greedy(rows[0], rows[1])  # miss, then hit (context not a multiple of 128)
-    for a, b in zip(flash["results"]["prefix"], rows):
+    for a, b in _pairs(flash["results"]["prefix"], rows):
         _compare_greedy(a, b)
 
 
@@ -585,5 +592,5 @@ def test_tensor_parallel_2(prompts, tmp_path):
         MODEL = saved
     assert len(res["stats"]) == 2
     assert all(s["prism_tokens"] > 0 and s["kernel_failures"] == 0 for s in res["stats"])
-    for a, b in zip(ref["results"]["long"], res["results"]["long"]):
+    for a, b in _pairs(ref["results"]["long"], res["results"]["long"]):
         print("matched steps:", _compare_greedy(a, b), "of", len(a["steps"]))

