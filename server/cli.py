@@ -327,6 +327,8 @@ def serve_help() -> str:
     for f in fields(PrismConfig):
         base, optional = field_type(f.name)
         kind = "true|false" if base is bool else base.__name__.upper()
+        if isinstance(getattr(defaults, f.name), str) and base is int:
+            kind += f"|{getattr(defaults, f.name)}"
         if optional:
             kind += "|none"
         head = f"  {PRISM_FLAG_PREFIX}{f.name.replace('_', '-')} {kind}"

@@ -40,8 +40,8 @@ def field_type(name: str) -> tuple[type, bool]:
     """(base type, optional) of a PrismConfig field."""
     want = typing.get_type_hints(PrismConfig)[name]
     args = typing.get_args(want)
-    if typing.get_origin(want) is typing.Union and type(None) in args:
-        return [a for a in args if a is not type(None)][0], True
+    if typing.get_origin(want) is typing.Union:  # Optional[X], or int | str (a count or "auto")
+        return [a for a in args if a is not type(None)][0], type(None) in args
     return want, False
 
 
