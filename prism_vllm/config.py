@@ -38,7 +38,8 @@ class PrismConfig:
 
     block_size: int = 128
     """Tokens per Prism block (query and key side). Blocks are absolute: block j covers
-    positions [j*block_size, (j+1)*block_size) of a request, whatever the chunking."""
+    positions [j*block_size, (j+1)*block_size) of a request, whatever the chunking. Not
+    tunable: only 128 is accepted (the kernels are built for 128-token blocks)."""
 
     high_band_dims: Optional[int] = None
     """Head dimensions in the high-frequency band (the fastest-rotating RoPE pairs).
@@ -215,6 +216,15 @@ class PrismConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def markdown_table(cls) -> str:
+        """The README's configuration table: every field, its default and its docstring."""
+        defaults = cls()
+        rows = ["| field | default | meaning |", "|---|---|---|"]
+        for name, doc in cls.field_docs().items():
+            rows.append(f"| `{name}` | `{getattr(defaults, name)!r}` | {doc} |")
+        return "\n".join(rows)
 
     @classmethod
     def field_docs(cls) -> dict[str, str]:

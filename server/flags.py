@@ -12,7 +12,7 @@ import typing
 from dataclasses import fields
 from typing import Any, Optional
 
-from prism_vllm.config import SUPPORTED_BLOCK_SIZES, PrismConfig
+from prism_vllm.config import PrismConfig
 
 __all__ = [
     "UsageError",
@@ -47,10 +47,7 @@ def field_type(name: str) -> tuple[type, bool]:
 
 def flag_note(name: str) -> str:
     """What the ``--prism-<field>`` help adds to the field's docstring ('' for most fields)."""
-    if name == "block_size":
-        sizes = " or ".join(str(b) for b in SUPPORTED_BLOCK_SIZES)
-        return f"Not tunable: only {sizes} is accepted (the kernels are built for {sizes}-token blocks)."
-    return ""
+    return ""  # the field docstrings say it all today (block_size: "Not tunable: only 128 ...")
 
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -87,3 +87,12 @@ def test_every_field_has_a_docstring():
 def test_block_budget_accepts_an_int_one_as_float():
     assert PrismConfig.from_dict({"block_budget": 1}).block_budget == 1.0
     assert PrismConfig.from_dict({"block_budget": None}).block_budget is None
+
+
+def test_readme_configuration_table_is_the_docstrings():
+    """README's table is PrismConfig.markdown_table() (regenerate it when a field changes)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- config:begin", 1)[1].split("-->", 1)[1].split("<!-- config:end -->", 1)[0]
+    assert block.strip() == PrismConfig.markdown_table().strip()
