@@ -128,11 +128,15 @@ def table_for(shape: str) -> Optional[TimingTable]:
     return _TABLES.get(shape)
 
 
-def _wall_ms(fn: Callable[[], Any], reps: int = 3) -> float:
+#: Timed calls per measurement (after one warm-up call); their median is kept.
+REPS = 3
+
+
+def _wall_ms(fn: Callable[[], Any]) -> float:
     fn()  # warm-up (Triton compiles here on a cold cache)
     torch.cuda.synchronize()
     times = []
-    for _ in range(reps):
+    for _ in range(REPS):
         t0 = time.perf_counter()
         fn()
         torch.cuda.synchronize()

@@ -122,3 +122,24 @@ def test_builder_routes_with_the_measured_break_even(monkeypatch):
     assert builder._min_context_len() == t.break_even(0.1) < t.break_even(be.PRIOR_DENSITY)
     rec = st.collect()["break_even"][builder._shape_key]
     assert rec["min_context_len"] == t.break_even(0.1) and rec["density"] == 0.1
+
+
+def test_measurement_plumbing_on_cpu(monkeypatch):
+    """The GPU-only timing code end to end on tiny shapes: the Triton interpreter for Prism's
+    kernels, reference.paged_varlen_attention standing in for FlashAttention (dense) and for FA3
+    (attend step), no-op synchronisation. Checks the calls and the table, not the times."""
+    from prism_vllm import reference
+    from prism_vllm.kernels import PrismParams
+    from prism_vllm.rope import RopeLayout, rope_bands
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(be, "REPS", 1)
+    cfg = PrismConfig()
+    params = PrismParams.make(bands=rope_bands(RopeLayout(64, 64, True), *cfg.band_dims(64)), scale=0.125,
+                              config=cfg, device="cpu")
+    for fa3, lengths in ((reference.paged_varlen_attention, [256, 640]), (None, [256])):  # FA3 / Triton attend
+        t = be._measure(4, 2, 64, torch.float16, 0.125, params, 1024, 384, reference.paged_varlen_attention,
+                        None, fa3, torch.device("cpu"), lengths)
+        assert t.lengths == lengths and t.chunk == 384
+        assert len(t.attend_ms) == len(lengths) and all(len(r) == len(be.DENSITIES) for r in t.attend_ms)
+        assert all(x > 0 for x in t.dense_ms + t.estimate_ms)
