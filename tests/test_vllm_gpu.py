@@ -15,6 +15,8 @@ selected tests start at once, side by side on the GPU, see ``_Engines``):
     prism_c512    every block, max_num_batched_tokens 512 (chunks cut at block boundaries)
     prism_c1000   every block, max_num_batched_tokens 1000 (chunks start mid-block), runner V1
     prism_preempt every block, a KV cache too small for the batch: preemption and recompute
+    flash_fp8     FLASH_ATTN with --kv-cache-dtype fp8
+    prism_fp8     prism, every block (estimation on), fp8 KV cache: fp8 pooling + FA3 descales
 
 The scheduling-situation engines select every block and are compared with ``prism_dense``: a
 selection at default thresholds is discontinuous (a block at the top-p boundary flips with
@@ -263,6 +265,10 @@ def _engine_specs(p: dict) -> dict[str, tuple[dict, list[dict], dict]]:
         # The paper's selection for every row (dense_tail off): what the tail rule changes.
         "prism_paper": (_prism({"dense_tail": False}, max_num_batched_tokens=8192), _tasks(p, "passkey"), {}),
         "prism_c512": (_prism(ALL_BLOCKS, max_num_batched_tokens=512, max_num_seqs=16), _tasks(p, "long_serial"), {}),
+        # fp8 (e4m3) KV caches: Prism's pooling reads fp8 keys and queries, FA3 gets the descales
+        "flash_fp8": (dict(attention_backend="FLASH_ATTN", max_num_batched_tokens=8192, kv_cache_dtype="fp8"),
+                      _tasks(p, "long"), {}),
+        "prism_fp8": (_prism(ALL_BLOCKS, max_num_batched_tokens=8192, kv_cache_dtype="fp8"), _tasks(p, "long"), {}),
         "prism_c1000": (_prism(ALL_BLOCKS, max_num_batched_tokens=1000, max_num_seqs=16), _tasks(p, "long"),
                         dict(env={"VLLM_USE_V2_MODEL_RUNNER": "0"})),
         # 400 KV blocks of 16 tokens hold one long prompt (~312 blocks) but not two: chunked prefill
@@ -315,9 +321,10 @@ def _engine_fixture(name: str):
     return pytest.fixture(scope="module", name=name)(fixture)
 
 
-flash, flash_b, prism_dense, prism, prism_paper, prism_c512, prism_c1000, prism_preempt = (
+flash, flash_b, prism_dense, prism, prism_paper, prism_c512, prism_c1000, prism_preempt, flash_fp8, prism_fp8 = (
     _engine_fixture(n)
-    for n in ("flash", "flash_b", "prism_dense", "prism", "prism_paper", "prism_c512", "prism_c1000", "prism_preempt")
+    for n in ("flash", "flash_b", "prism_dense", "prism", "prism_paper", "prism_c512", "prism_c1000", "prism_preempt",
+              "flash_fp8", "prism_fp8")
 )
 
 
@@ -427,6 +434,17 @@ def test_preemption_and_recompute(prism_dense, prism_preempt):
     preempted = prism_preempt["metrics"].get("vllm:num_preemptions", 0)
     assert preempted > 0, f"no preemption happened; lower num_gpu_blocks_override ({prism_preempt['metrics']})"
     for a, b in _pairs(prism_dense["results"]["long_serial"], prism_preempt["results"]["long"]):
+        print("matched steps:", _compare_greedy(a, b), "of", len(a["steps"]))
+
+
+def test_fp8_kv_cache_every_block_matches_flash_attention(flash_fp8, prism_fp8):
+    """--kv-cache-dtype fp8: Prism serves the long prompts (no fp8 fallback), estimation reads the
+    fp8 cache and fp8 queries, and with every block selected the greedy outputs follow FLASH_ATTN's
+    on the same fp8 cache."""
+    s = _prism_ran(prism_fp8)
+    assert not any("quantized" in r or "fp8" in r for r in s["fallback_layers"]), s["fallback_layers"]
+    assert s["block_density"] == 1.0
+    for a, b in _pairs(flash_fp8["results"]["long"], prism_fp8["results"]["long"]):
         print("matched steps:", _compare_greedy(a, b), "of", len(a["steps"]))
 
 
