@@ -52,10 +52,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import AtLeast, check, check_block_table, check_gqa, check_plan, check_tensor
+from .params import BLOCK_SIZE
 from .plan import BlockSelection, PrefillPlan
 
 __all__ = [
+    "ATTEND_LAUNCH",
     "AttendBucket",
+    "AttendLaunch",
     "AttendCapacity",
     "AttendPlan",
     "AttendWorkspace",
@@ -75,6 +79,22 @@ MIN_PAGE = 16
 COPY_BYTES = 128 << 20
 TABLE_BYTES = 120 << 20
 ORDERS = {"kv_desc": 0, "head_asc": 1}
+
+
+@dataclass(frozen=True)
+class AttendLaunch:
+    """Launch settings of the two copy kernels (``_virtual_seqs_kernel``, ``_scatter_out_kernel``):
+    memory-bound row copies, one program per virtual sequence."""
+
+    block_j: int = 32
+    """Selected key blocks per page-table tile."""
+    block_t: int = 32
+    """q / output rows per copy tile."""
+    num_warps: int = 4
+
+
+#: The settings of every head dim (a copy's BLOCK_D is the head dim's next power of two).
+ATTEND_LAUNCH = AttendLaunch()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,7 +120,7 @@ def attend_capacity(
     num_q_heads: int,
     head_dim: int,
     element_size: int,
-    block_size: int = 128,
+    block_size: int = BLOCK_SIZE,
 ) -> AttendCapacity:
     """Bucket capacity for a scheduler configuration, within COPY_BYTES + TABLE_BYTES (248 MiB) plus the per-sequence arrays.
 
@@ -222,7 +242,7 @@ class AttendWorkspace:
     """Preallocated buffers of one bucket (see AttendCapacity); shared by every layer."""
 
     def __init__(self, capacity: AttendCapacity, num_q_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: Union[str, torch.device], block_size: int = 128) -> None:
+                 device: Union[str, torch.device], block_size: int = BLOCK_SIZE) -> None:
         self.capacity = capacity
         self.num_q_heads = int(num_q_heads)
         self.head_dim = int(head_dim)
@@ -275,7 +295,7 @@ class VirtualKV:
     slot_mult: int
 
 
-def virtual_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int = 128) -> Union[VirtualKV, str]:
+def virtual_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int = BLOCK_SIZE) -> Union[VirtualKV, str]:
     """The virtual-page view of a paged cache ([NP, PS, HKV, D] views, FlashAttention's), or the
     reason (a sentence) why the cache's strides do not allow one."""
     NP, PS, HKV, D = k_cache.shape
@@ -465,11 +485,6 @@ def _scatter_out_kernel(
 FlashAttnVarlen = Callable[..., Any]
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 def _descales(q_scale: Optional[torch.Tensor], k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
               n_seq: int, n_kv: int) -> dict[str, torch.Tensor]:
     """FA3's descale arguments ([sequences, kv heads] views of per-tensor scales, no copy), as
@@ -483,27 +498,22 @@ def _descales(q_scale: Optional[torch.Tensor], k_scale: Optional[torch.Tensor], 
 
 def _check_launch(q: torch.Tensor, out: torch.Tensor, vkv: VirtualKV, block_table: torch.Tensor,
                   plan: PrefillPlan, ws: Optional[AttendWorkspace]) -> None:
-    _check(q.dim() == 3 and out.shape[1:] == q.shape[1:], f"Invalid q / out shapes {tuple(q.shape)} / {tuple(out.shape)}")
+    # fp8 q (quantized queries with an fp8 KV cache): FA3 writes the model dtype
+    check_tensor("q", q, shape=("T", "HQ", "D"), dtype=(torch.float16, torch.bfloat16, torch.float8_e4m3fn),
+                 last_stride_1=True)
     T, HQ, D = q.shape
-    if q.dtype == torch.float8_e4m3fn:  # quantized queries (fp8 KV cache): FA3 writes bf16/fp16
-        _check(out.dtype in (torch.float16, torch.bfloat16), f"Invalid dtype of out for fp8 q: {out.dtype}")
-    else:
-        _check(q.dtype in (torch.float16, torch.bfloat16) and out.dtype == q.dtype,
-               f"FA3 attend needs float16/bfloat16 q and out of the same dtype, got {q.dtype} / {out.dtype}")
-    _check(vkv.k.dtype == q.dtype, f"KV cache dtype {vkv.k.dtype} differs from q's {q.dtype}; FA3 needs them equal")
-    _check(D % 8 == 0 and D <= 256, f"FA3 attend needs a head dim <= 256 and a multiple of 8, got {D}")
-    _check(HQ % vkv.num_kv_heads == 0, f"HQ={HQ} is not a multiple of HKV={vkv.num_kv_heads}")
-    _check(plan.num_q_heads == HQ, f"plan was built for {plan.num_q_heads} q heads, q has {HQ}")
-    _check(T >= plan.num_tokens and out.shape[0] >= plan.num_tokens,
-           f"q / out have {T} / {out.shape[0]} rows, the plan covers {plan.num_tokens}")
-    _check(q.stride(-1) == 1 and out.stride(-1) == 1, "q and out need a contiguous head dim")
-    _check(block_table.dtype == torch.int32 and block_table.stride(-1) == 1 and block_table.shape[0] >= plan.num_reqs,
-           f"Invalid block_table: expected row-contiguous int32 [>= {plan.num_reqs}, max_pages], got "
-           f"{block_table.dtype} {tuple(block_table.shape)}")
+    check_tensor("out", out, shape=(AtLeast(plan.num_tokens), HQ, D),
+                 dtype=q.dtype if q.dtype != torch.float8_e4m3fn else (torch.float16, torch.bfloat16),
+                 device=q.device, last_stride_1=True)
+    check(vkv.k.dtype == q.dtype, f"KV cache dtype {vkv.k.dtype} differs from q's {q.dtype}; FA3 needs them equal")
+    check(D % 8 == 0 and D <= 256, f"FA3 attend needs a head dim <= 256 and a multiple of 8, got {D}")
+    check_gqa(HQ, vkv.num_kv_heads)
+    check_plan(plan, q.device, num_q_heads=HQ, num_rows=T)
+    check_block_table(block_table, plan, q.device)
     if ws is not None:
-        _check(ws.num_q_heads == HQ and ws.head_dim == D and ws.dtype == out.dtype,
-               f"attend workspace built for HQ={ws.num_q_heads}, D={ws.head_dim}, {ws.dtype}; out is "
-               f"{tuple(out.shape)} {out.dtype}")
+        check(ws.num_q_heads == HQ and ws.head_dim == D and ws.dtype == out.dtype,
+              f"attend workspace built for HQ={ws.num_q_heads}, D={ws.head_dim}, {ws.dtype}; out is "
+              f"{list(out.shape)} {out.dtype}")
 
 
 def virtual_sequences(
@@ -568,10 +578,10 @@ def virtual_sequences(
         PS=vkv.phys_page_size,
         VPS=vkv.page_size,
         PPB=ppb,
-        BLOCK_J=32,
-        BLOCK_T=32,
+        BLOCK_J=ATTEND_LAUNCH.block_j,
+        BLOCK_T=ATTEND_LAUNCH.block_t,
         ORDER=ORDERS[order],
-        num_warps=4,
+        num_warps=ATTEND_LAUNCH.num_warps,
     )
     return dict(
         q=q_virt,
@@ -605,9 +615,9 @@ def scatter_out(o_virt: torch.Tensor, out: torch.Tensor, plan: PrefillPlan, buck
         D=D,
         BLOCK_D=triton.next_power_of_2(D),
         B=plan.block_size,
-        BLOCK_T=32,
+        BLOCK_T=ATTEND_LAUNCH.block_t,
         ORDER=ORDERS[order],
-        num_warps=4,
+        num_warps=ATTEND_LAUNCH.num_warps,
     )
 
 

@@ -25,15 +25,18 @@ reads its block's rows in BLOCK_T-row tiles and accumulates in float32.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ._checks import AtLeast, check, check_block_table, check_plan, check_tensor
+from .params import PrismParams
 from .plan import PrefillPlan
 
-__all__ = ["pool_queries", "pool_keys_paged"]
+__all__ = ["PoolingLaunch", "pool_queries", "pool_keys_paged", "pooling_launch"]
 
 
 @triton.jit
@@ -184,11 +187,6 @@ def _pool_keys_paged_kernel(
         tl.store(s_ptr + stride_sp, mean - hi, mask=hd_mask)
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 #: Element types of q / k_cache: the model dtypes, plus vLLM's fp8 (e4m3, "fp8" / "fp8_e4m3" KV
 #: cache and FlashAttention's quantised queries) which needs a dequantisation scale.
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -198,21 +196,21 @@ _FP8 = torch.float8_e4m3fn
 def _check_scale(name: str, x: torch.Tensor, scale_name: str, scale: Optional[torch.Tensor]) -> bool:
     """Validate the (dtype, scale) pair of q or k_cache; returns whether the kernel dequantises."""
     if x.dtype == _FP8:
-        _check(
+        check(
             isinstance(scale, torch.Tensor),
             f"{name} is float8_e4m3fn: pass {scale_name}, its per-tensor dequantisation scale "
             f"(value = fp8 * scale; vLLM: layer._{scale_name}) as a float32 tensor of 1 element on "
             f"{x.device}, got {type(scale).__name__}",
         )
-        _check(
+        check(
             scale.dtype == torch.float32 and scale.numel() == 1,
             f"Invalid {scale_name}: expected a float32 tensor of 1 element (per-tensor scale), got "
             f"{scale.dtype} {tuple(scale.shape)}; per-head fp8 scales are not supported, serve such "
             f"layers with FlashAttention",
         )
-        _check(scale.device == x.device, f"{scale_name} is on {scale.device}, {name} on {x.device}")
+        check_tensor(scale_name, scale, device=x.device)
         return True
-    _check(
+    check(
         x.dtype in _FLOAT_DTYPES,
         f"Invalid dtype of {name}: expected float16, bfloat16, float32 or float8_e4m3fn, got {x.dtype}"
         + (
@@ -222,20 +220,31 @@ def _check_scale(name: str, x: torch.Tensor, scale_name: str, scale: Optional[to
             else ""
         ),
     )
-    _check(
+    check(
         scale is None,
         f"{scale_name} is only for a float8_e4m3fn {name}; {name} is {x.dtype}: pass {scale_name}=None",
     )
     return False
 
 
-def _tile_sizes(H: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_H, BLOCK_D): about 8K elements per loaded tile (16 KB of fp16/bf16), so a
-    program keeps several row loads in flight without spilling."""
-    block_d = triton.next_power_of_2(D)
-    block_h = min(triton.next_power_of_2(H), max(1, 1024 // block_d))
+@dataclass(frozen=True)
+class PoolingLaunch:
+    """Launch settings of both pooling kernels: one program per (block, BLOCK_H heads) reads its
+    block in BLOCK_T-row tiles of [BLOCK_T, BLOCK_H, BLOCK_D] elements."""
+
+    block_t: int
+    block_h: int
+    block_d: int
+    num_warps: int = 4
+
+
+def pooling_launch(num_heads: int, head_dim: int) -> PoolingLaunch:
+    """About 8K elements per loaded tile (16 KB of fp16/bf16), so a program keeps several row
+    loads in flight without spilling."""
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = min(triton.next_power_of_2(num_heads), max(1, 1024 // block_d))
     block_t = max(1, min(32, 8192 // (block_h * block_d)))
-    return block_t, block_h, block_d
+    return PoolingLaunch(block_t=block_t, block_h=block_h, block_d=block_d)
 
 
 def pool_queries(
@@ -257,21 +266,15 @@ def pool_queries(
     Returns:
         out. One kernel launch; no host sync, no allocation.
     """
-    _check(q.dim() == 3, f"Invalid shape of q: expected [T, HQ, D], got {tuple(q.shape)}")
+    check_tensor("q", q, shape=("T", "HQ", "D"))
     T, H, D = q.shape
     has_scale = _check_scale("q", q, "q_scale", q_scale)
-    _check(T >= plan.num_tokens, f"q has {T} rows, the plan covers {plan.num_tokens}")
-    _check(
-        out.dim() == 3 and out.shape[0] >= plan.num_q_blocks and tuple(out.shape[1:]) == (H, D),
-        f"Invalid shape of out: expected [>= {plan.num_q_blocks}, {H}, {D}], got {tuple(out.shape)}",
-    )
-    _check(out.dtype == torch.float32, f"Invalid dtype of out: expected float32, got {out.dtype}")
-    _check(out.device == q.device, f"out is on {out.device}, q on {q.device}")
-    _check(plan.qb_abs.device == q.device, f"plan is on {plan.qb_abs.device}, q on {q.device}; use plan.to(device)")
+    check_plan(plan, q.device, num_rows=T)
+    check_tensor("out", out, shape=(AtLeast(plan.num_q_blocks), H, D), dtype=torch.float32, device=q.device)
     if plan.num_q_blocks == 0:
         return out
-    bt, bh, bd = _tile_sizes(H, D)
-    grid = (plan.num_q_blocks, triton.cdiv(H, bh))
+    ln = pooling_launch(H, D)
+    grid = (plan.num_q_blocks, triton.cdiv(H, ln.block_h))
     _pool_queries_kernel[grid](
         q=q,
         q_scale=q_scale if has_scale else out,  # unused pointer when HAS_SCALE is False
@@ -290,11 +293,11 @@ def pool_queries(
         H=H,
         D=D,
         B=plan.block_size,
-        BLOCK_T=bt,
-        BLOCK_H=bh,
-        BLOCK_D=bd,
+        BLOCK_T=ln.block_t,
+        BLOCK_H=ln.block_h,
+        BLOCK_D=ln.block_d,
         HAS_SCALE=has_scale,
-        num_warps=4,
+        num_warps=ln.num_warps,
     )
     return out
 
@@ -305,8 +308,7 @@ def pool_keys_paged(
     plan: PrefillPlan,
     out: torch.Tensor,
     energy_out: Optional[torch.Tensor] = None,
-    band_high: Optional[torch.Tensor] = None,
-    band_low: Optional[torch.Tensor] = None,
+    params: Optional[PrismParams] = None,
     split_out: Optional[torch.Tensor] = None,
     k_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -326,7 +328,8 @@ def pool_keys_paged(
             receives, per pooled key k, (|k|^2, |k * band_high|^2, |k * band_low|^2), the key
             statistics of Prism's energy calibration (``select_blocks(..., key_energy=...)``),
             so the selection does not recompute them.
-        band_high, band_low: float32 [D] 0/1 band masks; required with energy_out.
+        params: the layer's PrismParams, whose band masks the energies use; required with
+            energy_out.
         split_out: optional float32 [>= plan.num_k_blocks, HKV, 2, D] (last dim contiguous):
             receives each pooled key as an exact sum hi + lo of two tf32-representable parts
             (``select_blocks(..., pooled_k_split=...)`` then scores with three plain tf32
@@ -339,63 +342,32 @@ def pool_keys_paged(
     Returns:
         out. One kernel launch; no host sync, no allocation.
     """
-    _check(
-        k_cache.dim() == 4,
-        f"Invalid shape of k_cache: expected [num_pages, page_size, HKV, D], got {tuple(k_cache.shape)}",
-    )
+    check_tensor("k_cache", k_cache, shape=("num_pages", "page_size", "HKV", "D"))
     NP, PS, H, D = k_cache.shape
+    dev = k_cache.device
     has_scale = _check_scale("k_cache", k_cache, "k_scale", k_scale)
-    _check(PS >= 1, f"Invalid page size {PS}")
-    _check(
-        block_table.dim() == 2 and block_table.dtype == torch.int32 and block_table.shape[0] >= plan.num_reqs,
-        f"Invalid block_table: expected int32 [>= {plan.num_reqs}, max_pages], got {block_table.dtype} "
-        f"{tuple(block_table.shape)}",
-    )
-    _check(block_table.stride(1) == 1, f"block_table must be row-contiguous, got strides {block_table.stride()}")
-    _check(
-        out.dim() == 3 and out.shape[0] >= plan.num_k_blocks and tuple(out.shape[1:]) == (H, D),
-        f"Invalid shape of out: expected [>= {plan.num_k_blocks}, {H}, {D}], got {tuple(out.shape)}",
-    )
-    _check(out.dtype == torch.float32, f"Invalid dtype of out: expected float32, got {out.dtype}")
-    for name, t in (("block_table", block_table), ("out", out), ("plan", plan.kb_req)):
-        _check(t.device == k_cache.device, f"{name} is on {t.device}, k_cache on {k_cache.device}")
-    if energy_out is not None:
-        _check(
-            energy_out.dtype == torch.float32
-            and energy_out.dim() == 3
-            and energy_out.shape[0] >= plan.num_k_blocks
-            and tuple(energy_out.shape[1:]) == (H, 3)
-            and energy_out.stride(2) == 1,
-            f"Invalid energy_out: expected float32 [>= {plan.num_k_blocks}, {H}, 3] with a contiguous last dim, "
-            f"got {energy_out.dtype} {tuple(energy_out.shape)}",
+    check(PS >= 1, f"Invalid page size {PS}")
+    check_plan(plan, dev)
+    check_block_table(block_table, plan, dev)
+    nkb = AtLeast(plan.num_k_blocks)
+    check_tensor("out", out, shape=(nkb, H, D), dtype=torch.float32, device=dev)
+    has_e = energy_out is not None
+    if has_e:
+        check_tensor("energy_out", energy_out, shape=(nkb, H, 3), dtype=torch.float32, device=dev, last_stride_1=True)
+        check(
+            isinstance(params, PrismParams),
+            f"energy_out needs params: the layer's PrismParams, whose band_high / band_low masks the energies "
+            f"use; got {type(params).__name__}",
         )
-        for name, band in (("band_high", band_high), ("band_low", band_low)):
-            _check(
-                band is not None and band.dtype == torch.float32 and band.shape == (D,) and band.is_contiguous(),
-                f"energy_out needs {name}: a contiguous float32 [{D}] 0/1 mask, got "
-                f"{None if band is None else (band.dtype, tuple(band.shape))}",
-            )
-            _check(band.device == k_cache.device, f"{name} is on {band.device}, k_cache on {k_cache.device}")
-        _check(
-            energy_out.device == k_cache.device, f"energy_out is on {energy_out.device}, k_cache on {k_cache.device}"
-        )
-    if split_out is not None:
-        _check(
-            split_out.dtype == torch.float32
-            and split_out.dim() == 4
-            and split_out.shape[0] >= plan.num_k_blocks
-            and tuple(split_out.shape[1:]) == (H, 2, D)
-            and split_out.stride(3) == 1
-            and split_out.device == k_cache.device,
-            f"Invalid split_out: expected float32 [>= {plan.num_k_blocks}, {H}, 2, {D}] with a contiguous last dim "
-            f"on {k_cache.device}, got {split_out.dtype} {tuple(split_out.shape)} on {split_out.device}",
-        )
+        check(params.head_dim == D, f"params has band masks of {params.head_dim} dims, k_cache's head dim is {D}")
+        check_tensor("params.band_high", params.band_high, device=dev)
+    has_s = split_out is not None
+    if has_s:
+        check_tensor("split_out", split_out, shape=(nkb, H, 2, D), dtype=torch.float32, device=dev, last_stride_1=True)
     if plan.num_k_blocks == 0:
         return out
-    bt, bh, bd = _tile_sizes(H, D)
-    grid = (plan.num_k_blocks, triton.cdiv(H, bh))
-    has_e = energy_out is not None
-    has_s = split_out is not None
+    ln = pooling_launch(H, D)
+    grid = (plan.num_k_blocks, triton.cdiv(H, ln.block_h))
     _pool_keys_paged_kernel[grid](
         k_cache=k_cache,
         k_scale=k_scale if has_scale else out,  # unused pointer when HAS_SCALE is False
@@ -403,8 +375,8 @@ def pool_keys_paged(
         out=out,
         energy_out=energy_out if has_e else out,
         split_out=split_out if has_s else out,
-        band_hi=band_high if has_e else out,
-        band_lo=band_low if has_e else out,
+        band_hi=params.band_high if has_e else out,
+        band_lo=params.band_low if has_e else out,
         cu_kb=plan.cu_kb,
         seq_lens=plan.seq_lens,
         kb_req=plan.kb_req,
@@ -425,12 +397,12 @@ def pool_keys_paged(
         H=H,
         D=D,
         B=plan.block_size,
-        BLOCK_T=bt,
-        BLOCK_H=bh,
-        BLOCK_D=bd,
+        BLOCK_T=ln.block_t,
+        BLOCK_H=ln.block_h,
+        BLOCK_D=ln.block_d,
         ENERGY=has_e,
         SPLIT=has_s,
         HAS_SCALE=has_scale,
-        num_warps=4,
+        num_warps=ln.num_warps,
     )
     return out

@@ -60,6 +60,7 @@ i = m % QR, which is query block g0 + i // G_PAD and q head kvh * G + i % G_PAD.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -68,11 +69,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import AtLeast, check, check_gqa, check_plan, check_selection_buffers, check_tensor
+from .params import PrismParams
 from .plan import PrefillPlan
 
-__all__ = ["select_blocks", "selection_launch_config", "SelectionTuning", "DEFAULT_TUNING"]
+__all__ = ["select_blocks", "selection_launches", "SelectionLaunch", "SelectionTuning", "DEFAULT_TUNING"]
 
-_EPS = 1e-6  # the reference's clamp on rms values and temperatures
 _PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
@@ -708,11 +710,6 @@ def _select_multipass_kernel(
         tl.store(sel_cnt + gq.to(tl.int64) * HQ + hq, count, mask=okq)
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 _DC = 16  # head-dim chunk of one tl.dot: small fp32 operands in registers / shared memory
 _MIN_LEVEL = 16
 
@@ -747,33 +744,51 @@ class SelectionTuning:
 DEFAULT_TUNING = SelectionTuning()
 
 
-def _resident_launch(t: SelectionTuning, g_pad: int, nk_pad: int, lvl_lo: int, lvl_hi: int) -> dict:
+@dataclass(frozen=True)
+class SelectionLaunch:
+    """One launch of a selection: the kernel (``path``), the rows it serves and its settings."""
+
+    path: str
+    """"resident" (_select_resident_kernel) or "multipass" (_select_multipass_kernel)."""
+    lvl_lo: int
+    lvl_hi: int
+    """Rows of length I + 1 in (lvl_lo, lvl_hi] are this launch's."""
+    block_g: int
+    """Query blocks per program."""
+    qr: int
+    """q rows of one band per program (block_g * G padded, >= 8 so that 2 * QR >= 16 for tl.dot)."""
+    num_warps: int
+    num_stages: int
+    nk_pad: int = 0
+    """Resident: key blocks held per register row."""
+    bn: int = 0
+    """Multi-pass: key blocks per streamed tile."""
+    ncand: int = 0
+    """Multi-pass: thresholds tested per pass."""
+
+
+def _resident_launch(t: SelectionTuning, g_pad: int, nk_pad: int, lvl_lo: int, lvl_hi: int) -> SelectionLaunch:
     block_g = max(1, min(t.max_q_rows // g_pad, t.resident_elems // (2 * g_pad * nk_pad)))
     block_g = 1 << (block_g.bit_length() - 1)  # power of two
     qr = max(8, block_g * g_pad)  # 2 * QR >= 16 rows for tl.dot
     elems = 2 * qr * nk_pad
     warps = max(4, min(16, elems // (32 * t.elems_per_thread)))
     stages = 2 if nk_pad * _DC * 4 * 2 <= 160 * 1024 else 1
-    return dict(path="resident", lvl_lo=lvl_lo, lvl_hi=lvl_hi, BLOCK_G=block_g, QR=qr, NK_PAD=nk_pad,
-                num_warps=warps, num_stages=stages)
+    return SelectionLaunch(path="resident", lvl_lo=lvl_lo, lvl_hi=lvl_hi, block_g=block_g, qr=qr, nk_pad=nk_pad,
+                           num_warps=warps, num_stages=stages)
 
 
-def selection_launch_config(
+def selection_launches(
     num_q_heads: int,
     num_kv_heads: int,
     max_k_blocks: int,
     all_blocks: bool = False,
     resident_max_blocks: Optional[int] = None,
     tuning: Optional[SelectionTuning] = None,
-) -> list[dict]:
-    """The launches of one selection for a plan's shape (host ints only).
-
-    Each is a dict: path ("resident" or "multipass"), the row lengths it serves
-    (lvl_lo, lvl_hi], BLOCK_G (query blocks per program), QR (padded q rows per band),
-    NK_PAD (resident) or BN / NCAND (multi-pass), num_warps, num_stages. Every row belongs to
-    exactly one launch. ``resident_max_blocks`` lowers the longest resident row (tests use it to
-    exercise the multi-pass path on small shapes).
-    """
+) -> list[SelectionLaunch]:
+    """The launches of one selection for a plan's shape (host ints only): every row belongs to
+    exactly one. ``resident_max_blocks`` lowers the longest resident row (tests use it to
+    exercise the multi-pass path on small shapes)."""
     t = DEFAULT_TUNING if tuning is None else tuning
     G = num_q_heads // num_kv_heads
     g_pad = triton.next_power_of_2(G)
@@ -782,14 +797,15 @@ def selection_launch_config(
     # One query block per program must fit, in up to twice the budget (at 16 warps).
     cap = min(cap, 2 * t.resident_elems // (2 * max(8, g_pad)))
     mp_block_g = max(1, 16 // g_pad)
-    multipass = dict(path="multipass", lvl_lo=0, lvl_hi=2**31 - 1, BLOCK_G=mp_block_g, QR=max(8, mp_block_g * g_pad),
-                     BN=32, NCAND=8, num_warps=t.multipass_warps, num_stages=2)
+    multipass = SelectionLaunch(path="multipass", lvl_lo=0, lvl_hi=2**31 - 1, block_g=mp_block_g,
+                                qr=max(8, mp_block_g * g_pad), bn=32, ncand=8, num_warps=t.multipass_warps,
+                                num_stages=2)
     if all_blocks:  # nothing to score: the multi-pass kernel's tiled emission serves any length
         return [multipass]
     launches = []
     nk = nk_top
     if nk > cap:
-        launches.append(dict(multipass, lvl_lo=cap))
+        launches.append(dataclasses.replace(multipass, lvl_lo=cap))
         nk = cap
     lowest = max(_MIN_LEVEL, nk >> (t.levels - 1))
     while nk >= lowest and nk >= _MIN_LEVEL:
@@ -802,20 +818,13 @@ def select_blocks(
     pooled_q: torch.Tensor,
     pooled_k: torch.Tensor,
     plan: PrefillPlan,
-    band_high: torch.Tensor,
-    band_low: torch.Tensor,
-    high_threshold: float,
-    low_threshold: float,
-    calibrate: bool,
-    keep_sink: bool,
-    keep_diagonal: bool,
+    params: PrismParams,
     sel_idx: torch.Tensor,
     sel_cnt: torch.Tensor,
     temps_out: Optional[torch.Tensor] = None,
     *,
     key_energy: Optional[torch.Tensor] = None,
     pooled_k_split: Optional[torch.Tensor] = None,
-    block_budget: Optional[float] = None,
     precision: str = "tf32x3",
     resident_max_blocks: Optional[int] = None,
     tuning: Optional[SelectionTuning] = None,
@@ -831,114 +840,60 @@ def select_blocks(
         pooled_q: [>= NQB, HQ, D] float32 pooled queries (``pool_queries``), any strides.
         pooled_k: [>= NKB, HKV, D] float32 pooled keys (``pool_keys_paged``), any strides.
         plan: the launch's PrefillPlan on the same device (plan.num_q_heads == HQ).
-        band_high, band_low: [D] float32 0/1 masks of the two RoPE bands (each >= 1 dim).
-        high_threshold, low_threshold: top-p mass per band in (0, 1]; 1.0 keeps every block.
-        calibrate: energy calibration (False: temperature 1).
-        keep_sink, keep_diagonal: always keep block 0 / the query block's own block.
+        params: the layer's PrismParams (validated when built): band masks, top-p thresholds,
+            calibration, sink / diagonal, block budget.
         sel_idx: int16 [>= plan.sel_capacity], written (only the first sel_cnt entries per row).
         sel_cnt: int32 [>= NQB * HQ], written.
         temps_out: optional float32 [>= NQB, HQ, 2], contiguous: receives the logit multipliers
             1 / (sqrt(d_band) * t_band) (high, low) of estimated rows (not written for dense
             requests, nor at all when a threshold is 1.0, which selects every block anyway).
-        precision: tl.dot precision of the fp32 scores: "tf32x3" (default: tensor cores, three
-            tf32 products per fp32 product, ~fp32 accuracy), "ieee" (fp32 FMA on CUDA cores, the
-            reference's arithmetic, several times slower) or "tf32" (fastest, ~1e-3 relative:
-            flips blocks near the top-p boundary). The CPU interpreter computes all three in fp32.
         key_energy: optional float32 [>= NKB, HKV, 3] per-block key energies (all dims, high
-            band, low band) from ``pool_keys_paged(..., energy_out=...)`` with the same bands;
+            band, low band) from ``pool_keys_paged(..., energy_out=...)`` with the same params;
             without it the kernels recompute them from pooled_k (one more pass over the keys).
         pooled_k_split: optional float32 [>= NKB, HKV, 2, D] tf32 (hi, lo) parts of pooled_k from
             ``pool_keys_paged(..., split_out=...)``; with precision "tf32x3" the resident path then
             scores with plain tf32 products of pre-split keys (same accuracy, fewer instructions).
-        block_budget: optional cap in (0, 1]: a row with I + 1 causal blocks keeps at most
-            ceil(block_budget * (I + 1)) of its selected blocks, the sink/diagonal first, then
-            the highest max(p_high, p_low) (``reference.cap_to_budget``); None: no cap.
+        precision: tl.dot precision of the fp32 scores: "tf32x3" (default: tensor cores, three
+            tf32 products per fp32 product, ~fp32 accuracy), "ieee" (fp32 FMA on CUDA cores, the
+            reference's arithmetic, several times slower) or "tf32" (fastest, ~1e-3 relative:
+            flips blocks near the top-p boundary). The CPU interpreter computes all three in fp32.
         resident_max_blocks: override of the longest row kept on chip (tests).
         tuning: launch knobs (default DEFAULT_TUNING; see SelectionTuning).
 
     Returns:
         (sel_idx, sel_cnt). A few kernel launches (one per row-length level, see
-        ``selection_launch_config``); no host sync, no allocation.
+        ``selection_launches``); no host sync, no allocation.
     """
-    _check(pooled_q.dim() == 3, f"Invalid shape of pooled_q: expected [NQB, HQ, D], got {tuple(pooled_q.shape)}")
-    _check(pooled_k.dim() == 3, f"Invalid shape of pooled_k: expected [NKB, HKV, D], got {tuple(pooled_k.shape)}")
+    check_tensor("pooled_q", pooled_q, shape=(AtLeast(plan.num_q_blocks), "HQ", "D"), dtype=torch.float32)
     _, HQ, D = pooled_q.shape
-    HKV = pooled_k.shape[1]
-    _check(pooled_q.shape[0] >= plan.num_q_blocks, f"pooled_q has {pooled_q.shape[0]} rows, plan: {plan.num_q_blocks}")
-    _check(pooled_k.shape[0] >= plan.num_k_blocks, f"pooled_k has {pooled_k.shape[0]} rows, plan: {plan.num_k_blocks}")
-    _check(pooled_k.shape[2] == D, f"Invalid shape of pooled_k: head dim {pooled_k.shape[2]} != pooled_q's {D}")
-    _check(HKV >= 1 and HQ % HKV == 0, f"HQ={HQ} q heads is not a multiple of HKV={HKV} kv heads")
-    _check(plan.num_q_heads == HQ, f"plan was built for {plan.num_q_heads} q heads, pooled_q has {HQ}")
-    for name, t in (("pooled_q", pooled_q), ("pooled_k", pooled_k), ("band_high", band_high), ("band_low", band_low)):
-        _check(t.dtype == torch.float32, f"Invalid dtype of {name}: expected float32, got {t.dtype}")
-    for name, t in (("band_high", band_high), ("band_low", band_low)):
-        _check(
-            t.dim() == 1 and t.numel() == D and t.is_contiguous(),
-            f"Invalid {name}: expected contiguous [{D}], got {tuple(t.shape)}",
-        )
-    for name, v in (("high_threshold", high_threshold), ("low_threshold", low_threshold)):
-        _check(0.0 < float(v) <= 1.0, f"{name}={v!r} is out of range: a top-p mass in (0, 1]")
-    _check(
-        sel_idx.dtype == torch.int16 and sel_idx.dim() == 1 and sel_idx.numel() >= plan.sel_capacity,
-        f"Invalid sel_idx: expected int16 [>= {plan.sel_capacity}], got {sel_idx.dtype} {tuple(sel_idx.shape)}",
-    )
-    _check(
-        sel_cnt.dtype == torch.int32 and sel_cnt.dim() == 1 and sel_cnt.numel() >= plan.num_q_blocks * HQ,
-        f"Invalid sel_cnt: expected int32 [>= {plan.num_q_blocks * HQ}], got {sel_cnt.dtype} {tuple(sel_cnt.shape)}",
-    )
-    if temps_out is not None:
-        _check(
-            temps_out.dtype == torch.float32
-            and temps_out.dim() == 3
-            and temps_out.shape[0] >= plan.num_q_blocks
-            and tuple(temps_out.shape[1:]) == (HQ, 2)
-            and temps_out.is_contiguous(),
-            f"Invalid temps_out: expected contiguous float32 [>= {plan.num_q_blocks}, {HQ}, 2], got "
-            f"{temps_out.dtype} {tuple(temps_out.shape)}",
-        )
-    if key_energy is not None:
-        _check(
-            key_energy.dtype == torch.float32
-            and key_energy.dim() == 3
-            and key_energy.shape[0] >= plan.num_k_blocks
-            and tuple(key_energy.shape[1:]) == (HKV, 3)
-            and key_energy.stride(2) == 1,
-            f"Invalid key_energy: expected float32 [>= {plan.num_k_blocks}, {HKV}, 3] with a contiguous last "
-            f"dim, got {key_energy.dtype} {tuple(key_energy.shape)}",
-        )
-        _check(
-            key_energy.device == pooled_q.device, f"key_energy is on {key_energy.device}, pooled_q on {pooled_q.device}"
-        )
-    if pooled_k_split is not None:
-        _check(
-            pooled_k_split.dtype == torch.float32
-            and pooled_k_split.dim() == 4
-            and pooled_k_split.shape[0] >= plan.num_k_blocks
-            and tuple(pooled_k_split.shape[1:]) == (HKV, 2, D)
-            and pooled_k_split.stride(3) == 1
-            and pooled_k_split.device == pooled_q.device,
-            f"Invalid pooled_k_split: expected float32 [>= {plan.num_k_blocks}, {HKV}, 2, {D}] with a contiguous "
-            f"last dim on {pooled_q.device}, got {pooled_k_split.dtype} {tuple(pooled_k_split.shape)}",
-        )
-    _check(precision in _PRECISIONS, f"precision={precision!r} must be one of {_PRECISIONS}")
-    _check(
-        block_budget is None or 0.0 < float(block_budget) <= 1.0,
-        f"block_budget={block_budget!r} is out of range: a share of the causal blocks in (0, 1], or None",
-    )
     dev = pooled_q.device
-    for name, t in (("pooled_k", pooled_k), ("band_high", band_high), ("band_low", band_low), ("sel_idx", sel_idx),
-                    ("sel_cnt", sel_cnt), ("plan", plan.qb_abs)):
-        _check(t.device == dev, f"{name} is on {t.device}, pooled_q on {dev}")
+    check_tensor("pooled_k", pooled_k, shape=(AtLeast(plan.num_k_blocks), "HKV", D), dtype=torch.float32, device=dev)
+    HKV = pooled_k.shape[1]
+    check_gqa(HQ, HKV)
+    check_plan(plan, dev, num_q_heads=HQ, rows_of="pooled_q")
+    check(isinstance(params, PrismParams), f"params must be the layer's PrismParams, got {type(params).__name__}")
+    check(params.head_dim == D, f"params has band masks of {params.head_dim} dims, pooled_q's head dim is {D}")
+    check_tensor("params.band_high", params.band_high, device=dev)
+    check_selection_buffers(sel_idx, sel_cnt, plan, dev)
+    nqb, nkb = AtLeast(plan.num_q_blocks), AtLeast(plan.num_k_blocks)
+    if temps_out is not None:
+        check_tensor("temps_out", temps_out, shape=(nqb, HQ, 2), dtype=torch.float32, device=dev, contiguous=True)
+    if key_energy is not None:
+        check_tensor("key_energy", key_energy, shape=(nkb, HKV, 3), dtype=torch.float32, device=dev,
+                     last_stride_1=True)
+    if pooled_k_split is not None:
+        check_tensor("pooled_k_split", pooled_k_split, shape=(nkb, HKV, 2, D), dtype=torch.float32, device=dev,
+                     last_stride_1=True)
+    check(precision in _PRECISIONS, f"precision={precision!r} must be one of {_PRECISIONS}")
     if plan.num_q_blocks == 0:
         return sel_idx, sel_cnt
 
-    # A threshold of 1.0 keeps every causal block: nothing to score, unless a budget ranks them.
-    all_blocks = (high_threshold >= 1.0 or low_threshold >= 1.0) and block_budget is None
+    p = params
     common = dict(
         pooled_q=pooled_q,
         pooled_k=pooled_k,
-        band_hi=band_high,
-        band_lo=band_low,
+        band_hi=p.band_high,
+        band_lo=p.band_low,
         qb_req=plan.qb_req,
         qb_abs=plan.qb_abs,
         cu_kb=plan.cu_kb,
@@ -958,20 +913,20 @@ def select_blocks(
         stride_kd=pooled_k.stride(2),
         stride_eb=key_energy.stride(0) if key_energy is not None else 0,
         stride_eh=key_energy.stride(1) if key_energy is not None else 0,
-        thr_hi=float(high_threshold),
-        thr_lo=float(low_threshold),
-        budget=float(block_budget) if block_budget is not None else 1.0,
-        BUDGET=block_budget is not None,
+        thr_hi=float(p.high_threshold),  # float: an int 1 would compile as a constexpr
+        thr_lo=float(p.low_threshold),
+        budget=float(p.block_budget) if p.block_budget is not None else 1.0,
+        BUDGET=p.block_budget is not None,
         HQ=HQ,
         G=HQ // HKV,
         G_PAD=triton.next_power_of_2(HQ // HKV),
         D=D,
         BLOCK_D=max(_DC, triton.next_power_of_2(D)),
         DC=_DC,
-        CALIBRATE=bool(calibrate),
+        CALIBRATE=bool(p.calibrate),
         HAS_KE=key_energy is not None,
-        KEEP_SINK=bool(keep_sink),
-        KEEP_DIAG=bool(keep_diagonal),
+        KEEP_SINK=bool(p.keep_sink),
+        KEEP_DIAG=bool(p.keep_diagonal),
         WRITE_TEMPS=temps_out is not None,
         PRECISION=precision,
         TOPP_STOP=1 << (23 - min(23, max(1, (tuning or DEFAULT_TUNING).topp_mantissa_bits))),
@@ -979,14 +934,15 @@ def select_blocks(
     # PTX inline assembly: NVIDIA GPUs only (not the interpreter, not ROCm).
     use_asm = pooled_q.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
     split_k = pooled_k_split is not None and precision == "tf32x3"
-    for ln in selection_launch_config(HQ, HKV, plan.max_k_blocks, all_blocks, resident_max_blocks, tuning):
-        grid = (triton.cdiv(plan.num_q_blocks, ln["BLOCK_G"]), HKV)
-        kw = dict(common, lvl_lo=ln["lvl_lo"], lvl_hi=ln["lvl_hi"], BLOCK_G=ln["BLOCK_G"], QR=ln["QR"],
-                  num_warps=ln["num_warps"], num_stages=ln["num_stages"])
-        if ln["path"] == "resident":
+    # A threshold of 1.0 keeps every causal block: nothing to score, unless a budget ranks them.
+    for ln in selection_launches(HQ, HKV, plan.max_k_blocks, p.all_blocks, resident_max_blocks, tuning):
+        grid = (triton.cdiv(plan.num_q_blocks, ln.block_g), HKV)
+        kw = dict(common, lvl_lo=ln.lvl_lo, lvl_hi=ln.lvl_hi, BLOCK_G=ln.block_g, QR=ln.qr,
+                  num_warps=ln.num_warps, num_stages=ln.num_stages)
+        if ln.path == "resident":
             _select_resident_kernel[grid](
-                NK_PAD=ln["NK_PAD"],
-                EB=min(64, ln["NK_PAD"]),
+                NK_PAD=ln.nk_pad,
+                EB=min(64, ln.nk_pad),
                 USE_ASM=use_asm,
                 SPLIT_K=split_k,
                 pooled_k_split=pooled_k_split if split_k else pooled_k,
@@ -996,5 +952,5 @@ def select_blocks(
                 **kw,
             )
         else:
-            _select_multipass_kernel[grid](BN=ln["BN"], NCAND=ln["NCAND"], ALL_CAUSAL=all_blocks, **kw)
+            _select_multipass_kernel[grid](BN=ln.bn, NCAND=ln.ncand, ALL_CAUSAL=p.all_blocks, **kw)
     return sel_idx, sel_cnt
