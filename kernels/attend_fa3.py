@@ -54,7 +54,7 @@ import triton.language as tl
 
 from ._checks import AtLeast, check, check_block_table, check_gqa, check_plan, check_tensor
 from .params import BLOCK_SIZE
-from .plan import BlockSelection, PrefillPlan
+from .plan import BlockSelection, PrefillPlan, sel_count_at, sel_row_start
 
 __all__ = [
     "ATTEND_LAUNCH",
@@ -362,6 +362,20 @@ def _virtual_seq(s, g_lo, g_hi, row_lo, row_hi, cu_q, ctx_lens, seq_lens, qb_req
     return g, h, kvh, r, a, seq, p_hi, rows, qrow, off
 
 
+@triton.jit
+def _copy_rows(src, src_row, src_stride, dst, dst_row, dst_stride, n, D: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_T: tl.constexpr):
+    """Rows src_row .. src_row+n-1 of src (row stride src_stride, D contiguous elements each) to
+    rows dst_row .. of dst, BLOCK_T rows at a time."""
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    for t0 in range(0, n, BLOCK_T):
+        t = t0 + offs_t
+        mk = (t < n)[:, None] & (offs_d < D)[None, :]
+        x = tl.load(src + (src_row + t).to(tl.int64)[:, None] * src_stride + offs_d[None, :], mask=mk)
+        tl.store(dst + (dst_row + t).to(tl.int64)[:, None] * dst_stride + offs_d[None, :], x, mask=mk)
+
+
 @triton.jit(do_not_specialize=["g_lo", "g_hi", "row_lo", "row_hi", "page_mult", "head_mult", "slot_mult"])
 def _virtual_seqs_kernel(
     q,
@@ -415,8 +429,8 @@ def _virtual_seqs_kernel(
     # the row's key blocks: every causal one for dense rows, else the selection (ascending, the
     # diagonal last, so FA's bottom-right causal mask is the block's own causal mask)
     row_dense = (tl.load(dense + r) != 0) | (tl.load(qb_dense + g) != 0)
-    cnt = tl.where(row_dense, a + 1, tl.load(sel_cnt + g.to(tl.int64) * HQ + h))
-    row_ptr = sel_idx + tl.load(sel_off + g).to(tl.int64) * HQ + h.to(tl.int64) * (a + 1)
+    cnt = tl.where(row_dense, a + 1, tl.load(sel_cnt + sel_count_at(g, h, HQ)))
+    row_ptr = sel_idx + sel_row_start(tl.load(sel_off + g), h, a, HQ)
     tl.store(seqused_k + s, (cnt - 1) * B + (p_hi - a * B))
 
     pt_row = page_table + s.to(tl.int64) * stride_pt
@@ -434,13 +448,7 @@ def _virtual_seqs_kernel(
         tl.store(pt_row + jj[:, None] * PPB + kofs[None, :], virt.to(tl.int32), mask=ok)
 
     # the block's rows of head h, head-major
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    for t0 in range(0, rows, BLOCK_T):
-        t = t0 + offs_t
-        mk = (t < rows)[:, None] & (offs_d < D)[None, :]
-        x = tl.load(q + (qrow + t).to(tl.int64)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=mk)
-        tl.store(q_virt + (off + t).to(tl.int64)[:, None] * D + offs_d[None, :], x, mask=mk)
+    _copy_rows(q + h * stride_qh, qrow, stride_qt, q_virt, off, D, rows, D, BLOCK_D, BLOCK_T)
 
 
 @triton.jit(do_not_specialize=["g_lo", "g_hi", "row_lo", "row_hi"])
@@ -470,13 +478,7 @@ def _scatter_out_kernel(
     g, h, kvh, r, a, seq, p_hi, rows, qrow, off = _virtual_seq(
         s, g_lo, g_hi, row_lo, row_hi, cu_q, ctx_lens, seq_lens, qb_req, qb_abs, G, B, ORDER
     )
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    for t0 in range(0, rows, BLOCK_T):
-        t = t0 + offs_t
-        mk = (t < rows)[:, None] & (offs_d < D)[None, :]
-        x = tl.load(o_virt + (off + t).to(tl.int64)[:, None] * D + offs_d[None, :], mask=mk)
-        tl.store(out + (qrow + t).to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :], x, mask=mk)
+    _copy_rows(o_virt, off, D, out + h * stride_oh, qrow, stride_ot, rows, D, BLOCK_D, BLOCK_T)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,14 +553,7 @@ def virtual_sequences(
         block_table=block_table,
         sel_idx=selection.indices,
         sel_cnt=selection.counts,
-        sel_off=plan.sel_off,
-        cu_q=plan.cu_q,
-        ctx_lens=plan.ctx_lens,
-        seq_lens=plan.seq_lens,
-        dense=plan.dense,
-        qb_dense=plan.qb_dense,
-        qb_req=plan.qb_req,
-        qb_abs=plan.qb_abs,
+        **plan.tensors("sel_off", "cu_q", "ctx_lens", "seq_lens", "dense", "qb_dense", "qb_req", "qb_abs"),
         g_lo=bucket.g_lo,
         g_hi=bucket.g_hi,
         row_lo=bucket.row_lo,
@@ -600,11 +595,7 @@ def scatter_out(o_virt: torch.Tensor, out: torch.Tensor, plan: PrefillPlan, buck
     _scatter_out_kernel[(n_seq,)](
         o_virt=o_virt,
         out=out,
-        cu_q=plan.cu_q,
-        ctx_lens=plan.ctx_lens,
-        seq_lens=plan.seq_lens,
-        qb_req=plan.qb_req,
-        qb_abs=plan.qb_abs,
+        **plan.tensors("cu_q", "ctx_lens", "seq_lens", "qb_req", "qb_abs"),
         g_lo=bucket.g_lo,
         g_hi=bucket.g_hi,
         row_lo=bucket.row_lo,

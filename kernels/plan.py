@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+import triton
+import triton.language as tl
 
 from .params import BLOCK_SIZE
 
-__all__ = ["PrefillPlan", "make_plan", "BlockSelection"]
+__all__ = ["PrefillPlan", "make_plan", "BlockSelection", "sel_row_start", "sel_count_at"]
 
 IntSeq = Union[Sequence[int], torch.Tensor]
 
@@ -68,6 +70,11 @@ class PrefillPlan:
                 v = v.to(device, non_blocking=non_blocking)
             kw[k] = v
         return PrefillPlan(**kw)
+
+    def tensors(self, *names: str) -> dict[str, torch.Tensor]:
+        """The named device arrays as keyword arguments of a kernel: kernels name their plan
+        parameters as the plan does (one vocabulary from plan to kernel)."""
+        return {n: getattr(self, n) for n in names}
 
 
 def make_plan(
@@ -268,3 +275,20 @@ class BlockSelection:
                 indices[dest[causal]] = cols.expand(nq, nk)[causal].to(torch.int16)
                 counts[(torch.arange(g0, g1, device=dev)) * hq + h] = cnt.to(torch.int32)
         return cls(plan=plan, indices=indices, counts=counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# the same layout on the device: what kernels that write or read a selection call
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def sel_row_start(sel_off_g, h, qb, HQ: tl.constexpr):
+    """Offset of selection row (g, h) in ``BlockSelection.indices`` from sel_off[g] (loaded by the
+    caller) and qb = qb_abs[g]: ``BlockSelection.row_starts`` on the device. int64, since
+    sel_off[g] * HQ overflows int32 at long contexts."""
+    return sel_off_g.to(tl.int64) * HQ + h.to(tl.int64) * (qb + 1)
+
+
+@triton.jit
+def sel_count_at(g, h, HQ: tl.constexpr):
+    """Offset of row (g, h)'s count in ``BlockSelection.counts``."""
+    return g.to(tl.int64) * HQ + h

@@ -40,6 +40,49 @@ __all__ = ["PoolingLaunch", "pool_queries", "pool_keys_paged", "pooling_launch"]
 
 
 @triton.jit
+def _head_tile(h0, stride_h, stride_d, H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """The program's [BLOCK_H, BLOCK_D] tile of heads h0.. and dims: (heads, dims, valid, element
+    offsets within a row)."""
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    hd_mask = (offs_h[:, None] < H) & (offs_d[None, :] < D)
+    hd_off = offs_h[:, None] * stride_h + offs_d[None, :] * stride_d
+    return offs_h, offs_d, hd_mask, hd_off
+
+
+@triton.jit
+def _block_mean(
+    x, scale, p_lo, p_hi, row0, stride_t, bt_row, stride_p, stride_s, hd_off, hd_mask, PS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+):
+    """[BLOCK_H, BLOCK_D] float32 mean of the rows at positions [p_lo, p_hi) (times scale[0] when
+    HAS_SCALE: fp8 input). Position p is row row0 + p of x (row stride stride_t) or, PAGED, slot
+    p % PS of page bt_row[p // PS] of a paged cache (page / slot strides stride_p / stride_s)."""
+    offs_t = tl.arange(0, BLOCK_T)
+    # Row-wise partial sums; one cross-row reduction at the end instead of one per tile.
+    acc = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_D), dtype=tl.float32)
+    for p0 in range(p_lo, p_hi, BLOCK_T):
+        pos = p0 + offs_t
+        ok = pos < p_hi
+        if PAGED:
+            # One page-table entry per row: any page size works (smaller or larger than B);
+            # PS is constexpr so // and % become shifts for the usual power-of-two page sizes.
+            page = tl.load(bt_row + pos // PS, mask=ok, other=0).to(tl.int64)
+            row_off = page * stride_p + (pos % PS).to(tl.int64) * stride_s
+        else:
+            row_off = (row0 + pos).to(tl.int64) * stride_t
+        v = tl.load(x + row_off[:, None, None] + hd_off[None, :, :], mask=ok[:, None, None] & hd_mask[None, :, :],
+                    other=0.0)
+        acc += v.to(tl.float32)  # fp8 -> fp32 is exact
+    mean = tl.sum(acc, axis=0) / (p_hi - p_lo).to(tl.float32)
+    if HAS_SCALE:  # constexpr: fp16/bf16 compile without it; mean(x * s) = mean(x) * s, one multiply
+        mean = mean * tl.load(scale)
+    return mean
+
+
+@triton.jit
 def _pool_queries_kernel(
     q,
     q_scale,
@@ -75,25 +118,9 @@ def _pool_queries_kernel(
     p_lo = tl.maximum(qb * B, ctx)  # the chunk's rows of this block: positions [p_lo, p_hi)
     p_hi = tl.minimum(qb * B + B, seq)
 
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_h = h0 + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    hd_mask = (offs_h[:, None] < H) & (offs_d[None, :] < D)
-    hd_off = offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd
-    # Row-wise partial sums; one cross-row reduction at the end instead of one per tile.
-    acc = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_D), dtype=tl.float32)
-    for p0 in range(p_lo, p_hi, BLOCK_T):
-        pos = p0 + offs_t
-        rows = (row0 + pos).to(tl.int64)
-        x = tl.load(
-            q + rows[:, None, None] * stride_qt + hd_off[None, :, :],
-            mask=(pos < p_hi)[:, None, None] & hd_mask[None, :, :],
-            other=0.0,
-        )
-        acc += x.to(tl.float32)  # fp8 -> fp32 is exact
-    mean = tl.sum(acc, axis=0) / (p_hi - p_lo).to(tl.float32)
-    if HAS_SCALE:  # constexpr: fp16/bf16 compile without it; mean(x * s) = mean(x) * s, one multiply
-        mean = mean * tl.load(q_scale)
+    offs_h, offs_d, hd_mask, hd_off = _head_tile(h0, stride_qh, stride_qd, H, D, BLOCK_H, BLOCK_D)
+    mean = _block_mean(q, q_scale, p_lo, p_hi, row0, stride_qt, q, 0, 0, hd_off, hd_mask, 1, BLOCK_T, BLOCK_H,
+                       BLOCK_D, False, HAS_SCALE)
     o_ptr = out + g.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od
     tl.store(o_ptr, mean, mask=hd_mask)
 
@@ -146,29 +173,11 @@ def _pool_keys_paged_kernel(
     p_lo = j * B
     p_hi = tl.minimum(p_lo + B, seq)
 
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_h = h0 + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    hd_mask = (offs_h[:, None] < H) & (offs_d[None, :] < D)
-    hd_off = offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd
+    offs_h, offs_d, hd_mask, hd_off = _head_tile(h0, stride_kh, stride_kd, H, D, BLOCK_H, BLOCK_D)
     bt_row = block_table + r.to(tl.int64) * stride_bt
-    acc = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_D), dtype=tl.float32)
-    for p0 in range(p_lo, p_hi, BLOCK_T):
-        pos = p0 + offs_t
-        ok = pos < p_hi
-        # One page-table entry per row: any page size works (smaller or larger than B);
-        # PS is constexpr so // and % become shifts for the usual power-of-two page sizes.
-        page = tl.load(bt_row + pos // PS, mask=ok, other=0).to(tl.int64)
-        row_off = page * stride_kp + (pos % PS).to(tl.int64) * stride_ks
-        x = tl.load(
-            k_cache + row_off[:, None, None] + hd_off[None, :, :],
-            mask=ok[:, None, None] & hd_mask[None, :, :],
-            other=0.0,
-        )
-        acc += x.to(tl.float32)  # fp8 -> fp32 is exact
-    mean = tl.sum(acc, axis=0) / (p_hi - p_lo).to(tl.float32)
-    if HAS_SCALE:  # dequantise before the energies and the split: they describe the real keys
-        mean = mean * tl.load(k_scale)
+    # dequantised before the energies and the split: they describe the real keys
+    mean = _block_mean(k_cache, k_scale, p_lo, p_hi, 0, 0, bt_row, stride_kp, stride_ks, hd_off, hd_mask, PS,
+                       BLOCK_T, BLOCK_H, BLOCK_D, True, HAS_SCALE)
     o_ptr = out + kb.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od
     tl.store(o_ptr, mean, mask=hd_mask)
     if ENERGY:  # |mean|^2 over all dims and over each band's dims (Prism's calibration statistics)
@@ -279,11 +288,7 @@ def pool_queries(
         q=q,
         q_scale=q_scale if has_scale else out,  # unused pointer when HAS_SCALE is False
         out=out,
-        cu_q=plan.cu_q,
-        ctx_lens=plan.ctx_lens,
-        seq_lens=plan.seq_lens,
-        qb_req=plan.qb_req,
-        qb_abs=plan.qb_abs,
+        **plan.tensors("cu_q", "ctx_lens", "seq_lens", "qb_req", "qb_abs"),
         stride_qt=q.stride(0),
         stride_qh=q.stride(1),
         stride_qd=q.stride(2),
@@ -377,9 +382,7 @@ def pool_keys_paged(
         split_out=split_out if has_s else out,
         band_hi=params.band_high if has_e else out,
         band_lo=params.band_low if has_e else out,
-        cu_kb=plan.cu_kb,
-        seq_lens=plan.seq_lens,
-        kb_req=plan.kb_req,
+        **plan.tensors("cu_kb", "seq_lens", "kb_req"),
         stride_kp=k_cache.stride(0),
         stride_ks=k_cache.stride(1),
         stride_kh=k_cache.stride(2),

@@ -63,6 +63,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _check_positive(where: str, **sizes: int) -> None:
+    for name, v in sizes.items():
+        check(int(v) >= 1, f"{where}: {name}={v} must be >= 1")
+
+
 class PrismWorkspace:
     """Preallocated buffers of the Prism estimation, sized for the largest launch to serve.
 
@@ -90,17 +95,9 @@ class PrismWorkspace:
         attend_capacity: Optional[AttendCapacity] = None,
         attend_dtype: Optional[torch.dtype] = None,
     ) -> None:
-        for name, v in (
-            ("max_q_blocks", max_q_blocks),
-            ("max_k_blocks", max_k_blocks),
-            ("max_reqs", max_reqs),
-            ("max_sel_capacity", max_sel_capacity),
-            ("num_q_heads", num_q_heads),
-            ("num_kv_heads", num_kv_heads),
-            ("head_dim", head_dim),
-        ):
-            if int(v) < 1:
-                raise ValueError(f"PrismWorkspace: {name}={v} must be >= 1")
+        _check_positive("PrismWorkspace", max_q_blocks=max_q_blocks, max_k_blocks=max_k_blocks, max_reqs=max_reqs,
+                        max_sel_capacity=max_sel_capacity, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                        head_dim=head_dim, block_size=block_size)
         if num_q_heads % num_kv_heads:
             raise ValueError(
                 f"PrismWorkspace: num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}"
@@ -171,15 +168,9 @@ class PrismWorkspace:
         With ``attend_dtype`` (the model dtype) the FA3 attend buffers are added
         (``attend_fa3.attend_capacity``: <= 248 MiB plus the per-sequence arrays).
         """
-        for name, v in (
-            ("max_num_batched_tokens", max_num_batched_tokens),
-            ("max_model_len", max_model_len),
-            ("max_num_seqs", max_num_seqs),
-            ("num_q_heads", num_q_heads),
-            ("max_long_reqs", max_long_reqs),
-        ):
-            if int(v) < 1:
-                raise ValueError(f"PrismWorkspace.sizes_for: {name}={v} must be >= 1")
+        _check_positive("PrismWorkspace.sizes_for", max_num_batched_tokens=max_num_batched_tokens,
+                        max_model_len=max_model_len, max_num_seqs=max_num_seqs, num_q_heads=num_q_heads,
+                        max_long_reqs=max_long_reqs, block_size=block_size)
         B, T = int(block_size), int(max_num_batched_tokens)
         n = _cdiv(int(max_model_len), B)
         R = min(int(max_num_seqs), T)

@@ -71,13 +71,16 @@ import triton.language as tl
 
 from ._checks import AtLeast, check, check_gqa, check_plan, check_selection_buffers, check_tensor
 from .params import PrismParams
-from .plan import PrefillPlan
+from .plan import PrefillPlan, sel_count_at, sel_row_start
 
 __all__ = ["select_blocks", "selection_launches", "SelectionLaunch", "SelectionTuning", "DEFAULT_TUNING"]
 
 _PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
+# ----------------------------------------------------------------------------------------------
+# helpers: rows of a program, scores, calibration
+# ----------------------------------------------------------------------------------------------
 @triton.jit
 def _rows(
     g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, G: tl.constexpr, G_PAD: tl.constexpr,
@@ -101,6 +104,16 @@ def _rows(
 
 
 @triton.jit
+def _band_q(q_rows, okm, is_hi, band_hi, band_lo, offs, dm, stride_qd):
+    """[M, len(offs)] pooled-query chunk (head dims offs, valid where dm) of each row, times its
+    row's band mask: the left operand of a band score."""
+    hm = tl.load(band_hi + offs, mask=dm, other=0.0)
+    lm = tl.load(band_lo + offs, mask=dm, other=0.0)
+    qc = tl.load(q_rows[:, None] + offs[None, :] * stride_qd, mask=okm[:, None] & dm[None, :], other=0.0)
+    return qc * tl.where(is_hi[:, None], hm[None, :], lm[None, :])
+
+
+@triton.jit
 def _score_tile(
     q_rows, okm, is_hi, band_hi, band_lo, pooled_k, kb0, kvh, c0, ncol, stride_qd, stride_kb, stride_kh,
     stride_kd, M: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, DC: tl.constexpr,
@@ -118,11 +131,8 @@ def _score_tile(
     for d0 in tl.static_range(0, BLOCK_D, DC):
         offs = d0 + tl.arange(0, DC)
         dm = offs < D
-        hm = tl.load(band_hi + offs, mask=dm, other=0.0)
-        lm = tl.load(band_lo + offs, mask=dm, other=0.0)
         kc = tl.load(k_rows[:, None] + offs[None, :] * stride_kd, mask=kmask[:, None] & dm[None, :], other=0.0)
-        qc = tl.load(q_rows[:, None] + offs[None, :] * stride_qd, mask=okm[:, None] & dm[None, :], other=0.0)
-        qc = qc * tl.where(is_hi[:, None], hm[None, :], lm[None, :])
+        qc = _band_q(q_rows, okm, is_hi, band_hi, band_lo, offs, dm, stride_qd)
         s = tl.dot(qc, tl.trans(kc), s, input_precision=PRECISION)
     return s
 
@@ -165,79 +175,11 @@ def _key_energy_tile(
 
 
 @triton.jit
-def _feasible_floor(thr, qb):
-    """Bits of a threshold known to be feasible (kept mass >= thr), to start the bisection
-    above 0: the blocks below t weigh less than n * t in all, so t = (1 - thr) / (2n) keeps at
-    least 1 - (1 - thr) / 2 >= thr + 5e-3 for thr <= 0.99, a margin far above the float error
-    of the masses (n = I + 1 blocks). Saves ~3 of ~30 bisection steps; 0 otherwise."""
-    n = tl.maximum(qb + 1, 1).to(tl.float32)
-    t = tl.where(thr <= 0.99, (1.0 - thr) / (2.0 * n), 0.0)
-    return t.to(tl.int32, bitcast=True)
-
-
-@triton.jit
-def _kept(pb, t, p, USE_ASM: tl.constexpr):
-    """p where bits(p) >= t, else 0. On the GPU as one setp + selp per element: left to LLVM, the
-    select over a large register tensor is packed into bit masks and costs twice as much (the
-    bisection below runs it ~30 times over every resident element)."""
-    if USE_ASM:
-        return tl.inline_asm_elementwise(
-            asm="{ .reg .pred q; setp.ge.s32 q, $1, $2; selp.f32 $0, $3, 0f00000000, q; }",
-            constraints="=r,r,r,r",
-            args=[pb, t, p],
-            dtype=tl.float32,
-            is_pure=True,
-            pack=1,
-        )
-    else:
-        return tl.where(pb >= t, p, 0.0)
-
-
-@triton.jit
-def _forced(cols, qbq, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr):
-    """[QR, N] blocks kept whatever the scores: the sink (column 0) and the diagonal (I)."""
-    f = (cols[None, :] < 0) & (qbq[:, None] >= -1)
-    if KEEP_SINK:
-        f = f | (cols[None, :] == 0)
-    if KEEP_DIAG:
-        f = f | (cols[None, :] == qbq[:, None])
-    return f
-
-
-@triton.jit
-def _budget_rank_bits(p, sel, forced, causal, QR: tl.constexpr, N: tl.constexpr):
-    """Bit patterns [QR, N] of the budget's rank values: 2.0 for forced blocks, max(p_high,
-    p_low) for the union's other blocks, 0 for unselected causal blocks, -1.0 (a negative int)
-    past the diagonal. p: [2 * QR, N] probabilities of both bands (rows m and m + QR)."""
-    score = tl.max(tl.reshape(p, (2, QR, N)), axis=0)
-    rank = tl.where(forced, 2.0, tl.where(sel != 0, score, 0.0))
-    return tl.where(causal, rank, -1.0).to(tl.int32, bitcast=True)
-
-
-@triton.jit
-def _budget_k(budget, qbq, live):
-    """Blocks a row may keep, ceil(budget * (I + 1)) in fp32 (>= 1), and the bisection's
-    starting bracket [lo, hi): lo = 0 is feasible (every causal block counts), hi = bits(2.0) + 1
-    is not; rows that are not live get [0, 1) (nothing to search, everything kept)."""
-    k = tl.maximum(tl.ceil(budget * (qbq + 1).to(tl.float32)), 1.0).to(tl.int32)
-    lo = tl.zeros_like(qbq)
-    hi = tl.where(live, 0x40000001, 1)
-    return k, lo, hi
-
-
-@triton.jit
-def _budget_keep(rb, blo, clo, cols):
-    """[QR, N] the budget's kept blocks: rank above the cut value, or equal to it at a column
-    >= clo (ties go to the most recent blocks)."""
-    return (rb > blo[:, None]) | ((rb == blo[:, None]) & (cols[None, :] >= clo[:, None]))
-
-
-@triton.jit
 def _multiplier(q_e_all, q_e_band, ek_all, ek_b, qb, d_b, D: tl.constexpr, CALIBRATE: tl.constexpr):
     """Logit multiplier 1 / (sqrt(d_b) * t_b) per row (t_b = 1 without calibration), from the
     row's pooled-query energies (all dims, band dims) and key energies over blocks 0..I."""
     if CALIBRATE:
-        eps = 1e-6
+        eps = 1e-6  # the reference's clamp on rms values and temperatures
         nblk = tl.maximum(qb + 1, 1).to(tl.float32)  # padding rows (qb = -1): no 0/0
         rq = tl.maximum(tl.sqrt(q_e_all / D), eps)
         rq_b = tl.sqrt(q_e_band / d_b)
@@ -275,197 +217,149 @@ def _row_setup(
 
 
 @triton.jit
-def _select_resident_kernel(
-    pooled_q,
-    pooled_k,
-    band_hi,
-    band_lo,
-    qb_req,
-    qb_abs,
-    cu_kb,
-    dense,
-    qb_dense,
-    sel_off,
-    sel_idx,
-    sel_cnt,
-    temps_out,
-    key_energy,
-    pooled_k_split,
-    NQB,
-    lvl_lo,
-    lvl_hi,
-    stride_qb,
-    stride_qh,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kd,
-    stride_eb,
-    stride_eh,
-    stride_sb,
-    stride_sh,
-    stride_sp,
-    thr_hi,
-    thr_lo,
-    budget,
-    HQ: tl.constexpr,
-    G: tl.constexpr,
-    G_PAD: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    QR: tl.constexpr,
-    NK_PAD: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DC: tl.constexpr,
-    EB: tl.constexpr,
-    CALIBRATE: tl.constexpr,
-    HAS_KE: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    KEEP_SINK: tl.constexpr,
-    KEEP_DIAG: tl.constexpr,
-    WRITE_TEMPS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    USE_ASM: tl.constexpr,
-    TOPP_STOP: tl.constexpr,
-    BUDGET: tl.constexpr,
+def _calibrated_multiplier(
+    temps_out, key_energy, pooled_k, band_hi, band_lo, kb0, kvh, n_cols, qbm, gm, hm, okm, is_hi, d_b, q_e_all,
+    q_e_band, live, stride_eb, stride_eh, stride_kb, stride_kh, stride_kd, HQ: tl.constexpr, M: tl.constexpr,
+    TILE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, DC: tl.constexpr, CALIBRATE: tl.constexpr,
+    HAS_KE: tl.constexpr, WRITE_TEMPS: tl.constexpr,
 ):
-    """Rows of length I + 1 in (lvl_lo, lvl_hi <= NK_PAD]: everything on chip, one row per
-    [M, NK_PAD] register row, scores from one tl.dot per DC-wide head-dim chunk."""
-    M: tl.constexpr = 2 * QR
-    pid = tl.program_id(0)
-    kvh = tl.program_id(1)
-    g0 = pid * BLOCK_G
-    r_first = tl.load(qb_req + g0)
-    r_last = tl.load(qb_req + tl.minimum(g0 + BLOCK_G, NQB) - 1)
-    cols = tl.arange(0, NK_PAD)
-
-    # A group of query blocks may straddle requests; each request's rows are done in turn
-    # (one iteration unless the group holds a request boundary). Groups without a row of this
-    # launch's level do nothing.
-    for r in range(r_first, r_last + 1):
-        gq, hq, okq, qbq = _rows(g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, G, G_PAD, BLOCK_G, QR, QR)
-        if tl.max(qbq, axis=0) >= 0:
-            is_dense = tl.load(dense + r) != 0
-            gm, hm, okm, qbm, q_rows, is_hi, d_b, q_e_all, q_e_band = _row_setup(
-                g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, pooled_q, band_hi, band_lo, stride_qb, stride_qh,
-                stride_qd, G, G_PAD, BLOCK_G, QR, D, BLOCK_D,
+    """Logit multiplier of every row (energy calibration over key blocks 0..I, read in TILE-wide
+    tiles of the first n_cols columns), written to temps_out[g, h, band] for the live rows."""
+    ek_all = tl.zeros((M,), dtype=tl.float32)
+    ek_b = tl.zeros((M,), dtype=tl.float32)
+    if CALIBRATE:
+        for c0 in range(0, n_cols, TILE):
+            ea, eb = _key_energy_tile(
+                key_energy, pooled_k, band_hi, band_lo, kb0, kvh, c0, n_cols, qbm, is_hi, stride_eb, stride_eh,
+                stride_kb, stride_kh, stride_kd, TILE, D, BLOCK_D, DC, HAS_KE,
             )
-            ncol = tl.max(qbm, axis=0) + 1  # key blocks visible to any row of the group
-            kb0 = tl.load(cu_kb + r)
-            k_rows = pooled_k + (kb0 + cols).to(tl.int64) * stride_kb + kvh * stride_kh
-            kmask = (cols < ncol) & (not is_dense)  # dense requests: no scores, no loads
-
-            # -- calibration: key energy of blocks 0..I per row --
-            ek_all = tl.zeros((M,), dtype=tl.float32)
-            ek_b = tl.zeros((M,), dtype=tl.float32)
-            if CALIBRATE:
-                for c0 in range(0, tl.where(is_dense, 0, ncol), EB):
-                    ea, eb = _key_energy_tile(
-                        key_energy, pooled_k, band_hi, band_lo, kb0, kvh, c0, ncol, qbm, is_hi, stride_eb,
-                        stride_eh, stride_kb, stride_kh, stride_kd, EB, D, BLOCK_D, DC, HAS_KE,
-                    )
-                    ek_all += ea
-                    ek_b += eb
-
-            # -- scores of the whole row at once: the accumulator IS the resident row --
-            raw = tl.zeros((M, NK_PAD), dtype=tl.float32)
-            if SPLIT_K:
-                # Keys pre-split into tf32 pairs (pool_keys_paged split_out): per head-dim chunk and
-                # part, q_hi.k_part (+ q_lo.k_hi for the high part) in plain tf32 -- tf32x3 without
-                # re-splitting the keys in every program. One part per iteration keeps the shared
-                # memory per pipeline stage at [NK_PAD, DC].
-                s_rows = pooled_k_split + (kb0 + cols).to(tl.int64) * stride_sb + kvh * stride_sh
-                for v in range(0, 2 * BLOCK_D // DC):
-                    offs = (v // 2) * DC + tl.arange(0, DC)
-                    part = v % 2
-                    dm = offs < D
-                    hm_c = tl.load(band_hi + offs, mask=dm, other=0.0)
-                    lm_c = tl.load(band_lo + offs, mask=dm, other=0.0)
-                    kc = tl.load(s_rows[:, None] + part * stride_sp + offs[None, :], mask=kmask[:, None] & dm[None, :],
-                                 other=0.0)
-                    qmask = okm[:, None] & dm[None, :]
-                    qc = tl.load(q_rows[:, None] + offs[None, :] * stride_qd, mask=qmask, other=0.0)
-                    qc = qc * tl.where(is_hi[:, None], hm_c[None, :], lm_c[None, :])
-                    q_hi = (qc.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-                    q_lo = tl.where(part == 0, qc - q_hi, 0.0)
-                    raw = tl.dot(q_lo, tl.trans(kc), raw, input_precision="tf32")
-                    raw = tl.dot(q_hi, tl.trans(kc), raw, input_precision="tf32")
-            else:
-                for d0 in range(0, BLOCK_D, DC):
-                    offs = d0 + tl.arange(0, DC)
-                    dm = offs < D
-                    hm_c = tl.load(band_hi + offs, mask=dm, other=0.0)
-                    lm_c = tl.load(band_lo + offs, mask=dm, other=0.0)
-                    kc = tl.load(k_rows[:, None] + offs[None, :] * stride_kd, mask=kmask[:, None] & dm[None, :],
-                                 other=0.0)
-                    qmask = okm[:, None] & dm[None, :]
-                    qc = tl.load(q_rows[:, None] + offs[None, :] * stride_qd, mask=qmask, other=0.0)
-                    qc = qc * tl.where(is_hi[:, None], hm_c[None, :], lm_c[None, :])
-                    raw = tl.dot(qc, tl.trans(kc), raw, input_precision=PRECISION)
-            mult = _multiplier(q_e_all, q_e_band, ek_all, ek_b, qbm, d_b, D, CALIBRATE)
-            if WRITE_TEMPS:
-                tptr = temps_out + (gm.to(tl.int64) * HQ + hm) * 2 + tl.where(is_hi, 0, 1)
-                tl.store(tptr, mult, mask=okm & (not is_dense))
-
-            # -- softmax per row over its causal blocks (probability 0 elsewhere) --
-            logits = tl.where(cols[None, :] <= qbm[:, None], raw * mult[:, None], float("-inf"))
-            mx = tl.max(logits, axis=1)
-            mx = tl.where(mx == float("-inf"), 0.0, mx)
-            e = tl.exp(logits - mx[:, None])
-            z = tl.sum(e, axis=1)
-            p = e * (1.0 / tl.where(z > 0.0, z, 1.0))[:, None]
-
-            # -- top-p threshold by bisection over float bit patterns: lo feasible, hi not --
-            thr = tl.where(is_hi, thr_hi, thr_lo)
-            pb = p.to(tl.int32, bitcast=True)
-            lo = _feasible_floor(thr, qbm)
-            hi = tl.maximum(tl.max(pb, axis=1) + 1, lo + 1)
-            hi = tl.where(thr >= 1.0, lo + 1, hi)  # top-p 1.0 keeps every block: no search
-            while tl.max(hi - lo, axis=0) > TOPP_STOP:
-                mid = lo + (hi - lo) // 2
-                mass = tl.sum(_kept(pb, tl.broadcast_to(mid[:, None], (M, NK_PAD)), p, USE_ASM), axis=1)
-                ok = mass >= thr
-                lo = tl.where(ok, mid, lo)
-                hi = tl.where(ok, hi, mid)
-            # Union of the two bands: rows m and m + QR are the same (query block, head). Blocks
-            # past the diagonal (p = 0, kept only when lo = 0) are cut by the causal mask below.
-            keep = (pb >= lo[:, None]).to(tl.int32)
-            sel = tl.max(tl.reshape(keep, (2, QR, NK_PAD)), axis=0)
-            row_dense = (tl.load(qb_dense + gq, mask=okq, other=0) != 0) | is_dense
-            sel = tl.where(row_dense[:, None], 1, sel)
-            causal = cols[None, :] <= qbq[:, None]
-            forced = _forced(cols, qbq, KEEP_SINK, KEEP_DIAG)
-            sel = tl.where(forced, 1, sel)
-            if BUDGET:
-                # -- block budget: the k-th largest rank value by bisection over its bits --
-                rb = _budget_rank_bits(p, sel, forced, causal, QR, NK_PAD)
-                k, blo, bhi = _budget_k(budget, qbq, okq & ~row_dense)
-                while tl.max(bhi - blo, axis=0) > 1:
-                    mid = blo + (bhi - blo) // 2
-                    ok = tl.sum((rb >= mid[:, None]).to(tl.int32), axis=1) >= k
-                    blo = tl.where(ok, mid, blo)
-                    bhi = tl.where(ok, bhi, mid)
-                # Ties at the cut value: the largest column cutoff leaving `need` of them.
-                need = k - tl.sum((rb > blo[:, None]).to(tl.int32), axis=1)
-                eq = rb == blo[:, None]
-                clo = tl.zeros_like(blo)
-                chi = tl.where(okq & ~row_dense, NK_PAD + 1, 1)
-                while tl.max(chi - clo, axis=0) > 1:
-                    mid = clo + (chi - clo) // 2
-                    ok = tl.sum((eq & (cols[None, :] >= mid[:, None])).to(tl.int32), axis=1) >= need
-                    clo = tl.where(ok, mid, clo)
-                    chi = tl.where(ok, chi, mid)
-                sel = tl.where(_budget_keep(rb, blo, clo, cols) | forced, sel, 0)
-            sel = tl.where(causal, sel, 0)
-
-            # -- BSR emission: ascending block ids at exclusive-prefix positions --
-            pos = tl.cumsum(sel, axis=1) - sel
-            base = tl.load(sel_off + gq, mask=okq, other=0).to(tl.int64) * HQ + hq.to(tl.int64) * (qbq + 1)
-            vals = tl.zeros((QR, NK_PAD), dtype=tl.int16) + cols.to(tl.int16)[None, :]
-            tl.store(sel_idx + base[:, None] + pos, vals, mask=sel != 0)
-            tl.store(sel_cnt + gq.to(tl.int64) * HQ + hq, tl.sum(sel, axis=1), mask=okq)
+            ek_all += ea
+            ek_b += eb
+    mult = _multiplier(q_e_all, q_e_band, ek_all, ek_b, qbm, d_b, D, CALIBRATE)
+    if WRITE_TEMPS:
+        tptr = temps_out + (gm.to(tl.int64) * HQ + hm) * 2 + tl.where(is_hi, 0, 1)
+        tl.store(tptr, mult, mask=okm & live)
+    return mult
 
 
+# ----------------------------------------------------------------------------------------------
+# helpers: top-p, union, budget, emission
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _feasible_floor(thr, qb):
+    """Bits of a threshold known to be feasible (kept mass >= thr), to start the bisection
+    above 0: the blocks below t weigh less than n * t in all, so t = (1 - thr) / (2n) keeps at
+    least 1 - (1 - thr) / 2 >= thr + 5e-3 for thr <= 0.99, a margin far above the float error
+    of the masses (n = I + 1 blocks). Saves ~3 of ~30 bisection steps; 0 otherwise."""
+    n = tl.maximum(qb + 1, 1).to(tl.float32)
+    t = tl.where(thr <= 0.99, (1.0 - thr) / (2.0 * n), 0.0)
+    return t.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _kept(pb, t, p, USE_ASM: tl.constexpr):
+    """p where bits(p) >= t, else 0. On the GPU as one setp + selp per element: left to LLVM, the
+    select over a large register tensor is packed into bit masks and costs twice as much (the
+    bisection below runs it ~30 times over every resident element)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            asm="{ .reg .pred q; setp.ge.s32 q, $1, $2; selp.f32 $0, $3, 0f00000000, q; }",
+            constraints="=r,r,r,r",
+            args=[pb, t, p],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        return tl.where(pb >= t, p, 0.0)
+
+
+@triton.jit
+def _halve(lo, hi, mid, ok):
+    """One bisection step per row over [lo, hi), lo feasible and hi not: mid was tested (ok: feasible)."""
+    return tl.where(ok, mid, lo), tl.where(ok, hi, mid)
+
+
+@triton.jit
+def _candidates(lo, hi, cand_i, NCAND: tl.constexpr):
+    """[rows, NCAND] rising values cutting each row's [lo, hi) into NCAND + 1 parts (int64 spans:
+    bit-pattern brackets exceed 2^31 / NCAND)."""
+    span = (hi - lo).to(tl.int64)
+    return (lo.to(tl.int64)[:, None] + span[:, None] * (cand_i[None, :] + 1) // (NCAND + 1)).to(tl.int32)
+
+
+@triton.jit
+def _narrow(lo, hi, cand, ok, cand_i, NCAND: tl.constexpr):
+    """NCAND bisection steps at once: [lo, hi) after testing the candidates (ok [rows, NCAND]:
+    feasible). What is tested falls as the candidate rises, so the feasible ones form a prefix."""
+    n_ok = tl.sum(ok.to(tl.int32), axis=1)
+    new_lo = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None] - 1, cand, 0), axis=1)
+    new_hi = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None], cand, 0), axis=1)
+    return tl.where(n_ok > 0, new_lo, lo), tl.where(n_ok < NCAND, new_hi, hi)
+
+
+@triton.jit
+def _forced(cols, qbq, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr):
+    """[QR, N] blocks kept whatever the scores: the sink (column 0) and the diagonal (I)."""
+    f = (cols[None, :] < 0) & (qbq[:, None] >= -1)
+    if KEEP_SINK:
+        f = f | (cols[None, :] == 0)
+    if KEEP_DIAG:
+        f = f | (cols[None, :] == qbq[:, None])
+    return f
+
+
+@triton.jit
+def _union(p, lo, cols, qbq, QR: tl.constexpr, N: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr):
+    """([QR, N] int32 selected, [QR, N] forced): the blocks either band's top-p keeps (bits(p) >=
+    the row's threshold bits lo; rows m and m + QR of p are the two bands of one q row) and the
+    forced ones. Blocks past the diagonal (p = 0, kept only when lo = 0) are the caller's to cut."""
+    keep = (p.to(tl.int32, bitcast=True) >= lo[:, None]).to(tl.int32)
+    forced = _forced(cols, qbq, KEEP_SINK, KEEP_DIAG)
+    return tl.where(forced, 1, tl.max(tl.reshape(keep, (2, QR, N)), axis=0)), forced
+
+
+@triton.jit
+def _budget_rank_bits(p, sel, forced, causal, QR: tl.constexpr, N: tl.constexpr):
+    """Bit patterns [QR, N] of the budget's rank values: 2.0 for forced blocks, max(p_high,
+    p_low) for the union's other blocks, 0 for unselected causal blocks, -1.0 (a negative int)
+    past the diagonal. p: [2 * QR, N] probabilities of both bands (rows m and m + QR)."""
+    score = tl.max(tl.reshape(p, (2, QR, N)), axis=0)
+    rank = tl.where(forced, 2.0, tl.where(sel != 0, score, 0.0))
+    return tl.where(causal, rank, -1.0).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _budget_k(budget, qbq, live):
+    """Blocks a row may keep, ceil(budget * (I + 1)) in fp32 (>= 1), and the bisection's
+    starting bracket [lo, hi): lo = 0 is feasible (every causal block counts), hi = bits(2.0) + 1
+    is not; rows that are not live get [0, 1) (nothing to search, everything kept)."""
+    k = tl.maximum(tl.ceil(budget * (qbq + 1).to(tl.float32)), 1.0).to(tl.int32)
+    lo = tl.zeros_like(qbq)
+    hi = tl.where(live, 0x40000001, 1)
+    return k, lo, hi
+
+
+@triton.jit
+def _budget_keep(rb, blo, clo, cols):
+    """[QR, N] the budget's kept blocks: rank above the cut value, or equal to it at a column
+    >= clo (ties go to the most recent blocks)."""
+    return (rb > blo[:, None]) | ((rb == blo[:, None]) & (cols[None, :] >= clo[:, None]))
+
+
+@triton.jit
+def _emit(sel_idx, base, count, sel, cols, QR: tl.constexpr, N: tl.constexpr):
+    """BSR emission of a [QR, N] tile of selected columns: ascending block ids at row offsets
+    base + count + exclusive prefix sum. Returns count + the tile's selected blocks."""
+    pos = count[:, None] + tl.cumsum(sel, axis=1) - sel
+    vals = tl.zeros((QR, N), dtype=tl.int16) + cols.to(tl.int16)[None, :]
+    tl.store(sel_idx + base[:, None] + pos, vals, mask=sel != 0)
+    return count + tl.sum(sel, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-pass helpers: the same values recomputed tile by tile
+# ----------------------------------------------------------------------------------------------
 @triton.jit
 def _tile_probs(
     q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, c0, ncol, stride_qd, stride_kb, stride_kh,
@@ -497,17 +391,19 @@ def _tile_rank(
         q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, c0, ncol, stride_qd, stride_kb, stride_kh,
         stride_kd, mult, mx, rz, M, BN, D, BLOCK_D, DC, PRECISION,
     )
-    keep = (p.to(tl.int32, bitcast=True) >= lo[:, None]).to(tl.int32)
-    forced = _forced(cols, qbq, KEEP_SINK, KEEP_DIAG)
-    sel = tl.where(forced, 1, tl.max(tl.reshape(keep, (2, QR, BN)), axis=0))
+    sel, forced = _union(p, lo, cols, qbq, QR, BN, KEEP_SINK, KEEP_DIAG)
     rb = _budget_rank_bits(p, sel, forced, cols[None, :] <= qbq[:, None], QR, BN)
     return sel, forced, rb
 
 
+# ----------------------------------------------------------------------------------------------
+# the kernel
+# ----------------------------------------------------------------------------------------------
 @triton.jit
-def _select_multipass_kernel(
+def _select_kernel(
     pooled_q,
     pooled_k,
+    pooled_k_split,
     band_hi,
     band_lo,
     qb_req,
@@ -529,6 +425,9 @@ def _select_multipass_kernel(
     stride_kb,
     stride_kh,
     stride_kd,
+    stride_sb,
+    stride_sh,
+    stride_sp,
     stride_eb,
     stride_eh,
     thr_hi,
@@ -539,8 +438,6 @@ def _select_multipass_kernel(
     G_PAD: tl.constexpr,
     BLOCK_G: tl.constexpr,
     QR: tl.constexpr,
-    BN: tl.constexpr,
-    NCAND: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DC: tl.constexpr,
@@ -548,166 +445,225 @@ def _select_multipass_kernel(
     HAS_KE: tl.constexpr,
     KEEP_SINK: tl.constexpr,
     KEEP_DIAG: tl.constexpr,
-    ALL_CAUSAL: tl.constexpr,
     WRITE_TEMPS: tl.constexpr,
     PRECISION: tl.constexpr,
     TOPP_STOP: tl.constexpr,
     BUDGET: tl.constexpr,
+    EB: tl.constexpr,
+    MULTIPASS: tl.constexpr,
+    NK_PAD: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    BN: tl.constexpr,
+    NCAND: tl.constexpr,
+    ALL_CAUSAL: tl.constexpr,
 ):
+    """Rows of length I + 1 in (lvl_lo, lvl_hi] of BLOCK_G query blocks x the G q heads of kv head
+    program_id(1); key energies read in EB-block tiles. Two paths (constexpr MULTIPASS, see the
+    module docstring), the same math:
+
+    * resident (NK_PAD >= lvl_hi, SPLIT_K, USE_ASM): everything on chip, one row per [M, NK_PAD]
+      register row, scores from one tl.dot per DC-wide head-dim chunk;
+    * multi-pass (BN, NCAND; ALL_CAUSAL: every causal block, nothing scored): BN-block key tiles,
+      scores recomputed in every pass.
+    """
     M: tl.constexpr = 2 * QR
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     g0 = pid * BLOCK_G
     r_first = tl.load(qb_req + g0)
     r_last = tl.load(qb_req + tl.minimum(g0 + BLOCK_G, NQB) - 1)
-    cand_i = tl.arange(0, NCAND)
 
+    # A group of query blocks may straddle requests; each request's rows are done in turn
+    # (one iteration unless the group holds a request boundary). Groups without a row of this
+    # launch's level do nothing.
     for r in range(r_first, r_last + 1):
-        # Groups without a row of this launch's level have ncol = 0: every loop below is empty.
         gq, hq, okq, qbq = _rows(g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, G, G_PAD, BLOCK_G, QR, QR)
-        gm, hm, okm, qbm, q_rows, is_hi, d_b, q_e_all, q_e_band = _row_setup(
-            g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, pooled_q, band_hi, band_lo, stride_qb, stride_qh,
-            stride_qd, G, G_PAD, BLOCK_G, QR, D, BLOCK_D,
-        )
-        ncol = tl.max(qbm, axis=0) + 1
-        kb0 = tl.load(cu_kb + r)
-        estimate = tl.load(dense + r) == 0
-        if ALL_CAUSAL:
-            estimate = estimate & False
-        n_tiles = tl.where(estimate, tl.cdiv(ncol, BN), 0)
-
-        # -- pass 0: key energies of the causal prefixes (calibration) --
-        ek_all = tl.zeros((M,), dtype=tl.float32)
-        ek_b = tl.zeros((M,), dtype=tl.float32)
-        if CALIBRATE:
-            for t in range(0, n_tiles):
-                ea, eb = _key_energy_tile(
-                    key_energy, pooled_k, band_hi, band_lo, kb0, kvh, t * BN, ncol, qbm, is_hi, stride_eb,
-                    stride_eh, stride_kb, stride_kh, stride_kd, BN, D, BLOCK_D, DC, HAS_KE,
-                )
-                ek_all += ea
-                ek_b += eb
-        mult = _multiplier(q_e_all, q_e_band, ek_all, ek_b, qbm, d_b, D, CALIBRATE)
-        if WRITE_TEMPS:
-            band = tl.where(is_hi, 0, 1)
-            tptr = temps_out + (gm.to(tl.int64) * HQ + hm) * 2 + band
-            tl.store(tptr, mult, mask=okm & (n_tiles > 0))
-
-        # -- pass 1: online max and normaliser of each row's softmax --
-        mx = tl.full((M,), float("-inf"), dtype=tl.float32)
-        z = tl.zeros((M,), dtype=tl.float32)
-        for t in range(0, n_tiles):
-            s = _score_tile(
-                q_rows, okm, is_hi, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol, stride_qd,
-                stride_kb, stride_kh, stride_kd, M, BN, D, BLOCK_D, DC, PRECISION,
+        if tl.max(qbq, axis=0) >= 0:
+            gm, hm, okm, qbm, q_rows, is_hi, d_b, q_e_all, q_e_band = _row_setup(
+                g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, pooled_q, band_hi, band_lo, stride_qb, stride_qh,
+                stride_qd, G, G_PAD, BLOCK_G, QR, D, BLOCK_D,
             )
-            s = s * mult[:, None]
-            s = tl.where((t * BN + tl.arange(0, BN))[None, :] <= qbm[:, None], s, float("-inf"))
-            m_new = tl.maximum(mx, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            z = z * tl.exp(mx - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
-            mx = m_new
-        mx = tl.where(mx == float("-inf"), 0.0, mx)
-        rz = 1.0 / tl.where(z > 0.0, z, 1.0)
+            ncol = tl.max(qbm, axis=0) + 1  # key blocks visible to any row of the group
+            kb0 = tl.load(cu_kb + r)
+            # dense requests (and ALL_CAUSAL launches): every causal block, nothing scored or loaded
+            estimate = tl.load(dense + r) == 0
+            if ALL_CAUSAL:
+                estimate = estimate & False
+            n_est = tl.where(estimate, ncol, 0)  # key blocks to score
+            mult = _calibrated_multiplier(
+                temps_out, key_energy, pooled_k, band_hi, band_lo, kb0, kvh, n_est, qbm, gm, hm, okm, is_hi, d_b,
+                q_e_all, q_e_band, estimate, stride_eb, stride_eh, stride_kb, stride_kh, stride_kd, HQ, M,
+                EB, D, BLOCK_D, DC, CALIBRATE, HAS_KE, WRITE_TEMPS,
+            )
+            thr = tl.where(is_hi, thr_hi, thr_lo)
+            row_dense = (tl.load(qb_dense + gq, mask=okq, other=0) != 0) | (not estimate)
+            budget_live = okq & ~row_dense
+            base = sel_row_start(tl.load(sel_off + gq, mask=okq, other=0), hq, qbq, HQ)
+            count = tl.zeros((QR,), dtype=tl.int32)
+            if MULTIPASS:
+                cand_i = tl.arange(0, NCAND)
+                n_tiles = tl.cdiv(n_est, BN)
 
-        # -- passes 2..: NCAND-way bisection of the threshold's bit pattern (lo feasible, hi not) --
-        thr = tl.where(is_hi, thr_hi, thr_lo)
-        live = okm & estimate & (thr < 1.0)  # top-p 1.0 keeps every block: no search
-        lo = tl.where(live, _feasible_floor(thr, qbm), 0)
-        hi = tl.where(live, 0x3F800001, 1)  # bits(1.0) + 1: no probability reaches it
-        while tl.max(hi - lo, axis=0) > TOPP_STOP:
-            span = (hi - lo).to(tl.int64)
-            cand = (lo.to(tl.int64)[:, None] + span[:, None] * (cand_i[None, :] + 1) // (NCAND + 1)).to(tl.int32)
-            mass = tl.zeros((M, NCAND), dtype=tl.float32)
-            for t in range(0, n_tiles):
-                p = _tile_probs(
-                    q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol, stride_qd,
-                    stride_kb, stride_kh, stride_kd, mult, mx, rz, M, BN, D, BLOCK_D, DC, PRECISION,
-                )
-                pb = p.to(tl.int32, bitcast=True)
-                mass += tl.sum(tl.where(pb[:, :, None] >= cand[:, None, :], p[:, :, None], 0.0), axis=1)
-            # The kept mass falls as the candidate rises, so the feasible ones form a prefix.
-            n_ok = tl.sum((mass >= thr[:, None]).to(tl.int32), axis=1)
-            new_lo = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None] - 1, cand, 0), axis=1)
-            new_hi = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None], cand, 0), axis=1)
-            lo = tl.where(n_ok > 0, new_lo, lo)
-            hi = tl.where(n_ok < NCAND, new_hi, hi)
-
-        # -- block budget: NCAND-way bisection of the k-th largest rank value's bits --
-        row_dense = tl.load(qb_dense + gq, mask=okq, other=0) != 0
-        k, blo, bhi = _budget_k(budget, qbq, okq & estimate & ~row_dense)
-        if BUDGET:
-            while tl.max(bhi - blo, axis=0) > 1:
-                span = (bhi - blo).to(tl.int64)
-                cand = (blo.to(tl.int64)[:, None] + span[:, None] * (cand_i[None, :] + 1) // (NCAND + 1)).to(tl.int32)
-                cnt = tl.zeros((QR, NCAND), dtype=tl.int32)
+                # -- pass 1: online max and normaliser of each row's softmax --
+                mx = tl.full((M,), float("-inf"), dtype=tl.float32)
+                z = tl.zeros((M,), dtype=tl.float32)
                 for t in range(0, n_tiles):
-                    _, _, rb = _tile_rank(
-                        q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
-                        stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC, PRECISION,
-                        KEEP_SINK, KEEP_DIAG,
+                    s = _score_tile(
+                        q_rows, okm, is_hi, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol, stride_qd,
+                        stride_kb, stride_kh, stride_kd, M, BN, D, BLOCK_D, DC, PRECISION,
                     )
-                    cnt += tl.sum((rb[:, :, None] >= cand[:, None, :]).to(tl.int32), axis=1)
-                n_ok = tl.sum((cnt >= k[:, None]).to(tl.int32), axis=1)
-                new_lo = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None] - 1, cand, 0), axis=1)
-                new_hi = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None], cand, 0), axis=1)
-                blo = tl.where(n_ok > 0, new_lo, blo)
-                bhi = tl.where(n_ok < NCAND, new_hi, bhi)
-        # -- ties at the cut value: NCAND-way bisection of the largest column cutoff --
-        clo = tl.zeros_like(blo)
-        chi = tl.where(okq & estimate & ~row_dense, ncol + 1, 1)
-        if BUDGET:
-            n_gt = tl.zeros_like(blo)
-            for t in range(0, n_tiles):
-                _, _, rb = _tile_rank(
-                    q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
-                    stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC, PRECISION,
-                    KEEP_SINK, KEEP_DIAG,
-                )
-                n_gt += tl.sum((rb > blo[:, None]).to(tl.int32), axis=1)
-            need = k - n_gt
-            while tl.max(chi - clo, axis=0) > 1:
-                span = (chi - clo).to(tl.int64)
-                cand = (clo.to(tl.int64)[:, None] + span[:, None] * (cand_i[None, :] + 1) // (NCAND + 1)).to(tl.int32)
-                cnt = tl.zeros((QR, NCAND), dtype=tl.int32)
-                for t in range(0, n_tiles):
-                    cols = t * BN + tl.arange(0, BN)
-                    _, _, rb = _tile_rank(
-                        q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
-                        stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC, PRECISION,
-                        KEEP_SINK, KEEP_DIAG,
-                    )
-                    eq = (rb == blo[:, None])[:, :, None] & (cols[None, :, None] >= cand[:, None, :])
-                    cnt += tl.sum(eq.to(tl.int32), axis=1)
-                n_ok = tl.sum((cnt >= need[:, None]).to(tl.int32), axis=1)
-                new_lo = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None] - 1, cand, 0), axis=1)
-                new_hi = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None], cand, 0), axis=1)
-                clo = tl.where(n_ok > 0, new_lo, clo)
-                chi = tl.where(n_ok < NCAND, new_hi, chi)
+                    s = s * mult[:, None]
+                    s = tl.where((t * BN + tl.arange(0, BN))[None, :] <= qbm[:, None], s, float("-inf"))
+                    m_new = tl.maximum(mx, tl.max(s, axis=1))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    z = z * tl.exp(mx - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+                    mx = m_new
+                mx = tl.where(mx == float("-inf"), 0.0, mx)
+                rz = 1.0 / tl.where(z > 0.0, z, 1.0)
 
-        # -- last pass: union of both bands, sink, diagonal, budget; ascending emission --
-        base = tl.load(sel_off + gq, mask=okq, other=0).to(tl.int64) * HQ + hq.to(tl.int64) * (qbq + 1)
-        count = tl.zeros((QR,), dtype=tl.int32)
-        for t in range(0, tl.cdiv(ncol, BN)):
-            cols = t * BN + tl.arange(0, BN)
-            causal = cols[None, :] <= qbq[:, None]
-            if estimate:
-                sel, forced, rb = _tile_rank(
-                    q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
-                    stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC, PRECISION,
-                    KEEP_SINK, KEEP_DIAG,
-                )
+                # -- passes 2..: the top-p threshold's bits, NCAND at a time (lo feasible, hi not) --
+                live = okm & estimate & (thr < 1.0)  # top-p 1.0 keeps every block: no search
+                lo = tl.where(live, _feasible_floor(thr, qbm), 0)
+                hi = tl.where(live, 0x3F800001, 1)  # bits(1.0) + 1: no probability reaches it
+                while tl.max(hi - lo, axis=0) > TOPP_STOP:
+                    cand = _candidates(lo, hi, cand_i, NCAND)
+                    mass = tl.zeros((M, NCAND), dtype=tl.float32)
+                    for t in range(0, n_tiles):
+                        p = _tile_probs(
+                            q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol, stride_qd,
+                            stride_kb, stride_kh, stride_kd, mult, mx, rz, M, BN, D, BLOCK_D, DC, PRECISION,
+                        )
+                        pb = p.to(tl.int32, bitcast=True)
+                        mass += tl.sum(tl.where(pb[:, :, None] >= cand[:, None, :], p[:, :, None], 0.0), axis=1)
+                    lo, hi = _narrow(lo, hi, cand, mass >= thr[:, None], cand_i, NCAND)
+
+                # -- block budget: the k-th largest rank value's bits, then the column cut among ties --
+                k, blo, bhi = _budget_k(budget, qbq, budget_live)
+                clo = tl.zeros_like(blo)
+                chi = tl.where(budget_live, ncol + 1, 1)
                 if BUDGET:
-                    sel = tl.where(_budget_keep(rb, blo, clo, cols) | forced, sel, 0)
-                sel = tl.where(row_dense[:, None], 1, sel)
+                    while tl.max(bhi - blo, axis=0) > 1:
+                        cand = _candidates(blo, bhi, cand_i, NCAND)
+                        cnt = tl.zeros((QR, NCAND), dtype=tl.int32)
+                        for t in range(0, n_tiles):
+                            _, _, rb = _tile_rank(
+                                q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN,
+                                ncol, stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D,
+                                DC, PRECISION, KEEP_SINK, KEEP_DIAG,
+                            )
+                            cnt += tl.sum((rb[:, :, None] >= cand[:, None, :]).to(tl.int32), axis=1)
+                        blo, bhi = _narrow(blo, bhi, cand, cnt >= k[:, None], cand_i, NCAND)
+                    n_gt = tl.zeros_like(blo)
+                    for t in range(0, n_tiles):
+                        _, _, rb = _tile_rank(
+                            q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
+                            stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC,
+                            PRECISION, KEEP_SINK, KEEP_DIAG,
+                        )
+                        n_gt += tl.sum((rb > blo[:, None]).to(tl.int32), axis=1)
+                    need = k - n_gt
+                    while tl.max(chi - clo, axis=0) > 1:
+                        cand = _candidates(clo, chi, cand_i, NCAND)
+                        cnt = tl.zeros((QR, NCAND), dtype=tl.int32)
+                        for t in range(0, n_tiles):
+                            cols = t * BN + tl.arange(0, BN)
+                            _, _, rb = _tile_rank(
+                                q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN,
+                                ncol, stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D,
+                                DC, PRECISION, KEEP_SINK, KEEP_DIAG,
+                            )
+                            eq = (rb == blo[:, None])[:, :, None] & (cols[None, :, None] >= cand[:, None, :])
+                            cnt += tl.sum(eq.to(tl.int32), axis=1)
+                        clo, chi = _narrow(clo, chi, cand, cnt >= need[:, None], cand_i, NCAND)
+
+                # -- last pass: union of both bands, sink, diagonal, budget; ascending emission --
+                for t in range(0, tl.cdiv(ncol, BN)):
+                    cols = t * BN + tl.arange(0, BN)
+                    if estimate:
+                        sel, forced, rb = _tile_rank(
+                            q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
+                            stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC,
+                            PRECISION, KEEP_SINK, KEEP_DIAG,
+                        )
+                        if BUDGET:
+                            sel = tl.where(_budget_keep(rb, blo, clo, cols) | forced, sel, 0)
+                        sel = tl.where(row_dense[:, None], 1, sel)
+                    else:
+                        sel = tl.full((QR, BN), 1, dtype=tl.int32)
+                    sel = tl.where(cols[None, :] <= qbq[:, None], sel, 0)
+                    count = _emit(sel_idx, base, count, sel, cols, QR, BN)
             else:
-                sel = tl.full((QR, BN), 1, dtype=tl.int32)
-            sel = tl.where(causal, sel, 0)
-            pos = count[:, None] + tl.cumsum(sel, axis=1) - sel
-            vals = tl.zeros((QR, BN), dtype=tl.int16) + cols.to(tl.int16)[None, :]
-            tl.store(sel_idx + base[:, None] + pos, vals, mask=sel != 0)
-            count += tl.sum(sel, axis=1)
-        tl.store(sel_cnt + gq.to(tl.int64) * HQ + hq, count, mask=okq)
+                cols = tl.arange(0, NK_PAD)
+                k_rows = pooled_k + (kb0 + cols).to(tl.int64) * stride_kb + kvh * stride_kh
+                kmask = cols < n_est
+
+                # -- scores of the whole row at once: the accumulator IS the resident row --
+                raw = tl.zeros((M, NK_PAD), dtype=tl.float32)
+                if SPLIT_K:
+                    # Keys pre-split into tf32 pairs (pool_keys_paged split_out): per head-dim chunk and
+                    # part, q_hi.k_part (+ q_lo.k_hi for the high part) in plain tf32 -- tf32x3 without
+                    # re-splitting the keys in every program. One part per iteration keeps the shared
+                    # memory per pipeline stage at [NK_PAD, DC].
+                    s_rows = pooled_k_split + (kb0 + cols).to(tl.int64) * stride_sb + kvh * stride_sh
+                    for v in range(0, 2 * BLOCK_D // DC):
+                        offs = (v // 2) * DC + tl.arange(0, DC)
+                        part = v % 2
+                        dm = offs < D
+                        kc = tl.load(s_rows[:, None] + part * stride_sp + offs[None, :],
+                                     mask=kmask[:, None] & dm[None, :], other=0.0)
+                        qc = _band_q(q_rows, okm, is_hi, band_hi, band_lo, offs, dm, stride_qd)
+                        q_hi = (qc.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                        q_lo = tl.where(part == 0, qc - q_hi, 0.0)
+                        raw = tl.dot(q_lo, tl.trans(kc), raw, input_precision="tf32")
+                        raw = tl.dot(q_hi, tl.trans(kc), raw, input_precision="tf32")
+                else:
+                    for d0 in range(0, BLOCK_D, DC):
+                        offs = d0 + tl.arange(0, DC)
+                        dm = offs < D
+                        kc = tl.load(k_rows[:, None] + offs[None, :] * stride_kd, mask=kmask[:, None] & dm[None, :],
+                                     other=0.0)
+                        qc = _band_q(q_rows, okm, is_hi, band_hi, band_lo, offs, dm, stride_qd)
+                        raw = tl.dot(qc, tl.trans(kc), raw, input_precision=PRECISION)
+
+                # -- softmax per row over its causal blocks (probability 0 elsewhere) --
+                logits = tl.where(cols[None, :] <= qbm[:, None], raw * mult[:, None], float("-inf"))
+                mx = tl.max(logits, axis=1)
+                mx = tl.where(mx == float("-inf"), 0.0, mx)
+                e = tl.exp(logits - mx[:, None])
+                z = tl.sum(e, axis=1)
+                p = e * (1.0 / tl.where(z > 0.0, z, 1.0))[:, None]
+
+                # -- top-p threshold by bisection over float bit patterns: lo feasible, hi not --
+                pb = p.to(tl.int32, bitcast=True)
+                lo = _feasible_floor(thr, qbm)
+                hi = tl.maximum(tl.max(pb, axis=1) + 1, lo + 1)
+                hi = tl.where(thr >= 1.0, lo + 1, hi)  # top-p 1.0 keeps every block: no search
+                while tl.max(hi - lo, axis=0) > TOPP_STOP:
+                    mid = lo + (hi - lo) // 2
+                    mass = tl.sum(_kept(pb, tl.broadcast_to(mid[:, None], (M, NK_PAD)), p, USE_ASM), axis=1)
+                    lo, hi = _halve(lo, hi, mid, mass >= thr)
+                sel, forced = _union(p, lo, cols, qbq, QR, NK_PAD, KEEP_SINK, KEEP_DIAG)
+                sel = tl.where(row_dense[:, None], 1, sel)
+                causal = cols[None, :] <= qbq[:, None]
+                if BUDGET:
+                    # -- block budget: the k-th largest rank value, then the column cut among ties --
+                    rb = _budget_rank_bits(p, sel, forced, causal, QR, NK_PAD)
+                    k, blo, bhi = _budget_k(budget, qbq, budget_live)
+                    while tl.max(bhi - blo, axis=0) > 1:
+                        mid = blo + (bhi - blo) // 2
+                        blo, bhi = _halve(blo, bhi, mid, tl.sum((rb >= mid[:, None]).to(tl.int32), axis=1) >= k)
+                    need = k - tl.sum((rb > blo[:, None]).to(tl.int32), axis=1)
+                    eq = rb == blo[:, None]
+                    clo = tl.zeros_like(blo)
+                    chi = tl.where(budget_live, NK_PAD + 1, 1)
+                    while tl.max(chi - clo, axis=0) > 1:
+                        mid = clo + (chi - clo) // 2
+                        ok = tl.sum((eq & (cols[None, :] >= mid[:, None])).to(tl.int32), axis=1) >= need
+                        clo, chi = _halve(clo, chi, mid, ok)
+                    sel = tl.where(_budget_keep(rb, blo, clo, cols) | forced, sel, 0)
+                count = _emit(sel_idx, base, count, tl.where(causal, sel, 0), cols, QR, NK_PAD)
+            tl.store(sel_cnt + sel_count_at(gq, hq, HQ), count, mask=okq)
 
 
 _DC = 16  # head-dim chunk of one tl.dot: small fp32 operands in registers / shared memory
@@ -749,7 +705,7 @@ class SelectionLaunch:
     """One launch of a selection: the kernel (``path``), the rows it serves and its settings."""
 
     path: str
-    """"resident" (_select_resident_kernel) or "multipass" (_select_multipass_kernel)."""
+    """"resident" or "multipass": _select_kernel's path (MULTIPASS)."""
     lvl_lo: int
     lvl_hi: int
     """Rows of length I + 1 in (lvl_lo, lvl_hi] are this launch's."""
@@ -761,10 +717,14 @@ class SelectionLaunch:
     num_stages: int
     nk_pad: int = 0
     """Resident: key blocks held per register row."""
+    eb: int = 0
+    """Key blocks per tile of the calibration's key-energy pass."""
     bn: int = 0
     """Multi-pass: key blocks per streamed tile."""
     ncand: int = 0
     """Multi-pass: thresholds tested per pass."""
+    all_causal: bool = False
+    """Multi-pass: every row selects every causal block (nothing scored)."""
 
 
 def _resident_launch(t: SelectionTuning, g_pad: int, nk_pad: int, lvl_lo: int, lvl_hi: int) -> SelectionLaunch:
@@ -775,7 +735,7 @@ def _resident_launch(t: SelectionTuning, g_pad: int, nk_pad: int, lvl_lo: int, l
     warps = max(4, min(16, elems // (32 * t.elems_per_thread)))
     stages = 2 if nk_pad * _DC * 4 * 2 <= 160 * 1024 else 1
     return SelectionLaunch(path="resident", lvl_lo=lvl_lo, lvl_hi=lvl_hi, block_g=block_g, qr=qr, nk_pad=nk_pad,
-                           num_warps=warps, num_stages=stages)
+                           eb=min(64, nk_pad), num_warps=warps, num_stages=stages)
 
 
 def selection_launches(
@@ -798,8 +758,8 @@ def selection_launches(
     cap = min(cap, 2 * t.resident_elems // (2 * max(8, g_pad)))
     mp_block_g = max(1, 16 // g_pad)
     multipass = SelectionLaunch(path="multipass", lvl_lo=0, lvl_hi=2**31 - 1, block_g=mp_block_g,
-                                qr=max(8, mp_block_g * g_pad), bn=32, ncand=8, num_warps=t.multipass_warps,
-                                num_stages=2)
+                                qr=max(8, mp_block_g * g_pad), eb=32, bn=32, ncand=8, all_causal=all_blocks,
+                                num_warps=t.multipass_warps, num_stages=2)
     if all_blocks:  # nothing to score: the multi-pass kernel's tiled emission serves any length
         return [multipass]
     launches = []
@@ -894,12 +854,7 @@ def select_blocks(
         pooled_k=pooled_k,
         band_hi=p.band_high,
         band_lo=p.band_low,
-        qb_req=plan.qb_req,
-        qb_abs=plan.qb_abs,
-        cu_kb=plan.cu_kb,
-        dense=plan.dense,
-        qb_dense=plan.qb_dense,
-        sel_off=plan.sel_off,
+        **plan.tensors("qb_req", "qb_abs", "cu_kb", "dense", "qb_dense", "sel_off"),
         sel_idx=sel_idx,
         sel_cnt=sel_cnt,
         temps_out=temps_out if temps_out is not None else pooled_q,
@@ -936,21 +891,26 @@ def select_blocks(
     split_k = pooled_k_split is not None and precision == "tf32x3"
     # A threshold of 1.0 keeps every causal block: nothing to score, unless a budget ranks them.
     for ln in selection_launches(HQ, HKV, plan.max_k_blocks, p.all_blocks, resident_max_blocks, tuning):
-        grid = (triton.cdiv(plan.num_q_blocks, ln.block_g), HKV)
-        kw = dict(common, lvl_lo=ln.lvl_lo, lvl_hi=ln.lvl_hi, BLOCK_G=ln.block_g, QR=ln.qr,
-                  num_warps=ln.num_warps, num_stages=ln.num_stages)
-        if ln.path == "resident":
-            _select_resident_kernel[grid](
-                NK_PAD=ln.nk_pad,
-                EB=min(64, ln.nk_pad),
-                USE_ASM=use_asm,
-                SPLIT_K=split_k,
-                pooled_k_split=pooled_k_split if split_k else pooled_k,
-                stride_sb=pooled_k_split.stride(0) if split_k else 0,
-                stride_sh=pooled_k_split.stride(1) if split_k else 0,
-                stride_sp=pooled_k_split.stride(2) if split_k else 0,
-                **kw,
-            )
-        else:
-            _select_multipass_kernel[grid](BN=ln.bn, NCAND=ln.ncand, ALL_CAUSAL=p.all_blocks, **kw)
+        resident = ln.path == "resident"
+        _select_kernel[(triton.cdiv(plan.num_q_blocks, ln.block_g), HKV)](
+            **common,
+            pooled_k_split=pooled_k_split if split_k else pooled_k,
+            stride_sb=pooled_k_split.stride(0) if split_k else 0,
+            stride_sh=pooled_k_split.stride(1) if split_k else 0,
+            stride_sp=pooled_k_split.stride(2) if split_k else 0,
+            lvl_lo=ln.lvl_lo,
+            lvl_hi=ln.lvl_hi,
+            BLOCK_G=ln.block_g,
+            QR=ln.qr,
+            EB=ln.eb,
+            MULTIPASS=not resident,
+            NK_PAD=ln.nk_pad,
+            SPLIT_K=split_k and resident,
+            USE_ASM=use_asm and resident,
+            BN=ln.bn,
+            NCAND=ln.ncand,
+            ALL_CAUSAL=ln.all_causal,
+            num_warps=ln.num_warps,
+            num_stages=ln.num_stages,
+        )
     return sel_idx, sel_cnt

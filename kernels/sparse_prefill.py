@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._checks import AtLeast, check, check_block_table, check_gqa, check_plan, check_selection_buffers, check_tensor
-from .plan import PrefillPlan
+from .plan import PrefillPlan, sel_count_at, sel_row_start
 
 __all__ = ["HEAD_DIMS", "SparsePrefillConfig", "candidate_configs", "default_config", "sparse_prefill"]
 
@@ -287,8 +287,8 @@ def _sparse_prefill_fwd_kernel(
     bt_row = block_table + r.to(tl.int64) * stride_bt
 
     # selection row (g, h): int64 offsets, sel_off[g] * HQ overflows int32 at long contexts
-    sel_row = sel_idx + tl.load(sel_off + g).to(tl.int64) * HQ + h.to(tl.int64) * (qb + 1)
-    cnt = tl.load(sel_cnt + g.to(tl.int64) * HQ + h)
+    sel_row = sel_idx + sel_row_start(tl.load(sel_off + g), h, qb, HQ)
+    cnt = tl.load(sel_cnt + sel_count_at(g, h, HQ))
     # the diagonal block (if selected) is the last index of the ascending row
     last = tl.load(sel_row + cnt - 1, mask=(cnt > 0) & is_sparse, other=-1).to(tl.int32)
     has_diag = (last == qb) | is_dense
@@ -414,13 +414,7 @@ def sparse_prefill(
         v_cache=v_cache,
         block_table=block_table,
         out=out,
-        cu_q=plan.cu_q,
-        ctx_lens=plan.ctx_lens,
-        seq_lens=plan.seq_lens,
-        dense=plan.dense,
-        qb_req=plan.qb_req,
-        qb_abs=plan.qb_abs,
-        sel_off=plan.sel_off,
+        **plan.tensors("cu_q", "ctx_lens", "seq_lens", "dense", "qb_req", "qb_abs", "sel_off"),
         sel_idx=sel_idx,
         sel_cnt=sel_cnt,
         qk_scale=float(scale) * _LOG2E,
