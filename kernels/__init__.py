@@ -8,7 +8,7 @@ Modules, one kernel family each:
     sparse_prefill  block-sparse attention over the paged KV cache (Triton; GPUs without FA3, CPU tests)
     attend_fa3      block-sparse attention through vLLM's FA3 as virtual varlen sequences (Hopper)
     prefill         the whole Prism prefill (estimation + attention) into a caller's output
-    _checks         the launchers' shared argument checks
+    _launch         what every launcher shares: argument checks, stride keywords
 """
 
 from .params import PrismParams

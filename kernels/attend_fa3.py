@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import AtLeast, check, check_block_table, check_gqa, check_plan, check_tensor
+from ._launch import AtLeast, check, check_block_table, check_gqa, check_plan, check_tensor, strides
 from .params import BLOCK_SIZE
 from .plan import BlockSelection, PrefillPlan, sel_count_at, sel_row_start
 
@@ -558,10 +558,9 @@ def virtual_sequences(
         g_hi=bucket.g_hi,
         row_lo=bucket.row_lo,
         row_hi=bucket.row_hi,
-        stride_qt=q.stride(0),
-        stride_qh=q.stride(1),
-        stride_bt=block_table.stride(0),
-        stride_pt=table.stride(0),
+        **strides(q, "qt", "qh"),
+        **strides(block_table, "bt"),
+        **strides(table, "pt"),
         page_mult=vkv.page_mult,
         head_mult=vkv.head_mult,
         slot_mult=vkv.slot_mult,
@@ -600,8 +599,7 @@ def scatter_out(o_virt: torch.Tensor, out: torch.Tensor, plan: PrefillPlan, buck
         g_hi=bucket.g_hi,
         row_lo=bucket.row_lo,
         row_hi=bucket.row_hi,
-        stride_ot=out.stride(0),
-        stride_oh=out.stride(1),
+        **strides(out, "ot", "oh"),
         G=HQ // num_kv_heads,
         D=D,
         BLOCK_D=triton.next_power_of_2(D),

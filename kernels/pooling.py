@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import AtLeast, check, check_block_table, check_plan, check_tensor
+from ._launch import AtLeast, check, check_block_table, check_plan, check_tensor, strides
 from .params import PrismParams
 from .plan import PrefillPlan
 
@@ -289,12 +289,8 @@ def pool_queries(
         q_scale=q_scale if has_scale else out,  # unused pointer when HAS_SCALE is False
         out=out,
         **plan.tensors("cu_q", "ctx_lens", "seq_lens", "qb_req", "qb_abs"),
-        stride_qt=q.stride(0),
-        stride_qh=q.stride(1),
-        stride_qd=q.stride(2),
-        stride_ob=out.stride(0),
-        stride_oh=out.stride(1),
-        stride_od=out.stride(2),
+        **strides(q, "qt", "qh", "qd"),
+        **strides(out, "ob", "oh", "od"),
         H=H,
         D=D,
         B=plan.block_size,
@@ -383,19 +379,11 @@ def pool_keys_paged(
         band_hi=params.band_high if has_e else out,
         band_lo=params.band_low if has_e else out,
         **plan.tensors("cu_kb", "seq_lens", "kb_req"),
-        stride_kp=k_cache.stride(0),
-        stride_ks=k_cache.stride(1),
-        stride_kh=k_cache.stride(2),
-        stride_kd=k_cache.stride(3),
-        stride_bt=block_table.stride(0),
-        stride_ob=out.stride(0),
-        stride_oh=out.stride(1),
-        stride_od=out.stride(2),
-        stride_eb=energy_out.stride(0) if has_e else 0,
-        stride_eh=energy_out.stride(1) if has_e else 0,
-        stride_sb=split_out.stride(0) if has_s else 0,
-        stride_sh=split_out.stride(1) if has_s else 0,
-        stride_sp=split_out.stride(2) if has_s else 0,
+        **strides(k_cache, "kp", "ks", "kh", "kd"),
+        **strides(block_table, "bt"),
+        **strides(out, "ob", "oh", "od"),
+        **strides(energy_out, "eb", "eh"),
+        **strides(split_out, "sb", "sh", "sp"),
         PS=PS,
         H=H,
         D=D,

@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._checks import check, check_tensor
+from ._launch import check, check_tensor
 from .attend_fa3 import (
     AttendCapacity,
     AttendPlan,

@@ -22,9 +22,10 @@ rank value, forced blocks ranked 2.0 above any probability, unselected ones 0) i
 way, counting blocks instead of summing mass; blocks tied at that value (near-uniform scores,
 e.g. dummy weights) are then cut by a second bisection over the column, keeping the most recent.
 
-Nothing of size [heads x q blocks x k blocks] touches global memory: a program owns BLOCK_G
-query blocks of one request and the G q heads of one kv head (so each pooled key is loaded once
-for all of them), and keeps its rows of scores on chip:
+Nothing of size [heads x q blocks x k blocks] touches global memory: a program of
+``_select_kernel`` owns BLOCK_G query blocks of one request and the G q heads of one kv head (so
+each pooled key is loaded once for all of them), and keeps its rows of scores on chip, on one of
+two paths (constexpr MULTIPASS; the shared steps are the @triton.jit helpers below it):
 
 * resident path (rows of up to 2048 key blocks, 256K tokens): the whole row of both bands stays
   in registers ([2 * QR, NK_PAD]); it is the accumulator of one tl.dot per 16-wide head-dim
@@ -37,7 +38,7 @@ for all of them), and keeps its rows of scores on chip:
   NCAND thresholds at once, then emission with a running offset).
 
 The calibration's key energies (|k|^2 over all dims and over each band, per pooled key) come
-from ``pool_keys_paged(..., energy_out=...)`` when given; otherwise the kernels compute them from
+from ``pool_keys_paged(..., energy_out=...)`` when given; otherwise the kernel computes them from
 the pooled keys in an extra pass. Scores use tl.dot in fp32 with tf32x3 by default (three tf32
 tensor-core products, ~fp32 accuracy); "ieee" reproduces the reference's fp32 FMA arithmetic. With
 ``pooled_k_split`` (``pool_keys_paged(..., split_out=...)``: each pooled key as an exact sum of two
@@ -69,7 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import AtLeast, check, check_gqa, check_plan, check_selection_buffers, check_tensor
+from ._launch import AtLeast, check, check_gqa, check_plan, check_selection_buffers, check_tensor, strides
 from .params import PrismParams
 from .plan import PrefillPlan, sel_count_at, sel_row_start
 
@@ -860,14 +861,9 @@ def select_blocks(
         temps_out=temps_out if temps_out is not None else pooled_q,
         key_energy=key_energy if key_energy is not None else pooled_k,
         NQB=plan.num_q_blocks,
-        stride_qb=pooled_q.stride(0),
-        stride_qh=pooled_q.stride(1),
-        stride_qd=pooled_q.stride(2),
-        stride_kb=pooled_k.stride(0),
-        stride_kh=pooled_k.stride(1),
-        stride_kd=pooled_k.stride(2),
-        stride_eb=key_energy.stride(0) if key_energy is not None else 0,
-        stride_eh=key_energy.stride(1) if key_energy is not None else 0,
+        **strides(pooled_q, "qb", "qh", "qd"),
+        **strides(pooled_k, "kb", "kh", "kd"),
+        **strides(key_energy, "eb", "eh"),
         thr_hi=float(p.high_threshold),  # float: an int 1 would compile as a constexpr
         thr_lo=float(p.low_threshold),
         budget=float(p.block_budget) if p.block_budget is not None else 1.0,
@@ -895,9 +891,7 @@ def select_blocks(
         _select_kernel[(triton.cdiv(plan.num_q_blocks, ln.block_g), HKV)](
             **common,
             pooled_k_split=pooled_k_split if split_k else pooled_k,
-            stride_sb=pooled_k_split.stride(0) if split_k else 0,
-            stride_sh=pooled_k_split.stride(1) if split_k else 0,
-            stride_sp=pooled_k_split.stride(2) if split_k else 0,
+            **strides(pooled_k_split if split_k else None, "sb", "sh", "sp"),
             lvl_lo=ln.lvl_lo,
             lvl_hi=ln.lvl_hi,
             BLOCK_G=ln.block_g,

@@ -35,7 +35,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import AtLeast, check, check_block_table, check_gqa, check_plan, check_selection_buffers, check_tensor
+from ._launch import (
+    AtLeast,
+    check,
+    check_block_table,
+    check_gqa,
+    check_plan,
+    check_selection_buffers,
+    check_tensor,
+    strides,
+)
 from .plan import PrefillPlan, sel_count_at, sel_row_start
 
 __all__ = ["HEAD_DIMS", "SparsePrefillConfig", "candidate_configs", "default_config", "sparse_prefill"]
@@ -419,17 +428,11 @@ def sparse_prefill(
         sel_cnt=sel_cnt,
         qk_scale=float(scale) * _LOG2E,
         NQB=plan.num_q_blocks,
-        stride_qt=q.stride(0),
-        stride_qh=q.stride(1),
-        stride_ot=out.stride(0),
-        stride_oh=out.stride(1),
-        stride_kp=k_cache.stride(0),
-        stride_ks=k_cache.stride(1),
-        stride_kh=k_cache.stride(2),
-        stride_vp=v_cache.stride(0),
-        stride_vs=v_cache.stride(1),
-        stride_vh=v_cache.stride(2),
-        stride_bt=block_table.stride(0),
+        **strides(q, "qt", "qh"),
+        **strides(out, "ot", "oh"),
+        **strides(k_cache, "kp", "ks", "kh"),
+        **strides(v_cache, "vp", "vs", "vh"),
+        **strides(block_table, "bt"),
         HQ=HQ,
         G=HQ // HKV,
         D=D,

@@ -32,6 +32,16 @@ def key_energy_reference(kp, bands):
     return torch.stack([k2.sum(-1), k2[..., hi].sum(-1), k2[..., lo].sum(-1)], dim=-1)
 
 
+def assert_tf32_split(split, pooled, lo_bound=True):
+    """split [..., 2, D] holds pooled [..., D] as an exact sum hi + lo, hi tf32-representable
+    (and, with lo_bound, |lo| within hi's tf32 rounding)."""
+    hi, lo = split[..., 0, :], split[..., 1, :]
+    assert torch.equal(hi + lo, pooled)
+    assert ((hi.view(torch.int32) & 8191) == 0).all(), "hi must be tf32-representable (13 low bits clear)"
+    if lo_bound:
+        assert (lo.abs() <= hi.abs() * 2**-10).all()
+
+
 def make_paged_kv(ks, vs, page_size, layout="NHD", seed=0, spare_pages=2, gen=None):
     """A FlashAttention-style packed paged cache holding each request's K/V.
 

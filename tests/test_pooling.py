@@ -5,7 +5,7 @@ CPU: the Triton interpreter on fp16 inputs and small shapes. GPU (`-m gpu`): bf1
 
 import pytest
 import torch
-from conftest import DEVICE, key_energy_reference, make_paged_kv, prism_params
+from conftest import DEVICE, assert_tf32_split, key_energy_reference, make_paged_kv, prism_params
 from prism_vllm.kernels import make_plan
 from prism_vllm.kernels.pooling import pool_keys_paged, pool_queries
 
@@ -101,11 +101,7 @@ def test_pool_keys_energy_out(layout):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(energy[: plan.num_k_blocks], key_energy_reference(ref, bands), atol=1e-5, rtol=1e-4)
     assert energy[plan.num_k_blocks :].isnan().all()
-    # split_out: an exact tf32 (hi, lo) decomposition of the pooled keys the kernel wrote
-    hi, lo = split[:, :, 0], split[:, :, 1]
-    assert torch.equal(hi + lo, out)
-    assert ((hi.view(torch.int32) & 8191) == 0).all(), "hi must be tf32-representable (13 low bits clear)"
-    assert (lo.abs() <= hi.abs() * 2**-10).all()
+    assert_tf32_split(split, out)  # an exact tf32 (hi, lo) decomposition of the pooled keys the kernel wrote
     with pytest.raises(ValueError, match="energy_out needs params"):
         pool_keys_paged(k_cache=k_cache, block_table=table, plan=plan, out=out, energy_out=energy)
 

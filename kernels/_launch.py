@@ -1,4 +1,4 @@
-"""Argument checks shared by every launcher (one wording, one place).
+"""What every launcher shares: argument checks (one wording, one place) and kernel keyword arguments.
 
 Errors are ``ValueError`` in FlashInfer's style, naming the argument, what was expected and what
 came: ``Invalid shape of q: expected [T, 4, 64], got [10, 2, 64]``. A shape is given per dim as an
@@ -15,6 +15,7 @@ import torch
 from .plan import PrefillPlan
 
 __all__ = [
+    "strides",
     "AtLeast",
     "check",
     "check_tensor",
@@ -36,6 +37,12 @@ class AtLeast:
 
 
 Dim = Union[int, AtLeast, str]
+
+
+def strides(t: Optional[torch.Tensor], *names: str) -> dict[str, int]:
+    """``stride_<name>`` keyword arguments of a kernel for the leading dims of ``t`` (0 for an
+    absent optional tensor), e.g. ``strides(q, "qt", "qh")`` -> {stride_qt: q.stride(0), ...}."""
+    return {f"stride_{n}": (0 if t is None else t.stride(i)) for i, n in enumerate(names)}
 DTypes = Union[torch.dtype, Sequence[torch.dtype]]
 
 
