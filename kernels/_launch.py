@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .params import PrismParams
 from .plan import PrefillPlan
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "AtLeast",
     "check",
     "check_tensor",
+    "check_params",
     "check_plan",
     "check_gqa",
     "check_block_table",
@@ -123,6 +125,15 @@ def check_plan(plan: PrefillPlan, device: torch.device, *, num_q_heads: Optional
         )
     if num_rows is not None:
         check(num_rows >= plan.num_tokens, f"{rows_of} has {num_rows} rows, the plan covers {plan.num_tokens}")
+
+
+def check_params(params: PrismParams, head_dim: int, device: torch.device, *, head_dim_of: str) -> None:
+    """The layer's PrismParams (validated when built) fit the launch: band masks of the head dim,
+    on the launch's device."""
+    check(isinstance(params, PrismParams), f"params must be the layer's PrismParams, got {type(params).__name__}")
+    check(params.head_dim == head_dim,
+          f"params has band masks of {params.head_dim} dims, {head_dim_of}'s head dim is {head_dim}")
+    check_tensor("params.band_high", params.band_high, device=device)
 
 
 def check_gqa(num_q_heads: int, num_kv_heads: int) -> None:

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import AtLeast, check, check_block_table, check_plan, check_tensor, strides
+from ._launch import AtLeast, check, check_block_table, check_params, check_plan, check_tensor, strides
 from .params import PrismParams
 from .plan import PrefillPlan
 
@@ -355,13 +355,8 @@ def pool_keys_paged(
     has_e = energy_out is not None
     if has_e:
         check_tensor("energy_out", energy_out, shape=(nkb, H, 3), dtype=torch.float32, device=dev, last_stride_1=True)
-        check(
-            isinstance(params, PrismParams),
-            f"energy_out needs params: the layer's PrismParams, whose band_high / band_low masks the energies "
-            f"use; got {type(params).__name__}",
-        )
-        check(params.head_dim == D, f"params has band masks of {params.head_dim} dims, k_cache's head dim is {D}")
-        check_tensor("params.band_high", params.band_high, device=dev)
+        check(params is not None, "energy_out needs params: the layer's PrismParams, whose band masks the energies use")
+        check_params(params, D, dev, head_dim_of="k_cache")
     has_s = split_out is not None
     if has_s:
         check_tensor("split_out", split_out, shape=(nkb, H, 2, D), dtype=torch.float32, device=dev, last_stride_1=True)

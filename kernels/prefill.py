@@ -47,8 +47,8 @@ __all__ = [
     "PrismParams",
     "PrismWorkspace",
     "prism_estimate",
+    "prism_attend",
     "prism_prefill",
-    "last_selection",
     "SUPPORTED_HEAD_DIMS",
 ]
 

@@ -70,7 +70,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import AtLeast, check, check_gqa, check_plan, check_selection_buffers, check_tensor, strides
+from ._launch import (
+    AtLeast,
+    check,
+    check_gqa,
+    check_params,
+    check_plan,
+    check_selection_buffers,
+    check_tensor,
+    strides,
+)
 from .params import PrismParams
 from .plan import PrefillPlan, sel_count_at, sel_row_start
 
@@ -832,9 +841,7 @@ def select_blocks(
     HKV = pooled_k.shape[1]
     check_gqa(HQ, HKV)
     check_plan(plan, dev, num_q_heads=HQ, rows_of="pooled_q")
-    check(isinstance(params, PrismParams), f"params must be the layer's PrismParams, got {type(params).__name__}")
-    check(params.head_dim == D, f"params has band masks of {params.head_dim} dims, pooled_q's head dim is {D}")
-    check_tensor("params.band_high", params.band_high, device=dev)
+    check_params(params, D, dev, head_dim_of="pooled_q")
     check_selection_buffers(sel_idx, sel_cnt, plan, dev)
     nqb, nkb = AtLeast(plan.num_q_blocks), AtLeast(plan.num_k_blocks)
     if temps_out is not None:
