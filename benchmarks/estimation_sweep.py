@@ -85,7 +85,7 @@ def _inputs(L: int, kind: str, hq: int, hkv: int, d: int, gen: torch.Generator):
 def main() -> None:  # noqa: C901 -- one linear script
     # The timing lambdas below run inside their loop iteration; B023 does not apply.
     from prism_vllm.config import PrismConfig
-    from prism_vllm.kernels import PrismParams, PrismWorkspace, make_plan, prism_estimate
+    from prism_vllm.kernels import BlockSelection, PrismParams, PrismWorkspace, make_plan, prism_estimate
     from prism_vllm.kernels.pooling import pool_keys_paged, pool_queries
     from prism_vllm.kernels.selection import DEFAULT_TUNING, select_blocks
     from prism_vllm.rope import RopeLayout, rope_bands
@@ -123,16 +123,17 @@ def main() -> None:  # noqa: C901 -- one linear script
         ws = PrismWorkspace(plan.num_q_blocks, plan.num_k_blocks, 1, plan.sel_capacity, hq, hkv, d, DEV)
         for kind in args.inputs.split(","):
             q, k_cache, table = _inputs(L, kind, hq, hkv, d, gen)
-            prism_estimate(q, k_cache, table, plan, params, ws, precision="ieee")
-            ref_cnt = ws.sel_cnt[: plan.num_q_blocks * hq].clone()
-            ref_idx = ws.sel_idx[: plan.sel_capacity].clone()
+            ref = prism_estimate(q, k_cache, table, plan, params, ws, precision="ieee")
+            ref_cnt = ref.counts.clone()
+            ref_masks = ref.to_masks(device=DEV)
             for prec in precisions:
                 for tname, tuning in tunings.items():
                     t0 = time.time()
                     total = _timed(
                         lambda: prism_estimate(q, k_cache, table, plan, params, ws, precision=prec, tuning=tuning)
                     )
-                    cnt = ws.sel_cnt[: plan.num_q_blocks * hq]
+                    sel = BlockSelection(plan, ws.sel_idx, ws.sel_cnt[: plan.num_q_blocks * hq])  # what it wrote
+                    cnt = sel.counts
                     same = bool(torch.equal(cnt, ref_cnt))
                     row = {
                         "tokens": L, "inputs": kind, "precision": prec, "tuning": tname, "total_ms": round(total, 4),
@@ -140,20 +141,20 @@ def main() -> None:  # noqa: C901 -- one linear script
                         "rows_with_other_count_than_ieee": int((cnt != ref_cnt).sum()),
                         "workspace_mb": round(ws.nbytes / 2**20, 1),
                     }
-                    if same:  # the same counts: compare the indices too (only valid entries)
-                        got = _valid_from(ws.sel_idx, cnt, plan, hq)
-                        row["same_selection_as_ieee"] = bool(torch.equal(got, _valid_from(ref_idx, ref_cnt, plan, hq)))
+                    if same:  # the same counts: compare the selected blocks too
+                        row["same_selection_as_ieee"] = all(
+                            torch.equal(a, b) for a, b in zip(sel.to_masks(device=DEV), ref_masks)
+                        )
                     if tname == "default" and prec == "tf32x3":
                         pq, pk = ws.pooled_q[: plan.num_q_blocks], ws.pooled_k[: plan.num_k_blocks]
                         ke, sp = ws.key_energy[: plan.num_k_blocks], ws.pooled_k_split[: plan.num_k_blocks]
                         row["pool_q_ms"] = round(_timed(lambda: pool_queries(q=q, plan=plan, out=pq)), 4)
                         row["pool_k_ms"] = round(_timed(lambda: pool_keys_paged(
-                            k_cache=k_cache, block_table=table, plan=plan, out=pk, energy_out=ke,
-                            band_high=params.band_high, band_low=params.band_low, split_out=sp)), 4)
+                            k_cache=k_cache, block_table=table, plan=plan, out=pk, energy_out=ke, params=params,
+                            split_out=sp)), 4)
                         row["select_ms"] = round(_timed(lambda: select_blocks(
-                            pq, pk, plan, params.band_high, params.band_low, cfg.high_threshold, cfg.low_threshold,
-                            cfg.calibrate, cfg.keep_sink, cfg.keep_diagonal, ws.sel_idx,
-                            ws.sel_cnt[: plan.num_q_blocks * hq], key_energy=ke, pooled_k_split=sp)), 4)
+                            pq, pk, plan, params, ws.sel_idx, ws.sel_cnt[: plan.num_q_blocks * hq], key_energy=ke,
+                            pooled_k_split=sp)), 4)
                     rows.append(row)
                     print(f"[{time.time() - t0:5.1f}s] {row}", file=sys.stderr, flush=True)
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter)"
@@ -164,18 +165,6 @@ def main() -> None:  # noqa: C901 -- one linear script
             f.write(text)
     else:
         print(text)
-
-
-def _valid_from(sel_idx: torch.Tensor, sel_cnt: torch.Tensor, plan, hq: int) -> torch.Tensor:
-    """The selected block ids of every row, concatenated (a canonical form of the BSR content)."""
-    off = plan.sel_off[:-1].long() * hq  # [NQB]
-    cap = (plan.qb_abs.long() + 1)  # [NQB]
-    starts = (off[:, None] + torch.arange(hq, device=off.device)[None, :] * cap[:, None]).flatten()
-    cnt = sel_cnt.long()
-    pos = torch.repeat_interleave(starts, cnt) + (
-        torch.arange(int(cnt.sum()), device=cnt.device) - torch.repeat_interleave(cnt.cumsum(0) - cnt, cnt)
-    )
-    return sel_idx[pos]
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -303,44 +303,6 @@ def mask_density(mask: torch.Tensor) -> float:
     return float(mask.sum()) / (mask.shape[0] * causal_blocks(mask.shape[1]))
 
 
-def _row_starts(plan: Any, hq: int) -> torch.Tensor:
-    """[nq, HQ] int64: first sel_idx slot of each selection row (kernels/plan.py layout)."""
-    off = plan.sel_off[:-1].long() * hq
-    cap = plan.qb_abs.long() + 1
-    return off[:, None] + torch.arange(hq, device=off.device)[None, :] * cap[:, None]
-
-
-def mask_to_bsr(mask: torch.Tensor, plan: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our BSR selection (sel_idx int16, sel_cnt int32) of a block mask [HQ, nq, nk] for a plan
-    of one request starting at position 0: row (g, h) lists mask[h, g].nonzero() ascending."""
-    hq, nq, nk = mask.shape
-    sel_cnt = mask.sum(-1).t().contiguous().view(-1).to(torch.int32)  # index g * HQ + h
-    sel_idx = torch.zeros(plan.sel_capacity, dtype=torch.int16, device=mask.device)
-    starts = _row_starts(plan, hq)  # [nq, HQ]
-    cols = torch.arange(nk, device=mask.device, dtype=torch.int16)
-    for h in range(hq):  # per head: bounded temporaries even at 128K
-        m = mask[h]
-        dest = starts[:, h : h + 1] + m.long().cumsum(-1) - 1
-        sel_idx[dest[m]] = cols.expand(nq, nk)[m]
-    return sel_idx, sel_cnt
-
-
-def bsr_to_mask(sel_idx: torch.Tensor, sel_cnt: torch.Tensor, plan: Any, hq: int, nk: int) -> torch.Tensor:
-    """Inverse of mask_to_bsr (bool [HQ, nq, nk]); entries past a row's count are ignored."""
-    nq = plan.num_q_blocks
-    starts = _row_starts(plan, hq)  # [nq, HQ]
-    cnt = sel_cnt[: nq * hq].view(nq, hq).long()
-    p = torch.arange(nk, device=sel_idx.device)
-    valid = p[None, None, :] < cnt[:, :, None]  # [nq, HQ, nk]
-    idx = (starts[:, :, None] + p[None, None, :]).clamp_max(sel_idx.numel() - 1)
-    cols = sel_idx[idx].long().clamp(0, nk - 1)
-    row = torch.arange(nq * hq, device=sel_idx.device).view(nq, hq, 1)
-    mask = torch.zeros(nq * hq * nk, dtype=torch.bool, device=sel_idx.device)
-    mask[(row * nk + cols)[valid]] = True
-    mask = mask.view(nq, hq, nk)
-    return mask.permute(1, 0, 2).contiguous()
-
-
 # ----------------------------------------------------------------------------------------------
 # implementations
 # ----------------------------------------------------------------------------------------------
@@ -487,10 +449,12 @@ class Ours:
         return prism_prefill(q, kv.k, kv.v, kv.block_table, self.plan, self.params, ws, out, precision=self.precision)
 
     def sparse(self, q: torch.Tensor, kv: Paged, sel_idx: torch.Tensor, sel_cnt: torch.Tensor, out: torch.Tensor,
-               **knobs: Any) -> torch.Tensor:
+               config: Any = None) -> torch.Tensor:
+        """sparse_prefill with its launch settings (a SparsePrefillConfig; None: the head dim's default)."""
         from prism_vllm.kernels.sparse_prefill import sparse_prefill
 
-        return sparse_prefill(q, kv.k, kv.v, kv.block_table, self.plan, sel_idx, sel_cnt, self.s.scale, out, **knobs)
+        return sparse_prefill(q, kv.k, kv.v, kv.block_table, self.plan, sel_idx, sel_cnt, self.s.scale, out,
+                              config=config)
 
     def attend_setup(self, kv: Paged) -> None:
         """FA3 attend step state: the bucket plan and buffers the backend would use for a step of
@@ -524,6 +488,21 @@ class Ours:
 
     def sel(self, ws: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return ws.sel_idx, ws.sel_cnt[: self.plan.num_q_blocks * self.s.hq]
+
+    def bsr(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sel_idx, sel_cnt) of a block mask [HQ, nq, nk] of this one-request plan."""
+        from prism_vllm.kernels.plan import BlockSelection
+
+        sel = BlockSelection.from_masks([mask], self.plan)
+        return sel.indices, sel.counts
+
+    def selected_mask(self, ws: Any) -> torch.Tensor:
+        """The block mask [HQ, nq, nk] the estimation wrote into ``ws`` (on the benchmark's device)."""
+        from prism_vllm.kernels.plan import BlockSelection
+
+        sel = BlockSelection(self.plan, *self.sel(ws))
+        sel.check_rows()
+        return sel.to_masks(device=self.s.device)[0]
 
     def density(self, ws: Any) -> float:
         return float(self.sel(ws)[1].sum()) / (self.s.hq * causal_blocks(self.plan.num_q_blocks))
@@ -604,7 +583,7 @@ def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Offici
             seq = torch.tensor([L], dtype=torch.int32, device=s.device)
         for di, dens in enumerate(s.densities):
             mask = fixed_mask(s.hq, nq, dens, s.device, gen)
-            sel_idx, sel_cnt = mask_to_bsr(mask, ours.plan)
+            sel_idx, sel_cnt = ours.bsr(mask)
             measured = mask_density(mask)
             row: dict[str, Any] = {"tokens": L, "density_target": dens, "density": round(measured, 5)}
             if li == 0 and di == 0 and dens == 1.0:
@@ -753,10 +732,9 @@ def run_estimation(s: Setup, off: Optional[Official], res: dict[str, Any], bar: 
         # Reported extra memory: this launch's workspace plus anything the call allocates.
         row["extra_mem_mb"] = extra_memory_mb(ours_fresh, s.device)
         ws = ours_fresh()
-        nk = ours.plan.num_k_blocks
         if li == 0:
             # our selection vs the reference spec on the same input (near-ties may flip a block)
-            got = bsr_to_mask(*ours.sel(ws), ours.plan, s.hq, nk)
+            got = ours.selected_mask(ws)
             qp = reference.pool_blocks(q, 0, s.block)
             kp = reference.pool_blocks(k, 0, s.block)
             want = reference.select_blocks(qp, kp, 0, ours.bands, ours.cfg)
@@ -813,7 +791,7 @@ def run_break_even(s: Setup, fa3: Optional[Callable[..., Any]], est: dict[int, d
         res["break_even"].append(row("prism_selection_structured_synthetic", e["density"], sp, total))
         for dens in s.be_proxies:
             mask = fixed_mask(s.hq, ours.plan.num_q_blocks, dens, s.device, gen)
-            si, sc = mask_to_bsr(mask, ours.plan)
+            si, sc = ours.bsr(mask)
             sp = bench(lambda: ours.sparse(q, kv, si, sc, out), s)
             res["break_even"].append(row(f"proxy_fixed_density_{dens}", mask_density(mask), sp, e["est_ms"] + sp))
         bar.step(f"break-even {tok(L)}")
@@ -832,7 +810,7 @@ def run_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any]) 
         q, kv, _, _ = sparse_inputs(L, s, gen)
         ours = Ours(s, L)
         mask = fixed_mask(s.hq, ours.plan.num_q_blocks, dens, s.device, gen)
-        si, sc = mask_to_bsr(mask, ours.plan)
+        si, sc = ours.bsr(mask)
         out = torch.empty_like(q)
         fa3_ms = None
         if fa3 is not None:
@@ -840,11 +818,11 @@ def run_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any]) 
         bar.step(f"{tok(L)} fa3")
         first: Optional[torch.Tensor] = None
         for c in configs:
-            knobs = {"block_m": c.block_m, "block_n": c.block_n, "num_warps": c.num_warps, "num_stages": c.num_stages}
+            knobs = asdict(c)  # block_m, block_n, num_warps, num_stages
             r: dict[str, Any] = {"tokens": L, "density": round(mask_density(mask), 5), **knobs, "fa3_ms": fa3_ms}
             try:
                 out.fill_(float("nan"))  # poison: every row must be written
-                r["prism_ms"] = bench(lambda: ours.sparse(q, kv, si, sc, out, **knobs), s)
+                r["prism_ms"] = bench(lambda: ours.sparse(q, kv, si, sc, out, config=c), s)
                 r["speedup_vs_fa3"] = round(fa3_ms / r["prism_ms"], 3) if fa3_ms else None
                 # every config must compute what the first (default) one does
                 if first is None:
@@ -870,7 +848,7 @@ def run_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any]) 
         try:
             r["prism_ms"] = bench(lambda: ours.estimate(q, kv, ws), s)
             r["density"] = round(ours.density(ws), 5)
-            m = bsr_to_mask(*ours.sel(ws), ours.plan, s.hq, ours.plan.num_k_blocks)
+            m = ours.selected_mask(ws)
             exact = m if exact is None else exact
             r["blocks_differing_from_ieee"] = int((m != exact).sum())
         except Exception as ex:  # noqa: BLE001

@@ -52,10 +52,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import BlockSelection, PrefillPlan
+from ._launch import AtLeast, check, check_block_table, check_gqa, check_plan, check_tensor, strides
+from .params import BLOCK_SIZE
+from .plan import BlockSelection, PrefillPlan, sel_count_at, sel_row_start
 
 __all__ = [
+    "ATTEND_LAUNCH",
     "AttendBucket",
+    "AttendLaunch",
     "AttendCapacity",
     "AttendPlan",
     "AttendWorkspace",
@@ -75,6 +79,22 @@ MIN_PAGE = 16
 COPY_BYTES = 128 << 20
 TABLE_BYTES = 120 << 20
 ORDERS = {"kv_desc": 0, "head_asc": 1}
+
+
+@dataclass(frozen=True)
+class AttendLaunch:
+    """Launch settings of the two copy kernels (``_virtual_seqs_kernel``, ``_scatter_out_kernel``):
+    memory-bound row copies, one program per virtual sequence."""
+
+    block_j: int = 32
+    """Selected key blocks per page-table tile."""
+    block_t: int = 32
+    """q / output rows per copy tile."""
+    num_warps: int = 4
+
+
+#: The settings of every head dim (a copy's BLOCK_D is the head dim's next power of two).
+ATTEND_LAUNCH = AttendLaunch()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,7 +120,7 @@ def attend_capacity(
     num_q_heads: int,
     head_dim: int,
     element_size: int,
-    block_size: int = 128,
+    block_size: int = BLOCK_SIZE,
 ) -> AttendCapacity:
     """Bucket capacity for a scheduler configuration, within COPY_BYTES + TABLE_BYTES (248 MiB) plus the per-sequence arrays.
 
@@ -222,7 +242,7 @@ class AttendWorkspace:
     """Preallocated buffers of one bucket (see AttendCapacity); shared by every layer."""
 
     def __init__(self, capacity: AttendCapacity, num_q_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: Union[str, torch.device], block_size: int = 128) -> None:
+                 device: Union[str, torch.device], block_size: int = BLOCK_SIZE) -> None:
         self.capacity = capacity
         self.num_q_heads = int(num_q_heads)
         self.head_dim = int(head_dim)
@@ -275,7 +295,7 @@ class VirtualKV:
     slot_mult: int
 
 
-def virtual_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int = 128) -> Union[VirtualKV, str]:
+def virtual_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int = BLOCK_SIZE) -> Union[VirtualKV, str]:
     """The virtual-page view of a paged cache ([NP, PS, HKV, D] views, FlashAttention's), or the
     reason (a sentence) why the cache's strides do not allow one."""
     NP, PS, HKV, D = k_cache.shape
@@ -342,6 +362,20 @@ def _virtual_seq(s, g_lo, g_hi, row_lo, row_hi, cu_q, ctx_lens, seq_lens, qb_req
     return g, h, kvh, r, a, seq, p_hi, rows, qrow, off
 
 
+@triton.jit
+def _copy_rows(src, src_row, src_stride, dst, dst_row, dst_stride, n, D: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_T: tl.constexpr):
+    """Rows src_row .. src_row+n-1 of src (row stride src_stride, D contiguous elements each) to
+    rows dst_row .. of dst, BLOCK_T rows at a time."""
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    for t0 in range(0, n, BLOCK_T):
+        t = t0 + offs_t
+        mk = (t < n)[:, None] & (offs_d < D)[None, :]
+        x = tl.load(src + (src_row + t).to(tl.int64)[:, None] * src_stride + offs_d[None, :], mask=mk)
+        tl.store(dst + (dst_row + t).to(tl.int64)[:, None] * dst_stride + offs_d[None, :], x, mask=mk)
+
+
 @triton.jit(do_not_specialize=["g_lo", "g_hi", "row_lo", "row_hi", "page_mult", "head_mult", "slot_mult"])
 def _virtual_seqs_kernel(
     q,
@@ -395,8 +429,8 @@ def _virtual_seqs_kernel(
     # the row's key blocks: every causal one for dense rows, else the selection (ascending, the
     # diagonal last, so FA's bottom-right causal mask is the block's own causal mask)
     row_dense = (tl.load(dense + r) != 0) | (tl.load(qb_dense + g) != 0)
-    cnt = tl.where(row_dense, a + 1, tl.load(sel_cnt + g.to(tl.int64) * HQ + h))
-    row_ptr = sel_idx + tl.load(sel_off + g).to(tl.int64) * HQ + h.to(tl.int64) * (a + 1)
+    cnt = tl.where(row_dense, a + 1, tl.load(sel_cnt + sel_count_at(g, h, HQ)))
+    row_ptr = sel_idx + sel_row_start(tl.load(sel_off + g), h, a, HQ)
     tl.store(seqused_k + s, (cnt - 1) * B + (p_hi - a * B))
 
     pt_row = page_table + s.to(tl.int64) * stride_pt
@@ -414,13 +448,7 @@ def _virtual_seqs_kernel(
         tl.store(pt_row + jj[:, None] * PPB + kofs[None, :], virt.to(tl.int32), mask=ok)
 
     # the block's rows of head h, head-major
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    for t0 in range(0, rows, BLOCK_T):
-        t = t0 + offs_t
-        mk = (t < rows)[:, None] & (offs_d < D)[None, :]
-        x = tl.load(q + (qrow + t).to(tl.int64)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=mk)
-        tl.store(q_virt + (off + t).to(tl.int64)[:, None] * D + offs_d[None, :], x, mask=mk)
+    _copy_rows(q + h * stride_qh, qrow, stride_qt, q_virt, off, D, rows, D, BLOCK_D, BLOCK_T)
 
 
 @triton.jit(do_not_specialize=["g_lo", "g_hi", "row_lo", "row_hi"])
@@ -450,24 +478,13 @@ def _scatter_out_kernel(
     g, h, kvh, r, a, seq, p_hi, rows, qrow, off = _virtual_seq(
         s, g_lo, g_hi, row_lo, row_hi, cu_q, ctx_lens, seq_lens, qb_req, qb_abs, G, B, ORDER
     )
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    for t0 in range(0, rows, BLOCK_T):
-        t = t0 + offs_t
-        mk = (t < rows)[:, None] & (offs_d < D)[None, :]
-        x = tl.load(o_virt + (off + t).to(tl.int64)[:, None] * D + offs_d[None, :], mask=mk)
-        tl.store(out + (qrow + t).to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :], x, mask=mk)
+    _copy_rows(o_virt, off, D, out + h * stride_oh, qrow, stride_ot, rows, D, BLOCK_D, BLOCK_T)
 
 
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
 FlashAttnVarlen = Callable[..., Any]
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
 
 
 def _descales(q_scale: Optional[torch.Tensor], k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
@@ -483,27 +500,22 @@ def _descales(q_scale: Optional[torch.Tensor], k_scale: Optional[torch.Tensor], 
 
 def _check_launch(q: torch.Tensor, out: torch.Tensor, vkv: VirtualKV, block_table: torch.Tensor,
                   plan: PrefillPlan, ws: Optional[AttendWorkspace]) -> None:
-    _check(q.dim() == 3 and out.shape[1:] == q.shape[1:], f"Invalid q / out shapes {tuple(q.shape)} / {tuple(out.shape)}")
+    # fp8 q (quantized queries with an fp8 KV cache): FA3 writes the model dtype
+    check_tensor("q", q, shape=("T", "HQ", "D"), dtype=(torch.float16, torch.bfloat16, torch.float8_e4m3fn),
+                 last_stride_1=True)
     T, HQ, D = q.shape
-    if q.dtype == torch.float8_e4m3fn:  # quantized queries (fp8 KV cache): FA3 writes bf16/fp16
-        _check(out.dtype in (torch.float16, torch.bfloat16), f"Invalid dtype of out for fp8 q: {out.dtype}")
-    else:
-        _check(q.dtype in (torch.float16, torch.bfloat16) and out.dtype == q.dtype,
-               f"FA3 attend needs float16/bfloat16 q and out of the same dtype, got {q.dtype} / {out.dtype}")
-    _check(vkv.k.dtype == q.dtype, f"KV cache dtype {vkv.k.dtype} differs from q's {q.dtype}; FA3 needs them equal")
-    _check(D % 8 == 0 and D <= 256, f"FA3 attend needs a head dim <= 256 and a multiple of 8, got {D}")
-    _check(HQ % vkv.num_kv_heads == 0, f"HQ={HQ} is not a multiple of HKV={vkv.num_kv_heads}")
-    _check(plan.num_q_heads == HQ, f"plan was built for {plan.num_q_heads} q heads, q has {HQ}")
-    _check(T >= plan.num_tokens and out.shape[0] >= plan.num_tokens,
-           f"q / out have {T} / {out.shape[0]} rows, the plan covers {plan.num_tokens}")
-    _check(q.stride(-1) == 1 and out.stride(-1) == 1, "q and out need a contiguous head dim")
-    _check(block_table.dtype == torch.int32 and block_table.stride(-1) == 1 and block_table.shape[0] >= plan.num_reqs,
-           f"Invalid block_table: expected row-contiguous int32 [>= {plan.num_reqs}, max_pages], got "
-           f"{block_table.dtype} {tuple(block_table.shape)}")
+    check_tensor("out", out, shape=(AtLeast(plan.num_tokens), HQ, D),
+                 dtype=q.dtype if q.dtype != torch.float8_e4m3fn else (torch.float16, torch.bfloat16),
+                 device=q.device, last_stride_1=True)
+    check(vkv.k.dtype == q.dtype, f"KV cache dtype {vkv.k.dtype} differs from q's {q.dtype}; FA3 needs them equal")
+    check(D % 8 == 0 and D <= 256, f"FA3 attend needs a head dim <= 256 and a multiple of 8, got {D}")
+    check_gqa(HQ, vkv.num_kv_heads)
+    check_plan(plan, q.device, num_q_heads=HQ, num_rows=T)
+    check_block_table(block_table, plan, q.device)
     if ws is not None:
-        _check(ws.num_q_heads == HQ and ws.head_dim == D and ws.dtype == out.dtype,
-               f"attend workspace built for HQ={ws.num_q_heads}, D={ws.head_dim}, {ws.dtype}; out is "
-               f"{tuple(out.shape)} {out.dtype}")
+        check(ws.num_q_heads == HQ and ws.head_dim == D and ws.dtype == out.dtype,
+              f"attend workspace built for HQ={ws.num_q_heads}, D={ws.head_dim}, {ws.dtype}; out is "
+              f"{list(out.shape)} {out.dtype}")
 
 
 def virtual_sequences(
@@ -541,22 +553,14 @@ def virtual_sequences(
         block_table=block_table,
         sel_idx=selection.indices,
         sel_cnt=selection.counts,
-        sel_off=plan.sel_off,
-        cu_q=plan.cu_q,
-        ctx_lens=plan.ctx_lens,
-        seq_lens=plan.seq_lens,
-        dense=plan.dense,
-        qb_dense=plan.qb_dense,
-        qb_req=plan.qb_req,
-        qb_abs=plan.qb_abs,
+        **plan.tensors("sel_off", "cu_q", "ctx_lens", "seq_lens", "dense", "qb_dense", "qb_req", "qb_abs"),
         g_lo=bucket.g_lo,
         g_hi=bucket.g_hi,
         row_lo=bucket.row_lo,
         row_hi=bucket.row_hi,
-        stride_qt=q.stride(0),
-        stride_qh=q.stride(1),
-        stride_bt=block_table.stride(0),
-        stride_pt=table.stride(0),
+        **strides(q, "qt", "qh"),
+        **strides(block_table, "bt"),
+        **strides(table, "pt"),
         page_mult=vkv.page_mult,
         head_mult=vkv.head_mult,
         slot_mult=vkv.slot_mult,
@@ -568,10 +572,10 @@ def virtual_sequences(
         PS=vkv.phys_page_size,
         VPS=vkv.page_size,
         PPB=ppb,
-        BLOCK_J=32,
-        BLOCK_T=32,
+        BLOCK_J=ATTEND_LAUNCH.block_j,
+        BLOCK_T=ATTEND_LAUNCH.block_t,
         ORDER=ORDERS[order],
-        num_warps=4,
+        num_warps=ATTEND_LAUNCH.num_warps,
     )
     return dict(
         q=q_virt,
@@ -590,24 +594,19 @@ def scatter_out(o_virt: torch.Tensor, out: torch.Tensor, plan: PrefillPlan, buck
     _scatter_out_kernel[(n_seq,)](
         o_virt=o_virt,
         out=out,
-        cu_q=plan.cu_q,
-        ctx_lens=plan.ctx_lens,
-        seq_lens=plan.seq_lens,
-        qb_req=plan.qb_req,
-        qb_abs=plan.qb_abs,
+        **plan.tensors("cu_q", "ctx_lens", "seq_lens", "qb_req", "qb_abs"),
         g_lo=bucket.g_lo,
         g_hi=bucket.g_hi,
         row_lo=bucket.row_lo,
         row_hi=bucket.row_hi,
-        stride_ot=out.stride(0),
-        stride_oh=out.stride(1),
+        **strides(out, "ot", "oh"),
         G=HQ // num_kv_heads,
         D=D,
         BLOCK_D=triton.next_power_of_2(D),
         B=plan.block_size,
-        BLOCK_T=32,
+        BLOCK_T=ATTEND_LAUNCH.block_t,
         ORDER=ORDERS[order],
-        num_warps=4,
+        num_warps=ATTEND_LAUNCH.num_warps,
     )
 
 

@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+import triton
+import triton.language as tl
 
-__all__ = ["PrefillPlan", "make_plan", "BlockSelection"]
+from .params import BLOCK_SIZE
+
+__all__ = ["PrefillPlan", "make_plan", "BlockSelection", "sel_row_start", "sel_count_at"]
 
 IntSeq = Union[Sequence[int], torch.Tensor]
 
@@ -67,12 +71,17 @@ class PrefillPlan:
             kw[k] = v
         return PrefillPlan(**kw)
 
+    def tensors(self, *names: str) -> dict[str, torch.Tensor]:
+        """The named device arrays as keyword arguments of a kernel: kernels name their plan
+        parameters as the plan does (one vocabulary from plan to kernel)."""
+        return {n: getattr(self, n) for n in names}
+
 
 def make_plan(
     cu_q: IntSeq,
     ctx_lens: IntSeq,
     num_q_heads: int,
-    block_size: int = 128,
+    block_size: int = BLOCK_SIZE,
     dense: Optional[IntSeq] = None,
     dense_tail: bool = False,
 ) -> PrefillPlan:
@@ -183,46 +192,103 @@ class BlockSelection:
             return (p.qb_abs + 1)[:, None].expand(p.num_q_blocks, p.num_q_heads)
         return self.counts[: p.num_q_blocks * p.num_q_heads].view(p.num_q_blocks, p.num_q_heads)
 
-    def to_masks(self) -> list[torch.Tensor]:
-        """Per request, bool [HQ, nq_r, nk_r] (CPU): True where the row selects the key block."""
+    def check_rows(self) -> None:
+        """Raise ValueError unless every row has a count in [0, qb_abs[g] + 1] and lists strictly
+        ascending causal blocks (what attention relies on: the diagonal, when selected, comes last).
+        Tests and benchmarks call it on a kernel's output; nothing to check with ``all_blocks``."""
+        if self.all_blocks or self.plan.num_q_blocks == 0:
+            return
+        p, hq = self.plan, self.plan.num_q_heads
+        cnt = self.selected_counts().long()  # [NQB, HQ]
+        cap = p.qb_abs.long()[:, None] + 1
+        bad = (cnt < 0) | (cnt > cap)
+        if bad.any():
+            g, h = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"selection row (g={g}, h={h}): count {int(cnt[g, h])} outside [0, {int(cap[g, 0])}]")
+        idx = self.indices.long()
+        starts = self.row_starts()
+        j = torch.arange(int(cap.max()), device=idx.device)
+        for h in range(hq):  # per head: bounded temporaries at 128K
+            valid = j[None, :] < cnt[:, h, None]  # [NQB, max row]
+            row = idx[(starts[:, h, None] + j[None, :]).clamp_max(idx.numel() - 1)]
+            bad = valid & ((row < 0) | (row >= cap))  # outside the causal blocks 0..qb_abs[g]
+            bad[:, 1:] |= valid[:, 1:] & (row[:, 1:] <= row[:, :-1])  # not strictly ascending
+            if bad.any():
+                g = int(bad.any(1).nonzero()[0])
+                got = row[g, : int(cnt[g, h])].tolist()
+                raise ValueError(f"selection row (g={g}, h={h}) is not strictly ascending causal blocks: {got}")
+
+    def to_masks(self, device: Union[str, torch.device] = "cpu") -> list[torch.Tensor]:
+        """Per request, bool [HQ, nq_r, nk_r] on ``device``: True where the row selects the key
+        block (entries past a row's count are ignored; see ``check_rows``)."""
         p = self.plan
         hq = p.num_q_heads
-        cu_qb, cu_kb, qb_abs = p.cu_qb.tolist(), p.cu_kb.tolist(), p.qb_abs.tolist()
-        cnt = self.selected_counts().cpu()
-        idx = self.indices.cpu().long()
-        starts = self.row_starts().cpu()
+        cu_qb, cu_kb = p.cu_qb.tolist(), p.cu_kb.tolist()
+        dev = self.indices.device
+        qb_abs = p.qb_abs.long().to(dev)
+        cnt = self.selected_counts().long().to(dev)
+        idx = self.indices.long()
+        starts = self.row_starts().to(dev)
         masks = []
         for r in range(p.num_reqs):
-            nq, nk = cu_qb[r + 1] - cu_qb[r], cu_kb[r + 1] - cu_kb[r]
-            m = torch.zeros(hq, nq, nk, dtype=torch.bool)
-            for i in range(nq):
-                g = cu_qb[r] + i
-                if self.all_blocks:
-                    m[:, i, : qb_abs[g] + 1] = True
-                    continue
-                for h in range(hq):
-                    s = int(starts[g, h])
-                    m[h, i, idx[s : s + int(cnt[g, h])]] = True
-            masks.append(m)
+            g0, g1 = cu_qb[r], cu_qb[r + 1]
+            nq, nk = g1 - g0, cu_kb[r + 1] - cu_kb[r]
+            j = torch.arange(nk, device=dev)
+            if self.all_blocks:
+                causal = j[None, :] <= qb_abs[g0:g1, None]
+                masks.append(causal.expand(hq, nq, nk).to(device))
+                continue
+            m = torch.zeros(hq, nq, nk, dtype=torch.bool, device=dev)
+            rows = torch.arange(nq, device=dev)[:, None].expand(nq, nk)
+            for h in range(hq):  # per head: bounded temporaries at 128K
+                valid = j[None, :] < cnt[g0:g1, h, None]  # [nq, nk]: the row's first cnt entries
+                col = idx[(starts[g0:g1, h, None] + j[None, :]).clamp_max(idx.numel() - 1)].clamp(0, nk - 1)
+                m[h][rows[valid], col[valid]] = True
+            masks.append(m.to(device))
         return masks
 
     @classmethod
     def from_masks(cls, masks: Sequence[torch.Tensor], plan: PrefillPlan) -> "BlockSelection":
-        """The selection of per-request masks (bool [HQ, nq_r, nk_r], causal), on the plan's
-        device. The unused tail of each row holds the row's *unselected* causal blocks, so a
-        reader that goes past ``counts`` attends to wrong blocks and shows it."""
+        """The selection of per-request masks (bool [HQ, nq_r, nk_r]; entries past the diagonal
+        are ignored), on the plan's device. The unused tail of each row holds the row's
+        *unselected* causal blocks, ascending, so a reader that goes past ``counts`` attends to
+        wrong blocks and shows it."""
         hq = plan.num_q_heads
         dev = plan.qb_abs.device
-        indices = torch.zeros(max(plan.sel_capacity, 1), dtype=torch.int16)
-        counts = torch.zeros(max(plan.num_q_blocks * hq, 1), dtype=torch.int32)
-        sel_off, qb_abs, cu_qb = plan.sel_off.tolist(), plan.qb_abs.tolist(), plan.cu_qb.tolist()
+        indices = torch.zeros(max(plan.sel_capacity, 1), dtype=torch.int16, device=dev)
+        counts = torch.zeros(max(plan.num_q_blocks * hq, 1), dtype=torch.int32, device=dev)
+        cu_qb = plan.cu_qb.tolist()
+        starts = cls(plan=plan, indices=indices, counts=counts).row_starts()
+        qb_abs = plan.qb_abs.long()
         for r, m in enumerate(masks):
-            m = m.cpu()
-            for i in range(m.shape[1]):
-                g = cu_qb[r] + i
-                row = m[:, i, : qb_abs[g] + 1]  # [HQ, causal blocks]
-                order = torch.argsort((~row).to(torch.int8), dim=1, stable=True)  # selected first, ascending
-                base = sel_off[g] * hq
-                indices[base : base + hq * (qb_abs[g] + 1)] = order.flatten().to(torch.int16)
-                counts[g * hq : (g + 1) * hq] = row.sum(1).to(torch.int32)
-        return cls(plan=plan, indices=indices.to(dev), counts=counts.to(dev))
+            g0, g1 = cu_qb[r], cu_qb[r + 1]
+            m = m.to(device=dev, dtype=torch.bool)
+            nq, nk = m.shape[1], m.shape[2]
+            cols = torch.arange(nk, device=dev)
+            causal = cols[None, :] <= qb_abs[g0:g1, None]  # [nq, nk]
+            for h in range(hq):  # per head: bounded temporaries at 128K
+                sel = m[h] & causal
+                cnt = sel.sum(-1)
+                # selected blocks first, then the unselected causal ones, each ascending
+                pos = torch.where(sel, sel.cumsum(-1) - 1, cnt[:, None] + (causal & ~sel).cumsum(-1) - 1)
+                dest = starts[g0:g1, h, None] + pos
+                indices[dest[causal]] = cols.expand(nq, nk)[causal].to(torch.int16)
+                counts[(torch.arange(g0, g1, device=dev)) * hq + h] = cnt.to(torch.int32)
+        return cls(plan=plan, indices=indices, counts=counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# the same layout on the device: what kernels that write or read a selection call
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def sel_row_start(sel_off_g, h, qb, HQ: tl.constexpr):
+    """Offset of selection row (g, h) in ``BlockSelection.indices`` from sel_off[g] (loaded by the
+    caller) and qb = qb_abs[g]: ``BlockSelection.row_starts`` on the device. int64, since
+    sel_off[g] * HQ overflows int32 at long contexts."""
+    return sel_off_g.to(tl.int64) * HQ + h.to(tl.int64) * (qb + 1)
+
+
+@triton.jit
+def sel_count_at(g, h, HQ: tl.constexpr):
+    """Offset of row (g, h)'s count in ``BlockSelection.counts``."""
+    return g.to(tl.int64) * HQ + h

@@ -25,15 +25,61 @@ reads its block's rows in BLOCK_T-row tiles and accumulates in float32.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import AtLeast, check, check_block_table, check_params, check_plan, check_tensor, strides
+from .params import PrismParams
 from .plan import PrefillPlan
 
-__all__ = ["pool_queries", "pool_keys_paged"]
+__all__ = ["PoolingLaunch", "pool_queries", "pool_keys_paged", "pooling_launch"]
+
+
+@triton.jit
+def _head_tile(h0, stride_h, stride_d, H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """The program's [BLOCK_H, BLOCK_D] tile of heads h0.. and dims: (heads, dims, valid, element
+    offsets within a row)."""
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    hd_mask = (offs_h[:, None] < H) & (offs_d[None, :] < D)
+    hd_off = offs_h[:, None] * stride_h + offs_d[None, :] * stride_d
+    return offs_h, offs_d, hd_mask, hd_off
+
+
+@triton.jit
+def _block_mean(
+    x, scale, p_lo, p_hi, row0, stride_t, bt_row, stride_p, stride_s, hd_off, hd_mask, PS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+):
+    """[BLOCK_H, BLOCK_D] float32 mean of the rows at positions [p_lo, p_hi) (times scale[0] when
+    HAS_SCALE: fp8 input). Position p is row row0 + p of x (row stride stride_t) or, PAGED, slot
+    p % PS of page bt_row[p // PS] of a paged cache (page / slot strides stride_p / stride_s)."""
+    offs_t = tl.arange(0, BLOCK_T)
+    # Row-wise partial sums; one cross-row reduction at the end instead of one per tile.
+    acc = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_D), dtype=tl.float32)
+    for p0 in range(p_lo, p_hi, BLOCK_T):
+        pos = p0 + offs_t
+        ok = pos < p_hi
+        if PAGED:
+            # One page-table entry per row: any page size works (smaller or larger than B);
+            # PS is constexpr so // and % become shifts for the usual power-of-two page sizes.
+            page = tl.load(bt_row + pos // PS, mask=ok, other=0).to(tl.int64)
+            row_off = page * stride_p + (pos % PS).to(tl.int64) * stride_s
+        else:
+            row_off = (row0 + pos).to(tl.int64) * stride_t
+        v = tl.load(x + row_off[:, None, None] + hd_off[None, :, :], mask=ok[:, None, None] & hd_mask[None, :, :],
+                    other=0.0)
+        acc += v.to(tl.float32)  # fp8 -> fp32 is exact
+    mean = tl.sum(acc, axis=0) / (p_hi - p_lo).to(tl.float32)
+    if HAS_SCALE:  # constexpr: fp16/bf16 compile without it; mean(x * s) = mean(x) * s, one multiply
+        mean = mean * tl.load(scale)
+    return mean
 
 
 @triton.jit
@@ -72,25 +118,9 @@ def _pool_queries_kernel(
     p_lo = tl.maximum(qb * B, ctx)  # the chunk's rows of this block: positions [p_lo, p_hi)
     p_hi = tl.minimum(qb * B + B, seq)
 
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_h = h0 + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    hd_mask = (offs_h[:, None] < H) & (offs_d[None, :] < D)
-    hd_off = offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd
-    # Row-wise partial sums; one cross-row reduction at the end instead of one per tile.
-    acc = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_D), dtype=tl.float32)
-    for p0 in range(p_lo, p_hi, BLOCK_T):
-        pos = p0 + offs_t
-        rows = (row0 + pos).to(tl.int64)
-        x = tl.load(
-            q + rows[:, None, None] * stride_qt + hd_off[None, :, :],
-            mask=(pos < p_hi)[:, None, None] & hd_mask[None, :, :],
-            other=0.0,
-        )
-        acc += x.to(tl.float32)  # fp8 -> fp32 is exact
-    mean = tl.sum(acc, axis=0) / (p_hi - p_lo).to(tl.float32)
-    if HAS_SCALE:  # constexpr: fp16/bf16 compile without it; mean(x * s) = mean(x) * s, one multiply
-        mean = mean * tl.load(q_scale)
+    offs_h, offs_d, hd_mask, hd_off = _head_tile(h0, stride_qh, stride_qd, H, D, BLOCK_H, BLOCK_D)
+    mean = _block_mean(q, q_scale, p_lo, p_hi, row0, stride_qt, q, 0, 0, hd_off, hd_mask, 1, BLOCK_T, BLOCK_H,
+                       BLOCK_D, False, HAS_SCALE)
     o_ptr = out + g.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od
     tl.store(o_ptr, mean, mask=hd_mask)
 
@@ -143,29 +173,11 @@ def _pool_keys_paged_kernel(
     p_lo = j * B
     p_hi = tl.minimum(p_lo + B, seq)
 
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_h = h0 + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    hd_mask = (offs_h[:, None] < H) & (offs_d[None, :] < D)
-    hd_off = offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd
+    offs_h, offs_d, hd_mask, hd_off = _head_tile(h0, stride_kh, stride_kd, H, D, BLOCK_H, BLOCK_D)
     bt_row = block_table + r.to(tl.int64) * stride_bt
-    acc = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_D), dtype=tl.float32)
-    for p0 in range(p_lo, p_hi, BLOCK_T):
-        pos = p0 + offs_t
-        ok = pos < p_hi
-        # One page-table entry per row: any page size works (smaller or larger than B);
-        # PS is constexpr so // and % become shifts for the usual power-of-two page sizes.
-        page = tl.load(bt_row + pos // PS, mask=ok, other=0).to(tl.int64)
-        row_off = page * stride_kp + (pos % PS).to(tl.int64) * stride_ks
-        x = tl.load(
-            k_cache + row_off[:, None, None] + hd_off[None, :, :],
-            mask=ok[:, None, None] & hd_mask[None, :, :],
-            other=0.0,
-        )
-        acc += x.to(tl.float32)  # fp8 -> fp32 is exact
-    mean = tl.sum(acc, axis=0) / (p_hi - p_lo).to(tl.float32)
-    if HAS_SCALE:  # dequantise before the energies and the split: they describe the real keys
-        mean = mean * tl.load(k_scale)
+    # dequantised before the energies and the split: they describe the real keys
+    mean = _block_mean(k_cache, k_scale, p_lo, p_hi, 0, 0, bt_row, stride_kp, stride_ks, hd_off, hd_mask, PS,
+                       BLOCK_T, BLOCK_H, BLOCK_D, True, HAS_SCALE)
     o_ptr = out + kb.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od
     tl.store(o_ptr, mean, mask=hd_mask)
     if ENERGY:  # |mean|^2 over all dims and over each band's dims (Prism's calibration statistics)
@@ -184,11 +196,6 @@ def _pool_keys_paged_kernel(
         tl.store(s_ptr + stride_sp, mean - hi, mask=hd_mask)
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 #: Element types of q / k_cache: the model dtypes, plus vLLM's fp8 (e4m3, "fp8" / "fp8_e4m3" KV
 #: cache and FlashAttention's quantised queries) which needs a dequantisation scale.
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -198,21 +205,21 @@ _FP8 = torch.float8_e4m3fn
 def _check_scale(name: str, x: torch.Tensor, scale_name: str, scale: Optional[torch.Tensor]) -> bool:
     """Validate the (dtype, scale) pair of q or k_cache; returns whether the kernel dequantises."""
     if x.dtype == _FP8:
-        _check(
+        check(
             isinstance(scale, torch.Tensor),
             f"{name} is float8_e4m3fn: pass {scale_name}, its per-tensor dequantisation scale "
             f"(value = fp8 * scale; vLLM: layer._{scale_name}) as a float32 tensor of 1 element on "
             f"{x.device}, got {type(scale).__name__}",
         )
-        _check(
+        check(
             scale.dtype == torch.float32 and scale.numel() == 1,
             f"Invalid {scale_name}: expected a float32 tensor of 1 element (per-tensor scale), got "
             f"{scale.dtype} {tuple(scale.shape)}; per-head fp8 scales are not supported, serve such "
             f"layers with FlashAttention",
         )
-        _check(scale.device == x.device, f"{scale_name} is on {scale.device}, {name} on {x.device}")
+        check_tensor(scale_name, scale, device=x.device)
         return True
-    _check(
+    check(
         x.dtype in _FLOAT_DTYPES,
         f"Invalid dtype of {name}: expected float16, bfloat16, float32 or float8_e4m3fn, got {x.dtype}"
         + (
@@ -222,20 +229,31 @@ def _check_scale(name: str, x: torch.Tensor, scale_name: str, scale: Optional[to
             else ""
         ),
     )
-    _check(
+    check(
         scale is None,
         f"{scale_name} is only for a float8_e4m3fn {name}; {name} is {x.dtype}: pass {scale_name}=None",
     )
     return False
 
 
-def _tile_sizes(H: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_H, BLOCK_D): about 8K elements per loaded tile (16 KB of fp16/bf16), so a
-    program keeps several row loads in flight without spilling."""
-    block_d = triton.next_power_of_2(D)
-    block_h = min(triton.next_power_of_2(H), max(1, 1024 // block_d))
+@dataclass(frozen=True)
+class PoolingLaunch:
+    """Launch settings of both pooling kernels: one program per (block, BLOCK_H heads) reads its
+    block in BLOCK_T-row tiles of [BLOCK_T, BLOCK_H, BLOCK_D] elements."""
+
+    block_t: int
+    block_h: int
+    block_d: int
+    num_warps: int = 4
+
+
+def pooling_launch(num_heads: int, head_dim: int) -> PoolingLaunch:
+    """About 8K elements per loaded tile (16 KB of fp16/bf16), so a program keeps several row
+    loads in flight without spilling."""
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = min(triton.next_power_of_2(num_heads), max(1, 1024 // block_d))
     block_t = max(1, min(32, 8192 // (block_h * block_d)))
-    return block_t, block_h, block_d
+    return PoolingLaunch(block_t=block_t, block_h=block_h, block_d=block_d)
 
 
 def pool_queries(
@@ -257,44 +275,30 @@ def pool_queries(
     Returns:
         out. One kernel launch; no host sync, no allocation.
     """
-    _check(q.dim() == 3, f"Invalid shape of q: expected [T, HQ, D], got {tuple(q.shape)}")
+    check_tensor("q", q, shape=("T", "HQ", "D"))
     T, H, D = q.shape
     has_scale = _check_scale("q", q, "q_scale", q_scale)
-    _check(T >= plan.num_tokens, f"q has {T} rows, the plan covers {plan.num_tokens}")
-    _check(
-        out.dim() == 3 and out.shape[0] >= plan.num_q_blocks and tuple(out.shape[1:]) == (H, D),
-        f"Invalid shape of out: expected [>= {plan.num_q_blocks}, {H}, {D}], got {tuple(out.shape)}",
-    )
-    _check(out.dtype == torch.float32, f"Invalid dtype of out: expected float32, got {out.dtype}")
-    _check(out.device == q.device, f"out is on {out.device}, q on {q.device}")
-    _check(plan.qb_abs.device == q.device, f"plan is on {plan.qb_abs.device}, q on {q.device}; use plan.to(device)")
+    check_plan(plan, q.device, num_rows=T)
+    check_tensor("out", out, shape=(AtLeast(plan.num_q_blocks), H, D), dtype=torch.float32, device=q.device)
     if plan.num_q_blocks == 0:
         return out
-    bt, bh, bd = _tile_sizes(H, D)
-    grid = (plan.num_q_blocks, triton.cdiv(H, bh))
+    ln = pooling_launch(H, D)
+    grid = (plan.num_q_blocks, triton.cdiv(H, ln.block_h))
     _pool_queries_kernel[grid](
         q=q,
         q_scale=q_scale if has_scale else out,  # unused pointer when HAS_SCALE is False
         out=out,
-        cu_q=plan.cu_q,
-        ctx_lens=plan.ctx_lens,
-        seq_lens=plan.seq_lens,
-        qb_req=plan.qb_req,
-        qb_abs=plan.qb_abs,
-        stride_qt=q.stride(0),
-        stride_qh=q.stride(1),
-        stride_qd=q.stride(2),
-        stride_ob=out.stride(0),
-        stride_oh=out.stride(1),
-        stride_od=out.stride(2),
+        **plan.tensors("cu_q", "ctx_lens", "seq_lens", "qb_req", "qb_abs"),
+        **strides(q, "qt", "qh", "qd"),
+        **strides(out, "ob", "oh", "od"),
         H=H,
         D=D,
         B=plan.block_size,
-        BLOCK_T=bt,
-        BLOCK_H=bh,
-        BLOCK_D=bd,
+        BLOCK_T=ln.block_t,
+        BLOCK_H=ln.block_h,
+        BLOCK_D=ln.block_d,
         HAS_SCALE=has_scale,
-        num_warps=4,
+        num_warps=ln.num_warps,
     )
     return out
 
@@ -305,8 +309,7 @@ def pool_keys_paged(
     plan: PrefillPlan,
     out: torch.Tensor,
     energy_out: Optional[torch.Tensor] = None,
-    band_high: Optional[torch.Tensor] = None,
-    band_low: Optional[torch.Tensor] = None,
+    params: Optional[PrismParams] = None,
     split_out: Optional[torch.Tensor] = None,
     k_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -326,7 +329,8 @@ def pool_keys_paged(
             receives, per pooled key k, (|k|^2, |k * band_high|^2, |k * band_low|^2), the key
             statistics of Prism's energy calibration (``select_blocks(..., key_energy=...)``),
             so the selection does not recompute them.
-        band_high, band_low: float32 [D] 0/1 band masks; required with energy_out.
+        params: the layer's PrismParams, whose band masks the energies use; required with
+            energy_out.
         split_out: optional float32 [>= plan.num_k_blocks, HKV, 2, D] (last dim contiguous):
             receives each pooled key as an exact sum hi + lo of two tf32-representable parts
             (``select_blocks(..., pooled_k_split=...)`` then scores with three plain tf32
@@ -339,63 +343,27 @@ def pool_keys_paged(
     Returns:
         out. One kernel launch; no host sync, no allocation.
     """
-    _check(
-        k_cache.dim() == 4,
-        f"Invalid shape of k_cache: expected [num_pages, page_size, HKV, D], got {tuple(k_cache.shape)}",
-    )
+    check_tensor("k_cache", k_cache, shape=("num_pages", "page_size", "HKV", "D"))
     NP, PS, H, D = k_cache.shape
+    dev = k_cache.device
     has_scale = _check_scale("k_cache", k_cache, "k_scale", k_scale)
-    _check(PS >= 1, f"Invalid page size {PS}")
-    _check(
-        block_table.dim() == 2 and block_table.dtype == torch.int32 and block_table.shape[0] >= plan.num_reqs,
-        f"Invalid block_table: expected int32 [>= {plan.num_reqs}, max_pages], got {block_table.dtype} "
-        f"{tuple(block_table.shape)}",
-    )
-    _check(block_table.stride(1) == 1, f"block_table must be row-contiguous, got strides {block_table.stride()}")
-    _check(
-        out.dim() == 3 and out.shape[0] >= plan.num_k_blocks and tuple(out.shape[1:]) == (H, D),
-        f"Invalid shape of out: expected [>= {plan.num_k_blocks}, {H}, {D}], got {tuple(out.shape)}",
-    )
-    _check(out.dtype == torch.float32, f"Invalid dtype of out: expected float32, got {out.dtype}")
-    for name, t in (("block_table", block_table), ("out", out), ("plan", plan.kb_req)):
-        _check(t.device == k_cache.device, f"{name} is on {t.device}, k_cache on {k_cache.device}")
-    if energy_out is not None:
-        _check(
-            energy_out.dtype == torch.float32
-            and energy_out.dim() == 3
-            and energy_out.shape[0] >= plan.num_k_blocks
-            and tuple(energy_out.shape[1:]) == (H, 3)
-            and energy_out.stride(2) == 1,
-            f"Invalid energy_out: expected float32 [>= {plan.num_k_blocks}, {H}, 3] with a contiguous last dim, "
-            f"got {energy_out.dtype} {tuple(energy_out.shape)}",
-        )
-        for name, band in (("band_high", band_high), ("band_low", band_low)):
-            _check(
-                band is not None and band.dtype == torch.float32 and band.shape == (D,) and band.is_contiguous(),
-                f"energy_out needs {name}: a contiguous float32 [{D}] 0/1 mask, got "
-                f"{None if band is None else (band.dtype, tuple(band.shape))}",
-            )
-            _check(band.device == k_cache.device, f"{name} is on {band.device}, k_cache on {k_cache.device}")
-        _check(
-            energy_out.device == k_cache.device, f"energy_out is on {energy_out.device}, k_cache on {k_cache.device}"
-        )
-    if split_out is not None:
-        _check(
-            split_out.dtype == torch.float32
-            and split_out.dim() == 4
-            and split_out.shape[0] >= plan.num_k_blocks
-            and tuple(split_out.shape[1:]) == (H, 2, D)
-            and split_out.stride(3) == 1
-            and split_out.device == k_cache.device,
-            f"Invalid split_out: expected float32 [>= {plan.num_k_blocks}, {H}, 2, {D}] with a contiguous last dim "
-            f"on {k_cache.device}, got {split_out.dtype} {tuple(split_out.shape)} on {split_out.device}",
-        )
+    check(PS >= 1, f"Invalid page size {PS}")
+    check_plan(plan, dev)
+    check_block_table(block_table, plan, dev)
+    nkb = AtLeast(plan.num_k_blocks)
+    check_tensor("out", out, shape=(nkb, H, D), dtype=torch.float32, device=dev)
+    has_e = energy_out is not None
+    if has_e:
+        check_tensor("energy_out", energy_out, shape=(nkb, H, 3), dtype=torch.float32, device=dev, last_stride_1=True)
+        check(params is not None, "energy_out needs params: the layer's PrismParams, whose band masks the energies use")
+        check_params(params, D, dev, head_dim_of="k_cache")
+    has_s = split_out is not None
+    if has_s:
+        check_tensor("split_out", split_out, shape=(nkb, H, 2, D), dtype=torch.float32, device=dev, last_stride_1=True)
     if plan.num_k_blocks == 0:
         return out
-    bt, bh, bd = _tile_sizes(H, D)
-    grid = (plan.num_k_blocks, triton.cdiv(H, bh))
-    has_e = energy_out is not None
-    has_s = split_out is not None
+    ln = pooling_launch(H, D)
+    grid = (plan.num_k_blocks, triton.cdiv(H, ln.block_h))
     _pool_keys_paged_kernel[grid](
         k_cache=k_cache,
         k_scale=k_scale if has_scale else out,  # unused pointer when HAS_SCALE is False
@@ -403,34 +371,24 @@ def pool_keys_paged(
         out=out,
         energy_out=energy_out if has_e else out,
         split_out=split_out if has_s else out,
-        band_hi=band_high if has_e else out,
-        band_lo=band_low if has_e else out,
-        cu_kb=plan.cu_kb,
-        seq_lens=plan.seq_lens,
-        kb_req=plan.kb_req,
-        stride_kp=k_cache.stride(0),
-        stride_ks=k_cache.stride(1),
-        stride_kh=k_cache.stride(2),
-        stride_kd=k_cache.stride(3),
-        stride_bt=block_table.stride(0),
-        stride_ob=out.stride(0),
-        stride_oh=out.stride(1),
-        stride_od=out.stride(2),
-        stride_eb=energy_out.stride(0) if has_e else 0,
-        stride_eh=energy_out.stride(1) if has_e else 0,
-        stride_sb=split_out.stride(0) if has_s else 0,
-        stride_sh=split_out.stride(1) if has_s else 0,
-        stride_sp=split_out.stride(2) if has_s else 0,
+        band_hi=params.band_high if has_e else out,
+        band_lo=params.band_low if has_e else out,
+        **plan.tensors("cu_kb", "seq_lens", "kb_req"),
+        **strides(k_cache, "kp", "ks", "kh", "kd"),
+        **strides(block_table, "bt"),
+        **strides(out, "ob", "oh", "od"),
+        **strides(energy_out, "eb", "eh"),
+        **strides(split_out, "sb", "sh", "sp"),
         PS=PS,
         H=H,
         D=D,
         B=plan.block_size,
-        BLOCK_T=bt,
-        BLOCK_H=bh,
-        BLOCK_D=bd,
+        BLOCK_T=ln.block_t,
+        BLOCK_H=ln.block_h,
+        BLOCK_D=ln.block_d,
         ENERGY=has_e,
         SPLIT=has_s,
         HAS_SCALE=has_scale,
-        num_warps=4,
+        num_warps=ln.num_warps,
     )
     return out

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
 import torch
 
+from ._launch import check, check_tensor
 from .attend_fa3 import (
     AttendCapacity,
     AttendPlan,
@@ -34,13 +35,11 @@ from .attend_fa3 import (
     attend_fa3,
     virtual_kv,
 )
+from .params import BLOCK_SIZE, PrismParams
 from .plan import BlockSelection, PrefillPlan
 from .pooling import pool_keys_paged, pool_queries
 from .selection import SelectionTuning, select_blocks
-
-if TYPE_CHECKING:  # only for type hints: kernels never import the vLLM glue
-    from prism_vllm.config import PrismConfig
-    from prism_vllm.rope import Bands
+from .sparse_prefill import HEAD_DIMS, sparse_prefill
 
 __all__ = [
     "FA3Launch",
@@ -48,70 +47,25 @@ __all__ = [
     "PrismParams",
     "PrismWorkspace",
     "prism_estimate",
-    "prism_prefill",
     "prism_attend",
+    "prism_prefill",
     "SUPPORTED_HEAD_DIMS",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Head dims of the whole prefill: the estimation kernels take any D, the sparse attention kernel
-#: (kernels/sparse_prefill.py, imported lazily below) is built for these.
-SUPPORTED_HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
-
-
-@dataclass
-class PrismParams:
-    """Per-layer Prism settings in the form the kernels take (built once per layer)."""
-
-    band_high: torch.Tensor
-    """float32 [D] 0/1 mask of the high-frequency band, on the device."""
-    band_low: torch.Tensor
-    """float32 [D] 0/1 mask of the low-frequency band, on the device."""
-    high_threshold: float
-    low_threshold: float
-    calibrate: bool
-    keep_sink: bool
-    keep_diagonal: bool
-    scale: float
-    """Softmax scale of the attention (usually D ** -0.5)."""
-    block_budget: Optional[float] = None
-    """Cap on the selected share of each row's causal blocks (PrismConfig.block_budget)."""
-    softcap: float = 0.0
-    """Logit soft-cap of the layer (0: none); only the FA3 attend step applies it."""
-    all_blocks: bool = False
-    """Every row selects every causal block (PrismConfig.all_blocks): no estimation, plain causal
-    attention."""
-
-    @classmethod
-    def make(
-        cls,
-        *,
-        bands: "Bands",
-        scale: float,
-        config: "PrismConfig",
-        device: Union[str, torch.device],
-        softcap: float = 0.0,
-    ) -> "PrismParams":
-        """From the layer's RoPE bands (prism_vllm.rope.rope_bands) and a PrismConfig."""
-        cfg = config
-        return cls(
-            band_high=bands.high.to(device=device, dtype=torch.float32).contiguous(),
-            band_low=bands.low.to(device=device, dtype=torch.float32).contiguous(),
-            high_threshold=float(cfg.high_threshold),
-            low_threshold=float(cfg.low_threshold),
-            calibrate=bool(cfg.calibrate),
-            keep_sink=bool(cfg.keep_sink),
-            keep_diagonal=bool(cfg.keep_diagonal),
-            scale=float(scale),
-            block_budget=None if cfg.block_budget is None else float(cfg.block_budget),
-            softcap=float(softcap or 0.0),
-            all_blocks=cfg.all_blocks,
-        )
+#: Head dims of the whole prefill on the Triton attend step: the estimation kernels take any D, the
+#: sparse attention kernel (kernels/sparse_prefill.py) is built for these.
+SUPPORTED_HEAD_DIMS: tuple[int, ...] = HEAD_DIMS
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _check_positive(where: str, **sizes: int) -> None:
+    for name, v in sizes.items():
+        check(int(v) >= 1, f"{where}: {name}={v} must be >= 1")
 
 
 class PrismWorkspace:
@@ -137,21 +91,13 @@ class PrismWorkspace:
         num_kv_heads: int,
         head_dim: int,
         device: Union[str, torch.device],
-        block_size: int = 128,
+        block_size: int = BLOCK_SIZE,
         attend_capacity: Optional[AttendCapacity] = None,
         attend_dtype: Optional[torch.dtype] = None,
     ) -> None:
-        for name, v in (
-            ("max_q_blocks", max_q_blocks),
-            ("max_k_blocks", max_k_blocks),
-            ("max_reqs", max_reqs),
-            ("max_sel_capacity", max_sel_capacity),
-            ("num_q_heads", num_q_heads),
-            ("num_kv_heads", num_kv_heads),
-            ("head_dim", head_dim),
-        ):
-            if int(v) < 1:
-                raise ValueError(f"PrismWorkspace: {name}={v} must be >= 1")
+        _check_positive("PrismWorkspace", max_q_blocks=max_q_blocks, max_k_blocks=max_k_blocks, max_reqs=max_reqs,
+                        max_sel_capacity=max_sel_capacity, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                        head_dim=head_dim, block_size=block_size)
         if num_q_heads % num_kv_heads:
             raise ValueError(
                 f"PrismWorkspace: num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}"
@@ -201,7 +147,7 @@ class PrismWorkspace:
         *,
         num_kv_heads: Optional[int] = None,
         head_dim: Optional[int] = None,
-        block_size: int = 128,
+        block_size: int = BLOCK_SIZE,
         max_long_reqs: int = 1,
         attend_dtype: Optional[torch.dtype] = None,
     ) -> dict:
@@ -222,15 +168,9 @@ class PrismWorkspace:
         With ``attend_dtype`` (the model dtype) the FA3 attend buffers are added
         (``attend_fa3.attend_capacity``: <= 248 MiB plus the per-sequence arrays).
         """
-        for name, v in (
-            ("max_num_batched_tokens", max_num_batched_tokens),
-            ("max_model_len", max_model_len),
-            ("max_num_seqs", max_num_seqs),
-            ("num_q_heads", num_q_heads),
-            ("max_long_reqs", max_long_reqs),
-        ):
-            if int(v) < 1:
-                raise ValueError(f"PrismWorkspace.sizes_for: {name}={v} must be >= 1")
+        _check_positive("PrismWorkspace.sizes_for", max_num_batched_tokens=max_num_batched_tokens,
+                        max_model_len=max_model_len, max_num_seqs=max_num_seqs, num_q_heads=num_q_heads,
+                        max_long_reqs=max_long_reqs, block_size=block_size)
         B, T = int(block_size), int(max_num_batched_tokens)
         n = _cdiv(int(max_model_len), B)
         R = min(int(max_num_seqs), T)
@@ -290,18 +230,22 @@ class PrismWorkspace:
         )
 
 
-def _check_launch(q: torch.Tensor, k_cache: torch.Tensor, plan: PrefillPlan, workspace: "PrismWorkspace") -> None:
+def _check_launch(q: torch.Tensor, k_cache: torch.Tensor, plan: PrefillPlan, params: PrismParams,
+                  workspace: "PrismWorkspace") -> None:
+    check(
+        plan.block_size == params.block_size == workspace.block_size,
+        f"block sizes differ: plan {plan.block_size}, params {params.block_size}, workspace {workspace.block_size}; "
+        f"build all three from PrismConfig.block_size",
+    )
     if not workspace.fits(plan):
         raise ValueError(
             f"the Prism workspace {workspace.limits()} is too small for this launch (query blocks "
             f"{plan.num_q_blocks}, key blocks {plan.num_k_blocks}, selection entries {plan.sel_capacity}, "
             f"requests {plan.num_reqs}); check workspace.fits(plan) before calling and serve the rest densely"
         )
-    if q.shape[1:] != (workspace.num_q_heads, workspace.head_dim) or k_cache.shape[2] != workspace.num_kv_heads:
-        raise ValueError(
-            f"q {tuple(q.shape)} / k_cache {tuple(k_cache.shape)} do not match the workspace's "
-            f"HQ={workspace.num_q_heads}, HKV={workspace.num_kv_heads}, D={workspace.head_dim}"
-        )
+    ws = workspace
+    check_tensor("q", q, shape=("T", ws.num_q_heads, ws.head_dim))
+    check_tensor("k_cache", k_cache, shape=("num_pages", "page_size", ws.num_kv_heads, ws.head_dim))
 
 
 def prism_estimate(
@@ -329,7 +273,7 @@ def prism_estimate(
         block (``params.all_blocks``) nothing is launched and the selection says so. Otherwise up to
         three pooling/selection launches plus one per row-length level; no host sync, no allocation.
     """
-    _check_launch(q, k_cache, plan, workspace)
+    _check_launch(q, k_cache, plan, params, workspace)
     nqb, nkb, hq = plan.num_q_blocks, plan.num_k_blocks, workspace.num_q_heads
     sel_cnt = workspace.sel_cnt[: nqb * hq]
     if params.all_blocks:  # nothing to score or write: attention reads no selection
@@ -343,8 +287,7 @@ def prism_estimate(
         plan=plan,
         out=workspace.pooled_k[:nkb],
         energy_out=key_energy,
-        band_high=params.band_high,
-        band_low=params.band_low,
+        params=params,
         split_out=split,
         k_scale=k_scale,
     )
@@ -352,19 +295,12 @@ def prism_estimate(
         pooled_q=workspace.pooled_q[:nqb],
         pooled_k=workspace.pooled_k[:nkb],
         plan=plan,
-        band_high=params.band_high,
-        band_low=params.band_low,
-        high_threshold=params.high_threshold,
-        low_threshold=params.low_threshold,
-        calibrate=params.calibrate,
-        keep_sink=params.keep_sink,
-        keep_diagonal=params.keep_diagonal,
+        params=params,
         sel_idx=workspace.sel_idx,
         sel_cnt=sel_cnt,
         temps_out=workspace.temps[:nqb],
         key_energy=key_energy,
         pooled_k_split=split,
-        block_budget=params.block_budget,
         precision=precision,
         tuning=tuning,
     )
@@ -426,8 +362,6 @@ def prism_attend(
         raise ValueError("the Triton attend step reads no fp8 cache; use the FA3 attend step")
     if params.softcap:
         raise ValueError("the Triton attend step has no logit soft-cap; use the FA3 attend step")
-    from .sparse_prefill import sparse_prefill
-
     return sparse_prefill(
         q=q,
         k_cache=k_cache,

@@ -22,9 +22,10 @@ rank value, forced blocks ranked 2.0 above any probability, unselected ones 0) i
 way, counting blocks instead of summing mass; blocks tied at that value (near-uniform scores,
 e.g. dummy weights) are then cut by a second bisection over the column, keeping the most recent.
 
-Nothing of size [heads x q blocks x k blocks] touches global memory: a program owns BLOCK_G
-query blocks of one request and the G q heads of one kv head (so each pooled key is loaded once
-for all of them), and keeps its rows of scores on chip:
+Nothing of size [heads x q blocks x k blocks] touches global memory: a program of
+``_select_kernel`` owns BLOCK_G query blocks of one request and the G q heads of one kv head (so
+each pooled key is loaded once for all of them), and keeps its rows of scores on chip, on one of
+two paths (constexpr MULTIPASS; the shared steps are the @triton.jit helpers below it):
 
 * resident path (rows of up to 2048 key blocks, 256K tokens): the whole row of both bands stays
   in registers ([2 * QR, NK_PAD]); it is the accumulator of one tl.dot per 16-wide head-dim
@@ -37,7 +38,7 @@ for all of them), and keeps its rows of scores on chip:
   NCAND thresholds at once, then emission with a running offset).
 
 The calibration's key energies (|k|^2 over all dims and over each band, per pooled key) come
-from ``pool_keys_paged(..., energy_out=...)`` when given; otherwise the kernels compute them from
+from ``pool_keys_paged(..., energy_out=...)`` when given; otherwise the kernel computes them from
 the pooled keys in an extra pass. Scores use tl.dot in fp32 with tf32x3 by default (three tf32
 tensor-core products, ~fp32 accuracy); "ieee" reproduces the reference's fp32 FMA arithmetic. With
 ``pooled_k_split`` (``pool_keys_paged(..., split_out=...)``: each pooled key as an exact sum of two
@@ -60,6 +61,7 @@ i = m % QR, which is query block g0 + i // G_PAD and q head kvh * G + i % G_PAD.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -68,14 +70,27 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import PrefillPlan
+from ._launch import (
+    AtLeast,
+    check,
+    check_gqa,
+    check_params,
+    check_plan,
+    check_selection_buffers,
+    check_tensor,
+    strides,
+)
+from .params import PrismParams
+from .plan import PrefillPlan, sel_count_at, sel_row_start
 
-__all__ = ["select_blocks", "selection_launch_config", "SelectionTuning", "DEFAULT_TUNING"]
+__all__ = ["select_blocks", "selection_launches", "SelectionLaunch", "SelectionTuning", "DEFAULT_TUNING"]
 
-_EPS = 1e-6  # the reference's clamp on rms values and temperatures
 _PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
+# ----------------------------------------------------------------------------------------------
+# helpers: rows of a program, scores, calibration
+# ----------------------------------------------------------------------------------------------
 @triton.jit
 def _rows(
     g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, G: tl.constexpr, G_PAD: tl.constexpr,
@@ -99,6 +114,16 @@ def _rows(
 
 
 @triton.jit
+def _band_q(q_rows, okm, is_hi, band_hi, band_lo, offs, dm, stride_qd):
+    """[M, len(offs)] pooled-query chunk (head dims offs, valid where dm) of each row, times its
+    row's band mask: the left operand of a band score."""
+    hm = tl.load(band_hi + offs, mask=dm, other=0.0)
+    lm = tl.load(band_lo + offs, mask=dm, other=0.0)
+    qc = tl.load(q_rows[:, None] + offs[None, :] * stride_qd, mask=okm[:, None] & dm[None, :], other=0.0)
+    return qc * tl.where(is_hi[:, None], hm[None, :], lm[None, :])
+
+
+@triton.jit
 def _score_tile(
     q_rows, okm, is_hi, band_hi, band_lo, pooled_k, kb0, kvh, c0, ncol, stride_qd, stride_kb, stride_kh,
     stride_kd, M: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, DC: tl.constexpr,
@@ -116,11 +141,8 @@ def _score_tile(
     for d0 in tl.static_range(0, BLOCK_D, DC):
         offs = d0 + tl.arange(0, DC)
         dm = offs < D
-        hm = tl.load(band_hi + offs, mask=dm, other=0.0)
-        lm = tl.load(band_lo + offs, mask=dm, other=0.0)
         kc = tl.load(k_rows[:, None] + offs[None, :] * stride_kd, mask=kmask[:, None] & dm[None, :], other=0.0)
-        qc = tl.load(q_rows[:, None] + offs[None, :] * stride_qd, mask=okm[:, None] & dm[None, :], other=0.0)
-        qc = qc * tl.where(is_hi[:, None], hm[None, :], lm[None, :])
+        qc = _band_q(q_rows, okm, is_hi, band_hi, band_lo, offs, dm, stride_qd)
         s = tl.dot(qc, tl.trans(kc), s, input_precision=PRECISION)
     return s
 
@@ -163,79 +185,11 @@ def _key_energy_tile(
 
 
 @triton.jit
-def _feasible_floor(thr, qb):
-    """Bits of a threshold known to be feasible (kept mass >= thr), to start the bisection
-    above 0: the blocks below t weigh less than n * t in all, so t = (1 - thr) / (2n) keeps at
-    least 1 - (1 - thr) / 2 >= thr + 5e-3 for thr <= 0.99, a margin far above the float error
-    of the masses (n = I + 1 blocks). Saves ~3 of ~30 bisection steps; 0 otherwise."""
-    n = tl.maximum(qb + 1, 1).to(tl.float32)
-    t = tl.where(thr <= 0.99, (1.0 - thr) / (2.0 * n), 0.0)
-    return t.to(tl.int32, bitcast=True)
-
-
-@triton.jit
-def _kept(pb, t, p, USE_ASM: tl.constexpr):
-    """p where bits(p) >= t, else 0. On the GPU as one setp + selp per element: left to LLVM, the
-    select over a large register tensor is packed into bit masks and costs twice as much (the
-    bisection below runs it ~30 times over every resident element)."""
-    if USE_ASM:
-        return tl.inline_asm_elementwise(
-            asm="{ .reg .pred q; setp.ge.s32 q, $1, $2; selp.f32 $0, $3, 0f00000000, q; }",
-            constraints="=r,r,r,r",
-            args=[pb, t, p],
-            dtype=tl.float32,
-            is_pure=True,
-            pack=1,
-        )
-    else:
-        return tl.where(pb >= t, p, 0.0)
-
-
-@triton.jit
-def _forced(cols, qbq, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr):
-    """[QR, N] blocks kept whatever the scores: the sink (column 0) and the diagonal (I)."""
-    f = (cols[None, :] < 0) & (qbq[:, None] >= -1)
-    if KEEP_SINK:
-        f = f | (cols[None, :] == 0)
-    if KEEP_DIAG:
-        f = f | (cols[None, :] == qbq[:, None])
-    return f
-
-
-@triton.jit
-def _budget_rank_bits(p, sel, forced, causal, QR: tl.constexpr, N: tl.constexpr):
-    """Bit patterns [QR, N] of the budget's rank values: 2.0 for forced blocks, max(p_high,
-    p_low) for the union's other blocks, 0 for unselected causal blocks, -1.0 (a negative int)
-    past the diagonal. p: [2 * QR, N] probabilities of both bands (rows m and m + QR)."""
-    score = tl.max(tl.reshape(p, (2, QR, N)), axis=0)
-    rank = tl.where(forced, 2.0, tl.where(sel != 0, score, 0.0))
-    return tl.where(causal, rank, -1.0).to(tl.int32, bitcast=True)
-
-
-@triton.jit
-def _budget_k(budget, qbq, live):
-    """Blocks a row may keep, ceil(budget * (I + 1)) in fp32 (>= 1), and the bisection's
-    starting bracket [lo, hi): lo = 0 is feasible (every causal block counts), hi = bits(2.0) + 1
-    is not; rows that are not live get [0, 1) (nothing to search, everything kept)."""
-    k = tl.maximum(tl.ceil(budget * (qbq + 1).to(tl.float32)), 1.0).to(tl.int32)
-    lo = tl.zeros_like(qbq)
-    hi = tl.where(live, 0x40000001, 1)
-    return k, lo, hi
-
-
-@triton.jit
-def _budget_keep(rb, blo, clo, cols):
-    """[QR, N] the budget's kept blocks: rank above the cut value, or equal to it at a column
-    >= clo (ties go to the most recent blocks)."""
-    return (rb > blo[:, None]) | ((rb == blo[:, None]) & (cols[None, :] >= clo[:, None]))
-
-
-@triton.jit
 def _multiplier(q_e_all, q_e_band, ek_all, ek_b, qb, d_b, D: tl.constexpr, CALIBRATE: tl.constexpr):
     """Logit multiplier 1 / (sqrt(d_b) * t_b) per row (t_b = 1 without calibration), from the
     row's pooled-query energies (all dims, band dims) and key energies over blocks 0..I."""
     if CALIBRATE:
-        eps = 1e-6
+        eps = 1e-6  # the reference's clamp on rms values and temperatures
         nblk = tl.maximum(qb + 1, 1).to(tl.float32)  # padding rows (qb = -1): no 0/0
         rq = tl.maximum(tl.sqrt(q_e_all / D), eps)
         rq_b = tl.sqrt(q_e_band / d_b)
@@ -273,197 +227,149 @@ def _row_setup(
 
 
 @triton.jit
-def _select_resident_kernel(
-    pooled_q,
-    pooled_k,
-    band_hi,
-    band_lo,
-    qb_req,
-    qb_abs,
-    cu_kb,
-    dense,
-    qb_dense,
-    sel_off,
-    sel_idx,
-    sel_cnt,
-    temps_out,
-    key_energy,
-    pooled_k_split,
-    NQB,
-    lvl_lo,
-    lvl_hi,
-    stride_qb,
-    stride_qh,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kd,
-    stride_eb,
-    stride_eh,
-    stride_sb,
-    stride_sh,
-    stride_sp,
-    thr_hi,
-    thr_lo,
-    budget,
-    HQ: tl.constexpr,
-    G: tl.constexpr,
-    G_PAD: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    QR: tl.constexpr,
-    NK_PAD: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DC: tl.constexpr,
-    EB: tl.constexpr,
-    CALIBRATE: tl.constexpr,
-    HAS_KE: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    KEEP_SINK: tl.constexpr,
-    KEEP_DIAG: tl.constexpr,
-    WRITE_TEMPS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    USE_ASM: tl.constexpr,
-    TOPP_STOP: tl.constexpr,
-    BUDGET: tl.constexpr,
+def _calibrated_multiplier(
+    temps_out, key_energy, pooled_k, band_hi, band_lo, kb0, kvh, n_cols, qbm, gm, hm, okm, is_hi, d_b, q_e_all,
+    q_e_band, live, stride_eb, stride_eh, stride_kb, stride_kh, stride_kd, HQ: tl.constexpr, M: tl.constexpr,
+    TILE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, DC: tl.constexpr, CALIBRATE: tl.constexpr,
+    HAS_KE: tl.constexpr, WRITE_TEMPS: tl.constexpr,
 ):
-    """Rows of length I + 1 in (lvl_lo, lvl_hi <= NK_PAD]: everything on chip, one row per
-    [M, NK_PAD] register row, scores from one tl.dot per DC-wide head-dim chunk."""
-    M: tl.constexpr = 2 * QR
-    pid = tl.program_id(0)
-    kvh = tl.program_id(1)
-    g0 = pid * BLOCK_G
-    r_first = tl.load(qb_req + g0)
-    r_last = tl.load(qb_req + tl.minimum(g0 + BLOCK_G, NQB) - 1)
-    cols = tl.arange(0, NK_PAD)
-
-    # A group of query blocks may straddle requests; each request's rows are done in turn
-    # (one iteration unless the group holds a request boundary). Groups without a row of this
-    # launch's level do nothing.
-    for r in range(r_first, r_last + 1):
-        gq, hq, okq, qbq = _rows(g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, G, G_PAD, BLOCK_G, QR, QR)
-        if tl.max(qbq, axis=0) >= 0:
-            is_dense = tl.load(dense + r) != 0
-            gm, hm, okm, qbm, q_rows, is_hi, d_b, q_e_all, q_e_band = _row_setup(
-                g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, pooled_q, band_hi, band_lo, stride_qb, stride_qh,
-                stride_qd, G, G_PAD, BLOCK_G, QR, D, BLOCK_D,
+    """Logit multiplier of every row (energy calibration over key blocks 0..I, read in TILE-wide
+    tiles of the first n_cols columns), written to temps_out[g, h, band] for the live rows."""
+    ek_all = tl.zeros((M,), dtype=tl.float32)
+    ek_b = tl.zeros((M,), dtype=tl.float32)
+    if CALIBRATE:
+        for c0 in range(0, n_cols, TILE):
+            ea, eb = _key_energy_tile(
+                key_energy, pooled_k, band_hi, band_lo, kb0, kvh, c0, n_cols, qbm, is_hi, stride_eb, stride_eh,
+                stride_kb, stride_kh, stride_kd, TILE, D, BLOCK_D, DC, HAS_KE,
             )
-            ncol = tl.max(qbm, axis=0) + 1  # key blocks visible to any row of the group
-            kb0 = tl.load(cu_kb + r)
-            k_rows = pooled_k + (kb0 + cols).to(tl.int64) * stride_kb + kvh * stride_kh
-            kmask = (cols < ncol) & (not is_dense)  # dense requests: no scores, no loads
-
-            # -- calibration: key energy of blocks 0..I per row --
-            ek_all = tl.zeros((M,), dtype=tl.float32)
-            ek_b = tl.zeros((M,), dtype=tl.float32)
-            if CALIBRATE:
-                for c0 in range(0, tl.where(is_dense, 0, ncol), EB):
-                    ea, eb = _key_energy_tile(
-                        key_energy, pooled_k, band_hi, band_lo, kb0, kvh, c0, ncol, qbm, is_hi, stride_eb,
-                        stride_eh, stride_kb, stride_kh, stride_kd, EB, D, BLOCK_D, DC, HAS_KE,
-                    )
-                    ek_all += ea
-                    ek_b += eb
-
-            # -- scores of the whole row at once: the accumulator IS the resident row --
-            raw = tl.zeros((M, NK_PAD), dtype=tl.float32)
-            if SPLIT_K:
-                # Keys pre-split into tf32 pairs (pool_keys_paged split_out): per head-dim chunk and
-                # part, q_hi.k_part (+ q_lo.k_hi for the high part) in plain tf32 -- tf32x3 without
-                # re-splitting the keys in every program. One part per iteration keeps the shared
-                # memory per pipeline stage at [NK_PAD, DC].
-                s_rows = pooled_k_split + (kb0 + cols).to(tl.int64) * stride_sb + kvh * stride_sh
-                for v in range(0, 2 * BLOCK_D // DC):
-                    offs = (v // 2) * DC + tl.arange(0, DC)
-                    part = v % 2
-                    dm = offs < D
-                    hm_c = tl.load(band_hi + offs, mask=dm, other=0.0)
-                    lm_c = tl.load(band_lo + offs, mask=dm, other=0.0)
-                    kc = tl.load(s_rows[:, None] + part * stride_sp + offs[None, :], mask=kmask[:, None] & dm[None, :],
-                                 other=0.0)
-                    qmask = okm[:, None] & dm[None, :]
-                    qc = tl.load(q_rows[:, None] + offs[None, :] * stride_qd, mask=qmask, other=0.0)
-                    qc = qc * tl.where(is_hi[:, None], hm_c[None, :], lm_c[None, :])
-                    q_hi = (qc.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-                    q_lo = tl.where(part == 0, qc - q_hi, 0.0)
-                    raw = tl.dot(q_lo, tl.trans(kc), raw, input_precision="tf32")
-                    raw = tl.dot(q_hi, tl.trans(kc), raw, input_precision="tf32")
-            else:
-                for d0 in range(0, BLOCK_D, DC):
-                    offs = d0 + tl.arange(0, DC)
-                    dm = offs < D
-                    hm_c = tl.load(band_hi + offs, mask=dm, other=0.0)
-                    lm_c = tl.load(band_lo + offs, mask=dm, other=0.0)
-                    kc = tl.load(k_rows[:, None] + offs[None, :] * stride_kd, mask=kmask[:, None] & dm[None, :],
-                                 other=0.0)
-                    qmask = okm[:, None] & dm[None, :]
-                    qc = tl.load(q_rows[:, None] + offs[None, :] * stride_qd, mask=qmask, other=0.0)
-                    qc = qc * tl.where(is_hi[:, None], hm_c[None, :], lm_c[None, :])
-                    raw = tl.dot(qc, tl.trans(kc), raw, input_precision=PRECISION)
-            mult = _multiplier(q_e_all, q_e_band, ek_all, ek_b, qbm, d_b, D, CALIBRATE)
-            if WRITE_TEMPS:
-                tptr = temps_out + (gm.to(tl.int64) * HQ + hm) * 2 + tl.where(is_hi, 0, 1)
-                tl.store(tptr, mult, mask=okm & (not is_dense))
-
-            # -- softmax per row over its causal blocks (probability 0 elsewhere) --
-            logits = tl.where(cols[None, :] <= qbm[:, None], raw * mult[:, None], float("-inf"))
-            mx = tl.max(logits, axis=1)
-            mx = tl.where(mx == float("-inf"), 0.0, mx)
-            e = tl.exp(logits - mx[:, None])
-            z = tl.sum(e, axis=1)
-            p = e * (1.0 / tl.where(z > 0.0, z, 1.0))[:, None]
-
-            # -- top-p threshold by bisection over float bit patterns: lo feasible, hi not --
-            thr = tl.where(is_hi, thr_hi, thr_lo)
-            pb = p.to(tl.int32, bitcast=True)
-            lo = _feasible_floor(thr, qbm)
-            hi = tl.maximum(tl.max(pb, axis=1) + 1, lo + 1)
-            hi = tl.where(thr >= 1.0, lo + 1, hi)  # top-p 1.0 keeps every block: no search
-            while tl.max(hi - lo, axis=0) > TOPP_STOP:
-                mid = lo + (hi - lo) // 2
-                mass = tl.sum(_kept(pb, tl.broadcast_to(mid[:, None], (M, NK_PAD)), p, USE_ASM), axis=1)
-                ok = mass >= thr
-                lo = tl.where(ok, mid, lo)
-                hi = tl.where(ok, hi, mid)
-            # Union of the two bands: rows m and m + QR are the same (query block, head). Blocks
-            # past the diagonal (p = 0, kept only when lo = 0) are cut by the causal mask below.
-            keep = (pb >= lo[:, None]).to(tl.int32)
-            sel = tl.max(tl.reshape(keep, (2, QR, NK_PAD)), axis=0)
-            row_dense = (tl.load(qb_dense + gq, mask=okq, other=0) != 0) | is_dense
-            sel = tl.where(row_dense[:, None], 1, sel)
-            causal = cols[None, :] <= qbq[:, None]
-            forced = _forced(cols, qbq, KEEP_SINK, KEEP_DIAG)
-            sel = tl.where(forced, 1, sel)
-            if BUDGET:
-                # -- block budget: the k-th largest rank value by bisection over its bits --
-                rb = _budget_rank_bits(p, sel, forced, causal, QR, NK_PAD)
-                k, blo, bhi = _budget_k(budget, qbq, okq & ~row_dense)
-                while tl.max(bhi - blo, axis=0) > 1:
-                    mid = blo + (bhi - blo) // 2
-                    ok = tl.sum((rb >= mid[:, None]).to(tl.int32), axis=1) >= k
-                    blo = tl.where(ok, mid, blo)
-                    bhi = tl.where(ok, bhi, mid)
-                # Ties at the cut value: the largest column cutoff leaving `need` of them.
-                need = k - tl.sum((rb > blo[:, None]).to(tl.int32), axis=1)
-                eq = rb == blo[:, None]
-                clo = tl.zeros_like(blo)
-                chi = tl.where(okq & ~row_dense, NK_PAD + 1, 1)
-                while tl.max(chi - clo, axis=0) > 1:
-                    mid = clo + (chi - clo) // 2
-                    ok = tl.sum((eq & (cols[None, :] >= mid[:, None])).to(tl.int32), axis=1) >= need
-                    clo = tl.where(ok, mid, clo)
-                    chi = tl.where(ok, chi, mid)
-                sel = tl.where(_budget_keep(rb, blo, clo, cols) | forced, sel, 0)
-            sel = tl.where(causal, sel, 0)
-
-            # -- BSR emission: ascending block ids at exclusive-prefix positions --
-            pos = tl.cumsum(sel, axis=1) - sel
-            base = tl.load(sel_off + gq, mask=okq, other=0).to(tl.int64) * HQ + hq.to(tl.int64) * (qbq + 1)
-            vals = tl.zeros((QR, NK_PAD), dtype=tl.int16) + cols.to(tl.int16)[None, :]
-            tl.store(sel_idx + base[:, None] + pos, vals, mask=sel != 0)
-            tl.store(sel_cnt + gq.to(tl.int64) * HQ + hq, tl.sum(sel, axis=1), mask=okq)
+            ek_all += ea
+            ek_b += eb
+    mult = _multiplier(q_e_all, q_e_band, ek_all, ek_b, qbm, d_b, D, CALIBRATE)
+    if WRITE_TEMPS:
+        tptr = temps_out + (gm.to(tl.int64) * HQ + hm) * 2 + tl.where(is_hi, 0, 1)
+        tl.store(tptr, mult, mask=okm & live)
+    return mult
 
 
+# ----------------------------------------------------------------------------------------------
+# helpers: top-p, union, budget, emission
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _feasible_floor(thr, qb):
+    """Bits of a threshold known to be feasible (kept mass >= thr), to start the bisection
+    above 0: the blocks below t weigh less than n * t in all, so t = (1 - thr) / (2n) keeps at
+    least 1 - (1 - thr) / 2 >= thr + 5e-3 for thr <= 0.99, a margin far above the float error
+    of the masses (n = I + 1 blocks). Saves ~3 of ~30 bisection steps; 0 otherwise."""
+    n = tl.maximum(qb + 1, 1).to(tl.float32)
+    t = tl.where(thr <= 0.99, (1.0 - thr) / (2.0 * n), 0.0)
+    return t.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _kept(pb, t, p, USE_ASM: tl.constexpr):
+    """p where bits(p) >= t, else 0. On the GPU as one setp + selp per element: left to LLVM, the
+    select over a large register tensor is packed into bit masks and costs twice as much (the
+    bisection below runs it ~30 times over every resident element)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            asm="{ .reg .pred q; setp.ge.s32 q, $1, $2; selp.f32 $0, $3, 0f00000000, q; }",
+            constraints="=r,r,r,r",
+            args=[pb, t, p],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        return tl.where(pb >= t, p, 0.0)
+
+
+@triton.jit
+def _halve(lo, hi, mid, ok):
+    """One bisection step per row over [lo, hi), lo feasible and hi not: mid was tested (ok: feasible)."""
+    return tl.where(ok, mid, lo), tl.where(ok, hi, mid)
+
+
+@triton.jit
+def _candidates(lo, hi, cand_i, NCAND: tl.constexpr):
+    """[rows, NCAND] rising values cutting each row's [lo, hi) into NCAND + 1 parts (int64 spans:
+    bit-pattern brackets exceed 2^31 / NCAND)."""
+    span = (hi - lo).to(tl.int64)
+    return (lo.to(tl.int64)[:, None] + span[:, None] * (cand_i[None, :] + 1) // (NCAND + 1)).to(tl.int32)
+
+
+@triton.jit
+def _narrow(lo, hi, cand, ok, cand_i, NCAND: tl.constexpr):
+    """NCAND bisection steps at once: [lo, hi) after testing the candidates (ok [rows, NCAND]:
+    feasible). What is tested falls as the candidate rises, so the feasible ones form a prefix."""
+    n_ok = tl.sum(ok.to(tl.int32), axis=1)
+    new_lo = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None] - 1, cand, 0), axis=1)
+    new_hi = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None], cand, 0), axis=1)
+    return tl.where(n_ok > 0, new_lo, lo), tl.where(n_ok < NCAND, new_hi, hi)
+
+
+@triton.jit
+def _forced(cols, qbq, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr):
+    """[QR, N] blocks kept whatever the scores: the sink (column 0) and the diagonal (I)."""
+    f = (cols[None, :] < 0) & (qbq[:, None] >= -1)
+    if KEEP_SINK:
+        f = f | (cols[None, :] == 0)
+    if KEEP_DIAG:
+        f = f | (cols[None, :] == qbq[:, None])
+    return f
+
+
+@triton.jit
+def _union(p, lo, cols, qbq, QR: tl.constexpr, N: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr):
+    """([QR, N] int32 selected, [QR, N] forced): the blocks either band's top-p keeps (bits(p) >=
+    the row's threshold bits lo; rows m and m + QR of p are the two bands of one q row) and the
+    forced ones. Blocks past the diagonal (p = 0, kept only when lo = 0) are the caller's to cut."""
+    keep = (p.to(tl.int32, bitcast=True) >= lo[:, None]).to(tl.int32)
+    forced = _forced(cols, qbq, KEEP_SINK, KEEP_DIAG)
+    return tl.where(forced, 1, tl.max(tl.reshape(keep, (2, QR, N)), axis=0)), forced
+
+
+@triton.jit
+def _budget_rank_bits(p, sel, forced, causal, QR: tl.constexpr, N: tl.constexpr):
+    """Bit patterns [QR, N] of the budget's rank values: 2.0 for forced blocks, max(p_high,
+    p_low) for the union's other blocks, 0 for unselected causal blocks, -1.0 (a negative int)
+    past the diagonal. p: [2 * QR, N] probabilities of both bands (rows m and m + QR)."""
+    score = tl.max(tl.reshape(p, (2, QR, N)), axis=0)
+    rank = tl.where(forced, 2.0, tl.where(sel != 0, score, 0.0))
+    return tl.where(causal, rank, -1.0).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _budget_k(budget, qbq, live):
+    """Blocks a row may keep, ceil(budget * (I + 1)) in fp32 (>= 1), and the bisection's
+    starting bracket [lo, hi): lo = 0 is feasible (every causal block counts), hi = bits(2.0) + 1
+    is not; rows that are not live get [0, 1) (nothing to search, everything kept)."""
+    k = tl.maximum(tl.ceil(budget * (qbq + 1).to(tl.float32)), 1.0).to(tl.int32)
+    lo = tl.zeros_like(qbq)
+    hi = tl.where(live, 0x40000001, 1)
+    return k, lo, hi
+
+
+@triton.jit
+def _budget_keep(rb, blo, clo, cols):
+    """[QR, N] the budget's kept blocks: rank above the cut value, or equal to it at a column
+    >= clo (ties go to the most recent blocks)."""
+    return (rb > blo[:, None]) | ((rb == blo[:, None]) & (cols[None, :] >= clo[:, None]))
+
+
+@triton.jit
+def _emit(sel_idx, base, count, sel, cols, QR: tl.constexpr, N: tl.constexpr):
+    """BSR emission of a [QR, N] tile of selected columns: ascending block ids at row offsets
+    base + count + exclusive prefix sum. Returns count + the tile's selected blocks."""
+    pos = count[:, None] + tl.cumsum(sel, axis=1) - sel
+    vals = tl.zeros((QR, N), dtype=tl.int16) + cols.to(tl.int16)[None, :]
+    tl.store(sel_idx + base[:, None] + pos, vals, mask=sel != 0)
+    return count + tl.sum(sel, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-pass helpers: the same values recomputed tile by tile
+# ----------------------------------------------------------------------------------------------
 @triton.jit
 def _tile_probs(
     q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, c0, ncol, stride_qd, stride_kb, stride_kh,
@@ -495,17 +401,19 @@ def _tile_rank(
         q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, c0, ncol, stride_qd, stride_kb, stride_kh,
         stride_kd, mult, mx, rz, M, BN, D, BLOCK_D, DC, PRECISION,
     )
-    keep = (p.to(tl.int32, bitcast=True) >= lo[:, None]).to(tl.int32)
-    forced = _forced(cols, qbq, KEEP_SINK, KEEP_DIAG)
-    sel = tl.where(forced, 1, tl.max(tl.reshape(keep, (2, QR, BN)), axis=0))
+    sel, forced = _union(p, lo, cols, qbq, QR, BN, KEEP_SINK, KEEP_DIAG)
     rb = _budget_rank_bits(p, sel, forced, cols[None, :] <= qbq[:, None], QR, BN)
     return sel, forced, rb
 
 
+# ----------------------------------------------------------------------------------------------
+# the kernel
+# ----------------------------------------------------------------------------------------------
 @triton.jit
-def _select_multipass_kernel(
+def _select_kernel(
     pooled_q,
     pooled_k,
+    pooled_k_split,
     band_hi,
     band_lo,
     qb_req,
@@ -527,6 +435,9 @@ def _select_multipass_kernel(
     stride_kb,
     stride_kh,
     stride_kd,
+    stride_sb,
+    stride_sh,
+    stride_sp,
     stride_eb,
     stride_eh,
     thr_hi,
@@ -537,8 +448,6 @@ def _select_multipass_kernel(
     G_PAD: tl.constexpr,
     BLOCK_G: tl.constexpr,
     QR: tl.constexpr,
-    BN: tl.constexpr,
-    NCAND: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DC: tl.constexpr,
@@ -546,171 +455,225 @@ def _select_multipass_kernel(
     HAS_KE: tl.constexpr,
     KEEP_SINK: tl.constexpr,
     KEEP_DIAG: tl.constexpr,
-    ALL_CAUSAL: tl.constexpr,
     WRITE_TEMPS: tl.constexpr,
     PRECISION: tl.constexpr,
     TOPP_STOP: tl.constexpr,
     BUDGET: tl.constexpr,
+    EB: tl.constexpr,
+    MULTIPASS: tl.constexpr,
+    NK_PAD: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    BN: tl.constexpr,
+    NCAND: tl.constexpr,
+    ALL_CAUSAL: tl.constexpr,
 ):
+    """Rows of length I + 1 in (lvl_lo, lvl_hi] of BLOCK_G query blocks x the G q heads of kv head
+    program_id(1); key energies read in EB-block tiles. Two paths (constexpr MULTIPASS, see the
+    module docstring), the same math:
+
+    * resident (NK_PAD >= lvl_hi, SPLIT_K, USE_ASM): everything on chip, one row per [M, NK_PAD]
+      register row, scores from one tl.dot per DC-wide head-dim chunk;
+    * multi-pass (BN, NCAND; ALL_CAUSAL: every causal block, nothing scored): BN-block key tiles,
+      scores recomputed in every pass.
+    """
     M: tl.constexpr = 2 * QR
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     g0 = pid * BLOCK_G
     r_first = tl.load(qb_req + g0)
     r_last = tl.load(qb_req + tl.minimum(g0 + BLOCK_G, NQB) - 1)
-    cand_i = tl.arange(0, NCAND)
 
+    # A group of query blocks may straddle requests; each request's rows are done in turn
+    # (one iteration unless the group holds a request boundary). Groups without a row of this
+    # launch's level do nothing.
     for r in range(r_first, r_last + 1):
-        # Groups without a row of this launch's level have ncol = 0: every loop below is empty.
         gq, hq, okq, qbq = _rows(g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, G, G_PAD, BLOCK_G, QR, QR)
-        gm, hm, okm, qbm, q_rows, is_hi, d_b, q_e_all, q_e_band = _row_setup(
-            g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, pooled_q, band_hi, band_lo, stride_qb, stride_qh,
-            stride_qd, G, G_PAD, BLOCK_G, QR, D, BLOCK_D,
-        )
-        ncol = tl.max(qbm, axis=0) + 1
-        kb0 = tl.load(cu_kb + r)
-        estimate = tl.load(dense + r) == 0
-        if ALL_CAUSAL:
-            estimate = estimate & False
-        n_tiles = tl.where(estimate, tl.cdiv(ncol, BN), 0)
-
-        # -- pass 0: key energies of the causal prefixes (calibration) --
-        ek_all = tl.zeros((M,), dtype=tl.float32)
-        ek_b = tl.zeros((M,), dtype=tl.float32)
-        if CALIBRATE:
-            for t in range(0, n_tiles):
-                ea, eb = _key_energy_tile(
-                    key_energy, pooled_k, band_hi, band_lo, kb0, kvh, t * BN, ncol, qbm, is_hi, stride_eb,
-                    stride_eh, stride_kb, stride_kh, stride_kd, BN, D, BLOCK_D, DC, HAS_KE,
-                )
-                ek_all += ea
-                ek_b += eb
-        mult = _multiplier(q_e_all, q_e_band, ek_all, ek_b, qbm, d_b, D, CALIBRATE)
-        if WRITE_TEMPS:
-            band = tl.where(is_hi, 0, 1)
-            tptr = temps_out + (gm.to(tl.int64) * HQ + hm) * 2 + band
-            tl.store(tptr, mult, mask=okm & (n_tiles > 0))
-
-        # -- pass 1: online max and normaliser of each row's softmax --
-        mx = tl.full((M,), float("-inf"), dtype=tl.float32)
-        z = tl.zeros((M,), dtype=tl.float32)
-        for t in range(0, n_tiles):
-            s = _score_tile(
-                q_rows, okm, is_hi, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol, stride_qd,
-                stride_kb, stride_kh, stride_kd, M, BN, D, BLOCK_D, DC, PRECISION,
+        if tl.max(qbq, axis=0) >= 0:
+            gm, hm, okm, qbm, q_rows, is_hi, d_b, q_e_all, q_e_band = _row_setup(
+                g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, pooled_q, band_hi, band_lo, stride_qb, stride_qh,
+                stride_qd, G, G_PAD, BLOCK_G, QR, D, BLOCK_D,
             )
-            s = s * mult[:, None]
-            s = tl.where((t * BN + tl.arange(0, BN))[None, :] <= qbm[:, None], s, float("-inf"))
-            m_new = tl.maximum(mx, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            z = z * tl.exp(mx - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
-            mx = m_new
-        mx = tl.where(mx == float("-inf"), 0.0, mx)
-        rz = 1.0 / tl.where(z > 0.0, z, 1.0)
+            ncol = tl.max(qbm, axis=0) + 1  # key blocks visible to any row of the group
+            kb0 = tl.load(cu_kb + r)
+            # dense requests (and ALL_CAUSAL launches): every causal block, nothing scored or loaded
+            estimate = tl.load(dense + r) == 0
+            if ALL_CAUSAL:
+                estimate = estimate & False
+            n_est = tl.where(estimate, ncol, 0)  # key blocks to score
+            mult = _calibrated_multiplier(
+                temps_out, key_energy, pooled_k, band_hi, band_lo, kb0, kvh, n_est, qbm, gm, hm, okm, is_hi, d_b,
+                q_e_all, q_e_band, estimate, stride_eb, stride_eh, stride_kb, stride_kh, stride_kd, HQ, M,
+                EB, D, BLOCK_D, DC, CALIBRATE, HAS_KE, WRITE_TEMPS,
+            )
+            thr = tl.where(is_hi, thr_hi, thr_lo)
+            row_dense = (tl.load(qb_dense + gq, mask=okq, other=0) != 0) | (not estimate)
+            budget_live = okq & ~row_dense
+            base = sel_row_start(tl.load(sel_off + gq, mask=okq, other=0), hq, qbq, HQ)
+            count = tl.zeros((QR,), dtype=tl.int32)
+            if MULTIPASS:
+                cand_i = tl.arange(0, NCAND)
+                n_tiles = tl.cdiv(n_est, BN)
 
-        # -- passes 2..: NCAND-way bisection of the threshold's bit pattern (lo feasible, hi not) --
-        thr = tl.where(is_hi, thr_hi, thr_lo)
-        live = okm & estimate & (thr < 1.0)  # top-p 1.0 keeps every block: no search
-        lo = tl.where(live, _feasible_floor(thr, qbm), 0)
-        hi = tl.where(live, 0x3F800001, 1)  # bits(1.0) + 1: no probability reaches it
-        while tl.max(hi - lo, axis=0) > TOPP_STOP:
-            span = (hi - lo).to(tl.int64)
-            cand = (lo.to(tl.int64)[:, None] + span[:, None] * (cand_i[None, :] + 1) // (NCAND + 1)).to(tl.int32)
-            mass = tl.zeros((M, NCAND), dtype=tl.float32)
-            for t in range(0, n_tiles):
-                p = _tile_probs(
-                    q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol, stride_qd,
-                    stride_kb, stride_kh, stride_kd, mult, mx, rz, M, BN, D, BLOCK_D, DC, PRECISION,
-                )
-                pb = p.to(tl.int32, bitcast=True)
-                mass += tl.sum(tl.where(pb[:, :, None] >= cand[:, None, :], p[:, :, None], 0.0), axis=1)
-            # The kept mass falls as the candidate rises, so the feasible ones form a prefix.
-            n_ok = tl.sum((mass >= thr[:, None]).to(tl.int32), axis=1)
-            new_lo = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None] - 1, cand, 0), axis=1)
-            new_hi = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None], cand, 0), axis=1)
-            lo = tl.where(n_ok > 0, new_lo, lo)
-            hi = tl.where(n_ok < NCAND, new_hi, hi)
-
-        # -- block budget: NCAND-way bisection of the k-th largest rank value's bits --
-        row_dense = tl.load(qb_dense + gq, mask=okq, other=0) != 0
-        k, blo, bhi = _budget_k(budget, qbq, okq & estimate & ~row_dense)
-        if BUDGET:
-            while tl.max(bhi - blo, axis=0) > 1:
-                span = (bhi - blo).to(tl.int64)
-                cand = (blo.to(tl.int64)[:, None] + span[:, None] * (cand_i[None, :] + 1) // (NCAND + 1)).to(tl.int32)
-                cnt = tl.zeros((QR, NCAND), dtype=tl.int32)
+                # -- pass 1: online max and normaliser of each row's softmax --
+                mx = tl.full((M,), float("-inf"), dtype=tl.float32)
+                z = tl.zeros((M,), dtype=tl.float32)
                 for t in range(0, n_tiles):
-                    _, _, rb = _tile_rank(
-                        q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
-                        stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC, PRECISION,
-                        KEEP_SINK, KEEP_DIAG,
+                    s = _score_tile(
+                        q_rows, okm, is_hi, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol, stride_qd,
+                        stride_kb, stride_kh, stride_kd, M, BN, D, BLOCK_D, DC, PRECISION,
                     )
-                    cnt += tl.sum((rb[:, :, None] >= cand[:, None, :]).to(tl.int32), axis=1)
-                n_ok = tl.sum((cnt >= k[:, None]).to(tl.int32), axis=1)
-                new_lo = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None] - 1, cand, 0), axis=1)
-                new_hi = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None], cand, 0), axis=1)
-                blo = tl.where(n_ok > 0, new_lo, blo)
-                bhi = tl.where(n_ok < NCAND, new_hi, bhi)
-        # -- ties at the cut value: NCAND-way bisection of the largest column cutoff --
-        clo = tl.zeros_like(blo)
-        chi = tl.where(okq & estimate & ~row_dense, ncol + 1, 1)
-        if BUDGET:
-            n_gt = tl.zeros_like(blo)
-            for t in range(0, n_tiles):
-                _, _, rb = _tile_rank(
-                    q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
-                    stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC, PRECISION,
-                    KEEP_SINK, KEEP_DIAG,
-                )
-                n_gt += tl.sum((rb > blo[:, None]).to(tl.int32), axis=1)
-            need = k - n_gt
-            while tl.max(chi - clo, axis=0) > 1:
-                span = (chi - clo).to(tl.int64)
-                cand = (clo.to(tl.int64)[:, None] + span[:, None] * (cand_i[None, :] + 1) // (NCAND + 1)).to(tl.int32)
-                cnt = tl.zeros((QR, NCAND), dtype=tl.int32)
-                for t in range(0, n_tiles):
-                    cols = t * BN + tl.arange(0, BN)
-                    _, _, rb = _tile_rank(
-                        q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
-                        stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC, PRECISION,
-                        KEEP_SINK, KEEP_DIAG,
-                    )
-                    eq = (rb == blo[:, None])[:, :, None] & (cols[None, :, None] >= cand[:, None, :])
-                    cnt += tl.sum(eq.to(tl.int32), axis=1)
-                n_ok = tl.sum((cnt >= need[:, None]).to(tl.int32), axis=1)
-                new_lo = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None] - 1, cand, 0), axis=1)
-                new_hi = tl.sum(tl.where(cand_i[None, :] == n_ok[:, None], cand, 0), axis=1)
-                clo = tl.where(n_ok > 0, new_lo, clo)
-                chi = tl.where(n_ok < NCAND, new_hi, chi)
+                    s = s * mult[:, None]
+                    s = tl.where((t * BN + tl.arange(0, BN))[None, :] <= qbm[:, None], s, float("-inf"))
+                    m_new = tl.maximum(mx, tl.max(s, axis=1))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    z = z * tl.exp(mx - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+                    mx = m_new
+                mx = tl.where(mx == float("-inf"), 0.0, mx)
+                rz = 1.0 / tl.where(z > 0.0, z, 1.0)
 
-        # -- last pass: union of both bands, sink, diagonal, budget; ascending emission --
-        base = tl.load(sel_off + gq, mask=okq, other=0).to(tl.int64) * HQ + hq.to(tl.int64) * (qbq + 1)
-        count = tl.zeros((QR,), dtype=tl.int32)
-        for t in range(0, tl.cdiv(ncol, BN)):
-            cols = t * BN + tl.arange(0, BN)
-            causal = cols[None, :] <= qbq[:, None]
-            if estimate:
-                sel, forced, rb = _tile_rank(
-                    q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
-                    stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC, PRECISION,
-                    KEEP_SINK, KEEP_DIAG,
-                )
+                # -- passes 2..: the top-p threshold's bits, NCAND at a time (lo feasible, hi not) --
+                live = okm & estimate & (thr < 1.0)  # top-p 1.0 keeps every block: no search
+                lo = tl.where(live, _feasible_floor(thr, qbm), 0)
+                hi = tl.where(live, 0x3F800001, 1)  # bits(1.0) + 1: no probability reaches it
+                while tl.max(hi - lo, axis=0) > TOPP_STOP:
+                    cand = _candidates(lo, hi, cand_i, NCAND)
+                    mass = tl.zeros((M, NCAND), dtype=tl.float32)
+                    for t in range(0, n_tiles):
+                        p = _tile_probs(
+                            q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol, stride_qd,
+                            stride_kb, stride_kh, stride_kd, mult, mx, rz, M, BN, D, BLOCK_D, DC, PRECISION,
+                        )
+                        pb = p.to(tl.int32, bitcast=True)
+                        mass += tl.sum(tl.where(pb[:, :, None] >= cand[:, None, :], p[:, :, None], 0.0), axis=1)
+                    lo, hi = _narrow(lo, hi, cand, mass >= thr[:, None], cand_i, NCAND)
+
+                # -- block budget: the k-th largest rank value's bits, then the column cut among ties --
+                k, blo, bhi = _budget_k(budget, qbq, budget_live)
+                clo = tl.zeros_like(blo)
+                chi = tl.where(budget_live, ncol + 1, 1)
                 if BUDGET:
-                    sel = tl.where(_budget_keep(rb, blo, clo, cols) | forced, sel, 0)
-                sel = tl.where(row_dense[:, None], 1, sel)
+                    while tl.max(bhi - blo, axis=0) > 1:
+                        cand = _candidates(blo, bhi, cand_i, NCAND)
+                        cnt = tl.zeros((QR, NCAND), dtype=tl.int32)
+                        for t in range(0, n_tiles):
+                            _, _, rb = _tile_rank(
+                                q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN,
+                                ncol, stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D,
+                                DC, PRECISION, KEEP_SINK, KEEP_DIAG,
+                            )
+                            cnt += tl.sum((rb[:, :, None] >= cand[:, None, :]).to(tl.int32), axis=1)
+                        blo, bhi = _narrow(blo, bhi, cand, cnt >= k[:, None], cand_i, NCAND)
+                    n_gt = tl.zeros_like(blo)
+                    for t in range(0, n_tiles):
+                        _, _, rb = _tile_rank(
+                            q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
+                            stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC,
+                            PRECISION, KEEP_SINK, KEEP_DIAG,
+                        )
+                        n_gt += tl.sum((rb > blo[:, None]).to(tl.int32), axis=1)
+                    need = k - n_gt
+                    while tl.max(chi - clo, axis=0) > 1:
+                        cand = _candidates(clo, chi, cand_i, NCAND)
+                        cnt = tl.zeros((QR, NCAND), dtype=tl.int32)
+                        for t in range(0, n_tiles):
+                            cols = t * BN + tl.arange(0, BN)
+                            _, _, rb = _tile_rank(
+                                q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN,
+                                ncol, stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D,
+                                DC, PRECISION, KEEP_SINK, KEEP_DIAG,
+                            )
+                            eq = (rb == blo[:, None])[:, :, None] & (cols[None, :, None] >= cand[:, None, :])
+                            cnt += tl.sum(eq.to(tl.int32), axis=1)
+                        clo, chi = _narrow(clo, chi, cand, cnt >= need[:, None], cand_i, NCAND)
+
+                # -- last pass: union of both bands, sink, diagonal, budget; ascending emission --
+                for t in range(0, tl.cdiv(ncol, BN)):
+                    cols = t * BN + tl.arange(0, BN)
+                    if estimate:
+                        sel, forced, rb = _tile_rank(
+                            q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
+                            stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC,
+                            PRECISION, KEEP_SINK, KEEP_DIAG,
+                        )
+                        if BUDGET:
+                            sel = tl.where(_budget_keep(rb, blo, clo, cols) | forced, sel, 0)
+                        sel = tl.where(row_dense[:, None], 1, sel)
+                    else:
+                        sel = tl.full((QR, BN), 1, dtype=tl.int32)
+                    sel = tl.where(cols[None, :] <= qbq[:, None], sel, 0)
+                    count = _emit(sel_idx, base, count, sel, cols, QR, BN)
             else:
-                sel = tl.full((QR, BN), 1, dtype=tl.int32)
-            sel = tl.where(causal, sel, 0)
-            pos = count[:, None] + tl.cumsum(sel, axis=1) - sel
-            vals = tl.zeros((QR, BN), dtype=tl.int16) + cols.to(tl.int16)[None, :]
-            tl.store(sel_idx + base[:, None] + pos, vals, mask=sel != 0)
-            count += tl.sum(sel, axis=1)
-        tl.store(sel_cnt + gq.to(tl.int64) * HQ + hq, count, mask=okq)
+                cols = tl.arange(0, NK_PAD)
+                k_rows = pooled_k + (kb0 + cols).to(tl.int64) * stride_kb + kvh * stride_kh
+                kmask = cols < n_est
 
+                # -- scores of the whole row at once: the accumulator IS the resident row --
+                raw = tl.zeros((M, NK_PAD), dtype=tl.float32)
+                if SPLIT_K:
+                    # Keys pre-split into tf32 pairs (pool_keys_paged split_out): per head-dim chunk and
+                    # part, q_hi.k_part (+ q_lo.k_hi for the high part) in plain tf32 -- tf32x3 without
+                    # re-splitting the keys in every program. One part per iteration keeps the shared
+                    # memory per pipeline stage at [NK_PAD, DC].
+                    s_rows = pooled_k_split + (kb0 + cols).to(tl.int64) * stride_sb + kvh * stride_sh
+                    for v in range(0, 2 * BLOCK_D // DC):
+                        offs = (v // 2) * DC + tl.arange(0, DC)
+                        part = v % 2
+                        dm = offs < D
+                        kc = tl.load(s_rows[:, None] + part * stride_sp + offs[None, :],
+                                     mask=kmask[:, None] & dm[None, :], other=0.0)
+                        qc = _band_q(q_rows, okm, is_hi, band_hi, band_lo, offs, dm, stride_qd)
+                        q_hi = (qc.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                        q_lo = tl.where(part == 0, qc - q_hi, 0.0)
+                        raw = tl.dot(q_lo, tl.trans(kc), raw, input_precision="tf32")
+                        raw = tl.dot(q_hi, tl.trans(kc), raw, input_precision="tf32")
+                else:
+                    for d0 in range(0, BLOCK_D, DC):
+                        offs = d0 + tl.arange(0, DC)
+                        dm = offs < D
+                        kc = tl.load(k_rows[:, None] + offs[None, :] * stride_kd, mask=kmask[:, None] & dm[None, :],
+                                     other=0.0)
+                        qc = _band_q(q_rows, okm, is_hi, band_hi, band_lo, offs, dm, stride_qd)
+                        raw = tl.dot(qc, tl.trans(kc), raw, input_precision=PRECISION)
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
+                # -- softmax per row over its causal blocks (probability 0 elsewhere) --
+                logits = tl.where(cols[None, :] <= qbm[:, None], raw * mult[:, None], float("-inf"))
+                mx = tl.max(logits, axis=1)
+                mx = tl.where(mx == float("-inf"), 0.0, mx)
+                e = tl.exp(logits - mx[:, None])
+                z = tl.sum(e, axis=1)
+                p = e * (1.0 / tl.where(z > 0.0, z, 1.0))[:, None]
+
+                # -- top-p threshold by bisection over float bit patterns: lo feasible, hi not --
+                pb = p.to(tl.int32, bitcast=True)
+                lo = _feasible_floor(thr, qbm)
+                hi = tl.maximum(tl.max(pb, axis=1) + 1, lo + 1)
+                hi = tl.where(thr >= 1.0, lo + 1, hi)  # top-p 1.0 keeps every block: no search
+                while tl.max(hi - lo, axis=0) > TOPP_STOP:
+                    mid = lo + (hi - lo) // 2
+                    mass = tl.sum(_kept(pb, tl.broadcast_to(mid[:, None], (M, NK_PAD)), p, USE_ASM), axis=1)
+                    lo, hi = _halve(lo, hi, mid, mass >= thr)
+                sel, forced = _union(p, lo, cols, qbq, QR, NK_PAD, KEEP_SINK, KEEP_DIAG)
+                sel = tl.where(row_dense[:, None], 1, sel)
+                causal = cols[None, :] <= qbq[:, None]
+                if BUDGET:
+                    # -- block budget: the k-th largest rank value, then the column cut among ties --
+                    rb = _budget_rank_bits(p, sel, forced, causal, QR, NK_PAD)
+                    k, blo, bhi = _budget_k(budget, qbq, budget_live)
+                    while tl.max(bhi - blo, axis=0) > 1:
+                        mid = blo + (bhi - blo) // 2
+                        blo, bhi = _halve(blo, bhi, mid, tl.sum((rb >= mid[:, None]).to(tl.int32), axis=1) >= k)
+                    need = k - tl.sum((rb > blo[:, None]).to(tl.int32), axis=1)
+                    eq = rb == blo[:, None]
+                    clo = tl.zeros_like(blo)
+                    chi = tl.where(budget_live, NK_PAD + 1, 1)
+                    while tl.max(chi - clo, axis=0) > 1:
+                        mid = clo + (chi - clo) // 2
+                        ok = tl.sum((eq & (cols[None, :] >= mid[:, None])).to(tl.int32), axis=1) >= need
+                        clo, chi = _halve(clo, chi, mid, ok)
+                    sel = tl.where(_budget_keep(rb, blo, clo, cols) | forced, sel, 0)
+                count = _emit(sel_idx, base, count, tl.where(causal, sel, 0), cols, QR, NK_PAD)
+            tl.store(sel_cnt + sel_count_at(gq, hq, HQ), count, mask=okq)
 
 
 _DC = 16  # head-dim chunk of one tl.dot: small fp32 operands in registers / shared memory
@@ -747,33 +710,55 @@ class SelectionTuning:
 DEFAULT_TUNING = SelectionTuning()
 
 
-def _resident_launch(t: SelectionTuning, g_pad: int, nk_pad: int, lvl_lo: int, lvl_hi: int) -> dict:
+@dataclass(frozen=True)
+class SelectionLaunch:
+    """One launch of a selection: the kernel (``path``), the rows it serves and its settings."""
+
+    path: str
+    """"resident" or "multipass": _select_kernel's path (MULTIPASS)."""
+    lvl_lo: int
+    lvl_hi: int
+    """Rows of length I + 1 in (lvl_lo, lvl_hi] are this launch's."""
+    block_g: int
+    """Query blocks per program."""
+    qr: int
+    """q rows of one band per program (block_g * G padded, >= 8 so that 2 * QR >= 16 for tl.dot)."""
+    num_warps: int
+    num_stages: int
+    nk_pad: int = 0
+    """Resident: key blocks held per register row."""
+    eb: int = 0
+    """Key blocks per tile of the calibration's key-energy pass."""
+    bn: int = 0
+    """Multi-pass: key blocks per streamed tile."""
+    ncand: int = 0
+    """Multi-pass: thresholds tested per pass."""
+    all_causal: bool = False
+    """Multi-pass: every row selects every causal block (nothing scored)."""
+
+
+def _resident_launch(t: SelectionTuning, g_pad: int, nk_pad: int, lvl_lo: int, lvl_hi: int) -> SelectionLaunch:
     block_g = max(1, min(t.max_q_rows // g_pad, t.resident_elems // (2 * g_pad * nk_pad)))
     block_g = 1 << (block_g.bit_length() - 1)  # power of two
     qr = max(8, block_g * g_pad)  # 2 * QR >= 16 rows for tl.dot
     elems = 2 * qr * nk_pad
     warps = max(4, min(16, elems // (32 * t.elems_per_thread)))
     stages = 2 if nk_pad * _DC * 4 * 2 <= 160 * 1024 else 1
-    return dict(path="resident", lvl_lo=lvl_lo, lvl_hi=lvl_hi, BLOCK_G=block_g, QR=qr, NK_PAD=nk_pad,
-                num_warps=warps, num_stages=stages)
+    return SelectionLaunch(path="resident", lvl_lo=lvl_lo, lvl_hi=lvl_hi, block_g=block_g, qr=qr, nk_pad=nk_pad,
+                           eb=min(64, nk_pad), num_warps=warps, num_stages=stages)
 
 
-def selection_launch_config(
+def selection_launches(
     num_q_heads: int,
     num_kv_heads: int,
     max_k_blocks: int,
     all_blocks: bool = False,
     resident_max_blocks: Optional[int] = None,
     tuning: Optional[SelectionTuning] = None,
-) -> list[dict]:
-    """The launches of one selection for a plan's shape (host ints only).
-
-    Each is a dict: path ("resident" or "multipass"), the row lengths it serves
-    (lvl_lo, lvl_hi], BLOCK_G (query blocks per program), QR (padded q rows per band),
-    NK_PAD (resident) or BN / NCAND (multi-pass), num_warps, num_stages. Every row belongs to
-    exactly one launch. ``resident_max_blocks`` lowers the longest resident row (tests use it to
-    exercise the multi-pass path on small shapes).
-    """
+) -> list[SelectionLaunch]:
+    """The launches of one selection for a plan's shape (host ints only): every row belongs to
+    exactly one. ``resident_max_blocks`` lowers the longest resident row (tests use it to
+    exercise the multi-pass path on small shapes)."""
     t = DEFAULT_TUNING if tuning is None else tuning
     G = num_q_heads // num_kv_heads
     g_pad = triton.next_power_of_2(G)
@@ -782,14 +767,15 @@ def selection_launch_config(
     # One query block per program must fit, in up to twice the budget (at 16 warps).
     cap = min(cap, 2 * t.resident_elems // (2 * max(8, g_pad)))
     mp_block_g = max(1, 16 // g_pad)
-    multipass = dict(path="multipass", lvl_lo=0, lvl_hi=2**31 - 1, BLOCK_G=mp_block_g, QR=max(8, mp_block_g * g_pad),
-                     BN=32, NCAND=8, num_warps=t.multipass_warps, num_stages=2)
+    multipass = SelectionLaunch(path="multipass", lvl_lo=0, lvl_hi=2**31 - 1, block_g=mp_block_g,
+                                qr=max(8, mp_block_g * g_pad), eb=32, bn=32, ncand=8, all_causal=all_blocks,
+                                num_warps=t.multipass_warps, num_stages=2)
     if all_blocks:  # nothing to score: the multi-pass kernel's tiled emission serves any length
         return [multipass]
     launches = []
     nk = nk_top
     if nk > cap:
-        launches.append(dict(multipass, lvl_lo=cap))
+        launches.append(dataclasses.replace(multipass, lvl_lo=cap))
         nk = cap
     lowest = max(_MIN_LEVEL, nk >> (t.levels - 1))
     while nk >= lowest and nk >= _MIN_LEVEL:
@@ -802,20 +788,13 @@ def select_blocks(
     pooled_q: torch.Tensor,
     pooled_k: torch.Tensor,
     plan: PrefillPlan,
-    band_high: torch.Tensor,
-    band_low: torch.Tensor,
-    high_threshold: float,
-    low_threshold: float,
-    calibrate: bool,
-    keep_sink: bool,
-    keep_diagonal: bool,
+    params: PrismParams,
     sel_idx: torch.Tensor,
     sel_cnt: torch.Tensor,
     temps_out: Optional[torch.Tensor] = None,
     *,
     key_energy: Optional[torch.Tensor] = None,
     pooled_k_split: Optional[torch.Tensor] = None,
-    block_budget: Optional[float] = None,
     precision: str = "tf32x3",
     resident_max_blocks: Optional[int] = None,
     tuning: Optional[SelectionTuning] = None,
@@ -831,147 +810,81 @@ def select_blocks(
         pooled_q: [>= NQB, HQ, D] float32 pooled queries (``pool_queries``), any strides.
         pooled_k: [>= NKB, HKV, D] float32 pooled keys (``pool_keys_paged``), any strides.
         plan: the launch's PrefillPlan on the same device (plan.num_q_heads == HQ).
-        band_high, band_low: [D] float32 0/1 masks of the two RoPE bands (each >= 1 dim).
-        high_threshold, low_threshold: top-p mass per band in (0, 1]; 1.0 keeps every block.
-        calibrate: energy calibration (False: temperature 1).
-        keep_sink, keep_diagonal: always keep block 0 / the query block's own block.
+        params: the layer's PrismParams (validated when built): band masks, top-p thresholds,
+            calibration, sink / diagonal, block budget.
         sel_idx: int16 [>= plan.sel_capacity], written (only the first sel_cnt entries per row).
         sel_cnt: int32 [>= NQB * HQ], written.
         temps_out: optional float32 [>= NQB, HQ, 2], contiguous: receives the logit multipliers
             1 / (sqrt(d_band) * t_band) (high, low) of estimated rows (not written for dense
             requests, nor at all when a threshold is 1.0, which selects every block anyway).
-        precision: tl.dot precision of the fp32 scores: "tf32x3" (default: tensor cores, three
-            tf32 products per fp32 product, ~fp32 accuracy), "ieee" (fp32 FMA on CUDA cores, the
-            reference's arithmetic, several times slower) or "tf32" (fastest, ~1e-3 relative:
-            flips blocks near the top-p boundary). The CPU interpreter computes all three in fp32.
         key_energy: optional float32 [>= NKB, HKV, 3] per-block key energies (all dims, high
-            band, low band) from ``pool_keys_paged(..., energy_out=...)`` with the same bands;
+            band, low band) from ``pool_keys_paged(..., energy_out=...)`` with the same params;
             without it the kernels recompute them from pooled_k (one more pass over the keys).
         pooled_k_split: optional float32 [>= NKB, HKV, 2, D] tf32 (hi, lo) parts of pooled_k from
             ``pool_keys_paged(..., split_out=...)``; with precision "tf32x3" the resident path then
             scores with plain tf32 products of pre-split keys (same accuracy, fewer instructions).
-        block_budget: optional cap in (0, 1]: a row with I + 1 causal blocks keeps at most
-            ceil(block_budget * (I + 1)) of its selected blocks, the sink/diagonal first, then
-            the highest max(p_high, p_low) (``reference.cap_to_budget``); None: no cap.
+        precision: tl.dot precision of the fp32 scores: "tf32x3" (default: tensor cores, three
+            tf32 products per fp32 product, ~fp32 accuracy), "ieee" (fp32 FMA on CUDA cores, the
+            reference's arithmetic, several times slower) or "tf32" (fastest, ~1e-3 relative:
+            flips blocks near the top-p boundary). The CPU interpreter computes all three in fp32.
         resident_max_blocks: override of the longest row kept on chip (tests).
         tuning: launch knobs (default DEFAULT_TUNING; see SelectionTuning).
 
     Returns:
         (sel_idx, sel_cnt). A few kernel launches (one per row-length level, see
-        ``selection_launch_config``); no host sync, no allocation.
+        ``selection_launches``); no host sync, no allocation.
     """
-    _check(pooled_q.dim() == 3, f"Invalid shape of pooled_q: expected [NQB, HQ, D], got {tuple(pooled_q.shape)}")
-    _check(pooled_k.dim() == 3, f"Invalid shape of pooled_k: expected [NKB, HKV, D], got {tuple(pooled_k.shape)}")
+    check_tensor("pooled_q", pooled_q, shape=(AtLeast(plan.num_q_blocks), "HQ", "D"), dtype=torch.float32)
     _, HQ, D = pooled_q.shape
-    HKV = pooled_k.shape[1]
-    _check(pooled_q.shape[0] >= plan.num_q_blocks, f"pooled_q has {pooled_q.shape[0]} rows, plan: {plan.num_q_blocks}")
-    _check(pooled_k.shape[0] >= plan.num_k_blocks, f"pooled_k has {pooled_k.shape[0]} rows, plan: {plan.num_k_blocks}")
-    _check(pooled_k.shape[2] == D, f"Invalid shape of pooled_k: head dim {pooled_k.shape[2]} != pooled_q's {D}")
-    _check(HKV >= 1 and HQ % HKV == 0, f"HQ={HQ} q heads is not a multiple of HKV={HKV} kv heads")
-    _check(plan.num_q_heads == HQ, f"plan was built for {plan.num_q_heads} q heads, pooled_q has {HQ}")
-    for name, t in (("pooled_q", pooled_q), ("pooled_k", pooled_k), ("band_high", band_high), ("band_low", band_low)):
-        _check(t.dtype == torch.float32, f"Invalid dtype of {name}: expected float32, got {t.dtype}")
-    for name, t in (("band_high", band_high), ("band_low", band_low)):
-        _check(
-            t.dim() == 1 and t.numel() == D and t.is_contiguous(),
-            f"Invalid {name}: expected contiguous [{D}], got {tuple(t.shape)}",
-        )
-    for name, v in (("high_threshold", high_threshold), ("low_threshold", low_threshold)):
-        _check(0.0 < float(v) <= 1.0, f"{name}={v!r} is out of range: a top-p mass in (0, 1]")
-    _check(
-        sel_idx.dtype == torch.int16 and sel_idx.dim() == 1 and sel_idx.numel() >= plan.sel_capacity,
-        f"Invalid sel_idx: expected int16 [>= {plan.sel_capacity}], got {sel_idx.dtype} {tuple(sel_idx.shape)}",
-    )
-    _check(
-        sel_cnt.dtype == torch.int32 and sel_cnt.dim() == 1 and sel_cnt.numel() >= plan.num_q_blocks * HQ,
-        f"Invalid sel_cnt: expected int32 [>= {plan.num_q_blocks * HQ}], got {sel_cnt.dtype} {tuple(sel_cnt.shape)}",
-    )
-    if temps_out is not None:
-        _check(
-            temps_out.dtype == torch.float32
-            and temps_out.dim() == 3
-            and temps_out.shape[0] >= plan.num_q_blocks
-            and tuple(temps_out.shape[1:]) == (HQ, 2)
-            and temps_out.is_contiguous(),
-            f"Invalid temps_out: expected contiguous float32 [>= {plan.num_q_blocks}, {HQ}, 2], got "
-            f"{temps_out.dtype} {tuple(temps_out.shape)}",
-        )
-    if key_energy is not None:
-        _check(
-            key_energy.dtype == torch.float32
-            and key_energy.dim() == 3
-            and key_energy.shape[0] >= plan.num_k_blocks
-            and tuple(key_energy.shape[1:]) == (HKV, 3)
-            and key_energy.stride(2) == 1,
-            f"Invalid key_energy: expected float32 [>= {plan.num_k_blocks}, {HKV}, 3] with a contiguous last "
-            f"dim, got {key_energy.dtype} {tuple(key_energy.shape)}",
-        )
-        _check(
-            key_energy.device == pooled_q.device, f"key_energy is on {key_energy.device}, pooled_q on {pooled_q.device}"
-        )
-    if pooled_k_split is not None:
-        _check(
-            pooled_k_split.dtype == torch.float32
-            and pooled_k_split.dim() == 4
-            and pooled_k_split.shape[0] >= plan.num_k_blocks
-            and tuple(pooled_k_split.shape[1:]) == (HKV, 2, D)
-            and pooled_k_split.stride(3) == 1
-            and pooled_k_split.device == pooled_q.device,
-            f"Invalid pooled_k_split: expected float32 [>= {plan.num_k_blocks}, {HKV}, 2, {D}] with a contiguous "
-            f"last dim on {pooled_q.device}, got {pooled_k_split.dtype} {tuple(pooled_k_split.shape)}",
-        )
-    _check(precision in _PRECISIONS, f"precision={precision!r} must be one of {_PRECISIONS}")
-    _check(
-        block_budget is None or 0.0 < float(block_budget) <= 1.0,
-        f"block_budget={block_budget!r} is out of range: a share of the causal blocks in (0, 1], or None",
-    )
     dev = pooled_q.device
-    for name, t in (("pooled_k", pooled_k), ("band_high", band_high), ("band_low", band_low), ("sel_idx", sel_idx),
-                    ("sel_cnt", sel_cnt), ("plan", plan.qb_abs)):
-        _check(t.device == dev, f"{name} is on {t.device}, pooled_q on {dev}")
+    check_tensor("pooled_k", pooled_k, shape=(AtLeast(plan.num_k_blocks), "HKV", D), dtype=torch.float32, device=dev)
+    HKV = pooled_k.shape[1]
+    check_gqa(HQ, HKV)
+    check_plan(plan, dev, num_q_heads=HQ, rows_of="pooled_q")
+    check_params(params, D, dev, head_dim_of="pooled_q")
+    check_selection_buffers(sel_idx, sel_cnt, plan, dev)
+    nqb, nkb = AtLeast(plan.num_q_blocks), AtLeast(plan.num_k_blocks)
+    if temps_out is not None:
+        check_tensor("temps_out", temps_out, shape=(nqb, HQ, 2), dtype=torch.float32, device=dev, contiguous=True)
+    if key_energy is not None:
+        check_tensor("key_energy", key_energy, shape=(nkb, HKV, 3), dtype=torch.float32, device=dev,
+                     last_stride_1=True)
+    if pooled_k_split is not None:
+        check_tensor("pooled_k_split", pooled_k_split, shape=(nkb, HKV, 2, D), dtype=torch.float32, device=dev,
+                     last_stride_1=True)
+    check(precision in _PRECISIONS, f"precision={precision!r} must be one of {_PRECISIONS}")
     if plan.num_q_blocks == 0:
         return sel_idx, sel_cnt
 
-    # A threshold of 1.0 keeps every causal block: nothing to score, unless a budget ranks them.
-    all_blocks = (high_threshold >= 1.0 or low_threshold >= 1.0) and block_budget is None
+    p = params
     common = dict(
         pooled_q=pooled_q,
         pooled_k=pooled_k,
-        band_hi=band_high,
-        band_lo=band_low,
-        qb_req=plan.qb_req,
-        qb_abs=plan.qb_abs,
-        cu_kb=plan.cu_kb,
-        dense=plan.dense,
-        qb_dense=plan.qb_dense,
-        sel_off=plan.sel_off,
+        band_hi=p.band_high,
+        band_lo=p.band_low,
+        **plan.tensors("qb_req", "qb_abs", "cu_kb", "dense", "qb_dense", "sel_off"),
         sel_idx=sel_idx,
         sel_cnt=sel_cnt,
         temps_out=temps_out if temps_out is not None else pooled_q,
         key_energy=key_energy if key_energy is not None else pooled_k,
         NQB=plan.num_q_blocks,
-        stride_qb=pooled_q.stride(0),
-        stride_qh=pooled_q.stride(1),
-        stride_qd=pooled_q.stride(2),
-        stride_kb=pooled_k.stride(0),
-        stride_kh=pooled_k.stride(1),
-        stride_kd=pooled_k.stride(2),
-        stride_eb=key_energy.stride(0) if key_energy is not None else 0,
-        stride_eh=key_energy.stride(1) if key_energy is not None else 0,
-        thr_hi=float(high_threshold),
-        thr_lo=float(low_threshold),
-        budget=float(block_budget) if block_budget is not None else 1.0,
-        BUDGET=block_budget is not None,
+        **strides(pooled_q, "qb", "qh", "qd"),
+        **strides(pooled_k, "kb", "kh", "kd"),
+        **strides(key_energy, "eb", "eh"),
+        thr_hi=float(p.high_threshold),  # float: an int 1 would compile as a constexpr
+        thr_lo=float(p.low_threshold),
+        budget=float(p.block_budget) if p.block_budget is not None else 1.0,
+        BUDGET=p.block_budget is not None,
         HQ=HQ,
         G=HQ // HKV,
         G_PAD=triton.next_power_of_2(HQ // HKV),
         D=D,
         BLOCK_D=max(_DC, triton.next_power_of_2(D)),
         DC=_DC,
-        CALIBRATE=bool(calibrate),
+        CALIBRATE=bool(p.calibrate),
         HAS_KE=key_energy is not None,
-        KEEP_SINK=bool(keep_sink),
-        KEEP_DIAG=bool(keep_diagonal),
+        KEEP_SINK=bool(p.keep_sink),
+        KEEP_DIAG=bool(p.keep_diagonal),
         WRITE_TEMPS=temps_out is not None,
         PRECISION=precision,
         TOPP_STOP=1 << (23 - min(23, max(1, (tuning or DEFAULT_TUNING).topp_mantissa_bits))),
@@ -979,22 +892,26 @@ def select_blocks(
     # PTX inline assembly: NVIDIA GPUs only (not the interpreter, not ROCm).
     use_asm = pooled_q.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
     split_k = pooled_k_split is not None and precision == "tf32x3"
-    for ln in selection_launch_config(HQ, HKV, plan.max_k_blocks, all_blocks, resident_max_blocks, tuning):
-        grid = (triton.cdiv(plan.num_q_blocks, ln["BLOCK_G"]), HKV)
-        kw = dict(common, lvl_lo=ln["lvl_lo"], lvl_hi=ln["lvl_hi"], BLOCK_G=ln["BLOCK_G"], QR=ln["QR"],
-                  num_warps=ln["num_warps"], num_stages=ln["num_stages"])
-        if ln["path"] == "resident":
-            _select_resident_kernel[grid](
-                NK_PAD=ln["NK_PAD"],
-                EB=min(64, ln["NK_PAD"]),
-                USE_ASM=use_asm,
-                SPLIT_K=split_k,
-                pooled_k_split=pooled_k_split if split_k else pooled_k,
-                stride_sb=pooled_k_split.stride(0) if split_k else 0,
-                stride_sh=pooled_k_split.stride(1) if split_k else 0,
-                stride_sp=pooled_k_split.stride(2) if split_k else 0,
-                **kw,
-            )
-        else:
-            _select_multipass_kernel[grid](BN=ln["BN"], NCAND=ln["NCAND"], ALL_CAUSAL=all_blocks, **kw)
+    # A threshold of 1.0 keeps every causal block: nothing to score, unless a budget ranks them.
+    for ln in selection_launches(HQ, HKV, plan.max_k_blocks, p.all_blocks, resident_max_blocks, tuning):
+        resident = ln.path == "resident"
+        _select_kernel[(triton.cdiv(plan.num_q_blocks, ln.block_g), HKV)](
+            **common,
+            pooled_k_split=pooled_k_split if split_k else pooled_k,
+            **strides(pooled_k_split if split_k else None, "sb", "sh", "sp"),
+            lvl_lo=ln.lvl_lo,
+            lvl_hi=ln.lvl_hi,
+            BLOCK_G=ln.block_g,
+            QR=ln.qr,
+            EB=ln.eb,
+            MULTIPASS=not resident,
+            NK_PAD=ln.nk_pad,
+            SPLIT_K=split_k and resident,
+            USE_ASM=use_asm and resident,
+            BN=ln.bn,
+            NCAND=ln.ncand,
+            ALL_CAUSAL=ln.all_causal,
+            num_warps=ln.num_warps,
+            num_stages=ln.num_stages,
+        )
     return sel_idx, sel_cnt

@@ -35,12 +35,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import PrefillPlan
+from ._launch import (
+    AtLeast,
+    check,
+    check_block_table,
+    check_gqa,
+    check_plan,
+    check_selection_buffers,
+    check_tensor,
+    strides,
+)
+from .plan import PrefillPlan, sel_count_at, sel_row_start
 
-__all__ = ["SparsePrefillConfig", "candidate_configs", "default_config", "sparse_prefill"]
+__all__ = ["HEAD_DIMS", "SparsePrefillConfig", "candidate_configs", "default_config", "sparse_prefill"]
 
 _LOG2E = 1.4426950408889634
-_HEAD_DIMS = (64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,8 @@ _DEFAULTS = {
     128: SparsePrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=5),
     256: SparsePrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
 }
+#: Head dims the kernel is built for.
+HEAD_DIMS: tuple[int, ...] = tuple(_DEFAULTS)
 
 # Spill-free and within shared memory on sm_90 (checked offline as above).
 _CANDIDATES = {
@@ -107,7 +118,7 @@ def default_config(head_dim: int) -> SparsePrefillConfig:
     """The default launch settings for a head dim (64, 128 or 256)."""
     if head_dim not in _DEFAULTS:
         raise NotImplementedError(
-            f"sparse_prefill supports head dims {_HEAD_DIMS}, got head_dim={head_dim}; "
+            f"sparse_prefill supports head dims {HEAD_DIMS}, got head_dim={head_dim}; "
             "serve this model with the FLASH_ATTN backend"
         )
     return _DEFAULTS[head_dim]
@@ -285,8 +296,8 @@ def _sparse_prefill_fwd_kernel(
     bt_row = block_table + r.to(tl.int64) * stride_bt
 
     # selection row (g, h): int64 offsets, sel_off[g] * HQ overflows int32 at long contexts
-    sel_row = sel_idx + tl.load(sel_off + g).to(tl.int64) * HQ + h.to(tl.int64) * (qb + 1)
-    cnt = tl.load(sel_cnt + g.to(tl.int64) * HQ + h)
+    sel_row = sel_idx + sel_row_start(tl.load(sel_off + g), h, qb, HQ)
+    cnt = tl.load(sel_cnt + sel_count_at(g, h, HQ))
     # the diagonal block (if selected) is the last index of the ascending row
     last = tl.load(sel_row + cnt - 1, mask=(cnt > 0) & is_sparse, other=-1).to(tl.int32)
     has_diag = (last == qb) | is_dense
@@ -328,11 +339,6 @@ def _sparse_prefill_fwd_kernel(
     )
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 def sparse_prefill(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -345,10 +351,6 @@ def sparse_prefill(
     out: torch.Tensor,
     *,
     config: SparsePrefillConfig | None = None,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
     all_blocks: bool = False,
 ) -> torch.Tensor:
     """Block-sparse causal attention of every chunk of ``plan`` over the paged KV cache.
@@ -374,9 +376,8 @@ def sparse_prefill(
         scale: softmax scale (usually D ** -0.5).
         out: [T_out >= plan.num_tokens, HQ, D] output, any strides with stride(-1) == 1; rows
             [0, plan.num_tokens) are written, the others are left alone.
-        config / block_m / block_n / num_warps / num_stages: launch settings; the explicit
-            keywords override ``config``, which defaults to ``default_config(D)``. See
-            ``SparsePrefillConfig`` and ``candidate_configs`` for what a sweep should try.
+        config: launch settings, default ``default_config(D)``; see ``SparsePrefillConfig`` and
+            ``candidate_configs`` for what a sweep should try.
         all_blocks: every row attends to every causal block; sel_idx / sel_cnt are not read
             (``BlockSelection.all_blocks``: estimation was skipped).
 
@@ -385,115 +386,62 @@ def sparse_prefill(
 
     Launches one kernel; reads nothing back to the host and allocates nothing.
     """
-    _check(q.dim() == 3, f"Invalid shape of q: expected [T, HQ, D], got {tuple(q.shape)}")
+    check_tensor("q", q, shape=("T", "HQ", "D"), dtype=(torch.float16, torch.bfloat16), last_stride_1=True)
     T, HQ, D = q.shape
-    _check(
-        q.dtype in (torch.float16, torch.bfloat16),
-        f"Invalid dtype of q: expected float16 or bfloat16, got {q.dtype}; fp8 queries are not supported",
-    )
-    if D not in _HEAD_DIMS:
-        raise NotImplementedError(
-            f"sparse_prefill supports head dims {_HEAD_DIMS}, got head_dim={D}; "
-            "serve this model with the FLASH_ATTN backend"
-        )
+    default = default_config(D)  # NotImplementedError for head dims the kernel is not built for
+    cfg = config if config is not None else default
+    dev = q.device
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _check(t.dim() == 4, f"Invalid shape of {name}: expected [num_pages, page_size, HKV, D], got {tuple(t.shape)}")
-        _check(t.dtype == q.dtype, f"Invalid dtype of {name}: expected {q.dtype} (q's dtype), got {t.dtype}")
-        _check(t.device == q.device, f"{name} is on {t.device}, q on {q.device}")
-    _check(
+        # one dtype: fp8 caches go through the FA3 attend step
+        check_tensor(name, t, shape=("num_pages", "page_size", "HKV", D), dtype=q.dtype, device=dev,
+                     last_stride_1=True)
+    check(
         v_cache.shape == k_cache.shape,
-        f"Invalid shape of v_cache: expected {tuple(k_cache.shape)} (k_cache's), got {tuple(v_cache.shape)}",
+        f"Invalid shape of v_cache: expected {list(k_cache.shape)} (k_cache's), got {list(v_cache.shape)}",
     )
-    _, PS, HKV, DK = k_cache.shape
-    _check(DK == D, f"Invalid shape of k_cache: head dim {DK} != q's head dim {D}")
-    _check(HKV >= 1 and HQ % HKV == 0, f"HQ={HQ} q heads is not a multiple of HKV={HKV} kv heads")
-    _check(PS >= 1, f"Invalid page size {PS}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
-        _check(t.stride(-1) == 1, f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
-    _check(
-        out.dim() == 3 and out.shape[1:] == q.shape[1:] and out.shape[0] >= plan.num_tokens,
-        f"Invalid shape of out: expected [>= {plan.num_tokens}, {HQ}, {D}], got {tuple(out.shape)}",
-    )
-    _check(
-        out.dtype in (torch.float16, torch.bfloat16, torch.float32),
-        f"Invalid dtype of out: expected float16, bfloat16 or float32, got {out.dtype}",
-    )
-    _check(out.device == q.device, f"out is on {out.device}, q on {q.device}")
-    _check(T >= plan.num_tokens, f"q has {T} rows, the plan covers {plan.num_tokens}")
-    _check(plan.num_q_heads == HQ, f"plan was built for {plan.num_q_heads} q heads, q has {HQ}")
-    _check(
-        block_table.dim() == 2 and block_table.dtype == torch.int32 and block_table.shape[0] >= plan.num_reqs,
-        f"Invalid block_table: expected int32 [>= {plan.num_reqs}, max_pages], got {block_table.dtype} "
-        f"{tuple(block_table.shape)}",
-    )
-    _check(block_table.stride(1) == 1, f"block_table must be row-contiguous, got strides {block_table.stride()}")
-    _check(
-        sel_idx.dtype == torch.int16 and sel_idx.dim() == 1 and sel_idx.numel() >= plan.sel_capacity,
-        f"Invalid sel_idx: expected int16 [>= {plan.sel_capacity}], got {sel_idx.dtype} {tuple(sel_idx.shape)}",
-    )
-    _check(
-        sel_cnt.dtype == torch.int32 and sel_cnt.dim() == 1 and sel_cnt.numel() >= plan.num_q_blocks * HQ,
-        f"Invalid sel_cnt: expected int32 [>= {plan.num_q_blocks * HQ}], got {sel_cnt.dtype} {tuple(sel_cnt.shape)}",
-    )
-    for name, t in (("block_table", block_table), ("sel_idx", sel_idx), ("sel_cnt", sel_cnt), ("plan", plan.qb_abs)):
-        _check(t.device == q.device, f"{name} is on {t.device}, q on {q.device}; move it with .to(q.device)")
-
+    _, PS, HKV, _ = k_cache.shape
+    check_gqa(HQ, HKV)
+    check(PS >= 1, f"Invalid page size {PS}")
+    check_plan(plan, dev, num_q_heads=HQ, num_rows=T)
+    check_tensor("out", out, shape=(AtLeast(plan.num_tokens), HQ, D),
+                 dtype=(torch.float16, torch.bfloat16, torch.float32), device=dev, last_stride_1=True)
+    check_block_table(block_table, plan, dev)
+    check_selection_buffers(sel_idx, sel_cnt, plan, dev)
     # the running max is taken before scaling (one multiply per row, not per score): needs scale > 0
-    _check(float(scale) > 0.0, f"softmax scale must be > 0, got scale={scale}")
-
-    cfg = config if config is not None else default_config(D)
-    bm = cfg.block_m if block_m is None else block_m
-    bn = cfg.block_n if block_n is None else block_n
+    check(float(scale) > 0.0, f"softmax scale must be > 0, got scale={scale}")
     B = plan.block_size
-    _check(
-        bm in (16, 32, 64, 128) and B % bm == 0,
-        f"block_m={bm} must be 16, 32, 64 or 128 and divide the Prism block size {B}",
-    )
-    _check(
-        bn in (16, 32, 64, 128) and B % bn == 0,
-        f"block_n={bn} must be 16, 32, 64 or 128 and divide the Prism block size {B}",
-    )
+    for name, v in (("block_m", cfg.block_m), ("block_n", cfg.block_n)):
+        check(v in (16, 32, 64, 128) and B % v == 0,
+              f"{name}={v} must be 16, 32, 64 or 128 and divide the Prism block size {B}")
     if plan.num_q_blocks == 0:
         return out
 
-    grid = (plan.num_q_blocks * (B // bm) * HQ,)
+    grid = (plan.num_q_blocks * (B // cfg.block_m) * HQ,)
     _sparse_prefill_fwd_kernel[grid](
         q=q,
         k_cache=k_cache,
         v_cache=v_cache,
         block_table=block_table,
         out=out,
-        cu_q=plan.cu_q,
-        ctx_lens=plan.ctx_lens,
-        seq_lens=plan.seq_lens,
-        dense=plan.dense,
-        qb_req=plan.qb_req,
-        qb_abs=plan.qb_abs,
-        sel_off=plan.sel_off,
+        **plan.tensors("cu_q", "ctx_lens", "seq_lens", "dense", "qb_req", "qb_abs", "sel_off"),
         sel_idx=sel_idx,
         sel_cnt=sel_cnt,
         qk_scale=float(scale) * _LOG2E,
         NQB=plan.num_q_blocks,
-        stride_qt=q.stride(0),
-        stride_qh=q.stride(1),
-        stride_ot=out.stride(0),
-        stride_oh=out.stride(1),
-        stride_kp=k_cache.stride(0),
-        stride_ks=k_cache.stride(1),
-        stride_kh=k_cache.stride(2),
-        stride_vp=v_cache.stride(0),
-        stride_vs=v_cache.stride(1),
-        stride_vh=v_cache.stride(2),
-        stride_bt=block_table.stride(0),
+        **strides(q, "qt", "qh"),
+        **strides(out, "ot", "oh"),
+        **strides(k_cache, "kp", "ks", "kh"),
+        **strides(v_cache, "vp", "vs", "vh"),
+        **strides(block_table, "bt"),
         HQ=HQ,
         G=HQ // HKV,
         D=D,
         B=B,
         PS=PS,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
         ALL_BLOCKS=int(bool(all_blocks)),
-        num_warps=cfg.num_warps if num_warps is None else num_warps,
-        num_stages=cfg.num_stages if num_stages is None else num_stages,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out

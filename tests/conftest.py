@@ -30,38 +30,78 @@ def pytest_configure(config):
         config.addinivalue_line("filterwarnings", INTERPRETER_NOISE)
 
 
-def make_paged_kv(ks, vs, page_size, layout="NHD", seed=0, spare_pages=3):
-    """Write per-request K/V ([S_r, HKV, D] each) into a paged cache laid out like vLLM 0.26's
-    FlashAttention one: physical NHD [NP, PS, HKV, 2D] or HND [NP, HKV, PS, 2D], K in [..., :D].
+def prism_params(bands, config=None, device=DEVICE, scale=1.0):
+    """The layer's PrismParams for these RoPE bands (default PrismConfig), as the backend builds them."""
+    from prism_vllm.config import PrismConfig
+    from prism_vllm.kernels import PrismParams
 
-    Pages are handed out in a random permutation (plus a few never-used pages filled with NaN,
-    so a kernel reading a wrong page shows it). Returns (k_cache, v_cache, block_table) with
-    k_cache/v_cache the [NP, PS, HKV, D] views FlashAttention's forward gets
-    (``kv_cache.transpose(1, 2).split(D, -1)``) and block_table int32 [R, max_pages].
+    return PrismParams.make(bands=bands, scale=scale, config=config or PrismConfig(), device=device)
+
+
+def key_energy_reference(kp, bands):
+    """(|k|^2, |k_high|^2, |k_low|^2) per pooled key: [NKB, HKV, 3], what pool_keys_paged's
+    energy_out holds and select_blocks' key_energy takes."""
+    k2 = kp.float().pow(2)
+    hi, lo = bands.high.to(kp.device), bands.low.to(kp.device)
+    return torch.stack([k2.sum(-1), k2[..., hi].sum(-1), k2[..., lo].sum(-1)], dim=-1)
+
+
+def assert_tf32_split(split, pooled, lo_bound=True):
+    """split [..., 2, D] holds pooled [..., D] as an exact sum hi + lo, hi tf32-representable
+    (and, with lo_bound, |lo| within hi's tf32 rounding)."""
+    hi, lo = split[..., 0, :], split[..., 1, :]
+    assert torch.equal(hi + lo, pooled)
+    assert ((hi.view(torch.int32) & 8191) == 0).all(), "hi must be tf32-representable (13 low bits clear)"
+    if lo_bound:
+        assert (lo.abs() <= hi.abs() * 2**-10).all()
+
+
+def make_paged_kv(ks, vs, page_size, layout="NHD", seed=0, spare_pages=2, gen=None):
+    """A FlashAttention-style packed paged cache holding each request's K/V.
+
+    ks[r], vs[r]: [S_r, HKV, D]. layout: vLLM 0.26's FlashAttention cache, "NHD" (physical
+    [pages, page_size, HKV, 2D], the default), "HND" (physical [pages, HKV, page_size, 2D]),
+    "NHD_padded" (NHD with a padded page stride), or the cross-layer layouts with this layer at
+    index 1 of 3: "NHD_xlayer" ([pages, layers, page_size, HKV, 2D]) and "HND_xlayer"
+    ([pages, HKV, layers, page_size, 2D]); K in [..., :D], V in [..., D:].
+
+    Pages are handed out in a random order (``gen``, else a generator seeded with ``seed``); page
+    0 (vLLM's null block) is never handed out and pads the table rows; it, ``spare_pages`` unused
+    pages and every slot past a sequence's end hold NaN, so a kernel reading a wrong page or slot
+    shows it. Returns (k_cache, v_cache, block_table): the [pages, page_size, HKV, D] views
+    FlashAttention's forward gets (``kv_cache.transpose(1, 2).split(D, -1)``) and int32
+    [R, max_pages].
     """
     hkv, d = ks[0].shape[1], ks[0].shape[2]
-    pages = [-(-k.shape[0] // page_size) for k in ks]
-    n_pages = sum(pages) + spare_pages
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n_pages, generator=gen)
+    dt, dev = ks[0].dtype, ks[0].device
+    npages = [-(-k.shape[0] // page_size) for k in ks]
+    total = sum(npages) + 1 + spare_pages
+    nan = dict(fill_value=float("nan"), dtype=dt, device=dev)
     if layout == "NHD":
-        phys = torch.full((n_pages, page_size, hkv, 2 * d), float("nan"), dtype=ks[0].dtype, device=ks[0].device)
-        logical = phys.permute(0, 2, 1, 3)  # (NP, HKV, PS, 2D), the shape vLLM hands the backend
+        logical = torch.full((total, page_size, hkv, 2 * d), **nan).permute(0, 2, 1, 3)
+    elif layout == "NHD_padded":
+        logical = torch.full((total, page_size + 3, hkv, 2 * d), **nan)[:, :page_size].permute(0, 2, 1, 3)
     elif layout == "HND":
-        phys = torch.full((n_pages, hkv, page_size, 2 * d), float("nan"), dtype=ks[0].dtype, device=ks[0].device)
-        logical = phys
+        logical = torch.full((total, hkv, page_size, 2 * d), **nan)
+    elif layout == "NHD_xlayer":
+        logical = torch.full((total, 3, page_size, hkv, 2 * d), **nan)[:, 1].permute(0, 2, 1, 3)
+    elif layout == "HND_xlayer":
+        logical = torch.full((total, hkv, 3, page_size, 2 * d), **nan)[:, :, 1]
     else:
         raise ValueError(layout)
-    k_cache, v_cache = logical.transpose(1, 2).split(d, dim=-1)
-    table = torch.zeros(len(ks), max(pages), dtype=torch.int32)
-    nxt = 0
+    view = logical.transpose(1, 2)  # [pages, page_size, HKV, 2D], what FA's forward splits
+    gen = torch.Generator().manual_seed(seed) if gen is None else gen
+    perm = (torch.randperm(total - 1, generator=gen) + 1).tolist()
+    table = torch.zeros(len(ks), max(npages), dtype=torch.int32)
+    used = 0
     for r, (k, v) in enumerate(zip(ks, vs)):
-        for p in range(pages[r]):
-            page = int(perm[nxt])
-            nxt += 1
+        for p in range(npages[r]):
+            page = perm[used]
+            used += 1
             table[r, p] = page
             rows = slice(p * page_size, min((p + 1) * page_size, k.shape[0]))
             n = rows.stop - rows.start
-            k_cache[page, :n] = k[rows]
-            v_cache[page, :n] = v[rows]
-    return k_cache, v_cache, table.to(ks[0].device)
+            view[page, :n, :, :d] = k[rows]
+            view[page, :n, :, d:] = v[rows]
+    k_cache, v_cache = view.split(d, dim=-1)
+    return k_cache, v_cache, table.to(dev)

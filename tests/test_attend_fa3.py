@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA
-from test_sparse_prefill import TOL, make_paged_kv, random_masks
+from conftest import DEVICE, HAS_CUDA, make_paged_kv
+from test_sparse_prefill import TOL, random_masks
 
 from prism_vllm import reference as ref
 from prism_vllm.kernels import make_plan
@@ -83,7 +83,7 @@ def _inputs(c: Case, seed: int = 0, dtype=torch.float16, device=DEVICE):
     q = torch.randn(sum(lens) + 3, c.hq, c.d, generator=gen).to(dtype).to(device)  # 3 spare rows
     ks = [torch.randn(a + L, c.hkv, c.d, generator=gen).to(dtype).to(device) for a, L in c.reqs]
     vs = [torch.randn(a + L, c.hkv, c.d, generator=gen).to(dtype).to(device) for a, L in c.reqs]
-    k_cache, v_cache, table = make_paged_kv(ks, vs, c.page, c.layout, gen)
+    k_cache, v_cache, table = make_paged_kv(ks, vs, c.page, c.layout, gen=gen)
     cu = [0]
     for L in lens:
         cu.append(cu[-1] + L)
@@ -204,7 +204,7 @@ def test_virtual_view_stays_inside_the_cache_storage():
     for layout, page in (("NHD", 16), ("HND", 32), ("NHD_padded", 16), ("NHD_xlayer", 256), ("HND_xlayer", 128)):
         gen = torch.Generator().manual_seed(1)
         ks = [torch.randn(300, 2, 64, generator=gen).half()]
-        kc, vc, _ = make_paged_kv(ks, ks, page, layout, gen)
+        kc, vc, _ = make_paged_kv(ks, ks, page, layout, gen=gen)
         vkv = virtual_kv(kc, vc)
         assert not isinstance(vkv, str), (layout, vkv)
         for src, view in ((kc, vkv.k), (vc, vkv.v)):
@@ -322,7 +322,7 @@ def test_fp8_cache_and_queries_through_fa3_semantics():
     q8 = (qf / sq.cpu()).to(fp8).to(DEVICE)
     ks8 = [(torch.randn(a + L, 2, 64, generator=gen) / sk.cpu()).to(fp8).to(DEVICE) for a, L in c.reqs]
     vs8 = [(torch.randn(a + L, 2, 64, generator=gen) / sv.cpu()).to(fp8).to(DEVICE) for a, L in c.reqs]
-    kc, vc, table = make_paged_kv(ks8, vs8, 16, "NHD", gen)
+    kc, vc, table = make_paged_kv(ks8, vs8, 16, "NHD", gen=gen)
     plan = make_plan([0, 300, 500], [100, 0], 4, B)
     masks = random_masks(4, [100, 0], [300, 200], 0.3, gen, "cpu")
     sel = BlockSelection.from_masks(masks, plan.to(DEVICE))

@@ -1,5 +1,5 @@
 """benchmarks/kernels.py plumbing on CPU: the --dry-run end to end (Triton interpreter, fp16, tiny
-shapes, no FA3, no official code), and its mask helpers against plain torch."""
+shapes, no FA3, no official code), and its fixed masks through BlockSelection against plain torch."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def test_dry_run_plot(dry_run):
 
 @pytest.mark.parametrize("nq,density", [(1, 1.0), (5, 0.5), (9, 0.2), (16, 1.0), (33, 0.1)])
 def test_fixed_mask_and_bsr_round_trip(nq, density):
-    from prism_vllm.kernels import make_plan
+    from prism_vllm.kernels import BlockSelection, make_plan
 
     bench = _load_bench()
     hq = 3
@@ -100,14 +100,15 @@ def test_fixed_mask_and_bsr_round_trip(nq, density):
         assert m.equal(causal.expand_as(m))
     L = nq * 128 - 5  # partial last block
     plan = make_plan([0, L], [0], hq, 128)
-    sel_idx, sel_cnt = bench.mask_to_bsr(m, plan)
+    sel = BlockSelection.from_masks([m], plan)
+    sel_idx, sel_cnt = sel.indices, sel.counts
     # independent decoding of the plan's documented layout
     for g in range(nq):
         for h in range(hq):
             start = int(plan.sel_off[g]) * hq + h * (g + 1)
             got = sel_idx[start : start + int(sel_cnt[g * hq + h])].long()
             assert got.tolist() == m[h, g].nonzero().flatten().tolist()
-    assert bench.bsr_to_mask(sel_idx, sel_cnt, plan, hq, nq).equal(m)
+    assert sel.to_masks()[0].equal(m)
     assert bench.mask_density(m) == pytest.approx(float(m.sum()) / (hq * nq * (nq + 1) / 2))
 
 

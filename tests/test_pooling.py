@@ -5,7 +5,7 @@ CPU: the Triton interpreter on fp16 inputs and small shapes. GPU (`-m gpu`): bf1
 
 import pytest
 import torch
-from conftest import DEVICE, make_paged_kv
+from conftest import DEVICE, assert_tf32_split, key_energy_reference, make_paged_kv, prism_params
 from prism_vllm.kernels import make_plan
 from prism_vllm.kernels.pooling import pool_keys_paged, pool_queries
 
@@ -34,6 +34,7 @@ def _ref_k(ks):
     return torch.cat([R.pool_blocks(k, 0, B) for k in ks])
 
 
+# Odd lengths, partial first/last blocks, chunks starting mid-block and on a block edge, batches.
 CHUNKS = {
     "L1": [(0, 1)],
     "L127": [(0, 127)],
@@ -81,13 +82,6 @@ def test_pool_keys_paged_matches_reference(layout, page_size, name):
     assert out[plan.num_k_blocks :].isnan().all()
 
 
-def key_energy_reference(kp, bands):
-    """(|k|^2, |k_high|^2, |k_low|^2) per pooled key: [NKB, HKV, 3]."""
-    k2 = kp.float().pow(2)
-    hi, lo = bands.high.to(kp.device), bands.low.to(kp.device)
-    return torch.stack([k2.sum(-1), k2[..., hi].sum(-1), k2[..., lo].sum(-1)], dim=-1)
-
-
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_pool_keys_energy_out(layout):
     from prism_vllm.rope import RopeLayout, rope_bands
@@ -100,21 +94,16 @@ def test_pool_keys_energy_out(layout):
     energy = torch.full((plan.num_k_blocks + 1, 2, 3), float("nan"), device=DEVICE)
     split = torch.full((plan.num_k_blocks, 2, 2, 64), float("nan"), device=DEVICE)
     pool_keys_paged(
-        k_cache=k_cache, block_table=table, plan=plan, out=out, energy_out=energy,
-        band_high=bands.high.float().to(DEVICE), band_low=bands.low.float().to(DEVICE), split_out=split,
+        k_cache=k_cache, block_table=table, plan=plan, out=out, energy_out=energy, params=prism_params(bands),
+        split_out=split,
     )
     ref = _ref_k(ks)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(energy[: plan.num_k_blocks], key_energy_reference(ref, bands), atol=1e-5, rtol=1e-4)
     assert energy[plan.num_k_blocks :].isnan().all()
-    # split_out: an exact tf32 (hi, lo) decomposition of the pooled keys the kernel wrote
-    hi, lo = split[:, :, 0], split[:, :, 1]
-    assert torch.equal(hi + lo, out)
-    assert ((hi.view(torch.int32) & 8191) == 0).all(), "hi must be tf32-representable (13 low bits clear)"
-    assert (lo.abs() <= hi.abs() * 2**-10).all()
-    with pytest.raises(ValueError, match="band_low"):
-        pool_keys_paged(k_cache=k_cache, block_table=table, plan=plan, out=out, energy_out=energy,
-                        band_high=bands.high.float().to(DEVICE))
+    assert_tf32_split(split, out)  # an exact tf32 (hi, lo) decomposition of the pooled keys the kernel wrote
+    with pytest.raises(ValueError, match="energy_out needs params"):
+        pool_keys_paged(k_cache=k_cache, block_table=table, plan=plan, out=out, energy_out=energy)
 
 
 def test_pool_keys_single_kv_head_and_odd_head_dim():

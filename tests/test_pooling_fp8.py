@@ -11,9 +11,10 @@ finite e4m3 value, NaN patterns read as +-480). GPU (`-m gpu`): bf16 model, fp8 
 
 import pytest
 import torch
-from conftest import DEVICE, make_paged_kv
+from conftest import DEVICE, assert_tf32_split, key_energy_reference, make_paged_kv, prism_params
 from prism_vllm.kernels import make_plan
 from prism_vllm.kernels.pooling import pool_keys_paged, pool_queries
+from test_pooling import CHUNKS
 
 from prism_vllm import reference as R
 
@@ -65,25 +66,6 @@ def _ref_q(q8, q_scale, chunks, cu):
 
 def _ref_k(ks8, k_scale):
     return torch.cat([R.pool_blocks(dequant(k, k_scale), 0, B) for k in ks8])
-
-
-def key_energy_reference(kp, bands):
-    """(|k|^2, |k_high|^2, |k_low|^2) per pooled key: [NKB, HKV, 3]."""
-    k2 = kp.float().pow(2)
-    hi, lo = bands.high.to(kp.device), bands.low.to(kp.device)
-    return torch.stack([k2.sum(-1), k2[..., hi].sum(-1), k2[..., lo].sum(-1)], dim=-1)
-
-
-# Odd lengths, partial first/last blocks, chunks starting mid-block and on a block edge, batches.
-CHUNKS = {
-    "L1": [(0, 1)],
-    "L127": [(0, 127)],
-    "L129": [(0, 129)],
-    "ctx77_L300": [(77, 300)],
-    "ctx128_L129": [(128, 129)],
-    "ctx200_L1000": [(200, 1000)],
-    "three_reqs": [(0, 129), (77, 1), (200, 300)],
-}
 
 
 # -- the fp8 -> fp32 conversion itself ----------------------------------------------------------
@@ -199,17 +181,14 @@ def test_pool_keys_fp8_energy_and_split_out(layout):
     energy = torch.full((plan.num_k_blocks + 1, 3, 3), float("nan"), device=DEVICE)
     split = torch.full((plan.num_k_blocks, 3, 2, 80), float("nan"), device=DEVICE)
     pool_keys_paged(
-        k_cache=k_cache, block_table=table, plan=plan, out=out, energy_out=energy,
-        band_high=bands.high.float().to(DEVICE), band_low=bands.low.float().to(DEVICE), split_out=split,
-        k_scale=scale_tensor(K_SCALE),
+        k_cache=k_cache, block_table=table, plan=plan, out=out, energy_out=energy, params=prism_params(bands),
+        split_out=split, k_scale=scale_tensor(K_SCALE),
     )
     ref = _ref_k(ks8, K_SCALE)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(energy[: plan.num_k_blocks], key_energy_reference(ref, bands), atol=1e-6, rtol=1e-4)
     assert energy[plan.num_k_blocks :].isnan().all()
-    hi, lo = split[:, :, 0], split[:, :, 1]
-    assert torch.equal(hi + lo, out)
-    assert ((hi.view(torch.int32) & 8191) == 0).all(), "hi must be tf32-representable (13 low bits clear)"
+    assert_tf32_split(split, out, lo_bound=False)
 
 
 def test_pool_keys_fp8_scale_is_read_on_device():
@@ -297,13 +276,13 @@ def test_pooling_fp8_gpu_32k(layout):
     outk = torch.empty(plan.num_k_blocks, hkv, d, device="cuda")
     energy = torch.empty(plan.num_k_blocks, hkv, 3, device="cuda")
     split = torch.empty(plan.num_k_blocks, hkv, 2, d, device="cuda")
-    band_hi, band_lo = bands.high.float().cuda(), bands.low.float().cuda()
+    params = prism_params(bands, device="cuda")
 
     def run():
         pool_queries(q=q8, plan=plan, out=outq, q_scale=q_scale)
         pool_keys_paged(
             k_cache=k_cache, block_table=table, plan=plan, out=outk, energy_out=energy,
-            band_high=band_hi, band_low=band_lo, split_out=split, k_scale=k_scale,
+            params=params, split_out=split, k_scale=k_scale,
         )
 
     run()  # compile outside the sync check

@@ -229,13 +229,10 @@ def test_estimation_budget_128k():
     steps = {  # what prism_prefill runs before the sparse attention
         "pool_q": lambda: pool_queries(q=q, plan=plan, out=pq),
         "pool_k": lambda: pool_keys_paged(
-            k_cache=k_cache, block_table=table, plan=plan, out=pk, energy_out=ke,
-            band_high=params.band_high, band_low=params.band_low, split_out=ks,
+            k_cache=k_cache, block_table=table, plan=plan, out=pk, energy_out=ke, params=params, split_out=ks,
         ),
         "select": lambda: select_blocks(
-            pq, pk, plan, params.band_high, params.band_low, cfg.high_threshold, cfg.low_threshold,
-            cfg.calibrate, cfg.keep_sink, cfg.keep_diagonal, ws.sel_idx, ws.sel_cnt[: plan.num_q_blocks * hq],
-            key_energy=ke, pooled_k_split=ks,
+            pq, pk, plan, params, ws.sel_idx, ws.sel_cnt[: plan.num_q_blocks * hq], key_energy=ke, pooled_k_split=ks,
         ),
     }
 

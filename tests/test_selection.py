@@ -23,9 +23,9 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE
-from prism_vllm.kernels import make_plan
-from prism_vllm.kernels.selection import SelectionTuning, select_blocks, selection_launch_config
+from conftest import DEVICE, key_energy_reference, prism_params
+from prism_vllm.kernels import BlockSelection, make_plan
+from prism_vllm.kernels.selection import SelectionTuning, select_blocks, selection_launches
 
 from prism_vllm import PrismConfig
 from prism_vllm import reference as R
@@ -62,14 +62,6 @@ def _structured(chunks, hq, hkv, d, seed, device, n_hot=3, strength=4.0):
     return [x.to(device) for x in qps], [x.to(device) for x in kps]
 
 
-def _key_energy(kp, bands):
-    """(|k|^2, |k_high|^2, |k_low|^2) of each pooled key: [NKB, HKV, 3] (what pool_keys_paged's
-    energy_out holds; tests/test_pooling.py checks the kernel against the same formula)."""
-    k2 = kp.pow(2)
-    hi, lo = bands.high.to(kp.device), bands.low.to(kp.device)
-    return torch.stack([k2.sum(-1), k2[..., hi].sum(-1), k2[..., lo].sum(-1)], dim=-1)
-
-
 def tf32_split(kp):
     """[..., D] -> [..., 2, D]: (hi, lo) with hi = kp with the 13 low mantissa bits cleared (tf32)
     and lo = kp - hi (exact), what pool_keys_paged's split_out holds."""
@@ -89,20 +81,14 @@ def _run(chunks, qps, kps, bands, cfg, dense=None, with_energy=True, with_split=
     sel_cnt = torch.full((plan.num_q_blocks * hq,), -7, dtype=torch.int32, device=DEVICE)
     temps = torch.full((plan.num_q_blocks, hq, 2), float("nan"), device=DEVICE)
     if with_energy:
-        kw["key_energy"] = _key_energy(pk, bands)
+        kw["key_energy"] = key_energy_reference(pk, bands)
     if with_split:
         kw["pooled_k_split"] = tf32_split(pk)
     select_blocks(
         pooled_q=pq,
         pooled_k=pk,
         plan=plan,
-        band_high=bands.high.float().to(DEVICE),
-        band_low=bands.low.float().to(DEVICE),
-        high_threshold=cfg.high_threshold,
-        low_threshold=cfg.low_threshold,
-        calibrate=cfg.calibrate,
-        keep_sink=cfg.keep_sink,
-        keep_diagonal=cfg.keep_diagonal,
+        params=prism_params(bands, cfg, pq.device),
         sel_idx=sel_idx,
         sel_cnt=sel_cnt,
         temps_out=temps,
@@ -111,27 +97,11 @@ def _run(chunks, qps, kps, bands, cfg, dense=None, with_energy=True, with_split=
     return plan, sel_idx, sel_cnt, temps
 
 
-def bsr_to_masks(plan, sel_idx, sel_cnt, hq):
-    """Dense bool [HQ, nq, nk] per request from the kernel's BSR rows (checking their form)."""
-    cu_qb, cu_kb = plan.cu_qb.tolist(), plan.cu_kb.tolist()
-    qb_abs, sel_off = plan.qb_abs.tolist(), plan.sel_off.tolist()
-    idx, cnt = sel_idx.cpu().long(), sel_cnt.cpu().long()
-    masks = []
-    for r in range(plan.num_reqs):
-        nq, nk = cu_qb[r + 1] - cu_qb[r], cu_kb[r + 1] - cu_kb[r]
-        m = torch.zeros(hq, nq, nk, dtype=torch.bool)
-        for i in range(nq):
-            g = cu_qb[r] + i
-            for h in range(hq):
-                c = int(cnt[g * hq + h])
-                assert 0 <= c <= qb_abs[g] + 1, f"row (g={g}, h={h}) count {c}"
-                start = sel_off[g] * hq + h * (qb_abs[g] + 1)
-                row = idx[start : start + c]
-                assert (row[1:] > row[:-1]).all(), f"row (g={g}, h={h}) not strictly ascending: {row.tolist()}"
-                assert c == 0 or (0 <= int(row[0]) and int(row[-1]) <= qb_abs[g]), f"non-causal block in {row.tolist()}"
-                m[h, i, row] = True
-        masks.append(m)
-    return masks
+def kernel_masks(plan, sel_idx, sel_cnt):
+    """Dense bool [HQ, nq, nk] per request from the kernel's BSR rows, after checking their form."""
+    sel = BlockSelection(plan=plan, indices=sel_idx, counts=sel_cnt)
+    sel.check_rows()
+    return sel.to_masks()
 
 
 def _band_probs(qp, kp, qb0, bands, calibrate):
@@ -221,7 +191,7 @@ def test_selection_matches_reference(case, cfg_name):
     plan, sel_idx, sel_cnt, temps = _run(
         chunks, qps, kps, bands, cfg, with_energy=len(case) % 2 == 0, with_split=len(cfg_name) % 2 == 0
     )
-    masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
+    masks = kernel_masks(plan, sel_idx, sel_cnt)
     n_amb, n_causal = compare_with_reference(chunks, qps, kps, bands, cfg, masks)
     assert n_amb <= max(2, n_causal // 1000), f"{n_amb} of {n_causal} blocks differ at the top-p edge"
     # Sparse inputs indeed (rows other than the dense tails, which select every causal block).
@@ -240,14 +210,14 @@ def test_multipass_path_matches_reference(resident_max_blocks, cfg_name):
     # (several tiles of 32 and several threshold passes); the short one shares the launch.
     chunks = [(4000, 1200), (0, 1100)]
     hq, hkv, bands, cfg = 4, 1, BANDS["neox64"], CFGS[cfg_name]
-    paths = [ln["path"] for ln in selection_launch_config(hq, hkv, 41, resident_max_blocks=resident_max_blocks)]
+    paths = [ln.path for ln in selection_launches(hq, hkv, 41, resident_max_blocks=resident_max_blocks)]
     assert ("multipass" in paths) == bool(resident_max_blocks) and "resident" in paths
     qps, kps = _structured(chunks, hq, hkv, 64, seed=5, device=DEVICE)
     for with_energy in (True, False):
         plan, sel_idx, sel_cnt, temps = _run(
             chunks, qps, kps, bands, cfg, with_energy=with_energy, resident_max_blocks=resident_max_blocks
         )
-        masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
+        masks = kernel_masks(plan, sel_idx, sel_cnt)
         n_amb, n_causal = compare_with_reference(chunks, qps, kps, bands, cfg, masks)
         assert n_amb <= 2
         _check_temps(chunks, qps, kps, bands, cfg, plan, temps)
@@ -259,7 +229,7 @@ def test_threshold_one_selects_every_causal_block(resident_max_blocks):
     cfg = PrismConfig(high_threshold=1.0, low_threshold=0.5, keep_sink=False, keep_diagonal=False)
     qps, kps = _structured(chunks, 4, 2, 64, seed=3, device=DEVICE)
     plan, sel_idx, sel_cnt, _ = _run(chunks, qps, kps, BANDS["neox64"], cfg, resident_max_blocks=resident_max_blocks)
-    masks = bsr_to_masks(plan, sel_idx, sel_cnt, 4)
+    masks = kernel_masks(plan, sel_idx, sel_cnt)
     for (ctx, L), m in zip(chunks, masks):
         qb0, nq, nk = R.num_blocks(ctx, L, B)
         causal = torch.arange(nk)[None, :] <= (qb0 + torch.arange(nq))[:, None]
@@ -275,7 +245,7 @@ def test_dense_flag_selects_every_causal_block_of_that_request_only(resident_max
     plan, sel_idx, sel_cnt, _ = _run(
         chunks, qps, kps, BANDS["neox64"], cfg, dense=dense, resident_max_blocks=resident_max_blocks
     )
-    masks = bsr_to_masks(plan, sel_idx, sel_cnt, 4)
+    masks = kernel_masks(plan, sel_idx, sel_cnt)
     compare_with_reference(chunks, qps, kps, BANDS["neox64"], cfg, masks, dense=dense)
 
 
@@ -297,7 +267,7 @@ def test_gaussian_inputs_and_head_dim_128():
     kps = [torch.randn(nk, 1, 128, generator=gen).to(DEVICE)]
     cfg = PrismConfig(high_threshold=0.9, low_threshold=0.9)
     plan, sel_idx, sel_cnt, temps = _run(chunks, qps, kps, BANDS["neox128"], cfg)
-    masks = bsr_to_masks(plan, sel_idx, sel_cnt, 4)
+    masks = kernel_masks(plan, sel_idx, sel_cnt)
     n_amb, n_causal = compare_with_reference(chunks, qps, kps, BANDS["neox128"], cfg, masks)
     assert n_amb <= 2
     _check_temps(chunks, qps, kps, BANDS["neox128"], cfg, plan, temps)
@@ -316,8 +286,8 @@ def test_coarse_top_p_resolution_keeps_a_superset_within_its_bound(resident_max_
     exact = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks)
     coarse = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks,
                   tuning=SelectionTuning(topp_mantissa_bits=4))
-    m_exact = bsr_to_masks(exact[0], exact[1], exact[2], 4)[0]
-    m_coarse = bsr_to_masks(coarse[0], coarse[1], coarse[2], 4)[0]
+    m_exact = kernel_masks(exact[0], exact[1], exact[2])[0]
+    m_coarse = kernel_masks(coarse[0], coarse[1], coarse[2])[0]
     assert not (m_exact & ~m_coarse).any(), "the coarse search must keep every exactly selected block"
     assert (m_coarse & ~m_exact).any(), "4 bits on near-flat rows should admit extra blocks (else the test is vacuous)"
     compare_with_reference(chunks, qps, kps, bands, cfg, [m_coarse], eps=2**-4 + 2e-5)
@@ -326,21 +296,23 @@ def test_coarse_top_p_resolution_keeps_a_superset_within_its_bound(resident_max_
 def test_selection_rejects_bad_arguments():
     chunks = [(0, 300)]
     qps, kps = _structured(chunks, 4, 1, 64, seed=1, device=DEVICE)
+    bands = BANDS["neox64"]
+    # thresholds are validated once, where the params are built (PrismConfig, or PrismParams itself)
     with pytest.raises(ValueError, match="high_threshold"):
+        dataclasses.replace(prism_params(bands), high_threshold=0.0)
+    with pytest.raises(ValueError, match="Invalid dtype of sel_cnt"):
         select_blocks(
             pooled_q=qps[0], pooled_k=kps[0], plan=make_plan([0, 300], [0], 4).to(DEVICE),
-            band_high=BANDS["neox64"].high.float().to(DEVICE), band_low=BANDS["neox64"].low.float().to(DEVICE),
-            high_threshold=0.0, low_threshold=0.9, calibrate=True, keep_sink=True, keep_diagonal=True,
+            params=prism_params(bands),
+            sel_idx=torch.empty(100, dtype=torch.int16, device=DEVICE),
+            sel_cnt=torch.empty(12, dtype=torch.int32, device=DEVICE).long(),
+        )
+    with pytest.raises(ValueError, match="band masks of 128 dims"):
+        select_blocks(
+            pooled_q=qps[0], pooled_k=kps[0], plan=make_plan([0, 300], [0], 4).to(DEVICE),
+            params=prism_params(BANDS["neox128"]),
             sel_idx=torch.empty(100, dtype=torch.int16, device=DEVICE),
             sel_cnt=torch.empty(12, dtype=torch.int32, device=DEVICE),
-        )
-    with pytest.raises(ValueError, match="Invalid sel_cnt"):
-        select_blocks(
-            pooled_q=qps[0], pooled_k=kps[0], plan=make_plan([0, 300], [0], 4).to(DEVICE),
-            band_high=BANDS["neox64"].high.float().to(DEVICE), band_low=BANDS["neox64"].low.float().to(DEVICE),
-            high_threshold=0.9, low_threshold=0.9, calibrate=True, keep_sink=True, keep_diagonal=True,
-            sel_idx=torch.empty(100, dtype=torch.int16, device=DEVICE),
-            sel_cnt=torch.empty(12, dtype=torch.int64, device=DEVICE),
         )
 
 
@@ -366,7 +338,7 @@ def test_selection_gpu_realistic(chunks, precision):
         chunks, qps, kps, bands, cfg, precision=precision.split("_")[0], with_split=precision.endswith("split")
     )
     torch.cuda.synchronize()
-    masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
+    masks = kernel_masks(plan, sel_idx, sel_cnt)
     eps, delta = GPU_TOL[precision]
     n_amb, n_causal = compare_with_reference(chunks, qps, kps, bands, cfg, masks, eps=eps, delta=delta)
     assert n_amb <= max(2, n_causal // 10000), f"{n_amb} of {n_causal} blocks differ at the top-p edge"
@@ -379,12 +351,12 @@ def test_selection_gpu_1m_context_multipass(cfg_name):
     # A short chunk at the end of a 1M-token context: rows of 8192 key blocks (multi-pass path).
     chunks = [(2**20 - 128, 128), (2**20 - 700, 300)]
     hq, hkv, d = 32, 8, 128
-    assert selection_launch_config(hq, hkv, 8192)[0]["path"] == "multipass"
+    assert selection_launches(hq, hkv, 8192)[0].path == "multipass"
     bands, cfg = BANDS["neox128"], CFGS[cfg_name]
     qps, kps = _structured(chunks, hq, hkv, d, seed=12, device="cuda", n_hot=16)
     plan, sel_idx, sel_cnt, temps = _run(chunks, qps, kps, bands, cfg)
     torch.cuda.synchronize()
-    masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
+    masks = kernel_masks(plan, sel_idx, sel_cnt)
     n_amb, _ = compare_with_reference(chunks, qps, kps, bands, cfg, masks)
     assert n_amb <= 4
     _check_temps(chunks, qps, kps, bands, cfg, plan, temps, rtol=1e-4)
@@ -393,7 +365,7 @@ def test_selection_gpu_1m_context_multipass(cfg_name):
     gq = [torch.randn(x.shape, generator=gen).cuda() for x in qps]
     gk = [torch.randn(x.shape, generator=gen).cuda() for x in kps]
     plan, sel_idx, sel_cnt, _ = _run(chunks, gq, gk, bands, cfg)
-    masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
+    masks = kernel_masks(plan, sel_idx, sel_cnt)
     n_amb, n_causal = compare_with_reference(chunks, gq, gk, bands, cfg, masks)
     assert n_amb <= max(4, n_causal // 10000)
 
@@ -433,9 +405,8 @@ def test_block_budget_caps_selection_like_reference(cfg_name, resident_max_block
         _, nq, nk = R.num_blocks(ctx, L, B)
         qps.append(torch.randn(nq, 4, 64, generator=gen).to(DEVICE))
         kps.append(torch.randn(nk, 2, 64, generator=gen).to(DEVICE))
-    plan, sel_idx, sel_cnt, _ = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks,
-                                     block_budget=cfg.block_budget)
-    masks = bsr_to_masks(plan, sel_idx, sel_cnt, 4)
+    plan, sel_idx, sel_cnt, _ = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks)
+    masks = kernel_masks(plan, sel_idx, sel_cnt)
     uncapped = dataclasses.replace(cfg, block_budget=None)
     n_diff = n_causal = capped_rows = 0
     for r, ((ctx, L), got) in enumerate(zip(chunks, masks)):
@@ -484,10 +455,10 @@ def test_block_budget_gpu_realistic(resident_max_blocks):
         _, nq, nk = R.num_blocks(ctx, L, B)
         qps.append(torch.randn(nq, hq, d, generator=gen).cuda())
         kps.append(torch.randn(nk, hkv, d, generator=gen).cuda())
-    plan, sel_idx, sel_cnt, _ = _run(chunks, qps, kps, bands, cfg, with_split=True, block_budget=0.1,
+    plan, sel_idx, sel_cnt, _ = _run(chunks, qps, kps, bands, cfg, with_split=True,
                                      resident_max_blocks=resident_max_blocks)
     torch.cuda.synchronize()
-    masks = bsr_to_masks(plan, sel_idx, sel_cnt, hq)
+    masks = kernel_masks(plan, sel_idx, sel_cnt)
     for cnt, allowed in _row_budget(chunks, cfg, masks):
         assert (cnt <= allowed).all()
     n_diff = n_causal = 0
@@ -515,9 +486,8 @@ def test_block_budget_breaks_exact_ties_toward_recent_blocks(resident_max_blocks
         _, nq, nk = R.num_blocks(ctx, L, B)
         qps.append(torch.zeros(nq, 4, 64).to(DEVICE))
         kps.append(torch.randn(nk, 2, 64, generator=gen).to(DEVICE))
-    plan, sel_idx, sel_cnt, _ = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks,
-                                     block_budget=cfg.block_budget)
-    masks = bsr_to_masks(plan, sel_idx, sel_cnt, 4)
+    plan, sel_idx, sel_cnt, _ = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks)
+    masks = kernel_masks(plan, sel_idx, sel_cnt)
     for r, ((ctx, L), got) in enumerate(zip(chunks, masks)):
         qb0 = ctx // B
         ref = R.select_blocks(qps[r].cpu(), kps[r].cpu(), qb0, bands, cfg, seq_len=ctx + L)

@@ -6,6 +6,7 @@ GPU (`-m gpu`): realistic sizes in bf16 and fp16, reference run on the GPU in fp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 from prism_vllm import reference as ref
-from prism_vllm.kernels import make_plan
-from prism_vllm.kernels.sparse_prefill import SparsePrefillConfig, candidate_configs, sparse_prefill
+from conftest import make_paged_kv
+from prism_vllm.kernels import BlockSelection, make_plan
+from prism_vllm.kernels.sparse_prefill import SparsePrefillConfig, candidate_configs, default_config, sparse_prefill
 
 # the interpreter converts 1-element arrays to loop bounds (numpy deprecation, harmless)
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -29,81 +31,6 @@ TOL = {
 
 
 # ---------------------------------------------------------------- host helpers
-
-
-def make_paged_kv(
-    ks: Sequence[torch.Tensor],
-    vs: Sequence[torch.Tensor],
-    page_size: int,
-    layout: str,
-    gen: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A FlashAttention-style packed paged cache holding each request's K/V.
-
-    ks[r], vs[r]: [S_r, HKV, D]. layout: "NHD" (physical [pages, page_size, HKV, 2D], vLLM's
-    default), "HND" (physical [pages, HKV, page_size, 2D]), "NHD_padded" (NHD with a padded page
-    stride), or vLLM's cross-layer layouts with this layer at index 1 of 3: "NHD_xlayer" (physical
-    [pages, layers, page_size, HKV, 2D]) and "HND_xlayer" ([pages, HKV, layers, page_size, 2D]). Pages are assigned in a random order; page 0 is never assigned and, like every slot
-    past a sequence's end, holds NaN, so reading it poisons the output. block_table rows are padded
-    with page 0 (vLLM's null block). Returns (k_cache, v_cache, block_table) with K/V views
-    [pages, page_size, HKV, D] as vLLM's FlashAttention forward sees them.
-    """
-    hkv, d = ks[0].shape[1], ks[0].shape[2]
-    dt, dev = ks[0].dtype, ks[0].device
-    npages = [math.ceil(k.shape[0] / page_size) for k in ks]
-    total = sum(npages) + 1 + 2  # null page 0 and two spare pages
-    if layout == "NHD":
-        phys = torch.full((total, page_size, hkv, 2 * d), float("nan"), dtype=dt, device=dev)
-        logical = phys.permute(0, 2, 1, 3)
-    elif layout == "NHD_padded":
-        phys = torch.full((total, page_size + 3, hkv, 2 * d), float("nan"), dtype=dt, device=dev)
-        logical = phys[:, :page_size].permute(0, 2, 1, 3)
-    elif layout == "HND":
-        logical = torch.full((total, hkv, page_size, 2 * d), float("nan"), dtype=dt, device=dev)
-    elif layout == "NHD_xlayer":
-        phys = torch.full((total, 3, page_size, hkv, 2 * d), float("nan"), dtype=dt, device=dev)
-        logical = phys[:, 1].permute(0, 2, 1, 3)
-    elif layout == "HND_xlayer":
-        phys = torch.full((total, hkv, 3, page_size, 2 * d), float("nan"), dtype=dt, device=dev)
-        logical = phys[:, :, 1]
-    else:
-        raise ValueError(layout)
-    view = logical.transpose(1, 2)  # [pages, page_size, HKV, 2D], what FA's forward splits
-    perm = (torch.randperm(total - 1, generator=gen) + 1).to(dev)
-    block_table = torch.zeros(len(ks), max(npages), dtype=torch.int32, device=dev)
-    used = 0
-    for r, (k, v) in enumerate(zip(ks, vs)):
-        pages = perm[used : used + npages[r]]
-        used += npages[r]
-        block_table[r, : npages[r]] = pages.to(torch.int32)
-        pos = torch.arange(k.shape[0], device=dev)
-        view[pages[pos // page_size], pos % page_size, :, :d] = k
-        view[pages[pos // page_size], pos % page_size, :, d:] = v
-    k_cache, v_cache = view.split(d, dim=-1)
-    return k_cache, v_cache, block_table
-
-
-def mask_to_bsr(masks: Sequence[torch.Tensor], plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-request block masks (bool [HQ, nq_r, nk_r]) -> (sel_idx int16, sel_cnt int32) in the
-    plan's BSR layout. The unused tail of each row holds the row's *unselected* causal blocks, so
-    a kernel that reads past sel_cnt attends to wrong blocks and fails the comparison."""
-    hq = plan.num_q_heads
-    dev = masks[0].device
-    sel_idx = torch.zeros(plan.sel_capacity, dtype=torch.int16, device=dev)
-    sel_cnt = torch.zeros(plan.num_q_blocks * hq, dtype=torch.int32, device=dev)
-    sel_off = plan.sel_off.cpu()
-    qb_abs = plan.qb_abs.cpu()
-    cu_qb = plan.cu_qb.cpu()
-    for r, m in enumerate(masks):
-        for i in range(m.shape[1]):
-            g = int(cu_qb[r]) + i
-            qa = int(qb_abs[g])
-            row = m[:, i, : qa + 1]  # [HQ, qa+1] causal part
-            order = torch.argsort((~row).to(torch.int8), dim=1, stable=True)  # selected first, ascending
-            base = int(sel_off[g]) * hq
-            sel_idx[base : base + hq * (qa + 1)] = order.flatten().to(torch.int16)
-            sel_cnt[g * hq : (g + 1) * hq] = row.sum(1).to(torch.int32)
-    return sel_idx, sel_cnt
 
 
 def random_masks(
@@ -148,7 +75,7 @@ class Case:
     keep: str = "sink+diag"
     density: float = 0.5
     dense: list | None = None  # plan.dense flags
-    cfg: dict = field(default_factory=dict)  # launch keywords (block_m, block_n, ...)
+    cfg: dict = field(default_factory=dict)  # launch settings replacing the head dim's default (block_m, ...)
     pad_rows: int = 0  # q/out rows past plan.num_tokens (must stay untouched)
 
     def __str__(self) -> str:
@@ -178,13 +105,14 @@ def run_case(case: Case, dtype: torch.dtype, device, seed: int = 0, check_dense_
     q = qkv[:, : hq * d].view(T + case.pad_rows, hq, d)
     ks = [rnd(c + L, hkv, d) for c, L in zip(case.ctx, case.lens)]
     vs = [rnd(c + L, hkv, d) for c, L in zip(case.ctx, case.lens)]
-    k_cache, v_cache, block_table = make_paged_kv(ks, vs, case.page, case.layout, gen)
+    k_cache, v_cache, block_table = make_paged_kv(ks, vs, case.page, case.layout, gen=gen)
     cu = [0]
     for L in case.lens:
         cu.append(cu[-1] + L)
     plan = make_plan(cu, case.ctx, hq, block_size=B, dense=case.dense).to(device)
     masks = random_masks(hq, case.ctx, case.lens, case.density, gen, device, case.keep)
-    sel_idx, sel_cnt = mask_to_bsr(masks, plan)
+    sel = BlockSelection.from_masks(masks, plan)
+    sel_idx, sel_cnt = sel.indices, sel.counts
     if case.dense:
         # dense requests' selection rows must not be read: poison them
         for r, flag in enumerate(case.dense):
@@ -199,7 +127,7 @@ def run_case(case: Case, dtype: torch.dtype, device, seed: int = 0, check_dense_
     scale = d**-0.5
     sparse_prefill(
         q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, plan=plan,
-        sel_idx=sel_idx, sel_cnt=sel_cnt, scale=scale, out=out, **case.cfg,
+        sel_idx=sel_idx, sel_cnt=sel_cnt, scale=scale, out=out, config=dataclasses.replace(default_config(d), **case.cfg),
     )
     atol, rtol = TOL[dtype]
     got_all = out[:T]
@@ -288,14 +216,14 @@ def test_empty_selection_row_is_zero():
     q = torch.randn(L, hq, d, generator=gen).half()
     k = torch.randn(L, hkv, d, generator=gen).half()
     v = torch.randn(L, hkv, d, generator=gen).half()
-    k_cache, v_cache, bt = make_paged_kv([k], [v], 16, "NHD", gen)
+    k_cache, v_cache, bt = make_paged_kv([k], [v], 16, "NHD", gen=gen)
     plan = make_plan([0, L], [0], hq)
     masks = random_masks(hq, [0], [L], 1.0, gen, "cpu", keep="all")
     masks[0][1, 1] = False  # head 1, query block 1: nothing selected
-    sel_idx, sel_cnt = mask_to_bsr(masks, plan)
+    sel = BlockSelection.from_masks(masks, plan)
     out = torch.full_like(q, float("nan"))
-    sparse_prefill(q=q, k_cache=k_cache, v_cache=v_cache, block_table=bt, plan=plan, sel_idx=sel_idx,
-                   sel_cnt=sel_cnt, scale=d**-0.5, out=out)
+    sparse_prefill(q=q, k_cache=k_cache, v_cache=v_cache, block_table=bt, plan=plan, sel_idx=sel.indices,
+                   sel_cnt=sel.counts, scale=d**-0.5, out=out)
     assert (out[B:, 1] == 0).all()
     exp = ref.dense_causal_attention(q.float(), k.float(), v.float(), 0, d**-0.5)
     torch.testing.assert_close(out[:, 0].float(), exp[:, 0], atol=4e-3, rtol=1e-2)
@@ -320,16 +248,17 @@ def _args(T=10, hq=4, hkv=2, d=64, dtype=torch.float16, page=16):
         (lambda a: a.update(q=a["q"][:, :2], out=a["out"][:, :2]), ValueError, "plan was built for 4 q heads"),
         (lambda a: a.update(q=a["q"].float(), out=a["out"].float()), ValueError, "Invalid dtype of q"),
         (lambda a: a.update(k_cache=a["k_cache"][:, :, :1], v_cache=a["v_cache"][:, :, :1]), None, None),
-        (lambda a: a.update(k_cache=a["k_cache"][:, :, :, :32]), ValueError, "Invalid shape of v_cache"),
-        (lambda a: a.update(sel_idx=a["sel_idx"].int()), ValueError, "Invalid sel_idx"),
-        (lambda a: a.update(sel_cnt=a["sel_cnt"][:1]), ValueError, "Invalid sel_cnt"),
-        (lambda a: a.update(block_table=a["block_table"].long()), ValueError, "Invalid block_table"),
+        (lambda a: a.update(k_cache=a["k_cache"][:, :, :, :32]), ValueError, "Invalid shape of k_cache"),
+        (lambda a: a.update(v_cache=a["v_cache"][:, :2]), ValueError, "Invalid shape of v_cache"),
+        (lambda a: a.update(sel_idx=a["sel_idx"].int()), ValueError, "Invalid dtype of sel_idx"),
+        (lambda a: a.update(sel_cnt=a["sel_cnt"][:1]), ValueError, r"Invalid shape of sel_cnt: expected \[>= 4\]"),
+        (lambda a: a.update(block_table=a["block_table"].long()), ValueError, "Invalid dtype of block_table"),
         (lambda a: a.update(out=a["out"][:5]), ValueError, "Invalid shape of out"),
         (lambda a: a.update(q=a["q"].transpose(1, 2).contiguous().transpose(1, 2)), ValueError, "contiguous last dim"),
-        (lambda a: a.update(block_n=96), ValueError, "block_n=96"),
+        (lambda a: a.update(config=SparsePrefillConfig(block_n=96)), ValueError, "block_n=96"),
         (lambda a: a.update(scale=0.0), ValueError, "scale must be > 0"),
     ],
-    ids=["heads", "dtype", "gqa-ok", "kv-mismatch", "sel-idx-dtype", "sel-cnt-short", "bt-dtype", "out-short",
+    ids=["heads", "dtype", "gqa-ok", "k-head-dim", "kv-mismatch", "sel-idx-dtype", "sel-cnt-short", "bt-dtype", "out-short",
          "q-last-stride", "bad-block-n", "scale"],
 )
 def test_launcher_rejects_bad_inputs(mutate, exc, match):
@@ -392,6 +321,6 @@ def test_gpu_every_candidate_config_is_correct(d):
     """Every config a sweep may pick computes the same attention (compile + correctness)."""
     hq, hkv = (16, 4) if d < 256 else (8, 2)
     for cfg in candidate_configs(d):
-        kw = {"block_m": cfg.block_m, "block_n": cfg.block_n, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        kw = dataclasses.asdict(cfg)
         run_case(Case([1500, 700], [77, 0], hq, hkv, d, page=16, density=0.4, cfg=kw), torch.bfloat16, "cuda",
                  ref_rows=512)

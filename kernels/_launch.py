@@ -1,0 +1,159 @@
+"""What every launcher shares: argument checks (one wording, one place) and kernel keyword arguments.
+
+Errors are ``ValueError`` in FlashInfer's style, naming the argument, what was expected and what
+came: ``Invalid shape of q: expected [T, 4, 64], got [10, 2, 64]``. A shape is given per dim as an
+int (that size), ``AtLeast(n)`` (n or more) or a str (any size; the dim's name, for the message).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .params import PrismParams
+from .plan import PrefillPlan
+
+__all__ = [
+    "strides",
+    "AtLeast",
+    "check",
+    "check_tensor",
+    "check_params",
+    "check_plan",
+    "check_gqa",
+    "check_block_table",
+    "check_selection_buffers",
+]
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    """A dim of ``n`` or more (buffers sized for the largest launch)."""
+
+    n: int
+
+    def __str__(self) -> str:
+        return f">= {self.n}"
+
+
+Dim = Union[int, AtLeast, str]
+
+
+def strides(t: Optional[torch.Tensor], *names: str) -> dict[str, int]:
+    """``stride_<name>`` keyword arguments of a kernel for the leading dims of ``t`` (0 for an
+    absent optional tensor), e.g. ``strides(q, "qt", "qh")`` -> {stride_qt: q.stride(0), ...}."""
+    return {f"stride_{n}": (0 if t is None else t.stride(i)) for i, n in enumerate(names)}
+DTypes = Union[torch.dtype, Sequence[torch.dtype]]
+
+
+def check(cond: bool, msg: str) -> None:
+    """``ValueError(msg)`` unless ``cond``: for what a caller can get wrong (not an assert)."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def _dim_ok(want: Dim, got: int) -> bool:
+    if isinstance(want, AtLeast):
+        return got >= want.n
+    if isinstance(want, str):
+        return True
+    return got == want
+
+
+def _dtype_names(dts: Sequence[torch.dtype]) -> str:
+    names = [str(d).removeprefix("torch.") for d in dts]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def check_tensor(
+    name: str,
+    t: torch.Tensor,
+    *,
+    shape: Optional[Sequence[Dim]] = None,
+    dtype: Optional[DTypes] = None,
+    device: Optional[torch.device] = None,
+    last_stride_1: bool = False,
+    contiguous: bool = False,
+) -> None:
+    """Check a tensor argument; raise ValueError naming ``name`` and the first property that is off.
+
+    Args:
+        name: the argument's name, as the caller wrote it.
+        shape: one entry per dim: int (exact), AtLeast(n) or str (any size, named in the message).
+        dtype: the dtype, or a sequence of accepted dtypes.
+        device: the device the tensor must be on (usually the launch's first tensor's).
+        last_stride_1: the last dim must be contiguous (stride 1), what the kernels index with.
+        contiguous: the whole tensor must be contiguous.
+    """
+    check(isinstance(t, torch.Tensor), f"Invalid {name}: expected a torch.Tensor, got {type(t).__name__}")
+    if shape is not None:
+        ok = t.dim() == len(shape) and all(_dim_ok(w, g) for w, g in zip(shape, t.shape))
+        want = ", ".join(str(w) for w in shape)
+        check(ok, f"Invalid shape of {name}: expected [{want}], got {list(t.shape)}")
+    if dtype is not None:
+        dts = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
+        check(t.dtype in dts, f"Invalid dtype of {name}: expected {_dtype_names(dts)}, got {t.dtype}")
+    if device is not None:
+        check(
+            t.device == torch.device(device),
+            f"Invalid device of {name}: expected {device} (the launch's device), got {t.device}; move it with "
+            f".to({str(device)!r})",
+        )
+    if last_stride_1:
+        check(
+            t.dim() == 0 or t.stride(-1) == 1,
+            f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}",
+        )
+    if contiguous:
+        check(t.is_contiguous(), f"{name} must be contiguous, got strides {t.stride()} for shape {list(t.shape)}")
+
+
+def check_plan(plan: PrefillPlan, device: torch.device, *, num_q_heads: Optional[int] = None,
+               num_rows: Optional[int] = None, rows_of: str = "q") -> None:
+    """The plan matches the launch: its device, its q head count, and ``num_rows`` rows of
+    ``rows_of`` cover its tokens."""
+    check(
+        plan.qb_abs.device == torch.device(device),
+        f"plan is on {plan.qb_abs.device}, the launch on {device}; use plan.to(device)",
+    )
+    if num_q_heads is not None:
+        check(
+            plan.num_q_heads == num_q_heads,
+            f"plan was built for {plan.num_q_heads} q heads, {rows_of} has {num_q_heads}",
+        )
+    if num_rows is not None:
+        check(num_rows >= plan.num_tokens, f"{rows_of} has {num_rows} rows, the plan covers {plan.num_tokens}")
+
+
+def check_params(params: PrismParams, head_dim: int, device: torch.device, *, head_dim_of: str) -> None:
+    """The layer's PrismParams (validated when built) fit the launch: band masks of the head dim,
+    on the launch's device."""
+    check(isinstance(params, PrismParams), f"params must be the layer's PrismParams, got {type(params).__name__}")
+    check(params.head_dim == head_dim,
+          f"params has band masks of {params.head_dim} dims, {head_dim_of}'s head dim is {head_dim}")
+    check_tensor("params.band_high", params.band_high, device=device)
+
+
+def check_gqa(num_q_heads: int, num_kv_heads: int) -> None:
+    """Grouped-query attention: every kv head serves G = HQ // HKV q heads."""
+    check(
+        num_kv_heads >= 1 and num_q_heads % num_kv_heads == 0,
+        f"HQ={num_q_heads} q heads is not a multiple of HKV={num_kv_heads} kv heads",
+    )
+
+
+def check_block_table(block_table: torch.Tensor, plan: PrefillPlan, device: torch.device) -> None:
+    """int32 [>= R, max_pages] page table, row-contiguous, on the launch's device."""
+    check_tensor("block_table", block_table, shape=(AtLeast(plan.num_reqs), "max_pages"), dtype=torch.int32,
+                 device=device, last_stride_1=True)
+
+
+def check_selection_buffers(sel_idx: torch.Tensor, sel_cnt: torch.Tensor, plan: PrefillPlan,
+                            device: torch.device) -> None:
+    """The BSR buffers of a plan's selection (kernels/plan.py: BlockSelection's indices / counts)."""
+    check_tensor("sel_idx", sel_idx, shape=(AtLeast(plan.sel_capacity),), dtype=torch.int16, device=device,
+                 last_stride_1=True)
+    check_tensor("sel_cnt", sel_cnt, shape=(AtLeast(plan.num_q_blocks * plan.num_q_heads),), dtype=torch.int32,
+                 device=device, last_stride_1=True)

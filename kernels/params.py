@@ -1,0 +1,120 @@
+"""A layer's Prism settings in the form the kernels take: one typed object from PrismConfig down to
+the launches (``prism_estimate`` -> ``pool_keys_paged`` / ``select_blocks`` -> kernel arguments).
+
+Built once per layer (``PrismParams.make``, from the layer's RoPE bands and the validated
+PrismConfig) and validated once, when built: the launchers read it and do not check it again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Union
+
+import torch
+
+if TYPE_CHECKING:  # only for type hints: kernels never import the vLLM glue
+    from prism_vllm.config import PrismConfig
+    from prism_vllm.rope import Bands
+
+__all__ = ["BLOCK_SIZE", "PrismParams"]
+
+#: Prism block size (tokens per query / key block) the kernels are built for, and the default of
+#: every plan, workspace and attend buffer (``PrismConfig.block_size`` accepts only this value).
+BLOCK_SIZE = 128
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(f"PrismParams: {msg}")
+
+
+@dataclass(frozen=True)
+class PrismParams:
+    """Per-layer Prism settings in the form the kernels take (built once per layer).
+
+    Direct construction (tests, benchmarks) is validated like ``PrismConfig``: a bad value raises
+    ValueError naming the field.
+    """
+
+    band_high: torch.Tensor
+    """float32 [D] 0/1 mask of the high-frequency band, contiguous, on the device."""
+    band_low: torch.Tensor
+    """float32 [D] 0/1 mask of the low-frequency band, contiguous, on the device."""
+    high_threshold: float
+    """Top-p mass kept per row in the high band, in (0, 1] (PrismConfig.high_threshold)."""
+    low_threshold: float
+    """Top-p mass kept per row in the low band, in (0, 1] (PrismConfig.low_threshold)."""
+    calibrate: bool
+    """Energy calibration of the band logits (False: temperature 1)."""
+    keep_sink: bool
+    """Always keep key block 0."""
+    keep_diagonal: bool
+    """Always keep the query block's own key block."""
+    scale: float
+    """Softmax scale of the attention (usually D ** -0.5), > 0."""
+    block_budget: Optional[float] = None
+    """Cap on the selected share of each row's causal blocks, in (0, 1], or None
+    (PrismConfig.block_budget)."""
+    softcap: float = 0.0
+    """Logit soft-cap of the layer (0: none); only the FA3 attend step applies it."""
+    block_size: int = BLOCK_SIZE
+    """Prism block size B (PrismConfig.block_size); plans and the workspace must agree with it."""
+
+    def __post_init__(self) -> None:
+        for name in ("band_high", "band_low"):
+            t = getattr(self, name)
+            if not (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 1 and t.is_contiguous()):
+                _fail(f"{name} must be a contiguous float32 [D] 0/1 mask (prism_vllm.rope.Bands), got "
+                      f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+        if self.band_high.shape != self.band_low.shape or self.band_high.device != self.band_low.device:
+            _fail(f"band_high {list(self.band_high.shape)} on {self.band_high.device} and band_low "
+                  f"{list(self.band_low.shape)} on {self.band_low.device} must have one head dim and one device")
+        for name in ("high_threshold", "low_threshold"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and 0.0 < v <= 1.0):
+                _fail(f"{name}={v!r} is out of range: a top-p probability mass in (0, 1] (1.0 keeps every block)")
+        b = self.block_budget
+        if b is not None and not (math.isfinite(b) and 0.0 < b <= 1.0):
+            _fail(f"block_budget={b!r} is out of range: a share of the causal key blocks in (0, 1], or None")
+        if not (math.isfinite(self.scale) and self.scale > 0.0):
+            _fail(f"scale={self.scale!r} must be > 0 (the softmax scale, usually head_dim ** -0.5)")
+        if not (math.isfinite(self.softcap) and self.softcap >= 0.0):
+            _fail(f"softcap={self.softcap!r} must be >= 0 (0: no soft-cap)")
+        if self.block_size < 16 or self.block_size % 16:
+            _fail(f"block_size={self.block_size!r} must be a positive multiple of 16 (the kernels take {BLOCK_SIZE})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.band_high.numel()
+
+    @property
+    def all_blocks(self) -> bool:
+        """Every row selects every causal block (a threshold of 1.0 in either band, no budget): no
+        estimation, plain causal attention (PrismConfig.all_blocks)."""
+        return (self.high_threshold >= 1.0 or self.low_threshold >= 1.0) and self.block_budget is None
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        bands: "Bands",
+        scale: float,
+        config: "PrismConfig",
+        device: Union[str, torch.device],
+        softcap: float = 0.0,
+    ) -> "PrismParams":
+        """From the layer's RoPE bands (prism_vllm.rope.rope_bands) and a PrismConfig."""
+        cfg = config
+        return cls(
+            band_high=bands.high.to(device=device, dtype=torch.float32).contiguous(),
+            band_low=bands.low.to(device=device, dtype=torch.float32).contiguous(),
+            high_threshold=float(cfg.high_threshold),
+            low_threshold=float(cfg.low_threshold),
+            calibrate=bool(cfg.calibrate),
+            keep_sink=bool(cfg.keep_sink),
+            keep_diagonal=bool(cfg.keep_diagonal),
+            scale=float(scale),
+            block_budget=None if cfg.block_budget is None else float(cfg.block_budget),
+            softcap=float(softcap or 0.0),
+            block_size=int(cfg.block_size),
+        )
