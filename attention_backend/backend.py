@@ -104,6 +104,7 @@ def _new_workspace(need: WorkspaceNeed, device: torch.device) -> PrismWorkspace:
         num_kv_heads=need.num_kv_heads,
         head_dim=need.head_dim,
         attend_dtype=need.attend_dtype,
+        block_size=need.block_size,
     )
     return PrismWorkspace.allocate(sizes, device)
 
@@ -117,12 +118,12 @@ def shape_key(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: Any, fa
     return f"{num_q_heads}q/{num_kv_heads}kv d={head_dim} {name} {'fa3' if fa3 else 'triton'}"
 
 
-def _prior_density(cfg: Any) -> float:
+def _prior_density(params: PrismParams) -> float:
     """Block density assumed before Prism's first sampled launch."""
-    if cfg.all_blocks:
+    if params.all_blocks:
         return 1.0
-    if cfg.block_budget is not None:
-        return min(break_even.PRIOR_DENSITY, float(cfg.block_budget))
+    if params.block_budget is not None:
+        return min(break_even.PRIOR_DENSITY, float(params.block_budget))
     return break_even.PRIOR_DENSITY
 
 
@@ -148,7 +149,8 @@ def _FA3() -> Any:
     return _flash_attn_varlen_fa3()
 
 
-def _workspace_need(vllm_config: Any, num_q_heads: int, num_kv_heads: int, head_dim: int, *, attend: bool) -> WorkspaceNeed:
+def _workspace_need(vllm_config: Any, num_q_heads: int, num_kv_heads: int, head_dim: int, *, attend: bool,
+                    block_size: int) -> WorkspaceNeed:
     """The worst case one launch must fit under vLLM's scheduler limits (FA3 attend buffers in
     the model dtype when ``attend``)."""
     sched = vllm_config.scheduler_config
@@ -161,6 +163,7 @@ def _workspace_need(vllm_config: Any, num_q_heads: int, num_kv_heads: int, head_
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         attend_dtype=dtype if attend and dtype in (torch.float16, torch.bfloat16) else None,
+        block_size=block_size,
     )
 
 
@@ -303,9 +306,12 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         self.prism_on = True
         self.prism_num_heads = shapes[0][0]
         fa3 = any(impl.prism_fa3 for _, impl in ready)
+        # What the layers' launches do (every Prism layer of a group has the same config): read,
+        # not re-derived from the config.
+        self._params: PrismParams = ready[0][1].prism_layer.params
         self._shape_key = shape_key(*shapes[0], getattr(vllm_config.model_config, "dtype", None), fa3)
         self._auto_min_context: Optional[int] = None
-        need = _workspace_need(vllm_config, *shapes[0], attend=fa3)
+        need = _workspace_need(vllm_config, *shapes[0], attend=fa3, block_size=self._params.block_size)
         lane = POOL.lane_for(self, tuple(layer_names))
         self.workspace = POOL.get(device, lane, need, _new_workspace)
         logger.debug(
@@ -373,7 +379,7 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         if table is None:
             return cfg.fixed_min_context_len
         seen = STATS.density_hint()
-        density = seen if seen is not None else _prior_density(cfg)
+        density = seen if seen is not None else _prior_density(self._params)
         tokens = table.break_even(density)
         value = tokens if tokens is not None else _NEVER
         if value != self._auto_min_context:
@@ -445,7 +451,7 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
             attend = None
             if ws.attend is not None:  # FA3 buckets, planned here on the host (None: Triton attends)
                 attend = make_attend_plan(plan, ws.attend.capacity, block_budget=self.prism_config.block_budget,
-                                          all_blocks=self.prism_config.all_blocks)
+                                          all_blocks=self._params.all_blocks)
             causal_blocks, qb_weight = 0, None
             if sample:
                 qb_sparse = (plan.dense.to(torch.int64) == 0)[plan.qb_req.to(torch.int64)]
@@ -622,7 +628,7 @@ class PrismAttentionImpl(FlashAttentionImpl):
         # attention) counts it. The builder reuses this lane-0 buffer.
         try:
             need = _workspace_need(vllm_config, int(self.num_heads), int(self.num_kv_heads), int(self.head_size),
-                                   attend=self.prism_fa3)
+                                   attend=self.prism_fa3, block_size=self.prism_config.block_size)
             device = torch.empty(0).device  # the model loader's device context
         except AttributeError:
             return

@@ -34,10 +34,12 @@ class WorkspaceNeed:
     head_dim: int
     attend_dtype: Optional[torch.dtype] = None
     """Model dtype of the FA3 attend buffers (None: Triton attend step, no such buffers)."""
+    block_size: int = 128
+    """Prism block size (PrismConfig.block_size, through the layers' PrismParams)."""
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.num_q_heads, self.num_kv_heads, self.head_dim)
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.num_q_heads, self.num_kv_heads, self.head_dim, self.block_size)
 
     def covers(self, other: "WorkspaceNeed") -> bool:
         return (

@@ -90,7 +90,7 @@ class PrismParams:
     @property
     def all_blocks(self) -> bool:
         """Every row selects every causal block (a threshold of 1.0 in either band, no budget): no
-        estimation, plain causal attention (PrismConfig.all_blocks)."""
+        estimation, plain causal attention. The one place this is derived."""
         return (self.high_threshold >= 1.0 or self.low_threshold >= 1.0) and self.block_budget is None
 
     @classmethod

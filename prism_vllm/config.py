@@ -167,12 +167,6 @@ class PrismConfig:
                     f"{' or null' if optional else ''} (default {f.default!r})."
                 )
 
-    @property
-    def all_blocks(self) -> bool:
-        """Every row selects every causal block (a threshold of 1.0 in either band, no budget):
-        estimation is skipped and Prism's attention is plain causal attention."""
-        return (self.high_threshold >= 1.0 or self.low_threshold >= 1.0) and self.block_budget is None
-
     # -- band sizes resolved against a model's rotary dimension -----------------------------
     def band_dims(self, rotary_dim: int) -> tuple[int, int]:
         """(high, low) band sizes in rotary dims for a model with ``rotary_dim`` rotated dims."""

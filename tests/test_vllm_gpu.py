@@ -61,7 +61,7 @@ LOGPROB_TOL = 0.2
 SERVED_LOGPROB_TOL = 0.35  # compiled, CUDA-graph server in mixed batches vs an eager engine
 # Every block selected, but through the whole sparse machinery (pooling, selection, virtual
 # sequences / the sparse kernel): a budget of 1.0 keeps estimation on, where thresholds of 1.0
-# alone would skip it and run plain causal attention (PrismConfig.all_blocks).
+# alone would skip it and run plain causal attention (PrismParams.all_blocks).
 ALL_BLOCKS = {"min_context_len": 512, "high_threshold": 1.0, "low_threshold": 1.0, "block_budget": 1.0}
 LONG_LENGTHS = (4000, 5000, 6000)
 SHORT_LENGTHS = (12, 40, 90, 200, 350, 600, 800, 1000)
