@@ -13,13 +13,34 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
-__all__ = ["PrismConfig", "ADDITIONAL_CONFIG_KEY"]
+__all__ = ["PrismConfig", "ADDITIONAL_CONFIG_KEY", "PRESETS", "DEFAULT_PRESET"]
 
 #: Key under vLLM's ``additional_config`` that holds Prism's settings.
 ADDITIONAL_CONFIG_KEY = "prism"
 
 #: Block sizes the kernels are built for.
 SUPPORTED_BLOCK_SIZES = (128,)
+
+#: Named settings of the fields that trade quality for speed. A preset fills only the fields the
+#: user did not set (explicit values win); ``PrismConfig.preset``'s docstring gives the
+#: measurements behind each.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quality": {"high_threshold": 0.95, "low_threshold": 0.95, "block_budget": None},
+    "fast": {"high_threshold": 0.9, "low_threshold": 0.9, "block_budget": None},
+}
+#: The preset of a config that names none.
+DEFAULT_PRESET = "quality"
+
+
+class _FromPreset:
+    """Default of a preset-controlled field: replaced in ``__post_init__`` by the preset's value,
+    so a constructed PrismConfig never holds it (``cfg.high_threshold`` is always a float)."""
+
+    def __repr__(self) -> str:
+        return "<from preset>"
+
+
+_FROM_PRESET: Any = _FromPreset()
 
 
 @dataclass(frozen=True)
@@ -44,11 +65,20 @@ class PrismConfig:
     unrotated dims of partial-rotary models are always added to this band (zero frequency).
     None: three quarters of the rotary dims (96 at rotary dim 128). Even, >= 2."""
 
-    high_threshold: float = 0.95
-    """Top-p mass kept per query block in the high band, in (0, 1]. 1.0 keeps every block."""
+    preset: str = DEFAULT_PRESET
+    """Named defaults for the fields that trade quality for speed (high_threshold, low_threshold,
+    block_budget); a field you set yourself overrides the preset's value.
+    'quality' (default): top-p 0.95 in both bands, no block budget (the paper's values, as shipped
+    before presets). 'fast': top-p 0.9 in both bands, no block budget. Provisional: both are
+    re-chosen from the CPU perplexity sweep of benchmarks/quality_cpu.py (issue 10)."""
 
-    low_threshold: float = 0.95
-    """Top-p mass kept per query block in the low band, in (0, 1]. 1.0 keeps every block."""
+    high_threshold: float = _FROM_PRESET
+    """Top-p mass kept per query block in the high band, in (0, 1]. 1.0 keeps every block.
+    Default: from ``preset``."""
+
+    low_threshold: float = _FROM_PRESET
+    """Top-p mass kept per query block in the low band, in (0, 1]. 1.0 keeps every block.
+    Default: from ``preset``."""
 
     calibrate: bool = True
     """Energy calibration: divide each band's logits by
@@ -57,12 +87,13 @@ class PrismConfig:
     key ratio over the key blocks causally visible to it, so selections do not depend on where
     chunked prefill cut the prompt. False: temperature 1 for both bands."""
 
-    block_budget: Optional[float] = None
+    block_budget: Optional[float] = _FROM_PRESET
     """Cap on the blocks kept per (query block, q head), as a share of its causal key blocks,
     in (0, 1]: of the blocks top-p selected, at most ceil(block_budget * (I + 1)) stay (I + 1
     causal blocks), those with the highest max(p_high, p_low) (equal values: the most recent
     blocks first); the sink and diagonal blocks always stay and count toward the cap. None: no cap (top-p
-    alone decides). Bounds the work when attention is near-uniform (e.g. dummy weights)."""
+    alone decides). Bounds the work when attention is near-uniform (e.g. dummy weights).
+    Default: from ``preset``."""
 
     keep_sink: bool = True
     """Always attend to key block 0 (the attention sink)."""
@@ -94,6 +125,7 @@ class PrismConfig:
     rows are always served by FlashAttention (and keep its CUDA graphs)."""
 
     def __post_init__(self) -> None:
+        self._apply_preset()
         self._check_types()
         if self.block_size not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(
@@ -131,6 +163,18 @@ class PrismConfig:
                 f"(single-token decode rows always stay on FlashAttention)."
             )
 
+    def _apply_preset(self) -> None:
+        """Fill every field still at its preset default from ``PRESETS[self.preset]``."""
+        if not isinstance(self.preset, str) or self.preset not in PRESETS:
+            valid = ", ".join(repr(n) for n in PRESETS)
+            raise ValueError(
+                f"prism.preset={self.preset!r} is not a preset; valid presets: {valid} "
+                f"(default {DEFAULT_PRESET!r}). Set individual fields (e.g. high_threshold) to tune further."
+            )
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is _FROM_PRESET:
+                object.__setattr__(self, name, value)
+
     def _check_types(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
@@ -145,9 +189,11 @@ class PrismConfig:
                 object.__setattr__(self, f.name, float(v))
                 ok = True
             if not ok:
+                default = f"from the preset, {PRESETS[self.preset][f.name]!r} in {self.preset!r}" if (
+                    f.default is _FROM_PRESET) else repr(f.default)
                 raise ValueError(
                     f"prism.{f.name}={v!r} has the wrong type: expected {base.__name__}"
-                    f"{' or null' if optional else ''} (default {f.default!r})."
+                    f"{' or null' if optional else ''} (default {default})."
                 )
 
     # -- band sizes resolved against a model's rotary dimension -----------------------------
@@ -192,7 +238,13 @@ class PrismConfig:
         return cls.from_dict(extra.get(ADDITIONAL_CONFIG_KEY))
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field with its effective value (the preset's name included), so
+        ``from_dict(cfg.to_dict()) == cfg``."""
         return dataclasses.asdict(self)
+
+    def preset_overrides(self) -> dict[str, Any]:
+        """The preset-controlled fields whose effective value differs from the preset's."""
+        return {k: getattr(self, k) for k, v in PRESETS[self.preset].items() if getattr(self, k) != v}
 
     @classmethod
     def field_docs(cls) -> dict[str, str]:

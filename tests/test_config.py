@@ -1,5 +1,6 @@
 """PrismConfig: defaults, band sizes, parsing from vLLM's additional_config, errors."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -87,3 +88,84 @@ def test_every_field_has_a_docstring():
 def test_block_budget_accepts_an_int_one_as_float():
     assert PrismConfig.from_dict({"block_budget": 1}).block_budget == 1.0
     assert PrismConfig.from_dict({"block_budget": None}).block_budget is None
+
+
+# ------------------------------------------------------------------ presets
+from prism_vllm.config import DEFAULT_PRESET, PRESETS  # noqa: E402
+
+PRESET_FIELDS = sorted({k for p in PRESETS.values() for k in p})
+
+
+def _preset_values(cfg):
+    return {k: getattr(cfg, k) for k in PRESET_FIELDS}
+
+
+def test_presets_include_quality_as_default_and_fast():
+    assert DEFAULT_PRESET == "quality" and {"quality", "fast"} <= set(PRESETS)
+    assert PrismConfig().preset == "quality"
+    assert _preset_values(PrismConfig()) == PRESETS["quality"]
+    # Every preset sets the same fields, so switching presets never leaves a field behind.
+    assert all(set(p) == set(PRESET_FIELDS) for p in PRESETS.values())
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_fills_its_fields_with_plain_values(name):
+    cfg = PrismConfig.from_dict({"preset": name})
+    assert _preset_values(cfg) == PRESETS[name]
+    assert isinstance(cfg.high_threshold, float) and isinstance(cfg.low_threshold, float)
+    assert cfg.preset_overrides() == {}
+
+
+def test_explicit_fields_override_the_preset_in_any_order():
+    cfg = PrismConfig.from_dict({"high_threshold": 0.97, "preset": "fast"})
+    assert cfg.high_threshold == 0.97
+    assert cfg.low_threshold == PRESETS["fast"]["low_threshold"]
+    assert cfg.preset_overrides() == ({"high_threshold": 0.97} if PRESETS["fast"]["high_threshold"] != 0.97 else {})
+    assert PrismConfig(preset="fast", high_threshold=0.97) == cfg
+
+
+def test_explicit_null_block_budget_overrides_a_preset_cap():
+    # null is "no cap", not "use the preset": a user can always switch a preset's cap off.
+    assert PrismConfig.from_dict({"preset": "fast", "block_budget": None}).block_budget is None
+    assert PrismConfig.from_dict({"preset": "fast", "block_budget": 0.5}).block_budget == 0.5
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_to_dict_has_effective_values_and_round_trips(name):
+    cfg = PrismConfig.from_dict({"preset": name, "low_threshold": 0.999})
+    d = cfg.to_dict()
+    assert d["preset"] == name and d["low_threshold"] == 0.999
+    assert {k: d[k] for k in PRESET_FIELDS if k != "low_threshold"} == {
+        k: v for k, v in PRESETS[name].items() if k != "low_threshold"}
+    assert PrismConfig.from_dict(d) == cfg and hash(PrismConfig.from_dict(d)) == hash(cfg)
+
+
+@pytest.mark.parametrize("bad", ["turbo", "Quality", "", 1, None])
+def test_unknown_preset_names_the_valid_ones(bad):
+    with pytest.raises(ValueError, match=r"prism\.preset=.* is not a preset; valid presets: 'quality', 'fast'"):
+        PrismConfig.from_dict({"preset": bad})
+
+
+def test_preset_values_are_validated_like_explicit_ones():
+    with pytest.raises(ValueError, match=r"prism\.high_threshold='x' has the wrong type.*from the preset"):
+        PrismConfig(preset="fast", high_threshold="x")
+
+
+def test_additional_config_and_serve_flag_select_a_preset():
+    from prism_vllm.server.cli import plan_serve, prism_flag_names
+
+    vc = SimpleNamespace(additional_config={"prism": {"preset": "fast"}})
+    assert _preset_values(PrismConfig.from_vllm_config(vc)) == PRESETS["fast"]
+    assert prism_flag_names()["--prism-preset"] == "preset"
+    plan = plan_serve(["m", "--prism-preset", "fast", "--additional-config", '{"prism": {"low_threshold": 0.97}}'])
+    merged = json.loads(plan.argv[plan.argv.index("--additional-config") + 1])
+    assert merged["prism"] == {"preset": "fast", "low_threshold": 0.97}
+    cfg = PrismConfig.from_dict(merged["prism"])
+    assert cfg.low_threshold == 0.97 and cfg.high_threshold == PRESETS["fast"]["high_threshold"]
+
+
+def test_serve_help_lists_the_preset_flag_with_its_presets():
+    from prism_vllm.server.cli import serve_help
+
+    text = serve_help()
+    assert "--prism-preset STR" in text and "'fast'" in text
