@@ -14,7 +14,7 @@ first, dense and per setting, ΔPPL = ppl_setting / ppl_dense - 1, and the block
 (8192 = 64 x 128 tokens), so ``dense_tail`` never applies and every row is Prism's (as the GPU
 harness's "perplexity windows of whole blocks").
 
-A *setting* is ``RULE:TOP_P[:bBUDGET]``: ``paper:0.95`` (the shipped rule, both bands at 0.95),
+A *setting* is ``RULE:TOP_P[:bBUDGET][@N]`` (``@N``: on the first N windows only): ``paper:0.95`` (the shipped rule, both bands at 0.95),
 ``paper:0.99:b0.3`` (top-p 0.99 capped at 30% of the causal blocks), ``mass:0.97``, ...
 
 ``--proxy-docs N`` additionally records, on the first N windows of each corpus during the dense
@@ -71,12 +71,16 @@ class Setting:
     rule: str
     top_p: float
     budget: Optional[float] = None
+    windows: Optional[int] = None  # run on the first N windows only (None: all); not part of the name
 
     @classmethod
     def parse(cls, s: str) -> "Setting":
+        s, _, n = s.strip().partition("@")
+        if n:
+            return replace(cls.parse(s), windows=int(n))
         parts = s.split(":")
         if len(parts) not in (2, 3) or parts[0] not in RULES or (len(parts) == 3 and not parts[2].startswith("b")):
-            raise ValueError(f"bad setting {s!r}: use RULE:TOP_P[:bBUDGET], RULE one of {', '.join(RULES)}")
+            raise ValueError(f"bad setting {s!r}: use RULE:TOP_P[:bBUDGET][@WINDOWS], RULE one of {', '.join(RULES)}")
         return cls(parts[0], float(parts[1]), float(parts[2][1:]) if len(parts) == 3 else None)
 
     @property
@@ -132,6 +136,30 @@ def block_sparse_attention_cpu(
     return out.reshape(hq, nb * block, d)[:, :L]
 
 
+def block_mass_causal(q: torch.Tensor, k: torch.Tensor, scale: float, block: int) -> torch.Tensor:
+    """True causal attention mass per (q head, query block, key block), summed over the rows of
+    each query block: what :func:`benchmarks.recall.block_mass` returns, at a fraction of its cost
+    (scores of causal blocks only, normalised by the row log-sum-exp of one flash call).
+
+    q: [HQ, L, D], k: [HKV, L, D] from position 0. Returns [HQ, nb, nb] float32."""
+    hq, L, d = q.shape
+    k = k.repeat_interleave(hq // k.shape[0], 0).float()
+    q = q.float()
+    lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.unsqueeze(0), k.unsqueeze(0), k.unsqueeze(0), 0.0, True, scale=scale)[1][0]  # [HQ, L]
+    nb = -(-L // block)
+    mass = torch.zeros(hq, nb, nb)
+    pos = torch.arange(L)
+    for i in range(nb):
+        r0, r1 = i * block, min(L, (i + 1) * block)
+        s = (q[:, r0:r1] @ k[:, :r1].transpose(1, 2)) * scale
+        s = s.masked_fill(pos[None, None, :r1] > pos[None, r0:r1, None], float("-inf"))
+        p = torch.exp(s - lse[:, r0:r1, None])
+        p = torch.nn.functional.pad(p, (0, (i + 1) * block - r1))
+        mass[:, i, : i + 1] = p.view(hq, r1 - r0, i + 1, block).sum(dim=(1, 3))
+    return mass
+
+
 # --------------------------------------------------------------------------------------------
 # the model with Prism's attention
 # --------------------------------------------------------------------------------------------
@@ -162,10 +190,7 @@ class PrismRun:
             qp = pool_blocks(q.transpose(0, 1), 0, B)
             kp = pool_blocks(k.transpose(0, 1), 0, B)
         if self.proxy is not None:
-            from benchmarks.recall import block_mass
-
-            self.proxy.append((int(module.layer_idx), qp, kp,
-                               block_mass(q.transpose(0, 1), k.transpose(0, 1), B, scale)))
+            self.proxy.append((int(module.layer_idx), qp, kp, block_mass_causal(q, k, scale, B)))
         if self.setting is not None:
             cfg = self.setting.config(self.base)
             sel = select_blocks_rule(qp, kp, 0, self.bands, cfg, seq_len=q.shape[1], rule=self.setting.rule)
@@ -354,8 +379,11 @@ def run_sweep(a: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     n = 0
     while True:
-        jobs = [(None, c, w) for c in windows for w in range(a.docs)]
-        jobs += [(s, c, w) for s in settings() for c in windows for w in range(a.docs)]
+        if a.proxy_only:  # the recall screen alone: dense passes of the screened windows
+            jobs = [(None, c, w) for c in windows for w in range(min(a.docs, a.proxy_docs))]
+        else:
+            jobs = [(None, c, w) for c in windows for w in range(a.docs)]
+            jobs += [(s, c, w) for s in settings() for c in windows for w in range(min(a.docs, s.windows or a.docs))]
         todo = [(s, c, w) for s, c, w in jobs if (c, a.length, w, "dense" if s is None else s.name) not in done]
         if not todo:
             break
@@ -396,7 +424,10 @@ def merge(files: Sequence[str], out: str, extra: dict[str, Any]) -> dict[str, An
     doc.update(extra)
     doc["parts"] = [{k: d.get(k) for k in ("date", "machine", "commit", "command")} for d in docs]
     doc["corpora"] = {k: v for d in docs for k, v in d.get("corpora", {}).items()}
-    doc["runs"] = [r for d in docs for r in d["runs"]]
+    runs: dict[tuple, dict[str, Any]] = {}  # one run per (corpus, length, window, setting): the first file's
+    for r in (r for d in docs for r in d["runs"]):
+        runs.setdefault((r["corpus"], r["length"], r["window"], r["setting"]), r)
+    doc["runs"] = list(runs.values())
     doc["proxy"] = [p for d in docs for p in d.get("proxy", [])]
     doc["summary"] = summarize(doc)
     Path(out).write_text(json.dumps(doc, indent=1))
@@ -413,8 +444,24 @@ def plot(doc: dict[str, Any], png: Path, marks: Optional[dict[str, str]] = None)
 
     summ = doc["summary"]
     corpora = sorted({r["corpus"] for r in summ})
-    fig, axes = plt.subplots(1, len(corpora), figsize=(6.2 * len(corpora), 4.6), squeeze=False)
+    proxies = doc.get("proxy", [])
+    n = len(corpora) + len(proxies)
+    fig, axes = plt.subplots(1, n, figsize=(6.2 * n, 4.6), squeeze=False)
     colors = {"paper": "C0", "meanpool": "C1", "paper+meanpool": "C2", "mass": "C3", "avg": "C4"}
+    for ax, px in zip(axes[0][len(corpora):], proxies):
+        for rule in RULES:
+            pts = sorted((r for r in px["rows"] if r["rule"] == rule), key=lambda r: r["density"])
+            ax.plot([r["density"] for r in pts], [100 * (1 - r["recall"]) for r in pts], marker="o", ms=3,
+                    color=colors.get(rule, "k"), label=rule, ls="--" if rule == "paper+meanpool" else "-")
+            for r in pts:
+                if rule in ("paper", "meanpool"):
+                    ax.annotate(f"{r['top_p']:g}", (r["density"], 100 * (1 - r["recall"])), fontsize=6,
+                                xytext=(2, 2), textcoords="offset points", color=colors[rule])
+        ax.set_xlabel("block density")
+        ax.set_ylabel("attention mass missed, % (1 - recall; layers, heads, rows)")
+        ax.set_title(f"recall screen: {px['corpus']} window {px['window']}, {px['length']} tokens, dense q/k")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     for ax, c in zip(axes[0], corpora):
         rows = [r for r in summ if r["corpus"] == c]
         for rule in RULES:
@@ -440,7 +487,7 @@ def plot(doc: dict[str, Any], png: Path, marks: Optional[dict[str, str]] = None)
                     ax.annotate(label, (r["density"], r["delta_pct_mean"]), xytext=(8, -14), textcoords="offset points",
                                 fontsize=8, weight="bold")
         ax.axhline(1.0, color="grey", ls="--", lw=0.8)
-        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_ylim(bottom=min(-0.5, ax.get_ylim()[0]))
         ax.set_xlabel("block density (selected / causal blocks)")
         ax.set_ylabel("ΔPPL vs dense, % (mean over windows, bars min..max)")
         L = rows[0]["length"] if rows else 0
@@ -455,6 +502,17 @@ def plot(doc: dict[str, Any], png: Path, marks: Optional[dict[str, str]] = None)
     return png
 
 
+def markdown_table(doc: dict[str, Any]) -> str:
+    """The summary as a Markdown table (one row per corpus and setting, densest first)."""
+    lines = ["| corpus | tokens | setting | ΔPPL mean | min .. max | last ¼ ΔPPL | density | windows |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(doc["summary"], key=lambda r: (r["corpus"], r["length"], -r["density"])):
+        lines.append(f"| {r['corpus']} | {r['length']} | {r['setting']} | {r['delta_pct_mean']:+.2f}% | "
+                     f"{r['delta_pct_min']:+.2f} .. {r['delta_pct_max']:+.2f}% | "
+                     f"{r['delta_last_quarter_pct_mean']:+.2f}% | {r['density']:.3f} | {r['windows']} |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality_cpu", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -464,11 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--settings", default="paper:0.95,paper:0.99,paper:0.98,paper:0.9,paper:0.97",
                     help="comma-separated RULE:TOP_P[:bBUDGET], run in this order after the dense pass")
     ap.add_argument("--proxy-docs", type=int, default=0, help="windows per corpus with the recall screen")
+    ap.add_argument("--proxy-only", action="store_true", help="only the dense passes with the recall screen")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/quality-cpu.json")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in --out")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge result files into --out instead of running")
     ap.add_argument("--plot", action="store_true", help="draw --out's summary next to it (.png)")
+    ap.add_argument("--table", action="store_true", help="print the summary as a Markdown table")
     ap.add_argument("--plot-only", action="store_true", help="only draw the plot of an existing --out")
     ap.add_argument("--mark", action="append", default=[], metavar="SETTING=LABEL",
                     help="mark a setting on the plot, e.g. paper:0.99=quality")
@@ -486,6 +546,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for r in doc.get("summary", []):
         log(f"{r['corpus']} {r['length']} {r['setting']}: ΔPPL {r['delta_pct_mean']:+.2f}% "
             f"[{r['delta_pct_min']:+.2f}, {r['delta_pct_max']:+.2f}] over {r['windows']}, density {r['density']:.3f}")
+    if a.table:
+        print(markdown_table(doc))
     if a.plot or a.plot_only:
         marks = dict(m.split("=", 1) for m in a.mark)
         log(f"wrote {plot(doc, Path(a.out).with_suffix('.png'), marks)}")

@@ -71,7 +71,19 @@ def test_unknown_rule_names_the_valid_ones():
 def test_setting_names_round_trip_and_windows_spread():
     for s in ("paper:0.95", "mass:0.97", "paper:0.99:b0.3"):
         assert Setting.parse(s).name == s
+    assert Setting.parse("meanpool:0.99@2") == Setting("meanpool", 0.99, None, 2)
     with pytest.raises(ValueError):
         Setting.parse("paper")
     w = spaced_windows(list(range(1000)), 100, 3)
     assert [s for s, _ in w] == [0, 450, 900] and w[2][1] == list(range(900, 1000))
+
+
+@pytest.mark.parametrize("L,hq,hkv", [(256, 2, 1), (300, 4, 2), (129, 3, 3)], ids=str)
+def test_fast_block_mass_equals_the_recall_harness(L, hq, hkv):
+    from benchmarks.quality_cpu import block_mass_causal
+    from benchmarks.recall import block_mass
+
+    g = torch.Generator().manual_seed(L)
+    q, k = torch.randn(hq, L, 64, generator=g), torch.randn(hkv, L, 64, generator=g)
+    want = block_mass(q.transpose(0, 1), k.transpose(0, 1), 128, 0.125)
+    torch.testing.assert_close(block_mass_causal(q, k, 0.125, 128), want, atol=1e-5, rtol=1e-5)
