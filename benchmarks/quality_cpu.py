@@ -491,7 +491,8 @@ def plot(doc: dict[str, Any], png: Path, marks: Optional[dict[str, str]] = None)
         ax.set_xlabel("block density (selected / causal blocks)")
         ax.set_ylabel("ΔPPL vs dense, % (mean over windows, bars min..max)")
         L = rows[0]["length"] if rows else 0
-        ax.set_title(f"{c}, {L} tokens, {rows[0]['windows'] if rows else 0} windows")
+        wins = sorted({r["windows"] for r in rows})
+        ax.set_title(f"{c}, {L}-token windows ({'-'.join(map(str, [wins[0], wins[-1]] if len(wins) > 1 else wins))} per setting)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
     fig.suptitle(f"Prism selection rules on SmolLM2-135M (CPU, transformers, float32), commit {doc.get('commit', '?')}",
