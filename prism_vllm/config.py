@@ -171,7 +171,10 @@ class PrismConfig:
             )
 
     def _apply_preset(self) -> None:
-        """Fill every field still at its preset default from ``PRESETS[self.preset]``."""
+        """Fill every field still at its preset default from ``PRESETS[self.preset]``.
+
+        Resolved values count as explicit from then on, so ``dataclasses.replace(cfg, preset=p)``
+        keeps cfg's thresholds; build ``PrismConfig(preset=p, ...)`` to switch presets."""
         if not isinstance(self.preset, str) or self.preset not in PRESETS:
             valid = ", ".join(repr(n) for n in PRESETS)
             raise ValueError(
