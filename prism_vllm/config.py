@@ -75,7 +75,7 @@ class PrismConfig:
     missed 1% there: 0.985 +0.81..+1.42%, 0.98 +1.09..+3.18%. Denser than the paper's 0.95
     (density ~0.30 at 8K), so Prism pays off at longer contexts than min_context_len's break-even,
     which was measured at 0.95. 'fast': top-p 0.95 in both bands, no block budget (the paper's
-    setting): perplexity +2.8..+6.4% on the same CPU windows (density 0.27-0.33) and +4.7..+5.4% at
+    setting): perplexity +2.8..+6.4% on two of those windows per corpus (density 0.27-0.33) and +4.7..+5.4% at
     8K-32K through vLLM on an H200, where it prefilled 1.58x faster than FLASH_ATTN at 64K and
     2.70x at 128K (benchmarks/results/ppl.json, speed.json)."""
 
