@@ -110,6 +110,19 @@ def _new_workspace(need: WorkspaceNeed, device: torch.device) -> PrismWorkspace:
 
 
 _NEVER = 1 << 62  # a min_context_len no sequence reaches
+_announced: list = []
+
+
+def _announce(cfg: Any) -> None:
+    """Log the effective settings once per process (preset resolved) and keep them for stats."""
+    STATS.record_config(cfg.to_dict())
+    if cfg in _announced:
+        return
+    _announced.append(cfg)
+    over = cfg.preset_overrides()
+    logger.info("Prism settings (preset %r%s): %s", cfg.preset,
+                f", overriding {sorted(over)}" if over else "",
+                ", ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items() if k != "preset"))
 
 
 def shape_key(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: Any, fa3: bool) -> str:
@@ -284,6 +297,7 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         # so long chunks form a suffix. V2 always sorts that way and ignores the threshold.
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
         self.prism_config = prism_config_of(vllm_config)
+        _announce(self.prism_config)
         self.decode_threshold = int(self.reorder_batch_threshold or 1)
         self.prism_on = False
         self.prism_reason: Optional[str] = None

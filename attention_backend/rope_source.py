@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import torch
 
 from prism_vllm.config import PrismConfig
-from prism_vllm.rope import Bands, RopeLayout, inv_freq_from_cos_sin_cache, rope_bands, rope_inv_freq
+from prism_vllm.rope import Bands, RopeLayout, inv_freq_from_cos_sin_cache, prism_bands, rope_inv_freq
 
 __all__ = ["RotarySource", "resolve_rotary", "bands_for"]
 
@@ -116,5 +116,4 @@ def resolve_rotary(owner: Any, head_size: int) -> Union[RotarySource, str]:
 
 def bands_for(src: RotarySource, cfg: PrismConfig) -> Bands:
     """Band masks of a layer (raises ValueError naming the setting for impossible band sizes)."""
-    hi, lo = cfg.band_dims(src.layout.rotary_dim)
-    return rope_bands(src.layout, hi, lo, src.inv_freq)
+    return prism_bands(src.layout, cfg, src.inv_freq)

@@ -31,7 +31,7 @@ import torch
 
 from prism_vllm.config import PrismConfig
 from prism_vllm.reference import band_logits, pool_blocks, select_blocks
-from prism_vllm.rope import Bands, rope_bands
+from prism_vllm.rope import Bands, prism_bands
 from prism_vllm.attention_maps import block_attention_mass, probe_rope_layout
 
 __all__ = ["CAPTURE_NAME", "block_mass", "capture_qk", "layer_recall", "model_bands", "topk_rows"]
@@ -118,8 +118,7 @@ def model_bands(model: Any, cfg: PrismConfig) -> tuple[Bands, int]:
     partial rotary, YaRN-scaled frequencies: ``attention_maps.probe_rope_layout``).
     Returns (bands, head_dim)."""
     layout, inv_freq = probe_rope_layout(model)
-    hi, lo = cfg.band_dims(layout.rotary_dim)
-    return rope_bands(layout, hi, lo, inv_freq), layout.head_size
+    return prism_bands(layout, cfg, inv_freq), layout.head_size
 
 
 def capture_qk(model: Any, input_ids: torch.Tensor,

@@ -110,7 +110,7 @@ class PrismParams:
             band_low=bands.low.to(device=device, dtype=torch.float32).contiguous(),
             high_threshold=float(cfg.high_threshold),
             low_threshold=float(cfg.low_threshold),
-            calibrate=bool(cfg.calibrate),
+            calibrate=bool(cfg.calibrated),
             keep_sink=bool(cfg.keep_sink),
             keep_diagonal=bool(cfg.keep_diagonal),
             scale=float(scale),

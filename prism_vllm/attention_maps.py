@@ -33,7 +33,7 @@ import torch
 
 from prism_vllm.config import PrismConfig
 from prism_vllm.reference import pool_blocks, select_blocks
-from prism_vllm.rope import Bands, RopeLayout, rope_bands
+from prism_vllm.rope import Bands, RopeLayout, prism_bands
 
 __all__ = [
     "ATTN_IMPL",
@@ -303,8 +303,7 @@ def run_inspect(
     """
     t0 = time.perf_counter()
     layout, inv_freq = probe_rope_layout(model)
-    hi, lo = cfg.band_dims(layout.rotary_dim)
-    bands = rope_bands(layout, hi, lo, inv_freq=inv_freq)
+    bands = prism_bands(layout, cfg, inv_freq=inv_freq)
     device = next(model.parameters()).device
     bands = Bands(high=bands.high.to(device), low=bands.low.to(device))
     draw = set(draw_layers)

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Union
 
-__all__ = ["PrismConfig", "ADDITIONAL_CONFIG_KEY", "AUTO_FALLBACK_MIN_CONTEXT_LEN"]
+__all__ = ["PrismConfig", "ADDITIONAL_CONFIG_KEY", "AUTO_FALLBACK_MIN_CONTEXT_LEN", "PRESETS", "DEFAULT_PRESET"]
 
 #: Key under vLLM's ``additional_config`` that holds Prism's settings.
 ADDITIONAL_CONFIG_KEY = "prism"
@@ -25,6 +25,30 @@ SUPPORTED_BLOCK_SIZES = (128,)
 #: end-to-end break-even measured through vLLM on an H200 (SmolLM2-135M with the FA3 attend step,
 #: 2026-12-02, benchmarks/results/speed.json: 40,095 tokens), rounded up to whole blocks.
 AUTO_FALLBACK_MIN_CONTEXT_LEN = 40960
+
+#: Named settings of the fields that trade quality for speed. A preset fills only the fields the
+#: user did not set (explicit values win); ``PrismConfig.preset``'s docstring gives the
+#: measurements behind each.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quality": {"high_threshold": 0.99, "low_threshold": 0.99, "block_budget": None},
+    "fast": {"high_threshold": 0.95, "low_threshold": 0.95, "block_budget": None},
+}
+#: Block-scoring rules (PrismConfig.rule).
+RULES = ("paper", "meanpool")
+
+#: The preset of a config that names none.
+DEFAULT_PRESET = "quality"
+
+
+class _FromPreset:
+    """Default of a preset-controlled field: replaced in ``__post_init__`` by the preset's value,
+    so a constructed PrismConfig never holds it (``cfg.high_threshold`` is always a float)."""
+
+    def __repr__(self) -> str:
+        return "<from preset>"
+
+
+_FROM_PRESET: Any = _FromPreset()
 
 
 @dataclass(frozen=True)
@@ -50,11 +74,37 @@ class PrismConfig:
     unrotated dims of partial-rotary models are always added to this band (zero frequency).
     None: three quarters of the rotary dims (96 at rotary dim 128). Even, >= 2."""
 
-    high_threshold: float = 0.95
-    """Top-p mass kept per query block in the high band, in (0, 1]. 1.0 keeps every block."""
+    rule: str = "paper"
+    """How blocks are scored. 'paper' (default): the paper's two RoPE bands (high_band_dims,
+    low_band_dims), energy-calibrated, top-p per band, union. 'meanpool': one band of every head
+    dim, no calibration, top-p at max(high_threshold, low_threshold) (plain mean pooling). On CPU
+    (benchmarks/results/quality-cpu.json: SmolLM2-135M, 8K windows of two Debian corpora, two
+    windows each) 'meanpool' at top-p 0.99 stayed within 1% perplexity (+0.57% fortunes, +0.46%
+    Austen) with 8-10% fewer blocks than 'paper' at 0.99 (density 0.43 / 0.48 against 0.48 / 0.53),
+    but lost more over the windows' last quarter (+1.19% against +0.64% on fortunes): not the
+    default until more models and lengths confirm it."""
 
-    low_threshold: float = 0.95
-    """Top-p mass kept per query block in the low band, in (0, 1]. 1.0 keeps every block."""
+    preset: str = DEFAULT_PRESET
+    """Named defaults for the fields that trade quality for speed (high_threshold, low_threshold,
+    block_budget); a field you set yourself overrides the preset's value.
+    'quality' (default): top-p 0.99 in both bands, no block budget. Perplexity within 1% of dense
+    with margin: +0.18..+0.49% on Debian's fortunes and +0.28..+0.55% on Jane Austen's novels
+    (Debian r-cran-janeaustenr), density 0.46-0.54 (CPU, transformers float32, SmolLM2-135M-Instruct,
+    three 8192-token windows per corpus; benchmarks/results/quality-cpu.json). Lower thresholds
+    missed 1% there: 0.985 +0.81..+1.42%, 0.98 +1.09..+3.18%. Denser than the paper's 0.95
+    (density ~0.30 at 8K), so Prism pays off at longer contexts than min_context_len's break-even,
+    which was measured at 0.95. 'fast': top-p 0.95 in both bands, no block budget (the paper's
+    setting): perplexity +2.8..+6.4% on two of those windows per corpus (density 0.27-0.33) and +4.7..+5.4% at
+    8K-32K through vLLM on an H200, where it prefilled 1.58x faster than FLASH_ATTN at 64K and
+    2.70x at 128K (benchmarks/results/ppl.json, speed.json)."""
+
+    high_threshold: float = _FROM_PRESET
+    """Top-p mass kept per query block in the high band, in (0, 1]. 1.0 keeps every block.
+    Default: from ``preset``."""
+
+    low_threshold: float = _FROM_PRESET
+    """Top-p mass kept per query block in the low band, in (0, 1]. 1.0 keeps every block.
+    Default: from ``preset``."""
 
     calibrate: bool = True
     """Energy calibration: divide each band's logits by
@@ -63,12 +113,13 @@ class PrismConfig:
     key ratio over the key blocks causally visible to it, so selections do not depend on where
     chunked prefill cut the prompt. False: temperature 1 for both bands."""
 
-    block_budget: Optional[float] = None
+    block_budget: Optional[float] = _FROM_PRESET
     """Cap on the blocks kept per (query block, q head), as a share of its causal key blocks,
     in (0, 1]: of the blocks top-p selected, at most ceil(block_budget * (I + 1)) stay (I + 1
     causal blocks), those with the highest max(p_high, p_low) (equal values: the most recent
     blocks first); the sink and diagonal blocks always stay and count toward the cap. None: no cap (top-p
-    alone decides). Bounds the work when attention is near-uniform (e.g. dummy weights)."""
+    alone decides). Bounds the work when attention is near-uniform (e.g. dummy weights).
+    Default: from ``preset``."""
 
     keep_sink: bool = True
     """Always attend to key block 0 (the attention sink)."""
@@ -103,11 +154,17 @@ class PrismConfig:
     rows are always served by FlashAttention (and keep its CUDA graphs)."""
 
     def __post_init__(self) -> None:
+        self._apply_preset()
         self._check_types()
         if self.block_size not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(
                 f"prism.block_size={self.block_size!r} is not supported; the kernels are built for "
                 f"{SUPPORTED_BLOCK_SIZES}. Remove the field or set it to 128."
+            )
+        if self.rule not in RULES:
+            raise ValueError(
+                f"prism.rule={self.rule!r} is not a selection rule; valid rules: "
+                f"{', '.join(repr(r) for r in RULES)} (default 'paper')."
             )
         for name in ("high_band_dims", "low_band_dims"):
             v = getattr(self, name)
@@ -122,7 +179,7 @@ class PrismConfig:
             if not (math.isfinite(v) and 0.0 < v <= 1.0):
                 raise ValueError(
                     f"prism.{name}={v!r} is out of range: it is a top-p probability mass in (0, 1] "
-                    f"(default 0.95; 1.0 selects every block)."
+                    f"(default {PRESETS[self.preset][name]} in preset {self.preset!r}; 1.0 selects every block)."
                 )
         if self.block_budget is not None and not (math.isfinite(self.block_budget) and 0.0 < self.block_budget <= 1.0):
             raise ValueError(
@@ -146,6 +203,26 @@ class PrismConfig:
         """min_context_len as a number: "auto" without a measurement is AUTO_FALLBACK_MIN_CONTEXT_LEN."""
         return AUTO_FALLBACK_MIN_CONTEXT_LEN if self.min_context_len == "auto" else int(self.min_context_len)
 
+    def _apply_preset(self) -> None:
+        """Fill every field still at its preset default from ``PRESETS[self.preset]``.
+
+        Resolved values count as explicit from then on, so ``dataclasses.replace(cfg, preset=p)``
+        keeps cfg's thresholds; build ``PrismConfig(preset=p, ...)`` to switch presets."""
+        if not isinstance(self.preset, str) or self.preset not in PRESETS:
+            valid = ", ".join(repr(n) for n in PRESETS)
+            raise ValueError(
+                f"prism.preset={self.preset!r} is not a preset; valid presets: {valid} "
+                f"(default {DEFAULT_PRESET!r}). Set individual fields (e.g. high_threshold) to tune further."
+            )
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is _FROM_PRESET:
+                object.__setattr__(self, name, value)
+
+    @property
+    def calibrated(self) -> bool:
+        """Energy calibration in effect (the 'meanpool' rule has one band: nothing to calibrate)."""
+        return self.calibrate and self.rule == "paper"
+
     def _check_types(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
@@ -162,9 +239,11 @@ class PrismConfig:
                 object.__setattr__(self, f.name, float(v))
                 ok = True
             if not ok:
+                default = f"from the preset, {PRESETS[self.preset][f.name]!r} in {self.preset!r}" if (
+                    f.default is _FROM_PRESET) else repr(f.default)
                 raise ValueError(
                     f"prism.{f.name}={v!r} has the wrong type: expected {' or '.join(b.__name__ for b in bases)}"
-                    f"{' or null' if optional else ''} (default {f.default!r})."
+                    f"{' or null' if optional else ''} (default {default})."
                 )
 
     # -- band sizes resolved against a model's rotary dimension -----------------------------
@@ -209,7 +288,13 @@ class PrismConfig:
         return cls.from_dict(extra.get(ADDITIONAL_CONFIG_KEY))
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field with its effective value (the preset's name included), so
+        ``from_dict(cfg.to_dict()) == cfg``."""
         return dataclasses.asdict(self)
+
+    def preset_overrides(self) -> dict[str, Any]:
+        """The preset-controlled fields whose effective value differs from the preset's."""
+        return {k: getattr(self, k) for k, v in PRESETS[self.preset].items() if getattr(self, k) != v}
 
     @classmethod
     def markdown_table(cls) -> str:

@@ -201,7 +201,7 @@ def select_blocks(
 
     seq_len: ctx + L of the chunk, for cfg.dense_tail (None: no dense tail)."""
     nq, nk = qp.shape[0], kp.shape[0]
-    t_hi, t_lo = band_temperatures(qp, kp, qb0, bands, cfg.calibrate)
+    t_hi, t_lo = band_temperatures(qp, kp, qb0, bands, cfg.calibrated)
     rows = qb0 + torch.arange(nq, device=qp.device)
     causal = torch.arange(nk, device=qp.device)[None, :] <= rows[:, None]
     sel = torch.zeros((qp.shape[1], nq, nk), dtype=torch.bool, device=qp.device)

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-__all__ = ["RopeLayout", "Bands", "rope_inv_freq", "rope_bands", "inv_freq_from_cos_sin_cache"]
+if TYPE_CHECKING:
+    from .config import PrismConfig
+
+__all__ = ["RopeLayout", "Bands", "rope_inv_freq", "rope_bands", "prism_bands", "inv_freq_from_cos_sin_cache"]
 
 
 @dataclass(frozen=True)
@@ -121,3 +124,13 @@ def rope_bands(
     low[pairs[order[r // 2 - low_dims // 2 :]].flatten()] = True
     low[r:] = True  # unrotated dims: zero frequency
     return Bands(high=high, low=low)
+
+
+def prism_bands(layout: RopeLayout, cfg: "PrismConfig", inv_freq: Optional[torch.Tensor] = None) -> Bands:
+    """The bands a PrismConfig asks for on a layout: its two RoPE bands (rule 'paper'), or every
+    head dim in both (rule 'meanpool': one band, plain mean pooling)."""
+    if cfg.rule == "meanpool":
+        alld = torch.ones(layout.head_size, dtype=torch.bool)
+        return Bands(high=alld, low=alld.clone())
+    hi, lo = cfg.band_dims(layout.rotary_dim)
+    return rope_bands(layout, hi, lo, inv_freq)

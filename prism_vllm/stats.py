@@ -64,6 +64,7 @@ class PrismStats:
             self.fallbacks: dict[str, int] = {}
             self.kernel_failures = 0
             self.break_even: dict[str, Any] = {}
+            self.config: dict[str, Any] = {}
             # density_hint(): an asynchronous host copy of the selected-block counter
             self._hint_host: Any = None
             self._hint_event: Any = None
@@ -150,6 +151,10 @@ class PrismStats:
                 self._hint_value = sum(int(t.item()) for t in counters) / self._hint_causal
         return self._hint_value
 
+    def record_config(self, config: dict[str, Any]) -> None:
+        """The effective PrismConfig (preset resolved) this process serves with."""
+        self.config = dict(config)
+
     def record_break_even(self, shape: str, summary: dict[str, Any]) -> None:
         """The automatic min_context_len decision of a layer shape (for /prism/stats)."""
         self.break_even[shape] = summary
@@ -191,6 +196,7 @@ class PrismStats:
                 "fallback_layers": dict(self.fallbacks),
                 "kernel_failures": self.kernel_failures,
                 "break_even": dict(self.break_even),
+                "config": dict(self.config),
             }
 
 
@@ -209,7 +215,8 @@ def collect_stats() -> dict[str, Any]:
     sparse attention), ``fallback_layers`` (reason -> number of layers served by
     FlashAttention), ``kernel_failures`` (Prism launches that raised; those layers then went
     dense), ``break_even`` (layer shape -> the automatic min_context_len decision: the length,
-    the density it used and the timings behind it), plus the sampling bookkeeping.
+    the density it used and the timings behind it), ``config`` (the effective PrismConfig, preset
+    resolved), plus the sampling bookkeeping.
     """
     return STATS.collect()
 

@@ -83,7 +83,7 @@ def aggregate(replies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ``{"workers_total", "workers_reporting", "tokens": {"sparse", "dense", "dense_prism",
         "dense_flash_attention", "sparse_fraction"}, "block_density", "selected_blocks",
         "causal_blocks", "launch_ms_mean", "launch_ms_samples", "estimation_ms_mean",
-        "estimation_ms_samples", "density_histogram", "fallback_layers", "break_even",
+        "estimation_ms_samples", "density_histogram", "fallback_layers", "break_even", "config",
         ...max counters}``.
     """
     stats = [r.get("stats") or {} for r in replies if r.get("available")]
@@ -132,6 +132,7 @@ def aggregate(replies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["fallback_layers"] = dict(fallback)
     # The automatic min_context_len per layer shape (rank 0's: every rank measures the same shape).
     out["break_even"] = next((dict(s["break_even"]) for s in stats if s.get("break_even")), {})
+    out["config"] = next((dict(s["config"]) for s in stats if s.get("config")), {})
     return out
 
 

@@ -92,7 +92,7 @@ def test_config_from_vllm_additional_config(base_vllm_config):
         additional_config={"prism": {"high_threshold": 0.9, "min_context_len": 4096}},
     )
     cfg = PrismConfig.from_vllm_config(vc)
-    assert (cfg.high_threshold, cfg.low_threshold, cfg.min_context_len) == (0.9, 0.95, 4096)
+    assert (cfg.high_threshold, cfg.low_threshold, cfg.min_context_len) == (0.9, PrismConfig().low_threshold, 4096)
     assert PrismConfig.from_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))) == PrismConfig()
 
 

@@ -303,3 +303,16 @@ def test_fetch_reports_errors_and_recovers():
     (rep1, err1), (rep2, err2) = asyncio.run(two_fetches())
     assert rep1 == [] and "boom" in err1
     assert len(rep2) == 2 and err2 is None and plugin.collector.latest["tokens"]["sparse"] == 9000
+
+
+def test_effective_settings_reach_the_stats():
+    """/prism/stats shows the PrismConfig a worker serves with, preset resolved."""
+    from prism_vllm import PrismConfig
+    from prism_vllm.stats import PrismStats
+
+    st = PrismStats()
+    st.record_config(PrismConfig(preset="fast", low_threshold=0.97).to_dict())
+    s = st.collect()
+    assert s["config"]["preset"] == "fast" and s["config"]["high_threshold"] == 0.95 and s["config"]["low_threshold"] == 0.97
+    agg = aggregate([{"available": True, "stats": s}, {"available": True, "stats": {**s, "config": {}}}])
+    assert agg["config"] == s["config"]
