@@ -205,7 +205,7 @@ def load(threads: int) -> tuple[Any, Any, str]:
     """(tokenizer, model, path) of the bundled SmolLM2-135M-Instruct in float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prism_vllm.server.bundled import ensure_bundled_model
+    from prism_vllm.bundled import ensure_bundled_model
 
     torch.set_num_threads(threads)
     path = str(ensure_bundled_model(progress=False))
