@@ -59,6 +59,11 @@ ENGINE_KV_BYTES = 2 << 30  # ~90K tokens of SmolLM2's KV cache
 # step 3 between Prism with every block selected and FLASH_ATTN (same batches, eager).
 LOGPROB_TOL = 0.2
 SERVED_LOGPROB_TOL = 0.35  # compiled, CUDA-graph server in mixed batches vs an eager engine
+# fp8 KV caches (3 mantissa bits; FA3 also rounds the softmax probabilities to fp8 before P @ V):
+# the 2026-12-02 H200 run (b2c8345) saw chosen-token logprobs 0.17 apart at step 5 and a greedy
+# divergence at step 15 of 16 where FLASH_ATTN's own top-2 margin was 0.50, after 15 identical
+# tokens, with Prism selecting every block. Not re-run with this tolerance.
+FP8_LOGPROB_TOL = 0.3
 # Every block selected, but through the whole sparse machinery (pooling, selection, virtual
 # sequences / the sparse kernel): a budget of 1.0 keeps estimation on, where thresholds of 1.0
 # alone would skip it and run plain causal attention (PrismParams.all_blocks).
@@ -389,9 +394,9 @@ def test_all_blocks_matches_flash_attention(flash, prism_dense):
 @pytest.mark.xfail(
     strict=False,
     reason=(
-        "measured on the 2026-12-01 H200 run (72c0f2d): Prism with dense_tail 9/10, FLASH_ATTN 9/10, but "
-        "not the same prompts (Prism missed 4K depth 0.3, FLASH_ATTN 8K depth 0.9); the paper's rule "
-        "(dense_tail=false) 2/10 in the same run"
+        "at top-p 0.95 (2026-12-01 H200 run, 72c0f2d): Prism 9/10, FLASH_ATTN 9/10, not the same prompts; "
+        "at the 0.99 default (2026-12-02, b2c8345) the same 9/10 as FLASH_ATTN (XPASS) in one run; the "
+        "paper's rule (dense_tail=false) 2-3/10"
     ),
 )
 def test_passkey_retrieval_equals_flash_attention(flash, prism, prism_paper, prompts):
@@ -445,7 +450,7 @@ def test_fp8_kv_cache_every_block_matches_flash_attention(flash_fp8, prism_fp8):
     assert not any("quantized" in r or "fp8" in r for r in s["fallback_layers"]), s["fallback_layers"]
     assert s["block_density"] == 1.0
     for a, b in _pairs(flash_fp8["results"]["long"], prism_fp8["results"]["long"]):
-        print("matched steps:", _compare_greedy(a, b), "of", len(a["steps"]))
+        print("matched steps:", _compare_greedy(a, b, tol=FP8_LOGPROB_TOL), "of", len(a["steps"]))
 
 
 def test_prefix_cache_hit_matches_miss(flash, prism_dense):
