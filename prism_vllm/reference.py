@@ -57,6 +57,7 @@ __all__ = [
     "budget_counts",
     "cap_to_budget",
     "select_blocks",
+    "finish_selection",
     "block_sparse_attention",
     "dense_causal_attention",
     "prism_attention",
@@ -210,11 +211,23 @@ def select_blocks(
         probs = torch.softmax(band_logits(qp, kp, m, t, qb0), dim=-1)
         sel |= top_p_mask(probs, p) if p < 1.0 else causal.expand_as(sel)
         score = torch.maximum(score, probs)
+    return finish_selection(sel, score, qb0, cfg, seq_len)
+
+
+def finish_selection(
+    sel: torch.Tensor, score: torch.Tensor, qb0: int, cfg: PrismConfig, seq_len: Optional[int] = None
+) -> torch.Tensor:
+    """Steps 5's common end of any scoring rule: add the sink and diagonal blocks, cap to the
+    block budget (ranking by ``score``), give a partial last block every causal block
+    (dense tail). sel: bool [HQ, nq, nk] of the rule's top-p blocks; score: float32 like sel."""
+    nq, nk = sel.shape[1], sel.shape[2]
+    rows = qb0 + torch.arange(nq, device=sel.device)
+    causal = torch.arange(nk, device=sel.device)[None, :] <= rows[:, None]
     forced = torch.zeros_like(sel)
     if cfg.keep_sink:
         forced[:, :, 0] = True
     if cfg.keep_diagonal:
-        i = torch.arange(nq, device=qp.device)
+        i = torch.arange(nq, device=sel.device)
         forced[:, i, qb0 + i] = True
     forced &= causal
     sel = (sel | forced) & causal

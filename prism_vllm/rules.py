@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 from .config import PrismConfig
-from .reference import band_logits, band_temperatures, budget_counts, cap_to_budget, select_blocks, top_p_mask
+from .reference import band_logits, band_temperatures, finish_selection, select_blocks, top_p_mask
 from .rope import Bands
 
 __all__ = ["RULES", "band_probs", "select_blocks_rule"]
@@ -109,17 +109,4 @@ def select_blocks_rule(
         score = 0.5 * (p_hi + p_lo)
         sel = _top_p(score, p, causal)
 
-    forced = torch.zeros_like(sel)
-    if cfg.keep_sink:
-        forced[:, :, 0] = True
-    if cfg.keep_diagonal:
-        i = torch.arange(nq, device=qp.device)
-        forced[:, i, qb0 + i] = True
-    forced &= causal
-    sel = (sel | forced) & causal
-    if cfg.block_budget is not None:
-        k = budget_counts(rows + 1, cfg.block_budget).expand(sel.shape[:-1])
-        sel = cap_to_budget(sel, forced, score, causal.expand_as(sel), k)
-    if cfg.dense_tail and seq_len is not None and seq_len % cfg.block_size:
-        sel[:, -1] = causal[-1]
-    return sel
+    return finish_selection(sel, score, qb0, cfg, seq_len)
