@@ -88,13 +88,6 @@ def note_fallback(reason: str, where: str = "") -> None:
     )
 
 
-def _flash_attn_varlen_fa3() -> Any:
-    """vLLM's own ``flash_attn_varlen_func`` (the one its FlashAttention backend calls), FA3."""
-    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
-
-    return functools.partial(flash_attn_varlen_func, fa_version=3)
-
-
 def _new_workspace(need: WorkspaceNeed, device: torch.device) -> PrismWorkspace:
     sizes = PrismWorkspace.sizes_for(
         need.max_num_batched_tokens,
@@ -159,7 +152,10 @@ def _layer_device(owner: Any) -> torch.device:
 
 @functools.lru_cache(maxsize=1)
 def _FA3() -> Any:
-    return _flash_attn_varlen_fa3()
+    """vLLM's own ``flash_attn_varlen_func`` (the one its FlashAttention backend calls), FA3."""
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+
+    return functools.partial(flash_attn_varlen_func, fa_version=3)
 
 
 def _workspace_need(vllm_config: Any, num_q_heads: int, num_kv_heads: int, head_dim: int, *, attend: bool,
@@ -464,7 +460,7 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
             assert ws.fits(plan), (ws.limits(), plan.num_q_blocks, plan.num_k_blocks, plan.sel_capacity)
             attend = None
             if ws.attend is not None:  # FA3 buckets, planned here on the host (None: Triton attends)
-                attend = make_attend_plan(plan, ws.attend.capacity, block_budget=self.prism_config.block_budget,
+                attend = make_attend_plan(plan, ws.attend.capacity, block_budget=self._params.block_budget,
                                           all_blocks=self._params.all_blocks)
             causal_blocks, qb_weight = 0, None
             if sample:
