@@ -247,8 +247,10 @@ def block_sparse_attention(
     block_mask: torch.Tensor,
     block: int,
     scale: float,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Exact attention of q over the keys of the selected blocks, causal per token.
+    """Exact attention of q over the keys of the selected blocks, causal per token (``softcap``
+    > 0: scores become softcap * tanh(s / softcap), as FlashAttention's soft-capping).
 
     q: [L, HQ, D] at positions ctx..ctx+L-1; k, v: [S, HKV, D], S = ctx + L;
     block_mask: bool [HQ, nq, nk] over absolute query blocks qb0.. and key blocks 0..nk-1.
@@ -266,6 +268,8 @@ def block_sparse_attention(
     kf = k.float().repeat_interleave(g, dim=1).permute(1, 0, 2)
     vf = v.float().repeat_interleave(g, dim=1).permute(1, 0, 2)
     s = (qf @ kf.transpose(1, 2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~allowed, float("-inf"))
     out = torch.softmax(s, dim=-1) @ vf
     return out.permute(1, 0, 2).to(q.dtype)

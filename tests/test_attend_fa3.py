@@ -337,3 +337,25 @@ def test_fp8_cache_and_queries_through_fa3_semantics():
                                           masks[r].to(DEVICE), B, 64**-0.5)
         torch.testing.assert_close(out[row : row + L].float(), want.float(), atol=2e-3, rtol=1e-2)
         row += L
+
+
+def test_softcap_reaches_fa3():
+    """Soft-capped layers (e.g. Gemma-2's global layers) attend on the FA3 path with FA's logit
+    soft-cap: the cap reaches every FA3 call and the output equals the capped reference."""
+    c = Case([(100, 300), (0, 200)])
+    q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c, seed=4)
+    q = q * 4  # scores large enough for the cap to matter
+    scale, cap = c.d**-0.5, 5.0
+    vkv = virtual_kv(kc, vc)
+    ws = AttendWorkspace(BIG, c.hq, c.d, torch.float16, q.device)
+    out = torch.full_like(q, float("nan"))
+    attend_fa3(q, vkv, table, sel, make_attend_plan(plan, BIG), scale, out,
+               flash_attn_varlen_func=ref.paged_varlen_attention, workspace=ws, softcap=cap)
+    row = 0
+    for r, (a, L) in enumerate(c.reqs):
+        want = ref.block_sparse_attention(q[row : row + L], ks[r], vs[r], a, masks[r].to(q.device), B, scale, softcap=cap)
+        plain = ref.block_sparse_attention(q[row : row + L], ks[r], vs[r], a, masks[r].to(q.device), B, scale)
+        atol, rtol = TOL[torch.float16]
+        torch.testing.assert_close(out[row : row + L].float(), want.float(), atol=atol, rtol=rtol)
+        assert (out[row : row + L].float() - plain.float()).abs().max() > 10 * atol  # the cap changed the output
+        row += L
