@@ -74,13 +74,19 @@ _logged_reasons: set[str] = set()
 _log_lock = threading.Lock()
 
 
+def _first_time(reason: str) -> bool:
+    with _log_lock:
+        if reason in _logged_reasons:
+            return False
+        _logged_reasons.add(reason)
+        return True
+
+
 def note_fallback(reason: str, where: str = "") -> None:
     """Count one layer served by FlashAttention; log each distinct reason once per process."""
     STATS.record_fallback(reason)
-    with _log_lock:
-        if reason in _logged_reasons:
-            return
-        _logged_reasons.add(reason)
+    if not _first_time(reason):
+        return
     logger.info(
         "Prism: FlashAttention (dense) serves %s: %s",
         f"layer {where} and any other such layer" if where else "such layers",
@@ -559,7 +565,6 @@ class PrismAttentionImpl(FlashAttentionImpl):
         # The attend step runs on FA3 where this layer's FlashAttention is FA3 (Hopper) and rows
         # end on their diagonal block; elsewhere on Prism's Triton kernel.
         self.prism_fa3 = self.vllm_flash_attn_version == 3 and self.prism_config.keep_diagonal
-        self._virtual_kv_reason: dict[tuple, Optional[str]] = {}
         self._fp8 = is_quantized_kv_cache(self.kv_cache_dtype)
         self._limits = _limits(vllm_config)
         reason = layer_reason(self, vllm_config, fa3=self.prism_fa3)
@@ -687,7 +692,7 @@ class PrismAttentionImpl(FlashAttentionImpl):
             for L in step.launches:  # one per workspace-sized run of requests (usually one)
                 t0, t1 = L.token_start, L.token_end
                 sel = prism_prefill(query[t0:t1], k_cache, v_cache, L.block_table, L.plan, lp.params, ws,
-                                    output[t0:t1], fa3=self._fa3_launch(L, k_cache), scales=scales)
+                                    output[t0:t1], fa3=self._fa3_launch(L, k_cache, v_cache), scales=scales)
                 if step.sample:
                     self._sample_density(L, sel)
         except Exception as e:  # noqa: BLE001 - e.g. a kernel that does not compile on this GPU
@@ -704,22 +709,18 @@ class PrismAttentionImpl(FlashAttentionImpl):
             STATS.add_timing(ev0, ev1)
         return output
 
-    def _fa3_launch(self, launch: PrismLaunch, k_cache: torch.Tensor) -> Optional[FA3Launch]:
+    def _fa3_launch(self, launch: PrismLaunch, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Optional[FA3Launch]:
         """FA3 for this launch, or None (Triton): FA3 off for the layer, no bucket plan (rows too
-        wide for the workspace), or a cache layout whose strides allow no virtual-page view."""
+        wide for the workspace), or a cache layout whose strides allow no virtual-page view. The
+        view is made here once per forward (stride arithmetic and two as_strided, no device work)."""
         if not self.prism_fa3 or launch.attend is None:
             return None
-        key = (tuple(k_cache.shape), k_cache.stride())
-        reason = self._virtual_kv_reason.get(key, "")
-        if reason == "":  # first sight of this cache layout: host-only stride arithmetic, once
-            got = virtual_kv(k_cache, k_cache, launch.plan.block_size)
-            reason = got if isinstance(got, str) else None
-            self._virtual_kv_reason[key] = reason
-            if reason is not None:
-                logger.info("Prism: the Triton kernel attends instead of FA3 for a cache with %s", reason)
-        if reason is not None:
+        kv = virtual_kv(k_cache, v_cache, launch.plan.block_size)
+        if isinstance(kv, str):
+            if _first_time(kv):
+                logger.info("Prism: the Triton kernel attends instead of FA3 for a KV cache with %s", kv)
             return None
-        return FA3Launch(flash_attn_varlen_func=_FA3(), attend=launch.attend)
+        return FA3Launch(flash_attn_varlen_func=_FA3(), attend=launch.attend, kv=kv)
 
     @staticmethod
     def _sample_density(launch: PrismLaunch, sel: BlockSelection) -> None:

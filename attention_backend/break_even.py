@@ -35,7 +35,7 @@ import torch
 
 from prism_vllm.config import AUTO_FALLBACK_MIN_CONTEXT_LEN
 
-__all__ = ["TimingTable", "measure", "table_for", "DENSITIES", "PRIOR_DENSITY", "MARGIN", "FALLBACK_MIN_CONTEXT_LEN"]
+__all__ = ["TimingTable", "measure", "table_for", "DENSITIES", "PRIOR_DENSITY", "MARGIN"]
 
 logger = logging.getLogger("prism_vllm.attention_backend")
 
@@ -49,8 +49,6 @@ MARGIN = 0.9
 #: Density assumed before the first sampled launch (default thresholds select 0.2-0.5 of the blocks
 #: on the models measured here, benchmarks/results/speed*.json).
 PRIOR_DENSITY = 0.5
-#: min_context_len when "auto" has no measurement (see prism_vllm.config).
-FALLBACK_MIN_CONTEXT_LEN = AUTO_FALLBACK_MIN_CONTEXT_LEN
 #: Never decide below this: one Prism block row of context is not worth estimating.
 MIN_AUTO = 2048
 
@@ -165,7 +163,7 @@ def measure(
 
     ``params``: the layer's PrismParams; ``fa3_attend``: vLLM's FA3 varlen call when the layer's
     attend step runs on FA3 (None: the Triton kernel). Returns None (and logs why) when there is
-    no CUDA device or anything fails: "auto" then falls back to FALLBACK_MIN_CONTEXT_LEN.
+    no CUDA device or anything fails: "auto" then falls back to AUTO_FALLBACK_MIN_CONTEXT_LEN.
     """
     with _LOCK:
         if shape in _TABLES:
@@ -179,7 +177,7 @@ def measure(
                              [L for L in lengths if L <= max_model_len])
         except Exception as e:  # noqa: BLE001 - a measurement must never stop the server
             logger.warning("Prism: could not measure the break-even for %s (%s: %s); min_context_len=%d",
-                           shape, type(e).__name__, e, FALLBACK_MIN_CONTEXT_LEN)
+                           shape, type(e).__name__, e, AUTO_FALLBACK_MIN_CONTEXT_LEN)
             return None
         finally:
             torch.cuda.empty_cache()

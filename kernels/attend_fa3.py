@@ -263,10 +263,6 @@ class AttendWorkspace:
         return self._q_bytes.view(dtype)[:n].view(n_rows, 1, self.head_dim)
 
     @property
-    def q_virt(self) -> torch.Tensor:
-        return self.q_rows(self.capacity.rows * self.num_q_heads, self.dtype)
-
-    @property
     def nbytes(self) -> int:
         bufs = (self._q_bytes, self.o_virt, self.cu_seqlens_q, self.seqused_k, self.page_table)
         return sum(t.numel() * t.element_size() for t in bufs)

@@ -31,6 +31,7 @@ from .attend_fa3 import (
     AttendPlan,
     AttendWorkspace,
     FlashAttnVarlen,
+    VirtualKV,
     attend_capacity,
     attend_fa3,
     virtual_kv,
@@ -326,6 +327,8 @@ class FA3Launch:
     """vLLM's ``flash_attn_varlen_func`` with ``fa_version=3`` bound (or a stand-in)."""
     attend: AttendPlan
     """The launch's buckets (``attend_fa3.make_attend_plan``, built on the host in the builder)."""
+    kv: Optional[VirtualKV] = None
+    """The cache's virtual-page view when the caller made it already (``attend_fa3.virtual_kv``)."""
 
 
 def prism_attend(
@@ -349,7 +352,7 @@ def prism_attend(
             raise ValueError("the FA3 attend step needs keep_diagonal=True (rows end on their diagonal block)")
         if workspace.attend is None:
             raise ValueError("the workspace has no FA3 attend buffers; allocate it with attend_dtype")
-        vkv = virtual_kv(k_cache, v_cache, selection.plan.block_size)
+        vkv = fa3.kv if fa3.kv is not None else virtual_kv(k_cache, v_cache, selection.plan.block_size)
         if isinstance(vkv, str):
             raise ValueError(f"the FA3 attend step cannot address this KV cache: {vkv}")
         sc = scales or Fp8Scales()
