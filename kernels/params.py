@@ -7,6 +7,7 @@ PrismConfig) and validated once, when built: the launchers read it and do not ch
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Union
@@ -86,6 +87,13 @@ class PrismParams:
     @property
     def head_dim(self) -> int:
         return self.band_high.numel()
+
+    @functools.cached_property
+    def estimation_key(self) -> tuple:
+        """What the estimation's launches take from these params besides the band masks (which
+        are kernel arguments): equal keys, same launches (``prefill.prism_estimate`` replays)."""
+        return (self.high_threshold, self.low_threshold, self.calibrate, self.keep_sink, self.keep_diagonal,
+                self.block_budget, self.block_size, self.head_dim, self.band_high.device)
 
     @property
     def all_blocks(self) -> bool:

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import AtLeast, check, check_block_table, check_params, check_plan, check_tensor, strides
+from ._launch import AtLeast, check, check_block_table, check_params, check_plan, check_tensor, launch, strides
 from .params import PrismParams
 from .plan import PrefillPlan
 
@@ -284,7 +284,9 @@ def pool_queries(
         return out
     ln = pooling_launch(H, D)
     grid = (plan.num_q_blocks, triton.cdiv(H, ln.block_h))
-    _pool_queries_kernel[grid](
+    launch(
+        _pool_queries_kernel,
+        grid,
         q=q,
         q_scale=q_scale if has_scale else out,  # unused pointer when HAS_SCALE is False
         out=out,
@@ -364,7 +366,9 @@ def pool_keys_paged(
         return out
     ln = pooling_launch(H, D)
     grid = (plan.num_k_blocks, triton.cdiv(H, ln.block_h))
-    _pool_keys_paged_kernel[grid](
+    launch(
+        _pool_keys_paged_kernel,
+        grid,
         k_cache=k_cache,
         k_scale=k_scale if has_scale else out,  # unused pointer when HAS_SCALE is False
         block_table=block_table,

@@ -338,3 +338,61 @@ def test_block_budget_through_the_facade():
         assert m[:, :-1].float().mean() < 0.5, "a 25% budget must cut the all-blocks selection"
         want = _ref_by_query_block(qs[r].float(), ks[r].float(), vs[r].float(), ctx, m.to(q.device), scale)
         torch.testing.assert_close(out[cu[r] : cu[r + 1]].float(), want, atol=atol, rtol=rtol)
+
+
+def test_layers_of_a_step_replay_the_first_layers_checked_launches(monkeypatch):
+    """prism_estimate checks and records the launches of a step's first layer and replays them
+    for the next layers (same plan, workspace and layouts; their own q, cache and band masks):
+    a replayed layer selects exactly what a fresh workspace selects for it, a new layout or a
+    bad argument is checked again, and the next plan starts over."""
+    import prism_vllm.kernels.prefill as P
+
+    chunks = [(0, 700), (256, 512)]
+    hq, hkv, d = 4, 2, 64
+    cfg = PrismConfig(high_threshold=0.9, low_threshold=0.8)
+    checks = []
+    real_check = P._check_launch
+    monkeypatch.setattr(P, "_check_launch", lambda *a: checks.append(1) or real_check(*a))
+
+    def layer(seed, bands):
+        qs, ks, vs = _structured_tokens(chunks, hq, hkv, d, torch.float16, DEVICE, seed=seed)
+        k_cache, _, table = make_paged_kv(ks, vs, 16, "NHD", seed=seed)
+        params = PrismParams.make(bands=bands, scale=d**-0.5, config=cfg, device=DEVICE)
+        return torch.cat(qs), k_cache, table, params
+
+    def new_plan():
+        return make_plan([0, 700, 1212], [0, 256], hq, B, dense_tail=cfg.dense_tail).to(DEVICE)
+
+    def new_ws(plan):
+        return PrismWorkspace(plan.num_q_blocks, plan.num_k_blocks, 2, plan.sel_capacity, hq, hkv, d, DEVICE)
+
+    def masks(sel):
+        return [m.clone() for m in sel.to_masks()]
+
+    plan = new_plan()
+    ws = new_ws(plan)
+    a, b = layer(1, BANDS64), layer(2, BANDS64_GPTJ)  # other values, other band masks
+    got_a = masks(prism_estimate(*a[:3], plan, a[3], ws))
+    got_b = masks(prism_estimate(*b[:3], plan, b[3], ws))
+    assert len(checks) == 1, "the second layer replays the first one's checked launches"
+    want_b = masks(prism_estimate(*b[:3], plan, b[3], new_ws(plan)))
+    want_a = masks(prism_estimate(*a[:3], plan, a[3], new_ws(plan)))
+    assert all(torch.equal(g, w) for g, w in zip(got_b, want_b))
+    assert all(torch.equal(g, w) for g, w in zip(got_a, want_a))
+    assert not all(torch.equal(g, w) for g, w in zip(got_a, got_b)), "the layers' inputs differ"
+
+    # q with other strides (a view of a wider buffer): checked and recorded anew, still exact
+    wide = torch.zeros(a[0].shape[0], hq, d + 8, dtype=a[0].dtype, device=DEVICE)
+    wide[..., :d] = a[0]
+    n = len(checks)
+    got = masks(prism_estimate(wide[..., :d], *a[1:3], plan, a[3], ws))
+    assert len(checks) == n + 1 and all(torch.equal(g, w) for g, w in zip(got, want_a))
+    with pytest.raises(ValueError, match="q"):  # a bad argument is never replayed past
+        prism_estimate(a[0][:, :2], *a[1:3], plan, a[3], ws)
+
+    # the next step's plan: checked again, the old launches dropped
+    plan2 = new_plan()
+    n = len(checks)
+    got = masks(prism_estimate(*b[:3], plan2, b[3], ws))
+    assert len(checks) == n + 1 and len(ws._replays) == 1
+    assert all(torch.equal(g, w) for g, w in zip(got, want_b))
