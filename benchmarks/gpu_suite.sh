@@ -7,6 +7,9 @@
 #   attend    FA3 attend step: its GPU tests (+ fp8 pooling), then the kernel benchmark with FA3
 #             attend rows for the Llama-3.1-8B layer and a 14q/2kv d=64 layer (needs vLLM's FA3)
 #   kernels   kernel GPU tests + kernel benchmark
+#   estimation  where the estimation's time goes (GPU per kernel vs host per call), its launch-knob
+#             sweep at 32K/128K, and Nsight Compute metrics of the selection kernel where ncu
+#             exists (nothing staged: torch + triton; the package importable)
 #   vllm      backend GPU tests (LLM engines side by side) + the served tests
 #   tp        tensor-parallel test (2 GPUs)
 #   load      load test alone
@@ -62,6 +65,20 @@ case "$piece" in
     timeout 110 python benchmarks/kernels.py --shape gqa7_d64 --skip estimation,break_even --commit "$sha" \
       --out "$out/kernels-fa3-d64-h200.json" > "$out/bench-fa3-d64.log" 2>&1; echo "bench rc=$?" >> "$out/bench-fa3-d64.log"
     tail -16 "$out/bench-fa3-d64.log" ;;
+  estimation)
+    log "estimation profile, Llama-3.1-8B layer"
+    timeout 200 python benchmarks/profile_estimation.py --commit "$sha" --out "$out/profile-estimation.json" \
+      > "$out/profile.log" 2>&1; echo "profile rc=$?" >> "$out/profile.log"; grep -v "^ " "$out/profile.log" | tail -8
+    log "estimation launch-knob sweep"
+    timeout 300 python benchmarks/estimation_sweep.py --lengths 32768,131072 --sweep \
+      --out "$out/estimation-sweep.json" > "$out/sweep.log" 2>&1; echo "sweep rc=$?" >> "$out/sweep.log"; tail -2 "$out/sweep.log"
+    if command -v ncu > /dev/null; then
+      log "ncu: selection kernel at 128K (4 level launches)"
+      timeout 150 ncu -k regex:_select_kernel -c 4 --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section ComputeWorkloadAnalysis python benchmarks/profile_estimation.py \
+        --lengths 131072 --once > "$out/ncu-select.txt" 2>&1; echo "ncu rc=$?" >> "$out/ncu-select.txt"
+      grep -E "Duration|Achieved Occupancy|Registers Per|Theoretical Occupancy|Compute \(SM\) Throughput|Memory Throughput|Stall|rc=" "$out/ncu-select.txt" | head -40
+    fi ;;
   kernels)
     log "kernel GPU tests"
     python -m pytest -m gpu -q -s tests/test_sparse_prefill.py tests/test_pooling.py tests/test_selection.py \
