@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         row["kernels_us"], row["launches_per_call"] = kernel_table(parts["estimate"], args.reps)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del q, k, v, kv, ws
+        q = k = v = kv = ws = None  # free before the next length
         torch.cuda.empty_cache()
 
     res = {
