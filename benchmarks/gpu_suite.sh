@@ -5,7 +5,8 @@
 #   source /root/prism-stage/env.sh && bash benchmarks/gpu_suite.sh PIECE OUTDIR COMMIT
 # Pieces:
 #   attend    FA3 attend step: its GPU tests (+ fp8 pooling), then the kernel benchmark with FA3
-#             attend rows for the Llama-3.1-8B layer and a 14q/2kv d=64 layer (needs vLLM's FA3)
+#             attend rows for the Llama-3.1-8B layer and a 14q/2kv d=64 layer (needs vLLM's FA3),
+#             and its fp8 KV cache rows (Llama-3.1-8B layer, 32K / 128K) in a run of their own
 #   kernels   kernel GPU tests + kernel benchmark
 #   estimation  where the estimation's time goes (GPU per kernel vs host per call), its launch-knob
 #             sweep at 32K/128K, and Nsight Compute metrics of the selection kernel where ncu
@@ -14,6 +15,7 @@
 #   tp        tensor-parallel test (2 GPUs)
 #   load      load test alone
 #   speed     evidence: TTFT on SmolLM2 (alone on the GPU: it times things)
+#   speed-fp8 the same with vLLM's --kv-cache-dtype fp8 on both engines -> results/speed-fp8.json
 #   llama8b   evidence: TTFT on the Llama-3.1-8B architecture (alone on the GPU)
 #   shared    everything that times nothing, side by side on one GPU, each under a time limit:
 #             vllm + accuracy evidence + load test + the selection/prefill kernel GPU tests
@@ -45,26 +47,31 @@ run_load() {
     > "$out/load.log" 2>&1
   echo "load rc=$?" >> "$out/load.log"
 }
-run_bench() {  # PART BUDGET_S [more benchmarks.run flags]
-  local part=$1 budget=$2; shift 2
+run_bench() {  # PART BUDGET_S [more benchmarks.run flags]; BENCH_TAG names the log files (default PART)
+  local part=$1 budget=$2 tag=${BENCH_TAG:-$1}; shift 2
   python -m benchmarks.run --only "$part" --budget-s "$budget" --commit "$sha" --out "$out/results" "$@" \
-    > "$out/bench-$part.log" 2>&1
-  echo "bench rc=$?" >> "$out/bench-$part.log"
-  tar czf "$out/logs-$part.tgz" -C "$out/results" logs 2>/dev/null && rm -rf "$out/results/logs"
+    > "$out/bench-$tag.log" 2>&1
+  echo "bench rc=$?" >> "$out/bench-$tag.log"
+  tar czf "$out/logs-$tag.tgz" -C "$out/results" logs 2>/dev/null && rm -rf "$out/results/logs"
 }
 
 case "$piece" in
   attend)
     log "FA3 attend GPU tests"
-    timeout 200 python -m pytest -m gpu -q -s tests/test_attend_fa3.py tests/test_pooling_fp8.py \
+    # 45 s measured (8f43227, b2c8345); the limits below add up to 510 s, as before the fp8 run
+    timeout 110 python -m pytest -m gpu -q -s tests/test_attend_fa3.py tests/test_pooling_fp8.py \
       > "$out/gpu-attend.log" 2>&1; echo "pytest rc=$?" >> "$out/gpu-attend.log"; tail -4 "$out/gpu-attend.log"
     log "kernel benchmark, Llama-3.1-8B layer"
-    timeout 200 python benchmarks/kernels.py --skip estimation,break_even --commit "$sha" --out "$out/kernels-fa3-h200.json" \
+    timeout 200 python benchmarks/kernels.py --skip estimation,break_even,fp8 --commit "$sha" --out "$out/kernels-fa3-h200.json" \
       > "$out/bench-fa3.log" 2>&1; echo "bench rc=$?" >> "$out/bench-fa3.log"; tail -24 "$out/bench-fa3.log"
     log "kernel benchmark, 14q/2kv d=64 layer"
-    timeout 110 python benchmarks/kernels.py --shape gqa7_d64 --skip estimation,break_even --commit "$sha" \
+    timeout 110 python benchmarks/kernels.py --shape gqa7_d64 --skip estimation,break_even,fp8 --commit "$sha" \
       --out "$out/kernels-fa3-d64-h200.json" > "$out/bench-fa3-d64.log" 2>&1; echo "bench rc=$?" >> "$out/bench-fa3-d64.log"
-    tail -16 "$out/bench-fa3-d64.log" ;;
+    tail -16 "$out/bench-fa3-d64.log"
+    log "kernel benchmark, fp8 KV cache, Llama-3.1-8B layer"  # its own JSON: a timeout here loses only these rows
+    timeout 90 python benchmarks/kernels.py --skip sparse,estimation,break_even --commit "$sha" \
+      --out "$out/kernels-fp8-h200.json" > "$out/bench-fp8.log" 2>&1; echo "bench rc=$?" >> "$out/bench-fp8.log"
+    tail -12 "$out/bench-fp8.log" ;;
   estimation)
     log "estimation profile, Llama-3.1-8B layer"
     timeout 200 python benchmarks/profile_estimation.py --commit "$sha" --out "$out/profile-estimation.json" \
@@ -96,6 +103,9 @@ case "$piece" in
     run_load; tail -15 "$out/load.log" ;;
   speed|llama8b)
     run_bench "$piece" "$LIMIT"; tail -30 "$out/bench-$piece.log" ;;
+  speed-fp8)  # like the run behind speed.json (--no-speed-default-config), so the two files compare
+    BENCH_TAG=speed-fp8 run_bench speed "$LIMIT" --kv-cache-dtype fp8 --no-speed-default-config
+    tail -30 "$out/bench-speed-fp8.log" ;;
   shared)
     log "start: vllm tests, accuracy, load test, kernel tests side by side"
     run_vllm & run_bench accuracy "$((LIMIT - 15))" --jobs 4 & run_load & run_kernels_changed &

@@ -16,13 +16,27 @@ dim, randomly permuted block table). Sections:
               ours includes allocating its buffers, the official includes its temporaries).
   break_even  estimation + sparse attention at the density our selection picks on the structured
               input, and at fixed proxy densities 0.3 / 0.5, vs FA3 dense at 8K / 16K / 32K.
+  fp8         an fp8 (e4m3) KV cache as vLLM's --kv-cache-dtype fp8 keeps it on FA3 (per-tensor scales,
+              value = fp8 * scale; queries quantised to fp8 too, as vLLM's Attention layer does for
+              FlashAttention) at 32K / 128K on the structured input: FA3 dense on the fp8 cache and on
+              the bf16 cache (same run, for their ratio), our estimation on the fp8 cache (fp8 q, as the
+              backend gets it; also bf16 q, and the bf16 cache for the ratio), our FA3 attend step on
+              the fp8 cache at a fixed density-0.1 mask (with descales), and estimation + attend
+              (the sum of the two medians) vs FA3 fp8 dense.
   sanity      once at the smallest length: ours at density 1.0 vs FA3 (max abs error), ours vs the
-              official kernel on the same fixed mask, our selection vs prism_vllm.reference.
+              official kernel on the same fixed mask, our selection vs prism_vllm.reference; fp8: the
+              attend step at density 1.0 vs FA3 dense on the same fp8 cache, and our selection from
+              the fp8 cache vs the reference on the dequantised q / k.
+
+Every section runs unless --skip names it (--skip sparse,estimation,break_even,fp8); fp8 is on by
+default like the others, so the plain command and the CPU dry run cover it. The time-limited
+commands of benchmarks/gpu_suite.sh's attend piece skip it and time it in a run of its own.
 
 Usage (GPU machine, from the repo root; vLLM staged for FA3):
     bash benchmarks/fetch_official.sh     # here, then carry benchmarks/_official
     python benchmarks/kernels.py --official-dir benchmarks/_official --commit $SHA
     python benchmarks/kernels.py --sweep  # sparse_prefill launch settings, one table
+    python benchmarks/kernels.py --skip sparse,estimation,break_even --out kernels-fp8-h200.json  # fp8 rows only
     python benchmarks/plot_kernels.py benchmarks/results/kernels-h200.json
 CPU plumbing check (TRITON_INTERPRET=1, fp16, tiny shapes, no FA3, no official):
     python benchmarks/kernels.py --dry-run --out /tmp/k.json
@@ -82,6 +96,8 @@ class Setup:
     be_lengths: list[int] = field(default_factory=lambda: [8 * KB, 16 * KB, 32 * KB])
     be_proxies: list[float] = field(default_factory=lambda: [0.3, 0.5])
     sweep_points: list[tuple[int, float]] = field(default_factory=lambda: [(32 * KB, 1.0), (128 * KB, 0.1)])
+    fp8_lengths: list[int] = field(default_factory=lambda: [32 * KB, 128 * KB])
+    fp8_density: float = 0.1  # the fixed mask of the fp8 attend rows
     budget_ms: float = 400.0  # time spent per measurement (after warm-up), at least min_reps calls
     min_reps: int = 3
     max_reps: int = 50
@@ -94,6 +110,7 @@ class Setup:
 
 
 SHAPES = {"llama8b": (32, 8, 128), "gqa7_d64": (14, 2, 64)}
+SECTIONS = ("sparse", "estimation", "break_even", "fp8")
 
 
 def make_setup(args: argparse.Namespace) -> Setup:
@@ -104,7 +121,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
             hq=2, hkv=1, d=64,
             lengths=[384], densities=[1.0, 0.5],
             est_lengths=[384], be_lengths=[384], be_proxies=[0.5],
-            sweep_points=[(256, 1.0)],
+            sweep_points=[(256, 1.0)], fp8_lengths=[384],
             budget_ms=0.0, min_reps=1, max_reps=1, dry=True,
         )
     else:
@@ -115,11 +132,12 @@ def make_setup(args: argparse.Namespace) -> Setup:
             s.lengths, s.densities = [8 * KB, 32 * KB], [1.0, 0.1]
             s.est_lengths, s.be_lengths, s.be_proxies = [8 * KB, 32 * KB], [8 * KB, 16 * KB], [0.3]
             s.sweep_points = [(32 * KB, 1.0)]
+            s.fp8_lengths = [32 * KB]
             s.budget_ms = 200.0
     if not args.dry_run:
         s.hq, s.hkv, s.d = SHAPES[args.shape]
     if args.lengths:
-        s.lengths = s.est_lengths = [int(x) for x in args.lengths.split(",")]
+        s.lengths = s.est_lengths = s.fp8_lengths = [int(x) for x in args.lengths.split(",")]
     if args.densities:
         s.densities = [float(x) for x in args.densities.split(",")]
     if args.budget_ms is not None:
@@ -230,6 +248,33 @@ def make_paged(k: torch.Tensor, v: torch.Tensor, s: Setup, gen: torch.Generator)
     return Paged(cache, cache[..., : s.d], cache[..., s.d :], perm.to(torch.int32).view(1, -1).contiguous(), L)
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def fp8_scale(x: torch.Tensor) -> torch.Tensor:
+    """A per-tensor dequantisation scale that maps x's largest magnitude to e4m3's largest value:
+    a 0-dim float32 tensor on x's device, like vLLM's ``layer._k_scale`` buffer (vLLM keeps 1.0
+    unless the checkpoint or calculate_kv_scales sets it; a scale that is not 1.0 here makes a
+    forgotten or doubled descale show in the sanity checks)."""
+    return (x.abs().amax().float() / FP8_MAX).clamp_min(1e-12)
+
+
+def fp8_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What vLLM stores or hands FA3: fp8(x / scale), saturated (reshape_and_cache_flash, QuantFP8)."""
+    return x.float().div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def make_paged_fp8(kv: Paged, k_scale: torch.Tensor, v_scale: torch.Tensor, s: Setup) -> Paged:
+    """The same paged cache quantised to fp8, K half with k_scale and V half with v_scale (spare
+    slots included), same block table. vLLM allocates the cache as uint8 and views it as
+    float8_e4m3fn for FlashAttention and Prism: the same bytes as this fp8 tensor."""
+    cache = torch.empty(kv.cache.shape, dtype=FP8, device=kv.cache.device)
+    cache[..., : s.d] = fp8_quant(kv.cache[..., : s.d], k_scale)
+    cache[..., s.d :] = fp8_quant(kv.cache[..., s.d :], v_scale)
+    return Paged(cache, cache[..., : s.d], cache[..., s.d :], kv.block_table, kv.tokens)
+
+
 def randn(shape: tuple[int, ...], s: Setup, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, device=s.device, dtype=torch.float32, generator=gen).to(s.dtype)
 
@@ -320,13 +365,21 @@ def load_fa3(s: Setup) -> tuple[Optional[Callable[..., Any]], str]:
     return flash_attn_varlen_func, "vllm.vllm_flash_attn FA3"
 
 
-def fa3_call(fa: Callable[..., Any], q: torch.Tensor, kv: Paged, s: Setup, out: torch.Tensor) -> Callable[[], Any]:
+def fa3_call(fa: Callable[..., Any], q: torch.Tensor, kv: Paged, s: Setup, out: torch.Tensor,
+             scales: Any = None) -> Callable[[], Any]:
+    """FA3 dense causal attention of the one request over the paged cache. ``scales``: an fp8
+    cache's ``Fp8Scales`` (q fp8 too, ``out`` the model dtype), passed as vLLM's FlashAttention
+    passes them: per-tensor scales expanded to [sequences, kv heads] descales."""
     L = q.shape[0]
     cu_q = torch.tensor([0, L], dtype=torch.int32, device=s.device)
     seqused = torch.tensor([L], dtype=torch.int32, device=s.device)
+    descales = {}
+    if scales is not None:
+        descales = {f"{n}_descale": t.reshape(1, 1).expand(1, s.hkv)
+                    for n, t in (("q", scales.q), ("k", scales.k), ("v", scales.v)) if t is not None}
     return lambda: fa(
         q=q, k=kv.k, v=kv.v, out=out, cu_seqlens_q=cu_q, max_seqlen_q=L, seqused_k=seqused, max_seqlen_k=L,
-        softmax_scale=s.scale, causal=True, block_table=kv.block_table, fa_version=3,
+        softmax_scale=s.scale, causal=True, block_table=kv.block_table, fa_version=3, **descales,
     )
 
 
@@ -434,13 +487,15 @@ class Ours:
             num_q_heads=s.hq, num_kv_heads=s.hkv, head_dim=s.d, device=s.device, block_size=s.block,
         )
 
-    def estimate(self, q: torch.Tensor, kv: Paged, ws: Any) -> None:
+    def estimate(self, q: torch.Tensor, kv: Paged, ws: Any, scales: Any = None) -> None:
         """The estimation half of prism_prefill, exactly as the backend runs it
         (prism_vllm.kernels.prefill.prism_estimate: pool q, pool k with key energies and split
-        keys, select)."""
+        keys, select); ``scales``: the ``Fp8Scales`` of an fp8 q / cache."""
         from prism_vllm.kernels.prefill import prism_estimate
 
-        prism_estimate(q, kv.k, kv.block_table, self.plan, self.params, ws, precision=self.precision)
+        prism_estimate(q, kv.k, kv.block_table, self.plan, self.params, ws, precision=self.precision,
+                       q_scale=scales.q if scales is not None else None,
+                       k_scale=scales.k if scales is not None else None)
 
     def prefill(self, q: torch.Tensor, kv: Paged, ws: Any, out: torch.Tensor) -> torch.Tensor:
         """The whole Prism prefill (estimation + sparse attention), as the backend calls it."""
@@ -471,9 +526,11 @@ class Ours:
         assert not isinstance(self.vkv, str), self.vkv
 
     def sparse_fa3(self, q: torch.Tensor, kv: Paged, sel_idx: torch.Tensor, sel_cnt: torch.Tensor, out: torch.Tensor,
-                   fa: Callable[..., Any], order: str = "kv_desc", copies_only: bool = False) -> torch.Tensor:
+                   fa: Callable[..., Any], order: str = "kv_desc", copies_only: bool = False,
+                   scales: Any = None) -> torch.Tensor:
         """The FA3 attend step (q copy + table build, FA3, output scatter), as the backend runs it;
-        ``copies_only``: the two Triton launches per bucket without the FA3 call."""
+        ``copies_only``: the two Triton launches per bucket without the FA3 call; ``scales``: the
+        ``Fp8Scales`` of an fp8 q / cache (FA3's descales)."""
         from prism_vllm.kernels.attend_fa3 import attend_fa3, scatter_out, virtual_sequences
         from prism_vllm.kernels.plan import BlockSelection
 
@@ -483,8 +540,9 @@ class Ours:
                 a = virtual_sequences(q, self.vkv, kv.block_table, sel, b, self.attend_ws, order=order)
                 scatter_out(a["out"], out, self.plan, b, self.s.hkv, order=order)
             return out
+        sc = {} if scales is None else {"q_scale": scales.q, "k_scale": scales.k, "v_scale": scales.v}
         return attend_fa3(q, self.vkv, kv.block_table, sel, self.attend_plan, self.s.scale, out,
-                          flash_attn_varlen_func=fa, workspace=self.attend_ws, order=order)
+                          flash_attn_varlen_func=fa, workspace=self.attend_ws, order=order, **sc)
 
     def sel(self, ws: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return ws.sel_idx, ws.sel_cnt[: self.plan.num_q_blocks * self.s.hq]
@@ -678,6 +736,17 @@ def add_check(res: dict[str, Any], name: str, L: int, density: Optional[float], 
           file=sys.stderr, flush=True)
 
 
+def add_selection_check(res: dict[str, Any], name: str, L: int, got: torch.Tensor, want: torch.Tensor) -> None:
+    """Our selection's block mask vs the reference's: the share of the reference's selected
+    blocks that differ (near-ties may flip a block)."""
+    diff = float((got != want).sum()) / max(1, int(want.sum()))
+    ok = diff < 1e-3
+    res["sanity"].append({"check": name, "tokens": L, "mismatch_frac": diff, "ref_density": mask_density(want),
+                          "ok": ok})
+    print(f"sanity {name} L={L}: {diff:.2e} of selected blocks differ from the reference "
+          f"({'ok' if ok else 'FAILED'})", file=sys.stderr, flush=True)
+
+
 def check_dense(s: Setup, ours: Ours, q: torch.Tensor, kv: Paged, k: torch.Tensor, v: torch.Tensor,
                 sel_idx: torch.Tensor, sel_cnt: torch.Tensor, fa3: Optional[Callable[..., Any]],
                 res: dict[str, Any]) -> None:
@@ -738,12 +807,7 @@ def run_estimation(s: Setup, off: Optional[Official], res: dict[str, Any], bar: 
             qp = reference.pool_blocks(q, 0, s.block)
             kp = reference.pool_blocks(k, 0, s.block)
             want = reference.select_blocks(qp, kp, 0, ours.bands, ours.cfg)
-            diff = float((got != want).sum()) / max(1, int(want.sum()))
-            ok = diff < 1e-3
-            res["sanity"].append({"check": "prism_selection_vs_reference", "tokens": L, "mismatch_frac": diff,
-                                  "ref_density": mask_density(want), "ok": ok})
-            print(f"sanity selection L={L}: {diff:.2e} of selected blocks differ from the reference "
-                  f"({'ok' if ok else 'FAILED'})", file=sys.stderr, flush=True)
+            add_selection_check(res, "prism_selection_vs_reference", L, got, want)
         row["official_ms"] = row["official_extra_mem_mb"] = row["official_density"] = None
         if off is not None and off.prism_block_estimate is not None and L in s.est_lengths:
             G = s.hq // s.hkv
@@ -798,6 +862,93 @@ def run_break_even(s: Setup, fa3: Optional[Callable[..., Any]], est: dict[int, d
         est[L] = {}
         if s.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def run_fp8(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any], bar: Progress) -> None:
+    """fp8 (e4m3) KV cache rows: what vLLM's --kv-cache-dtype fp8 runs on FA3, beside FA3 on bf16.
+
+    Inputs per length: the estimation section's structured q / k (so our estimation selects what
+    it would there) and random v, in the model dtype (bf16; fp16 in the dry run), scattered into
+    a paged cache; per-tensor scales from their largest magnitudes (``fp8_scale``); the fp8 cache
+    is that cache quantised (same pages, same block table) and q is quantised with its own scale,
+    as vLLM's Attention layer does when the backend takes fp8 queries (FlashAttention does on
+    CUDA, and FA3 needs q in the cache's dtype). The attend step reads a fixed mask at
+    ``s.fp8_density`` (as the sparse section does), not the estimation's selection; ``total_ms``
+    is the sum of the estimation and attend medians.
+    """
+    from prism_vllm import reference
+    from prism_vllm.kernels.prefill import Fp8Scales
+
+    gen = torch.Generator(device=s.device).manual_seed(5)
+    # The dry run has no FA3: FA's semantics in plain PyTorch stand in for the attend step's FA3
+    # calls and for the sanity check's dense output (never timed as FA3 dense).
+    dense = fa3 if fa3 is not None else reference.paged_varlen_attention if s.dry else None
+    fa = functools.partial(fa3, fa_version=3) if fa3 is not None else dense
+    for li, L in enumerate(s.fp8_lengths):
+        q, k = make_structured_qk(L, s, gen)
+        v = randn((L, s.hkv, s.d), s, gen)
+        kv = make_paged(k, v, s, gen)
+        sc = Fp8Scales(q=fp8_scale(q), k=fp8_scale(k), v=fp8_scale(v))
+        q8 = fp8_quant(q, sc.q)
+        kv8 = make_paged_fp8(kv, sc.k, sc.v, s)
+        del v
+        ours = Ours(s, L)
+        out = torch.empty_like(q)  # the model dtype: FA3 writes it from fp8 inputs
+        row: dict[str, Any] = {"tokens": L, "kv_cache_dtype": "float8_e4m3fn", "q_dtype": "float8_e4m3fn",
+                               "scales": {n: float(getattr(sc, n)) for n in ("q", "k", "v")},
+                               "fa3_fp8_ms": None, "fa3_bf16_ms": None}
+        if fa3 is not None:
+            row["fa3_fp8_ms"] = bench_or_none(fa3_call(fa3, q8, kv8, s, out, scales=sc), s, f"FA3 fp8 {tok(L)}")
+            row["fa3_bf16_ms"] = bench_or_none(fa3_call(fa3, q, kv, s, out), s, f"FA3 bf16 {tok(L)}")
+        bar.step(f"fp8 {tok(L)} fa3")
+
+        ws = ours.alloc()
+        row["estimation_ms"] = bench(lambda: ours.estimate(q8, kv8, ws, sc), s)  # as the backend runs it
+        row["estimation_density"] = round(ours.density(ws), 5)
+        if li == 0:
+            # the cache's K half holds exactly fp8_quant(k): the spec on the dequantised values
+            qp = reference.pool_blocks(q8.float() * sc.q, 0, s.block)
+            kp = reference.pool_blocks(fp8_quant(k, sc.k).float() * sc.k, 0, s.block)
+            want = reference.select_blocks(qp, kp, 0, ours.bands, ours.cfg)
+            add_selection_check(res, "fp8_selection_vs_reference", L, ours.selected_mask(ws), want)
+            del qp, kp, want
+        k_only = Fp8Scales(k=sc.k)  # bf16 q: what a backend without fp8 queries would hand over
+        row["estimation_bf16q_ms"] = bench(lambda: ours.estimate(q, kv8, ws, k_only), s)
+        row["estimation_bf16_ms"] = bench(lambda: ours.estimate(q, kv, ws), s)  # the bf16 cache
+        del k
+        bar.step(f"fp8 {tok(L)} estimation")
+
+        mask = fixed_mask(s.hq, ours.plan.num_q_blocks, s.fp8_density, s.device, gen)
+        sel_idx, sel_cnt = ours.bsr(mask)
+        measured = mask_density(mask)
+        row["density"] = round(measured, 5)
+        row["attend_ms"] = row["total_ms"] = None
+        if fa is not None:
+            ours.attend_setup(kv8)
+            if li == 0:
+                full = fixed_mask(s.hq, ours.plan.num_q_blocks, 1.0, s.device, gen)
+                fi, fc = ours.bsr(full)
+                got = torch.full_like(q, float("nan"))
+                ours.sparse_fa3(q8, kv8, fi, fc, got, fa, scales=sc)
+                ref = torch.full_like(q, float("nan"))
+                fa3_call(dense, q8, kv8, s, ref, scales=sc)()
+                what = "fa3_fp8" if fa3 is not None else "paged_reference"
+                add_check(res, f"fp8_attend_dense_vs_{what}_{tok(L)}", L, 1.0, got, ref, tol=2e-2)
+                del full, fi, fc, got, ref
+            row["attend_ms"] = bench_or_none(lambda: ours.sparse_fa3(q8, kv8, sel_idx, sel_cnt, out, fa, scales=sc),
+                                             s, f"FA3 attend fp8 {tok(L)} d={s.fp8_density}")
+        if row["attend_ms"] is not None:
+            row["total_ms"] = row["estimation_ms"] + row["attend_ms"]
+        f8 = row["fa3_fp8_ms"]
+        if f8 is not None and row["fa3_bf16_ms"] is not None:
+            row["fa3_fp8_speedup_vs_bf16"] = round(row["fa3_bf16_ms"] / f8, 3)
+        if f8 is not None and row["attend_ms"] is not None:
+            row["attend_speedup_vs_fa3_fp8"] = round(f8 / row["attend_ms"], 3)
+            row["attend_per_block_eff"] = round(f8 * measured / row["attend_ms"], 3)
+            row["total_speedup_vs_fa3_fp8"] = round(f8 / row["total_ms"], 3)
+        res["fp8"].append(row)
+        bar.step(f"fp8 {tok(L)} attend")
+        # the next length's inputs replace these (no del: the timed lambdas name them)
 
 
 def run_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any]) -> None:
@@ -900,6 +1051,15 @@ def summary(res: dict[str, Any]) -> str:
                                               ("estimation_ms", "est"), ("sparse_ms", "sparse"),
                                               ("total_ms", "total"), ("fa3_ms", "fa3"),
                                               ("speedup_vs_fa3", "fa3/total")]))
+    if res.get("fp8"):
+        out.append("== fp8 KV cache (e4m3, per-tensor scales; ms; x = FA3 fp8 dense / impl) ==")
+        out.append(table(res["fp8"], [("tokens", "tokens"), ("density", "density"), ("fa3_fp8_ms", "fa3_fp8"),
+                                      ("fa3_bf16_ms", "fa3_bf16"), ("fa3_fp8_speedup_vs_bf16", "bf16/fp8"),
+                                      ("estimation_ms", "est"), ("estimation_bf16q_ms", "est_bf16q"),
+                                      ("estimation_bf16_ms", "est_bf16"), ("estimation_density", "est_dens"),
+                                      ("attend_ms", "attend"), ("total_ms", "total"),
+                                      ("attend_speedup_vs_fa3_fp8", "attend_x"), ("total_speedup_vs_fa3_fp8", "total_x"),
+                                      ("attend_per_block_eff", "blk_eff")]))
     if res.get("sweep"):
         out.append("== sparse_prefill launch settings ==")
         attn_rows = [r for r in res["sweep"] if "select_precision" not in r]
@@ -945,15 +1105,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--official-dir", default=None, help="folder holding the official prism/ package")
     ap.add_argument("--official-paged", action="store_true", help="also time the official paged kernel")
     ap.add_argument("--commit", default=None, help="commit of the measured tree (default: git rev-parse HEAD)")
-    ap.add_argument("--lengths", default=None, help="comma-separated token counts (overrides sparse/estimation)")
+    ap.add_argument("--lengths", default=None, help="comma-separated token counts (overrides sparse/estimation/fp8)")
     ap.add_argument("--densities", default=None, help="comma-separated densities for the sparse section")
     ap.add_argument("--budget-ms", type=float, default=None, help="time per measurement after warm-up")
     ap.add_argument("--select-precision", default=None, choices=["ieee", "tf32x3", "tf32"],
                     help="tl.dot precision of our selection kernel (default: the kernel's default)")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: sparse,estimation,break_even")
+    ap.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
     ap.add_argument("--shape", default="llama8b", choices=sorted(SHAPES),
                     help="layer shape: llama8b (32 q / 8 kv heads, d=128) or gqa7_d64 (14 q / 2 kv heads, d=64)")
     args = ap.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    if skip - set(SECTIONS):
+        ap.error(f"--skip {args.skip}: unknown section(s) {sorted(skip - set(SECTIONS))}; use {','.join(SECTIONS)}")
 
     s = make_setup(args)
     fa3, fa3_why = load_fa3(s)
@@ -972,7 +1135,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                      "official_prism": off.commit if off else None},
         "fa3": fa3_why if fa3 is None else "vllm.vllm_flash_attn.flash_attn_varlen_func(fa_version=3, paged)",
         "official": off_why,
-        "sparse": [], "estimation": [], "break_even": [], "sanity": [], "notes": [],
+        "sparse": [], "estimation": [], "break_even": [], "fp8": [], "sanity": [], "notes": [],
     }
     if fa3 is None:
         msg = f"FA3 unavailable: {fa3_why}; fa3_ms columns are None"
@@ -985,14 +1148,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         res["notes"] += off.notes
     if args.sweep:
         res["sweep"] = []
-        for k in ("sparse", "estimation", "break_even"):
+        for k in SECTIONS:
             res.pop(k)
         run_sweep(s, fa3, res)
     else:
-        skip = set(filter(None, args.skip.split(",")))
         steps = (0 if "sparse" in skip else len(s.lengths) * (1 + len(s.densities)))
         steps += 0 if "estimation" in skip else len(set(s.est_lengths) | set(s.be_lengths))
         steps += 0 if "break_even" in skip or "estimation" in skip else len(s.be_lengths)
+        steps += 0 if "fp8" in skip else 3 * len(s.fp8_lengths)
         bar = Progress(steps, "kernels")
         if "sparse" not in skip:
             run_sparse(s, fa3, off, res, bar, args.official_paged)
@@ -1002,6 +1165,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             est = run_estimation(s, off, res, bar)
             if s.be_lengths:
                 run_break_even(s, fa3, est, res, bar)
+            del est
+        if "fp8" not in skip:
+            try:
+                run_fp8(s, fa3, res, bar)
+            except Exception as e:  # noqa: BLE001 - a one-shot GPU run keeps the other sections' rows
+                msg = f"fp8 section failed: {type(e).__name__}: {str(e)[:300]}"
+                ERRORS.append(msg)
+                res["sanity"].append({"check": "fp8_section_completed", "ok": False, "error": msg})
+                print(msg, file=sys.stderr, flush=True)
         bar.close()
     res["notes"] += ERRORS
     if res.get("break_even"):

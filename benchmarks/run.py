@@ -17,6 +17,11 @@ Parts (each writes DIR/<part>.json with gpu, date, commit, command and its rows)
     llama8b  the same on the Llama-3.1-8B architecture with dummy weights at a fixed block budget
              (random weights give near-uniform attention, hence the budget), file speed-llama8b.json
 
+``--kv-cache-dtype fp8`` runs the TTFT parts (speed, llama8b) with vLLM's ``kv_cache_dtype="fp8"``
+(e4m3, vLLM's per-tensor scales: 1.0 unless the checkpoint brings its own) on both engines,
+FLASH_ATTN and Prism, recorded in the part's settings and written to speed-fp8.json /
+speed-llama8b-fp8.json beside the default files; the accuracy parts keep the model's KV cache.
+
 Each vLLM engine runs in its own subprocess under a hard time limit (GPU memory is freed when it
 exits); a job killed at its limit still reports what it finished. Prism runs with
 ``min_context_len=0`` here so every chunk is served by Prism (otherwise short contexts silently
@@ -35,6 +40,9 @@ carried), each command well inside the 10-minute limit of one device call:
     python -m benchmarks.run --only accuracy --budget-s 570 --commit SHA --out $OUT/results
     python -m benchmarks.run --only speed    --budget-s 570 --commit SHA --out $OUT/results
     python -m benchmarks.run --only llama8b  --budget-s 570 --commit SHA --out $OUT/results
+    # the TTFT row on an fp8 KV cache (both engines with vLLM's kv_cache_dtype="fp8") -> speed-fp8.json
+    python -m benchmarks.run --only speed --kv-cache-dtype fp8 --no-speed-default-config --budget-s 540 \
+        --commit SHA --out $OUT/results
 
 then copy the returned results/*.json here into benchmarks/results and run
 ``python -m benchmarks.run --report --readme README.md`` (tables, plots, README block).
@@ -100,6 +108,8 @@ class Plan:
     #: also time Prism with PrismConfig's defaults (min_context_len as shipped): below it every
     #: prompt should run at FlashAttention's speed
     speed_default_config: bool = True
+    #: vLLM's kv_cache_dtype of the TTFT parts' engines ("auto": the model's dtype)
+    kv_cache_dtype: str = "auto"
     max_num_batched_tokens: int = 16384
     #: KV cache of each accuracy engine (fixed, so engines can share the GPU without profiling)
     accuracy_kv_bytes: int = 8 << 30
@@ -110,7 +120,7 @@ class Plan:
 
 
 def make_plan(a: argparse.Namespace) -> Plan:
-    p = Plan(dry=a.dry_run, quick=a.quick)
+    p = Plan(dry=a.dry_run, quick=a.quick, kv_cache_dtype=a.kv_cache_dtype)
     if a.quick:
         p.recall_lengths, p.ppl_lengths, p.ppl_windows = [8 * KB], [8 * KB], 4
         p.needle_lengths, p.needle_seeds = [4 * KB, 8 * KB], 3
@@ -182,7 +192,8 @@ class Runner:
         return d
 
     def save(self, part: str) -> None:
-        common.write_json(self.out / report.PART_FILES[part], self.results[part])
+        kv = self.plan.kv_cache_dtype if part in report.KV_PARTS else "auto"
+        common.write_json(self.out / report.part_file(part, kv), self.results[part])
 
     def windows(self, L: int, n: int, start: int) -> list[list[int]]:
         return corpus.token_windows(self.ids, L, n, start)
@@ -227,13 +238,18 @@ class Runner:
                 "max_num_batched_tokens": p.max_num_batched_tokens, "max_num_seqs": 64,
                 "hf_overrides": common.yarn_overrides(self.model, max_model_len, p.native),
                 "prism": self.prism_cfg if backend == "prism" else self.user_prism if backend == "prism-default" else None,
-                "device": "cpu", "dtype": "float32"}
+                "device": "cpu", "dtype": "float32", "kv_cache_dtype": "auto"}
         spec.update(kw)
         return spec
 
     def rope_label(self, L: int) -> str:
         f = common.yarn_factor(L, self.plan.native)
         return "native" if f <= 1.0 else f"YaRN x{f:g}"
+
+    @property
+    def kv_tag(self) -> str:
+        """'-fp8' in the TTFT jobs' names (and their log files) on an fp8 KV cache."""
+        return "" if self.plan.kv_cache_dtype == "auto" else f"-{self.plan.kv_cache_dtype}"
 
     # -- job scheduling ------------------------------------------------------------------------------
     def run_jobs(self, items: list[tuple[dict[str, Any], str, Any]], concurrency: int) -> None:
@@ -382,6 +398,7 @@ class Runner:
         p = self.plan
         doc = self.part_doc("speed", models=[SMOL_NAME], skipped={}, settings={
             "lengths": p.speed_lengths, "reps": p.speed_reps, "enforce_eager": False, "enable_prefix_caching": False,
+            "kv_cache_dtype": p.kv_cache_dtype,
             "max_num_batched_tokens": p.max_num_batched_tokens, "prism_default_config": self.user_prism,
             "ttft": "wall time of LLM.generate for one request with max_tokens=1, median over reps after one warm-up"})
         if not p.speed_lengths:
@@ -390,8 +407,9 @@ class Runner:
         prompts_by_len = {str(L): self.windows(L - OUT_RESERVE, p.speed_reps + 1, 0) for L in p.speed_lengths}
         backends = ("dense", "prism") + (("prism-default",) if p.speed_default_config else ())
         for backend in backends:
-            job = {"name": f"speed-smollm2-{backend}", "kind": "engine",
-                   "engine": self.engine_spec(backend, mml, eager=False, mem=0.5, max_num_seqs=4),
+            job = {"name": f"speed-smollm2-{backend}{self.kv_tag}", "kind": "engine",
+                   "engine": self.engine_spec(backend, mml, eager=False, mem=0.5, max_num_seqs=4,
+                                              kv_cache_dtype=p.kv_cache_dtype),
                    "tasks": [{"task": "speed", "label": f"SmolLM2 {backend}", "prompts": prompts_by_len}]}
             res = self.run_job(job, "speed")
             for r in res.get("rows", []):
@@ -405,7 +423,7 @@ class Runner:
         p = self.plan
         doc = self.part_doc("llama8b", models=[LLAMA_NAME], skipped={}, settings={
             "lengths": p.llama_lengths, "reps": p.llama_reps, "block_budget": p.llama_budget,
-            "enforce_eager": False, "enable_prefix_caching": False, "max_num_batched_tokens": p.max_num_batched_tokens,
+            "kv_cache_dtype": p.kv_cache_dtype, "enforce_eager": False, "enable_prefix_caching": False, "max_num_batched_tokens": p.max_num_batched_tokens,
             "config": common.LLAMA_31_8B_CONFIG, "load_format": "dummy",
             "ttft": "wall time of LLM.generate for one request with max_tokens=1, median over reps after one warm-up"})
         if p.dry:
@@ -419,8 +437,9 @@ class Runner:
         for backend in ("dense", "prism"):
             prism = {**self.prism_cfg, "block_budget": p.llama_budget} if backend == "prism" else None
             spec = self.engine_spec(backend, mml, eager=False, mem=0.85, max_num_seqs=4, model=mdir,
-                                    tokenizer=self.model, load_format="dummy", hf_overrides=None, prism=prism)
-            job = {"name": f"speed-llama8b-{backend}", "kind": "engine", "engine": spec,
+                                    tokenizer=self.model, load_format="dummy", hf_overrides=None, prism=prism,
+                                    kv_cache_dtype=p.kv_cache_dtype)
+            job = {"name": f"speed-llama8b-{backend}{self.kv_tag}", "kind": "engine", "engine": spec,
                    "tasks": [{"task": "speed", "label": f"Llama-8B {backend}", "prompts": prompts_by_len}]}
             res = self.run_job(job, "llama")
             for r in res.get("rows", []):
@@ -465,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", type=int, default=None, help="needle seeds per point")
     ap.add_argument("--windows", type=int, default=None, help="perplexity windows per length")
     ap.add_argument("--reps", type=int, default=None, help="timed requests per speed point (after 1 warm-up)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                    help="vLLM's kv_cache_dtype for the TTFT parts' engines (speed, llama8b), both backends; "
+                         "fp8: results in speed-fp8.json / speed-llama8b-fp8.json (default: auto, the model's dtype)")
     return ap
 
 
@@ -475,7 +497,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.out = str(common.REPO / "benchmarks" / ("dry-run" if a.dry_run else "results"))
     out = Path(a.out)
     if a.report:
-        res = report.load_results(out)
+        if a.readme and a.kv_cache_dtype != "auto":
+            raise SystemExit("--readme: the README block is generated from the default results; "
+                             "drop --kv-cache-dtype (--report --kv-cache-dtype fp8 prints the fp8 tables)")
+        res = report.load_results(out, a.kv_cache_dtype)
         md = report.markdown(res, image_dir=os.path.relpath(out, Path(a.readme).resolve().parent) if a.readme else str(out))
         try:
             report.plot_all(res, out)
@@ -497,6 +522,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parts.add(x)
             elif x:
                 raise SystemExit(f"--only {x!r}: unknown part; use {', '.join(PARTS)} or accuracy")
+    if a.kv_cache_dtype != "auto":
+        other = parts - set(report.KV_PARTS)
+        if a.only and other:
+            raise SystemExit(f"--kv-cache-dtype {a.kv_cache_dtype} is for the TTFT parts ({', '.join(report.KV_PARTS)}); "
+                             f"run {', '.join(sorted(other))} without it")
+        parts -= other  # the default set: its TTFT parts
     plan = make_plan(a)
     t0 = time.monotonic()
     runner = Runner(a, plan, argv)
@@ -510,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner.part_speed()
     if "llama8b" in parts:
         runner.part_llama()
-    res = report.load_results(out)
+    res = report.load_results(out, plan.kv_cache_dtype)
     try:
         report.plot_all(res, out)
     except Exception as e:  # noqa: BLE001 - plots must not lose the measured JSON

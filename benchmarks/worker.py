@@ -108,6 +108,9 @@ class VllmEngine:
         if spec.get("kv_cache_memory_bytes"):
             # fixed KV size, no memory profiling: engines may share the GPU (accuracy runs)
             kw["kv_cache_memory_bytes"] = int(spec["kv_cache_memory_bytes"])
+        if spec.get("kv_cache_dtype", "auto") != "auto":
+            # e.g. "fp8": both backends read the same quantised cache (vLLM's per-tensor scales)
+            kw["kv_cache_dtype"] = spec["kv_cache_dtype"]
         if spec["backend"].startswith("prism"):
             kw["additional_config"] = {"prism": dict(spec.get("prism") or {})}
         return kw
@@ -196,6 +199,9 @@ class HFEngine:
         self.backend = spec["backend"]
         self.device = spec.get("device", "cpu")
         self.model = load_hf_model(spec["model"], spec.get("hf_overrides"), spec.get("dtype", "float32"), self.device)
+        if spec.get("kv_cache_dtype", "auto") != "auto":
+            log(f"HF engine: kv_cache_dtype {spec['kv_cache_dtype']} not applied (transformers dry run, no KV cache "
+                f"quantisation)")
         self.selected = 0
         self.causal = 0
         self.prism_tokens = 0

@@ -43,7 +43,7 @@ def dry_run(tmp_path_factory):
 
 def test_dry_run_json_schema(dry_run):
     res, _, _, stdout = dry_run
-    for key in ("gpu", "date", "commit", "command", "sparse", "estimation", "break_even", "sanity"):
+    for key in ("gpu", "date", "commit", "command", "sparse", "estimation", "break_even", "fp8", "sanity"):
         assert key in res, key
     assert res["commit"] == "test-commit"
     assert "--dry-run" in res["command"]
@@ -67,12 +67,25 @@ def test_dry_run_json_schema(dry_run):
             assert r["estimation_ms"] > 0 and r["sparse_ms"] > 0
     assert {r["mode"] for r in res["break_even"]} > {"prism_selection_structured_synthetic"}
     assert "sparse attention" in stdout and "sanity" in stdout
+    # fp8 KV cache rows: our estimation and the FA3 attend step (FA's semantics standing in) on
+    # the fp8 cache; no FA3 dense numbers without FA3
+    assert [r["tokens"] for r in res["fp8"]] == [384]
+    for r in res["fp8"]:
+        assert r["kv_cache_dtype"] == r["q_dtype"] == "float8_e4m3fn"
+        assert r["fa3_fp8_ms"] is None and r["fa3_bf16_ms"] is None and "total_speedup_vs_fa3_fp8" not in r
+        for k in ("estimation_ms", "estimation_bf16q_ms", "estimation_bf16_ms", "attend_ms"):
+            assert math.isfinite(r[k]) and r[k] > 0, k
+        assert r["total_ms"] == pytest.approx(r["estimation_ms"] + r["attend_ms"])
+        assert 0.0 < r["density"] < 1.0 and 0.0 < r["estimation_density"] <= 1.0
+        assert all(0.0 < x != 1.0 for x in r["scales"].values())  # a dropped descale would show
+    assert "fp8 KV cache" in stdout
 
 
 def test_dry_run_sanity_checks_pass(dry_run):
     res = dry_run[0]
     names = {c["check"] for c in res["sanity"]}
-    assert {"prism_dense_vs_reference", "prism_vs_reference_fixed_mask", "prism_selection_vs_reference"} <= names
+    assert {"prism_dense_vs_reference", "prism_vs_reference_fixed_mask", "prism_selection_vs_reference",
+            "fp8_selection_vs_reference", "fp8_attend_dense_vs_paged_reference_384"} <= names
     assert all(c["ok"] for c in res["sanity"]), res["sanity"]
 
 
@@ -82,6 +95,63 @@ def test_dry_run_plot(dry_run):
         pytest.skip("matplotlib not installed")
     png = out.with_suffix(".png")
     assert png.exists() and png.stat().st_size > 10_000
+
+
+def test_fp8_cache_and_descales():
+    """The fp8 section's inputs: the quantised cache dequantises to the model-dtype cache within
+    e4m3's rounding (spare slots too, same block table), and the FA3 dense call hands the
+    per-tensor scales over as vLLM's FlashAttention does ([sequences, kv heads] descales)."""
+    from prism_vllm.kernels.prefill import Fp8Scales
+
+    bench = _load_bench()
+    s = bench.Setup(device="cpu", dtype=torch.float16, hq=4, hkv=2, d=64, dry=True)
+    gen = torch.Generator().manual_seed(0)
+    L = 100
+    k, v = bench.randn((L, s.hkv, s.d), s, gen) * 3, bench.randn((L, s.hkv, s.d), s, gen)
+    kv = bench.make_paged(k, v, s, gen)
+    sk, sv = bench.fp8_scale(k), bench.fp8_scale(v)
+    assert sk.dtype == torch.float32 and sk.numel() == 1 and float(sk) == pytest.approx(float(k.abs().max()) / 448)
+    kv8 = bench.make_paged_fp8(kv, sk, sv, s)
+    assert kv8.cache.dtype == torch.float8_e4m3fn and kv8.block_table is kv.block_table
+    for half, ref, sc in ((kv8.k, kv.k, sk), (kv8.v, kv.v, sv)):
+        back = half.float() * sc
+        # e4m3: 3 mantissa bits, rounding error <= 2^-4 relative; below 2^-6 * scale subnormal steps
+        assert ((back - ref.float()).abs() <= ref.float().abs() / 16 + float(sc) / 2**9 * 1.01).all()
+    seen = {}
+
+    def fa(**kw):
+        seen.update(kw)
+
+    q8 = bench.fp8_quant(bench.randn((L, s.hq, s.d), s, gen), torch.tensor(0.01))
+    sc = Fp8Scales(q=torch.tensor(0.01), k=sk, v=sv)
+    bench.fa3_call(fa, q8, kv8, s, torch.empty(L, s.hq, s.d, dtype=s.dtype), scales=sc)()
+    for n, t in (("q", sc.q), ("k", sk), ("v", sv)):
+        assert seen[f"{n}_descale"].shape == (1, s.hkv) and (seen[f"{n}_descale"] == t).all()
+    seen.clear()
+    bench.fa3_call(fa, q8, kv8, s, torch.empty(L, s.hq, s.d, dtype=s.dtype))()
+    assert not any(name.endswith("_descale") for name in seen)
+
+
+def test_fp8_failure_keeps_the_other_rows(tmp_path, monkeypatch):
+    """A one-shot GPU run whose fp8 section fails still writes its JSON, with a failed check."""
+    bench = _load_bench()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("FA3 built without fp8")
+
+    monkeypatch.setattr(bench, "run_fp8", boom)
+    monkeypatch.setattr(bench, "ERRORS", [])
+    out = tmp_path / "k.json"
+    assert bench.main(["--dry-run", "--skip", "sparse,estimation,break_even", "--out", str(out)]) == 2
+    res = json.loads(out.read_text())
+    assert [(c["check"], c["ok"]) for c in res["sanity"]] == [("fp8_section_completed", False)]
+    assert any("FA3 built without fp8" in n for n in res["notes"])
+
+
+def test_skip_names_a_section():
+    bench = _load_bench()
+    with pytest.raises(SystemExit):
+        bench.main(["--dry-run", "--skip", "fp9"])
 
 
 @pytest.mark.parametrize("nq,density", [(1, 1.0), (5, 0.5), (9, 0.2), (16, 1.0), (33, 0.1)])

@@ -321,6 +321,48 @@ def test_dry_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert readme.read_text().count(report.README_BEGIN) == 1
 
 
+def test_dry_run_fp8_kv_cache(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--kv-cache-dtype fp8: only the TTFT parts run, every engine of theirs (both backends) gets
+    the dtype, the docs record it and land in speed-fp8.json / speed-llama8b-fp8.json beside, never
+    over, the default files; the report reads them back without the bf16 goals."""
+    from benchmarks import worker
+
+    specs = []
+    real_run_job = worker.run_job
+
+    def spy(job):
+        specs.append(job["engine"])
+        return real_run_job(job)
+
+    monkeypatch.setattr(worker, "run_job", spy)
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "speed.json").write_text('{"sentinel": 1}\n')
+    argv = ["--dry-run", "--out", str(out), "--kv-cache-dtype", "fp8", "--speed-lengths", "256,512",
+            "--llama-lengths", "512", "--no-speed-default-config"]
+    assert run.main(argv) == 0
+    assert json.loads((out / "speed.json").read_text()) == {"sentinel": 1}
+    assert not any((out / report.PART_FILES[p]).exists() for p in ("recall", "ppl", "needle", "llama8b"))
+    assert {(s["backend"], s["kv_cache_dtype"]) for s in specs} == {(b, "fp8") for b in ("dense", "prism")}
+    assert len(specs) == 4  # speed + llama8b, two backends each
+    res = report.load_results(out, "fp8")
+    assert set(res) == {"speed", "llama8b"}
+    for part, d in res.items():
+        assert (out / f"{report.PART_FILES[part][:-5]}-fp8.json").is_file()
+        assert d["settings"]["kv_cache_dtype"] == "fp8" and "--kv-cache-dtype fp8" in d["command"]
+        assert d["rows"] and all(j["status"] == "ok" and j["name"].endswith("-fp8") for j in d["jobs"])
+        if HAS_MPL:
+            assert (out / report.part_file(part, "fp8", ext=".png")).is_file()
+    md = report.markdown(res, image_dir="img")
+    assert "KV cache fp8" in md and "### Goals" not in md and "(img/speed-fp8.png)" in md
+    assert report.load_results(out)["speed"] == {"sentinel": 1}
+    with pytest.raises(SystemExit, match="TTFT parts"):
+        run.main(["--dry-run", "--out", str(out), "--only", "ppl", "--kv-cache-dtype", "fp8"])
+    with pytest.raises(SystemExit, match="README"):
+        run.main(["--report", "--out", str(out), "--kv-cache-dtype", "fp8", "--readme", str(tmp_path / "R.md")])
+    capsys.readouterr()
+
+
 # -- the vLLM glue, without a GPU ------------------------------------------------------------------
 def _spec(backend: str, **kw):
     spec = {"kind": "vllm", "backend": backend, "model": "/nonexistent/model", "max_model_len": 32768,
@@ -346,6 +388,11 @@ def test_engine_kwargs_are_vllm_engine_args() -> None:
                                            load_format="dummy", tokenizer="/tok", kv_cache_memory_bytes=8 << 30))
     EngineArgs(**dense)
     EngineArgs(**prism)
+    assert "kv_cache_dtype" not in dense  # "auto": vLLM's own default
+    fp8 = VllmEngine.engine_kwargs(_spec("prism", kv_cache_dtype="fp8"))
+    assert fp8["kv_cache_dtype"] == "fp8" and VllmEngine.engine_kwargs(_spec("dense", kv_cache_dtype="fp8"))[
+        "kv_cache_dtype"] == "fp8"
+    EngineArgs(**fp8)
     assert AttentionConfig.validate_backend_before(prism["attention_backend"]).name == "CUSTOM"
     assert AttentionConfig.validate_backend_before(dense["attention_backend"]).name == "FLASH_ATTN"
     PrismConfig.from_dict(prism["additional_config"]["prism"])
