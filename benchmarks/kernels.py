@@ -1028,6 +1028,18 @@ def table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def with_estimation(res: dict[str, Any]) -> None:
+    """Sparse rows of the FA3 attend step gain the whole Prism step of their length: this run's
+    estimation time (structured input, its own selection) plus the attend step at the row's fixed
+    density, against FA3 dense, when the run timed both (same run, same GPU)."""
+    est = {r["tokens"]: r["prism_ms"] for r in res.get("estimation", []) if r.get("prism_ms")}
+    for r in res.get("sparse", []):
+        e, a, f = est.get(r["tokens"]), r.get("prism_fa3_ms"), r.get("fa3_ms")
+        if e and a and f:
+            r["estimation_ms"] = e
+            r["fa3_attend_with_estimation_speedup"] = round(f / (e + a), 3)
+
+
 def summary(res: dict[str, Any]) -> str:
     out = []
     if res.get("sparse"):
@@ -1035,6 +1047,7 @@ def summary(res: dict[str, Any]) -> str:
         out.append(table(res["sparse"], [("tokens", "tokens"), ("density", "density"), ("prism_ms", "prism"),
                                           ("prism_fa3_ms", "prism_fa3"), ("fa3_attend_copies_ms", "copies"),
                                           ("fa3_attend_speedup_vs_fa3", "pfa3/fa3x"),
+                                          ("fa3_attend_with_estimation_speedup", "+est x"),
                                           ("fa3_attend_per_block_eff", "blk_eff"), ("prism_fa3_head_asc_ms", "head_asc"),
                                           ("fa3_ms", "fa3"), ("official_ms", "official"),
                                           ("official_paged_ms", "off_paged"), ("speedup_vs_fa3", "prism/fa3x"),
@@ -1176,6 +1189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(msg, file=sys.stderr, flush=True)
         bar.close()
     res["notes"] += ERRORS
+    with_estimation(res)
     if res.get("break_even"):
         # Per mode: the shortest measured length from which on estimation + sparse is not slower
         # than FA3 dense (None: slower at every measured length, or FA3 missing).
