@@ -460,7 +460,7 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         )
         launches = []
         for i0, i1 in groups:
-            cu = route.cu_q[i0 : i1 + 1] - route.cu_q[i0]
+            cu = route.cu_seqlens_q[i0 : i1 + 1] - route.cu_seqlens_q[i0]
             plan = make_plan(cu, route.ctx_lens[i0:i1], self.prism_num_heads, B, dense=dense[i0:i1].astype(np.int64),
                              dense_tail=self.prism_config.dense_tail)
             assert ws.fits(plan), (ws.limits(), plan.num_q_blocks, plan.num_k_blocks, plan.sel_capacity)
@@ -474,7 +474,7 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
                 causal_blocks = int(((plan.qb_abs.to(torch.int64) + 1) * qb_sparse).sum()) * plan.num_q_heads
                 if bool(dense[i0:i1].any()):
                     qb_weight = qb_sparse.to(torch.int32).to(self.device, non_blocking=True)
-            t0 = route.token_start + int(route.cu_q[i0])
+            t0 = route.token_start + int(route.cu_seqlens_q[i0])
             launches.append(
                 PrismLaunch(
                     token_start=t0,

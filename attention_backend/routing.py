@@ -43,7 +43,7 @@ class PrefillRoute:
     """First query row of the Prism part (``query_start_loc[start]``)."""
     token_end: int
     """One past its last query row (``query_start_loc[end]``)."""
-    cu_q: np.ndarray
+    cu_seqlens_q: np.ndarray
     """[end-start+1] int64 query offsets relative to ``token_start``."""
     ctx_lens: np.ndarray
     """[end-start] int64 tokens already cached before each chunk."""
@@ -60,7 +60,7 @@ class PrefillRoute:
 
     @property
     def sparse_tokens(self) -> int:
-        q = np.diff(self.cu_q)
+        q = np.diff(self.cu_seqlens_q)
         return int(q[~self.dense].sum())
 
     def from_index(self, k: int) -> Optional["PrefillRoute"]:
@@ -72,13 +72,13 @@ class PrefillRoute:
         k = k + int(elig[0])
         if k == 0:
             return self
-        base = int(self.cu_q[k])
+        base = int(self.cu_seqlens_q[k])
         return PrefillRoute(
             start=self.start + k,
             end=self.end,
             token_start=self.token_start + base,
             token_end=self.token_end,
-            cu_q=self.cu_q[k:] - base,
+            cu_seqlens_q=self.cu_seqlens_q[k:] - base,
             ctx_lens=self.ctx_lens[k:],
             dense=self.dense[k:],
         )
@@ -91,7 +91,7 @@ class PrefillRoute:
         """Per request: (query blocks, key blocks, selection entries) of its PrefillPlan rows;
         a plan's totals are the sums over its requests (see kernels/plan.py)."""
         B = block_size
-        q = np.diff(self.cu_q)
+        q = np.diff(self.cu_seqlens_q)
         seq = self.ctx_lens + q
         qb0 = self.ctx_lens // B
         nq = (seq - 1) // B - qb0 + 1
@@ -148,7 +148,7 @@ def route_prism_suffix(
         end=end,
         token_start=int(qsl[start]),
         token_end=int(qsl[end]),
-        cu_q=cu,
+        cu_seqlens_q=cu,
         ctx_lens=ctx,
         dense=~eligible[start:end],
     )

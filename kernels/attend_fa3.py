@@ -22,7 +22,7 @@ a Prism block is PPB = B // VPS virtual pages. Virtual pages overlap in memory; 
 for pages smaller than its key tile gathers rows and does not care.
 
 One bucket of query blocks (``make_attend_plan``, host) at a time, three launches and an FA3 call:
-  1. ``_virtual_seqs_kernel``: per sequence its ``cu_seqlens_q`` entry, ``seqused_k`` and page-table
+  1. ``_virtual_seqs_kernel``: per sequence its ``cu_seqlens_q_virt`` entry, ``seqused_k_virt`` and page-table
      row, and its q rows copied head-major into the workspace;
   2. FA3 into a head-major output buffer of the workspace;
   3. ``_scatter_out_kernel``: the rows back into the caller's ``out``.
@@ -37,7 +37,7 @@ Shape legend (one launch, see kernels/plan.py):
     B     Prism block (128); PS page size; VPS = gcd(PS, B); PPB = B // VPS
     q, out: [T, HQ, D]   k_cache, v_cache: [NP, PS, HKV, D]   block_table: [R, max_pages] int32
     bucket: query blocks [g_lo, g_hi), their rows [row_lo, row_hi) (T_b rows), S_b = HQ * (g_hi - g_lo)
-    q_virt, o_virt: [HQ * T_b, 1, D]   cu_seqlens_q: [S_b + 1]   seqused_k: [S_b]
+    q_virt, o_virt: [HQ * T_b, 1, D]   cu_seqlens_q_virt: [S_b + 1]   seqused_k_virt: [S_b]
     page_table: [S_b, W_b * PPB] int32 (W_b: the bucket's widest possible row, in key blocks)
 """
 
@@ -171,10 +171,10 @@ def _qb_rows(plan: PrefillPlan) -> tuple[np.ndarray, np.ndarray]:
     r = plan.qb_req.cpu().numpy().astype(np.int64)
     a = plan.qb_abs.cpu().numpy().astype(np.int64)
     ctx = plan.ctx_lens.cpu().numpy().astype(np.int64)[r]
-    seq = plan.seq_lens.cpu().numpy().astype(np.int64)[r]
+    seq = plan.seqused_k.cpu().numpy().astype(np.int64)[r]
     lo = np.maximum(a * B, ctx)
     hi = np.minimum(a * B + B, seq)
-    return plan.cu_q.cpu().numpy().astype(np.int64)[r] + lo - ctx, hi - lo
+    return plan.cu_seqlens_q.cpu().numpy().astype(np.int64)[r] + lo - ctx, hi - lo
 
 
 def row_width_bounds(plan: PrefillPlan, block_budget: Optional[float]) -> np.ndarray:
@@ -208,8 +208,8 @@ def make_attend_plan(
     does not fit (rows longer than TABLE_BYTES allows; the caller serves the launch otherwise).
     """
     hq = plan.num_q_heads
-    seq = plan.seq_lens.cpu().numpy()
-    cu = plan.cu_q.cpu().numpy()
+    seq = plan.seqused_k.cpu().numpy()
+    cu = plan.cu_seqlens_q.cpu().numpy()
     max_q = int((cu[1:] - cu[:-1]).max()) if plan.num_reqs else 0
     max_k = int(seq.max()) if plan.num_reqs else 0
     if all_blocks or plan.num_q_blocks == 0:
@@ -321,7 +321,7 @@ def virtual_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int = B
 # kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _virtual_seq(s, g_lo, g_hi, row_lo, row_hi, cu_q, ctx_lens, seq_lens, qb_req, qb_abs,
+def _virtual_seq(s, g_lo, g_hi, row_lo, row_hi, cu_seqlens_q, ctx_lens, seqused_k, qb_req, qb_abs,
                  G: tl.constexpr, B: tl.constexpr, ORDER: tl.constexpr):
     """Sequence s of a bucket -> its query block g, q head h, request r and rows.
 
@@ -343,11 +343,11 @@ def _virtual_seq(s, g_lo, g_hi, row_lo, row_hi, cu_q, ctx_lens, seq_lens, qb_req
     r = tl.load(qb_req + g)
     a = tl.load(qb_abs + g)
     ctx = tl.load(ctx_lens + r)
-    seq = tl.load(seq_lens + r)
+    seq = tl.load(seqused_k + r)
     p_lo = tl.maximum(a * B, ctx)
     p_hi = tl.minimum(a * B + B, seq)
     rows = p_hi - p_lo
-    qrow = tl.load(cu_q + r) + p_lo - ctx
+    qrow = tl.load(cu_seqlens_q + r) + p_lo - ctx
     T_b = row_hi - row_lo
     if ORDER == 0:
         # kv head kvh owns G * T_b rows; in it the blocks after g (descending) come first, then
@@ -376,16 +376,16 @@ def _copy_rows(src, src_row, src_stride, dst, dst_row, dst_stride, n, D: tl.cons
 def _virtual_seqs_kernel(
     q,
     q_virt,
-    cu_seqlens_q,
-    seqused_k,
+    cu_seqlens_q_virt,
+    seqused_k_virt,
     page_table,
     block_table,
     sel_idx,
     sel_cnt,
     sel_off,
-    cu_q,
+    cu_seqlens_q,
     ctx_lens,
-    seq_lens,
+    seqused_k,
     dense,
     qb_dense,
     qb_req,
@@ -413,21 +413,21 @@ def _virtual_seqs_kernel(
     BLOCK_T: tl.constexpr,
     ORDER: tl.constexpr,
 ):
-    """One program per virtual sequence: cu_seqlens_q, seqused_k, page-table row, q copy."""
+    """One program per virtual sequence: cu_seqlens_q_virt, seqused_k_virt, page-table row, q copy."""
     s = tl.program_id(0)
     g, h, kvh, r, a, seq, p_hi, rows, qrow, off = _virtual_seq(
-        s, g_lo, g_hi, row_lo, row_hi, cu_q, ctx_lens, seq_lens, qb_req, qb_abs, G, B, ORDER
+        s, g_lo, g_hi, row_lo, row_hi, cu_seqlens_q, ctx_lens, seqused_k, qb_req, qb_abs, G, B, ORDER
     )
-    tl.store(cu_seqlens_q + s, off)
+    tl.store(cu_seqlens_q_virt + s, off)
     if s == 0:  # the end of the last sequence: every row of the bucket, every head
-        tl.store(cu_seqlens_q + (g_hi - g_lo) * HQ, HQ * (row_hi - row_lo))
+        tl.store(cu_seqlens_q_virt + (g_hi - g_lo) * HQ, HQ * (row_hi - row_lo))
 
     # the row's key blocks: every causal one for dense rows, else the selection (ascending, the
     # diagonal last, so FA's bottom-right causal mask is the block's own causal mask)
     row_dense = (tl.load(dense + r) != 0) | (tl.load(qb_dense + g) != 0)
     cnt = tl.where(row_dense, a + 1, tl.load(sel_cnt + sel_count_at(g, h, HQ)))
     row_ptr = sel_idx + sel_row_start(tl.load(sel_off + g), h, a, HQ)
-    tl.store(seqused_k + s, (cnt - 1) * B + (p_hi - a * B))
+    tl.store(seqused_k_virt + s, (cnt - 1) * B + (p_hi - a * B))
 
     pt_row = page_table + s.to(tl.int64) * stride_pt
     bt_row = block_table + r.to(tl.int64) * stride_bt
@@ -451,9 +451,9 @@ def _virtual_seqs_kernel(
 def _scatter_out_kernel(
     o_virt,
     out,
-    cu_q,
+    cu_seqlens_q,
     ctx_lens,
-    seq_lens,
+    seqused_k,
     qb_req,
     qb_abs,
     g_lo,
@@ -472,7 +472,7 @@ def _scatter_out_kernel(
     """One program per virtual sequence: its output rows back to out[rows, h]."""
     s = tl.program_id(0)
     g, h, kvh, r, a, seq, p_hi, rows, qrow, off = _virtual_seq(
-        s, g_lo, g_hi, row_lo, row_hi, cu_q, ctx_lens, seq_lens, qb_req, qb_abs, G, B, ORDER
+        s, g_lo, g_hi, row_lo, row_hi, cu_seqlens_q, ctx_lens, seqused_k, qb_req, qb_abs, G, B, ORDER
     )
     _copy_rows(o_virt, off, D, out + h * stride_oh, qrow, stride_ot, rows, D, BLOCK_D, BLOCK_T)
 
@@ -543,13 +543,13 @@ def virtual_sequences(
     _virtual_seqs_kernel[(n_seq,)](
         q=q,
         q_virt=q_virt,
-        cu_seqlens_q=ws.cu_seqlens_q,
-        seqused_k=ws.seqused_k,
+        cu_seqlens_q_virt=ws.cu_seqlens_q,
+        seqused_k_virt=ws.seqused_k,
         page_table=table,
         block_table=block_table,
         sel_idx=selection.indices,
         sel_cnt=selection.counts,
-        **plan.tensors("sel_off", "cu_q", "ctx_lens", "seq_lens", "dense", "qb_dense", "qb_req", "qb_abs"),
+        **plan.tensors("sel_off", "cu_seqlens_q", "ctx_lens", "seqused_k", "dense", "qb_dense", "qb_req", "qb_abs"),
         g_lo=bucket.g_lo,
         g_hi=bucket.g_hi,
         row_lo=bucket.row_lo,
@@ -590,7 +590,7 @@ def scatter_out(o_virt: torch.Tensor, out: torch.Tensor, plan: PrefillPlan, buck
     _scatter_out_kernel[(n_seq,)](
         o_virt=o_virt,
         out=out,
-        **plan.tensors("cu_q", "ctx_lens", "seq_lens", "qb_req", "qb_abs"),
+        **plan.tensors("cu_seqlens_q", "ctx_lens", "seqused_k", "qb_req", "qb_abs"),
         g_lo=bucket.g_lo,
         g_hi=bucket.g_hi,
         row_lo=bucket.row_lo,
@@ -700,9 +700,9 @@ def attend_dense_fa3(
         k=vkv.k_cache,
         v=vkv.v_cache,
         max_seqlen_q=attend.max_seqlen_q,
-        cu_seqlens_q=plan.cu_q,
+        cu_seqlens_q=plan.cu_seqlens_q,
         max_seqlen_k=attend.max_seqlen_k,
-        seqused_k=plan.seq_lens,
+        seqused_k=plan.seqused_k,
         block_table=block_table[: plan.num_reqs],
         softmax_scale=scale,
         causal=True,

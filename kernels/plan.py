@@ -7,7 +7,7 @@ per step (non-blocking). No kernel or launcher reads anything back to the host.
 
 Block bookkeeping (B = block size, see prism_vllm.reference for the math):
 
-    request r: rows cu_q[r] .. cu_q[r+1]-1 of q at absolute positions ctx_lens[r] ..
+    request r: rows cu_seqlens_q[r] .. cu_seqlens_q[r+1]-1 of q at absolute positions ctx_lens[r] ..
     query blocks of r: absolute qb0_r .. qb0_r + nq_r - 1, flattened over requests -> g in [0, NQB)
     key blocks of r:   0 .. nk_r - 1,                        flattened           -> kb in [0, NKB)
     selection row (g, h): BSR row of q head h in query block g, with capacity qb_abs[g] + 1
@@ -38,7 +38,7 @@ class PrefillPlan:
     block_size: int
     num_reqs: int
     num_tokens: int
-    """Query rows covered (cu_q[-1])."""
+    """Query rows covered (cu_seqlens_q[-1])."""
     num_q_blocks: int
     """NQB: query blocks over all requests."""
     num_k_blocks: int
@@ -49,9 +49,9 @@ class PrefillPlan:
     """Length of sel_idx needed: HQ * sum_g (qb_abs[g] + 1)."""
     num_q_heads: int
 
-    cu_q: torch.Tensor  # [R+1] query row offsets
+    cu_seqlens_q: torch.Tensor  # [R+1] query row offsets
     ctx_lens: torch.Tensor  # [R] tokens cached before the chunk
-    seq_lens: torch.Tensor  # [R] ctx + chunk length
+    seqused_k: torch.Tensor  # [R] ctx + chunk length
     dense: torch.Tensor  # [R] 1: select every causal block for this request (no estimation)
     qb_dense: torch.Tensor  # [NQB] 1: this query block selects every causal block (dense tail)
     cu_qb: torch.Tensor  # [R+1] query-block offsets
@@ -78,7 +78,7 @@ class PrefillPlan:
 
 
 def make_plan(
-    cu_q: IntSeq,
+    cu_seqlens_q: IntSeq,
     ctx_lens: IntSeq,
     num_q_heads: int,
     block_size: int = BLOCK_SIZE,
@@ -88,7 +88,7 @@ def make_plan(
     """Build a plan on the CPU.
 
     Args:
-        cu_q: [R+1] query row offsets of the chunks (cu_q[0] is usually 0).
+        cu_seqlens_q: [R+1] query row offsets of the chunks (cu_seqlens_q[0] is usually 0).
         ctx_lens: [R] tokens already in the KV cache before each chunk.
         num_q_heads: HQ.
         block_size: Prism block size B.
@@ -96,12 +96,12 @@ def make_plan(
         dense_tail: a chunk's last query block attends to every causal block when it is
             partial (the chunk ends mid-block; PrismConfig.dense_tail).
     """
-    cu_q = torch.as_tensor(cu_q, dtype=torch.int64).cpu()
+    cu_seqlens_q = torch.as_tensor(cu_seqlens_q, dtype=torch.int64).cpu()
     ctx = torch.as_tensor(ctx_lens, dtype=torch.int64).cpu()
     R = ctx.numel()
-    if cu_q.numel() != R + 1:
-        raise ValueError(f"cu_q has {cu_q.numel()} entries, expected num_reqs + 1 = {R + 1}")
-    qlen = cu_q[1:] - cu_q[:-1]
+    if cu_seqlens_q.numel() != R + 1:
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries, expected num_reqs + 1 = {R + 1}")
+    qlen = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
     if R and (qlen < 1).any():
         raise ValueError(f"every chunk needs >= 1 query row, got lengths {qlen.tolist()}")
     if (ctx < 0).any():
@@ -133,15 +133,15 @@ def make_plan(
     return PrefillPlan(
         block_size=B,
         num_reqs=R,
-        num_tokens=int(cu_q[-1]),
+        num_tokens=int(cu_seqlens_q[-1]),
         num_q_blocks=NQB,
         num_k_blocks=NKB,
         max_k_blocks=(int(nk.max()) if R else 0),
         sel_capacity=int(sel_off[-1]) * num_q_heads,
         num_q_heads=num_q_heads,
-        cu_q=i32(cu_q),
+        cu_seqlens_q=i32(cu_seqlens_q),
         ctx_lens=i32(ctx),
-        seq_lens=i32(seq),
+        seqused_k=i32(seq),
         dense=i32(dense_t),
         qb_dense=i32(qb_dense),
         cu_qb=i32(cu_qb),

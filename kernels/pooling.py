@@ -87,9 +87,9 @@ def _pool_queries_kernel(
     q,
     q_scale,
     out,
-    cu_q,
+    cu_seqlens_q,
     ctx_lens,
-    seq_lens,
+    seqused_k,
     qb_req,
     qb_abs,
     stride_qt,
@@ -113,8 +113,8 @@ def _pool_queries_kernel(
     r = tl.load(qb_req + g)
     qb = tl.load(qb_abs + g)
     ctx = tl.load(ctx_lens + r)
-    seq = tl.load(seq_lens + r)
-    row0 = tl.load(cu_q + r) - ctx  # q row of absolute position 0 (may be negative)
+    seq = tl.load(seqused_k + r)
+    row0 = tl.load(cu_seqlens_q + r) - ctx  # q row of absolute position 0 (may be negative)
     p_lo = tl.maximum(qb * B, ctx)  # the chunk's rows of this block: positions [p_lo, p_hi)
     p_hi = tl.minimum(qb * B + B, seq)
 
@@ -136,7 +136,7 @@ def _pool_keys_paged_kernel(
     band_hi,
     band_lo,
     cu_kb,
-    seq_lens,
+    seqused_k,
     kb_req,
     stride_kp,
     stride_ks,
@@ -169,7 +169,7 @@ def _pool_keys_paged_kernel(
     h0 = tl.program_id(1) * BLOCK_H
     r = tl.load(kb_req + kb)
     j = kb - tl.load(cu_kb + r)
-    seq = tl.load(seq_lens + r)
+    seq = tl.load(seqused_k + r)
     p_lo = j * B
     p_hi = tl.minimum(p_lo + B, seq)
 
@@ -263,7 +263,7 @@ def pool_queries(
 
     Args:
         q: [T >= plan.num_tokens, HQ, D] float16/bfloat16/float32/float8_e4m3fn, any strides (e.g.
-            a view of vLLM's padded query); rows cu_q[r] .. cu_q[r+1]-1 are request r's chunk.
+            a view of vLLM's padded query); rows cu_seqlens_q[r] .. cu_seqlens_q[r+1]-1 are request r's chunk.
         plan: the launch's PrefillPlan, on q's device.
         out: [>= plan.num_q_blocks, HQ, D] float32, any strides; row g receives the mean of the
             chunk's rows in absolute block plan.qb_abs[g] of request plan.qb_req[g]
@@ -290,7 +290,7 @@ def pool_queries(
         q=q,
         q_scale=q_scale if has_scale else out,  # unused pointer when HAS_SCALE is False
         out=out,
-        **plan.tensors("cu_q", "ctx_lens", "seq_lens", "qb_req", "qb_abs"),
+        **plan.tensors("cu_seqlens_q", "ctx_lens", "seqused_k", "qb_req", "qb_abs"),
         **strides(q, "qt", "qh", "qd"),
         **strides(out, "ob", "oh", "od"),
         H=H,
@@ -377,7 +377,7 @@ def pool_keys_paged(
         split_out=split_out if has_s else out,
         band_hi=params.band_high if has_e else out,
         band_lo=params.band_low if has_e else out,
-        **plan.tensors("cu_kb", "seq_lens", "kb_req"),
+        **plan.tensors("cu_kb", "seqused_k", "kb_req"),
         **strides(k_cache, "kp", "ks", "kh", "kd"),
         **strides(block_table, "bt"),
         **strides(out, "ob", "oh", "od"),

@@ -221,9 +221,9 @@ def _sparse_prefill_fwd_kernel(
     v_cache,
     block_table,
     out,
-    cu_q,
+    cu_seqlens_q,
     ctx_lens,
-    seq_lens,
+    seqused_k,
     dense,
     qb_req,
     qb_abs,
@@ -269,8 +269,8 @@ def _sparse_prefill_fwd_kernel(
     r = tl.load(qb_req + g)
     qb = tl.load(qb_abs + g)
     ctx = tl.load(ctx_lens + r)
-    seq = tl.load(seq_lens + r)
-    row0 = tl.load(cu_q + r)
+    seq = tl.load(seqused_k + r)
+    row0 = tl.load(cu_seqlens_q + r)
     # plan.dense[r] (or ALL_BLOCKS): every causal block, the selection row is not read
     dense_flag = tl.load(dense + r) | ALL_BLOCKS
     is_dense = dense_flag != 0
@@ -355,8 +355,8 @@ def sparse_prefill(
 ) -> torch.Tensor:
     """Block-sparse causal attention of every chunk of ``plan`` over the paged KV cache.
 
-    Row t of request r (``plan.cu_q[r] <= t < plan.cu_q[r+1]``, absolute position
-    ``plan.ctx_lens[r] + t - plan.cu_q[r]``) in q head h attends, with an exact softmax of
+    Row t of request r (``plan.cu_seqlens_q[r] <= t < plan.cu_seqlens_q[r+1]``, absolute position
+    ``plan.ctx_lens[r] + t - plan.cu_seqlens_q[r]``) in q head h attends, with an exact softmax of
     ``scale * q k^T``, to the keys at positions <= its own that lie in the key blocks selected for
     its query block g and head h: ``sel_idx[sel_off[g]*HQ + h*(qb_abs[g]+1) + i]`` for
     ``i < sel_cnt[g*HQ + h]`` (absolute block ids, ascending). Requests with ``plan.dense[r] = 1``
@@ -423,7 +423,7 @@ def sparse_prefill(
         v_cache=v_cache,
         block_table=block_table,
         out=out,
-        **plan.tensors("cu_q", "ctx_lens", "seq_lens", "dense", "qb_req", "qb_abs", "sel_off"),
+        **plan.tensors("cu_seqlens_q", "ctx_lens", "seqused_k", "dense", "qb_req", "qb_abs", "sel_off"),
         sel_idx=sel_idx,
         sel_cnt=sel_cnt,
         qk_scale=float(scale) * _LOG2E,

@@ -319,7 +319,7 @@ def prism_attention(
 
 def prism_attention_batch(
     q: torch.Tensor,
-    cu_q: Sequence[int],
+    cu_seqlens_q: Sequence[int],
     ctx_lens: Sequence[int],
     ks: Sequence[torch.Tensor],
     vs: Sequence[torch.Tensor],
@@ -327,12 +327,12 @@ def prism_attention_batch(
     cfg: PrismConfig,
     scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Several requests: q rows cu_q[r]:cu_q[r+1] belong to request r, whose keys/values are
+    """Several requests: q rows cu_seqlens_q[r]:cu_seqlens_q[r+1] belong to request r, whose keys/values are
     ks[r], vs[r] ([ctx_lens[r] + L_r, HKV, D]). Returns (out like q, per-request masks)."""
     out = torch.empty_like(q)
     masks = []
     for r in range(len(ctx_lens)):
-        a, b = int(cu_q[r]), int(cu_q[r + 1])
+        a, b = int(cu_seqlens_q[r]), int(cu_seqlens_q[r + 1])
         o, m = prism_attention(q[a:b], ks[r], vs[r], int(ctx_lens[r]), bands, cfg, scale)
         out[a:b] = o
         masks.append(m)

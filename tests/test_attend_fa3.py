@@ -144,9 +144,9 @@ def _pytorch_virtual_sequences(c: Case, q, kc, table, plan, masks, bucket, vkv, 
     """The FA3 inputs of one bucket built in plain PyTorch, independently of the kernel's
     closed-form offsets: sequences enumerated in order, q rows and pages gathered one by one."""
     G = c.hq // c.hkv
-    qb_req, qb_abs, cu_q = plan.qb_req.tolist(), plan.qb_abs.tolist(), plan.cu_q.tolist()
+    qb_req, qb_abs, cu_seqlens_q = plan.qb_req.tolist(), plan.qb_abs.tolist(), plan.cu_seqlens_q.tolist()
     cu_qb = plan.cu_qb.tolist()
-    ctx, seq = plan.ctx_lens.tolist(), plan.seq_lens.tolist()
+    ctx, seq = plan.ctx_lens.tolist(), plan.seqused_k.tolist()
     gs = list(range(bucket.g_lo, bucket.g_hi))
     if order == "kv_desc":
         seqs = [(g, kvh * G + m) for kvh in range(c.hkv) for g in reversed(gs) for m in range(G)]
@@ -157,7 +157,7 @@ def _pytorch_virtual_sequences(c: Case, q, kc, table, plan, masks, bucket, vkv, 
     for g, h in seqs:
         r, a = qb_req[g], qb_abs[g]
         lo, hi = max(a * B, ctx[r]), min(a * B + B, seq[r])
-        t0 = cu_q[r] + lo - ctx[r]
+        t0 = cu_seqlens_q[r] + lo - ctx[r]
         rows_q.append(q[t0 : t0 + hi - lo, h])
         cu.append(cu[-1] + hi - lo)
         blocks = masks[r][h, g - cu_qb[r]].nonzero().flatten().tolist()

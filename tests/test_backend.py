@@ -166,7 +166,7 @@ def test_route_on_named_batches(name):
     assert r.token_start == int(b.qsl[b.start]) and r.token_end == int(b.qsl[live_end])
     assert tuple(int(x) for x in r.dense) == b.dense
     assert r.ctx_lens.tolist() == [c for c, _ in b.reqs[b.start : live_end]]
-    assert r.cu_q.tolist() == (b.qsl[b.start : live_end + 1] - b.qsl[b.start]).tolist()
+    assert r.cu_seqlens_q.tolist() == (b.qsl[b.start : live_end + 1] - b.qsl[b.start]).tolist()
 
 
 def test_route_respects_speculative_decode_rows_and_drop_first():
@@ -174,7 +174,7 @@ def test_route_respects_speculative_decode_rows_and_drop_first():
     r = route_prism_suffix(b.qsl, b.seq, 3, min_query_len=2, min_context_len=0, decode_threshold=3)
     assert r.start == 1  # the 3-token speculative decode row stays on FlashAttention
     r2 = r.drop_first()
-    assert (r2.start, r2.token_start, r2.cu_q.tolist()) == (2, 303, [0, 280])
+    assert (r2.start, r2.token_start, r2.cu_seqlens_q.tolist()) == (2, 303, [0, 280])
     assert r2.drop_first() is None
 
 
@@ -524,7 +524,7 @@ def test_forward_on_named_batches(base_vllm_config, fake_flash, case, attend="tr
         assert (launch.attend is not None) == (attend == "fa3")
         assert (launch.token_start, launch.token_end) == (step.token_start, step.token_end)
         assert plan.ctx_lens.tolist() == [c for c, q in b.reqs[b.start :] if q > 0]
-        assert plan.cu_q.tolist() == (b.qsl[b.start : step.end + 1] - b.qsl[b.start]).tolist()
+        assert plan.cu_seqlens_q.tolist() == (b.qsl[b.start : step.end + 1] - b.qsl[b.start]).tolist()
         assert tuple(plan.dense.tolist()) == b.dense
         assert torch.equal(launch.block_table, p.block_table[b.start : step.end])
         if b.start == 0:

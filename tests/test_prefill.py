@@ -98,7 +98,7 @@ def _check(chunks, qs, ks, vs, q, plan, sel, out, scale, cfg, bands, dense=None,
     n_amb, _ = compare_with_reference(chunks, qps, kps, bands, cfg, masks, dense=dense, eps=tol, delta=tol)
     assert n_amb <= max_amb
     atol, rtol = TOL[q.dtype]
-    cu = plan.cu_q.tolist()
+    cu = plan.cu_seqlens_q.tolist()
     for r, (ctx, _) in enumerate(chunks):
         got = out[cu[r] : cu[r + 1]]
         want = _ref_by_query_block(qs[r].float(), ks[r].float(), vs[r].float(), ctx, masks[r].to(q.device), scale)
@@ -141,7 +141,7 @@ def test_prefill_threshold_one_is_dense_attention():
     cfg = PrismConfig(high_threshold=1.0, low_threshold=1.0)
     qs, ks, vs, q, plan, sel, out, scale = _run_case(chunks, 4, 1, 64, torch.float16, cfg, BANDS64, "NHD", 16, seed=2)
     atol, rtol = TOL[torch.float16]
-    cu = plan.cu_q.tolist()
+    cu = plan.cu_seqlens_q.tolist()
     for r, (ctx, _) in enumerate(chunks):
         sdpa = R.dense_causal_attention(qs[r].float(), ks[r].float(), vs[r].float(), ctx, scale)
         torch.testing.assert_close(out[cu[r] : cu[r + 1]].float(), sdpa, atol=atol, rtol=rtol)
@@ -308,7 +308,7 @@ def test_dense_tail_attends_the_partial_last_block_densely(dense_tail):
     qs, ks, vs, q, plan, sel, out, scale = _run_case(chunks, 4, 2, 64, torch.float16, cfg, BANDS64, "NHD", 16, seed=3)
     masks = _check(chunks, qs, ks, vs, q, plan, sel, out, scale, cfg, BANDS64)
     atol, rtol = TOL[torch.float16]
-    cu = plan.cu_q.tolist()
+    cu = plan.cu_seqlens_q.tolist()
     for r, ((ctx, L), m) in enumerate(zip(chunks, masks)):
         S = ctx + L
         tail_full = bool(m[:, -1, : -(-S // B)].all())
@@ -330,7 +330,7 @@ def test_block_budget_through_the_facade():
     qs, ks, vs, q, plan, sel, out, scale = _run_case(chunks, 4, 2, 64, torch.float16, cfg, BANDS64, "HND", 16, seed=4)
     masks = sel.to_masks()
     atol, rtol = TOL[torch.float16]
-    cu = plan.cu_q.tolist()
+    cu = plan.cu_seqlens_q.tolist()
     for r, ((ctx, L), m) in enumerate(zip(chunks, masks)):
         ref = R.select_blocks(R.pool_blocks(qs[r], ctx, B).cpu(), R.pool_blocks(ks[r], 0, B).cpu(), ctx // B,
                               BANDS64, cfg, seq_len=ctx + L)
