@@ -371,14 +371,14 @@ def fa3_call(fa: Callable[..., Any], q: torch.Tensor, kv: Paged, s: Setup, out: 
     cache's ``Fp8Scales`` (q fp8 too, ``out`` the model dtype), passed as vLLM's FlashAttention
     passes them: per-tensor scales expanded to [sequences, kv heads] descales."""
     L = q.shape[0]
-    cu_q = torch.tensor([0, L], dtype=torch.int32, device=s.device)
+    cu_seqlens_q = torch.tensor([0, L], dtype=torch.int32, device=s.device)
     seqused = torch.tensor([L], dtype=torch.int32, device=s.device)
     descales = {}
     if scales is not None:
         descales = {f"{n}_descale": t.reshape(1, 1).expand(1, s.hkv)
                     for n, t in (("q", scales.q), ("k", scales.k), ("v", scales.v)) if t is not None}
     return lambda: fa(
-        q=q, k=kv.k, v=kv.v, out=out, cu_seqlens_q=cu_q, max_seqlen_q=L, seqused_k=seqused, max_seqlen_k=L,
+        q=q, k=kv.k, v=kv.v, out=out, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=L, seqused_k=seqused, max_seqlen_k=L,
         softmax_scale=s.scale, causal=True, block_table=kv.block_table, fa_version=3, **descales,
     )
 
