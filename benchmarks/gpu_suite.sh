@@ -74,14 +74,14 @@ case "$piece" in
     tail -12 "$out/bench-fp8.log" ;;
   estimation)
     log "estimation profile, Llama-3.1-8B layer"
-    timeout 200 python benchmarks/profile_estimation.py --commit "$sha" --out "$out/profile-estimation.json" \
+    timeout 150 python benchmarks/profile_estimation.py --commit "$sha" --out "$out/profile-estimation.json" \
       > "$out/profile.log" 2>&1; echo "profile rc=$?" >> "$out/profile.log"; grep -v "^ " "$out/profile.log" | tail -8
     log "estimation launch-knob sweep"
-    timeout 300 python benchmarks/estimation_sweep.py --lengths 32768,131072 --sweep \
+    timeout 250 python benchmarks/estimation_sweep.py --lengths 32768,131072 --sweep \
       --out "$out/estimation-sweep.json" > "$out/sweep.log" 2>&1; echo "sweep rc=$?" >> "$out/sweep.log"; tail -2 "$out/sweep.log"
     if command -v ncu > /dev/null; then
       log "ncu: selection kernel at 128K (4 level launches)"
-      timeout 150 ncu -k regex:_select_kernel -c 4 --section SpeedOfLight --section Occupancy --section LaunchStats \
+      timeout 100 ncu -k regex:_select_kernel -c 4 --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats --section ComputeWorkloadAnalysis python benchmarks/profile_estimation.py \
         --lengths 131072 --once > "$out/ncu-select.txt" 2>&1; echo "ncu rc=$?" >> "$out/ncu-select.txt"
       grep -E "Duration|Achieved Occupancy|Registers Per|Theoretical Occupancy|Compute \(SM\) Throughput|Memory Throughput|Stall|rc=" "$out/ncu-select.txt" | head -40
