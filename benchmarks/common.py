@@ -225,6 +225,59 @@ def run_job_subprocess(job: dict[str, Any], job_dir: Path, timeout_s: float, ver
     return res
 
 
+class GpuLock:
+    """Lets jobs that share one GPU time something alone: a reader-writer lock over files.
+
+    Work that may share the GPU (engine start, perplexity, generation) runs under ``shared()``;
+    a timed section runs under ``exclusive()``, which waits until no other job holds the shared
+    lock, and starts no new shared section meanwhile. Timers go first: while any job is waiting
+    to time (it holds ``PATH.pending`` shared), a job about to start its shared work waits on
+    ``PATH.pending`` exclusively, so timings never queue behind a whole engine start of a job
+    that began later. A job holds the shared lock through all of its shared work and releases
+    it only to time or to end, so no cycle of waits can form. The kernel drops a dead process's
+    locks (a job killed at its time limit blocks nobody).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        import fcntl
+
+        self._fcntl = fcntl
+        self.path = Path(path)
+        self._main = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._pending = os.open(str(self.path) + ".pending", os.O_RDWR | os.O_CREAT, 0o644)
+        self.mode: str | None = None
+
+    def shared(self) -> None:
+        if self.mode == "shared":
+            return
+        self.release()
+        f = self._fcntl
+        f.flock(self._pending, f.LOCK_EX)  # no timer waiting
+        f.flock(self._pending, f.LOCK_UN)
+        f.flock(self._main, f.LOCK_SH)
+        self.mode = "shared"
+
+    def exclusive(self) -> None:
+        if self.mode == "exclusive":
+            return
+        self.release()
+        f = self._fcntl
+        f.flock(self._pending, f.LOCK_SH)  # announce: new shared work waits
+        f.flock(self._main, f.LOCK_EX)
+        self.mode = "exclusive"
+
+    def release(self) -> None:
+        f = self._fcntl
+        f.flock(self._main, f.LOCK_UN)
+        f.flock(self._pending, f.LOCK_UN)
+        self.mode = None
+
+    def close(self) -> None:
+        self.release()
+        os.close(self._main)
+        os.close(self._pending)
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """End every process left in the child's process group (its own session): SIGTERM, then
     SIGKILL after 15 s. Returns when the group is gone (or after the SIGKILL grace)."""

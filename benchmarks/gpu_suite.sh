@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's part of the project, in pieces that fit one device call each (10 min).
 # Run from the repo root after staging vLLM + the model (shared/device/README.md) and carrying
-# benchmarks/data (python -m benchmarks.corpus):
+# benchmarks/data (python -m benchmarks.corpus; the quality piece also python -m benchmarks.corpus_austen):
 #   source /root/prism-stage/env.sh && bash benchmarks/gpu_suite.sh PIECE OUTDIR COMMIT
 # Pieces:
 #   attend    FA3 attend step: its GPU tests (+ fp8 pooling), then the kernel benchmark with FA3
@@ -17,6 +17,9 @@
 #   speed     evidence: TTFT on SmolLM2 (alone on the GPU: it times things)
 #   speed-fp8 the same with vLLM's --kv-cache-dtype fp8 on both engines -> results/speed-fp8.json
 #   llama8b   evidence: TTFT on the Llama-3.1-8B architecture (alone on the GPU)
+#   quality   the quality sweep (ΔPPL / passkeys / density / TTFT per selection point): set
+#             PRISM_QUALITY_LENGTHS=8K,16K for one call and =32K for the next, then merge the two
+#             quality.json here (python -m benchmarks.run --merge-quality A B --out benchmarks/results)
 #   shared    everything that times nothing, side by side on one GPU, each under a time limit:
 #             vllm + accuracy evidence + load test + the selection/prefill kernel GPU tests
 # OUTDIR collects logs and result JSON (device calls return at most 8 files: see the end).
@@ -106,6 +109,10 @@ case "$piece" in
   speed-fp8)  # like the run behind speed.json (--no-speed-default-config), so the two files compare
     BENCH_TAG=speed-fp8 run_bench speed "$LIMIT" --kv-cache-dtype fp8 --no-speed-default-config
     tail -30 "$out/bench-speed-fp8.log" ;;
+  quality)  # its own jobs share the GPU; each times its prompt alone (benchmarks.common.GpuLock)
+    run_bench quality "$LIMIT" --jobs "${PRISM_QUALITY_JOBS:-6}" \
+      ${PRISM_QUALITY_LENGTHS:+--quality-lengths "$PRISM_QUALITY_LENGTHS"}
+    grep -E "quality |WARNING|not ok|skipped" "$out/bench-quality.log" | tail -40 ;;
   shared)
     log "start: vllm tests, accuracy, load test, kernel tests side by side"
     run_vllm & run_bench accuracy "$((LIMIT - 15))" --jobs 4 & run_load & run_kernels_changed &

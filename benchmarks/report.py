@@ -13,10 +13,10 @@ from typing import Any
 from benchmarks.common import read_json, tok_label
 
 __all__ = ["KV_PARTS", "PART_FILES", "break_even", "doc_kv_cache_dtype", "goals", "load_results", "markdown",
-           "part_file", "plot_all", "update_readme"]
+           "part_file", "plot_all", "plot_quality", "quality_markdown", "update_readme"]
 
 PART_FILES = {"recall": "recall.json", "ppl": "ppl.json", "needle": "needle.json", "speed": "speed.json",
-              "llama8b": "speed-llama8b.json"}
+              "llama8b": "speed-llama8b.json", "quality": "quality.json"}
 #: The parts whose vLLM engines can run on another KV cache dtype (benchmarks.run --kv-cache-dtype):
 #: their files then carry the dtype (speed-fp8.json), beside the default ones.
 KV_PARTS = ("speed", "llama8b")
@@ -168,6 +168,20 @@ def goals(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
     if big:
         out.append(("TTFT >= 2.5x at 128K, Llama-3.1-8B architecture, 10% budget",
                     f"{big[0]['speedup']:.2f}x", big[0]["speedup"] >= 2.5))
+    qrows = [r for r in res.get("quality", {}).get("rows", []) if any("default" in m for m in r.get("presets", []))]
+    if qrows:
+        bad_ppl = [f"{tok_label(r['length'])} {c}: {s['delta_pct']:+.2f}%" for r in qrows for c, s in r["ppl"].items()
+                   if s.get("delta_pct") is not None and s["delta_pct"] > 1.0]
+        bad_pk = [f"{tok_label(r['length'])}: {r['passkey']['delta']:+d}" for r in qrows
+                  if r.get("passkey", {}).get("delta") is not None and abs(r["passkey"]["delta"]) > 1]
+        measured = ", ".join(f"{tok_label(r['length'])}: " + " / ".join(
+            f"{s['delta_pct']:+.2f}%" for s in r["ppl"].values() if s.get("delta_pct") is not None)
+            + (f", passkeys {r['passkey']['delta']:+d}" if r.get("passkey", {}).get("delta") is not None else "")
+            for r in qrows)
+        out.append((f"default preset ({qrows[0]['point']}): ΔPPL <= 1% on every corpus and passkeys within ±1 of "
+                    "FLASH_ATTN at every length (quality sweep)",
+                    measured + (f"; over: {'; '.join(bad_ppl + bad_pk)}" if bad_ppl or bad_pk else ""),
+                    not bad_ppl and not bad_pk))
     be = sp.get("break_even", {})
     if pairs:
         out.append(("break-even context length (SmolLM2, Prism forced on every chunk)",
@@ -272,12 +286,67 @@ def markdown(res: dict[str, dict[str, Any]], image_dir: str | None = None) -> st
         parts.append(text)
         if image_dir and rows:
             parts.append(f"![TTFT]({image_dir}/{img}.png)")
+    if "quality" in res:
+        parts.append(quality_markdown(res["quality"], image_dir))
     # the goals are stated for the model-dtype KV cache
     g = goals(res) if all(doc_kv_cache_dtype(d) == "auto" for d in res.values()) else []
     if g:
         parts.append("### Goals\n\n" + _table(["goal", "measured", "met"],
                                              [[a, b, {True: "yes", False: "**no**", None: "?"}[c]] for a, b, c in g]))
     return "\n\n".join(parts) + "\n"
+
+
+def _pm(x: Any) -> str:
+    return "n/a" if x is None else f"{x:+.2f}"
+
+
+def quality_markdown(d: dict[str, Any], image_dir: str | None = None) -> str:
+    """The quality sweep: one table per length, FLASH_ATTN's perplexity first, then every point's
+    ΔPPL per corpus (pooled over documents; per-document min..max), density, passkeys and TTFT."""
+    rows = d.get("rows", [])
+    corpora = list(dict.fromkeys(c for r in rows for c in r["ppl"]))
+    st = d.get("settings", {})
+    runs = d.get("runs", [])
+    text = ["### Quality against block density through vLLM (SmolLM2-135M-Instruct)", _meta_line(d)]
+    if len(runs) > 1:
+        text[-1] += f" (merged from {len(runs)} runs)"
+    text.append(f"{st.get('documents_per_corpus', '?')} documents per corpus of length - 128 tokens; passkeys: "
+                f"{'+'.join(st.get('passkey', {}).get('kinds', []))} key, {len(st.get('passkey', {}).get('depths', []))} "
+                f"depths x {st.get('passkey', {}).get('seeds', '?')} seeds; TTFT in the eager accuracy engines "
+                f"({st.get('ttft', '').split('; ')[-1] if st.get('ttft') else 'n/a'}).")
+    head = (["point", "preset", "density"] + [f"ΔPPL {c} % (min..max)" for c in corpora]
+            + ["passkeys (FLASH_ATTN)", "TTFT ms", "TTFT / FLASH_ATTN"])
+    for L in sorted({r["length"] for r in rows}):
+        tab = []
+        for r in (r for r in rows if r["length"] == L):
+            dense = r["backend"] == "dense"
+            cells = [f"`{r['point']}`" if not dense else "FLASH_ATTN", ", ".join(r.get("presets", [])),
+                     _f(r.get("density"))]
+            for c in corpora:
+                s = r["ppl"].get(c)
+                if s is None:
+                    cells.append("n/a")
+                elif dense:
+                    cells.append(f"ppl {s['ppl']:.3f}")
+                else:
+                    cells.append(f"{_pm(s.get('delta_pct'))} ({_pm(s.get('delta_pct_min'))}..{_pm(s.get('delta_pct_max'))})")
+            pk = r.get("passkey")
+            cells.append("n/a" if not pk else f"{pk['correct']}/{pk['total']}"
+                         + ("" if dense or pk.get("dense_correct") is None else f" ({pk['dense_correct']})"))
+            t = r.get("ttft") or {}
+            cells += [_f(t.get("ttft_ms"), 1), "" if dense else (f"{t['ratio']:.2f}" if t.get("ratio") else "n/a")]
+            if r.get("warning"):
+                cells[0] += " ⚠"
+            tab.append(cells)
+        rope = next((r.get("rope") for r in rows if r["length"] == L), "")
+        text.append(f"**{tok_label(L)}** ({rope})\n\n" + _table(head, tab))
+    warn = [f"{tok_label(r['length'])} {r['point']}: {r['warning']}" for r in rows if r.get("warning")]
+    bad = [f"{j['name']}: {j.get('status')}" for j in d.get("jobs", []) if j.get("status") != "ok"]
+    if warn or bad:
+        text.append("Not clean: " + "; ".join(warn + bad) + ".")
+    if image_dir and rows:
+        text.append(f"![quality vs density]({image_dir}/quality.png)")
+    return "\n\n".join(text)
 
 
 def update_readme(readme: Path, md: str) -> bool:
@@ -405,4 +474,86 @@ def plot_all(res: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
                 ax.annotate(lab, (p["length"], p["prism_ms"]), fontsize=7, textcoords="offset points", xytext=(0, -18))
             ax.legend(fontsize=8)
         save(fig, name, d)
+    if res.get("quality", {}).get("rows"):
+        save(plot_quality(res["quality"], plt), "quality.png", res["quality"])
     return written
+
+
+def _family(r: dict[str, Any]) -> str:
+    return f"{r['rule']}" + (" + block budget" if r.get("block_budget") is not None else "")
+
+
+def plot_quality(d: dict[str, Any], plt: Any) -> Any:
+    """The Pareto picture: per length, ΔPPL against block density, one line per (rule family,
+    corpus) through its top-p points (bars: per-document min..max), presets circled; below it,
+    when timed, TTFT / FLASH_ATTN against density."""
+    rows = [r for r in d["rows"] if r["backend"] == "prism"]
+    lengths = sorted({r["length"] for r in rows})
+    corpora = list(dict.fromkeys(c for r in rows for c in r["ppl"]))
+    timed = any((r.get("ttft") or {}).get("ratio") for r in rows)
+    fams = list(dict.fromkeys(_family(r) for r in rows))
+    color = {f: f"C{i}" for i, f in enumerate(fams)}
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
+    nrow = 2 if timed else 1
+    fig, axes = plt.subplots(nrow, max(1, len(lengths)), figsize=(5.6 * max(1, len(lengths)), 4.4 * nrow), squeeze=False)
+    for c_i, L in enumerate(lengths):
+        ax = axes[0][c_i]
+        at = [r for r in rows if r["length"] == L]
+        for fam in fams:
+            for k, corpus in enumerate(corpora):
+                pts = sorted((r for r in at if _family(r) == fam and r["ppl"].get(corpus, {}).get("delta_pct") is not None
+                              and r["ppl"][corpus].get("density") is not None), key=lambda r: r["ppl"][corpus]["density"])
+                if not pts:
+                    continue
+                s = [r["ppl"][corpus] for r in pts]
+                x = [v["density"] for v in s]
+                y = [v["delta_pct"] for v in s]
+                err = [[max(0.0, v["delta_pct"] - v["delta_pct_min"]) for v in s],
+                       [max(0.0, v["delta_pct_max"] - v["delta_pct"]) for v in s]]
+                mk, ls = styles[k % len(styles)]
+                ax.errorbar(x, y, yerr=err, marker=mk, ls=ls, color=color[fam], capsize=2, ms=4,
+                            label=f"{fam}, {corpus}")
+                for r, xv, yv in zip(pts, x, y):
+                    if k == 0:
+                        ax.annotate(r["point"].split(":", 1)[1], (xv, yv), fontsize=6, xytext=(3, 3),
+                                    textcoords="offset points", color=color[fam])
+                    for m in r.get("presets", []):
+                        ax.scatter([xv], [yv], s=200, facecolors="none", edgecolors="k", zorder=5)
+                        if k == 0:
+                            ax.annotate(m, (xv, yv), xytext=(8, -12), textcoords="offset points", fontsize=8,
+                                        weight="bold")
+        ax.axhline(1.0, color="grey", ls="--", lw=0.8)
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.set_yscale("symlog", linthresh=1.0)  # linear up to the 1% goal, where the choice is made
+        lo, hi = ax.get_ylim()
+        ax.set_yticks([t for t in (-5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10, 20, 50, 100) if lo <= t <= hi],
+                      [f"{t:g}" for t in (-5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10, 20, 50, 100) if lo <= t <= hi])
+        ax.set_xlabel("block density (selected / causal blocks)")
+        ax.set_ylabel("ΔPPL vs FLASH_ATTN, % (linear below 1%, log above)")
+        rope = next((r.get("rope") for r in at), "")
+        ax.set_title(f"{tok_label(L)} ({rope})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        if timed:
+            ax2 = axes[1][c_i]
+            for fam in fams:
+                pts = [r for r in at if _family(r) == fam and (r.get("ttft") or {}).get("ratio")]
+                pts.sort(key=lambda r: r["ttft"].get("density") or r.get("density") or 0.0)
+                if not pts:
+                    continue
+                x = [r["ttft"].get("density") or r.get("density") for r in pts]
+                ax2.plot(x, [r["ttft"]["ratio"] for r in pts], "-o", ms=4, color=color[fam], label=fam)
+                for r, xv in zip(pts, x):
+                    ax2.annotate(r["point"].split(":", 1)[1], (xv, r["ttft"]["ratio"]), fontsize=6, xytext=(3, 3),
+                                 textcoords="offset points", color=color[fam])
+                    if r.get("presets"):
+                        ax2.scatter([xv], [r["ttft"]["ratio"]], s=200, facecolors="none", edgecolors="k", zorder=5)
+            ax2.axhline(1.0, color="grey", ls="--", lw=0.8)
+            ax2.set_xlabel("block density (timed prompt)")
+            ax2.set_ylabel("TTFT / FLASH_ATTN (eager engines)")
+            ax2.grid(alpha=0.3)
+            ax2.legend(fontsize=6)
+    fig.suptitle("Prism's selection knobs on SmolLM2-135M-Instruct through vLLM: perplexity cost against block "
+                 "density\n(ΔPPL pooled over each corpus's documents, bars: per-document min..max; circled: presets)",
+                 fontsize=10)
+    return fig

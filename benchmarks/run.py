@@ -16,6 +16,12 @@ Parts (each writes DIR/<part>.json with gpu, date, commit, command and its rows)
              defaults); the break-even context length derived from these rows
     llama8b  the same on the Llama-3.1-8B architecture with dummy weights at a fixed block budget
              (random weights give near-uniform attention, hence the budget), file speed-llama8b.json
+    quality  (only with --only quality) Prism's selection knobs swept on SmolLM2 at 8K (native),
+             16K and 32K (YaRN): per point of benchmarks.quality.POINTS (FLASH_ATTN; the paper's
+             rule at top-p 0.9-0.99; mean-pool at 0.99/0.98; block budgets 0.3/0.5 at 0.99) and
+             length, one eager engine: perplexity of 4 documents per corpus (fortunes, Austen),
+             block density, passkeys per depth, and the TTFT of one prompt, timed while no other
+             job of the part works on the GPU; quality.json + quality.png (ΔPPL against density)
 
 ``--kv-cache-dtype fp8`` runs the TTFT parts (speed, llama8b) with vLLM's ``kv_cache_dtype="fp8"``
 (e4m3, vLLM's per-tensor scales: 1.0 unless the checkpoint brings its own) on both engines,
@@ -46,6 +52,24 @@ carried), each command well inside the 10-minute limit of one device call:
 
 then copy the returned results/*.json here into benchmarks/results and run
 ``python -m benchmarks.run --report --readme README.md`` (tables, plots, README block).
+
+The quality sweep needs the Austen corpus too (``python -m benchmarks.corpus_austen`` here, then
+carry benchmarks/data). It is 30 engine jobs (10 points x 3 lengths, each ~45 s of engine start
+plus 5-30 s of work, 6 at a time); split it over two device calls by length:
+
+    python -m benchmarks.run --only quality --quality-lengths 8K,16K --jobs 6 --budget-s 540 \
+        --commit SHA --out $OUT/results        # bash benchmarks/gpu_suite.sh quality with
+    python -m benchmarks.run --only quality --quality-lengths 32K --jobs 6 --budget-s 540 \
+        --commit SHA --out $OUT/results        # PRISM_QUALITY_LENGTHS=8K,16K, then =32K
+
+and merge the two returned files here (later files win per point and length; each measurement
+keeps its run's date/commit/command), then redraw:
+
+    python -m benchmarks.run --merge-quality q-8k16k.json q-32k.json --out benchmarks/results
+    python -m benchmarks.run --report --readme README.md
+
+A call cut by --budget-s skips the table's last points (jobs run point-major); rerun those with
+``--quality-points NAME,...`` (FLASH_ATTN is always measured again, as the reference) and merge.
 """
 
 from __future__ import annotations
@@ -61,10 +85,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common, corpus, prompts, report
+from benchmarks import common, corpus, prompts, quality, report
 from benchmarks.common import KB, log, tok_label
 
+#: Parts of a plain run (no --only).
 PARTS = ("recall", "ppl", "needle", "speed", "llama8b")
+#: Parts run only when --only names them.
+EXTRA_PARTS = ("quality",)
 #: Prompt tokens left free of a context of L tokens (vLLM needs prompt + outputs <= max_model_len).
 OUT_RESERVE = 16
 #: Prompt tokens of a perplexity window of a context of L tokens: L - 128, a whole number of Prism
@@ -105,6 +132,14 @@ class Plan:
     llama_lengths: list[int] = dataclasses.field(default_factory=lambda: [32 * KB, 64 * KB, 128 * KB])
     llama_reps: int = 2
     llama_budget: float = 0.1
+    quality_lengths: list[int] = dataclasses.field(default_factory=lambda: [8 * KB, 16 * KB, 32 * KB])
+    quality_points: list[str] = dataclasses.field(default_factory=lambda: list(quality.POINTS))
+    quality_corpora: tuple[str, ...] = quality.CORPORA
+    #: perplexity documents per corpus and length
+    quality_docs: int = 4
+    quality_kinds: tuple[str, ...] = ("single", "multi")
+    quality_seeds: int = 5
+    quality_reps: int = 3
     #: also time Prism with PrismConfig's defaults (min_context_len as shipped): below it every
     #: prompt should run at FlashAttention's speed
     speed_default_config: bool = True
@@ -116,7 +151,10 @@ class Plan:
     recall_chunk_rows: int = 1024
     #: hard wall-clock limit per job kind, seconds (engine start included)
     limits: dict[str, float] = dataclasses.field(default_factory=lambda: {
-        "recall": 420, "accuracy": 300, "speed": 420, "llama": 560})
+        "recall": 420, "accuracy": 300, "speed": 420, "llama": 560, "quality": 480})
+    #: a job of this kind starts only with this much of --budget-s left (an engine start alone
+    #: takes 30-55 s); kinds not named: 30 s
+    min_start_s: dict[str, float] = dataclasses.field(default_factory=lambda: {"quality": 90})
 
 
 def make_plan(a: argparse.Namespace) -> Plan:
@@ -125,28 +163,35 @@ def make_plan(a: argparse.Namespace) -> Plan:
         p.recall_lengths, p.ppl_lengths, p.ppl_windows = [8 * KB], [8 * KB], 4
         p.needle_lengths, p.needle_seeds = [4 * KB, 8 * KB], 3
         p.speed_lengths, p.llama_lengths = [8 * KB, 16 * KB, 32 * KB], []
-        p.limits = {"recall": 180, "accuracy": 200, "speed": 240, "llama": 560}
+        p.limits = {"recall": 180, "accuracy": 200, "speed": 240, "llama": 560, "quality": 300}
         p.speed_default_config = False
+        p.quality_lengths, p.quality_docs, p.quality_kinds, p.quality_seeds, p.quality_reps = [8 * KB], 2, ("single",), 3, 2
     if a.dry_run:
         p.native = 512
         p.recall_lengths, p.ppl_lengths, p.ppl_windows = [512, 1024], [512, 1024], 2
         p.needle_lengths, p.needle_seeds, p.needle_max_tokens = [1024], 1, 4
         p.speed_lengths, p.speed_reps, p.llama_lengths = [256, 512, 1024], 1, [512, 1024]
         p.recall_chunk_rows = 256
-        p.limits = {"recall": 120, "accuracy": 120, "speed": 120, "llama": 120}
+        p.limits = {"recall": 120, "accuracy": 120, "speed": 120, "llama": 120, "quality": 120}
+        p.min_start_s = {}
         p.speed_default_config = True
-    for name in ("recall", "ppl", "needle", "speed", "llama"):
+        p.quality_lengths, p.quality_docs, p.quality_seeds, p.quality_reps = [512, 1024], 2, 1, 1
+    for name in ("recall", "ppl", "needle", "speed", "llama", "quality"):
         v = parse_lengths(getattr(a, f"{name}_lengths"))
         if v is not None:
             setattr(p, f"{name}_lengths", v)
     if a.seeds is not None:
-        p.needle_seeds = a.seeds
+        p.needle_seeds = p.quality_seeds = a.seeds
     if a.windows is not None:
         p.ppl_windows = a.windows
     if a.speed_default_config is not None:
         p.speed_default_config = a.speed_default_config
     if a.reps is not None:
-        p.speed_reps = p.llama_reps = a.reps
+        p.speed_reps = p.llama_reps = p.quality_reps = a.reps
+    if a.quality_points is not None:
+        p.quality_points = [x for x in a.quality_points.split(",") if x.strip()]
+    if a.quality_docs is not None:
+        p.quality_docs = a.quality_docs
     return p
 
 
@@ -202,7 +247,7 @@ class Runner:
         limit = self.plan.limits[kind]
         if self.t_end is not None:
             left = self.t_end - time.monotonic() - 5
-            if left < 30:
+            if left < self.plan.min_start_s.get(kind, 30):
                 log(f"job {job['name']}: skipped, {max(0, left):.0f} s of --budget-s left")
                 return {"status": "skipped (budget)", "rows": [], "errors": []}
             limit = min(limit, left)
@@ -392,6 +437,137 @@ class Runner:
         doc["rows"] = [{"kind": k, "length": L, "depth": dp, "backend": be, "correct": n, "total": t,
                         "accuracy": n / t} for (k, L, dp, be), (n, t) in sorted(agg.items())]
 
+    # -- quality sweep -----------------------------------------------------------------------------------
+    def quality_corpus(self, name: str) -> tuple[list[int], str]:
+        """Token ids and source of a perplexity corpus (dry run: synthetic text, one seed per name)."""
+        if name == "fortunes":
+            return self.ids, self.corpus_source
+        if self.plan.dry:
+            seed = 1 + sum(map(ord, name))
+            return self.tok.encode(corpus.synthetic_text(4000, seed=seed)), f"synthetic pseudo-English, seed {seed} (dry run)"
+        if name == "austen":
+            from benchmarks import corpus_austen
+
+            if not (corpus.DATA_DIR / corpus_austen.AUSTEN_FILE).is_file():
+                raise SystemExit(f"{corpus.DATA_DIR / corpus_austen.AUSTEN_FILE} is missing: run "
+                                 "`python -m benchmarks.corpus_austen` on a Debian machine and carry benchmarks/data")
+            t0 = time.monotonic()
+            ids = self.tok.encode(corpus_austen.load_austen())
+            log(f"corpus austen: {len(ids)} tokens in {time.monotonic() - t0:.1f} s")
+            return ids, corpus_austen.austen_info().get("source", "benchmarks/data/austen.txt")
+        raise SystemExit(f"quality corpus {name!r} is unknown; use {', '.join(quality.CORPORA)}")
+
+    def quality_items(self) -> list[tuple[dict[str, Any], str, Any]]:
+        """One engine job per (point, length), point-major (a budget cut drops the table's last
+        points at every length): perplexity per corpus, passkeys, then the timed prompt."""
+        p = self.plan
+        points = quality.parse_points(p.quality_points)
+        corpora = {c: self.quality_corpus(c) for c in p.quality_corpora}
+        docs = {(c, L): quality.spaced_windows(ids, L - PPL_RESERVE, p.quality_docs)
+                for c, (ids, _) in corpora.items() for L in p.quality_lengths}
+        cases = prompts.needle_cases(self.tok, self.ids, [L - OUT_RESERVE for L in p.quality_lengths],
+                                     p.quality_kinds, prompts.DEPTHS, list(range(p.quality_seeds)))
+        case_by_id = {c["id"]: c for c in cases}
+        timed = {L: self.windows(L - OUT_RESERVE, p.quality_reps + 1, 0) for L in p.quality_lengths}
+        alone = ("jobs ran one at a time" if self.in_process or self.a.jobs <= 1 else
+                 "timed while no other job of this part held the GPU (benchmarks.common.GpuLock: other jobs' "
+                 "engine starts, perplexity and passkey work wait; engines that finished their work stay loaded, idle)")
+        doc = self.part_doc("quality", points=[pt.describe() for pt in points], measured=[], runs=[dict(self.meta)],
+                            settings={
+            "lengths": p.quality_lengths, "points": [pt.name for pt in points],
+            "documents_per_corpus": p.quality_docs,
+            "prompt_tokens": {str(L): L - PPL_RESERVE for L in p.quality_lengths},
+            "corpora": {c: {"source": src, "tokens": len(ids),
+                            "documents": {str(L): [s0 for s0, _ in docs[(c, L)]] for L in p.quality_lengths}}
+                        for c, (ids, src) in corpora.items()},
+            "passkey": {"kinds": list(p.quality_kinds), "depths": list(prompts.DEPTHS), "seeds": p.quality_seeds,
+                        "max_tokens": p.needle_max_tokens, "haystack": "fortunes",
+                        "prompt_tokens": {str(L): L - OUT_RESERVE for L in p.quality_lengths}},
+            "enforce_eager": True, "enable_prefix_caching": False, "max_num_batched_tokens": p.max_num_batched_tokens,
+            "kv_cache_memory_bytes": p.accuracy_kv_bytes, "concurrency": 1 if self.in_process else self.a.jobs,
+            "perplexity": "prompt logprobs of each document (one request at a time: chunks end on block boundaries, "
+                          "dense_tail never applies to a scored token); ΔPPL against FLASH_ATTN on the same documents",
+            "density": "selected / causal (query block, head, key block) triples over every Prism layer launch of the "
+                       "task (prism_vllm.stats, sample_every=1)",
+            "ttft": f"wall time of LLM.generate for one request of L-{OUT_RESERVE} tokens with max_tokens=1, median of "
+                    f"{p.quality_reps} after one warm-up, in the part's engine (enforce_eager=True: compare ratios, "
+                    f"not absolute times, with speed.json); {alone}"})
+        doc["prism_config"] = {"min_context_len": 0, **self.user_prism}  # each point adds rule, thresholds, budget
+        lock = None if self.in_process else str(self.job_dir / "quality-gpu.lock")
+        items = []
+        for pt in points:
+            for L in p.quality_lengths:
+                prism = None if pt.rule is None else {"min_context_len": 0, **self.user_prism, **(pt.prism_knobs() or {})}
+                spec = self.engine_spec(pt.backend, max(L, p.native), eager=True, mem=0.1,
+                                        kv_cache_memory_bytes=p.accuracy_kv_bytes, prism=prism)
+                tasks: list[dict[str, Any]] = [
+                    {"task": "ppl", "label": f"{c} {tok_label(L)}", "length": L, "windows": [w for _, w in docs[(c, L)]],
+                     "one_at_a_time": True, "stats": True, "tag": f"ppl:{c}"} for c in corpora]
+                tasks.append({"task": "generate", "label": f"passkeys {tok_label(L)}", "max_tokens": p.needle_max_tokens,
+                              "cases": [{"id": c["id"], "ids": c["ids"]} for c in cases if c["length"] == L - OUT_RESERVE],
+                              "stats": True, "tag": "passkey"})
+                tasks.append({"task": "speed", "label": f"{pt.name} {tok_label(L)}", "prompts": {str(L): timed[L]},
+                              "exclusive": True, "tag": "ttft"})
+                job = {"name": f"quality-{tok_label(L)}-{pt.slug}", "kind": "engine", "engine": spec, "tasks": tasks,
+                       "sample_every": 1, **({"gpu_lock": lock} if lock else {})}
+
+                def done(res: dict[str, Any], job: dict[str, Any] = job, pt: quality.Point = pt, L: int = L) -> None:
+                    doc["jobs"].append(self.job_summary(job, res))
+                    if not res.get("rows"):  # skipped or failed early: nothing to replace a merged measurement with
+                        self.save("quality")
+                        return
+                    m: dict[str, Any] = {"point": pt.name, "length": L, "rope": self.rope_label(L), "run": 0,
+                                         "job": job["name"], "status": res.get("status"), "windows": [],
+                                         "prism_stats": {}, "passkeys": []}
+                    for r in res.get("rows", []):
+                        tag = r.get("tag", "")
+                        if r.get("prism_stats"):
+                            m["prism_stats"][tag] = r["prism_stats"]
+                        if r["task"] == "ppl":
+                            c = tag.split(":", 1)[1]
+                            for (start, _), lp in zip(docs[(c, L)], r["logprobs"]):
+                                m["windows"].append({"corpus": c, "start": start, **quality.window_nll(lp)})
+                        elif r["task"] == "generate":
+                            for cid, out in r["outputs"].items():
+                                c = case_by_id[cid]
+                                m["passkeys"].append({"id": cid, "kind": c["kind"], "depth": c["depth"], "seed": c["seed"],
+                                                      "key": c["key"], "correct": prompts.score_needle(self.tok, c, out),
+                                                      "output": self.tok.decode(out)})
+                        elif r["task"] == "speed":
+                            m["ttft"] = {k: r.get(k) for k in ("prompt_tokens", "ttft_ms", "ttft_ms_all", "warmup_ms",
+                                                              "density", "prism_tokens", "flash_tokens")}
+                    doc["measured"] = [x for x in doc["measured"] if (x["point"], x["length"]) != (pt.name, L)] + [m]
+                    doc["rows"] = quality.derive(doc)
+                    self._quality_log(doc, pt.name, L)
+                    self.save("quality")
+
+                items.append((job, "quality", done))
+        conc = 1 if self.in_process else max(1, self.a.jobs)
+        left = f", --budget-s leaves {self.t_end - time.monotonic():.0f} s" if self.t_end is not None else ""
+        log(f"quality: {len(items)} engine jobs ({len(points)} points x {len(p.quality_lengths)} lengths), {conc} at a "
+            f"time: roughly {-(-len(items) // conc) * 90 / 60:.0f} min on the GPU (~90 s per job wave){left}")
+        return items
+
+    @staticmethod
+    def _quality_log(doc: dict[str, Any], name: str, L: int) -> None:
+        row = next((r for r in doc["rows"] if r["point"] == name and r["length"] == L), None)
+        if row is None:
+            return
+        parts = []
+        for c, s in row["ppl"].items():
+            d = f" ({s['delta_pct']:+.2f}%)" if s.get("delta_pct") is not None and name != "dense" else ""
+            parts.append(f"{c} ppl {s['ppl']:.3f}{d}")
+        if row.get("density") is not None:
+            parts.append(f"density {row['density']:.3f}")
+        pk = row.get("passkey")
+        if pk:
+            parts.append(f"passkeys {pk['correct']}/{pk['total']}"
+                         + (f" (FLASH_ATTN {pk['dense_correct']})" if pk.get("dense_correct") is not None and name != "dense" else ""))
+        t = row.get("ttft")
+        if t and t.get("ttft_ms") is not None:
+            parts.append(f"TTFT {t['ttft_ms']:.1f} ms" + (f" ({t['ratio']:.2f}x FLASH_ATTN)" if t.get("ratio") and name != "dense" else ""))
+        log(f"quality {tok_label(L)} {name}: " + ", ".join(parts))
+
     # -- speed -----------------------------------------------------------------------------------------
     def part_speed(self) -> None:
         """SmolLM2 (real weights, YaRN): dense, Prism forced on, Prism with shipped defaults."""
@@ -462,7 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=None,
-                    help="comma-separated parts: recall, ppl, needle, speed, llama8b; accuracy = recall,ppl,needle")
+                    help="comma-separated parts: recall, ppl, needle, speed, llama8b, quality (only when named); "
+                         "accuracy = recall,ppl,needle")
     ap.add_argument("--quick", action="store_true",
                     help="the most important evidence in a few minutes: recall 8K, ppl 8K, needle 4K/8K, speed 8K/16K/32K")
     ap.add_argument("--dry-run", action="store_true", help="CPU plumbing check on a tiny random Llama (no vLLM)")
@@ -477,13 +654,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--verbose", action="store_true", help="echo all job output (vLLM INFO logs)")
     ap.add_argument("--jobs", type=int, default=3,
                     help="accuracy jobs (recall, dense and Prism engines) sharing the GPU at once; speed jobs always run alone")
-    for name in ("recall", "ppl", "needle", "speed", "llama"):
+    for name in ("recall", "ppl", "needle", "speed", "llama", "quality"):
         ap.add_argument(f"--{name}-lengths", default=None, help=f"override {name} context lengths, e.g. 8K,16K")
+    ap.add_argument("--quality-points", default=None,
+                    help="quality points to run instead of benchmarks.quality.POINTS, e.g. paper:0.99,meanpool:0.98,"
+                         "paper:0.99:b0.3 (dense is always added)")
+    ap.add_argument("--quality-docs", type=int, default=None, help="quality: perplexity documents per corpus and length")
+    ap.add_argument("--merge-quality", nargs="+", default=None, metavar="JSON",
+                    help="merge quality.json files of separate runs (later ones win per point and length) into "
+                         "DIR/quality.json and redraw its plot; runs nothing")
     ap.add_argument("--speed-default-config", action=argparse.BooleanOptionalAction, default=None,
                     help="also time Prism with PrismConfig's shipped defaults (default: on, off with --quick)")
-    ap.add_argument("--seeds", type=int, default=None, help="needle seeds per point")
+    ap.add_argument("--seeds", type=int, default=None, help="needle (and quality passkey) seeds per point")
     ap.add_argument("--windows", type=int, default=None, help="perplexity windows per length")
-    ap.add_argument("--reps", type=int, default=None, help="timed requests per speed point (after 1 warm-up)")
+    ap.add_argument("--reps", type=int, default=None, help="timed requests per speed (and quality) point (after 1 warm-up)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                     help="vLLM's kv_cache_dtype for the TTFT parts' engines (speed, llama8b), both backends; "
                          "fp8: results in speed-fp8.json / speed-llama8b-fp8.json (default: auto, the model's dtype)")
@@ -511,6 +695,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             changed = report.update_readme(Path(a.readme), md)
             log(f"{a.readme}: {'updated' if changed else 'unchanged'}")
         return 0
+    if a.merge_quality:
+        merged = quality.merge_docs([common.read_json(Path(f)) for f in a.merge_quality])
+        common.write_json(out / report.PART_FILES["quality"], merged)
+        try:
+            report.plot_all({"quality": merged}, out)
+        except ImportError as e:
+            log(f"plot skipped ({e}); pip install matplotlib")
+        print(report.markdown({"quality": merged}))
+        log(f"{out / report.PART_FILES['quality']}: {len(merged['measured'])} (point, length) measurements "
+            f"from {len(merged['runs'])} runs")
+        return 0
     parts = set(PARTS) - ({"llama8b"} if a.quick else set())
     if a.only:
         parts = set()
@@ -518,10 +713,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             x = x.strip()
             if x == "accuracy":
                 parts |= {"recall", "ppl", "needle"}
-            elif x in PARTS:
+            elif x in PARTS or x in EXTRA_PARTS:
                 parts.add(x)
             elif x:
-                raise SystemExit(f"--only {x!r}: unknown part; use {', '.join(PARTS)} or accuracy")
+                raise SystemExit(f"--only {x!r}: unknown part; use {', '.join(PARTS + EXTRA_PARTS)} or accuracy")
     if a.kv_cache_dtype != "auto":
         other = parts - set(report.KV_PARTS)
         if a.only and other:
@@ -537,6 +732,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if parts & {"ppl", "needle"}:
         items += runner.accuracy_items("ppl" in parts, "needle" in parts)
     runner.run_jobs(items, a.jobs)
+    if "quality" in parts:  # after the others: only its own jobs honour its timing lock
+        runner.run_jobs(runner.quality_items(), a.jobs)
     if "speed" in parts:
         runner.part_speed()
     if "llama8b" in parts:

@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.common import log, read_json, tok_label, write_json
+from benchmarks.common import GpuLock, log, read_json, tok_label, write_json
 
 
 class Result:
@@ -281,16 +281,22 @@ class HFEngine:
         if op.startswith("sample="):
             return {}
         return {"block_density": self.selected / self.causal if self.causal else None,
-                "prism_tokens": self.prism_tokens, "flash_tokens": 0}
+                "selected_blocks": self.selected, "causal_blocks": self.causal,
+                "prism_tokens": self.prism_tokens, "prism_dense_tokens": 0, "flash_tokens": 0}
 
 
 # ---------------------------------------------------------------------------------------------
 # tasks
 # ---------------------------------------------------------------------------------------------
 def task_ppl(engine: Any, task: dict[str, Any], res: Result) -> None:
-    """Prompt log-probabilities of each window (per-token values go back to the orchestrator)."""
+    """Prompt log-probabilities of each window (per-token values go back to the orchestrator).
+    ``one_at_a_time``: one request per window, so no scheduler step mixes two windows and every
+    chunk boundary falls where max_num_batched_tokens puts it (a multiple of 128: whole blocks)."""
     t0 = time.perf_counter()
-    lps = engine.prompt_logprobs(task["windows"])
+    if task.get("one_at_a_time"):
+        lps = [engine.prompt_logprobs([w])[0] for w in task["windows"]]
+    else:
+        lps = engine.prompt_logprobs(task["windows"])
     dt = time.perf_counter() - t0
     for w, row in enumerate(lps):
         nll = -sum(row) / len(row)
@@ -338,28 +344,78 @@ def task_speed(engine: Any, task: dict[str, Any], res: Result) -> None:
 TASKS = {"ppl": task_ppl, "generate": task_generate, "speed": task_speed}
 
 
+def _job_stats(engine: Any, res: Result) -> None:
+    """What Prism actually served over the job so far (tokens, fallbacks, sampled density): a
+    Prism run that silently fell back to FlashAttention must not pass for Prism's accuracy."""
+    st = engine.stats("collect")
+    if st is not None:
+        res.data["info"]["prism_stats"] = st
+        log(f"prism served {st.get('prism_tokens')} tokens (dense rows inside Prism {st.get('prism_dense_tokens')}, "
+            f"FlashAttention {st.get('flash_tokens')}), sampled density {st.get('block_density')}, "
+            f"fallbacks {st.get('fallback_layers')}")
+    res.flush()
+
+
+def _stats_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not after:
+        return None
+    b = before or {}
+    out = {k: (after.get(k) or 0) - (b.get(k) or 0)
+           for k in ("prism_tokens", "prism_dense_tokens", "flash_tokens", "selected_blocks", "causal_blocks")}
+    out["block_density"] = out["selected_blocks"] / out["causal_blocks"] if out["causal_blocks"] else None
+    return out
+
+
 def run_engine_job(job: dict[str, Any], res: Result) -> None:
+    """Start the engine, run the tasks in order. Job keys beside ``engine`` and ``tasks``:
+    ``sample_every`` (Prism's stats sample every N-th step; 1: the density of every launch),
+    ``gpu_lock`` (a :class:`benchmarks.common.GpuLock` path: the engine start and the tasks
+    hold it shared, a task with ``exclusive`` holds it alone, e.g. a timed one). Task keys read
+    here: ``stats`` (the row gets ``prism_stats``: what Prism served during this task),
+    ``tag`` (copied into the task's rows)."""
     spec = job["engine"]
+    lock = GpuLock(job["gpu_lock"]) if job.get("gpu_lock") else None
+    if lock:
+        t0 = time.perf_counter()
+        lock.shared()
+        res.data["info"]["lock_wait_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     engine = VllmEngine(spec) if spec["kind"] == "vllm" else HFEngine(spec)
     res.data["info"]["engine_init_s"] = round(time.perf_counter() - t0, 1)
     log(f"engine ready in {res.data['info']['engine_init_s']} s")
+    if job.get("sample_every") is not None:
+        engine.stats(f"sample={int(job['sample_every'])}")
     res.flush()
-    for task in job["tasks"]:
+    collected = False
+    for i, task in enumerate(job["tasks"]):
+        if task["task"] == "speed" and i > 0 and not collected:
+            _job_stats(engine, res)  # the speed task resets the counters
+            collected = True
+        if lock:
+            t0 = time.perf_counter()
+            if task.get("exclusive"):
+                lock.exclusive()
+            else:
+                lock.shared()
+            if time.perf_counter() - t0 > 1:
+                log(f"{task['task']} {task.get('label', '')}: waited {time.perf_counter() - t0:.0f} s for the GPU")
+        n0 = len(res.data["rows"])
+        before = engine.stats("collect") if task.get("stats") else None
         try:
             TASKS[task["task"]](engine, task, res)
         except Exception as e:  # noqa: BLE001 - record and go on with the next task
             res.error(f"{task['task']} {task.get('label', '')}", e)
-    # What Prism actually served over the whole job (tokens, fallbacks, sampled density): a Prism
-    # run that silently fell back to FlashAttention must not pass for Prism's accuracy.
-    if all(t["task"] != "speed" for t in job["tasks"]):
-        st = engine.stats("collect")
-        if st is not None:
-            res.data["info"]["prism_stats"] = st
-            log(f"prism served {st.get('prism_tokens')} tokens (dense rows inside Prism {st.get('prism_dense_tokens')}, "
-                f"FlashAttention {st.get('flash_tokens')}), sampled density {st.get('block_density')}, "
-                f"fallbacks {st.get('fallback_layers')}")
+        delta = _stats_delta(before, engine.stats("collect")) if task.get("stats") else None
+        for r in res.data["rows"][n0:]:
+            if task.get("stats"):
+                r["prism_stats"] = delta
+            if "tag" in task:
+                r["tag"] = task["tag"]
         res.flush()
+    if lock:
+        lock.close()
+    if all(t["task"] != "speed" for t in job["tasks"]):
+        _job_stats(engine, res)
 
 
 def run_recall_job(job: dict[str, Any], res: Result) -> None:
@@ -400,10 +456,21 @@ def run_selftest_job(job: dict[str, Any], res: Result) -> None:
         import subprocess
 
         res.data["info"]["orphan_pid"] = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"]).pid
+    # gpu_lock: each unit holds the lock shared, or alone when listed in exclusive_units (as an
+    # engine job's tasks do); rows record when each unit held it
+    lock = GpuLock(job["gpu_lock"]) if job.get("gpu_lock") else None
     for i in range(int(job.get("units", 3))):
+        mode = "exclusive" if i in job.get("exclusive_units", ()) else "shared"
+        if lock and mode == "exclusive":
+            lock.exclusive()
+        elif lock:
+            lock.shared()
+        t0 = time.time()
         time.sleep(float(job.get("sleep_s", 0.1)))
         log(f"selftest unit {i}")
-        res.add({"task": "selftest", "unit": i})
+        res.add({"task": "selftest", "unit": i, "mode": mode, "start": t0, "end": time.time()})
+    if lock:
+        lock.close()
     if job.get("fail"):
         raise RuntimeError("selftest asked to fail")
 

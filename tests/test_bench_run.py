@@ -17,7 +17,7 @@ import torch
 if str(Path(__file__).resolve().parent.parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import common, corpus, prompts, recall, report, run
+from benchmarks import common, corpus, prompts, quality, recall, report, run
 from prism_vllm.config import PrismConfig
 from prism_vllm.rope import RopeLayout, rope_bands
 
@@ -361,6 +361,111 @@ def test_dry_run_fp8_kv_cache(tmp_path: Path, capsys: pytest.CaptureFixture, mon
     with pytest.raises(SystemExit, match="README"):
         run.main(["--report", "--out", str(out), "--kv-cache-dtype", "fp8", "--readme", str(tmp_path / "R.md")])
     capsys.readouterr()
+# -- the quality sweep -------------------------------------------------------------------------------
+def test_quality_points_table() -> None:
+    pts = quality.parse_points(quality.POINTS)
+    assert pts[0].name == "dense" and len(pts) == len(quality.POINTS)
+    assert [p.name for p in pts] == list(quality.POINTS)  # names round-trip
+    marks = {p.name: quality.preset_marks(p) for p in pts}
+    assert marks["paper:0.99"] == ["quality (default)"] and marks["paper:0.95"] == ["fast"]
+    assert marks["meanpool:0.99"] == [] and marks["paper:0.99:b0.3"] == []
+    b = quality.Point.parse("paper:0.99:b0.3")
+    assert b.prism_knobs() == {"rule": "paper", "high_threshold": 0.99, "low_threshold": 0.99, "block_budget": 0.3}
+    assert quality.parse_points(["meanpool:0.9"])[0].name == "dense"  # the reference is always measured
+    with pytest.raises(ValueError, match="RULE:TOP_P"):
+        quality.Point.parse("paper")
+    with pytest.raises(ValueError, match="block_budget"):
+        quality.Point.parse("paper:0.99:b1.5")
+    with pytest.raises(ValueError, match="rule"):
+        quality.Point.parse("topk:0.9")
+
+
+def test_gpu_lock_timed_sections_run_alone(tmp_path: Path) -> None:
+    """Jobs sharing the GPU: a section under GpuLock.exclusive() overlaps no other job's section,
+    also when jobs start while others already wait to time (a pool of 2 for 4 jobs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = tmp_path / "gpu.lock"
+    jobs = [{"name": f"j{i}", "kind": "selftest", "units": 3, "sleep_s": 0.25, "gpu_lock": str(lock),
+             "exclusive_units": [2]} for i in range(4)]
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        results = list(ex.map(lambda j: common.run_job_subprocess(j, tmp_path, timeout_s=60), jobs))
+    assert all(r["status"] == "ok" for r in results)
+    spans = [(j["name"], r["mode"], r["start"], r["end"]) for j, res in zip(jobs, results) for r in res["rows"]]
+    assert len(spans) == 12
+    for name, mode, a, b in spans:
+        if mode == "exclusive":
+            clash = [(n2, m2) for n2, m2, a2, b2 in spans if n2 != name and a2 < b and a < b2]
+            assert not clash, (name, clash)
+
+
+def test_quality_dry_run_and_merge(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--only quality on the tiny model: quality.json holds every (point, length) with both
+    corpora's perplexity against FLASH_ATTN, density, passkeys per depth and TTFT; separate runs
+    merge into one file; --report draws its table and plot."""
+    out = tmp_path / "res"
+    pts = "paper:0.99,paper:0.95,meanpool:0.99,paper:0.99:b0.3"
+    assert run.main(["--dry-run", "--only", "quality", "--quality-points", pts, "--out", str(out)]) == 0
+    assert set(report.load_results(out)) == {"quality"}  # no other part ran
+    d = json.loads((out / "quality.json").read_text())
+    names = ["dense"] + pts.split(",")
+    assert [p["name"] for p in d["points"]] == names
+    assert {p["name"]: p["presets"] for p in d["points"]}["paper:0.99"] == ["quality (default)"]
+    assert all(j["status"] == "ok" for j in d["jobs"]) and len(d["jobs"]) == 5 * 2
+    assert {(r["point"], r["length"]) for r in d["rows"]} == {(n, L) for n in names for L in (512, 1024)}
+    assert set(d["settings"]["corpora"]) == {"fortunes", "austen"}
+    for r in d["rows"]:
+        assert set(r["ppl"]) == {"fortunes", "austen"}, r["point"]
+        for c, s in r["ppl"].items():
+            assert s["documents"] == 2 and s["documents_vs_dense"] == 2 and s["ppl"] > 1
+            assert s["delta_pct_min"] <= s["delta_pct_mean"] <= s["delta_pct_max"]
+            assert len(s["ppl_per_document"]) == 2
+        pk = r["passkey"]
+        assert pk["total"] == 2 * 5 and len(pk["per_depth"]) == 2 * 5  # kinds x depths, 1 seed
+        assert pk["dense_correct"] is not None and r["ttft"]["ttft_ms"] > 0
+        if r["backend"] == "prism":
+            assert 0 < r["density"] <= 1 and r["ttft"]["ratio"] > 0 and "warning" not in r
+            assert all(s["density"] is not None and s["prism_tokens"] > 0 for s in r["ppl"].values())
+        else:
+            assert r["density"] is None and all(s["delta_pct"] == 0 for s in r["ppl"].values())
+    by = {(r["point"], r["length"]): r for r in d["rows"]}
+    assert by[("paper:0.99:b0.3", 1024)]["density"] < 1.0  # the cap bites even on near-uniform attention
+    # documents spread over each corpus, the same for every point
+    starts = d["settings"]["corpora"]["austen"]["documents"]["1024"]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] > 1024
+    if HAS_MPL:
+        assert (out / "quality.png").is_file()
+    # a second run (another point, one length) merges into one document
+    out2 = tmp_path / "res2"
+    assert run.main(["--dry-run", "--only", "quality", "--quality-points", "paper:0.9", "--quality-lengths", "512",
+                     "--out", str(out2)]) == 0
+    merged_dir = tmp_path / "merged"
+    capsys.readouterr()
+    assert run.main(["--merge-quality", str(out / "quality.json"), str(out2 / "quality.json"),
+                     "--out", str(merged_dir)]) == 0
+    m = json.loads((merged_dir / "quality.json").read_text())
+    assert len(m["runs"]) == 2
+    got = {(r["point"], r["length"]): r["run"] for r in m["rows"]}
+    assert got[("paper:0.9", 512)] == 1 and got[("dense", 512)] == 1 and got[("dense", 1024)] == 0
+    assert got[("paper:0.99", 512)] == 0 and m["settings"]["lengths"] == [512, 1024]
+    r09 = next(r for r in m["rows"] if r["point"] == "paper:0.9")
+    assert r09["ppl"]["austen"]["documents_vs_dense"] == 2
+    assert "### Quality against block density" in capsys.readouterr().out
+    assert run.main(["--report", "--out", str(merged_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "`paper:0.9`" in printed and "default preset (paper:0.99)" in printed
+
+
+def test_quality_budget_skips_jobs_without_recording_them(tmp_path: Path) -> None:
+    """Jobs that --budget-s leaves no time for are listed as skipped and measure nothing (so a
+    merge keeps an earlier run's numbers for them)."""
+    out = tmp_path / "res"
+    assert run.main(["--dry-run", "--only", "quality", "--budget-s", "1", "--quality-lengths", "512",
+                     "--quality-points", "paper:0.99", "--out", str(out)]) == 1
+    d = json.loads((out / "quality.json").read_text())
+    assert [j["status"] for j in d["jobs"]] == ["skipped (budget)"] * 2
+    assert d["measured"] == [] and d["rows"] == []
+    assert "Not clean" in report.quality_markdown(d)
 
 
 # -- the vLLM glue, without a GPU ------------------------------------------------------------------
@@ -401,18 +506,13 @@ def test_engine_kwargs_are_vllm_engine_args() -> None:
         {k: prism[k] for k in same if k in prism and k not in ("tokenizer",)}
 
 
-@pytest.mark.vllm
-def test_vllm_engine_tasks_with_a_stand_in_llm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The worker's vLLM path (prompt logprobs parsing, greedy outputs, TTFT loop, Prism stats
-    through collective_rpc) against a stand-in LLM that returns vLLM's output structures."""
-    vllm = pytest.importorskip("vllm")
+def _stand_in_llm(calls: list):
+    """A stand-in for vllm.LLM that returns vLLM's output structures and records its calls
+    (prompt sizes of generate, collective_rpc arguments)."""
     from types import SimpleNamespace
 
+    import vllm
     from vllm.logprobs import Logprob
-
-    from benchmarks import worker
-
-    calls = []
 
     class StandIn:
         def __init__(self, **kw):
@@ -420,6 +520,7 @@ def test_vllm_engine_tasks_with_a_stand_in_llm(monkeypatch: pytest.MonkeyPatch) 
 
         def generate(self, prompts, params, use_tqdm=True):
             assert isinstance(params, vllm.SamplingParams) and use_tqdm is False
+            calls.append(("generate", len(prompts)))
             outs = []
             for p in prompts:
                 ids = p["prompt_token_ids"]
@@ -435,7 +536,45 @@ def test_vllm_engine_tasks_with_a_stand_in_llm(monkeypatch: pytest.MonkeyPatch) 
             calls.append(("rpc", args))
             return [fn(None, *args)]
 
-    monkeypatch.setattr(vllm, "LLM", StandIn)
+    return StandIn
+
+
+@pytest.mark.vllm
+def test_vllm_quality_job_with_a_stand_in_llm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A quality job's worker path: every step sampled, perplexity documents one request at a
+    time, each task's own Prism stats and tag on its rows, the timed task under the GPU lock."""
+    vllm = pytest.importorskip("vllm")
+    from benchmarks import worker
+
+    calls: list = []
+    monkeypatch.setattr(vllm, "LLM", _stand_in_llm(calls))
+    job = {"name": "q", "kind": "engine", "engine": _spec("prism"), "sample_every": 1,
+           "gpu_lock": str(tmp_path / "gpu.lock"), "tasks": [
+               {"task": "ppl", "label": "x", "length": 64, "windows": [[1, 2, 3, 4], [5, 6, 7, 8]],
+                "one_at_a_time": True, "stats": True, "tag": "ppl:fortunes"},
+               {"task": "generate", "label": "n", "max_tokens": 2, "cases": [{"id": "a", "ids": [1, 2]}],
+                "stats": True, "tag": "passkey"},
+               {"task": "speed", "label": "s", "prompts": {"64": [[1] * 8, [2] * 8]}, "exclusive": True, "tag": "ttft"}]}
+    res = worker.run_job(job)
+    assert res["errors"] == []
+    ppl, gen, speed = res["rows"]
+    assert [c[1] for c in calls if c[0] == "generate"][:2] == [1, 1]  # one document per request
+    assert ppl["tag"] == "ppl:fortunes" and gen["tag"] == "passkey" and speed["tag"] == "ttft"
+    assert set(ppl["prism_stats"]) >= {"prism_tokens", "selected_blocks", "causal_blocks", "block_density"}
+    assert "prism_stats" not in speed and "prism_stats" in res["info"]  # job stats read before the speed task resets them
+    rpc = [c[1][0] for c in calls if c[0] == "rpc"]
+    assert rpc[0] == "sample=1" and rpc[-4:] == ["reset", "sample=1", "collect", "sample=0"]
+
+
+@pytest.mark.vllm
+def test_vllm_engine_tasks_with_a_stand_in_llm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's vLLM path (prompt logprobs parsing, greedy outputs, TTFT loop, Prism stats
+    through collective_rpc) against a stand-in LLM that returns vLLM's output structures."""
+    vllm = pytest.importorskip("vllm")
+    from benchmarks import worker
+
+    calls: list = []
+    monkeypatch.setattr(vllm, "LLM", _stand_in_llm(calls))
     job = {"name": "t", "kind": "engine", "engine": _spec("prism"), "tasks": [
         {"task": "ppl", "label": "x", "length": 64, "windows": [[1, 2, 3, 4], [5, 6, 7]]},
         {"task": "generate", "label": "n", "max_tokens": 3, "cases": [{"id": "a", "ids": [1, 2]}]},
@@ -447,5 +586,6 @@ def test_vllm_engine_tasks_with_a_stand_in_llm(monkeypatch: pytest.MonkeyPatch) 
     assert gen["outputs"] == {"a": [0, 1, 2]}
     assert speed["length"] == 256 and speed["prompt_tokens"] == 10 and len(speed["ttft_ms_all"]) == 2
     assert "density" in speed  # Prism's stats were read through collective_rpc
-    assert [c[1] for c in calls if c[0] == "rpc"] == [("reset",), ("sample=1",), ("collect",), ("sample=0",)]
+    # the job's own stats are read before the speed task resets them
+    assert [c[1] for c in calls if c[0] == "rpc"] == [("collect",), ("reset",), ("sample=1",), ("collect",), ("sample=0",)]
 
