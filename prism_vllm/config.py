@@ -22,9 +22,10 @@ ADDITIONAL_CONFIG_KEY = "prism"
 SUPPORTED_BLOCK_SIZES = (128,)
 
 #: min_context_len when "auto" has no measurement (no CUDA GPU, or the measurement failed): the
-#: end-to-end break-even measured through vLLM on an H200 (SmolLM2-135M with the FA3 attend step,
-#: 2026-12-02, benchmarks/results/speed.json: 40,095 tokens), rounded up to whole blocks.
-AUTO_FALLBACK_MIN_CONTEXT_LEN = 40960
+#: end-to-end break-even measured through vLLM on an H200 (SmolLM2-135M with the FA3 attend step at
+#: the default thresholds, 2026-12-02, benchmarks/results/speed.json: 42,503 tokens), rounded up to
+#: whole blocks.
+AUTO_FALLBACK_MIN_CONTEXT_LEN = 43008
 
 #: Named settings of the fields that trade quality for speed. A preset fills only the fields the
 #: user did not set (explicit values win); ``PrismConfig.preset``'s docstring gives the
@@ -145,8 +146,8 @@ class PrismConfig:
     seconds, once per shape and process), and Prism serves from the shortest length where it takes
     at most 0.9 of dense's time at the density it has been selecting (0.5 until the first sampled
     launches); the decision and its timings are in the startup log and /prism/stats. Without a
-    measurement (no CUDA) it is 40960, the end-to-end break-even measured through vLLM on an H200
-    (SmolLM2-135M, 2026-12-02, benchmarks/results/speed.json). An integer fixes the length
+    measurement (no CUDA) it is 43008, the end-to-end break-even measured through vLLM on an H200
+    (SmolLM2-135M at the default thresholds, 2026-12-02, benchmarks/results/speed.json). An integer fixes the length
     (0 sends every prefill chunk through Prism)."""
 
     min_query_len: int = 16
