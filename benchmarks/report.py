@@ -186,14 +186,24 @@ def goals(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
     if pairs:
         out.append(("break-even context length (SmolLM2, Prism forced on every chunk)",
                     f"{be.get('tokens') or 'none'} tokens ({be.get('note', '')})", be.get("tokens") is not None))
-    dflt = [p for p in pairs if p.get("prism_default_ms") is not None]
-    if dflt:
-        # 5% slack: the two numbers come from separate engines (timer noise, not attention)
-        worst = max(dflt, key=lambda p: p["prism_default_ms"] / p["dense_ms"])
-        out.append(("never slower than dense with the shipped defaults (short prompts stay on FlashAttention)",
-                    (f"worst Prism(default)/dense TTFT {worst['prism_default_ms'] / worst['dense_ms']:.2f} at "
-                    f"{tok_label(worst['length'])}"),
-                    all(p["prism_default_ms"] <= 1.05 * p["dense_ms"] for p in dflt)))
+    lpairs = speed_pairs(res.get("llama8b", {}).get("rows", []), LLAMA_NAME)
+    for name, prs in (("SmolLM2", pairs), ("Llama-3.1-8B architecture, budget 0.1", lpairs)):
+        dflt = [p for p in prs if p.get("prism_default_ms") is not None]
+        if not dflt:
+            continue
+        # issue 11: TTFT >= 0.98x of FLASH_ATTN at every length with what ships (short prompts stay
+        # on FlashAttention); the two engines are separate processes, so this includes their spread
+        worst = min(dflt, key=lambda p: p["dense_ms"] / p["prism_default_ms"])
+        out.append((f"TTFT >= 0.98x FLASH_ATTN at every length with the shipped defaults ({name})",
+                    f"worst {worst['dense_ms'] / worst['prism_default_ms']:.2f}x at {tok_label(worst['length'])}",
+                    all(p["dense_ms"] / p["prism_default_ms"] >= 0.98 for p in dflt)))
+        if prs is lpairs:
+            on = [p["length"] for p in dflt if p.get("prism_default_tokens")]
+            first = min(on) if on else None
+            out.append(("Prism on from <= 16K with the shipped defaults (Llama-3.1-8B architecture, budget 0.1)",
+                        f"on from {tok_label(first)}" if first else "off at every measured length",
+                        first is not None and first <= 16 * 1024
+                        and all(p.get("prism_default_tokens") for p in dflt if p["length"] >= first)))
     return out
 
 

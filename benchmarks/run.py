@@ -129,7 +129,7 @@ class Plan:
     needle_max_tokens: int = 12
     speed_lengths: list[int] = dataclasses.field(default_factory=lambda: [8 * KB, 16 * KB, 32 * KB, 64 * KB, 128 * KB])
     speed_reps: int = 3
-    llama_lengths: list[int] = dataclasses.field(default_factory=lambda: [32 * KB, 64 * KB, 128 * KB])
+    llama_lengths: list[int] = dataclasses.field(default_factory=lambda: [16 * KB, 32 * KB, 64 * KB, 128 * KB])
     llama_reps: int = 2
     llama_budget: float = 0.1
     quality_lengths: list[int] = dataclasses.field(default_factory=lambda: [8 * KB, 16 * KB, 32 * KB])
@@ -595,7 +595,9 @@ class Runner:
             self.save("speed")
 
     def part_llama(self) -> None:
-        """The Llama-3.1-8B architecture with dummy weights at a fixed block budget."""
+        """The Llama-3.1-8B architecture with dummy weights at a fixed block budget: dense, Prism
+        forced on, and (speed_default_config) Prism with the shipped defaults plus the budget, so
+        min_context_len="auto" decides at startup where Prism serves."""
         p = self.plan
         doc = self.part_doc("llama8b", models=[LLAMA_NAME], skipped={}, settings={
             "lengths": p.llama_lengths, "reps": p.llama_reps, "block_budget": p.llama_budget,
@@ -610,8 +612,10 @@ class Runner:
         mdir = self.model if p.dry else str(common.write_llama8b_dir(self.job_dir / "llama-3.1-8b-config"))
         mml = max(p.llama_lengths)
         prompts_by_len = {str(L): self.windows(L - OUT_RESERVE, p.llama_reps + 1, 0) for L in p.llama_lengths}
-        for backend in ("dense", "prism"):
-            prism = {**self.prism_cfg, "block_budget": p.llama_budget} if backend == "prism" else None
+        backends = ("dense", "prism") + (("prism-default",) if p.speed_default_config else ())
+        for backend in backends:
+            base = {"prism": self.prism_cfg, "prism-default": self.user_prism}.get(backend)
+            prism = None if base is None else {**base, "block_budget": p.llama_budget}
             spec = self.engine_spec(backend, mml, eager=False, mem=0.85, max_num_seqs=4, model=mdir,
                                     tokenizer=self.model, load_format="dummy", hf_overrides=None, prism=prism,
                                     kv_cache_dtype=p.kv_cache_dtype)
@@ -620,7 +624,7 @@ class Runner:
             res = self.run_job(job, "llama")
             for r in res.get("rows", []):
                 doc["rows"].append({"model": LLAMA_NAME, "backend": backend, "rope": "llama3 x8 (native)",
-                                    "block_budget": p.llama_budget if backend == "prism" else None, **r})
+                                    "block_budget": p.llama_budget if backend != "dense" else None, **r})
             doc["jobs"].append(self.job_summary(job, res))
             self._speed_summary(doc)
             self.save("llama8b")

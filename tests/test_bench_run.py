@@ -302,12 +302,19 @@ def test_dry_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert "break_even" in sp
     # the prism runs really were sparse (lowered thresholds in the dry run)
     assert min(r["density"] for r in sp["rows"] if r["backend"] == "prism") < 1.0
-    # the Llama-8B part runs both backends (the tiny model stands in) with the budget on Prism's rows
+    # the Llama-8B part runs dense, Prism forced on and the shipped defaults (the tiny model stands
+    # in), the budget on both Prism engines; the defaults keep these short prompts on FlashAttention
     ll = res["llama8b"]
     assert not ll["skipped"]
-    assert {(r["backend"], r["length"]) for r in ll["rows"]} == {(b, L) for b in ("dense", "prism") for L in (512, 1024)}
-    assert all(r["block_budget"] == 0.1 for r in ll["rows"] if r["backend"] == "prism")
-    assert "Llama-3.1-8B architecture" in report.markdown({"llama8b": ll})
+    assert {(r["backend"], r["length"]) for r in ll["rows"]} == \
+        {(b, L) for b in ("dense", "prism", "prism-default") for L in (512, 1024)}
+    assert all(r["block_budget"] == 0.1 for r in ll["rows"] if r["backend"] != "dense")
+    assert all(r["prism_tokens"] == 0 for r in ll["rows"] if r["backend"] == "prism-default")
+    lmd = report.markdown({"llama8b": ll})
+    assert "Llama-3.1-8B architecture" in lmd and "shipped defaults" in lmd
+    g = dict((a, (b, c)) for a, b, c in report.goals({"llama8b": ll}))
+    on16 = g["Prism on from <= 16K with the shipped defaults (Llama-3.1-8B architecture, budget 0.1)"]
+    assert on16 == ("off at every measured length", False)
     capsys.readouterr()
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n## Results\n\n## Limitations\n")
@@ -589,3 +596,27 @@ def test_vllm_engine_tasks_with_a_stand_in_llm(monkeypatch: pytest.MonkeyPatch) 
     # the job's own stats are read before the speed task resets them
     assert [c[1] for c in calls if c[0] == "rpc"] == [("collect",), ("reset",), ("sample=1",), ("collect",), ("sample=0",)]
 
+
+
+def test_shipped_defaults_goals_from_rows() -> None:
+    """Issue 11's goals read from speed rows: TTFT >= 0.98x of FLASH_ATTN at every length with the
+    shipped defaults, and (Llama-3.1-8B architecture) Prism on from <= 16K and at every longer length."""
+    def rows(default_ms, on):
+        out = []
+        for L, dense, forced, dflt, tokens in zip((8192, 16384, 32768), (10.0, 20.0, 40.0), (12.0, 15.0, 20.0),
+                                                  default_ms, on):
+            out += [{"model": report.LLAMA_NAME, "backend": "dense", "length": L, "ttft_ms": dense},
+                    {"model": report.LLAMA_NAME, "backend": "prism", "length": L, "ttft_ms": forced, "density": 0.1},
+                    {"model": report.LLAMA_NAME, "backend": "prism-default", "length": L, "ttft_ms": dflt,
+                     "prism_tokens": tokens}]
+        return {"llama8b": {"rows": out}}
+
+    def goals(res):
+        return {a.split(" (")[0] if a.startswith("TTFT") else a: c for a, _, c in report.goals(res)}
+
+    g = goals(rows((10.1, 15.5, 21.0), (0, 500, 900)))
+    assert g["TTFT >= 0.98x FLASH_ATTN at every length with the shipped defaults"] is True
+    assert g["Prism on from <= 16K with the shipped defaults (Llama-3.1-8B architecture, budget 0.1)"] is True
+    g = goals(rows((10.5, 15.5, 21.0), (0, 0, 900)))  # 0.95x at 8K; on only from 32K
+    assert g["TTFT >= 0.98x FLASH_ATTN at every length with the shipped defaults"] is False
+    assert g["Prism on from <= 16K with the shipped defaults (Llama-3.1-8B architecture, budget 0.1)"] is False
