@@ -20,6 +20,7 @@
 #   quality   the quality sweep (ΔPPL / passkeys / density / TTFT per selection point): set
 #             PRISM_QUALITY_LENGTHS=8K,16K for one call and =32K for the next, then merge the two
 #             quality.json here (python -m benchmarks.run --merge-quality A B --out benchmarks/results)
+#   quality-fp8  the quality / fast presets beside FLASH_ATTN, every engine on vLLM's fp8 KV cache
 #   shared    everything that times nothing, side by side on one GPU, each under a time limit:
 #             vllm + accuracy evidence + load test + the selection/prefill kernel GPU tests
 # OUTDIR collects logs and result JSON (device calls return at most 8 files: see the end).
@@ -113,6 +114,10 @@ case "$piece" in
     run_bench quality "$LIMIT" --jobs "${PRISM_QUALITY_JOBS:-6}" \
       ${PRISM_QUALITY_LENGTHS:+--quality-lengths "$PRISM_QUALITY_LENGTHS"}
     grep -E "quality |WARNING|not ok|skipped" "$out/bench-quality.log" | tail -40 ;;
+  quality-fp8)  # issue 14: FLASH_ATTN and the quality / fast presets on an fp8 KV cache -> quality-fp8.json
+    BENCH_TAG=quality-fp8 run_bench quality "$LIMIT" --kv-cache-dtype fp8 --jobs "${PRISM_QUALITY_JOBS:-6}" \
+      --quality-points paper:0.99,paper:0.95 ${PRISM_QUALITY_LENGTHS:+--quality-lengths "$PRISM_QUALITY_LENGTHS"}
+    grep -E "quality |WARNING|not ok|skipped" "$out/bench-quality-fp8.log" | tail -40 ;;
   shared)
     log "start: vllm tests, accuracy, load test, kernel tests side by side"
     run_vllm & run_bench accuracy "$((LIMIT - 15))" --jobs 4 & run_load & run_kernels_changed &

@@ -271,6 +271,9 @@ def merge_docs(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     (``runs``: date, commit, GPU, command of every contributing run)."""
     if not docs:
         raise ValueError("nothing to merge")
+    kv = {d.get("settings", {}).get("kv_cache_dtype", "auto") for d in docs}
+    if len(kv) > 1:
+        raise ValueError(f"the runs used different KV cache dtypes ({', '.join(sorted(kv))}): merge each kind apart")
     out = {k: v for k, v in docs[-1].items() if k not in ("measured", "rows", "runs", "jobs", "points")}
     runs: list[dict[str, Any]] = []
     measured: dict[tuple[str, int], dict[str, Any]] = {}

@@ -23,10 +23,12 @@ Parts (each writes DIR/<part>.json with gpu, date, commit, command and its rows)
              block density, passkeys per depth, and the TTFT of one prompt, timed while no other
              job of the part works on the GPU; quality.json + quality.png (ΔPPL against density)
 
-``--kv-cache-dtype fp8`` runs the TTFT parts (speed, llama8b) with vLLM's ``kv_cache_dtype="fp8"``
-(e4m3, vLLM's per-tensor scales: 1.0 unless the checkpoint brings its own) on both engines,
-FLASH_ATTN and Prism, recorded in the part's settings and written to speed-fp8.json /
-speed-llama8b-fp8.json beside the default files; the accuracy parts keep the model's KV cache.
+``--kv-cache-dtype fp8`` runs the TTFT parts (speed, llama8b) and the quality sweep with vLLM's
+``kv_cache_dtype="fp8"`` (e4m3, vLLM's per-tensor scales: 1.0 unless the checkpoint brings its own)
+on every engine, FLASH_ATTN and Prism, recorded in the part's settings and written to
+speed-fp8.json / speed-llama8b-fp8.json / quality-fp8.json beside the default files (the fp8 cache's
+perplexity and passkeys beside FLASH_ATTN on fp8: ``--only quality --kv-cache-dtype fp8
+--quality-points paper:0.99,paper:0.95``); recall, ppl and needle keep the model's KV cache.
 
 Each vLLM engine runs in its own subprocess under a hard time limit (GPU memory is freed when it
 exits); a job killed at its limit still reports what it finished. Prism runs with
@@ -143,7 +145,7 @@ class Plan:
     #: also time Prism with PrismConfig's defaults (min_context_len as shipped): below it every
     #: prompt should run at FlashAttention's speed
     speed_default_config: bool = True
-    #: vLLM's kv_cache_dtype of the TTFT parts' engines ("auto": the model's dtype)
+    #: vLLM's kv_cache_dtype of the KV parts' engines (report.KV_PARTS; "auto": the model's dtype)
     kv_cache_dtype: str = "auto"
     max_num_batched_tokens: int = 16384
     #: KV cache of each accuracy engine (fixed, so engines can share the GPU without profiling)
@@ -484,7 +486,7 @@ class Runner:
                         "max_tokens": p.needle_max_tokens, "haystack": "fortunes",
                         "prompt_tokens": {str(L): L - OUT_RESERVE for L in p.quality_lengths}},
             "enforce_eager": True, "enable_prefix_caching": False, "max_num_batched_tokens": p.max_num_batched_tokens,
-            "kv_cache_memory_bytes": p.accuracy_kv_bytes, "concurrency": 1 if self.in_process else self.a.jobs,
+            "kv_cache_dtype": p.kv_cache_dtype, "kv_cache_memory_bytes": p.accuracy_kv_bytes, "concurrency": 1 if self.in_process else self.a.jobs,
             "perplexity": "prompt logprobs of each document (one request at a time: chunks end on block boundaries, "
                           "dense_tail never applies to a scored token); ΔPPL against FLASH_ATTN on the same documents",
             "density": "selected / causal (query block, head, key block) triples over every Prism layer launch of the "
@@ -499,7 +501,8 @@ class Runner:
             for L in p.quality_lengths:
                 prism = None if pt.rule is None else {"min_context_len": 0, **self.user_prism, **(pt.prism_knobs() or {})}
                 spec = self.engine_spec(pt.backend, max(L, p.native), eager=True, mem=0.1,
-                                        kv_cache_memory_bytes=p.accuracy_kv_bytes, prism=prism)
+                                        kv_cache_memory_bytes=p.accuracy_kv_bytes, prism=prism,
+                                        kv_cache_dtype=p.kv_cache_dtype)
                 tasks: list[dict[str, Any]] = [
                     {"task": "ppl", "label": f"{c} {tok_label(L)}", "length": L, "windows": [w for _, w in docs[(c, L)]],
                      "one_at_a_time": True, "stats": True, "tag": f"ppl:{c}"} for c in corpora]
@@ -508,7 +511,7 @@ class Runner:
                               "stats": True, "tag": "passkey"})
                 tasks.append({"task": "speed", "label": f"{pt.name} {tok_label(L)}", "prompts": {str(L): timed[L]},
                               "exclusive": True, "tag": "ttft"})
-                job = {"name": f"quality-{tok_label(L)}-{pt.slug}", "kind": "engine", "engine": spec, "tasks": tasks,
+                job = {"name": f"quality-{tok_label(L)}-{pt.slug}{self.kv_tag}", "kind": "engine", "engine": spec, "tasks": tasks,
                        "sample_every": 1, **({"gpu_lock": lock} if lock else {})}
 
                 def done(res: dict[str, Any], job: dict[str, Any] = job, pt: quality.Point = pt, L: int = L) -> None:
@@ -673,8 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--windows", type=int, default=None, help="perplexity windows per length")
     ap.add_argument("--reps", type=int, default=None, help="timed requests per speed (and quality) point (after 1 warm-up)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
-                    help="vLLM's kv_cache_dtype for the TTFT parts' engines (speed, llama8b), both backends; "
-                         "fp8: results in speed-fp8.json / speed-llama8b-fp8.json (default: auto, the model's dtype)")
+                    help="vLLM's kv_cache_dtype for the engines of speed, llama8b and quality, every backend; "
+                         "fp8: results in speed-fp8.json / speed-llama8b-fp8.json / quality-fp8.json (default: auto, the "
+                         "model's dtype)")
     return ap
 
 
@@ -701,13 +705,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if a.merge_quality:
         merged = quality.merge_docs([common.read_json(Path(f)) for f in a.merge_quality])
-        common.write_json(out / report.PART_FILES["quality"], merged)
+        merged_file = report.part_file("quality", report.doc_kv_cache_dtype(merged))
+        common.write_json(out / merged_file, merged)
         try:
             report.plot_all({"quality": merged}, out)
         except ImportError as e:
             log(f"plot skipped ({e}); pip install matplotlib")
         print(report.markdown({"quality": merged}))
-        log(f"{out / report.PART_FILES['quality']}: {len(merged['measured'])} (point, length) measurements "
+        log(f"{out / merged_file}: {len(merged['measured'])} (point, length) measurements "
             f"from {len(merged['runs'])} runs")
         return 0
     parts = set(PARTS) - ({"llama8b"} if a.quick else set())
@@ -724,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.kv_cache_dtype != "auto":
         other = parts - set(report.KV_PARTS)
         if a.only and other:
-            raise SystemExit(f"--kv-cache-dtype {a.kv_cache_dtype} is for the TTFT parts ({', '.join(report.KV_PARTS)}); "
+            raise SystemExit(f"--kv-cache-dtype {a.kv_cache_dtype} is for the parts {', '.join(report.KV_PARTS)}; "
                              f"run {', '.join(sorted(other))} without it")
         parts -= other  # the default set: its TTFT parts
     plan = make_plan(a)

@@ -363,7 +363,7 @@ def test_dry_run_fp8_kv_cache(tmp_path: Path, capsys: pytest.CaptureFixture, mon
     md = report.markdown(res, image_dir="img")
     assert "KV cache fp8" in md and "### Goals" not in md and "(img/speed-fp8.png)" in md
     assert report.load_results(out)["speed"] == {"sentinel": 1}
-    with pytest.raises(SystemExit, match="TTFT parts"):
+    with pytest.raises(SystemExit, match="for the parts speed, llama8b, quality"):
         run.main(["--dry-run", "--out", str(out), "--only", "ppl", "--kv-cache-dtype", "fp8"])
     with pytest.raises(SystemExit, match="README"):
         run.main(["--report", "--out", str(out), "--kv-cache-dtype", "fp8", "--readme", str(tmp_path / "R.md")])
@@ -620,3 +620,34 @@ def test_shipped_defaults_goals_from_rows() -> None:
     g = goals(rows((10.5, 15.5, 21.0), (0, 0, 900)))  # 0.95x at 8K; on only from 32K
     assert g["TTFT >= 0.98x FLASH_ATTN at every length with the shipped defaults"] is False
     assert g["Prism on from <= 16K with the shipped defaults (Llama-3.1-8B architecture, budget 0.1)"] is False
+
+
+def test_dry_run_quality_on_fp8_kv_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14's perplexity and passkeys on an fp8 cache: --only quality --kv-cache-dtype fp8 runs
+    every engine of the sweep (FLASH_ATTN and Prism) on fp8 into quality-fp8.json, beside (never
+    over) quality.json, and a merge refuses to mix it with a model-dtype run."""
+    from benchmarks import worker
+
+    specs = []
+    real_run_job = worker.run_job
+
+    def spy(job):
+        specs.append(job["engine"])
+        return real_run_job(job)
+
+    monkeypatch.setattr(worker, "run_job", spy)
+    out = tmp_path / "res"
+    argv = ["--dry-run", "--out", str(out), "--only", "quality", "--kv-cache-dtype", "fp8",
+            "--quality-points", "paper:0.99", "--quality-lengths", "512"]
+    assert run.main(argv) == 0
+    assert not (out / "quality.json").exists()
+    d = json.loads((out / "quality-fp8.json").read_text())
+    assert d["settings"]["kv_cache_dtype"] == "fp8"
+    assert {(s["backend"], s["kv_cache_dtype"]) for s in specs} == {("dense", "fp8"), ("prism", "fp8")}
+    assert {(r["point"], r["length"]) for r in d["rows"]} == {("dense", 512), ("paper:0.99", 512)}
+    assert all(j["name"].endswith("-fp8") for j in d["jobs"])
+    md = report.markdown(report.load_results(out, "fp8"), image_dir="img")
+    assert "KV cache fp8" in md and "(img/quality-fp8.png)" in md
+    auto = dict(d, settings=dict(d["settings"], kv_cache_dtype="auto"))
+    with pytest.raises(ValueError, match="different KV cache dtypes"):
+        quality.merge_docs([d, auto])
