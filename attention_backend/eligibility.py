@@ -70,7 +70,9 @@ def layer_reason(impl: Any, vllm_config: Any, *, fa3: bool) -> Optional[str]:
     if impl.logits_soft_cap and not fa3:
         return "logits soft-capping without FA3 (Prism's Triton kernel has no soft-cap)"
     if impl.sinks is not None:
-        return "learned attention sinks (not implemented in Prism's kernels)"
+        # FA3 takes one sink logit per head of a call (s_aux [heads]); the attend step's virtual
+        # sequences put every q head in one call with one head each, so a head's sink cannot follow it
+        return "learned attention sinks (the attend step's one-head virtual sequences cannot carry per-head sinks)"
     if is_quantized_kv_cache(impl.kv_cache_dtype):
         if not fa3:
             return (f"quantized KV cache kv_cache_dtype={impl.kv_cache_dtype} without FA3 (Prism's Triton "
