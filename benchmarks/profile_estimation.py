@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             # a step's later layers: the launches the first layer checked, replayed
             "estimate": lambda: ours.estimate(q, kv, ws),
             # a step's first layer: every argument checked, launches recorded
-            "estimate_checked": lambda: (setattr(ws, "_replay_plan", None), ours.estimate(q, kv, ws)),
+            "estimate_checked": lambda: (ws.forget_replays(), ours.estimate(q, kv, ws)),
             "pool_q": lambda: pool_queries(q=q, plan=p, out=ws.pooled_q[:nqb]),
             "pool_k": lambda: pool_keys_paged(k_cache=kv.k, block_table=kv.block_table, plan=p,
                                               out=ws.pooled_k[:nkb], energy_out=ws.key_energy[:nkb], params=prm,

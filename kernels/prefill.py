@@ -119,8 +119,8 @@ class PrismWorkspace:
         self.temps = torch.empty(self.max_q_blocks, num_q_heads, 2, **f32)
         self.sel_idx = torch.empty(self.max_sel_capacity, dtype=torch.int16, device=device)
         self.sel_cnt = torch.empty(self.max_q_blocks * num_q_heads, dtype=torch.int32, device=device)
-        self._replay_plan: Optional[PrefillPlan] = None
-        self._replays: dict[tuple, LaunchReplay] = {}
+        # id(plan) -> (plan, {launch key: replay}); the plan is held, so its id stays its own
+        self._replays: dict[int, tuple[PrefillPlan, dict[tuple, LaunchReplay]]] = {}
         self.attend: Optional[AttendWorkspace] = None
         if attend_capacity is not None:
             if attend_dtype not in (torch.float16, torch.bfloat16):
@@ -221,18 +221,26 @@ class PrismWorkspace:
                 self.sel_cnt)
         return sum(t.numel() * t.element_size() for t in bufs) + (self.attend.nbytes if self.attend else 0)
 
+    #: Plans whose recorded launches are kept: a step's launches (usually one, several when a step's
+    #: long requests exceed the workspace); the next step's plans replace them.
+    MAX_REPLAY_PLANS = 4
+
     def replay(self, plan: PrefillPlan, key: tuple) -> Optional[LaunchReplay]:
-        """The estimation launches recorded for ``plan`` under ``key`` (``prism_estimate``).
-        Launches of one plan only: a new plan (the next step) drops the previous step's."""
-        if self._replay_plan is not plan:
-            return None
-        return self._replays.get(key)
+        """The estimation launches recorded for ``plan`` under ``key`` (``prism_estimate``)."""
+        entry = self._replays.get(id(plan))
+        return entry[1].get(key) if entry is not None and entry[0] is plan else None
 
     def remember(self, plan: PrefillPlan, key: tuple, replay: LaunchReplay) -> None:
-        if self._replay_plan is not plan:
-            self._replays.clear()
-            self._replay_plan = plan
-        self._replays[key] = replay
+        entry = self._replays.get(id(plan))
+        if entry is None or entry[0] is not plan:
+            if len(self._replays) >= self.MAX_REPLAY_PLANS:
+                self._replays.clear()  # a new step: the old plans' launches are done with
+            entry = self._replays[id(plan)] = (plan, {})
+        entry[1][key] = replay
+
+    def forget_replays(self) -> None:
+        """Drop every recorded launch (the next call of each plan checks and records again)."""
+        self._replays.clear()
 
     def fits(self, plan: PrefillPlan) -> bool:
         """Whether ``plan`` fits the buffers (host ints only; no device access)."""

@@ -390,9 +390,19 @@ def test_layers_of_a_step_replay_the_first_layers_checked_launches(monkeypatch):
     with pytest.raises(ValueError, match="q"):  # a bad argument is never replayed past
         prism_estimate(a[0][:, :2], *a[1:3], plan, a[3], ws)
 
-    # the next step's plan: checked again, the old launches dropped
+    # a second plan of the same step (several launches): both keep their recorded launches
     plan2 = new_plan()
     n = len(checks)
     got = masks(prism_estimate(*b[:3], plan2, b[3], ws))
-    assert len(checks) == n + 1 and len(ws._replays) == 1
-    assert all(torch.equal(g, w) for g, w in zip(got, want_b))
+    assert len(checks) == n + 1 and all(torch.equal(g, w) for g, w in zip(got, want_b))
+    prism_estimate(*a[:3], plan, a[3], ws)
+    prism_estimate(*a[:3], plan2, a[3], ws)
+    assert len(checks) == n + 1, "each plan replays its own launches"
+    # the next steps' plans: after MAX_REPLAY_PLANS plans the old launches are dropped
+    later = [new_plan() for _ in range(ws.MAX_REPLAY_PLANS)]
+    for p in later:
+        prism_estimate(*a[:3], p, a[3], ws)
+    assert len(ws._replays) <= ws.MAX_REPLAY_PLANS and id(plan) not in ws._replays
+    n = len(checks)
+    got = masks(prism_estimate(*b[:3], plan, b[3], ws))
+    assert len(checks) == n + 1 and all(torch.equal(g, w) for g, w in zip(got, want_b))
