@@ -12,7 +12,9 @@ chunk holds T = min(S, max_num_batched_tokens) rows (what a prompt of S tokens e
     attend(S, rho)   Prism's attend step at block densities rho in DENSITIES
 
 each as synchronised wall time, so Python and launch overhead count (they decide the break-even of
-small models, whose layers run for a fraction of a millisecond). ``TimingTable.break_even`` then
+small models, whose layers run for a fraction of a millisecond). The estimation is timed as a
+step's later layers run it (its launches replayed, ``prefill.prism_estimate``); a step's first
+layer also pays the argument checks, ~0.4 ms of host time once per step. ``TimingTable.break_even`` then
 turns the table and a density into the shortest S from which Prism (estimate + attend) takes at
 most MARGIN of dense at every longer measured S. The density is the one Prism has been selecting
 (sampled launches, ``prism_vllm.stats``), or PRIOR_DENSITY until the first samples arrive (a

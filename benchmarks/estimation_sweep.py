@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -52,6 +53,16 @@ def _timed(fn, trials: int = 7, reps: int = 10) -> float:
         b.synchronize()
         ts.append(a.elapsed_time(b) / reps)
     return sorted(ts)[len(ts) // 2]
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - no git (a copied tree): unknown
+        return "unknown"
 
 
 def _inputs(L: int, kind: str, hq: int, hkv: int, d: int, gen: torch.Generator):
@@ -162,7 +173,13 @@ def main() -> None:  # noqa: C901 -- one linear script
                     rows.append(row)
                     print(f"[{time.time() - t0:5.1f}s] {row}", file=sys.stderr, flush=True)
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter)"
-    out = {"gpu": gpu, "torch": torch.__version__, "tuning_default": dataclasses.asdict(DEFAULT_TUNING), "rows": rows}
+    out = {"gpu": gpu, "torch": torch.__version__, "tuning_default": dataclasses.asdict(DEFAULT_TUNING),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": os.environ.get("PRISM_BENCH_COMMIT") or _git_commit(),
+           "command": "python benchmarks/estimation_sweep.py " + " ".join(sys.argv[1:]),
+           "timing": "median over 7 trials of the mean of 10 back-to-back calls (CUDA events); the first "
+                     "configuration timed at a length also warms the caches (its row may read high)",
+           "rows": rows}
     text = json.dumps(out, indent=1)
     if args.out:
         with open(args.out, "w") as f:

@@ -107,7 +107,7 @@ case "$piece" in
     run_load; tail -15 "$out/load.log" ;;
   speed|llama8b)
     run_bench "$piece" "$LIMIT"; tail -30 "$out/bench-$piece.log" ;;
-  speed-fp8)  # like the run behind speed.json (--no-speed-default-config), so the two files compare
+  speed-fp8)  # dense and Prism forced on (no shipped-defaults engine), as in speed.json's first two columns
     BENCH_TAG=speed-fp8 run_bench speed "$LIMIT" --kv-cache-dtype fp8 --no-speed-default-config
     tail -30 "$out/bench-speed-fp8.log" ;;
   quality)  # its own jobs share the GPU; each times its prompt alone (benchmarks.common.GpuLock)

@@ -281,7 +281,7 @@ def markdown(res: dict[str, dict[str, Any]], image_dir: str | None = None) -> st
                 rows.append(row)
         head = ["context", "FLASH_ATTN TTFT ms", "Prism TTFT ms", "speedup", "Prism density"]
         if has_default:
-            head.append("Prism, shipped defaults, TTFT ms")
+            head.append("Prism, shipped defaults, TTFT ms" + (" (+ the budget)" if part == "llama8b" else ""))
         text = (f"### Time to first token through vLLM: {title}\n\n" + _meta_line(d) + "\n\n"
                 + (_table(head, rows) if rows else "_no measured rows_"))
         if part == "speed":

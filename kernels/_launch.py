@@ -59,11 +59,12 @@ _RECORDERS: list[list[tuple[Any, tuple[int, ...], dict[str, Any]]]] = []
 
 
 def launch(kernel: Any, grid: tuple[int, ...], **kwargs: Any) -> None:
-    """``kernel[grid](**kwargs)``, the one way our launchers start a Triton kernel, recorded
-    when a ``recording()`` is open (so a caller can replay the launches of a checked call)."""
+    """``kernel[grid](**kwargs)``, recorded when a ``recording()`` is open (so a caller can replay
+    the launches of a checked call). The estimation's launchers (pooling, selection) start their
+    kernels only this way and do no other device work, which is what makes their calls replayable."""
     kernel[grid](**kwargs)
-    if _RECORDERS:
-        _RECORDERS[-1].append((kernel, grid, kwargs))
+    for calls in _RECORDERS:  # every open recording: an outer one replays the inner ones' launches too
+        calls.append((kernel, grid, kwargs))
 
 
 @contextlib.contextmanager
@@ -74,7 +75,9 @@ def recording() -> Iterator[list[tuple[Any, tuple[int, ...], dict[str, Any]]]]:
     try:
         yield calls
     finally:
-        _RECORDERS.remove(calls)
+        # by identity (list == would compare the recorded tensors); nested blocks close innermost first
+        assert _RECORDERS and _RECORDERS[-1] is calls, "recording() blocks must close innermost first"
+        _RECORDERS.pop()
 
 
 class LaunchReplay:
@@ -90,20 +93,20 @@ class LaunchReplay:
     (pointer alignment), so a replayed launch runs the kernel a fresh call would.
 
     The caller guarantees the rest is unchanged: hold it only under a key of everything else
-    the launches read (see ``prefill.prism_estimate``). ``keep`` holds objects the recorded
-    kwargs depend on (views, plans) alive with the replay.
+    the launches read (see ``prefill.prism_estimate``). The recorded kwargs keep no input: those
+    slots hold None until a call fills them, so a stored replay does not keep a layer's
+    activations alive.
     """
 
-    __slots__ = ("calls", "keep")
+    __slots__ = ("calls",)
 
     def __init__(self, calls: Sequence[tuple[Any, tuple[int, ...], dict[str, Any]]],
-                 inputs: Sequence[Optional[torch.Tensor]], keep: Any = None) -> None:
+                 inputs: Sequence[Optional[torch.Tensor]]) -> None:
         slot = {id(t): i for i, t in enumerate(inputs) if t is not None}
-        self.calls = [
-            (kernel, grid, kwargs, [(k, slot[id(v)]) for k, v in kwargs.items() if id(v) in slot])
-            for kernel, grid, kwargs in calls
-        ]
-        self.keep = keep
+        self.calls = []
+        for kernel, grid, kwargs in calls:
+            swap = [(k, slot[id(v)]) for k, v in kwargs.items() if id(v) in slot]
+            self.calls.append((kernel, grid, {k: (None if id(v) in slot else v) for k, v in kwargs.items()}, swap))
 
     def __call__(self, *inputs: Optional[torch.Tensor]) -> None:
         for kernel, grid, kwargs, swap in self.calls:

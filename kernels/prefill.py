@@ -222,7 +222,8 @@ class PrismWorkspace:
         return sum(t.numel() * t.element_size() for t in bufs) + (self.attend.nbytes if self.attend else 0)
 
     #: Plans whose recorded launches are kept: a step's launches (usually one, several when a step's
-    #: long requests exceed the workspace); the next step's plans replace them.
+    #: long requests exceed the workspace). When a new plan would exceed it, all are dropped (the
+    #: older plans belong to finished steps; what a replay holds is the plan and workspace views).
     MAX_REPLAY_PLANS = 4
 
     def replay(self, plan: PrefillPlan, key: tuple) -> Optional[LaunchReplay]:
@@ -325,7 +326,8 @@ def _estimate(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
               params: PrismParams, workspace: PrismWorkspace, sel_cnt: torch.Tensor, precision: str,
               tuning: Optional[SelectionTuning], q_scale: Optional[torch.Tensor],
               k_scale: Optional[torch.Tensor]) -> None:
-    """prism_estimate's launches (checked by each launcher)."""
+    """prism_estimate's launches (checked by each launcher). Replayed for a step's later layers:
+    keep every device operation here a ``_launch.launch`` of a pooling / selection launcher."""
     nqb, nkb = plan.num_q_blocks, plan.num_k_blocks
     key_energy = workspace.key_energy[:nkb] if params.calibrate else None
     split = workspace.pooled_k_split[:nkb] if precision == "tf32x3" else None

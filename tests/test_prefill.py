@@ -7,6 +7,7 @@ which they are for these seeds).
 """
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -372,6 +373,14 @@ def test_layers_of_a_step_replay_the_first_layers_checked_launches(monkeypatch):
     plan = new_plan()
     ws = new_ws(plan)
     a, b = layer(1, BANDS64), layer(2, BANDS64_GPTJ)  # other values, other band masks
+    # the recorded launches keep no layer's tensors alive (vLLM's q is a view of a big activation)
+    first_q = a[0].clone()
+    prism_estimate(first_q, *a[1:3], plan, a[3], ws)
+    gone = weakref.ref(first_q)
+    del first_q
+    assert gone() is None
+    checks.clear()
+    ws.forget_replays()
     got_a = masks(prism_estimate(*a[:3], plan, a[3], ws))
     got_b = masks(prism_estimate(*b[:3], plan, b[3], ws))
     assert len(checks) == 1, "the second layer replays the first one's checked launches"
@@ -406,3 +415,31 @@ def test_layers_of_a_step_replay_the_first_layers_checked_launches(monkeypatch):
     n = len(checks)
     got = masks(prism_estimate(*b[:3], plan, b[3], ws))
     assert len(checks) == n + 1 and all(torch.equal(g, w) for g, w in zip(got, want_b))
+
+
+def test_launch_recordings_nest_and_close_by_identity():
+    """recording() blocks nest (the inner one closes first) and a block whose launches hold
+    tensors closes cleanly (no list comparison of recorded tensors)."""
+    from prism_vllm.kernels import _launch as L
+
+    class K:
+        def __init__(self):
+            self.calls = []
+
+        def __getitem__(self, grid):
+            return lambda **kw: self.calls.append((grid, kw))
+
+    k, t = K(), torch.zeros(3)
+    with L.recording() as outer:
+        L.launch(k, (1,), x=t)
+        with L.recording() as inner:
+            L.launch(k, (2,), x=t)
+        with L.recording() as empty:
+            pass
+    assert [g for _, g, _ in outer] == [(1,), (2,)] and [g for _, g, _ in inner] == [(2,)] and empty == []
+    assert not L._RECORDERS
+    replay = L.LaunchReplay(outer, [t])
+    assert all(kw["x"] is None for _, _, kw, _ in replay.calls), "inputs are not held"
+    u = torch.ones(3)
+    replay(u)
+    assert [kw["x"] is u for _, kw in k.calls[-2:]] == [True, True]
