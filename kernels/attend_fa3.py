@@ -251,8 +251,9 @@ class AttendWorkspace:
         self._q_bytes = torch.empty(n * head_dim * torch.empty(0, dtype=dtype).element_size(), dtype=torch.uint8,
                                     device=device)
         self.o_virt = torch.empty(n, 1, head_dim, dtype=dtype, device=device)
-        self.cu_seqlens_q = torch.empty(capacity.sequences + 1, dtype=torch.int32, device=device)
-        self.seqused_k = torch.empty(capacity.sequences, dtype=torch.int32, device=device)
+        # the virtual sequences' FA3 arguments (the plan's cu_seqlens_q / seqused_k are the requests')
+        self.cu_seqlens_q_virt = torch.empty(capacity.sequences + 1, dtype=torch.int32, device=device)
+        self.seqused_k_virt = torch.empty(capacity.sequences, dtype=torch.int32, device=device)
         self.page_table = torch.empty(capacity.table_blocks * (block_size // MIN_PAGE), dtype=torch.int32,
                                       device=device)
 
@@ -264,7 +265,7 @@ class AttendWorkspace:
 
     @property
     def nbytes(self) -> int:
-        bufs = (self._q_bytes, self.o_virt, self.cu_seqlens_q, self.seqused_k, self.page_table)
+        bufs = (self._q_bytes, self.o_virt, self.cu_seqlens_q_virt, self.seqused_k_virt, self.page_table)
         return sum(t.numel() * t.element_size() for t in bufs)
 
 
@@ -543,8 +544,8 @@ def virtual_sequences(
     _virtual_seqs_kernel[(n_seq,)](
         q=q,
         q_virt=q_virt,
-        cu_seqlens_q_virt=ws.cu_seqlens_q,
-        seqused_k_virt=ws.seqused_k,
+        cu_seqlens_q_virt=ws.cu_seqlens_q_virt,
+        seqused_k_virt=ws.seqused_k_virt,
         page_table=table,
         block_table=block_table,
         sel_idx=selection.indices,
@@ -576,8 +577,8 @@ def virtual_sequences(
     return dict(
         q=q_virt,
         out=ws.o_virt[:n_rows],
-        cu_seqlens_q=ws.cu_seqlens_q[: n_seq + 1],
-        seqused_k=ws.seqused_k[:n_seq],
+        cu_seqlens_q=ws.cu_seqlens_q_virt[: n_seq + 1],
+        seqused_k=ws.seqused_k_virt[:n_seq],
         block_table=table,
     )
 
