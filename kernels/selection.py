@@ -708,8 +708,14 @@ _MIN_LEVEL = 16
 
 @dataclass(frozen=True)
 class SelectionTuning:
-    """Launch knobs of the selection kernels (what a benchmark sweeps; defaults from ptxas -v for
-    sm_90a: the level-0 program at 128K, [16, 1024] resident fp32 at 8 warps, does not spill)."""
+    """Launch knobs of the selection kernels (what ``benchmarks/estimation_sweep.py`` sweeps).
+
+    Measured on an H200 (2026-12-02, Triton 3.6; ``benchmarks/results/estimation-sweep-h200.json``,
+    ``ncu-select-h200.txt``): no knob beats the defaults at 128K. The level-0 program there
+    ([16, 1024] resident fp32 at 8 warps) compiles to 255 registers plus 344 bytes of stack per
+    thread (spills; 228 registers even at NK_PAD = 256, so the resident row is not the only
+    consumer), runs one block per SM and is latency bound; its rows span all 8 warps in the
+    tl.dot accumulator's layout, so every search pass is a cross-warp reduction."""
 
     resident_elems: int = 16384
     """fp32 elements of resident scores per program ([2 * QR, NK_PAD]); more query blocks per
