@@ -32,6 +32,7 @@ from prism_vllm import PrismConfig, reference, stats  # noqa: E402
 from prism_vllm.attention_backend import backend as pb  # noqa: E402
 from prism_vllm.attention_backend.rope_source import resolve_rotary  # noqa: E402
 from prism_vllm.attention_backend.routing import route_prism_suffix  # noqa: E402
+from prism_vllm.kernels import BlockSelection  # noqa: E402
 from prism_vllm.rope import RopeLayout, rope_bands, rope_inv_freq  # noqa: E402
 
 HQ, HKV, D = 4, 2, 64
@@ -554,6 +555,71 @@ def test_forward_on_named_batches(base_vllm_config, fake_flash, case, attend="tr
             assert [m is md.prism_head for m in fake_flash] == ([True] if b.start else [])
         else:
             assert fake_flash == [md]
+
+
+@pytest.mark.parametrize("attend", ["triton", "fa3"])
+def test_a_steps_later_layers_replay_the_estimation_with_their_own_tensors(base_vllm_config, fake_flash, attend,
+                                                                          request, monkeypatch):
+    """Two Prism layers of one step with their own queries and KV caches: the second layer
+    replays the first layer's checked estimation launches (one check per step) and each layer's
+    output is its own reference's (a replay that kept layer 0's q or cache would fail here)."""
+    import dataclasses as dc
+
+    import prism_vllm.kernels.prefill as kp
+
+    if attend == "fa3":
+        request.getfixturevalue("fa3_on_cpu")
+    checks = []
+    real = kp._check_launch
+    monkeypatch.setattr(kp, "_check_launch", lambda *a: checks.append(1) or real(*a))
+    b = Batch([(0, 900)], 0, (0,))  # 8 key blocks: rows 2-6 choose among earlier blocks
+    knobs = {**CFG, "high_threshold": 0.6, "low_threshold": 0.6}  # sparse enough that selections matter
+    vc = _vllm_config(base_vllm_config, prism=knobs)
+    owners = _model(vc, [ROPE, ROPE])
+    builder = pb.PrismMetadataBuilder(_spec(16), [o.attn.layer_name for o in owners], vc, torch.device("cpu"))
+    p0 = _paged_batch(b, 16, seed=11)
+    g = torch.Generator().manual_seed(12)
+    # layer 1: other queries, keys and values scaled (exact in fp16), the same pages and block table
+    # layer 1: its own q (a view of its own qkv, as vLLM's is) and its own cache over the same
+    # pages and block table, whose hot key block is 2 instead of 1 (so its selection differs)
+    u = torch.randn(D, generator=g)
+    qkv1 = torch.randn(p0.query.shape[0], (HQ + 2 * HKV) * D, generator=g)
+    qkv1[:, : HQ * D] += 1.5 * u.repeat(HQ)
+    query1 = qkv1.to(DTYPE)[:, : HQ * D].view(-1, HQ, D)
+    assert query1.stride() == p0.query.stride()
+    phys1 = p0.kv_cache.permute(0, 2, 1, 3).clone()  # [pages, page, HKV, 2D]
+    ks1, vs1 = [], []
+    for r, (k, v) in enumerate(zip(p0.ks, p0.vs)):
+        n = k.shape[0]
+        k1 = torch.randn(n, HKV, D, generator=g)
+        k1[256:384] += 2.5 * u
+        k1, v1 = k1.to(DTYPE), (-v.float()).to(DTYPE)
+        pos = torch.arange(n)
+        ids = p0.block_table[r, pos // 16].long()
+        phys1[ids, pos % 16, :, :D] = k1
+        phys1[ids, pos % 16, :, D:] = v1
+        ks1.append(k1)
+        vs1.append(v1)
+    p1 = dc.replace(p0, query=query1, kv_cache=phys1.permute(0, 2, 1, 3), ks=ks1, vs=vs1)
+    assert p1.kv_cache.stride() == p0.kv_cache.stride()
+    md = builder.build(0, p0.cm)
+    T = int(b.qsl[-1])
+    cfg = PrismConfig(**knobs)
+    outs, masks = [], []
+    for o, p in zip(owners, (p0, p1)):
+        out = torch.full((p.query.shape[0], HQ, D), float("nan"), dtype=DTYPE)
+        o.attn.impl.forward(o.attn, p.query, None, None, p.kv_cache, md, out)
+        want, m = _expected(b, p, b.start, b.dense, cfg, prism_layer=True)
+        torch.testing.assert_close(out[:T].float(), want.float(), atol=5e-3, rtol=5e-3)
+        # the layer's own selection, read back from the shared workspace, is its reference's
+        launch = md.prism.launches[0]
+        n = launch.plan.num_q_blocks * HQ
+        got = BlockSelection(launch.plan, md.prism.workspace.sel_idx, md.prism.workspace.sel_cnt[:n]).to_masks()[0]
+        assert int((got != m[0]).sum()) <= 2, f"layer selection differs from its reference in {(got != m[0]).sum()} blocks"
+        outs.append(out[:T])
+        masks.append(m)
+    assert len(checks) == 1, "the second layer replays the first layer's checked launches"
+    assert any(not torch.equal(masks[0][r], masks[1][r]) for r in masks[0]), "the layers select differently"
 
 
 def test_stats_count_rows_and_density(base_vllm_config, fake_flash):
