@@ -196,3 +196,23 @@ def test_dry_run_sweep(tmp_path):
         assert r["ok"] and r["rel_diff_vs_default"] < 1e-2 and r["prism_ms"] > 0
     assert [r["select_precision"] for r in est] == ["ieee", "tf32x3", "tf32"]
     assert all(r["prism_ms"] > 0 and 0 < r["density"] <= 1 for r in est)
+
+
+@pytest.mark.parametrize("script", ["profile_estimation.py", "estimation_sweep.py"])
+def test_estimation_scripts_dry_run(tmp_path, script):
+    """The GPU piece `estimation`'s scripts run their plumbing on CPU and write self-describing
+    JSON (commit, command, rows); the sweep's variants select what the 'ieee' reference does."""
+    out = tmp_path / "o.json"
+    args = ["--out", str(out)] + (["--sweep", "--inputs", "structured"] if script == "estimation_sweep.py" else [])
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--dry-run", *args], capture_output=True,
+                          text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600, cwd=REPO)
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    res = json.loads(out.read_text())
+    assert res["commit"] and script in res["command"] and res["rows"]
+    if script == "profile_estimation.py":
+        assert all(0 < r["density"] <= 1 and r["dry_run"] for r in res["rows"])
+    else:
+        tunings = {r["tuning"] for r in res["rows"]}
+        assert {"default", "ncand3", "fixed", "ncand3_fixed"} <= tunings
+        exact = [r for r in res["rows"] if "topp" not in r["tuning"]]
+        assert exact and all(r["rows_with_other_count_than_ieee"] == 0 for r in exact)
