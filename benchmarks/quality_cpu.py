@@ -276,7 +276,12 @@ def spaced_windows(ids: Sequence[int], length: int, count: int) -> list[tuple[in
 def proxy_table(layers: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]], bands: Bands,
                 base: PrismConfig, L: int, grid: Sequence[float] = PROXY_GRID) -> list[dict[str, Any]]:
     """Recall (share of true attention mass inside the selection, over all rows and heads) and
-    density of every rule at every top-p of ``grid``, per layer and overall, from the dense pass."""
+    density of every rule at every top-p of ``grid``, per layer and overall, from the dense pass.
+
+    Also the GQA-group union: the blocks any q head of a kv head's group selected, which is what
+    an attend step that packs a group's heads into one sequence computes for every head of the
+    group (``union_density``: those blocks over all heads' causal blocks; ``union_recall``: the
+    attention mass inside them)."""
     rows = []
     for rule in RULES:
         for p in grid:
@@ -284,15 +289,22 @@ def proxy_table(layers: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor
             per_layer = []
             for layer, qp, kp, mass in layers:
                 sel = select_blocks_rule(qp, kp, 0, bands, cfg, seq_len=L, rule=rule)
-                nb = sel.shape[-1]
-                rec = float((mass * sel).sum()) / (sel.shape[0] * L)
-                dens = float(sel.sum()) / (sel.shape[0] * nb * (nb + 1) // 2)
-                per_layer.append((layer, rec, dens))
+                hq, nb = sel.shape[0], sel.shape[-1]
+                hkv = kp.shape[1]
+                union = sel.view(hkv, hq // hkv, *sel.shape[1:]).any(1, keepdim=True)
+                union = union.expand(hkv, hq // hkv, *sel.shape[1:]).reshape(sel.shape)
+                causal = hq * nb * (nb + 1) // 2
+                per_layer.append((layer, float((mass * sel).sum()) / (hq * L), float(sel.sum()) / causal,
+                                  float((mass * union).sum()) / (hq * L), float(union.sum()) / causal))
+            n = len(per_layer)
             rows.append({"rule": rule, "top_p": p,
-                         "recall": sum(r for _, r, _ in per_layer) / len(per_layer),
-                         "worst_layer_recall": min(r for _, r, _ in per_layer),
-                         "density": sum(d for _, _, d in per_layer) / len(per_layer),
-                         "layers": [{"layer": la, "recall": r, "density": d} for la, r, d in per_layer]})
+                         "recall": sum(x[1] for x in per_layer) / n,
+                         "worst_layer_recall": min(x[1] for x in per_layer),
+                         "density": sum(x[2] for x in per_layer) / n,
+                         "union_recall": sum(x[3] for x in per_layer) / n,
+                         "union_density": sum(x[4] for x in per_layer) / n,
+                         "layers": [{"layer": la, "recall": r, "density": d, "union_recall": ur, "union_density": ud}
+                                    for la, r, d, ur, ud in per_layer]})
     return rows
 
 

@@ -87,3 +87,24 @@ def test_fast_block_mass_equals_the_recall_harness(L, hq, hkv):
     q, k = torch.randn(hq, L, 64, generator=g), torch.randn(hkv, L, 64, generator=g)
     want = block_mass(q.transpose(0, 1), k.transpose(0, 1), 128, 0.125)
     torch.testing.assert_close(block_mass_causal(q, k, 0.125, 128), want, atol=1e-5, rtol=1e-5)
+
+
+def test_proxy_table_gqa_union_is_the_groups_selection_for_every_head():
+    """The recall screen's GQA-group union (what a packed-heads attend step computes): per kv
+    head, the blocks any of its q heads selected, counted for every head of the group."""
+    from benchmarks.quality_cpu import proxy_table
+
+    nq, hq, hkv = 12, 4, 2
+    qp, kp = _pooled(nq, hq, hkv, seed=5)
+    L = nq * 128
+    mass = torch.rand(hq, nq, nq, generator=torch.Generator().manual_seed(6)).tril()
+    base = PrismConfig()
+    rows = {(r["rule"], r["top_p"]): r for r in proxy_table([(0, qp, kp, mass)], BANDS, base, L, grid=(0.8,))}
+    row = rows[("paper", 0.8)]
+    sel = select_blocks_rule(qp, kp, 0, BANDS, Setting("paper", 0.8).config(base), seq_len=L, rule="paper")
+    causal = hq * nq * (nq + 1) // 2
+    union = torch.stack([sel[2 * j : 2 * j + 2].any(0) for j in range(hkv) for _ in range(2)])
+    assert row["density"] == pytest.approx(float(sel.sum()) / causal)
+    assert row["union_density"] == pytest.approx(float(union.sum()) / causal)
+    assert row["union_recall"] == pytest.approx(float((mass * union).sum()) / (hq * L))
+    assert row["union_density"] > row["density"], "random heads of a group select differently"
