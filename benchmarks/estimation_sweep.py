@@ -122,10 +122,6 @@ def main() -> None:  # noqa: C901 -- one linear script
             "warps4": dict(elems_per_thread=128),
             "topp16bits": dict(topp_mantissa_bits=16),
             "topp8bits": dict(topp_mantissa_bits=8),
-            "ncand3": dict(resident_ncand=3),
-            "fixed": dict(fixed_passes=True),
-            "ncand3_fixed": dict(resident_ncand=3, fixed_passes=True),
-            "ncand3_fixed_topp16": dict(resident_ncand=3, fixed_passes=True, topp_mantissa_bits=16),
         }.items():
             tunings[name] = dataclasses.replace(DEFAULT_TUNING, **kw)
     precisions = ["tf32x3", "ieee"] if args.sweep else ["tf32x3"]

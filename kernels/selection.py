@@ -286,22 +286,6 @@ def _kept(pb, t, p, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _topp_pass(lo, hi, pb, p, thr, M: tl.constexpr, N: tl.constexpr, NC: tl.constexpr, USE_ASM: tl.constexpr):
-    """One pass of the resident top-p search over [lo, hi) (lo feasible, hi not): NC thresholds
-    cut the bracket into NC + 1 parts, each tested by its own row sum of kept mass (independent
-    reductions, which overlap); the bracket narrows to the last feasible and the first infeasible
-    one (feasibility falls as the threshold rises). NC = 1 is a bisection step."""
-    span = (hi - lo).to(tl.int64)
-    new_lo, new_hi = lo, hi
-    for c in tl.static_range(NC):
-        cand = lo + (span * (c + 1) // (NC + 1)).to(tl.int32)
-        ok = tl.sum(_kept(pb, tl.broadcast_to(cand[:, None], (M, N)), p, USE_ASM), axis=1) >= thr
-        new_lo = tl.where(ok, tl.maximum(new_lo, cand), new_lo)
-        new_hi = tl.where(ok, new_hi, tl.minimum(new_hi, cand))
-    return new_lo, new_hi
-
-
-@triton.jit
 def _halve(lo, hi, mid, ok):
     """One bisection step per row over [lo, hi), lo feasible and hi not: mid was tested (ok: feasible)."""
     return tl.where(ok, mid, lo), tl.where(ok, hi, mid)
@@ -484,15 +468,13 @@ def _select_kernel(
     BN: tl.constexpr,
     NCAND: tl.constexpr,
     ALL_CAUSAL: tl.constexpr,
-    RES_NCAND: tl.constexpr,
-    FIXED_PASSES: tl.constexpr,
 ):
     """Rows of length I + 1 in (lvl_lo, lvl_hi] of BLOCK_G query blocks x the G q heads of kv head
     program_id(1); key energies read in EB-block tiles. Two paths (constexpr MULTIPASS, see the
     module docstring), the same math:
 
-    * resident (NK_PAD >= lvl_hi, SPLIT_K, USE_ASM, RES_NCAND, FIXED_PASSES): everything on chip,
-      one row per [M, NK_PAD] register row, scores from one tl.dot per DC-wide head-dim chunk;
+    * resident (NK_PAD >= lvl_hi, SPLIT_K, USE_ASM): everything on chip, one row per [M, NK_PAD]
+      register row, scores from one tl.dot per DC-wide head-dim chunk;
     * multi-pass (BN, NCAND; ALL_CAUSAL: every causal block, nothing scored): BN-block key tiles,
       scores recomputed in every pass.
     """
@@ -668,17 +650,10 @@ def _select_kernel(
                 lo = _feasible_floor(thr, qbm)
                 hi = tl.maximum(tl.max(pb, axis=1) + 1, lo + 1)
                 hi = tl.where(thr >= 1.0, lo + 1, hi)  # top-p 1.0 keeps every block: no search
-                if FIXED_PASSES:  # the pass count from the widest bracket: no row max per pass
-                    w = tl.max(hi - lo, axis=0)
-                    n_pass = 0
-                    while w > TOPP_STOP:
-                        w = (w + RES_NCAND) // (RES_NCAND + 1)
-                        n_pass += 1
-                    for _ in range(n_pass):
-                        lo, hi = _topp_pass(lo, hi, pb, p, thr, M, NK_PAD, RES_NCAND, USE_ASM)
-                else:
-                    while tl.max(hi - lo, axis=0) > TOPP_STOP:
-                        lo, hi = _topp_pass(lo, hi, pb, p, thr, M, NK_PAD, RES_NCAND, USE_ASM)
+                while tl.max(hi - lo, axis=0) > TOPP_STOP:
+                    mid = lo + (hi - lo) // 2
+                    mass = tl.sum(_kept(pb, tl.broadcast_to(mid[:, None], (M, NK_PAD)), p, USE_ASM), axis=1)
+                    lo, hi = _halve(lo, hi, mid, mass >= thr)
                 sel, forced = _union(p, lo, cols, qbq, QR, NK_PAD, KEEP_SINK, KEEP_DIAG)
                 sel = tl.where(row_dense[:, None], 1, sel)
                 causal = cols[None, :] <= qbq[:, None]
@@ -715,7 +690,9 @@ class SelectionTuning:
     ([16, 1024] resident fp32 at 8 warps) compiles to 255 registers plus 344 bytes of stack per
     thread (spills; 228 registers even at NK_PAD = 256, so the resident row is not the only
     consumer), runs one block per SM and is latency bound; its rows span all 8 warps in the
-    tl.dot accumulator's layout, so every search pass is a cross-warp reduction."""
+    tl.dot accumulator's layout, so every search pass is a cross-warp reduction. Two search
+    variants measured there (three thresholds per pass: 1.98 ms; a pass count fixed up front:
+    1.82 ms; default 1.83 ms at 128K) did not pay and were removed."""
 
     resident_elems: int = 16384
     """fp32 elements of resident scores per program ([2 * QR, NK_PAD]); more query blocks per
@@ -737,14 +714,6 @@ class SelectionTuning:
     bits stop the bisection once [lo, hi) is narrower than 2^-bits relative and keep every block
     with p >= lo, i.e. also blocks within that relative distance below t* (16 bits: ~7 fewer of
     ~27 steps, deviation < 1.6e-5 relative)."""
-    resident_ncand: int = 1
-    """Thresholds tested per pass of the resident top-p search: 1 is a bisection (~27 dependent
-    passes); 3 cuts the bracket in four per pass (half the passes, their three row sums
-    independent, 1.5x the arithmetic). The result is the same t*."""
-    fixed_passes: bool = False
-    """Resident path: run the number of passes the widest bracket needs, computed once, instead
-    of testing after every pass whether all rows converged (a cross-row max per pass). Rows that
-    converged earlier stay put (exact search) or keep narrowing (a coarser topp_mantissa_bits)."""
 
 
 DEFAULT_TUNING = SelectionTuning()
@@ -933,8 +902,6 @@ def select_blocks(
     use_asm = pooled_q.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
     split_k = pooled_k_split is not None and precision == "tf32x3"
     # A threshold of 1.0 keeps every causal block: nothing to score, unless a budget ranks them.
-    t = tuning or DEFAULT_TUNING
-    check(t.resident_ncand >= 1, f"SelectionTuning.resident_ncand={t.resident_ncand} must be >= 1")
     for ln in selection_launches(HQ, HKV, plan.max_k_blocks, p.all_blocks, resident_max_blocks, tuning):
         resident = ln.path == "resident"
         launch(
@@ -955,8 +922,6 @@ def select_blocks(
             BN=ln.bn,
             NCAND=ln.ncand,
             ALL_CAUSAL=ln.all_causal,
-            RES_NCAND=t.resident_ncand,
-            FIXED_PASSES=t.fixed_passes,
             num_warps=ln.num_warps,
             num_stages=ln.num_stages,
         )

@@ -213,6 +213,6 @@ def test_estimation_scripts_dry_run(tmp_path, script):
         assert all(0 < r["density"] <= 1 and r["dry_run"] for r in res["rows"])
     else:
         tunings = {r["tuning"] for r in res["rows"]}
-        assert {"default", "ncand3", "fixed", "ncand3_fixed"} <= tunings
+        assert {"default", "warps16", "warps4", "topp16bits", "topp8bits"} <= tunings
         exact = [r for r in res["rows"] if "topp" not in r["tuning"]]
         assert exact and all(r["rows_with_other_count_than_ieee"] == 0 for r in exact)

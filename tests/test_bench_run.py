@@ -328,13 +328,12 @@ def test_dry_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert readme.read_text().count(report.README_BEGIN) == 1
 
 
-def test_dry_run_fp8_kv_cache(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--kv-cache-dtype fp8: only the TTFT parts run, every engine of theirs (both backends) gets
-    the dtype, the docs record it and land in speed-fp8.json / speed-llama8b-fp8.json beside, never
-    over, the default files; the report reads them back without the bf16 goals."""
+@pytest.fixture
+def engine_specs(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The engine spec of every job the runner starts (the jobs still run)."""
     from benchmarks import worker
 
-    specs = []
+    specs: list = []
     real_run_job = worker.run_job
 
     def spy(job):
@@ -342,6 +341,14 @@ def test_dry_run_fp8_kv_cache(tmp_path: Path, capsys: pytest.CaptureFixture, mon
         return real_run_job(job)
 
     monkeypatch.setattr(worker, "run_job", spy)
+    return specs
+
+
+def test_dry_run_fp8_kv_cache(tmp_path: Path, capsys: pytest.CaptureFixture, engine_specs: list) -> None:
+    """--kv-cache-dtype fp8: only the TTFT parts run, every engine of theirs (both backends) gets
+    the dtype, the docs record it and land in speed-fp8.json / speed-llama8b-fp8.json beside, never
+    over, the default files; the report reads them back without the bf16 goals."""
+    specs = engine_specs
     out = tmp_path / "res"
     out.mkdir()
     (out / "speed.json").write_text('{"sentinel": 1}\n')
@@ -622,20 +629,11 @@ def test_shipped_defaults_goals_from_rows() -> None:
     assert g["Prism on from <= 16K with the shipped defaults (Llama-3.1-8B architecture, budget 0.1)"] is False
 
 
-def test_dry_run_quality_on_fp8_kv_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dry_run_quality_on_fp8_kv_cache(tmp_path: Path, engine_specs: list) -> None:
     """Issue 14's perplexity and passkeys on an fp8 cache: --only quality --kv-cache-dtype fp8 runs
     every engine of the sweep (FLASH_ATTN and Prism) on fp8 into quality-fp8.json, beside (never
     over) quality.json, and a merge refuses to mix it with a model-dtype run."""
-    from benchmarks import worker
-
-    specs = []
-    real_run_job = worker.run_job
-
-    def spy(job):
-        specs.append(job["engine"])
-        return real_run_job(job)
-
-    monkeypatch.setattr(worker, "run_job", spy)
+    specs = engine_specs
     out = tmp_path / "res"
     argv = ["--dry-run", "--out", str(out), "--only", "quality", "--kv-cache-dtype", "fp8",
             "--quality-points", "paper:0.99", "--quality-lengths", "512"]

@@ -293,31 +293,6 @@ def test_coarse_top_p_resolution_keeps_a_superset_within_its_bound(resident_max_
     compare_with_reference(chunks, qps, kps, bands, cfg, [m_coarse], eps=2**-4 + 2e-5)
 
 
-@pytest.mark.parametrize("ncand,fixed", [(3, False), (1, True), (3, True)], ids=["ncand3", "fixed", "ncand3_fixed"])
-def test_top_p_search_variants_find_the_same_threshold(ncand, fixed):
-    # The resident search with several thresholds per pass and/or a precomputed pass count finds
-    # the same t* as the bisection: the same blocks, on near-flat (Gaussian) rows whose thresholds
-    # sit among close probabilities, and every row length level; coarse resolution stays a
-    # bounded superset.
-    chunks = [(5000, 3000), (0, 700)]
-    gen = torch.Generator().manual_seed(4)
-    qps, kps = [], []
-    for c, L in chunks:
-        _, nq, nk = R.num_blocks(c, L, B)
-        qps.append(torch.randn(nq, 4, 64, generator=gen).to(DEVICE))
-        kps.append(torch.randn(nk, 1, 64, generator=gen).to(DEVICE))
-    cfg, bands = PrismConfig(high_threshold=0.9, low_threshold=0.8), BANDS["neox64"]
-    exact = _run(chunks, qps, kps, bands, cfg)
-    tuned = _run(chunks, qps, kps, bands, cfg, tuning=SelectionTuning(resident_ncand=ncand, fixed_passes=fixed))
-    for a, b in zip(kernel_masks(*exact[:3]), kernel_masks(*tuned[:3])):
-        assert torch.equal(a, b)
-    coarse = _run(chunks, qps, kps, bands, cfg,
-                  tuning=SelectionTuning(resident_ncand=ncand, fixed_passes=fixed, topp_mantissa_bits=4))
-    m_exact, m_coarse = kernel_masks(*exact[:3]), kernel_masks(*coarse[:3])
-    assert all(not (e & ~c).any() for e, c in zip(m_exact, m_coarse))
-    compare_with_reference(chunks, qps, kps, bands, cfg, m_coarse, eps=2**-4 + 2e-5)
-
-
 def test_selection_rejects_bad_arguments():
     chunks = [(0, 300)]
     qps, kps = _structured(chunks, 4, 1, 64, seed=1, device=DEVICE)
