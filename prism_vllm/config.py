@@ -78,26 +78,28 @@ class PrismConfig:
     rule: str = "paper"
     """How blocks are scored. 'paper' (default): the paper's two RoPE bands (high_band_dims,
     low_band_dims), energy-calibrated, top-p per band, union. 'meanpool': one band of every head
-    dim, no calibration, top-p at max(high_threshold, low_threshold) (plain mean pooling). On CPU
-    (benchmarks/results/quality-cpu.json: SmolLM2-135M, 8K windows of two Debian corpora, two
-    windows each) 'meanpool' at top-p 0.99 stayed within 1% perplexity (+0.57% fortunes, +0.46%
-    Austen) with 8-10% fewer blocks than 'paper' at 0.99 (density 0.43 / 0.48 against 0.48 / 0.53),
-    but lost more over the windows' last quarter (+1.19% against +0.64% on fortunes): not the
-    default until more models and lengths confirm it."""
+    dim, no calibration, top-p at max(high_threshold, low_threshold) (plain mean pooling). At top-p
+    0.99 through vLLM (benchmarks/results/quality.json, SmolLM2-135M, two corpora) 'meanpool'
+    selected 8-9% fewer blocks than 'paper' (density 0.47 / 0.41 / 0.34 against 0.51 / 0.45 / 0.37
+    at 8K / 16K / 32K) at about the same perplexity (+0.63 / +1.05 / +1.30% on fortunes against
+    +0.63 / +0.96 / +1.44%; Austen +0.53 / +0.39 / +0.20% against +0.41 / +0.36 / +0.26%): not the
+    default while it has been measured on one small model only."""
 
     preset: str = DEFAULT_PRESET
     """Named defaults for the fields that trade quality for speed (high_threshold, low_threshold,
     block_budget); a field you set yourself overrides the preset's value.
-    'quality' (default): top-p 0.99 in both bands, no block budget. Perplexity within 1% of dense
-    with margin: +0.18..+0.49% on Debian's fortunes and +0.28..+0.55% on Jane Austen's novels
-    (Debian r-cran-janeaustenr), density 0.46-0.54 (CPU, transformers float32, SmolLM2-135M-Instruct,
-    three 8192-token windows per corpus; benchmarks/results/quality-cpu.json). Lower thresholds
-    missed 1% there: 0.985 +0.81..+1.42%, 0.98 +1.09..+3.18%. Denser than the paper's 0.95
-    (density ~0.30 at 8K), so Prism pays off at longer contexts than min_context_len's break-even,
-    which was measured at 0.95. 'fast': top-p 0.95 in both bands, no block budget (the paper's
-    setting): perplexity +2.8..+6.4% on two of those windows per corpus (density 0.27-0.33) and +4.7..+5.4% at
-    8K-32K through vLLM on an H200, where it prefilled 1.58x faster than FLASH_ATTN at 64K and
-    2.70x at 128K (benchmarks/results/ppl.json, speed.json)."""
+    'quality' (default): top-p 0.99 in both bands, no block budget. Through vLLM on an H200
+    (benchmarks/results/quality.json: SmolLM2-135M-Instruct, four documents each of Debian's
+    fortunes and of Jane Austen's novels, Debian r-cran-janeaustenr) perplexity +0.63% / +0.41%
+    (fortunes / Austen) at 8K, +0.96% / +0.36% at 16K and +1.44% / +0.26% at 32K (YaRN), at
+    density 0.51 / 0.45 / 0.37, passkeys 30, 13, 12 of 50 against FLASH_ATTN's 30, 15, 14: within
+    1% except fortunes at 32K. On CPU (quality-cpu.json, 8K windows) +0.18..+0.55%; the next lower
+    threshold measured, 0.98, costs over 1% on at least one corpus at every length (+1.30% / +2.47%
+    at 8K, +1.50% / +1.08% at 16K, +2.29% / +0.29% at 32K). Denser than the paper's 0.95,
+    so Prism pays off at longer contexts (min_context_len="auto" decides where).
+    'fast': top-p 0.95 in both bands, no block budget (the paper's setting): perplexity +3.6..+5.7%
+    at 8K-32K (quality.json, density 0.22-0.32); prefill 1.79x faster than FLASH_ATTN at 64K and
+    2.76x at 128K on SmolLM2 (an H200 speed run at commit 8f43227)."""
 
     high_threshold: float = _FROM_PRESET
     """Top-p mass kept per query block in the high band, in (0, 1]. 1.0 keeps every block.

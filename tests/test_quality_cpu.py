@@ -108,3 +108,24 @@ def test_proxy_table_gqa_union_is_the_groups_selection_for_every_head():
     assert row["union_density"] == pytest.approx(float(union.sum()) / causal)
     assert row["union_recall"] == pytest.approx(float((mass * union).sum()) / (hq * L))
     assert row["union_density"] > row["density"], "random heads of a group select differently"
+
+
+def test_windows_beyond_the_native_context_get_yarn(tmp_path):
+    """32K windows run SmolLM2 (native 8K) with YaRN x4, as the GPU sweep's engines; 8K ones do not."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.quality_cpu import load_model
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=8192,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    native = load_model(str(tmp_path), 8192)
+    long = load_model(str(tmp_path), 32768)
+    assert native.config.rope_parameters["rope_type"] == "default"
+    rp = long.config.rope_parameters
+    assert (rp["rope_type"], rp["factor"], rp["original_max_position_embeddings"]) == ("yarn", 4.0, 8192)
+    # the rotary module follows: YaRN stretches the slow frequencies, keeps the fastest
+    f_native = native.model.rotary_emb.inv_freq
+    f_long = long.model.rotary_emb.inv_freq
+    assert torch.allclose(f_long[0], f_native[0]) and f_long[-1] < f_native[-1] * 0.5
