@@ -20,6 +20,8 @@
 #   quality   the quality sweep (ΔPPL / passkeys / density / TTFT per selection point): set
 #             PRISM_QUALITY_LENGTHS=8K,16K for one call and =32K for the next, then merge the two
 #             quality.json here (python -m benchmarks.run --merge-quality A B --out benchmarks/results)
+#             PRISM_QUALITY_POINTS=paper:0.995,meanpool:0.995 runs only those points (and FLASH_ATTN)
+#             at every length in one call: merge it into benchmarks/results/quality.json the same way
 #   quality-fp8  the quality / fast presets beside FLASH_ATTN, every engine on vLLM's fp8 KV cache
 #   shared    everything that times nothing, side by side on one GPU, each under a time limit:
 #             vllm + accuracy evidence + load test + the selection/prefill kernel GPU tests
@@ -112,7 +114,8 @@ case "$piece" in
     tail -30 "$out/bench-speed-fp8.log" ;;
   quality)  # its own jobs share the GPU; each times its prompt alone (benchmarks.common.GpuLock)
     run_bench quality "$LIMIT" --jobs "${PRISM_QUALITY_JOBS:-6}" \
-      ${PRISM_QUALITY_LENGTHS:+--quality-lengths "$PRISM_QUALITY_LENGTHS"}
+      ${PRISM_QUALITY_LENGTHS:+--quality-lengths "$PRISM_QUALITY_LENGTHS"} \
+      ${PRISM_QUALITY_POINTS:+--quality-points "$PRISM_QUALITY_POINTS"}
     grep -E "quality |WARNING|not ok|skipped" "$out/bench-quality.log" | tail -40 ;;
   quality-fp8)  # issue 14: FLASH_ATTN and the quality / fast presets on an fp8 KV cache -> quality-fp8.json
     BENCH_TAG=quality-fp8 run_bench quality "$LIMIT" --kv-cache-dtype fp8 --jobs "${PRISM_QUALITY_JOBS:-6}" \
