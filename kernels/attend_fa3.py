@@ -31,14 +31,27 @@ read the same K/V pages back to back (L2) and the longest rows start first. A la
 row selects every causal block (thresholds of 1.0) is plain causal attention: ``attend_dense_fa3``
 calls FA3 once on q / out and the requests' own page table.
 
+Group layout (``layout="group"``, an option of the kernel API; the vLLM backend uses the head
+layout): one sequence per (query block g, kv head kvh) carrying the group's G q heads as G heads
+(FA3 called with num_heads = G over the same one-kv-head cache view, so it packs them into its M
+tile; at d=64 a one-head 128-row sequence underfills it). Its keys are the ascending union of the
+G heads' rows for block g (``_union_rows_kernel``: a zeroed per-program bitmap, marks, cumsum,
+clear), so every head attends the union: block-sparse attention under the union mask, a superset
+of each head's selection. The q copy, tables and scatter are the head layout's with one-member
+groups whose rows are G heads wide (HS = HKV sequence heads of HPS = G q heads), one more launch
+(the union) per bucket.
+
 Shape legend (one launch, see kernels/plan.py):
 
     T     query rows of the launch; HQ / HKV heads, G = HQ // HKV; D head dim (<= 256, D % 8 == 0)
     B     Prism block (128); PS page size; VPS = gcd(PS, B); PPB = B // VPS
     q, out: [T, HQ, D]   k_cache, v_cache: [NP, PS, HKV, D]   block_table: [R, max_pages] int32
-    bucket: query blocks [g_lo, g_hi), their rows [row_lo, row_hi) (T_b rows), S_b = HQ * (g_hi - g_lo)
-    q_virt, o_virt: [HQ * T_b, 1, D]   cu_seqlens_q_virt: [S_b + 1]   seqused_k_virt: [S_b]
+    bucket: query blocks [g_lo, g_hi), their rows [row_lo, row_hi) (T_b rows), S_b = HS * (g_hi - g_lo)
+    HS, HPS: sequence heads and q heads per sequence: HQ, 1 (head layout); HKV, G (group layout)
+    q_virt, o_virt: [HS * T_b, HPS, D]   cu_seqlens_q_virt: [S_b + 1]   seqused_k_virt: [S_b]
     page_table: [S_b, W_b * PPB] int32 (W_b: the bucket's widest possible row, in key blocks)
+    group layout: union_idx [S_b, W_b] int16 (row u = (g - g_lo) * HKV + kvh), union_cnt [S_b],
+    union_bits: [min(sequences, 16 MiB // K), K] int8, K = AttendCapacity.key_blocks
 """
 
 from __future__ import annotations

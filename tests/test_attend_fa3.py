@@ -410,6 +410,9 @@ def test_capacity_bounds_the_workspace_at_128k():
                           head_dim=128, element_size=2)
     ws = AttendWorkspace(cap, 32, 128, torch.bfloat16, "meta")
     assert ws.nbytes <= 256 << 20
+    # the group layout's union rows and bitmaps add <= 1/16 of the page table plus 16 MiB
+    wsg = AttendWorkspace(cap, 32, 128, torch.bfloat16, "meta", group=True)
+    assert wsg.nbytes - ws.nbytes <= (attend_mod.TABLE_BYTES >> 4) + (16 << 20) + 4 * cap.sequences
     plan = make_plan([0, 131072], [0], 32, B)
     ap = make_attend_plan(plan, cap)
     assert ap is not None and len(ap.buckets) >= 16
