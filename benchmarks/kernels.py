@@ -23,6 +23,14 @@ dim, randomly permuted block table). Sections:
               backend gets it; also bf16 q, and the bf16 cache for the ratio), our FA3 attend step on
               the fp8 cache at a fixed density-0.1 mask (with descales), and estimation + attend
               (the sum of the two medians) vs FA3 fp8 dense.
+  layouts     (--attend-layout head,group, default both) the FA3 attend step in the head layout
+              (one virtual sequence per query block and q head) and in the group layout (per query
+              block and kv head, the group's G heads packed over the union of their selections,
+              kernels/attend_fa3.py): sparse rows and the structured selection's break-even row
+              report the union's density beside the per-head density, the group layout's time,
+              and its per-block cost against FA3 dense per UNION block (what it computes).
+              The sparse section's fixed masks are independent per head (the union's worst
+              case); the structured input's heads of a kv group share a direction (select alike).
   sanity      once at the smallest length: ours at density 1.0 vs FA3 (max abs error), ours vs the
               official kernel on the same fixed mask, our selection vs prism_vllm.reference; fp8: the
               attend step at density 1.0 vs FA3 dense on the same fp8 cache, and our selection from
@@ -37,6 +45,7 @@ Usage (GPU machine, from the repo root; vLLM staged for FA3):
     python benchmarks/kernels.py --official-dir benchmarks/_official --commit $SHA
     python benchmarks/kernels.py --sweep  # sparse_prefill launch settings, one table
     python benchmarks/kernels.py --skip sparse,estimation,break_even --out kernels-fp8-h200.json  # fp8 rows only
+    python benchmarks/kernels.py --shape gqa7_d64 --skip fp8 --out kernels-gqa7-h200.json  # head vs group layout, d=64
     python benchmarks/plot_kernels.py benchmarks/results/kernels-h200.json
 CPU plumbing check (TRITON_INTERPRET=1, fp16, tiny shapes, no FA3, no official):
     python benchmarks/kernels.py --dry-run --out /tmp/k.json
@@ -103,6 +112,7 @@ class Setup:
     max_reps: int = 50
     dry: bool = False
     select_precision: Optional[str] = None  # selection's tl.dot precision (None: its default)
+    attend_layouts: list[str] = field(default_factory=lambda: ["head", "group"])  # FA3 attend layouts timed
 
     @property
     def scale(self) -> float:
@@ -143,6 +153,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
     if args.budget_ms is not None:
         s.budget_ms = args.budget_ms
     s.select_precision = args.select_precision
+    s.attend_layouts = [x for x in args.attend_layout.split(",") if x]
     return s
 
 
@@ -348,6 +359,13 @@ def mask_density(mask: torch.Tensor) -> float:
     return float(mask.sum()) / (mask.shape[0] * causal_blocks(mask.shape[1]))
 
 
+def union_mask(mask: torch.Tensor, hkv: int) -> torch.Tensor:
+    """Bool [HQ, nq, nk]: every q head's row replaced by the OR over its kv group (what the group
+    layout attends). Its density is the union's density: the blocks the group layout computes."""
+    hq, nq, nk = mask.shape
+    return mask.view(hkv, hq // hkv, nq, nk).any(1, keepdim=True).expand(hkv, hq // hkv, nq, nk).reshape(hq, nq, nk)
+
+
 # ----------------------------------------------------------------------------------------------
 # implementations
 # ----------------------------------------------------------------------------------------------
@@ -520,29 +538,34 @@ class Ours:
         cap = attend_capacity(max_num_batched_tokens=self.tokens, max_q_blocks=p.num_q_blocks,
                               max_k_blocks=p.num_k_blocks, num_q_heads=s.hq, head_dim=s.d,
                               element_size=torch.empty(0, dtype=s.dtype).element_size(), block_size=s.block)
-        self.attend_ws = AttendWorkspace(cap, s.hq, s.d, s.dtype, s.device, s.block)
-        self.attend_plan = make_attend_plan(p.to("cpu"), cap)
+        group = "group" in s.attend_layouts
+        self.attend_ws = AttendWorkspace(cap, s.hq, s.d, s.dtype, s.device, s.block, group=group)
+        self.attend_plans = {lay: make_attend_plan(p.to("cpu"), cap, layout=lay, num_kv_heads=s.hkv)
+                             for lay in ("head", "group") if lay == "head" or group}
+        self.attend_plan = self.attend_plans["head"]
         self.vkv = virtual_kv(kv.k, kv.v, s.block)
         assert not isinstance(self.vkv, str), self.vkv
 
     def sparse_fa3(self, q: torch.Tensor, kv: Paged, sel_idx: torch.Tensor, sel_cnt: torch.Tensor, out: torch.Tensor,
                    fa: Callable[..., Any], order: str = "kv_desc", copies_only: bool = False,
-                   scales: Any = None) -> torch.Tensor:
+                   scales: Any = None, layout: str = "head") -> torch.Tensor:
         """The FA3 attend step (q copy + table build, FA3, output scatter), as the backend runs it;
-        ``copies_only``: the two Triton launches per bucket without the FA3 call; ``scales``: the
-        ``Fp8Scales`` of an fp8 q / cache (FA3's descales)."""
+        ``copies_only``: the Triton launches per bucket without the FA3 call; ``scales``: the
+        ``Fp8Scales`` of an fp8 q / cache (FA3's descales); ``layout``: "head" (the backend's) or
+        "group" (a kv group's heads in one sequence over the union of their selections)."""
         from prism_vllm.kernels.attend_fa3 import attend_fa3, scatter_out, virtual_sequences
         from prism_vllm.kernels.plan import BlockSelection
 
         sel = BlockSelection(plan=self.plan, indices=sel_idx, counts=sel_cnt)
+        plan = self.attend_plans[layout]
         if copies_only:
-            for b in self.attend_plan.buckets:
-                a = virtual_sequences(q, self.vkv, kv.block_table, sel, b, self.attend_ws, order=order)
-                scatter_out(a["out"], out, self.plan, b, self.s.hkv, order=order)
+            for b in plan.buckets:
+                a = virtual_sequences(q, self.vkv, kv.block_table, sel, b, self.attend_ws, order=order, layout=layout)
+                scatter_out(a["out"], out, self.plan, b, self.s.hkv, order=order, layout=layout)
             return out
         sc = {} if scales is None else {"q_scale": scales.q, "k_scale": scales.k, "v_scale": scales.v}
-        return attend_fa3(q, self.vkv, kv.block_table, sel, self.attend_plan, self.s.scale, out,
-                          flash_attn_varlen_func=fa, workspace=self.attend_ws, order=order, **sc)
+        return attend_fa3(q, self.vkv, kv.block_table, sel, plan, self.s.scale, out,
+                          flash_attn_varlen_func=fa, workspace=self.attend_ws, order=order, layout=layout, **sc)
 
     def sel(self, ws: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return ws.sel_idx, ws.sel_cnt[: self.plan.num_q_blocks * self.s.hq]
@@ -648,7 +671,10 @@ def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Offici
                 check_dense(s, ours, q, kv, k, v, sel_idx, sel_cnt, fa3, res)
             row["prism_ms"] = bench(lambda: ours.sparse(q, kv, sel_idx, sel_cnt, out), s)
             row["fa3_ms"] = fa3_ms
-            if fa3v is not None:
+            if fa3v is not None and "group" in s.attend_layouts:
+                group_rows(s, ours, row, q, kv, mask, sel_idx, sel_cnt, out, fa3v, fa3_ms, res,
+                           first=li == 0 and dens < 1.0)
+            if fa3v is not None and "head" in s.attend_layouts:
                 # the FA3 attend step, every copy and table build included
                 row["prism_fa3_ms"] = bench_or_none(lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa3v), s,
                                                     f"FA3 attend {tok(L)} d={dens}")
@@ -720,6 +746,35 @@ def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Offici
         del q, kv, k, v, out, qc, kc, vc
         if s.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def group_rows(s: Setup, ours: Ours, row: dict[str, Any], q: torch.Tensor, kv: Paged,
+               mask: torch.Tensor, sel_idx: torch.Tensor, sel_cnt: torch.Tensor, out: torch.Tensor,
+               fa: Callable[..., Any], fa3_ms: Optional[float], res: dict[str, Any], first: bool) -> None:
+    """The group layout's columns of a row (same selection as the head layout's): the union's
+    density beside the per-head one, the attend step's time (union kernel, copies, FA3, scatter),
+    its speed-up over FA3 dense and its per-block efficiency counted in UNION blocks (FA3 dense
+    time x union density / its time: 1.0 = as fast per computed block as dense). Once per
+    length: its output against the Triton kernel on the union selection."""
+    umask = union_mask(mask, s.hkv)
+    ud = mask_density(umask)
+    row["union_density"] = round(ud, 5)
+    row["union_over_head_density"] = round(ud / max(mask_density(mask), 1e-12), 3)
+    row["prism_fa3_group_ms"] = ms = bench_or_none(
+        lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa, layout="group"), s,
+        f"FA3 attend group layout {tok(ours.tokens)} d={row.get('density_target', row['density'])}")
+    if ms is not None and fa3_ms is not None:
+        row["fa3_attend_group_speedup_vs_fa3"] = round(fa3_ms / ms, 3)
+        row["fa3_attend_group_per_union_block_eff"] = round(fa3_ms * ud / ms, 3)
+    name = f"fa3_attend_group_vs_triton_union_{tok(ours.tokens)}"
+    if ms is not None and first and not _checked(res, name):
+        ui, uc = ours.bsr(umask)
+        want = torch.full_like(q, float("nan"))
+        ours.sparse(q, kv, ui, uc, want)
+        out.fill_(float("nan"))
+        ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa, layout="group")
+        add_check(res, name, ours.tokens, ud, out, want, tol=2e-2)
+        del ui, uc, want
 
 
 def _checked(res: dict[str, Any], name: str) -> bool:
@@ -832,6 +887,8 @@ def run_estimation(s: Setup, off: Optional[Official], res: dict[str, Any], bar: 
 
 def run_break_even(s: Setup, fa3: Optional[Callable[..., Any]], est: dict[int, dict[str, Any]],
                    res: dict[str, Any], bar: Progress) -> None:
+    from prism_vllm import reference
+
     gen = torch.Generator(device=s.device).manual_seed(3)
     for L in s.be_lengths:
         e = est[L]
@@ -852,7 +909,21 @@ def run_break_even(s: Setup, fa3: Optional[Callable[..., Any]], est: dict[int, d
         sp = bench(lambda: ours.sparse(q, kv, sel_idx, sel_cnt, out), s)
         # total: prism_prefill (estimation + sparse attention), the backend's call
         total = bench(lambda: ours.prefill(q, kv, ws, out), s)
-        res["break_even"].append(row("prism_selection_structured_synthetic", e["density"], sp, total))
+        r = row("prism_selection_structured_synthetic", e["density"], sp, total)
+        fa = functools.partial(fa3, fa_version=3) if fa3 is not None else reference.paged_varlen_attention if s.dry \
+            else None
+        if fa is not None:
+            # the FA3 attend step on this selection, per layout (the heads of a group select alike here)
+            ours.attend_setup(kv)
+            if "head" in s.attend_layouts:
+                r["fa3_attend_ms"] = bench_or_none(lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa), s,
+                                                   f"FA3 attend structured {tok(L)}")
+                if r["fa3_attend_ms"] is not None and fa3_ms is not None:
+                    r["fa3_attend_per_block_eff"] = round(fa3_ms * e["density"] / r["fa3_attend_ms"], 3)
+            if "group" in s.attend_layouts:
+                group_rows(s, ours, r, q, kv, ours.selected_mask(ws), sel_idx, sel_cnt, out, fa, fa3_ms,
+                           res, first=False)
+        res["break_even"].append(r)
         for dens in s.be_proxies:
             mask = fixed_mask(s.hq, ours.plan.num_q_blocks, dens, s.device, gen)
             si, sc = ours.bsr(mask)
@@ -1049,6 +1120,9 @@ def summary(res: dict[str, Any]) -> str:
                                           ("fa3_attend_speedup_vs_fa3", "pfa3/fa3x"),
                                           ("fa3_attend_with_estimation_speedup", "+est x"),
                                           ("fa3_attend_per_block_eff", "blk_eff"), ("prism_fa3_head_asc_ms", "head_asc"),
+                                          ("union_density", "u_dens"), ("prism_fa3_group_ms", "grp_fa3"),
+                                          ("fa3_attend_group_speedup_vs_fa3", "grp/fa3x"),
+                                          ("fa3_attend_group_per_union_block_eff", "grp_ublk_eff"),
                                           ("fa3_ms", "fa3"), ("official_ms", "official"),
                                           ("official_paged_ms", "off_paged"), ("speedup_vs_fa3", "prism/fa3x"),
                                           ("official_speedup_vs_fa3", "off/fa3x"), ("prism_tflops", "TFLOP/s")]))
@@ -1063,7 +1137,10 @@ def summary(res: dict[str, Any]) -> str:
         out.append(table(res["break_even"], [("tokens", "tokens"), ("mode", "mode"), ("density", "density"),
                                               ("estimation_ms", "est"), ("sparse_ms", "sparse"),
                                               ("total_ms", "total"), ("fa3_ms", "fa3"),
-                                              ("speedup_vs_fa3", "fa3/total")]))
+                                              ("speedup_vs_fa3", "fa3/total"), ("fa3_attend_ms", "attend"),
+                                              ("fa3_attend_per_block_eff", "blk_eff"), ("union_density", "u_dens"),
+                                              ("prism_fa3_group_ms", "attend_grp"),
+                                              ("fa3_attend_group_per_union_block_eff", "grp_ublk_eff")]))
     if res.get("fp8"):
         out.append("== fp8 KV cache (e4m3, per-tensor scales; ms; x = FA3 fp8 dense / impl) ==")
         out.append(table(res["fp8"], [("tokens", "tokens"), ("density", "density"), ("fa3_fp8_ms", "fa3_fp8"),
@@ -1126,8 +1203,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
     ap.add_argument("--shape", default="llama8b", choices=sorted(SHAPES),
                     help="layer shape: llama8b (32 q / 8 kv heads, d=128) or gqa7_d64 (14 q / 2 kv heads, d=64)")
+    ap.add_argument("--attend-layout", default="head,group",
+                    help="comma-separated FA3 attend layouts to time: head (the backend's: a sequence per query "
+                         "block and q head), group (per query block and kv head over the union of the group's "
+                         "selections)")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    layouts = set(filter(None, args.attend_layout.split(",")))
+    if not layouts or layouts - {"head", "group"}:
+        ap.error(f"--attend-layout {args.attend_layout}: use head, group or head,group")
     if skip - set(SECTIONS):
         ap.error(f"--skip {args.skip}: unknown section(s) {sorted(skip - set(SECTIONS))}; use {','.join(SECTIONS)}")
 

@@ -31,14 +31,27 @@ read the same K/V pages back to back (L2) and the longest rows start first. A la
 row selects every causal block (thresholds of 1.0) is plain causal attention: ``attend_dense_fa3``
 calls FA3 once on q / out and the requests' own page table.
 
+Group layout (``layout="group"``, an option of the kernel API; the vLLM backend uses the head
+layout): one sequence per (query block g, kv head kvh) carrying the group's G q heads as G heads
+(FA3 called with num_heads = G over the same one-kv-head cache view, so it packs them into its M
+tile; at d=64 a one-head 128-row sequence underfills it). Its keys are the ascending union of the
+G heads' rows for block g (``_union_rows_kernel``: a zeroed per-program bitmap, marks, cumsum,
+clear), so every head attends the union: block-sparse attention under the union mask, a superset
+of each head's selection. The q copy, tables and scatter are the head layout's with one-member
+groups whose rows are G heads wide (HS = HKV sequence heads of HPS = G q heads), one more launch
+(the union) per bucket.
+
 Shape legend (one launch, see kernels/plan.py):
 
     T     query rows of the launch; HQ / HKV heads, G = HQ // HKV; D head dim (<= 256, D % 8 == 0)
     B     Prism block (128); PS page size; VPS = gcd(PS, B); PPB = B // VPS
     q, out: [T, HQ, D]   k_cache, v_cache: [NP, PS, HKV, D]   block_table: [R, max_pages] int32
-    bucket: query blocks [g_lo, g_hi), their rows [row_lo, row_hi) (T_b rows), S_b = HQ * (g_hi - g_lo)
-    q_virt, o_virt: [HQ * T_b, 1, D]   cu_seqlens_q_virt: [S_b + 1]   seqused_k_virt: [S_b]
+    bucket: query blocks [g_lo, g_hi), their rows [row_lo, row_hi) (T_b rows), S_b = HS * (g_hi - g_lo)
+    HS, HPS: sequence heads and q heads per sequence: HQ, 1 (head layout); HKV, G (group layout)
+    q_virt, o_virt: [HS * T_b, HPS, D]   cu_seqlens_q_virt: [S_b + 1]   seqused_k_virt: [S_b]
     page_table: [S_b, W_b * PPB] int32 (W_b: the bucket's widest possible row, in key blocks)
+    group layout: union_idx [S_b, W_b] int16 (row u = (g - g_lo) * HKV + kvh), union_cnt [S_b],
+    union_bits: [min(sequences, 16 MiB // K), K] int8, K = AttendCapacity.key_blocks
 """
 
 from __future__ import annotations
@@ -69,6 +82,7 @@ __all__ = [
     "attend_fa3",
     "make_attend_plan",
     "row_width_bounds",
+    "union_rows",
     "virtual_kv",
 ]
 
@@ -78,7 +92,12 @@ MIN_PAGE = 16
 #: Bytes of one bucket's q copy plus output copy, and of its page table (the workspace's bound).
 COPY_BYTES = 128 << 20
 TABLE_BYTES = 120 << 20
+#: Bytes of the group layout's union bitmaps (one int8 row of ``key_blocks`` per union program).
+UNION_BITS_BYTES = 16 << 20
 ORDERS = {"kv_desc": 0, "head_asc": 1}
+#: "head": one virtual sequence per (query block, q head) over that head's selection; "group": one
+#: per (query block, kv head) carrying the group's G q heads over the union of their selections.
+LAYOUTS = ("head", "group")
 
 
 @dataclass(frozen=True)
@@ -90,6 +109,8 @@ class AttendLaunch:
     """Selected key blocks per page-table tile."""
     block_t: int = 32
     """q / output rows per copy tile."""
+    block_n: int = 256
+    """Key blocks per bitmap tile of the union kernel (``_union_rows_kernel``)."""
     num_warps: int = 4
 
 
@@ -110,6 +131,8 @@ class AttendCapacity:
     """Virtual sequences per bucket."""
     table_blocks: int
     """Key blocks summed over a bucket's page-table rows (each B // MIN_PAGE entries)."""
+    key_blocks: int = 0
+    """Key blocks of the longest sequence (the length of the group layout's union bitmap rows)."""
 
 
 def attend_capacity(
@@ -135,7 +158,7 @@ def attend_capacity(
     sequences = qbs * num_q_heads
     ppb = block_size // MIN_PAGE
     table_blocks = max(1, min(sequences * int(max_k_blocks), TABLE_BYTES // (4 * ppb)))
-    return AttendCapacity(rows=rows, sequences=sequences, table_blocks=table_blocks)
+    return AttendCapacity(rows=rows, sequences=sequences, table_blocks=table_blocks, key_blocks=int(max_k_blocks))
 
 
 @dataclass(frozen=True)
@@ -163,6 +186,8 @@ class AttendPlan:
     """Longest chunk of the launch (the plain call's max_seqlen_q)."""
     max_seqlen_k: int
     """Longest sequence of the launch (context + chunk)."""
+    layout: str = "head"
+    """The sequence layout the bucket widths were planned for (see LAYOUTS)."""
 
 
 def _qb_rows(plan: PrefillPlan) -> tuple[np.ndarray, np.ndarray]:
@@ -200,22 +225,39 @@ def make_attend_plan(
     *,
     block_budget: Optional[float] = None,
     all_blocks: bool = False,
+    layout: str = "head",
+    num_kv_heads: Optional[int] = None,
 ) -> Optional[AttendPlan]:
     """Cut a launch into buckets that each fit ``capacity`` (host; ``plan`` may be on the CPU).
 
     Query blocks are taken from the last one down; a bucket grows while its rows, sequences and
     page-table blocks (sequences x the widest row's bound) fit. None when a single query block
     does not fit (rows longer than TABLE_BYTES allows; the caller serves the launch otherwise).
+
+    ``layout="group"`` (needs ``num_kv_heads``): HKV sequences per query block, each as wide as
+    the union of its G heads' rows can be (min(causal blocks, G x a row's bound)); None also when
+    the capacity's union bitmaps (``key_blocks``) are shorter than the launch's longest sequence.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"Invalid attend layout {layout!r}: expected one of {LAYOUTS}")
     hq = plan.num_q_heads
     seq = plan.seqused_k.cpu().numpy()
     cu = plan.cu_seqlens_q.cpu().numpy()
     max_q = int((cu[1:] - cu[:-1]).max()) if plan.num_reqs else 0
     max_k = int(seq.max()) if plan.num_reqs else 0
     if all_blocks or plan.num_q_blocks == 0:
-        return AttendPlan(buckets=(), all_blocks=all_blocks, max_seqlen_q=max_q, max_seqlen_k=max_k)
+        return AttendPlan(buckets=(), all_blocks=all_blocks, max_seqlen_q=max_q, max_seqlen_k=max_k, layout=layout)
     row0, rows = _qb_rows(plan)
     width = row_width_bounds(plan, block_budget)
+    if layout == "group":
+        if num_kv_heads is None:
+            raise ValueError("make_attend_plan(layout='group') needs num_kv_heads (the union covers a kv group)")
+        check_gqa(hq, num_kv_heads)
+        if plan.max_k_blocks > capacity.key_blocks:
+            return None
+        # a union row holds at most every causal block, and at most its G heads' rows together
+        width = np.minimum(plan.qb_abs.cpu().numpy().astype(np.int64) + 1, (hq // num_kv_heads) * width)
+        hq = num_kv_heads  # sequences per query block
     buckets: list[AttendBucket] = []
     g_hi = plan.num_q_blocks
     while g_hi > 0:
@@ -235,14 +277,21 @@ def make_attend_plan(
                          row_hi=int(row0[g_hi - 1] + rows[g_hi - 1]), width=w, max_rows=mr)
         )
         g_hi = g_lo
-    return AttendPlan(buckets=tuple(buckets), all_blocks=False, max_seqlen_q=max_q, max_seqlen_k=max_k)
+    return AttendPlan(buckets=tuple(buckets), all_blocks=False, max_seqlen_q=max_q, max_seqlen_k=max_k, layout=layout)
 
 
 class AttendWorkspace:
-    """Preallocated buffers of one bucket (see AttendCapacity); shared by every layer."""
+    """Preallocated buffers of one bucket (see AttendCapacity); shared by every layer.
+
+    ``group=True`` adds the group layout's buffers: the bucket's union rows (int16, one entry per
+    page-table key block: ``table_blocks`` x 2 bytes, 1/16 of the page table) and counts
+    (``sequences`` int32), and the union bitmaps: ``bitmap_rows`` = min(sequences,
+    UNION_BITS_BYTES // key_blocks) zeroed int8 rows of ``key_blocks`` (<= 16 MiB; 2 MiB for a
+    128K Llama-3.1-8B layer), which the union kernel leaves zeroed after every launch.
+    """
 
     def __init__(self, capacity: AttendCapacity, num_q_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: Union[str, torch.device], block_size: int = BLOCK_SIZE) -> None:
+                 device: Union[str, torch.device], block_size: int = BLOCK_SIZE, group: bool = False) -> None:
         self.capacity = capacity
         self.num_q_heads = int(num_q_heads)
         self.head_dim = int(head_dim)
@@ -256,17 +305,34 @@ class AttendWorkspace:
         self.seqused_k_virt = torch.empty(capacity.sequences, dtype=torch.int32, device=device)
         self.page_table = torch.empty(capacity.table_blocks * (block_size // MIN_PAGE), dtype=torch.int32,
                                       device=device)
+        self.union_idx: Optional[torch.Tensor] = None
+        self.union_cnt: Optional[torch.Tensor] = None
+        self.union_bits: Optional[torch.Tensor] = None
+        if group:
+            if capacity.key_blocks < 1:
+                raise ValueError(f"the group layout needs AttendCapacity.key_blocks >= 1 (the longest sequence's key "
+                                 f"blocks), got {capacity}; build it with attend_capacity")
+            kb = capacity.key_blocks
+            self.union_idx = torch.empty(capacity.table_blocks, dtype=torch.int16, device=device)
+            self.union_cnt = torch.empty(capacity.sequences, dtype=torch.int32, device=device)
+            bitmap_rows = max(1, min(capacity.sequences, UNION_BITS_BYTES // kb))
+            self.union_bits = torch.zeros(bitmap_rows, kb, dtype=torch.int8, device=device)
 
-    def q_rows(self, n_rows: int, dtype: torch.dtype) -> torch.Tensor:
-        """[n_rows, 1, D] contiguous view of the q copy in ``dtype`` (the model dtype, or fp8 for
-        quantized queries)."""
-        n = n_rows * self.head_dim
-        return self._q_bytes.view(dtype)[:n].view(n_rows, 1, self.head_dim)
+    def q_rows(self, n_rows: int, dtype: torch.dtype, heads: int = 1) -> torch.Tensor:
+        """[n_rows, heads, D] contiguous view of the q copy in ``dtype`` (the model dtype, or fp8
+        for quantized queries)."""
+        n = n_rows * heads * self.head_dim
+        return self._q_bytes.view(dtype)[:n].view(n_rows, heads, self.head_dim)
+
+    def o_rows(self, n_rows: int, heads: int = 1) -> torch.Tensor:
+        """[n_rows, heads, D] contiguous view of the output copy."""
+        return self.o_virt.view(-1)[: n_rows * heads * self.head_dim].view(n_rows, heads, self.head_dim)
 
     @property
     def nbytes(self) -> int:
-        bufs = (self._q_bytes, self.o_virt, self.cu_seqlens_q_virt, self.seqused_k_virt, self.page_table)
-        return sum(t.numel() * t.element_size() for t in bufs)
+        bufs = (self._q_bytes, self.o_virt, self.cu_seqlens_q_virt, self.seqused_k_virt, self.page_table,
+                self.union_idx, self.union_cnt, self.union_bits)
+        return sum(t.numel() * t.element_size() for t in bufs if t is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,6 +439,77 @@ def _copy_rows(src, src_row, src_stride, dst, dst_row, dst_stride, n, D: tl.cons
         tl.store(dst + (dst_row + t).to(tl.int64)[:, None] * dst_stride + offs_d[None, :], x, mask=mk)
 
 
+@triton.jit(do_not_specialize=["g_lo", "n_u", "stride_ut"])
+def _union_rows_kernel(
+    union_idx,
+    union_cnt,
+    union_bits,
+    sel_idx,
+    sel_cnt,
+    sel_off,
+    dense,
+    qb_dense,
+    qb_req,
+    qb_abs,
+    g_lo,
+    n_u,
+    stride_ut,
+    stride_bits,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Union row u = (g - g_lo) * HKV + kvh of a bucket: the ascending union of the selection rows
+    (g, kvh * G .. kvh * G + G - 1) and its count.
+
+    Each program owns one zeroed int8 bitmap row (its ``union_bits`` row, as long as the longest
+    sequence's key blocks) and takes rows u = pid, pid + nprog, ...: it marks every head's
+    indices, then walks the row's a + 1 causal blocks in tiles, emitting the marked ones in order
+    (a cumsum gives each its slot) and zeroing the tile behind it, so the bitmap is clean for the
+    next row and the next launch. Dense rows (dense requests, dense tails) are every causal block."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    bits = union_bits + pid.to(tl.int64) * stride_bits
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_n = tl.arange(0, BLOCK_N)
+    for i in range(0, tl.cdiv(n_u - pid, nprog)):
+        u = pid + i * nprog
+        g = g_lo + u // (HQ // G)
+        kvh = u % (HQ // G)
+        a = tl.load(qb_abs + g)
+        n = a + 1
+        dst = union_idx + u.to(tl.int64) * stride_ut
+        row_dense = (tl.load(dense + tl.load(qb_req + g)) != 0) | (tl.load(qb_dense + g) != 0)
+        cnt = n * 0
+        if row_dense:
+            for c0 in range(0, n, BLOCK_N):
+                cols = c0 + offs_n
+                tl.store(dst + cols, cols.to(tl.int16), mask=cols < n)
+            cnt = n
+        else:
+            off_g = tl.load(sel_off + g)
+            for m in range(G):
+                h = kvh * G + m
+                c = tl.load(sel_cnt + sel_count_at(g, h, HQ))
+                src = sel_idx + sel_row_start(off_g, h, a, HQ)
+                for j0 in range(0, c, BLOCK_J):
+                    jj = j0 + offs_j
+                    idx = tl.load(src + jj, mask=jj < c, other=0).to(tl.int32)
+                    tl.store(bits + idx, tl.full([BLOCK_J], 1, tl.int8), mask=jj < c)
+            tl.debug_barrier()  # every head's marks are visible to every thread of the program
+            for c0 in range(0, n, BLOCK_N):
+                cols = c0 + offs_n
+                live = cols < n
+                hit = tl.load(bits + cols, mask=live, other=0).to(tl.int32)
+                pos = cnt + tl.cumsum(hit, 0) - 1  # ascending: the k-th marked block goes to slot k
+                tl.store(dst + pos, cols.to(tl.int16), mask=live & (hit != 0))
+                tl.store(bits + cols, tl.zeros([BLOCK_N], tl.int8), mask=live)  # clean for the next row
+                cnt += tl.sum(hit, 0)
+            tl.debug_barrier()  # cleared before the next row marks
+        tl.store(union_cnt + u, cnt)
+
+
 @triton.jit(do_not_specialize=["g_lo", "g_hi", "row_lo", "row_hi", "page_mult", "head_mult", "slot_mult"])
 def _virtual_seqs_kernel(
     q,
@@ -384,6 +521,8 @@ def _virtual_seqs_kernel(
     sel_idx,
     sel_cnt,
     sel_off,
+    union_idx,
+    union_cnt,
     cu_seqlens_q,
     ctx_lens,
     seqused_k,
@@ -399,6 +538,7 @@ def _virtual_seqs_kernel(
     stride_qh,
     stride_bt,
     stride_pt,
+    stride_ut,
     page_mult,
     head_mult,
     slot_mult,
@@ -413,21 +553,34 @@ def _virtual_seqs_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_T: tl.constexpr,
     ORDER: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    """One program per virtual sequence: cu_seqlens_q_virt, seqused_k_virt, page-table row, q copy."""
+    """One program per virtual sequence: cu_seqlens_q_virt, seqused_k_virt, page-table row, q copy.
+
+    GROUP: the sequences are (query block, kv head) carrying the group's G heads over the union
+    rows, i.e. the head layout with HQ // G one-member groups whose "head" is the kv head and
+    whose rows are G heads wide (so the same ``_virtual_seq`` arithmetic, with G = 1)."""
+    SEQ_G: tl.constexpr = 1 if GROUP else G  # sequences of a kv group per query block
+    HPS: tl.constexpr = G if GROUP else 1  # q heads per sequence
     s = tl.program_id(0)
     g, h, kvh, r, a, seq, p_hi, rows, qrow, off = _virtual_seq(
-        s, g_lo, g_hi, row_lo, row_hi, cu_seqlens_q, ctx_lens, seqused_k, qb_req, qb_abs, G, B, ORDER
+        s, g_lo, g_hi, row_lo, row_hi, cu_seqlens_q, ctx_lens, seqused_k, qb_req, qb_abs, SEQ_G, B, ORDER
     )
     tl.store(cu_seqlens_q_virt + s, off)
-    if s == 0:  # the end of the last sequence: every row of the bucket, every head
-        tl.store(cu_seqlens_q_virt + (g_hi - g_lo) * HQ, HQ * (row_hi - row_lo))
+    if s == 0:  # the end of the last sequence: every row of the bucket, every sequence head
+        tl.store(cu_seqlens_q_virt + (g_hi - g_lo) * (HQ // HPS), (HQ // HPS) * (row_hi - row_lo))
 
-    # the row's key blocks: every causal one for dense rows, else the selection (ascending, the
-    # diagonal last, so FA's bottom-right causal mask is the block's own causal mask)
+    # the row's key blocks: every causal one for dense rows, else the selection or the group's
+    # union (ascending, the diagonal last, so FA's bottom-right causal mask is the block's own
+    # causal mask)
     row_dense = (tl.load(dense + r) != 0) | (tl.load(qb_dense + g) != 0)
-    cnt = tl.where(row_dense, a + 1, tl.load(sel_cnt + sel_count_at(g, h, HQ)))
-    row_ptr = sel_idx + sel_row_start(tl.load(sel_off + g), h, a, HQ)
+    if GROUP:
+        u = (g - g_lo) * (HQ // G) + kvh  # the union row (see _union_rows_kernel)
+        cnt = tl.where(row_dense, a + 1, tl.load(union_cnt + u))
+        row_ptr = union_idx + u.to(tl.int64) * stride_ut
+    else:
+        cnt = tl.where(row_dense, a + 1, tl.load(sel_cnt + sel_count_at(g, h, HQ)))
+        row_ptr = sel_idx + sel_row_start(tl.load(sel_off + g), h, a, HQ)
     tl.store(seqused_k_virt + s, (cnt - 1) * B + (p_hi - a * B))
 
     pt_row = page_table + s.to(tl.int64) * stride_pt
@@ -444,8 +597,11 @@ def _virtual_seqs_kernel(
         virt = phys * page_mult + kvh * head_mult + ((tok % PS) // VPS) * slot_mult
         tl.store(pt_row + jj[:, None] * PPB + kofs[None, :], virt.to(tl.int32), mask=ok)
 
-    # the block's rows of head h, head-major
-    _copy_rows(q + h * stride_qh, qrow, stride_qt, q_virt, off, D, rows, D, BLOCK_D, BLOCK_T)
+    # the block's rows of head h (of heads h * G .. h * G + G - 1, token-major, in the group
+    # layout), sequence-major
+    for m in tl.static_range(HPS):
+        _copy_rows(q + (h * HPS + m) * stride_qh, qrow, stride_qt, q_virt + m * D, off, HPS * D, rows, D, BLOCK_D,
+                   BLOCK_T)
 
 
 @triton.jit(do_not_specialize=["g_lo", "g_hi", "row_lo", "row_hi"])
@@ -469,13 +625,19 @@ def _scatter_out_kernel(
     B: tl.constexpr,
     BLOCK_T: tl.constexpr,
     ORDER: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    """One program per virtual sequence: its output rows back to out[rows, h]."""
+    """One program per virtual sequence: its output rows back to out[rows, h] (GROUP: to
+    out[rows, h * G .. h * G + G - 1], h the kv head)."""
+    SEQ_G: tl.constexpr = 1 if GROUP else G
+    HPS: tl.constexpr = G if GROUP else 1
     s = tl.program_id(0)
     g, h, kvh, r, a, seq, p_hi, rows, qrow, off = _virtual_seq(
-        s, g_lo, g_hi, row_lo, row_hi, cu_seqlens_q, ctx_lens, seqused_k, qb_req, qb_abs, G, B, ORDER
+        s, g_lo, g_hi, row_lo, row_hi, cu_seqlens_q, ctx_lens, seqused_k, qb_req, qb_abs, SEQ_G, B, ORDER
     )
-    _copy_rows(o_virt, off, D, out + h * stride_oh, qrow, stride_ot, rows, D, BLOCK_D, BLOCK_T)
+    for m in tl.static_range(HPS):
+        _copy_rows(o_virt + m * D, off, HPS * D, out + (h * HPS + m) * stride_oh, qrow, stride_ot, rows, D, BLOCK_D,
+                   BLOCK_T)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,6 +677,57 @@ def _check_launch(q: torch.Tensor, out: torch.Tensor, vkv: VirtualKV, block_tabl
               f"{list(out.shape)} {out.dtype}")
 
 
+def _seq_heads(HQ: int, num_kv_heads: int, layout: str) -> int:
+    """Virtual sequences per query block: one per q head, or one per kv head (group layout)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"Invalid attend layout {layout!r}: expected one of {LAYOUTS}")
+    return HQ if layout == "head" else num_kv_heads
+
+
+def union_rows(selection: BlockSelection, bucket: AttendBucket, ws: AttendWorkspace,
+               num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group layout's key blocks of a bucket (one launch): per (query block g, kv head kvh)
+    the ascending union of the selection rows of the group's G q heads.
+
+    Returns views of the workspace: ``indices`` int16 [S_u, bucket.width] (row u = (g - g_lo) *
+    HKV + kvh; entries past its count are unspecified) and ``counts`` int32 [S_u], S_u = HKV x
+    the bucket's query blocks. Dense rows are every causal block. ``bucket`` must come from
+    ``make_attend_plan(layout="group")`` (its width bounds a union); ``ws`` from
+    ``AttendWorkspace(group=True)``."""
+    plan = selection.plan
+    HQ = plan.num_q_heads
+    check_gqa(HQ, num_kv_heads)
+    if ws.union_bits is None or ws.union_idx is None or ws.union_cnt is None:
+        raise ValueError("the attend workspace has no group-layout buffers; allocate it with AttendWorkspace(group=True)")
+    n_u = (bucket.g_hi - bucket.g_lo) * num_kv_heads
+    width = bucket.width
+    if plan.max_k_blocks > ws.union_bits.shape[1] or n_u > ws.union_cnt.numel() or n_u * width > ws.union_idx.numel():
+        raise ValueError(f"bucket {bucket} of a launch with {plan.max_k_blocks} key blocks does not fit the group "
+                         f"layout's buffers of {ws.capacity}; plan it with make_attend_plan(layout='group')")
+    idx = ws.union_idx[: n_u * width].view(n_u, width)
+    cnt = ws.union_cnt[:n_u]
+    if selection.all_blocks:
+        raise ValueError("an all-blocks selection has no rows to unite; attend it with attend_dense_fa3")
+    _union_rows_kernel[(min(n_u, ws.union_bits.shape[0]),)](
+        union_idx=idx,
+        union_cnt=cnt,
+        union_bits=ws.union_bits,
+        sel_idx=selection.indices,
+        sel_cnt=selection.counts,
+        **plan.tensors("sel_off", "dense", "qb_dense", "qb_req", "qb_abs"),
+        g_lo=bucket.g_lo,
+        n_u=n_u,
+        stride_ut=idx.stride(0),
+        stride_bits=ws.union_bits.stride(0),
+        HQ=HQ,
+        G=HQ // num_kv_heads,
+        BLOCK_J=ATTEND_LAUNCH.block_j,
+        BLOCK_N=ATTEND_LAUNCH.block_n,
+        num_warps=ATTEND_LAUNCH.num_warps,
+    )
+    return idx, cnt
+
+
 def virtual_sequences(
     q: torch.Tensor,
     vkv: VirtualKV,
@@ -524,23 +737,29 @@ def virtual_sequences(
     ws: AttendWorkspace,
     *,
     order: str = "kv_desc",
+    layout: str = "head",
 ) -> dict[str, torch.Tensor]:
-    """Step 1 of a bucket: write its virtual sequences into the workspace (one launch).
+    """Step 1 of a bucket: write its virtual sequences into the workspace (one launch; the group
+    layout first forms the union rows, ``union_rows``: two).
 
-    Returns FA3's inputs as views of the workspace: ``q`` and ``out`` [HQ * T_b, 1, D],
-    ``cu_seqlens_q`` [S_b + 1], ``seqused_k`` [S_b], ``block_table`` [S_b, width * PPB]."""
+    Returns FA3's inputs as views of the workspace: ``q`` and ``out`` [HS * T_b, HPS, D],
+    ``cu_seqlens_q`` [S_b + 1], ``seqused_k`` [S_b], ``block_table`` [S_b, width * PPB], with
+    HS sequence heads of HPS q heads each: HQ of 1 ("head"), HKV of G ("group")."""
     plan = selection.plan
     HQ, D = q.shape[1], q.shape[2]
+    hs = _seq_heads(HQ, vkv.num_kv_heads, layout)
+    hps = HQ // hs
     B = plan.block_size
     ppb = B // vkv.page_size
-    n_seq = (bucket.g_hi - bucket.g_lo) * HQ
-    n_rows = (bucket.row_hi - bucket.row_lo) * HQ
+    n_seq = (bucket.g_hi - bucket.g_lo) * hs
+    n_rows = (bucket.row_hi - bucket.row_lo) * hs
     width = bucket.width * ppb
     cap = ws.capacity
-    if n_seq > cap.sequences or n_rows > cap.rows * HQ or n_seq * width > ws.page_table.numel():
+    if n_seq > cap.sequences or n_rows * hps > cap.rows * HQ or n_seq * width > ws.page_table.numel():
         raise ValueError(f"bucket {bucket} does not fit the attend workspace {cap}; plan it with make_attend_plan")
     table = ws.page_table[: n_seq * width].view(n_seq, width)
-    q_virt = ws.q_rows(n_rows, q.dtype)
+    q_virt = ws.q_rows(n_rows, q.dtype, hps)
+    u_idx, u_cnt = union_rows(selection, bucket, ws, vkv.num_kv_heads) if layout == "group" else (None, None)
     _virtual_seqs_kernel[(n_seq,)](
         q=q,
         q_virt=q_virt,
@@ -550,6 +769,8 @@ def virtual_sequences(
         block_table=block_table,
         sel_idx=selection.indices,
         sel_cnt=selection.counts,
+        union_idx=u_idx,
+        union_cnt=u_cnt,
         **plan.tensors("sel_off", "cu_seqlens_q", "ctx_lens", "seqused_k", "dense", "qb_dense", "qb_req", "qb_abs"),
         g_lo=bucket.g_lo,
         g_hi=bucket.g_hi,
@@ -558,6 +779,7 @@ def virtual_sequences(
         **strides(q, "qt", "qh"),
         **strides(block_table, "bt"),
         **strides(table, "pt"),
+        **strides(u_idx, "ut"),
         page_mult=vkv.page_mult,
         head_mult=vkv.head_mult,
         slot_mult=vkv.slot_mult,
@@ -572,11 +794,12 @@ def virtual_sequences(
         BLOCK_J=ATTEND_LAUNCH.block_j,
         BLOCK_T=ATTEND_LAUNCH.block_t,
         ORDER=ORDERS[order],
+        GROUP=layout == "group",
         num_warps=ATTEND_LAUNCH.num_warps,
     )
     return dict(
         q=q_virt,
-        out=ws.o_virt[:n_rows],
+        out=ws.o_rows(n_rows, hps),
         cu_seqlens_q=ws.cu_seqlens_q_virt[: n_seq + 1],
         seqused_k=ws.seqused_k_virt[:n_seq],
         block_table=table,
@@ -584,10 +807,11 @@ def virtual_sequences(
 
 
 def scatter_out(o_virt: torch.Tensor, out: torch.Tensor, plan: PrefillPlan, bucket: AttendBucket,
-                num_kv_heads: int, *, order: str = "kv_desc") -> None:
-    """Step 3 of a bucket: its head-major output rows into ``out`` [T, HQ, D] (one launch)."""
+                num_kv_heads: int, *, order: str = "kv_desc", layout: str = "head") -> None:
+    """Step 3 of a bucket: its sequence-major output rows (``virtual_sequences``' ``out``) into
+    ``out`` [T, HQ, D] (one launch)."""
     HQ, D = out.shape[1], out.shape[2]
-    n_seq = (bucket.g_hi - bucket.g_lo) * HQ
+    n_seq = (bucket.g_hi - bucket.g_lo) * _seq_heads(HQ, num_kv_heads, layout)
     _scatter_out_kernel[(n_seq,)](
         o_virt=o_virt,
         out=out,
@@ -603,6 +827,7 @@ def scatter_out(o_virt: torch.Tensor, out: torch.Tensor, plan: PrefillPlan, buck
         B=plan.block_size,
         BLOCK_T=ATTEND_LAUNCH.block_t,
         ORDER=ORDERS[order],
+        GROUP=layout == "group",
         num_warps=ATTEND_LAUNCH.num_warps,
     )
 
@@ -620,6 +845,7 @@ def attend_fa3(
     workspace: AttendWorkspace,
     softcap: float = 0.0,
     order: str = "kv_desc",
+    layout: str = "head",
     q_scale: Optional[torch.Tensor] = None,
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
@@ -627,7 +853,9 @@ def attend_fa3(
     """Block-sparse causal attention of every chunk of ``selection.plan`` through FA3.
 
     Same math as ``sparse_prefill`` (``reference.block_sparse_attention``); rows must hold their
-    diagonal block (``keep_diagonal``; dense rows always do).
+    diagonal block (``keep_diagonal``; dense rows always do). ``layout="group"`` attends every
+    q head of a kv group over the union of the group's rows instead (block-sparse attention
+    under the union mask: a superset of each head's blocks).
 
     Args:
         q: [T >= plan.num_tokens, HQ, D] float16/bfloat16, any strides with stride(-1) == 1.
@@ -642,11 +870,15 @@ def attend_fa3(
         workspace: the attend buffers (see AttendCapacity).
         order: sequence order, "kv_desc" (kv head, query block descending, group member) or
             "head_asc" (q head, query block ascending), for benchmarks.
+        layout: "head" (one sequence per (query block, q head)) or "group" (one per (query block,
+            kv head), G heads each, over the union of their selections; ``attend`` from
+            ``make_attend_plan(layout="group")``, ``workspace`` with ``group=True``). Not used by
+            the vLLM backend: no GPU measurement of it yet.
         q_scale, k_scale, v_scale: per-tensor fp8 dequantisation scales (1-element device tensors,
             vLLM's ``layer._q_scale`` etc.) for an fp8 cache / fp8 q: FA3's descales.
 
-    Per bucket: two Triton launches and one FA3 call; no host sync. ``attend.all_blocks``:
-    ``attend_dense_fa3`` instead.
+    Per bucket: two Triton launches (group layout: three) and one FA3 call; no host sync.
+    ``attend.all_blocks``: ``attend_dense_fa3`` instead.
     """
     plan = selection.plan
     _check_launch(q, out, vkv, block_table, plan, workspace)
@@ -654,9 +886,12 @@ def attend_fa3(
         return attend_dense_fa3(q, vkv, block_table, plan, attend, scale, out,
                                 flash_attn_varlen_func=flash_attn_varlen_func, softcap=softcap,
                                 q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
+    if attend.layout != layout:
+        raise ValueError(f"attend plan made for layout {attend.layout!r}, called with layout {layout!r}; plan it "
+                         f"with make_attend_plan(layout={layout!r})")
     B = plan.block_size
     for bucket in attend.buckets:
-        a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, order=order)
+        a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, order=order, layout=layout)
         n_seq = a["seqused_k"].shape[0]
         flash_attn_varlen_func(
             **_descales(q_scale, k_scale, v_scale, n_seq, 1),
@@ -673,7 +908,7 @@ def attend_fa3(
             softcap=softcap,
             out=a["out"],
         )
-        scatter_out(a["out"], out, plan, bucket, vkv.num_kv_heads, order=order)
+        scatter_out(a["out"], out, plan, bucket, vkv.num_kv_heads, order=order, layout=layout)
     return out
 
 

@@ -5,8 +5,11 @@ of the same FA3 inputs, and the whole attend step with ``reference.paged_varlen_
 documented paged varlen semantics, bottom-right causal) standing in for FA3, against
 ``reference.block_sparse_attention`` per request, for every row kind: full query blocks, a chunk's
 partial last block, chunks starting mid-block, cached context, several requests, dense requests
-and dense tails, GQA groups, permuted page tables in vLLM's layouts, several buckets.
-GPU (`-m gpu`): vLLM's own FA3 on an H200 against the reference and the Triton kernel.
+and dense tails, GQA groups, permuted page tables in vLLM's layouts, several buckets. The group
+layout (one sequence per (query block, kv head) over the union of the group's selections): the
+union kernel against a plain PyTorch union, its FA3 inputs against a PyTorch construction, and the
+whole step against ``reference.block_sparse_attention`` under the union mask, for the same row kinds.
+GPU (`-m gpu`): vLLM's own FA3 on an H200 against the reference and the Triton kernel, both layouts.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from test_sparse_prefill import TOL, random_masks
 
 from prism_vllm import reference as ref
 from prism_vllm.kernels import make_plan
+from prism_vllm.kernels import attend_fa3 as attend_mod
 from prism_vllm.kernels.attend_fa3 import (
     AttendCapacity,
     AttendWorkspace,
@@ -28,6 +32,7 @@ from prism_vllm.kernels.attend_fa3 import (
     attend_fa3,
     make_attend_plan,
     row_width_bounds,
+    union_rows,
     virtual_kv,
     virtual_sequences,
 )
@@ -37,7 +42,7 @@ from prism_vllm.kernels.sparse_prefill import sparse_prefill
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 B = 128
-BIG = AttendCapacity(rows=1 << 16, sequences=1 << 14, table_blocks=1 << 18)
+BIG = AttendCapacity(rows=1 << 16, sequences=1 << 14, table_blocks=1 << 18, key_blocks=512)
 
 
 @dataclass
@@ -68,9 +73,10 @@ CASES = {
     "padded_and_cross_layer": Case([(0, 270), (40, 90)], layout="NHD_padded"),
     "cross_layer_hnd": Case([(0, 300)], layout="HND_xlayer", hq=2, hkv=1),
     "head_dim_80": Case([(0, 260)], d=80),
-    "many_buckets": Case([(0, 700), (300, 200)], capacity=AttendCapacity(rows=200, sequences=24, table_blocks=80)),
+    "many_buckets": Case([(0, 700), (300, 200)], capacity=AttendCapacity(rows=200, sequences=24, table_blocks=80,
+                                                                        key_blocks=6)),
     "many_buckets_head_order": Case([(0, 700), (300, 200)], capacity=AttendCapacity(rows=200, sequences=24,
-                                                                                         table_blocks=80),
+                                                                                         table_blocks=80, key_blocks=6),
                                     order="head_asc"),
     "every_block": Case([(0, 400), (128, 256)], keep="all"),
 }
@@ -100,6 +106,17 @@ def _inputs(c: Case, seed: int = 0, dtype=torch.float16, device=DEVICE):
     return q, ks, vs, k_cache, v_cache, table.to(device), plan, sel, masks
 
 
+def union_masks(masks, hkv):
+    """Per request, every q head's mask replaced by the OR over its kv group (what the group
+    layout attends: block-sparse attention under the union mask)."""
+    out = []
+    for m in masks:
+        hq, nq, nk = m.shape
+        u = m.view(hkv, hq // hkv, nq, nk).any(1, keepdim=True)
+        out.append(u.expand(hkv, hq // hkv, nq, nk).reshape(hq, nq, nk).clone())
+    return out
+
+
 def _expected(q, ks, vs, c: Case, masks, scale):
     outs, row = [], 0
     for r, (a, L) in enumerate(c.reqs):
@@ -108,13 +125,18 @@ def _expected(q, ks, vs, c: Case, masks, scale):
     return torch.cat(outs)
 
 
-def _attend(c: Case, q, k_cache, v_cache, table, plan, sel, fa, scale, dtype=torch.float16):
+def _attend(c: Case, q, k_cache, v_cache, table, plan, sel, fa, scale, dtype=torch.float16, layout="head",
+            all_blocks=None):
     vkv = virtual_kv(k_cache, v_cache)
     assert not isinstance(vkv, str), vkv
-    ap = make_attend_plan(plan, c.capacity, all_blocks=(c.keep == "all"))
-    ws = AttendWorkspace(c.capacity, c.hq, c.d, dtype, q.device)
+    all_blocks = (c.keep == "all") if all_blocks is None else all_blocks
+    ap = make_attend_plan(plan, c.capacity, all_blocks=all_blocks, layout=layout, num_kv_heads=c.hkv)
+    ws = AttendWorkspace(c.capacity, c.hq, c.d, dtype, q.device, group=(layout == "group"))
     out = torch.full_like(q, float("nan"))
-    attend_fa3(q, vkv, table, sel, ap, scale, out, flash_attn_varlen_func=fa, workspace=ws, order=c.order)
+    attend_fa3(q, vkv, table, sel, ap, scale, out, flash_attn_varlen_func=fa, workspace=ws, order=c.order,
+               layout=layout)
+    if layout == "group":
+        assert not ws.union_bits.any(), "the union kernel left marks in its bitmaps"
     return out, ap
 
 
@@ -140,27 +162,32 @@ def test_attend_with_fa_semantics_equals_reference(name):
             row += L
 
 
-def _pytorch_virtual_sequences(c: Case, q, kc, table, plan, masks, bucket, vkv, order):
+def _pytorch_virtual_sequences(c: Case, q, kc, table, plan, masks, bucket, vkv, order, layout="head"):
     """The FA3 inputs of one bucket built in plain PyTorch, independently of the kernel's
-    closed-form offsets: sequences enumerated in order, q rows and pages gathered one by one."""
+    closed-form offsets: sequences enumerated in order, q rows and pages gathered one by one.
+    Group layout: a sequence per (query block, kv head), its rows [n, G, D], its blocks the union
+    of the group's rows."""
     G = c.hq // c.hkv
     qb_req, qb_abs, cu_seqlens_q = plan.qb_req.tolist(), plan.qb_abs.tolist(), plan.cu_seqlens_q.tolist()
     cu_qb = plan.cu_qb.tolist()
     ctx, seq = plan.ctx_lens.tolist(), plan.seqused_k.tolist()
     gs = list(range(bucket.g_lo, bucket.g_hi))
-    if order == "kv_desc":
-        seqs = [(g, kvh * G + m) for kvh in range(c.hkv) for g in reversed(gs) for m in range(G)]
+    if layout == "group":  # (g, the q heads, kv head)
+        gs_o = list(reversed(gs)) if order == "kv_desc" else gs
+        seqs = [(g, list(range(kvh * G, kvh * G + G)), kvh) for kvh in range(c.hkv) for g in gs_o]
+    elif order == "kv_desc":
+        seqs = [(g, [kvh * G + m], kvh) for kvh in range(c.hkv) for g in reversed(gs) for m in range(G)]
     else:
-        seqs = [(g, h) for h in range(c.hq) for g in gs]
+        seqs = [(g, [h], h // G) for h in range(c.hq) for g in gs]
     ps, vps = kc.shape[1], vkv.page_size
     cu, used, rows_q, pages = [0], [], [], []
-    for g, h in seqs:
+    for g, hs, kvh in seqs:
         r, a = qb_req[g], qb_abs[g]
         lo, hi = max(a * B, ctx[r]), min(a * B + B, seq[r])
         t0 = cu_seqlens_q[r] + lo - ctx[r]
-        rows_q.append(q[t0 : t0 + hi - lo, h])
+        rows_q.append(q[t0 : t0 + hi - lo, hs])
         cu.append(cu[-1] + hi - lo)
-        blocks = masks[r][h, g - cu_qb[r]].nonzero().flatten().tolist()
+        blocks = masks[r][hs, g - cu_qb[r]].any(0).nonzero().flatten().tolist()
         assert blocks[-1] == a
         used.append((len(blocks) - 1) * B + hi - a * B)
         row = []
@@ -169,26 +196,29 @@ def _pytorch_virtual_sequences(c: Case, q, kc, table, plan, masks, bucket, vkv, 
                 tok = j * B + k * vps
                 if tok < seq[r]:
                     p = int(table[r, tok // ps])
-                    row.append(p * vkv.page_mult + (h // G) * vkv.head_mult + (tok % ps) // vps * vkv.slot_mult)
+                    row.append(p * vkv.page_mult + kvh * vkv.head_mult + (tok % ps) // vps * vkv.slot_mult)
         pages.append(row)
     return torch.tensor(cu), torch.tensor(used), torch.cat(rows_q), pages
 
 
+@pytest.mark.parametrize("layout", ["head", "group"])
 @pytest.mark.parametrize("name", ["prefix_context_several_requests", "page256_hnd", "many_buckets",
                                   "many_buckets_head_order", "dense_request_and_tail"])
-def test_virtual_sequences_match_a_pytorch_construction(name):
+def test_virtual_sequences_match_a_pytorch_construction(name, layout):
     c = CASES[name]
     q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c, seed=3)
     vkv = virtual_kv(kc, vc)
-    ap = make_attend_plan(plan, c.capacity)
-    ws = AttendWorkspace(c.capacity, c.hq, c.d, torch.float16, q.device)
+    ap = make_attend_plan(plan, c.capacity, layout=layout, num_kv_heads=c.hkv)
+    ws = AttendWorkspace(c.capacity, c.hq, c.d, torch.float16, q.device, group=(layout == "group"))
     pd = plan.to(DEVICE)
     for bucket in ap.buckets:
-        a = virtual_sequences(q, vkv, table, sel, bucket, ws, order=c.order)
-        cu, used, qv, pages = _pytorch_virtual_sequences(c, q.cpu(), kc, table.cpu(), plan, masks, bucket, vkv, c.order)
+        a = virtual_sequences(q, vkv, table, sel, bucket, ws, order=c.order, layout=layout)
+        cu, used, qv, pages = _pytorch_virtual_sequences(c, q.cpu(), kc, table.cpu(), plan, masks, bucket, vkv, c.order,
+                                                         layout)
         assert a["cu_seqlens_q"].cpu().tolist() == cu.tolist()
         assert a["seqused_k"].cpu().tolist() == used.tolist()
-        assert torch.equal(a["q"][:, 0].cpu(), qv)
+        assert torch.equal(a["q"].cpu(), qv.view(a["q"].shape))
+        assert a["q"].shape[1] == (c.hq // c.hkv if layout == "group" else 1)
         tab = a["block_table"].cpu()
         for s, row in enumerate(pages):
             assert tab[s, : len(row)].tolist() == row, f"sequence {s}"
@@ -198,6 +228,138 @@ def test_virtual_sequences_match_a_pytorch_construction(name):
             got = vkv.k[tab[s, pos // vkv.page_size].long().to(kc.device), pos % vkv.page_size, 0]
             assert not got.isnan().any()
     del pd
+
+
+def _union_case(name):
+    """A launch's plan and random selection (no q / K / V): the CASES' rows, plus a sparse long-context
+    GQA-7 launch whose rows span more than one bitmap tile (> 256 key blocks)."""
+    if name == "long_context_gqa7":
+        c = Case([(33000, 300), (0, 700)], hq=14, hkv=2, dense_tail=True, capacity=BIG)
+        density = 0.05
+    else:
+        c, density = CASES[name], 0.3
+    gen = torch.Generator().manual_seed(5)
+    ctx, lens = [a for a, _ in c.reqs], [L for _, L in c.reqs]
+    cu = [0]
+    for L in lens:
+        cu.append(cu[-1] + L)
+    dense = list(c.dense) or [0] * len(lens)
+    plan = make_plan(cu, ctx, c.hq, B, dense=dense, dense_tail=c.dense_tail)
+    masks = random_masks(c.hq, ctx, lens, density, gen, "cpu")
+    for r, m in enumerate(masks):  # dense requests and tails: every causal block
+        causal = torch.arange(m.shape[2])[None, :] <= (ctx[r] // B + torch.arange(m.shape[1]))[:, None]
+        if dense[r]:
+            m[:] = causal
+        if c.dense_tail and (ctx[r] + lens[r]) % B:
+            m[:, -1] = causal[-1]
+    return c, plan, masks, BlockSelection.from_masks(masks, plan.to(DEVICE))
+
+
+@pytest.mark.parametrize("bitmap_rows", [None, 3], ids=["bitmap_per_row", "3_bitmaps_reused"])
+@pytest.mark.parametrize("name", ["prefix_context_several_requests", "dense_request_and_tail", "many_buckets",
+                                  "gqa8_d128_page64", "mha_hnd_page32", "long_context_gqa7"])
+def test_union_rows_match_a_pytorch_union(name, bitmap_rows, monkeypatch):
+    """Union row (g, kvh) = the ascending key blocks any q head of the group selects in query
+    block g, its count, for every bucket; the bitmaps are left zeroed (also when fewer bitmaps
+    than rows make each program take several rows)."""
+    c, plan, masks, sel = _union_case(name)
+    cap = AttendCapacity(c.capacity.rows, c.capacity.sequences, c.capacity.table_blocks, plan.max_k_blocks)
+    if bitmap_rows is not None:
+        monkeypatch.setattr(attend_mod, "UNION_BITS_BYTES", bitmap_rows * plan.max_k_blocks)
+    ws = AttendWorkspace(cap, c.hq, c.d, torch.float16, DEVICE, group=True)
+    assert bitmap_rows is None or ws.union_bits.shape[0] == bitmap_rows
+    ap = make_attend_plan(plan, cap, layout="group", num_kv_heads=c.hkv)
+    G = c.hq // c.hkv
+    cu_qb, qb_req = plan.cu_qb.tolist(), plan.qb_req.tolist()
+    seen = 0
+    for bucket in ap.buckets:
+        ws.union_idx.fill_(-7)  # entries past a count are never read: make a wrong read visible
+        idx, cnt = union_rows(sel, bucket, ws, c.hkv)
+        idx, cnt = idx.cpu(), cnt.cpu()
+        assert idx.shape == (c.hkv * (bucket.g_hi - bucket.g_lo), bucket.width)
+        for u in range(idx.shape[0]):
+            g, kvh = bucket.g_lo + u // c.hkv, u % c.hkv
+            r = qb_req[g]
+            want = masks[r][kvh * G : kvh * G + G, g - cu_qb[r]].any(0).nonzero().flatten()
+            assert int(cnt[u]) == want.numel(), (g, kvh)
+            assert idx[u, : want.numel()].long().tolist() == want.tolist(), (g, kvh)
+            seen += 1
+        assert not ws.union_bits.any(), "marks left in the bitmaps"
+    assert seen == plan.num_q_blocks * c.hkv
+
+
+def test_group_plan_widths_hold_the_union():
+    """With a block budget a union row can be G times a head's row (up to every causal block):
+    the group layout's bucket widths say so, and a capacity whose bitmaps are shorter than the
+    launch's longest sequence gives no plan."""
+    plan = make_plan([0, 3000], [0], 8, B)
+    # one query block per bucket: every block's width shows
+    cap = AttendCapacity(rows=B, sequences=1 << 12, table_blocks=1 << 16, key_blocks=plan.max_k_blocks)
+    w = row_width_bounds(plan, 0.1)
+    n = plan.qb_abs.numpy() + 1
+    for hkv in (1, 2, 8):
+        ap = make_attend_plan(plan, cap, block_budget=0.1, layout="group", num_kv_heads=hkv)
+        assert len(ap.buckets) == plan.num_q_blocks
+        for b in ap.buckets:
+            assert b.width == min(int(n[b.g_lo]), (8 // hkv) * int(w[b.g_lo]))
+        assert any(b.width > w[b.g_lo] for b in ap.buckets) == (hkv < 8)
+    short = AttendCapacity(cap.rows, cap.sequences, cap.table_blocks, key_blocks=plan.max_k_blocks - 1)
+    assert make_attend_plan(plan, short, layout="group", num_kv_heads=2) is None
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        make_attend_plan(plan, cap, layout="group")
+    with pytest.raises(ValueError, match="layout"):
+        make_attend_plan(plan, cap, layout="heads")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_group_layout_with_fa_semantics_equals_reference_under_the_union_mask(name):
+    """The group layout's FA3 inputs, through FA's documented paged varlen semantics with G q
+    heads per sequence over one kv head, are block-sparse attention under the union mask, for
+    every row kind of the head-layout test."""
+    c = CASES[name]
+    q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c)
+    scale = c.d**-0.5
+    out, ap = _attend(c, q, kc, vc, table, plan.to(DEVICE), sel, ref.paged_varlen_attention, scale, layout="group")
+    want = _expected(q, ks, vs, c, union_masks(masks, c.hkv), scale)
+    T = plan.num_tokens
+    atol, rtol = TOL[torch.float16]
+    torch.testing.assert_close(out[:T].float(), want.float(), atol=atol, rtol=rtol)
+    assert out[T:].isnan().all(), "rows past the plan were written"
+    if name.startswith("many_buckets"):
+        assert len(ap.buckets) > 2
+
+
+@pytest.mark.parametrize("case", [Case([(0, 400), (128, 256)], keep="all"),
+                                  Case([(200, 250), (0, 300)], hq=14, hkv=2, keep="all")],
+                         ids=["gqa2", "gqa7_mid_block"])
+def test_group_layout_every_block_equals_dense_causal_attention(case):
+    """Every block selected, through the group layout's virtual sequences (not the plain causal
+    shortcut): dense causal attention."""
+    q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(case, seed=6)
+    scale = case.d**-0.5
+    out, ap = _attend(case, q, kc, vc, table, plan.to(DEVICE), sel, ref.paged_varlen_attention, scale,
+                      layout="group", all_blocks=False)
+    assert ap.buckets and not ap.all_blocks
+    atol, rtol = TOL[torch.float16]
+    row = 0
+    for r, (a, L) in enumerate(case.reqs):
+        dense = ref.dense_causal_attention(q[row : row + L], ks[r], vs[r], a, scale)
+        torch.testing.assert_close(out[row : row + L].float(), dense.float(), atol=atol, rtol=rtol)
+        row += L
+
+
+def test_attend_rejects_a_plan_of_the_other_layout():
+    c = CASES["one_full_request"]
+    q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c)
+    ws = AttendWorkspace(BIG, c.hq, c.d, torch.float16, DEVICE, group=True)
+    with pytest.raises(ValueError, match="layout"):
+        attend_fa3(q, virtual_kv(kc, vc), table, sel, make_attend_plan(plan, BIG), 1.0, torch.empty_like(q),
+                   flash_attn_varlen_func=ref.paged_varlen_attention, workspace=ws, layout="group")
+    ap = make_attend_plan(plan, BIG, layout="group", num_kv_heads=c.hkv)
+    with pytest.raises(ValueError, match="group=True"):
+        attend_fa3(q, virtual_kv(kc, vc), table, sel, ap, 1.0, torch.empty_like(q),
+                   flash_attn_varlen_func=ref.paged_varlen_attention,
+                   workspace=AttendWorkspace(BIG, c.hq, c.d, torch.float16, DEVICE), layout="group")
 
 
 def test_virtual_view_stays_inside_the_cache_storage():
@@ -248,6 +410,9 @@ def test_capacity_bounds_the_workspace_at_128k():
                           head_dim=128, element_size=2)
     ws = AttendWorkspace(cap, 32, 128, torch.bfloat16, "meta")
     assert ws.nbytes <= 256 << 20
+    # the group layout's union rows and bitmaps add <= 1/16 of the page table plus 16 MiB
+    wsg = AttendWorkspace(cap, 32, 128, torch.bfloat16, "meta", group=True)
+    assert wsg.nbytes - ws.nbytes <= (attend_mod.TABLE_BYTES >> 4) + (16 << 20) + 4 * cap.sequences
     plan = make_plan([0, 131072], [0], 32, B)
     ap = make_attend_plan(plan, cap)
     assert ap is not None and len(ap.buckets) >= 16
@@ -273,9 +438,45 @@ GPU_CASES = {
     "d64_gqa7": Case([(0, 6000)], hq=14, hkv=2, d=64),
     "d256": Case([(300, 4000)], hq=8, hkv=2, d=256),
     "buckets_page32_hnd": Case([(0, 9000)], hq=16, hkv=4, d=128, page=32, layout="HND",
-                               capacity=AttendCapacity(rows=2048, sequences=1024, table_blocks=40000)),
+                               capacity=AttendCapacity(rows=2048, sequences=1024, table_blocks=40000, key_blocks=71)),
     "every_block": Case([(0, 5000), (256, 3000)], hq=32, hkv=8, d=128, keep="all"),
 }
+
+
+def _blockwise_reference(q, ks, vs, c: Case, masks, scale, T):
+    """``reference.block_sparse_attention`` one query block at a time, fp32 (memory O(B * S))."""
+    want = torch.empty_like(q[:T])
+    row = 0
+    for r, (a, L) in enumerate(c.reqs):
+        qb0 = a // B
+        for i in range(masks[r].shape[1]):
+            lo, hi = max((qb0 + i) * B, a), min((qb0 + i + 1) * B, a + L)
+            want[row + lo - a : row + hi - a] = ref.block_sparse_attention(
+                q[row + lo - a : row + hi - a], ks[r][:hi], vs[r][:hi], lo,
+                masks[r][:, i : i + 1, : -(-hi // B)].to(q.device), B, scale)
+        row += L
+    return want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["d64_gqa7", "8k_one_request", "mid_block_chunks_context", "buckets_page32_hnd"])
+def test_gpu_fa3_group_layout_equals_reference_under_the_union_mask(name, dtype):
+    """vLLM's FA3 with G q heads per virtual sequence over one kv head (the group layout), d=64
+    and d=128: block-sparse attention under the union of each kv group's selections."""
+    fa = _fa3()
+    c = GPU_CASES[name]
+    q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c, dtype=dtype, device="cuda")
+    scale = c.d**-0.5
+    out, ap = _attend(c, q, kc, vc, table, plan.to("cuda"), sel, fa, scale, dtype=dtype, layout="group")
+    T = plan.num_tokens
+    want = _blockwise_reference(q, ks, vs, c, union_masks(masks, c.hkv), scale, T)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out[:T].float(), want.float(), atol=atol, rtol=rtol)
+    assert math.isfinite(float(out[:T].float().abs().max()))
+    if name == "buckets_page32_hnd":
+        assert len(ap.buckets) > 1
 
 
 @pytest.mark.gpu
@@ -291,17 +492,7 @@ def test_gpu_fa3_attend_equals_reference_and_triton(name, dtype):
     out, _ = _attend(c, q, kc, vc, table, pd, sel, fa, scale, dtype=dtype)
     atol, rtol = TOL[dtype]
     T = plan.num_tokens
-    # reference one query block at a time, fp32 (memory O(B * S))
-    want = torch.empty_like(q[:T])
-    row = 0
-    for r, (a, L) in enumerate(c.reqs):
-        qb0 = a // B
-        for i in range(masks[r].shape[1]):
-            lo, hi = max((qb0 + i) * B, a), min((qb0 + i + 1) * B, a + L)
-            want[row + lo - a : row + hi - a] = ref.block_sparse_attention(
-                q[row + lo - a : row + hi - a], ks[r][:hi], vs[r][:hi], lo,
-                masks[r][:, i : i + 1, : -(-hi // B)].cuda(), B, scale)
-        row += L
+    want = _blockwise_reference(q, ks, vs, c, masks, scale, T)
     torch.testing.assert_close(out[:T].float(), want.float(), atol=atol, rtol=rtol)
     if c.d in (64, 128, 256):
         tri = torch.full_like(q, float("nan"))

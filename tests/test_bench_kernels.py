@@ -53,6 +53,12 @@ def test_dry_run_json_schema(dry_run):
         assert r["fa3_ms"] is None and r["official_ms"] is None  # no silent stand-in for FA3
         assert math.isfinite(r["prism_ms"]) and r["prism_ms"] > 0
         assert 0.0 < r["density"] <= 1.0
+        # the group layout beside the head layout: the union's density, its time, no FA3 ratios without FA3
+        assert r["density"] <= r["union_density"] <= 1.0
+        assert r["union_over_head_density"] >= 1.0
+        assert math.isfinite(r["prism_fa3_group_ms"]) and r["prism_fa3_group_ms"] > 0
+        assert math.isfinite(r["prism_fa3_ms"]) and r["prism_fa3_ms"] > 0
+        assert "fa3_attend_group_per_union_block_eff" not in r
     dens = sorted(r["density"] for r in res["sparse"])
     assert dens[-1] == 1.0 and dens[0] < 1.0  # the fixed mask really dropped blocks
     for r in res["estimation"]:
@@ -65,8 +71,11 @@ def test_dry_run_json_schema(dry_run):
         else:  # our own selection: prism_prefill timed end to end, then both parts alone
             assert r["mode"] == "prism_selection_structured_synthetic"
             assert r["estimation_ms"] > 0 and r["sparse_ms"] > 0
+            # the FA3 attend step on this selection in both layouts (FA's semantics standing in)
+            assert r["fa3_attend_ms"] > 0 and r["prism_fa3_group_ms"] > 0
+            assert r["density"] <= r["union_density"] <= 1.0
     assert {r["mode"] for r in res["break_even"]} > {"prism_selection_structured_synthetic"}
-    assert "sparse attention" in stdout and "sanity" in stdout
+    assert "sparse attention" in stdout and "sanity" in stdout and "grp_ublk_eff" in stdout
     # fp8 KV cache rows: our estimation and the FA3 attend step (FA's semantics standing in) on
     # the fp8 cache; no FA3 dense numbers without FA3
     assert [r["tokens"] for r in res["fp8"]] == [384]
@@ -85,7 +94,8 @@ def test_dry_run_sanity_checks_pass(dry_run):
     res = dry_run[0]
     names = {c["check"] for c in res["sanity"]}
     assert {"prism_dense_vs_reference", "prism_vs_reference_fixed_mask", "prism_selection_vs_reference",
-            "fp8_selection_vs_reference", "fp8_attend_dense_vs_paged_reference_384"} <= names
+            "fp8_selection_vs_reference", "fp8_attend_dense_vs_paged_reference_384",
+            "fa3_attend_group_vs_triton_union_384"} <= names
     assert all(c["ok"] for c in res["sanity"]), res["sanity"]
 
 
@@ -152,6 +162,25 @@ def test_skip_names_a_section():
     bench = _load_bench()
     with pytest.raises(SystemExit):
         bench.main(["--dry-run", "--skip", "fp9"])
+    with pytest.raises(SystemExit):
+        bench.main(["--dry-run", "--attend-layout", "heads"])
+
+
+def test_union_mask_is_the_or_over_each_kv_group():
+    """What the group layout computes: every head of a kv group gets the group's OR; its density
+    (the union's) is counted over every q head, like the per-head density."""
+    bench = _load_bench()
+    gen = torch.Generator().manual_seed(0)
+    m = bench.fixed_mask(6, 20, 0.3, "cpu", gen)
+    u = bench.union_mask(m, 2)
+    for h in range(6):
+        grp = range((h // 3) * 3, (h // 3) * 3 + 3)
+        want = torch.zeros_like(m[0])
+        for x in grp:
+            want |= m[x]
+        assert u[h].equal(want)
+    assert bench.mask_density(m) < bench.mask_density(u) <= 1.0
+    assert bench.union_mask(m, 6).equal(m)  # one head per group: its own rows
 
 
 @pytest.mark.parametrize("nq,density", [(1, 1.0), (5, 0.5), (9, 0.2), (16, 1.0), (33, 0.1)])
