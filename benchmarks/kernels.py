@@ -539,7 +539,8 @@ class Ours:
                               max_k_blocks=p.num_k_blocks, num_q_heads=s.hq, head_dim=s.d,
                               element_size=torch.empty(0, dtype=s.dtype).element_size(), block_size=s.block)
         group = "group" in s.attend_layouts
-        self.attend_ws = AttendWorkspace(cap, s.hq, s.d, s.dtype, s.device, s.block, group=group)
+        self.attend_ws = AttendWorkspace(cap, s.hq, s.d, s.dtype, s.device, s.block,
+                                         layouts=("head", "group") if group else ("head",))
         self.attend_plans = {lay: make_attend_plan(p.to("cpu"), cap, layout=lay, num_kv_heads=s.hkv)
                              for lay in ("head", "group") if lay == "head" or group}
         self.attend_plan = self.attend_plans["head"]

@@ -41,15 +41,28 @@ of each head's selection. The q copy, tables and scatter are the head layout's w
 groups whose rows are G heads wide (HS = HKV sequence heads of HPS = G q heads), one more launch
 (the union) per bucket.
 
+View layouts (``layout="head_views"`` / ``"group_views"``, kernel-API options, not GPU-timed yet):
+the head / group layout's keys without the q copy and the scatter. FA3 takes q and out with any
+row and head strides (stride(-1) == 1), so a bucket is one FA3 call per q head h on
+``q[row_lo:row_hi, h:h+1]`` / ``out[...]`` (head_views) or per kv head on
+``q[row_lo:row_hi, kvh*G:(kvh+1)*G]`` over the union rows (group_views; FA3 packs the G heads).
+A call's sequences are the bucket's query blocks ascending on their real rows (a bucket's query
+blocks are consecutive in the launch, so are their rows; a chunk's mid-block start and partial
+last block are short sequences), with one ``cu_seqlens_q`` for every call. ``_virtual_seqs_kernel``
+with VIEWS (the q copy compiled out, ORDER 1: call-major) writes every call's seqused_k and table
+rows in one launch; nothing is scattered; buckets are not bounded by copy rows (fewer call rounds).
+
 Shape legend (one launch, see kernels/plan.py):
 
     T     query rows of the launch; HQ / HKV heads, G = HQ // HKV; D head dim (<= 256, D % 8 == 0)
     B     Prism block (128); PS page size; VPS = gcd(PS, B); PPB = B // VPS
     q, out: [T, HQ, D]   k_cache, v_cache: [NP, PS, HKV, D]   block_table: [R, max_pages] int32
-    bucket: query blocks [g_lo, g_hi), their rows [row_lo, row_hi) (T_b rows), S_b = HS * (g_hi - g_lo)
-    HS, HPS: sequence heads and q heads per sequence: HQ, 1 (head layout); HKV, G (group layout)
+    bucket: query blocks [g_lo, g_hi) (n_b), their rows [row_lo, row_hi) (T_b rows), S_b = HS * n_b
+    HS, HPS: sequence heads and q heads per sequence: HQ, 1 (head, head_views); HKV, G (group, group_views)
     q_virt, o_virt: [HS * T_b, HPS, D]   cu_seqlens_q_virt: [S_b + 1]   seqused_k_virt: [S_b]
     page_table: [S_b, W_b * PPB] int32 (W_b: the bucket's widest possible row, in key blocks)
+    view layouts: no q_virt / o_virt; call i: q, out [row_lo:row_hi, i * HPS : (i + 1) * HPS] (views),
+    cu_seqlens_q [n_b + 1] (rows from row_lo, shared), seqused_k [HS, n_b][i], page_table [HS, n_b, W_b * PPB][i]
     group layout: union_idx [S_b, W_b] int16 (row u = (g - g_lo) * HKV + kvh), union_cnt [S_b],
     union_bits: [min(sequences, 16 MiB // K), K] int8, K = AttendCapacity.key_blocks
 """
@@ -58,7 +71,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -80,6 +93,7 @@ __all__ = [
     "attend_capacity",
     "attend_dense_fa3",
     "attend_fa3",
+    "bucket_views",
     "make_attend_plan",
     "row_width_bounds",
     "union_rows",
@@ -97,7 +111,12 @@ UNION_BITS_BYTES = 16 << 20
 ORDERS = {"kv_desc": 0, "head_asc": 1}
 #: "head": one virtual sequence per (query block, q head) over that head's selection; "group": one
 #: per (query block, kv head) carrying the group's G q heads over the union of their selections.
-LAYOUTS = ("head", "group")
+#: "head_views" / "group_views": the same keys, one FA3 call per q head / kv head on views of the
+#: caller's q and out (sequences = the bucket's query blocks on their real rows; no copy of either).
+LAYOUTS = ("head", "group", "head_views", "group_views")
+#: Layouts attending a kv group over the union of its heads' selections, and those without copies.
+UNION_LAYOUTS = ("group", "group_views")
+VIEW_LAYOUTS = ("head_views", "group_views")
 
 
 @dataclass(frozen=True)
@@ -237,6 +256,8 @@ def make_attend_plan(
     ``layout="group"`` (needs ``num_kv_heads``): HKV sequences per query block, each as wide as
     the union of its G heads' rows can be (min(causal blocks, G x a row's bound)); None also when
     the capacity's union bitmaps (``key_blocks``) are shorter than the launch's longest sequence.
+    "head_views" / "group_views" plan as "head" / "group" without the rows bound (no copy holds
+    the rows): a bucket is one FA3 call per q head / kv head, so fewer buckets mean fewer calls.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"Invalid attend layout {layout!r}: expected one of {LAYOUTS}")
@@ -249,15 +270,16 @@ def make_attend_plan(
         return AttendPlan(buckets=(), all_blocks=all_blocks, max_seqlen_q=max_q, max_seqlen_k=max_k, layout=layout)
     row0, rows = _qb_rows(plan)
     width = row_width_bounds(plan, block_budget)
-    if layout == "group":
+    if layout in UNION_LAYOUTS:
         if num_kv_heads is None:
-            raise ValueError("make_attend_plan(layout='group') needs num_kv_heads (the union covers a kv group)")
+            raise ValueError(f"make_attend_plan(layout={layout!r}) needs num_kv_heads (the union covers a kv group)")
         check_gqa(hq, num_kv_heads)
         if plan.max_k_blocks > capacity.key_blocks:
             return None
         # a union row holds at most every causal block, and at most its G heads' rows together
         width = np.minimum(plan.qb_abs.cpu().numpy().astype(np.int64) + 1, (hq // num_kv_heads) * width)
         hq = num_kv_heads  # sequences per query block
+    max_rows = capacity.rows if layout not in VIEW_LAYOUTS else plan.num_tokens
     buckets: list[AttendBucket] = []
     g_hi = plan.num_q_blocks
     while g_hi > 0:
@@ -265,7 +287,7 @@ def make_attend_plan(
         while g >= 0:
             w2, n = max(w, int(width[g])), g_hi - g
             t = int(row0[g_hi - 1] + rows[g_hi - 1] - row0[g])
-            if t > capacity.rows or n * hq > capacity.sequences or n * hq * w2 > capacity.table_blocks:
+            if t > max_rows or n * hq > capacity.sequences or n * hq * w2 > capacity.table_blocks:
                 break
             w, mr = w2, max(mr, int(rows[g]))
             g -= 1
@@ -283,7 +305,11 @@ def make_attend_plan(
 class AttendWorkspace:
     """Preallocated buffers of one bucket (see AttendCapacity); shared by every layer.
 
-    ``group=True`` adds the group layout's buffers: the bucket's union rows (int16, one entry per
+    ``layouts``: the layouts (LAYOUTS) it serves. Every layout: the sequences' cu_seqlens_q,
+    seqused_k (``sequences`` int32 each) and page table (``table_blocks`` x PPB int32, <= TABLE_BYTES).
+    "head" / "group" add the q and output copies (HQ x ``rows`` rows of D each, <= COPY_BYTES);
+    the view layouts need none: "head_views" alone is <= TABLE_BYTES + 8 x (sequences + 1) bytes.
+    "group" / "group_views" add the union buffers: the bucket's union rows (int16, one entry per
     page-table key block: ``table_blocks`` x 2 bytes, 1/16 of the page table) and counts
     (``sequences`` int32), and the union bitmaps: ``bitmap_rows`` = min(sequences,
     UNION_BITS_BYTES // key_blocks) zeroed int8 rows of ``key_blocks`` (<= 16 MiB; 2 MiB for a
@@ -291,15 +317,23 @@ class AttendWorkspace:
     """
 
     def __init__(self, capacity: AttendCapacity, num_q_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: Union[str, torch.device], block_size: int = BLOCK_SIZE, group: bool = False) -> None:
+                 device: Union[str, torch.device], block_size: int = BLOCK_SIZE,
+                 layouts: Sequence[str] = ("head",)) -> None:
+        unknown = set(layouts) - set(LAYOUTS)
+        if unknown or not layouts:
+            raise ValueError(f"Invalid attend workspace layouts {tuple(layouts)!r}: expected some of {LAYOUTS}")
         self.capacity = capacity
         self.num_q_heads = int(num_q_heads)
         self.head_dim = int(head_dim)
         self.dtype = dtype
-        n = capacity.rows * num_q_heads
-        self._q_bytes = torch.empty(n * head_dim * torch.empty(0, dtype=dtype).element_size(), dtype=torch.uint8,
-                                    device=device)
-        self.o_virt = torch.empty(n, 1, head_dim, dtype=dtype, device=device)
+        self.layouts = tuple(layouts)
+        self._q_bytes: Optional[torch.Tensor] = None
+        self.o_virt: Optional[torch.Tensor] = None
+        if set(layouts) - set(VIEW_LAYOUTS):  # a layout that copies q and the output
+            n = capacity.rows * num_q_heads
+            self._q_bytes = torch.empty(n * head_dim * torch.empty(0, dtype=dtype).element_size(), dtype=torch.uint8,
+                                        device=device)
+            self.o_virt = torch.empty(n, 1, head_dim, dtype=dtype, device=device)
         # the virtual sequences' FA3 arguments (the plan's cu_seqlens_q / seqused_k are the requests')
         self.cu_seqlens_q_virt = torch.empty(capacity.sequences + 1, dtype=torch.int32, device=device)
         self.seqused_k_virt = torch.empty(capacity.sequences, dtype=torch.int32, device=device)
@@ -308,7 +342,7 @@ class AttendWorkspace:
         self.union_idx: Optional[torch.Tensor] = None
         self.union_cnt: Optional[torch.Tensor] = None
         self.union_bits: Optional[torch.Tensor] = None
-        if group:
+        if set(layouts) & set(UNION_LAYOUTS):
             if capacity.key_blocks < 1:
                 raise ValueError(f"the group layout needs AttendCapacity.key_blocks >= 1 (the longest sequence's key "
                                  f"blocks), got {capacity}; build it with attend_capacity")
@@ -321,11 +355,13 @@ class AttendWorkspace:
     def q_rows(self, n_rows: int, dtype: torch.dtype, heads: int = 1) -> torch.Tensor:
         """[n_rows, heads, D] contiguous view of the q copy in ``dtype`` (the model dtype, or fp8
         for quantized queries)."""
+        assert self._q_bytes is not None, "a view-layout workspace has no q copy"
         n = n_rows * heads * self.head_dim
         return self._q_bytes.view(dtype)[:n].view(n_rows, heads, self.head_dim)
 
     def o_rows(self, n_rows: int, heads: int = 1) -> torch.Tensor:
         """[n_rows, heads, D] contiguous view of the output copy."""
+        assert self.o_virt is not None, "a view-layout workspace has no output copy"
         return self.o_virt.view(-1)[: n_rows * heads * self.head_dim].view(n_rows, heads, self.head_dim)
 
     @property
@@ -554,21 +590,33 @@ def _virtual_seqs_kernel(
     BLOCK_T: tl.constexpr,
     ORDER: tl.constexpr,
     GROUP: tl.constexpr,
+    VIEWS: tl.constexpr,
 ):
     """One program per virtual sequence: cu_seqlens_q_virt, seqused_k_virt, page-table row, q copy.
 
     GROUP: the sequences are (query block, kv head) carrying the group's G heads over the union
     rows, i.e. the head layout with HQ // G one-member groups whose "head" is the kv head and
-    whose rows are G heads wide (so the same ``_virtual_seq`` arithmetic, with G = 1)."""
+    whose rows are G heads wide (so the same ``_virtual_seq`` arithmetic, with G = 1).
+
+    VIEWS (with ORDER 1): no q copy; sequence s = (sequence head, query block ascending) is row s
+    of the page table / seqused_k, i.e. FA3 call s // n_b's sequence s % n_b, and the one
+    cu_seqlens_q all calls share counts the query blocks' real rows from the bucket's first row
+    (the calls read q[row_lo:row_hi, heads of the call])."""
     SEQ_G: tl.constexpr = 1 if GROUP else G  # sequences of a kv group per query block
     HPS: tl.constexpr = G if GROUP else 1  # q heads per sequence
     s = tl.program_id(0)
     g, h, kvh, r, a, seq, p_hi, rows, qrow, off = _virtual_seq(
         s, g_lo, g_hi, row_lo, row_hi, cu_seqlens_q, ctx_lens, seqused_k, qb_req, qb_abs, SEQ_G, B, ORDER
     )
-    tl.store(cu_seqlens_q_virt + s, off)
-    if s == 0:  # the end of the last sequence: every row of the bucket, every sequence head
-        tl.store(cu_seqlens_q_virt + (g_hi - g_lo) * (HQ // HPS), (HQ // HPS) * (row_hi - row_lo))
+    if VIEWS:
+        if s < g_hi - g_lo:  # the first call's sequences write the shared cu_seqlens_q
+            tl.store(cu_seqlens_q_virt + s, qrow - row_lo)
+        if s == 0:  # the end of the last query block: every row of the bucket
+            tl.store(cu_seqlens_q_virt + (g_hi - g_lo), row_hi - row_lo)
+    else:
+        tl.store(cu_seqlens_q_virt + s, off)
+        if s == 0:  # the end of the last sequence: every row of the bucket, every sequence head
+            tl.store(cu_seqlens_q_virt + (g_hi - g_lo) * (HQ // HPS), (HQ // HPS) * (row_hi - row_lo))
 
     # the row's key blocks: every causal one for dense rows, else the selection or the group's
     # union (ascending, the diagonal last, so FA's bottom-right causal mask is the block's own
@@ -598,10 +646,11 @@ def _virtual_seqs_kernel(
         tl.store(pt_row + jj[:, None] * PPB + kofs[None, :], virt.to(tl.int32), mask=ok)
 
     # the block's rows of head h (of heads h * G .. h * G + G - 1, token-major, in the group
-    # layout), sequence-major
-    for m in tl.static_range(HPS):
-        _copy_rows(q + (h * HPS + m) * stride_qh, qrow, stride_qt, q_virt + m * D, off, HPS * D, rows, D, BLOCK_D,
-                   BLOCK_T)
+    # layout), sequence-major; VIEWS: FA3 reads them in place (constexpr: no copy compiled)
+    if not VIEWS:
+        for m in tl.static_range(HPS):
+            _copy_rows(q + (h * HPS + m) * stride_qh, qrow, stride_qt, q_virt + m * D, off, HPS * D, rows, D,
+                       BLOCK_D, BLOCK_T)
 
 
 @triton.jit(do_not_specialize=["g_lo", "g_hi", "row_lo", "row_hi"])
@@ -678,10 +727,10 @@ def _check_launch(q: torch.Tensor, out: torch.Tensor, vkv: VirtualKV, block_tabl
 
 
 def _seq_heads(HQ: int, num_kv_heads: int, layout: str) -> int:
-    """Virtual sequences per query block: one per q head, or one per kv head (group layout)."""
+    """Virtual sequences per query block: one per q head, or one per kv head (group layouts)."""
     if layout not in LAYOUTS:
         raise ValueError(f"Invalid attend layout {layout!r}: expected one of {LAYOUTS}")
-    return HQ if layout == "head" else num_kv_heads
+    return num_kv_heads if layout in UNION_LAYOUTS else HQ
 
 
 def union_rows(selection: BlockSelection, bucket: AttendBucket, ws: AttendWorkspace,
@@ -692,13 +741,14 @@ def union_rows(selection: BlockSelection, bucket: AttendBucket, ws: AttendWorksp
     Returns views of the workspace: ``indices`` int16 [S_u, bucket.width] (row u = (g - g_lo) *
     HKV + kvh; entries past its count are unspecified) and ``counts`` int32 [S_u], S_u = HKV x
     the bucket's query blocks. Dense rows are every causal block. ``bucket`` must come from
-    ``make_attend_plan(layout="group")`` (its width bounds a union); ``ws`` from
-    ``AttendWorkspace(group=True)``."""
+    ``make_attend_plan(layout="group")`` (or "group_views": its width bounds a union); ``ws`` from
+    ``AttendWorkspace(layouts=("group",))`` (or "group_views")."""
     plan = selection.plan
     HQ = plan.num_q_heads
     check_gqa(HQ, num_kv_heads)
     if ws.union_bits is None or ws.union_idx is None or ws.union_cnt is None:
-        raise ValueError("the attend workspace has no group-layout buffers; allocate it with AttendWorkspace(group=True)")
+        raise ValueError("the attend workspace has no group-layout buffers; allocate it with "
+                         "AttendWorkspace(layouts=('group',)) or ('group_views',)")
     n_u = (bucket.g_hi - bucket.g_lo) * num_kv_heads
     width = bucket.width
     if plan.max_k_blocks > ws.union_bits.shape[1] or n_u > ws.union_cnt.numel() or n_u * width > ws.union_idx.numel():
@@ -740,28 +790,39 @@ def virtual_sequences(
     layout: str = "head",
 ) -> dict[str, torch.Tensor]:
     """Step 1 of a bucket: write its virtual sequences into the workspace (one launch; the group
-    layout first forms the union rows, ``union_rows``: two).
+    layouts first form the union rows, ``union_rows``: two).
 
     Returns FA3's inputs as views of the workspace: ``q`` and ``out`` [HS * T_b, HPS, D],
     ``cu_seqlens_q`` [S_b + 1], ``seqused_k`` [S_b], ``block_table`` [S_b, width * PPB], with
-    HS sequence heads of HPS q heads each: HQ of 1 ("head"), HKV of G ("group")."""
+    HS sequence heads of HPS q heads each: HQ of 1 ("head"), HKV of G ("group").
+
+    View layouts ("head_views": HS = HQ of 1, "group_views": HKV of G; ``order`` does not apply,
+    a call's sequences are its query blocks ascending): no q / out (FA3 call i reads and writes
+    ``bucket_views(q, bucket, HPS)[i]``), ``cu_seqlens_q`` [n_b + 1] shared by the HS calls,
+    ``seqused_k`` [HS, n_b] and ``block_table`` [HS, n_b, width * PPB] (call i: entry i),
+    n_b = the bucket's query blocks."""
     plan = selection.plan
     HQ, D = q.shape[1], q.shape[2]
     hs = _seq_heads(HQ, vkv.num_kv_heads, layout)
     hps = HQ // hs
+    views = layout in VIEW_LAYOUTS
     B = plan.block_size
     ppb = B // vkv.page_size
-    n_seq = (bucket.g_hi - bucket.g_lo) * hs
+    n_b = bucket.g_hi - bucket.g_lo
+    n_seq = n_b * hs
     n_rows = (bucket.row_hi - bucket.row_lo) * hs
     width = bucket.width * ppb
     cap = ws.capacity
-    if n_seq > cap.sequences or n_rows * hps > cap.rows * HQ or n_seq * width > ws.page_table.numel():
+    if n_seq > cap.sequences or (not views and n_rows * hps > cap.rows * HQ) or n_seq * width > ws.page_table.numel():
         raise ValueError(f"bucket {bucket} does not fit the attend workspace {cap}; plan it with make_attend_plan")
+    if layout not in ws.layouts:
+        raise ValueError(f"the attend workspace serves layouts {ws.layouts}, not {layout!r}; allocate it with "
+                         f"AttendWorkspace(layouts=(..., {layout!r}))")
     table = ws.page_table[: n_seq * width].view(n_seq, width)
-    q_virt = ws.q_rows(n_rows, q.dtype, hps)
-    u_idx, u_cnt = union_rows(selection, bucket, ws, vkv.num_kv_heads) if layout == "group" else (None, None)
+    q_virt = None if views else ws.q_rows(n_rows, q.dtype, hps)
+    u_idx, u_cnt = union_rows(selection, bucket, ws, vkv.num_kv_heads) if layout in UNION_LAYOUTS else (None, None)
     _virtual_seqs_kernel[(n_seq,)](
-        q=q,
+        q=None if views else q,
         q_virt=q_virt,
         cu_seqlens_q_virt=ws.cu_seqlens_q_virt,
         seqused_k_virt=ws.seqused_k_virt,
@@ -776,7 +837,7 @@ def virtual_sequences(
         g_hi=bucket.g_hi,
         row_lo=bucket.row_lo,
         row_hi=bucket.row_hi,
-        **strides(q, "qt", "qh"),
+        **strides(None if views else q, "qt", "qh"),
         **strides(block_table, "bt"),
         **strides(table, "pt"),
         **strides(u_idx, "ut"),
@@ -793,10 +854,17 @@ def virtual_sequences(
         PPB=ppb,
         BLOCK_J=ATTEND_LAUNCH.block_j,
         BLOCK_T=ATTEND_LAUNCH.block_t,
-        ORDER=ORDERS[order],
-        GROUP=layout == "group",
+        ORDER=1 if views else ORDERS[order],  # views: call-major, query blocks ascending (cu_seqlens_q grows)
+        GROUP=layout in UNION_LAYOUTS,
+        VIEWS=views,
         num_warps=ATTEND_LAUNCH.num_warps,
     )
+    if views:
+        return dict(
+            cu_seqlens_q=ws.cu_seqlens_q_virt[: n_b + 1],
+            seqused_k=ws.seqused_k_virt[:n_seq].view(hs, n_b),
+            block_table=table.view(hs, n_b, width),
+        )
     return dict(
         q=q_virt,
         out=ws.o_rows(n_rows, hps),
@@ -804,6 +872,14 @@ def virtual_sequences(
         seqused_k=ws.seqused_k_virt[:n_seq],
         block_table=table,
     )
+
+
+def bucket_views(x: torch.Tensor, bucket: AttendBucket, heads: int) -> list[torch.Tensor]:
+    """The per-call q (or out) of a view layout: x[row_lo:row_hi, i * heads : (i + 1) * heads]
+    for call i (views of ``x`` [T, HQ, D], no copy; heads = HPS: 1 for "head_views", G for
+    "group_views"). A bucket's query blocks are consecutive in the launch, so are their rows."""
+    rows = x[bucket.row_lo : bucket.row_hi]
+    return [rows[:, i : i + heads] for i in range(0, x.shape[1], heads)]
 
 
 def scatter_out(o_virt: torch.Tensor, out: torch.Tensor, plan: PrefillPlan, bucket: AttendBucket,
@@ -872,12 +948,15 @@ def attend_fa3(
             "head_asc" (q head, query block ascending), for benchmarks.
         layout: "head" (one sequence per (query block, q head)) or "group" (one per (query block,
             kv head), G heads each, over the union of their selections; ``attend`` from
-            ``make_attend_plan(layout="group")``, ``workspace`` with ``group=True``). Not used by
-            the vLLM backend: no GPU measurement of it yet.
+            ``make_attend_plan(layout="group")``, ``workspace`` with "group" in its layouts);
+            "head_views" / "group_views": the same attention, one FA3 call per q head / kv head
+            on views of q and out (no copies; ``order`` does not apply). Only "head" is used by
+            the vLLM backend: the others are not measured on a GPU yet.
         q_scale, k_scale, v_scale: per-tensor fp8 dequantisation scales (1-element device tensors,
             vLLM's ``layer._q_scale`` etc.) for an fp8 cache / fp8 q: FA3's descales.
 
-    Per bucket: two Triton launches (group layout: three) and one FA3 call; no host sync.
+    Per bucket: two Triton launches (group layout: three) and one FA3 call; view layouts: one
+    launch (group_views: two) and HQ (HKV) FA3 calls. No host sync.
     ``attend.all_blocks``: ``attend_dense_fa3`` instead.
     """
     plan = selection.plan
@@ -890,6 +969,29 @@ def attend_fa3(
         raise ValueError(f"attend plan made for layout {attend.layout!r}, called with layout {layout!r}; plan it "
                          f"with make_attend_plan(layout={layout!r})")
     B = plan.block_size
+    if layout in VIEW_LAYOUTS:
+        hps = q.shape[1] // _seq_heads(q.shape[1], vkv.num_kv_heads, layout)
+        for bucket in attend.buckets:
+            a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, layout=layout)
+            n_b = bucket.g_hi - bucket.g_lo
+            calls = zip(bucket_views(q, bucket, hps), bucket_views(out, bucket, hps), a["seqused_k"], a["block_table"])
+            for q_i, out_i, seqused_k, table in calls:
+                flash_attn_varlen_func(
+                    **_descales(q_scale, k_scale, v_scale, n_b, 1),
+                    q=q_i,
+                    k=vkv.k,
+                    v=vkv.v,
+                    max_seqlen_q=bucket.max_rows,
+                    cu_seqlens_q=a["cu_seqlens_q"],
+                    max_seqlen_k=bucket.width * B,
+                    seqused_k=seqused_k,
+                    block_table=table,
+                    softmax_scale=scale,
+                    causal=True,
+                    softcap=softcap,
+                    out=out_i,
+                )
+        return out
     for bucket in attend.buckets:
         a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, order=order, layout=layout)
         n_seq = a["seqused_k"].shape[0]

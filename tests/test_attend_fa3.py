@@ -9,7 +9,10 @@ and dense tails, GQA groups, permuted page tables in vLLM's layouts, several buc
 layout (one sequence per (query block, kv head) over the union of the group's selections): the
 union kernel against a plain PyTorch union, its FA3 inputs against a PyTorch construction, and the
 whole step against ``reference.block_sparse_attention`` under the union mask, for the same row kinds.
-GPU (`-m gpu`): vLLM's own FA3 on an H200 against the reference and the Triton kernel, both layouts.
+The view layouts (one FA3 call per q head / kv head on views of q and out): their per-call inputs
+against the same PyTorch construction, and every call, fed to FA's semantics, against the reference
+under the per-head / union mask, for the same row kinds.
+GPU (`-m gpu`): vLLM's own FA3 on an H200 against the reference and the Triton kernel, every layout.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from prism_vllm.kernels.attend_fa3 import (
     AttendWorkspace,
     attend_capacity,
     attend_fa3,
+    bucket_views,
     make_attend_plan,
     row_width_bounds,
     union_rows,
@@ -131,13 +135,18 @@ def _attend(c: Case, q, k_cache, v_cache, table, plan, sel, fa, scale, dtype=tor
     assert not isinstance(vkv, str), vkv
     all_blocks = (c.keep == "all") if all_blocks is None else all_blocks
     ap = make_attend_plan(plan, c.capacity, all_blocks=all_blocks, layout=layout, num_kv_heads=c.hkv)
-    ws = AttendWorkspace(c.capacity, c.hq, c.d, dtype, q.device, group=(layout == "group"))
+    ws = AttendWorkspace(c.capacity, c.hq, c.d, dtype, q.device, layouts=(layout,))
     out = torch.full_like(q, float("nan"))
     attend_fa3(q, vkv, table, sel, ap, scale, out, flash_attn_varlen_func=fa, workspace=ws, order=c.order,
                layout=layout)
-    if layout == "group":
+    if layout in ("group", "group_views"):
         assert not ws.union_bits.any(), "the union kernel left marks in its bitmaps"
     return out, ap
+
+
+def _masks_of(layout, masks, hkv):
+    """What a layout attends: each head's own mask, or its kv group's union."""
+    return union_masks(masks, hkv) if layout in ("group", "group_views") else masks
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -201,25 +210,48 @@ def _pytorch_virtual_sequences(c: Case, q, kc, table, plan, masks, bucket, vkv, 
     return torch.tensor(cu), torch.tensor(used), torch.cat(rows_q), pages
 
 
-@pytest.mark.parametrize("layout", ["head", "group"])
+@pytest.mark.parametrize("layout", ["head", "group", "head_views", "group_views"])
 @pytest.mark.parametrize("name", ["prefix_context_several_requests", "page256_hnd", "many_buckets",
-                                  "many_buckets_head_order", "dense_request_and_tail"])
+                                  "many_buckets_head_order", "dense_request_and_tail",
+                                  "mid_block_chunk_with_context"])
 def test_virtual_sequences_match_a_pytorch_construction(name, layout):
+    """Copy layouts: the bucket's sequences in their order with q copied. View layouts: the
+    sequences of FA3 call i (q head / kv head i) are its query blocks ascending, so the PyTorch
+    construction in head_asc order is call-major; the shared cu_seqlens_q is the first call's, and
+    call i's view of q holds the construction's rows of its sequences."""
     c = CASES[name]
     q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c, seed=3)
     vkv = virtual_kv(kc, vc)
     ap = make_attend_plan(plan, c.capacity, layout=layout, num_kv_heads=c.hkv)
-    ws = AttendWorkspace(c.capacity, c.hq, c.d, torch.float16, q.device, group=(layout == "group"))
-    pd = plan.to(DEVICE)
+    ws = AttendWorkspace(c.capacity, c.hq, c.d, torch.float16, q.device, layouts=(layout,))
+    views = layout.endswith("_views")
+    grouped = layout in ("group", "group_views")
+    hps = c.hq // c.hkv if grouped else 1
     for bucket in ap.buckets:
         a = virtual_sequences(q, vkv, table, sel, bucket, ws, order=c.order, layout=layout)
-        cu, used, qv, pages = _pytorch_virtual_sequences(c, q.cpu(), kc, table.cpu(), plan, masks, bucket, vkv, c.order,
-                                                         layout)
-        assert a["cu_seqlens_q"].cpu().tolist() == cu.tolist()
-        assert a["seqused_k"].cpu().tolist() == used.tolist()
-        assert torch.equal(a["q"].cpu(), qv.view(a["q"].shape))
-        assert a["q"].shape[1] == (c.hq // c.hkv if layout == "group" else 1)
-        tab = a["block_table"].cpu()
+        cu, used, qv, pages = _pytorch_virtual_sequences(c, q.cpu(), kc, table.cpu(), plan, masks, bucket, vkv,
+                                                         "head_asc" if views else c.order,
+                                                         "group" if grouped else "head")
+        if views:
+            n_b = bucket.g_hi - bucket.g_lo
+            assert a.keys() == {"cu_seqlens_q", "seqused_k", "block_table"}  # no copies
+            assert a["cu_seqlens_q"].cpu().tolist() == cu[: n_b + 1].tolist()
+            assert a["seqused_k"].shape == (c.hq // hps, n_b)
+            assert a["seqused_k"].cpu().flatten().tolist() == used.tolist()
+            cq = a["cu_seqlens_q"].cpu().tolist()
+            for i, q_i in enumerate(bucket_views(q, bucket, hps)):
+                assert q_i.shape == (bucket.row_hi - bucket.row_lo, hps, c.d) and q_i.data_ptr() == q[
+                    bucket.row_lo, i * hps].data_ptr(), "not a view of q at the bucket's rows"
+                for j in range(n_b):
+                    s = i * n_b + j
+                    assert torch.equal(q_i[cq[j] : cq[j + 1]].cpu(), qv[cu[s] : cu[s + 1]].view(-1, hps, c.d)), (i, j)
+            tab = a["block_table"].cpu().flatten(0, 1)
+        else:
+            assert a["cu_seqlens_q"].cpu().tolist() == cu.tolist()
+            assert a["seqused_k"].cpu().tolist() == used.tolist()
+            assert torch.equal(a["q"].cpu(), qv.view(a["q"].shape))
+            assert a["q"].shape[1] == hps
+            tab = a["block_table"].cpu()
         for s, row in enumerate(pages):
             assert tab[s, : len(row)].tolist() == row, f"sequence {s}"
         # the page ids address the same K rows as the physical table
@@ -227,7 +259,6 @@ def test_virtual_sequences_match_a_pytorch_construction(name, layout):
             pos = torch.arange(n)
             got = vkv.k[tab[s, pos // vkv.page_size].long().to(kc.device), pos % vkv.page_size, 0]
             assert not got.isnan().any()
-    del pd
 
 
 def _union_case(name):
@@ -266,7 +297,7 @@ def test_union_rows_match_a_pytorch_union(name, bitmap_rows, monkeypatch):
     cap = AttendCapacity(c.capacity.rows, c.capacity.sequences, c.capacity.table_blocks, plan.max_k_blocks)
     if bitmap_rows is not None:
         monkeypatch.setattr(attend_mod, "UNION_BITS_BYTES", bitmap_rows * plan.max_k_blocks)
-    ws = AttendWorkspace(cap, c.hq, c.d, torch.float16, DEVICE, group=True)
+    ws = AttendWorkspace(cap, c.hq, c.d, torch.float16, DEVICE, layouts=("group",))
     assert bitmap_rows is None or ws.union_bits.shape[0] == bitmap_rows
     ap = make_attend_plan(plan, cap, layout="group", num_kv_heads=c.hkv)
     G = c.hq // c.hkv
@@ -329,16 +360,50 @@ def test_group_layout_with_fa_semantics_equals_reference_under_the_union_mask(na
         assert len(ap.buckets) > 2
 
 
+@pytest.mark.parametrize("layout", ["head_views", "group_views"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_view_layouts_with_fa_semantics_equal_reference(name, layout):
+    """Every FA3 call of a view layout, as attend_fa3 hands it over (q and out views of the
+    caller's tensors at a bucket's rows, the shared cu_seqlens_q, the call's seqused_k and page
+    table), fed to FA's documented paged varlen semantics once per q head (head_views) or kv head
+    (group_views): block-sparse attention under each head's mask / the kv group's union mask, for
+    every row kind of the head-layout test."""
+    c = CASES[name]
+    q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c)
+    scale = c.d**-0.5
+    calls = []
+
+    def fa(**kw):
+        calls.append((kw["q"].data_ptr(), kw["q"].shape, kw["out"].data_ptr(), kw["out"].untyped_storage().data_ptr()))
+        return ref.paged_varlen_attention(**kw)
+
+    out, ap = _attend(c, q, kc, vc, table, plan.to(DEVICE), sel, fa, scale, layout=layout)
+    want = _expected(q, ks, vs, c, _masks_of(layout, masks, c.hkv), scale)
+    T = plan.num_tokens
+    atol, rtol = TOL[torch.float16]
+    torch.testing.assert_close(out[:T].float(), want.float(), atol=atol, rtol=rtol)
+    assert out[T:].isnan().all(), "rows past the plan were written"
+    if c.keep == "all":
+        return  # the plain causal call
+    hps = c.hq // c.hkv if layout == "group_views" else 1
+    want_calls = [(q[b.row_lo, i].data_ptr(), (b.row_hi - b.row_lo, hps, c.d), out[b.row_lo, i].data_ptr(),
+                   out.untyped_storage().data_ptr()) for b in ap.buckets for i in range(0, c.hq, hps)]
+    assert calls == want_calls, "each call reads and writes views of q and out at its bucket's rows and heads"
+    if name.startswith("many_buckets"):
+        assert len(ap.buckets) > 1  # no rows bound: fewer, larger buckets than the copy layouts'
+
+
+@pytest.mark.parametrize("layout", ["group", "head_views", "group_views"])
 @pytest.mark.parametrize("case", [Case([(0, 400), (128, 256)], keep="all"),
                                   Case([(200, 250), (0, 300)], hq=14, hkv=2, keep="all")],
                          ids=["gqa2", "gqa7_mid_block"])
-def test_group_layout_every_block_equals_dense_causal_attention(case):
-    """Every block selected, through the group layout's virtual sequences (not the plain causal
+def test_layout_every_block_equals_dense_causal_attention(case, layout):
+    """Every block selected, through a layout's virtual sequences (not the plain causal
     shortcut): dense causal attention."""
     q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(case, seed=6)
     scale = case.d**-0.5
     out, ap = _attend(case, q, kc, vc, table, plan.to(DEVICE), sel, ref.paged_varlen_attention, scale,
-                      layout="group", all_blocks=False)
+                      layout=layout, all_blocks=False)
     assert ap.buckets and not ap.all_blocks
     atol, rtol = TOL[torch.float16]
     row = 0
@@ -351,15 +416,21 @@ def test_group_layout_every_block_equals_dense_causal_attention(case):
 def test_attend_rejects_a_plan_of_the_other_layout():
     c = CASES["one_full_request"]
     q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c)
-    ws = AttendWorkspace(BIG, c.hq, c.d, torch.float16, DEVICE, group=True)
+    ws = AttendWorkspace(BIG, c.hq, c.d, torch.float16, DEVICE, layouts=("group",))
     with pytest.raises(ValueError, match="layout"):
         attend_fa3(q, virtual_kv(kc, vc), table, sel, make_attend_plan(plan, BIG), 1.0, torch.empty_like(q),
                    flash_attn_varlen_func=ref.paged_varlen_attention, workspace=ws, layout="group")
     ap = make_attend_plan(plan, BIG, layout="group", num_kv_heads=c.hkv)
-    with pytest.raises(ValueError, match="group=True"):
+    with pytest.raises(ValueError, match="layouts="):
         attend_fa3(q, virtual_kv(kc, vc), table, sel, ap, 1.0, torch.empty_like(q),
                    flash_attn_varlen_func=ref.paged_varlen_attention,
                    workspace=AttendWorkspace(BIG, c.hq, c.d, torch.float16, DEVICE), layout="group")
+    with pytest.raises(ValueError, match="layouts="):
+        attend_fa3(q, virtual_kv(kc, vc), table, sel, make_attend_plan(plan, BIG, layout="head_views"), 1.0,
+                   torch.empty_like(q), flash_attn_varlen_func=ref.paged_varlen_attention,
+                   workspace=AttendWorkspace(BIG, c.hq, c.d, torch.float16, DEVICE), layout="head_views")
+    with pytest.raises(ValueError, match="layouts"):
+        AttendWorkspace(BIG, c.hq, c.d, torch.float16, DEVICE, layouts=("heads",))
 
 
 def test_virtual_view_stays_inside_the_cache_storage():
@@ -411,11 +482,21 @@ def test_capacity_bounds_the_workspace_at_128k():
     ws = AttendWorkspace(cap, 32, 128, torch.bfloat16, "meta")
     assert ws.nbytes <= 256 << 20
     # the group layout's union rows and bitmaps add <= 1/16 of the page table plus 16 MiB
-    wsg = AttendWorkspace(cap, 32, 128, torch.bfloat16, "meta", group=True)
+    wsg = AttendWorkspace(cap, 32, 128, torch.bfloat16, "meta", layouts=("group",))
     assert wsg.nbytes - ws.nbytes <= (attend_mod.TABLE_BYTES >> 4) + (16 << 20) + 4 * cap.sequences
     plan = make_plan([0, 131072], [0], 32, B)
     ap = make_attend_plan(plan, cap)
     assert ap is not None and len(ap.buckets) >= 16
+    # the view layouts copy nothing: the page table and the per-sequence arrays
+    wsv = AttendWorkspace(cap, 32, 128, torch.bfloat16, "meta", layouts=("head_views",))
+    assert wsv._q_bytes is None and wsv.o_virt is None
+    assert wsv.nbytes <= attend_mod.TABLE_BYTES + 8 * (cap.sequences + 1)
+    wsgv = AttendWorkspace(cap, 32, 128, torch.bfloat16, "meta", layouts=("group_views",))
+    assert wsgv.nbytes - wsv.nbytes == wsg.nbytes - ws.nbytes
+    # without the copies' row bound a bucket is as large as its page table allows: fewer FA3 call rounds
+    apv = make_attend_plan(plan, cap, layout="head_views")
+    assert apv is not None and len(apv.buckets) < len(ap.buckets)
+    assert max(b.row_hi - b.row_lo for b in apv.buckets) > cap.rows
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -481,6 +562,31 @@ def test_gpu_fa3_group_layout_equals_reference_under_the_union_mask(name, dtype)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", ["head_views", "group_views"])
+@pytest.mark.parametrize("name", ["d64_gqa7", "8k_one_request", "mid_block_chunks_context", "buckets_page32_hnd",
+                                  "every_block"])
+def test_gpu_fa3_view_layouts_equal_reference(name, layout):
+    """vLLM's FA3 called once per q head (head_views) or kv head (group_views) on strided views of
+    q and out ([T_b, 1 or G, D] with the caller's row / head strides), d=64 and d=128: block-sparse
+    attention under each head's mask / the union mask; every block selected through the views
+    (not the plain causal call) is dense causal attention."""
+    fa = _fa3()
+    c = GPU_CASES[name]
+    dtype = torch.bfloat16
+    q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c, dtype=dtype, device="cuda")
+    scale = c.d**-0.5
+    out, ap = _attend(c, q, kc, vc, table, plan.to("cuda"), sel, fa, scale, dtype=dtype, layout=layout,
+                      all_blocks=False)
+    T = plan.num_tokens
+    want = _blockwise_reference(q, ks, vs, c, _masks_of(layout, masks, c.hkv), scale, T)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out[:T].float(), want.float(), atol=atol, rtol=rtol)
+    assert math.isfinite(float(out[:T].float().abs().max()))
+    assert out[T:].isnan().all(), "rows past the plan were written"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_gpu_fa3_attend_equals_reference_and_triton(name, dtype):
@@ -501,10 +607,11 @@ def test_gpu_fa3_attend_equals_reference_and_triton(name, dtype):
     assert math.isfinite(float(out[:T].float().abs().max()))
 
 
-def test_fp8_cache_and_queries_through_fa3_semantics():
+@pytest.mark.parametrize("layout", ["head", "head_views", "group_views"])
+def test_fp8_cache_and_queries_through_fa3_semantics(layout):
     """An fp8 (e4m3) cache with fp8 queries, as vLLM hands them for --kv-cache-dtype fp8: the copy
-    keeps q in fp8, FA3 gets per-tensor descales, the output is the model dtype; equal to the
-    reference on the dequantised values."""
+    keeps q in fp8 (the view layouts read it in place), FA3 gets per-tensor descales, the output is
+    the model dtype; equal to the reference on the dequantised values."""
     fp8 = torch.float8_e4m3fn
     c = Case([(100, 300), (0, 200)], hq=4, hkv=2, d=64)
     gen = torch.Generator().manual_seed(9)
@@ -518,30 +625,33 @@ def test_fp8_cache_and_queries_through_fa3_semantics():
     masks = random_masks(4, [100, 0], [300, 200], 0.3, gen, "cpu")
     sel = BlockSelection.from_masks(masks, plan.to(DEVICE))
     vkv = virtual_kv(kc, vc)
-    ws = AttendWorkspace(BIG, 4, 64, torch.float16, DEVICE)
+    ws = AttendWorkspace(BIG, 4, 64, torch.float16, DEVICE, layouts=(layout,))
     out = torch.full((500, 4, 64), float("nan"), dtype=torch.float16, device=DEVICE)
-    attend_fa3(q8, vkv, table.to(DEVICE), sel, make_attend_plan(plan, BIG), 64**-0.5, out,
-               flash_attn_varlen_func=ref.paged_varlen_attention, workspace=ws, q_scale=sq, k_scale=sk, v_scale=sv)
+    attend_fa3(q8, vkv, table.to(DEVICE), sel, make_attend_plan(plan, BIG, layout=layout, num_kv_heads=2), 64**-0.5,
+               out, flash_attn_varlen_func=ref.paged_varlen_attention, workspace=ws, q_scale=sq, k_scale=sk,
+               v_scale=sv, layout=layout)
     row = 0
     for r, (a, L) in enumerate(c.reqs):
         want = ref.block_sparse_attention(q8[row : row + L].float() * sq, ks8[r].float() * sk, vs8[r].float() * sv, a,
-                                          masks[r].to(DEVICE), B, 64**-0.5)
+                                          _masks_of(layout, masks, 2)[r].to(DEVICE), B, 64**-0.5)
         torch.testing.assert_close(out[row : row + L].float(), want.float(), atol=2e-3, rtol=1e-2)
         row += L
 
 
-def test_softcap_reaches_fa3():
+@pytest.mark.parametrize("layout", ["head", "head_views", "group_views"])
+def test_softcap_reaches_fa3(layout):
     """Soft-capped layers (e.g. Gemma-2's global layers) attend on the FA3 path with FA's logit
     soft-cap: the cap reaches every FA3 call and the output equals the capped reference."""
     c = Case([(100, 300), (0, 200)])
     q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c, seed=4)
+    masks = _masks_of(layout, masks, c.hkv)
     q = q * 4  # scores large enough for the cap to matter
     scale, cap = c.d**-0.5, 5.0
     vkv = virtual_kv(kc, vc)
-    ws = AttendWorkspace(BIG, c.hq, c.d, torch.float16, q.device)
+    ws = AttendWorkspace(BIG, c.hq, c.d, torch.float16, q.device, layouts=(layout,))
     out = torch.full_like(q, float("nan"))
-    attend_fa3(q, vkv, table, sel, make_attend_plan(plan, BIG), scale, out,
-               flash_attn_varlen_func=ref.paged_varlen_attention, workspace=ws, softcap=cap)
+    attend_fa3(q, vkv, table, sel, make_attend_plan(plan, BIG, layout=layout, num_kv_heads=c.hkv), scale, out,
+               flash_attn_varlen_func=ref.paged_varlen_attention, workspace=ws, softcap=cap, layout=layout)
     row = 0
     for r, (a, L) in enumerate(c.reqs):
         want = ref.block_sparse_attention(q[row : row + L], ks[r], vs[r], a, masks[r].to(q.device), B, scale, softcap=cap)
