@@ -23,12 +23,15 @@ dim, randomly permuted block table). Sections:
               backend gets it; also bf16 q, and the bf16 cache for the ratio), our FA3 attend step on
               the fp8 cache at a fixed density-0.1 mask (with descales), and estimation + attend
               (the sum of the two medians) vs FA3 fp8 dense.
-  layouts     (--attend-layout head,group, default both) the FA3 attend step in the head layout
-              (one virtual sequence per query block and q head) and in the group layout (per query
-              block and kv head, the group's G heads packed over the union of their selections,
-              kernels/attend_fa3.py): sparse rows and the structured selection's break-even row
-              report the union's density beside the per-head density, the group layout's time,
-              and its per-block cost against FA3 dense per UNION block (what it computes).
+  layouts     (--attend-layout, default head,group,head_views,group_views) the FA3 attend step in
+              the head layout (one virtual sequence per query block and q head), the group layout
+              (per query block and kv head, the group's G heads packed over the union of their
+              selections), and their copy-free twins head_views / group_views (one FA3 call per q
+              head / kv head on views of q and out, kernels/attend_fa3.py): sparse rows and the
+              structured selection's break-even row report the union's density beside the
+              per-head density, each layout's time, speed-up and per-block cost against FA3 dense
+              (per UNION block for the group layouts: what they compute); the view layouts also
+              their table builds alone (``*_tables_ms``, the copies they replace).
               The sparse section's fixed masks are independent per head (the union's worst
               case); the structured input's heads of a kv group share a direction (select alike).
   sanity      once at the smallest length: ours at density 1.0 vs FA3 (max abs error), ours vs the
@@ -45,7 +48,7 @@ Usage (GPU machine, from the repo root; vLLM staged for FA3):
     python benchmarks/kernels.py --official-dir benchmarks/_official --commit $SHA
     python benchmarks/kernels.py --sweep  # sparse_prefill launch settings, one table
     python benchmarks/kernels.py --skip sparse,estimation,break_even --out kernels-fp8-h200.json  # fp8 rows only
-    python benchmarks/kernels.py --shape gqa7_d64 --skip fp8 --out kernels-gqa7-h200.json  # head vs group layout, d=64
+    python benchmarks/kernels.py --shape gqa7_d64 --skip fp8 --out kernels-gqa7-h200.json  # the four attend layouts, d=64
     python benchmarks/plot_kernels.py benchmarks/results/kernels-h200.json
 CPU plumbing check (TRITON_INTERPRET=1, fp16, tiny shapes, no FA3, no official):
     python benchmarks/kernels.py --dry-run --out /tmp/k.json
@@ -112,7 +115,7 @@ class Setup:
     max_reps: int = 50
     dry: bool = False
     select_precision: Optional[str] = None  # selection's tl.dot precision (None: its default)
-    attend_layouts: list[str] = field(default_factory=lambda: ["head", "group"])  # FA3 attend layouts timed
+    attend_layouts: list[str] = field(default_factory=lambda: list(ATTEND_LAYOUTS))  # FA3 attend layouts timed
 
     @property
     def scale(self) -> float:
@@ -120,6 +123,8 @@ class Setup:
 
 
 SHAPES = {"llama8b": (32, 8, 128), "gqa7_d64": (14, 2, 64)}
+#: kernels/attend_fa3.py's LAYOUTS (named here: the module imports kernels lazily)
+ATTEND_LAYOUTS = ("head", "group", "head_views", "group_views")
 SECTIONS = ("sparse", "estimation", "break_even", "fp8")
 
 
@@ -538,12 +543,10 @@ class Ours:
         cap = attend_capacity(max_num_batched_tokens=self.tokens, max_q_blocks=p.num_q_blocks,
                               max_k_blocks=p.num_k_blocks, num_q_heads=s.hq, head_dim=s.d,
                               element_size=torch.empty(0, dtype=s.dtype).element_size(), block_size=s.block)
-        group = "group" in s.attend_layouts
-        self.attend_ws = AttendWorkspace(cap, s.hq, s.d, s.dtype, s.device, s.block,
-                                         layouts=("head", "group") if group else ("head",))
+        layouts = tuple(dict.fromkeys(("head", *s.attend_layouts)))  # head: the backend's, the fp8 rows'
+        self.attend_ws = AttendWorkspace(cap, s.hq, s.d, s.dtype, s.device, s.block, layouts=layouts)
         self.attend_plans = {lay: make_attend_plan(p.to("cpu"), cap, layout=lay, num_kv_heads=s.hkv)
-                             for lay in ("head", "group") if lay == "head" or group}
-        self.attend_plan = self.attend_plans["head"]
+                             for lay in layouts}
         self.vkv = virtual_kv(kv.k, kv.v, s.block)
         assert not isinstance(self.vkv, str), self.vkv
 
@@ -551,9 +554,11 @@ class Ours:
                    fa: Callable[..., Any], order: str = "kv_desc", copies_only: bool = False,
                    scales: Any = None, layout: str = "head") -> torch.Tensor:
         """The FA3 attend step (q copy + table build, FA3, output scatter), as the backend runs it;
-        ``copies_only``: the Triton launches per bucket without the FA3 call; ``scales``: the
-        ``Fp8Scales`` of an fp8 q / cache (FA3's descales); ``layout``: "head" (the backend's) or
-        "group" (a kv group's heads in one sequence over the union of their selections)."""
+        ``copies_only``: the Triton launches per bucket without the FA3 calls; ``scales``: the
+        ``Fp8Scales`` of an fp8 q / cache (FA3's descales); ``layout``: "head" (the backend's),
+        "group" (a kv group's heads in one sequence over the union of their selections), or
+        "head_views" / "group_views" (one FA3 call per q head / kv head on views, no copies: their
+        ``copies_only`` is the table build alone)."""
         from prism_vllm.kernels.attend_fa3 import attend_fa3, scatter_out, virtual_sequences
         from prism_vllm.kernels.plan import BlockSelection
 
@@ -562,7 +567,8 @@ class Ours:
         if copies_only:
             for b in plan.buckets:
                 a = virtual_sequences(q, self.vkv, kv.block_table, sel, b, self.attend_ws, order=order, layout=layout)
-                scatter_out(a["out"], out, self.plan, b, self.s.hkv, order=order, layout=layout)
+                if "out" in a:  # the view layouts write out in place
+                    scatter_out(a["out"], out, self.plan, b, self.s.hkv, order=order, layout=layout)
             return out
         sc = {} if scales is None else {"q_scale": scales.q, "k_scale": scales.k, "v_scale": scales.v}
         return attend_fa3(q, self.vkv, kv.block_table, sel, plan, self.s.scale, out,
@@ -651,7 +657,10 @@ def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Offici
             fa3v = reference.paged_varlen_attention
         if fa3v is not None:
             ours.attend_setup(kv)
-            res.setdefault("attend_buckets", {})[tok(L)] = len(ours.attend_plan.buckets)
+            nb = {lay: len(p.buckets) for lay, p in ours.attend_plans.items()}
+            if "head" in nb:  # the backend's layout, as earlier results record it
+                res.setdefault("attend_buckets", {})[tok(L)] = nb["head"]
+            res.setdefault("attend_buckets_by_layout", {})[tok(L)] = nb  # view layouts: FA3 calls = buckets x heads
         bar.step(f"{tok(L)} fa3")
         qc = kc = vc = None
         if off is not None:
@@ -697,6 +706,10 @@ def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Offici
                         if dens == 1.0 and fa3_out is not None:
                             add_check(res, f"fa3_attend_dense_vs_fa3_{tok(L)}", L, measured, out, fa3_out, tol=2e-2)
                         del tri
+            for lay in ("head_views", "group_views"):
+                if fa3v is not None and lay in s.attend_layouts:
+                    view_rows(s, ours, row, lay, q, kv, mask, sel_idx, sel_cnt, out, fa3v, fa3_ms, res,
+                              check=dens < 1.0)
             row["official_ms"] = None
             if off is not None and off.block_sparse_attention is not None:
                 omask = mask.unsqueeze(0)  # [1, HQ, nq, nk] bool: the official format
@@ -757,10 +770,7 @@ def group_rows(s: Setup, ours: Ours, row: dict[str, Any], q: torch.Tensor, kv: P
     its speed-up over FA3 dense and its per-block efficiency counted in UNION blocks (FA3 dense
     time x union density / its time: 1.0 = as fast per computed block as dense). Once per
     length: its output against the Triton kernel on the union selection."""
-    umask = union_mask(mask, s.hkv)
-    ud = mask_density(umask)
-    row["union_density"] = round(ud, 5)
-    row["union_over_head_density"] = round(ud / max(mask_density(mask), 1e-12), 3)
+    umask, ud = union_columns(s, row, mask)
     row["prism_fa3_group_ms"] = ms = bench_or_none(
         lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa, layout="group"), s,
         f"FA3 attend group layout {tok(ours.tokens)} d={row.get('density_target', row['density'])}")
@@ -776,6 +786,46 @@ def group_rows(s: Setup, ours: Ours, row: dict[str, Any], q: torch.Tensor, kv: P
         ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa, layout="group")
         add_check(res, name, ours.tokens, ud, out, want, tol=2e-2)
         del ui, uc, want
+
+
+def union_columns(s: Setup, row: dict[str, Any], mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The union mask of a row's selection and its density, written into the row (once)."""
+    umask = union_mask(mask, s.hkv)
+    ud = mask_density(umask)
+    row["union_density"] = round(ud, 5)
+    row["union_over_head_density"] = round(ud / max(mask_density(mask), 1e-12), 3)
+    return umask, ud
+
+
+def view_rows(s: Setup, ours: Ours, row: dict[str, Any], layout: str, q: torch.Tensor, kv: Paged,
+              mask: torch.Tensor, sel_idx: torch.Tensor, sel_cnt: torch.Tensor, out: torch.Tensor,
+              fa: Callable[..., Any], fa3_ms: Optional[float], res: dict[str, Any], check: bool) -> None:
+    """A view layout's columns of a row (same selection as the others): the attend step's time
+    (table build, then one FA3 call per q head / kv head on views of q and out), its table build
+    alone (what replaces the copies), its speed-up over FA3 dense and its per-block efficiency
+    (per UNION block for group_views). With ``check``, once per length: its output against the
+    Triton kernel on the selection (head_views) or its union (group_views)."""
+    union = layout == "group_views"
+    ud = union_columns(s, row, mask)[1] if union else mask_density(mask)
+    tag = f"{tok(ours.tokens)} d={row.get('density_target', row['density'])}"
+    row[f"prism_fa3_{layout}_ms"] = ms = bench_or_none(
+        lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa, layout=layout), s, f"FA3 attend {layout} {tag}")
+    if ms is None:
+        return
+    row[f"fa3_attend_{layout}_tables_ms"] = bench(
+        lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa, copies_only=True, layout=layout), s)
+    if fa3_ms is not None:
+        row[f"fa3_attend_{layout}_speedup_vs_fa3"] = round(fa3_ms / ms, 3)
+        row[f"fa3_attend_{layout}_per_{'union_' if union else ''}block_eff"] = round(fa3_ms * ud / ms, 3)
+    name = f"fa3_attend_{layout}_vs_triton{'_union' if union else ''}_{tok(ours.tokens)}"
+    if check and not _checked(res, name):
+        si, sc = ours.bsr(union_mask(mask, s.hkv)) if union else (sel_idx, sel_cnt)
+        want = torch.full_like(q, float("nan"))
+        ours.sparse(q, kv, si, sc, want)
+        out.fill_(float("nan"))
+        ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa, layout=layout)
+        add_check(res, name, ours.tokens, ud, out, want, tol=2e-2)
+        del si, sc, want
 
 
 def _checked(res: dict[str, Any], name: str) -> bool:
@@ -924,6 +974,10 @@ def run_break_even(s: Setup, fa3: Optional[Callable[..., Any]], est: dict[int, d
             if "group" in s.attend_layouts:
                 group_rows(s, ours, r, q, kv, ours.selected_mask(ws), sel_idx, sel_cnt, out, fa, fa3_ms,
                            res, first=False)
+            for lay in ("head_views", "group_views"):
+                if lay in s.attend_layouts:
+                    view_rows(s, ours, r, lay, q, kv, ours.selected_mask(ws), sel_idx, sel_cnt, out, fa, fa3_ms,
+                              res, check=False)
         res["break_even"].append(r)
         for dens in s.be_proxies:
             mask = fixed_mask(s.hq, ours.plan.num_q_blocks, dens, s.device, gen)
@@ -1124,6 +1178,14 @@ def summary(res: dict[str, Any]) -> str:
                                           ("union_density", "u_dens"), ("prism_fa3_group_ms", "grp_fa3"),
                                           ("fa3_attend_group_speedup_vs_fa3", "grp/fa3x"),
                                           ("fa3_attend_group_per_union_block_eff", "grp_ublk_eff"),
+                                          ("prism_fa3_head_views_ms", "hv_fa3"),
+                                          ("fa3_attend_head_views_tables_ms", "hv_tables"),
+                                          ("fa3_attend_head_views_speedup_vs_fa3", "hv/fa3x"),
+                                          ("fa3_attend_head_views_per_block_eff", "hv_blk_eff"),
+                                          ("prism_fa3_group_views_ms", "gv_fa3"),
+                                          ("fa3_attend_group_views_tables_ms", "gv_tables"),
+                                          ("fa3_attend_group_views_speedup_vs_fa3", "gv/fa3x"),
+                                          ("fa3_attend_group_views_per_union_block_eff", "gv_ublk_eff"),
                                           ("fa3_ms", "fa3"), ("official_ms", "official"),
                                           ("official_paged_ms", "off_paged"), ("speedup_vs_fa3", "prism/fa3x"),
                                           ("official_speedup_vs_fa3", "off/fa3x"), ("prism_tflops", "TFLOP/s")]))
@@ -1141,7 +1203,11 @@ def summary(res: dict[str, Any]) -> str:
                                               ("speedup_vs_fa3", "fa3/total"), ("fa3_attend_ms", "attend"),
                                               ("fa3_attend_per_block_eff", "blk_eff"), ("union_density", "u_dens"),
                                               ("prism_fa3_group_ms", "attend_grp"),
-                                              ("fa3_attend_group_per_union_block_eff", "grp_ublk_eff")]))
+                                              ("fa3_attend_group_per_union_block_eff", "grp_ublk_eff"),
+                                              ("prism_fa3_head_views_ms", "attend_hv"),
+                                              ("fa3_attend_head_views_per_block_eff", "hv_blk_eff"),
+                                              ("prism_fa3_group_views_ms", "attend_gv"),
+                                              ("fa3_attend_group_views_per_union_block_eff", "gv_ublk_eff")]))
     if res.get("fp8"):
         out.append("== fp8 KV cache (e4m3, per-tensor scales; ms; x = FA3 fp8 dense / impl) ==")
         out.append(table(res["fp8"], [("tokens", "tokens"), ("density", "density"), ("fa3_fp8_ms", "fa3_fp8"),
@@ -1204,15 +1270,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
     ap.add_argument("--shape", default="llama8b", choices=sorted(SHAPES),
                     help="layer shape: llama8b (32 q / 8 kv heads, d=128) or gqa7_d64 (14 q / 2 kv heads, d=64)")
-    ap.add_argument("--attend-layout", default="head,group",
+    ap.add_argument("--attend-layout", default=",".join(ATTEND_LAYOUTS),
                     help="comma-separated FA3 attend layouts to time: head (the backend's: a sequence per query "
                          "block and q head), group (per query block and kv head over the union of the group's "
-                         "selections)")
+                         "selections), head_views / group_views (the same, one FA3 call per q head / kv head "
+                         "on views of q and out: no copies)")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     layouts = set(filter(None, args.attend_layout.split(",")))
-    if not layouts or layouts - {"head", "group"}:
-        ap.error(f"--attend-layout {args.attend_layout}: use head, group or head,group")
+    if not layouts or layouts - set(ATTEND_LAYOUTS):
+        ap.error(f"--attend-layout {args.attend_layout}: use some of {','.join(ATTEND_LAYOUTS)}")
     if skip - set(SECTIONS):
         ap.error(f"--skip {args.skip}: unknown section(s) {sorted(skip - set(SECTIONS))}; use {','.join(SECTIONS)}")
 

@@ -59,6 +59,13 @@ def test_dry_run_json_schema(dry_run):
         assert math.isfinite(r["prism_fa3_group_ms"]) and r["prism_fa3_group_ms"] > 0
         assert math.isfinite(r["prism_fa3_ms"]) and r["prism_fa3_ms"] > 0
         assert "fa3_attend_group_per_union_block_eff" not in r
+        # the copy-free view layouts beside them: their time and their table builds alone
+        for lay in ("head_views", "group_views"):
+            assert math.isfinite(r[f"prism_fa3_{lay}_ms"]) and r[f"prism_fa3_{lay}_ms"] > 0, lay
+            assert 0 < r[f"fa3_attend_{lay}_tables_ms"], lay
+            assert f"fa3_attend_{lay}_speedup_vs_fa3" not in r
+        assert "fa3_attend_head_views_per_block_eff" not in r
+        assert "fa3_attend_group_views_per_union_block_eff" not in r
     dens = sorted(r["density"] for r in res["sparse"])
     assert dens[-1] == 1.0 and dens[0] < 1.0  # the fixed mask really dropped blocks
     for r in res["estimation"]:
@@ -73,9 +80,13 @@ def test_dry_run_json_schema(dry_run):
             assert r["estimation_ms"] > 0 and r["sparse_ms"] > 0
             # the FA3 attend step on this selection in both layouts (FA's semantics standing in)
             assert r["fa3_attend_ms"] > 0 and r["prism_fa3_group_ms"] > 0
+            assert r["prism_fa3_head_views_ms"] > 0 and r["prism_fa3_group_views_ms"] > 0
             assert r["density"] <= r["union_density"] <= 1.0
     assert {r["mode"] for r in res["break_even"]} > {"prism_selection_structured_synthetic"}
     assert "sparse attention" in stdout and "sanity" in stdout and "grp_ublk_eff" in stdout
+    assert "hv_blk_eff" in stdout and "gv_ublk_eff" in stdout and "hv_tables" in stdout
+    nb = res["attend_buckets_by_layout"]["384"]
+    assert set(nb) == {"head", "group", "head_views", "group_views"} and res["attend_buckets"]["384"] == nb["head"]
     # fp8 KV cache rows: our estimation and the FA3 attend step (FA's semantics standing in) on
     # the fp8 cache; no FA3 dense numbers without FA3
     assert [r["tokens"] for r in res["fp8"]] == [384]
@@ -95,7 +106,8 @@ def test_dry_run_sanity_checks_pass(dry_run):
     names = {c["check"] for c in res["sanity"]}
     assert {"prism_dense_vs_reference", "prism_vs_reference_fixed_mask", "prism_selection_vs_reference",
             "fp8_selection_vs_reference", "fp8_attend_dense_vs_paged_reference_384",
-            "fa3_attend_group_vs_triton_union_384"} <= names
+            "fa3_attend_group_vs_triton_union_384", "fa3_attend_head_views_vs_triton_384",
+            "fa3_attend_group_views_vs_triton_union_384"} <= names
     assert all(c["ok"] for c in res["sanity"]), res["sanity"]
 
 
