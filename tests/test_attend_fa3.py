@@ -563,8 +563,7 @@ def test_gpu_fa3_group_layout_equals_reference_under_the_union_mask(name, dtype)
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("layout", ["head_views", "group_views"])
-@pytest.mark.parametrize("name", ["d64_gqa7", "8k_one_request", "mid_block_chunks_context", "buckets_page32_hnd",
-                                  "every_block"])
+@pytest.mark.parametrize("name", ["d64_gqa7", "mid_block_chunks_context", "buckets_page32_hnd", "every_block"])
 def test_gpu_fa3_view_layouts_equal_reference(name, layout):
     """vLLM's FA3 called once per q head (head_views) or kv head (group_views) on strided views of
     q and out ([T_b, 1 or G, D] with the caller's row / head strides), d=64 and d=128: block-sparse
