@@ -6,7 +6,8 @@
 # Pieces:
 #   attend    FA3 attend step: its GPU tests (+ fp8 pooling), then the kernel benchmark with FA3
 #             attend rows for the Llama-3.1-8B layer and a 14q/2kv d=64 layer (needs vLLM's FA3),
-#             and its fp8 KV cache rows (Llama-3.1-8B layer, 32K / 128K) in a run of their own
+#             (each FA3 row in the four attend layouts: head, group, head_views, group_views)
+#   attend-fp8  the kernel benchmark's fp8 KV cache rows (Llama-3.1-8B layer, 32K / 128K)
 #   kernels   kernel GPU tests + kernel benchmark
 #   estimation  where the estimation's time goes (GPU per kernel vs host per call), its launch-knob
 #             sweep at 32K/128K, and Nsight Compute metrics of the selection kernel where ncu
@@ -64,18 +65,20 @@ run_bench() {  # PART BUDGET_S [more benchmarks.run flags]; BENCH_TAG names the 
 case "$piece" in
   attend)
     log "FA3 attend GPU tests"
-    # 45 s measured (8f43227, b2c8345); the limits below add up to 510 s, as before the fp8 run
-    timeout 110 python -m pytest -m gpu -q -s tests/test_attend_fa3.py tests/test_pooling_fp8.py \
+    # 45 s measured at 8f43227 / b2c8345 with the head layout alone; the group and view layouts'
+    # tests and the benchmarks' four layouts per row (e2d9457) are not timed yet: limits add up to 550 s
+    timeout 150 python -m pytest -m gpu -q -s tests/test_attend_fa3.py tests/test_pooling_fp8.py \
       > "$out/gpu-attend.log" 2>&1; echo "pytest rc=$?" >> "$out/gpu-attend.log"; tail -4 "$out/gpu-attend.log"
-    log "kernel benchmark, Llama-3.1-8B layer"
+    log "kernel benchmark, Llama-3.1-8B layer, layouts head / group / head_views / group_views"
     timeout 240 python benchmarks/kernels.py --skip break_even,fp8 --commit "$sha" --out "$out/kernels-fa3-h200.json" \
       > "$out/bench-fa3.log" 2>&1; echo "bench rc=$?" >> "$out/bench-fa3.log"; tail -24 "$out/bench-fa3.log"
     log "kernel benchmark, 14q/2kv d=64 layer"
-    timeout 110 python benchmarks/kernels.py --shape gqa7_d64 --skip estimation,break_even,fp8 --commit "$sha" \
+    timeout 160 python benchmarks/kernels.py --shape gqa7_d64 --skip estimation,break_even,fp8 --commit "$sha" \
       --out "$out/kernels-fa3-d64-h200.json" > "$out/bench-fa3-d64.log" 2>&1; echo "bench rc=$?" >> "$out/bench-fa3-d64.log"
-    tail -16 "$out/bench-fa3-d64.log"
-    log "kernel benchmark, fp8 KV cache, Llama-3.1-8B layer"  # its own JSON: a timeout here loses only these rows
-    timeout 90 python benchmarks/kernels.py --skip sparse,estimation,break_even --commit "$sha" \
+    tail -16 "$out/bench-fa3-d64.log" ;;
+  attend-fp8)
+    log "kernel benchmark, fp8 KV cache, Llama-3.1-8B layer"
+    timeout 150 python benchmarks/kernels.py --skip sparse,estimation,break_even --commit "$sha" \
       --out "$out/kernels-fp8-h200.json" > "$out/bench-fp8.log" 2>&1; echo "bench rc=$?" >> "$out/bench-fp8.log"
     tail -12 "$out/bench-fp8.log" ;;
   estimation)
