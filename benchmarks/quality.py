@@ -37,13 +37,16 @@ __all__ = ["CORPORA", "POINTS", "Point", "derive", "merge_docs", "parse_points",
 #: The sweep, in run order: FLASH_ATTN first (every delta is against it), then the paper's rule
 #: over top-p (the default preset's point and the fast preset's first), the mean-pool rule, and
 #: block-budget caps. Edit freely; any ``RULE:TOP_P[:bBUDGET]`` with a PrismConfig rule works.
-#: The 0.995 points follow the default's: the first run (2026-12-02, e31f62d) found top-p 0.99 at
-#: +1.44% on the fortunes at 32K, so they are the candidates for a default within 1% everywhere.
+#: The 0.995 / 0.998 points follow the default's: the first run (2026-12-02, e31f62d) found top-p
+#: 0.99 at +1.44% on the fortunes at 32K, and the CPU screen of one 32K fortunes window
+#: (benchmarks/results/quality-cpu-32k.json) put meanpool:0.995 at +0.98% and meanpool:0.998 at
+#: +0.80%: the candidates for a default within 1% everywhere.
 POINTS: tuple[str, ...] = (
     "dense",
     "paper:0.99",
     "paper:0.995",
     "meanpool:0.995",
+    "meanpool:0.998",
     "paper:0.95",
     "paper:0.98",
     "paper:0.97",

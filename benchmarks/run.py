@@ -56,7 +56,7 @@ then copy the returned results/*.json here into benchmarks/results and run
 ``python -m benchmarks.run --report --readme README.md`` (tables, plots, README block).
 
 The quality sweep needs the Austen corpus too (``python -m benchmarks.corpus_austen`` here, then
-carry benchmarks/data). It is 36 engine jobs (12 points x 3 lengths, 6 at a time; on the H200 on
+carry benchmarks/data). It is 39 engine jobs (13 points x 3 lengths, 6 at a time; on the H200 on
 2026-12-02 the first wave took ~2 min, later waves 45-80 s: 20 jobs in 304 s, 10 in 178 s); split it
 over two device calls by length:
 
