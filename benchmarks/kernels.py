@@ -41,7 +41,7 @@ dim, randomly permuted block table). Sections:
 
 Every section runs unless --skip names it (--skip sparse,estimation,break_even,fp8); fp8 is on by
 default like the others, so the plain command and the CPU dry run cover it. The time-limited
-commands of benchmarks/gpu_suite.sh's attend piece skip it and time it in a run of its own.
+commands of benchmarks/gpu_suite.sh's attend piece skip it; its attend-fp8 piece times it alone.
 
 Usage (GPU machine, from the repo root; vLLM staged for FA3):
     bash benchmarks/fetch_official.sh     # here, then carry benchmarks/_official
@@ -66,6 +66,7 @@ import math
 import os
 import statistics
 import subprocess
+import signal
 import sys
 import time
 import types
@@ -1311,6 +1312,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"official Prism unavailable: {off_why}", file=sys.stderr)
     else:
         res["notes"] += off.notes
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def keep_partial(signum: int, _frame: Any) -> None:
+        # gpu_suite.sh runs this under `timeout`: what was measured before the limit comes back
+        res["notes"].append(f"PARTIAL: stopped by signal {signum} before every row was measured")
+        out_path.write_text(json.dumps(res, indent=1) + "\n")
+        print(f"stopped by signal {signum}; wrote the rows so far to {out_path}", file=sys.stderr, flush=True)
+        sys.exit(124)
+
+    signal.signal(signal.SIGTERM, keep_partial)
     if args.sweep:
         res["sweep"] = []
         for k in SECTIONS:
@@ -1355,7 +1366,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                     break
             summ[mode] = first
         res["break_even_min_tokens"] = summ
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(res, indent=1) + "\n")
     print(summary(res))
     print(f"wrote {out_path}")

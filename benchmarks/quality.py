@@ -34,17 +34,18 @@ from prism_vllm.config import DEFAULT_PRESET, PRESETS, PrismConfig
 
 __all__ = ["CORPORA", "POINTS", "Point", "derive", "merge_docs", "parse_points", "preset_marks", "spaced_windows"]
 
-#: The sweep, in run order: FLASH_ATTN first (every delta is against it), then the paper's rule
-#: over top-p (the default preset's point and the fast preset's first), the mean-pool rule, and
-#: block-budget caps. Edit freely; any ``RULE:TOP_P[:bBUDGET]`` with a PrismConfig rule works.
-#: The 0.995 / 0.998 points follow the default's: the first run (2026-12-02, e31f62d) found top-p
-#: 0.99 at +1.44% on the fortunes at 32K, and the CPU screen of one 32K fortunes window
-#: (benchmarks/results/quality-cpu-32k.json) put meanpool:0.995 at +0.98% and meanpool:0.998 at
-#: +0.80%: the candidates for a default within 1% everywhere.
+#: The sweep, in run order (a --budget-s cut drops the last ones first): FLASH_ATTN first (every
+#: delta is against it), the default preset's point, the candidates for a default within 1% at
+#: every length, then the rest of the paper's rule over top-p (the fast preset's 0.95 first), the
+#: mean-pool rule, and block-budget caps. The first run (2026-12-02, e31f62d) found top-p 0.99 at
+#: +1.44% on the fortunes at 32K; the CPU screen of one 32K fortunes window
+#: (benchmarks/results/quality-cpu-32k.json) put paper 0.998 at +0.89%, mean-pool 0.995 at +0.98%
+#: and mean-pool 0.998 at +0.80% (paper 0.995: +1.10%). Edit freely; any ``RULE:TOP_P[:bBUDGET]``
+#: with a PrismConfig rule works.
 POINTS: tuple[str, ...] = (
     "dense",
     "paper:0.99",
-    "paper:0.995",
+    "paper:0.998",
     "meanpool:0.995",
     "meanpool:0.998",
     "paper:0.95",

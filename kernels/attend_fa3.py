@@ -132,6 +132,12 @@ class AttendLaunch:
     """Key blocks per bitmap tile of the union kernel (``_union_rows_kernel``)."""
     num_warps: int = 4
 
+    def __post_init__(self) -> None:
+        # the union kernel clears a bitmap tile right after reading it: every element of the tile
+        # must belong to one thread (no replicated lanes), i.e. block_n >= the program's threads
+        if self.block_n < 32 * self.num_warps:
+            raise ValueError(f"AttendLaunch.block_n={self.block_n} must be >= 32 * num_warps ({32 * self.num_warps})")
+
 
 #: The settings of every head dim (a copy's BLOCK_D is the head dim's next power of two).
 ATTEND_LAUNCH = AttendLaunch()
@@ -274,6 +280,9 @@ def make_attend_plan(
         if num_kv_heads is None:
             raise ValueError(f"make_attend_plan(layout={layout!r}) needs num_kv_heads (the union covers a kv group)")
         check_gqa(hq, num_kv_heads)
+        if capacity.key_blocks < 1:
+            raise ValueError(f"make_attend_plan(layout={layout!r}) needs AttendCapacity.key_blocks >= 1 (the union "
+                             f"bitmaps' length), got {capacity}; build the capacity with attend_capacity")
         if plan.max_k_blocks > capacity.key_blocks:
             return None
         # a union row holds at most every causal block, and at most its G heads' rows together
@@ -312,8 +321,9 @@ class AttendWorkspace:
     "group" / "group_views" add the union buffers: the bucket's union rows (int16, one entry per
     page-table key block: ``table_blocks`` x 2 bytes, 1/16 of the page table) and counts
     (``sequences`` int32), and the union bitmaps: ``bitmap_rows`` = min(sequences,
-    UNION_BITS_BYTES // key_blocks) zeroed int8 rows of ``key_blocks`` (<= 16 MiB; 2 MiB for a
-    128K Llama-3.1-8B layer), which the union kernel leaves zeroed after every launch.
+    UNION_BITS_BYTES // key_blocks) zeroed int8 rows of ``key_blocks`` (<= 16 MiB: 16 MiB for a
+    128K one-shot Llama-3.1-8B step, ~2 MiB for 8K-token steps), which the union kernel leaves zeroed
+    after every launch.
     """
 
     def __init__(self, capacity: AttendCapacity, num_q_heads: int, head_dim: int, dtype: torch.dtype,
@@ -974,10 +984,11 @@ def attend_fa3(
         for bucket in attend.buckets:
             a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, layout=layout)
             n_b = bucket.g_hi - bucket.g_lo
+            descales = _descales(q_scale, k_scale, v_scale, n_b, 1)  # the same for every call of the bucket
             calls = zip(bucket_views(q, bucket, hps), bucket_views(out, bucket, hps), a["seqused_k"], a["block_table"])
             for q_i, out_i, seqused_k, table in calls:
                 flash_attn_varlen_func(
-                    **_descales(q_scale, k_scale, v_scale, n_b, 1),
+                    **descales,
                     q=q_i,
                     k=vkv.k,
                     v=vkv.v,

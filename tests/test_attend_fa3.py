@@ -431,6 +431,18 @@ def test_attend_rejects_a_plan_of_the_other_layout():
                    workspace=AttendWorkspace(BIG, c.hq, c.d, torch.float16, DEVICE), layout="head_views")
     with pytest.raises(ValueError, match="layouts"):
         AttendWorkspace(BIG, c.hq, c.d, torch.float16, DEVICE, layouts=("heads",))
+    no_bits = AttendCapacity(BIG.rows, BIG.sequences, BIG.table_blocks)  # key_blocks left at 0
+    for layout in ("group", "group_views"):  # a union plan without bitmaps is a setup error, not "serve it otherwise"
+        with pytest.raises(ValueError, match="key_blocks"):
+            make_attend_plan(plan, no_bits, layout=layout, num_kv_heads=c.hkv)
+
+
+def test_union_tiles_have_no_replicated_lanes():
+    from prism_vllm.kernels.attend_fa3 import AttendLaunch
+
+    AttendLaunch(block_n=128, num_warps=4)
+    with pytest.raises(ValueError, match="block_n"):
+        AttendLaunch(block_n=64, num_warps=4)
 
 
 def test_virtual_view_stays_inside_the_cache_storage():

@@ -257,3 +257,31 @@ def test_estimation_scripts_dry_run(tmp_path, script):
         assert {"default", "warps16", "warps4", "topp16bits", "topp8bits"} <= tunings
         exact = [r for r in res["rows"] if "topp" not in r["tuning"]]
         assert exact and all(r["rows_with_other_count_than_ieee"] == 0 for r in exact)
+
+
+def test_a_run_stopped_by_timeout_keeps_its_rows(tmp_path):
+    """gpu_suite.sh runs the benchmark under `timeout`: SIGTERM writes what was measured so far."""
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "kernels.json"
+    cmd = [sys.executable, str(BENCH), "--dry-run", "--out", str(out), "--commit", "test-commit"]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    seen: list[str] = []
+
+    def drain() -> None:
+        while chunk := proc.stderr.read1(4096):
+            seen.append(chunk.decode(errors="replace"))
+
+    threading.Thread(target=drain, daemon=True).start()
+    deadline = time.monotonic() + 240
+    while "kernels" not in "".join(seen):  # the progress bar: the sections have started
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(seen)[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 124, "".join(seen)[-3000:]
+    res = json.loads(out.read_text())
+    assert any(n.startswith("PARTIAL") for n in res["notes"])
+    assert res["commit"] == "test-commit"
