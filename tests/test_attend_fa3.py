@@ -342,6 +342,39 @@ def test_group_plan_widths_hold_the_union():
         make_attend_plan(plan, cap, layout="heads")
 
 
+
+def test_union_of_budgeted_heads_fits_the_group_width():
+    """The widest union a budget allows: each head of a group keeps its own ceil(b * n) blocks,
+    the sink and the diagonal (reference.cap_to_budget's bound) and no two heads share the rest,
+    so a union row is G times a head's row up to every causal block. Every union the kernel
+    builds from such selections fits its bucket's width (no row spills into the next)."""
+    hq, hkv, budget = 8, 2, 0.1
+    G = hq // hkv
+    plan = make_plan([0, 3000], [0], hq, B)
+    n_blocks = plan.max_k_blocks
+    m = torch.zeros(hq, plan.num_q_blocks, n_blocks, dtype=torch.bool)
+    for g in range(plan.num_q_blocks):
+        n = g + 1
+        k = int(ref.budget_counts(torch.tensor([n]), budget)[0])
+        m[:, g, 0] = m[:, g, g] = True
+        free = torch.arange(1, max(g, 1))  # neither the sink nor the diagonal
+        for h in range(hq):
+            part = free[(h % G)::G][: max(k - 2, 0)]  # the group's heads pick disjoint blocks
+            m[h, g, part] = True
+    assert int(m.sum(-1).max()) <= int(row_width_bounds(plan, budget).max())  # each head within the budget bound
+    sel = BlockSelection.from_masks([m], plan.to(DEVICE))
+    cap = AttendCapacity(rows=B, sequences=1 << 12, table_blocks=1 << 16, key_blocks=n_blocks)
+    ws = AttendWorkspace(cap, hq, 64, torch.float16, DEVICE, layouts=("group",))
+    ap = make_attend_plan(plan.to("cpu"), cap, block_budget=budget, layout="group", num_kv_heads=hkv)
+    union = m.view(hkv, G, *m.shape[1:]).any(1)  # [HKV, nq, nk]
+    for b in ap.buckets:
+        _, cnt = union_rows(sel, b, ws, hkv)
+        want = union[:, b.g_lo:b.g_hi].sum(-1).T.reshape(-1)  # row u = (g - g_lo) * HKV + kvh
+        assert torch.equal(cnt.cpu().long(), want)
+        assert int(want.max()) <= b.width
+    assert any(int(union[:, b.g_lo].sum(-1).max()) > int(row_width_bounds(plan, budget)[b.g_lo]) for b in ap.buckets)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_group_layout_with_fa_semantics_equals_reference_under_the_union_mask(name):
     """The group layout's FA3 inputs, through FA's documented paged varlen semantics with G q
