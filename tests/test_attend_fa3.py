@@ -29,6 +29,7 @@ from prism_vllm import reference as ref
 from prism_vllm.kernels import make_plan
 from prism_vllm.kernels import attend_fa3 as attend_mod
 from prism_vllm.kernels.attend_fa3 import (
+    LAYOUTS,
     AttendCapacity,
     AttendWorkspace,
     attend_capacity,
@@ -651,7 +652,7 @@ def test_gpu_fa3_attend_equals_reference_and_triton(name, dtype):
     assert math.isfinite(float(out[:T].float().abs().max()))
 
 
-@pytest.mark.parametrize("layout", ["head", "head_views", "group_views"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_fp8_cache_and_queries_through_fa3_semantics(layout):
     """An fp8 (e4m3) cache with fp8 queries, as vLLM hands them for --kv-cache-dtype fp8: the copy
     keeps q in fp8 (the view layouts read it in place), FA3 gets per-tensor descales, the output is
@@ -682,7 +683,7 @@ def test_fp8_cache_and_queries_through_fa3_semantics(layout):
         row += L
 
 
-@pytest.mark.parametrize("layout", ["head", "head_views", "group_views"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_softcap_reaches_fa3(layout):
     """Soft-capped layers (e.g. Gemma-2's global layers) attend on the FA3 path with FA's logit
     soft-cap: the cap reaches every FA3 call and the output equals the capped reference."""
