@@ -150,13 +150,17 @@ def _masks_of(layout, masks, hkv):
     return union_masks(masks, hkv) if layout in ("group", "group_views") else masks
 
 
+@pytest.mark.parametrize("layout", ["head", "group"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_attend_with_fa_semantics_equals_reference(name):
+def test_attend_with_fa_semantics_equals_reference(name, layout):
+    """A copy layout's FA3 inputs, through FA's documented paged varlen semantics (the group
+    layout: G q heads per sequence over one kv head), are block-sparse attention under each
+    head's mask (head) or its kv group's union (group), for every row kind."""
     c = CASES[name]
     q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c)
     scale = c.d**-0.5
-    out, ap = _attend(c, q, kc, vc, table, plan.to(DEVICE), sel, ref.paged_varlen_attention, scale)
-    want = _expected(q, ks, vs, c, masks, scale)
+    out, ap = _attend(c, q, kc, vc, table, plan.to(DEVICE), sel, ref.paged_varlen_attention, scale, layout=layout)
+    want = _expected(q, ks, vs, c, _masks_of(layout, masks, c.hkv), scale)
     T = plan.num_tokens
     atol, rtol = TOL[torch.float16]
     torch.testing.assert_close(out[:T].float(), want.float(), atol=atol, rtol=rtol)
@@ -374,24 +378,6 @@ def test_union_of_budgeted_heads_fits_the_group_width():
         assert torch.equal(cnt.cpu().long(), want)
         assert int(want.max()) <= b.width
     assert any(int(union[:, b.g_lo].sum(-1).max()) > int(row_width_bounds(plan, budget)[b.g_lo]) for b in ap.buckets)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_group_layout_with_fa_semantics_equals_reference_under_the_union_mask(name):
-    """The group layout's FA3 inputs, through FA's documented paged varlen semantics with G q
-    heads per sequence over one kv head, are block-sparse attention under the union mask, for
-    every row kind of the head-layout test."""
-    c = CASES[name]
-    q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c)
-    scale = c.d**-0.5
-    out, ap = _attend(c, q, kc, vc, table, plan.to(DEVICE), sel, ref.paged_varlen_attention, scale, layout="group")
-    want = _expected(q, ks, vs, c, union_masks(masks, c.hkv), scale)
-    T = plan.num_tokens
-    atol, rtol = TOL[torch.float16]
-    torch.testing.assert_close(out[:T].float(), want.float(), atol=atol, rtol=rtol)
-    assert out[T:].isnan().all(), "rows past the plan were written"
-    if name.startswith("many_buckets"):
-        assert len(ap.buckets) > 2
 
 
 @pytest.mark.parametrize("layout", ["head_views", "group_views"])
