@@ -30,8 +30,8 @@ dim, randomly permuted block table). Sections:
               head / kv head on views of q and out, kernels/attend_fa3.py): sparse rows and the
               structured selection's break-even row report the union's density beside the
               per-head density, each layout's time, speed-up and per-block cost against FA3 dense
-              (per UNION block for the group layouts: what they compute); the view layouts also
-              their table builds alone (``*_tables_ms``, the copies they replace).
+              (per UNION block for the group layouts: what they compute), and the Triton launches
+              alone (``*_tables_ms``; for the view layouts the table build that replaces the copies).
               The sparse section's fixed masks are independent per head (the union's worst
               case); the structured input's heads of a kv group share a direction (select alike).
   sanity      once at the smallest length: ours at density 1.0 vs FA3 (max abs error), ours vs the
@@ -682,9 +682,6 @@ def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Offici
                 check_dense(s, ours, q, kv, k, v, sel_idx, sel_cnt, fa3, res)
             row["prism_ms"] = bench(lambda: ours.sparse(q, kv, sel_idx, sel_cnt, out), s)
             row["fa3_ms"] = fa3_ms
-            if fa3v is not None and "group" in s.attend_layouts:
-                group_rows(s, ours, row, q, kv, mask, sel_idx, sel_cnt, out, fa3v, fa3_ms, res,
-                           first=li == 0 and dens < 1.0)
             if fa3v is not None and "head" in s.attend_layouts:
                 # the FA3 attend step, every copy and table build included
                 row["prism_fa3_ms"] = bench_or_none(lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa3v), s,
@@ -707,10 +704,10 @@ def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Offici
                         if dens == 1.0 and fa3_out is not None:
                             add_check(res, f"fa3_attend_dense_vs_fa3_{tok(L)}", L, measured, out, fa3_out, tol=2e-2)
                         del tri
-            for lay in ("head_views", "group_views"):
+            for lay in ("group", "head_views", "group_views"):
                 if fa3v is not None and lay in s.attend_layouts:
-                    view_rows(s, ours, row, lay, q, kv, mask, sel_idx, sel_cnt, out, fa3v, fa3_ms, res,
-                              check=dens < 1.0)
+                    layout_rows(s, ours, row, lay, q, kv, mask, sel_idx, sel_cnt, out, fa3v, fa3_ms, res,
+                                check=dens < 1.0)
             row["official_ms"] = None
             if off is not None and off.block_sparse_attention is not None:
                 omask = mask.unsqueeze(0)  # [1, HQ, nq, nk] bool: the official format
@@ -763,32 +760,6 @@ def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Offici
             torch.cuda.empty_cache()
 
 
-def group_rows(s: Setup, ours: Ours, row: dict[str, Any], q: torch.Tensor, kv: Paged,
-               mask: torch.Tensor, sel_idx: torch.Tensor, sel_cnt: torch.Tensor, out: torch.Tensor,
-               fa: Callable[..., Any], fa3_ms: Optional[float], res: dict[str, Any], first: bool) -> None:
-    """The group layout's columns of a row (same selection as the head layout's): the union's
-    density beside the per-head one, the attend step's time (union kernel, copies, FA3, scatter),
-    its speed-up over FA3 dense and its per-block efficiency counted in UNION blocks (FA3 dense
-    time x union density / its time: 1.0 = as fast per computed block as dense). Once per
-    length: its output against the Triton kernel on the union selection."""
-    umask, ud = union_columns(s, row, mask)
-    row["prism_fa3_group_ms"] = ms = bench_or_none(
-        lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa, layout="group"), s,
-        f"FA3 attend group layout {tok(ours.tokens)} d={row.get('density_target', row['density'])}")
-    if ms is not None and fa3_ms is not None:
-        row["fa3_attend_group_speedup_vs_fa3"] = round(fa3_ms / ms, 3)
-        row["fa3_attend_group_per_union_block_eff"] = round(fa3_ms * ud / ms, 3)
-    name = f"fa3_attend_group_vs_triton_union_{tok(ours.tokens)}"
-    if ms is not None and first and not _checked(res, name):
-        ui, uc = ours.bsr(umask)
-        want = torch.full_like(q, float("nan"))
-        ours.sparse(q, kv, ui, uc, want)
-        out.fill_(float("nan"))
-        ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa, layout="group")
-        add_check(res, name, ours.tokens, ud, out, want, tol=2e-2)
-        del ui, uc, want
-
-
 def union_columns(s: Setup, row: dict[str, Any], mask: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The union mask of a row's selection and its density, written into the row (once)."""
     umask = union_mask(mask, s.hkv)
@@ -798,15 +769,18 @@ def union_columns(s: Setup, row: dict[str, Any], mask: torch.Tensor) -> tuple[to
     return umask, ud
 
 
-def view_rows(s: Setup, ours: Ours, row: dict[str, Any], layout: str, q: torch.Tensor, kv: Paged,
-              mask: torch.Tensor, sel_idx: torch.Tensor, sel_cnt: torch.Tensor, out: torch.Tensor,
-              fa: Callable[..., Any], fa3_ms: Optional[float], res: dict[str, Any], check: bool) -> None:
-    """A view layout's columns of a row (same selection as the others): the attend step's time
-    (table build, then one FA3 call per q head / kv head on views of q and out), its table build
-    alone (what replaces the copies), its speed-up over FA3 dense and its per-block efficiency
-    (per UNION block for group_views). With ``check``, once per length: its output against the
-    Triton kernel on the selection (head_views) or its union (group_views)."""
-    union = layout == "group_views"
+def layout_rows(s: Setup, ours: Ours, row: dict[str, Any], layout: str, q: torch.Tensor, kv: Paged,
+                mask: torch.Tensor, sel_idx: torch.Tensor, sel_cnt: torch.Tensor, out: torch.Tensor,
+                fa: Callable[..., Any], fa3_ms: Optional[float], res: dict[str, Any], check: bool) -> None:
+    """The columns of a row (same selection as the head layout's) for the layouts beside the
+    backend's: "group" (copies, a kv group's heads over the union of their selections) and the
+    view layouts (one FA3 call per q head / kv head on views of q and out). The union's density
+    beside the per-head one (group layouts), the attend step's time, its Triton launches alone
+    (``*_tables_ms``: for the view layouts the table build that replaces the copies), its
+    speed-up over FA3 dense and its per-block efficiency (FA3 dense time x density / its time,
+    per UNION block for the group layouts: what they compute). With ``check``, once per length:
+    its output against the Triton kernel on the selection or its union."""
+    union = layout in ("group", "group_views")
     ud = union_columns(s, row, mask)[1] if union else mask_density(mask)
     tag = f"{tok(ours.tokens)} d={row.get('density_target', row['density'])}"
     row[f"prism_fa3_{layout}_ms"] = ms = bench_or_none(
@@ -972,13 +946,10 @@ def run_break_even(s: Setup, fa3: Optional[Callable[..., Any]], est: dict[int, d
                                                    f"FA3 attend structured {tok(L)}")
                 if r["fa3_attend_ms"] is not None and fa3_ms is not None:
                     r["fa3_attend_per_block_eff"] = round(fa3_ms * e["density"] / r["fa3_attend_ms"], 3)
-            if "group" in s.attend_layouts:
-                group_rows(s, ours, r, q, kv, ours.selected_mask(ws), sel_idx, sel_cnt, out, fa, fa3_ms,
-                           res, first=False)
-            for lay in ("head_views", "group_views"):
+            got = ours.selected_mask(ws)
+            for lay in ("group", "head_views", "group_views"):
                 if lay in s.attend_layouts:
-                    view_rows(s, ours, r, lay, q, kv, ours.selected_mask(ws), sel_idx, sel_cnt, out, fa, fa3_ms,
-                              res, check=False)
+                    layout_rows(s, ours, r, lay, q, kv, got, sel_idx, sel_cnt, out, fa, fa3_ms, res, check=False)
         res["break_even"].append(r)
         for dens in s.be_proxies:
             mask = fixed_mask(s.hq, ours.plan.num_q_blocks, dens, s.device, gen)
