@@ -265,9 +265,8 @@ def make_attend_plan(
     "head_views" / "group_views" plan as "head" / "group" without the rows bound (no copy holds
     the rows): a bucket is one FA3 call per q head / kv head, so fewer buckets mean fewer calls.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"Invalid attend layout {layout!r}: expected one of {LAYOUTS}")
     hq = plan.num_q_heads
+    hs = _seq_heads(hq, num_kv_heads, layout)  # sequences per query block (checks the layout)
     seq = plan.seqused_k.cpu().numpy()
     cu = plan.cu_seqlens_q.cpu().numpy()
     max_q = int((cu[1:] - cu[:-1]).max()) if plan.num_reqs else 0
@@ -286,8 +285,7 @@ def make_attend_plan(
         if plan.max_k_blocks > capacity.key_blocks:
             return None
         # a union row holds at most every causal block, and at most its G heads' rows together
-        width = np.minimum(plan.qb_abs.cpu().numpy().astype(np.int64) + 1, (hq // num_kv_heads) * width)
-        hq = num_kv_heads  # sequences per query block
+        width = np.minimum(row_width_bounds(plan, None), (hq // num_kv_heads) * width)
     max_rows = capacity.rows if layout not in VIEW_LAYOUTS else plan.num_tokens
     buckets: list[AttendBucket] = []
     g_hi = plan.num_q_blocks
@@ -296,7 +294,7 @@ def make_attend_plan(
         while g >= 0:
             w2, n = max(w, int(width[g])), g_hi - g
             t = int(row0[g_hi - 1] + rows[g_hi - 1] - row0[g])
-            if t > max_rows or n * hq > capacity.sequences or n * hq * w2 > capacity.table_blocks:
+            if t > max_rows or n * hs > capacity.sequences or n * hs * w2 > capacity.table_blocks:
                 break
             w, mr = w2, max(mr, int(rows[g]))
             g -= 1
