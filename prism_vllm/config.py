@@ -99,7 +99,8 @@ class PrismConfig:
     so Prism pays off at longer contexts (min_context_len="auto" decides where).
     'fast': top-p 0.95 in both bands, no block budget (the paper's setting): perplexity +3.6..+5.7%
     at 8K-32K (quality.json, density 0.22-0.32); prefill 1.79x faster than FLASH_ATTN at 64K and
-    2.76x at 128K on SmolLM2 (an H200 speed run at commit 8f43227)."""
+    2.76x at 128K on SmolLM2 (H200, commit 8f43227: benchmarks/results/speed.json as committed in
+    b3a8be6)."""
 
     high_threshold: float = _FROM_PRESET
     """Top-p mass kept per query block in the high band, in (0, 1]. 1.0 keeps every block.
