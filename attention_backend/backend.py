@@ -47,6 +47,7 @@ from vllm.v1.attention.backends.flash_attn import (
 from vllm.utils.torch_utils import is_quantized_kv_cache
 from vllm.v1.kv_cache_interface import AttentionSpec
 
+from prism_vllm.config import AUTO_ATTEND_LAYOUTS, PrismConfig
 from prism_vllm.kernels import FA3Launch, PrismParams, PrismWorkspace, prism_prefill
 from prism_vllm.kernels.attend_fa3 import AttendPlan, make_attend_plan, virtual_kv
 from prism_vllm.kernels.plan import BlockSelection, PrefillPlan, make_plan
@@ -104,6 +105,7 @@ def _new_workspace(need: WorkspaceNeed, device: torch.device) -> PrismWorkspace:
         head_dim=need.head_dim,
         attend_dtype=need.attend_dtype,
         block_size=need.block_size,
+        attend_layouts=need.attend_layouts,
     )
     return PrismWorkspace.allocate(sizes, device)
 
@@ -128,6 +130,15 @@ def shape_key(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: Any, fa
     """What the break-even of a layer depends on (measured once per key and process)."""
     name = str(dtype).replace("torch.", "")
     return f"{num_q_heads}q/{num_kv_heads}kv d={head_dim} {name} {'fa3' if fa3 else 'triton'}"
+
+
+def attend_layout(cfg: PrismConfig, shape: str) -> str:
+    """The FA3 attend layout of a layer shape: the configured one, else (``"auto"``) the one
+    measured for the shape at startup (``break_even.choose_layout``), else "head"."""
+    if cfg.attend_layout != "auto":
+        return cfg.attend_layout
+    choice = break_even.layout_for(shape)
+    return choice.layout if choice is not None else "head"
 
 
 def _prior_density(params: PrismParams) -> float:
@@ -165,9 +176,9 @@ def _FA3() -> Any:
 
 
 def _workspace_need(vllm_config: Any, num_q_heads: int, num_kv_heads: int, head_dim: int, *, attend: bool,
-                    block_size: int) -> WorkspaceNeed:
+                    cfg: PrismConfig) -> WorkspaceNeed:
     """The worst case one launch must fit under vLLM's scheduler limits (FA3 attend buffers in
-    the model dtype when ``attend``)."""
+    the model dtype for the layouts ``cfg.attend_layout`` may use, when ``attend``)."""
     sched = vllm_config.scheduler_config
     dtype = getattr(vllm_config.model_config, "dtype", None)
     return WorkspaceNeed(
@@ -178,7 +189,8 @@ def _workspace_need(vllm_config: Any, num_q_heads: int, num_kv_heads: int, head_
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         attend_dtype=dtype if attend and dtype in (torch.float16, torch.bfloat16) else None,
-        block_size=block_size,
+        block_size=cfg.block_size,
+        attend_layouts=AUTO_ATTEND_LAYOUTS if cfg.attend_layout == "auto" else (cfg.attend_layout,),
     )
 
 
@@ -320,14 +332,19 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         if not ready:
             return
         self.prism_on = True
-        self.prism_num_heads = shapes[0][0]
+        self.prism_num_heads, self._num_kv_heads = shapes[0][0], shapes[0][1]
         fa3 = any(impl.prism_fa3 for _, impl in ready)
         # What the layers' launches do (every Prism layer of a group has the same config): read,
         # not re-derived from the config.
         self._params: PrismParams = ready[0][1].prism_layer.params
         self._shape_key = shape_key(*shapes[0], getattr(vllm_config.model_config, "dtype", None), fa3)
         self._auto_min_context: Optional[int] = None
-        need = _workspace_need(vllm_config, *shapes[0], attend=fa3, block_size=self._params.block_size)
+        self._layout = attend_layout(self.prism_config, self._shape_key)
+        if fa3:
+            choice = break_even.layout_for(self._shape_key)
+            STATS.record_attend_layout(self._shape_key, choice.summary() if choice is not None and (
+                self.prism_config.attend_layout == "auto") else {"layout": self._layout, "shape": self._shape_key})
+        need = _workspace_need(vllm_config, *shapes[0], attend=fa3, cfg=self.prism_config)
         lane = POOL.lane_for(self, tuple(layer_names))
         self.workspace = POOL.get(device, lane, need, _new_workspace)
         logger.debug(
@@ -467,7 +484,8 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
             attend = None
             if ws.attend is not None:  # FA3 buckets, planned here on the host (None: Triton attends)
                 attend = make_attend_plan(plan, ws.attend.capacity, block_budget=self._params.block_budget,
-                                          all_blocks=self._params.all_blocks)
+                                          all_blocks=self._params.all_blocks, layout=self._layout,
+                                          num_kv_heads=self._num_kv_heads)
             causal_blocks, qb_weight = 0, None
             if sample:
                 qb_sparse = (plan.dense.to(torch.int64) == 0)[plan.qb_req.to(torch.int64)]
@@ -590,29 +608,34 @@ class PrismAttentionImpl(FlashAttentionImpl):
         """vLLM calls this once the model's weights are loaded (for dummy weights too): resolve
         the layer's RoPE bands and launch parameters, or why it stays on FlashAttention."""
         super().process_weights_after_loading(act_dtype)
-        if self.prism_resolve() and self.prism_config.min_context_len == "auto" and self._limits is not None:
-            self._measure_break_even(act_dtype)
-
-    def _measure_break_even(self, act_dtype: torch.dtype) -> None:
-        """Time dense vs Prism for this layer's shape on this GPU, once per shape and process
-        (before vLLM sizes its KV cache, so the synthetic inputs fit): see break_even."""
-        lp = self.prism_layer
-        device = lp.params.band_high.device
-        if device.type != "cuda":
+        if not self.prism_resolve() or self._limits is None or self.prism_layer.params.band_high.device.type != "cuda":
             return
+        cfg = self.prism_config
+        if cfg.min_context_len != "auto" and (cfg.attend_layout != "auto" or not self.prism_fa3):
+            return
+        # Before vLLM sizes its KV cache, so the synthetic inputs fit; once per shape and process.
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
-        max_model_len, max_tokens = self._limits
+        device = self.prism_layer.params.band_high.device
         key = shape_key(self.num_heads, self.num_kv_heads, self.head_size, act_dtype, self.prism_fa3)
-        table = break_even.measure(
-            key, num_q_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
-            dtype=act_dtype, scale=self.scale, params=lp.params, max_model_len=max_model_len,
-            max_num_batched_tokens=max_tokens, flash_attn_varlen_func=flash_attn_varlen_func,
+        probe = dict(
+            num_q_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_size, dtype=act_dtype,
+            scale=self.scale, params=self.prism_layer.params, max_model_len=self._limits[0],
+            max_num_batched_tokens=self._limits[1], flash_attn_varlen_func=flash_attn_varlen_func,
             fa_version=self.vllm_flash_attn_version, fa3_attend=_FA3() if self.prism_fa3 else None, device=device,
         )
-        if table is not None and table.seconds:
-            logger.info("Prism: timed dense vs Prism for %s on %s in %.1f s (min_context_len=auto)",
-                        key, torch.cuda.get_device_name(device), table.seconds)
+        if self.prism_fa3 and cfg.attend_layout == "auto":
+            choice = break_even.choose_layout(key, AUTO_ATTEND_LAYOUTS, **probe)
+            if choice is not None and choice.seconds:
+                logger.info("Prism: attend layout %r for %s on %s (attend ms at %dK tokens, density %.1f: %s; "
+                            "timed in %.1f s)", choice.layout, key, torch.cuda.get_device_name(device),
+                            choice.tokens // 1024, break_even.LAYOUT_DENSITY,
+                            ", ".join(f"{k} {v:.3f}" for k, v in choice.attend_ms.items()), choice.seconds)
+        if cfg.min_context_len == "auto":
+            table = break_even.measure(key, **probe, layout=attend_layout(cfg, key))
+            if table is not None and table.seconds:
+                logger.info("Prism: timed dense vs Prism for %s on %s in %.1f s (min_context_len=auto)",
+                            key, torch.cuda.get_device_name(device), table.seconds)
 
     def prism_resolve(self) -> bool:
         """Resolve this layer's Prism state once (idempotent); False if it stays dense.
@@ -643,7 +666,7 @@ class PrismAttentionImpl(FlashAttentionImpl):
         # attention) counts it. The builder reuses this lane-0 buffer.
         try:
             need = _workspace_need(vllm_config, int(self.num_heads), int(self.num_kv_heads), int(self.head_size),
-                                   attend=self.prism_fa3, block_size=self.prism_config.block_size)
+                                   attend=self.prism_fa3, cfg=self.prism_config)
             device = torch.empty(0).device  # the model loader's device context
         except AttributeError:
             return

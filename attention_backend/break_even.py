@@ -20,7 +20,12 @@ most MARGIN of dense at every longer measured S. The density is the one Prism ha
 (sampled launches, ``prism_vllm.stats``), or PRIOR_DENSITY until the first samples arrive (a
 block budget caps it). The decision and its numbers go to the startup log and ``/prism/stats``.
 
-Pure arithmetic here is tested on CPU; ``measure`` needs a CUDA GPU.
+With ``attend_layout = "auto"`` (and the FA3 attend step), ``choose_layout`` first picks the
+layer shape's attend layout the same way: each layout that attends exactly the selected blocks
+("head", "head_views") must reproduce FlashAttention on an every-block selection, and the fastest
+at a typical density wins; ``measure`` then times the attend step in that layout.
+
+Pure arithmetic here is tested on CPU; ``measure`` and ``choose_layout`` need a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ import torch
 
 from prism_vllm.config import AUTO_FALLBACK_MIN_CONTEXT_LEN
 
-__all__ = ["TimingTable", "measure", "table_for", "DENSITIES", "PRIOR_DENSITY", "MARGIN"]
+__all__ = ["TimingTable", "LayoutChoice", "measure", "table_for", "choose_layout", "layout_for", "DENSITIES",
+           "PRIOR_DENSITY", "MARGIN"]
 
 logger = logging.getLogger("prism_vllm.attention_backend")
 
@@ -160,12 +166,14 @@ def measure(
     fa3_attend: Optional[Callable[..., Any]],
     device: torch.device,
     lengths: Sequence[int] = LENGTHS,
+    layout: str = "head",
 ) -> Optional[TimingTable]:
     """Time dense vs Prism for one layer shape on this GPU (once per shape and process).
 
     ``params``: the layer's PrismParams; ``fa3_attend``: vLLM's FA3 varlen call when the layer's
-    attend step runs on FA3 (None: the Triton kernel). Returns None (and logs why) when there is
-    no CUDA device or anything fails: "auto" then falls back to AUTO_FALLBACK_MIN_CONTEXT_LEN.
+    attend step runs on FA3 (None: the Triton kernel), in ``layout`` (``attend_fa3.LAYOUTS``).
+    Returns None (and logs why) when there is no CUDA device or anything fails: "auto" then falls
+    back to AUTO_FALLBACK_MIN_CONTEXT_LEN.
     """
     with _LOCK:
         if shape in _TABLES:
@@ -176,7 +184,7 @@ def measure(
         try:
             table = _measure(num_q_heads, num_kv_heads, head_dim, dtype, scale, params, max_model_len,
                              max_num_batched_tokens, flash_attn_varlen_func, fa_version, fa3_attend, device,
-                             [L for L in lengths if L <= max_model_len])
+                             [L for L in lengths if L <= max_model_len], layout)
         except Exception as e:  # noqa: BLE001 - a measurement must never stop the server
             logger.warning("Prism: could not measure the break-even for %s (%s: %s); min_context_len=%d",
                            shape, type(e).__name__, e, AUTO_FALLBACK_MIN_CONTEXT_LEN)
@@ -190,49 +198,184 @@ def measure(
         return table
 
 
+class _Synthetic:
+    """Random paged K/V of ``S_max`` tokens (pages of 16 in a shuffled order) and a chunk's q, the
+    inputs every startup measurement times on; ``chunk(S)`` sets up the last chunk of an S-token
+    sequence and its Prism workspace."""
+
+    PAGE = 16
+
+    def __init__(self, hq: int, hkv: int, d: int, dtype: torch.dtype, chunk: int, S_max: int,
+                 device: torch.device, fa: Callable[..., Any], fa_version: Optional[int], scale: float) -> None:
+        self.hq, self.hkv, self.d, self.dtype, self.chunk_rows, self.device = hq, hkv, d, dtype, chunk, device
+        self.fa, self.scale = fa, scale
+        self.fa_kw = {} if fa_version is None else {"fa_version": fa_version}
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        n_pages = S_max // self.PAGE + 1
+        kv = torch.randn(n_pages, self.PAGE, hkv, 2 * d, generator=self.gen, device=device,
+                         dtype=torch.float32).to(dtype)
+        self.k_cache, self.v_cache = kv.split(d, dim=-1)
+        self.table = torch.randperm(n_pages, generator=self.gen, device=device).to(torch.int32)[None, :]
+        self.q_all = torch.randn(min(chunk, S_max), hq, d, generator=self.gen, device=device,
+                                 dtype=torch.float32).to(dtype)
+
+    def chunk(self, S: int, attend_layouts: Sequence[str], fa3: bool) -> tuple[Any, Any, Any]:
+        """(plan on the host, plan on the device, workspace) of the last chunk of S tokens."""
+        from prism_vllm.kernels import PrismWorkspace, make_plan
+
+        T = min(S, self.chunk_rows)
+        plan_cpu = make_plan([0, T], [S - T], self.hq, 128)
+        sizes = PrismWorkspace.sizes_for(T, S, 1, self.hq, num_kv_heads=self.hkv, head_dim=self.d,
+                                         attend_dtype=self.dtype if fa3 else None, attend_layouts=attend_layouts)
+        return plan_cpu, plan_cpu.to(self.device), PrismWorkspace.allocate(sizes, self.device)
+
+    def dense(self, S: int, out: torch.Tensor) -> torch.Tensor:
+        """FlashAttention (the layer's own call) of the chunk over all S tokens, into ``out``."""
+        T = out.shape[0]
+        return self.fa(q=self.q_all[:T], k=self.k_cache, v=self.v_cache, out=out,
+                       cu_seqlens_q=torch.tensor([0, T], dtype=torch.int32, device=self.device), max_seqlen_q=T,
+                       seqused_k=torch.tensor([S], dtype=torch.int32, device=self.device), max_seqlen_k=S,
+                       softmax_scale=self.scale, causal=True, block_table=self.table, **self.fa_kw)
+
+    def attend(self, plan_cpu: Any, ws: Any, sel: Any, params: Any, out: torch.Tensor,
+               fa3_attend: Optional[Callable[..., Any]], layout: str) -> Callable[[], Any]:
+        """Prism's attend step of ``sel`` into ``out``, as a callable to time."""
+        from prism_vllm.kernels import FA3Launch, prism_attend
+        from prism_vllm.kernels.attend_fa3 import make_attend_plan
+
+        fa3 = None
+        if fa3_attend is not None:
+            fa3 = FA3Launch(flash_attn_varlen_func=fa3_attend,
+                            attend=make_attend_plan(plan_cpu, ws.attend.capacity, layout=layout,
+                                                    num_kv_heads=self.hkv))
+        q = self.q_all[: out.shape[0]]
+        return lambda: prism_attend(q, self.k_cache, self.v_cache, self.table, sel, params, ws, out, fa3=fa3)
+
+
 def _measure(hq: int, hkv: int, d: int, dtype: torch.dtype, scale: float, params: Any, max_model_len: int,
              chunk: int, fa: Callable[..., Any], fa_version: Optional[int], fa3_attend: Optional[Callable[..., Any]],
-             device: torch.device, lengths: list[int]) -> Optional[TimingTable]:
-    from prism_vllm.kernels import FA3Launch, PrismWorkspace, make_plan, prism_attend, prism_estimate
-    from prism_vllm.kernels.attend_fa3 import make_attend_plan
+             device: torch.device, lengths: list[int], layout: str) -> Optional[TimingTable]:
+    from prism_vllm.kernels import prism_estimate
 
     if not lengths:
         return None
-    page, B = 16, 128
-    gen = torch.Generator(device=device).manual_seed(0)
-    S_max = max(lengths)
-    n_pages = S_max // page + 1
-    kv = torch.randn(n_pages, page, hkv, 2 * d, generator=gen, device=device, dtype=torch.float32).to(dtype)
-    k_cache, v_cache = kv.split(d, dim=-1)
-    perm = torch.randperm(n_pages, generator=gen, device=device).to(torch.int32)
-    table_t = perm[None, :]
-    q_all = torch.randn(min(chunk, S_max), hq, d, generator=gen, device=device, dtype=torch.float32).to(dtype)
-    fa_kw = {} if fa_version is None else {"fa_version": fa_version}
+    syn = _Synthetic(hq, hkv, d, dtype, chunk, max(lengths), device, fa, fa_version, scale)
     dense_ms, est_ms, attend_ms, used = [], [], [], []
     for S in lengths:
         T = min(S, chunk)
-        q, out = q_all[:T], torch.empty_like(q_all[:T])
-        cu = torch.tensor([0, T], dtype=torch.int32, device=device)
-        seq = torch.tensor([S], dtype=torch.int32, device=device)
-        dense_ms.append(_wall_ms(lambda: fa(q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=cu, max_seqlen_q=T,
-                                            seqused_k=seq, max_seqlen_k=S, softmax_scale=scale, causal=True,
-                                            block_table=table_t, **fa_kw)))
-        plan_cpu = make_plan([0, T], [S - T], hq, B)
-        plan = plan_cpu.to(device)
-        sizes = PrismWorkspace.sizes_for(T, S, 1, hq, num_kv_heads=hkv, head_dim=d,
-                                         attend_dtype=dtype if fa3_attend is not None else None)
-        ws = PrismWorkspace.allocate(sizes, device)
-        est_ms.append(_wall_ms(lambda: prism_estimate(q, k_cache, table_t, plan, params, ws)))
+        out = torch.empty_like(syn.q_all[:T])
+        dense_ms.append(_wall_ms(lambda: syn.dense(S, out)))
+        plan_cpu, plan, ws = syn.chunk(S, (layout,), fa3_attend is not None)
+        est_ms.append(_wall_ms(lambda: prism_estimate(syn.q_all[:T], syn.k_cache, syn.table, plan, params, ws)))
         row = []
         for rho in DENSITIES:
-            sel = _fixed_selection(plan_cpu, hq, rho, gen, device)
-            fa3 = None
-            if fa3_attend is not None:
-                fa3 = FA3Launch(flash_attn_varlen_func=fa3_attend, attend=make_attend_plan(plan_cpu, ws.attend.capacity))
-            row.append(_wall_ms(lambda: prism_attend(q, k_cache, v_cache, table_t, sel, params, ws, out, fa3=fa3)))
+            sel = _fixed_selection(plan_cpu, hq, rho, syn.gen, device)
+            row.append(_wall_ms(syn.attend(plan_cpu, ws, sel, params, out, fa3_attend, layout)))
         attend_ms.append(row)
         used.append(S)
     return TimingTable(shape="", lengths=used, dense_ms=dense_ms, estimate_ms=est_ms, attend_ms=attend_ms, chunk=chunk)
+
+
+# ----------------------------------------------------------------------------------------------
+# the FA3 attend step's layout (PrismConfig.attend_layout = "auto")
+# ----------------------------------------------------------------------------------------------
+#: The sequence length and block density the layouts are timed at (a long prompt's last chunk at a
+#: density the default thresholds select on the models measured, 0.37-0.51 in quality.json).
+LAYOUT_TOKENS = 32768
+LAYOUT_DENSITY = 0.4
+#: A layout whose every-block output differs from FlashAttention's by more than this (max abs, on
+#: outputs of unit-variance values) is not used.
+LAYOUT_TOLERANCE = 2e-2
+
+
+@dataclass
+class LayoutChoice:
+    """The attend layout of one layer shape and what decided it (startup log, /prism/stats)."""
+
+    shape: str
+    layout: str
+    tokens: int
+    chunk: int
+    attend_ms: dict[str, float]
+    """Synchronised wall time of the attend step per layout that passed its check."""
+    rejected: dict[str, str] = field(default_factory=dict)
+    """Layouts left out, and why (an error, or every-block output unlike FlashAttention's)."""
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"shape": self.shape, "layout": self.layout, "tokens": self.tokens, "chunk_tokens": self.chunk,
+                "density": LAYOUT_DENSITY, "attend_ms": {k: round(v, 3) for k, v in self.attend_ms.items()},
+                "rejected": dict(self.rejected), "measured_in_s": round(self.seconds, 2)}
+
+
+_LAYOUTS: dict[str, LayoutChoice] = {}
+
+
+def layout_for(shape: str) -> Optional[LayoutChoice]:
+    """The measured layout choice of a layer shape in this process, if any."""
+    return _LAYOUTS.get(shape)
+
+
+def choose_layout(shape: str, candidates: Sequence[str], **probe: Any) -> Optional[LayoutChoice]:
+    """The fastest of ``candidates`` (layouts attending the same blocks) for one layer shape on
+    this GPU, once per shape and process (``probe``: ``measure``'s keyword arguments, less
+    ``lengths`` and ``layout``). Each layout first attends an every-block selection of the last
+    chunk of min(max_model_len, LAYOUT_TOKENS) tokens, which must equal FlashAttention within
+    LAYOUT_TOLERANCE (else it is rejected, with a warning), then is timed at LAYOUT_DENSITY.
+    None (logged) when there is no CUDA device, no FA3 attend step, or nothing passes: the
+    backend then uses "head".
+    """
+    with _LOCK:
+        if shape in _LAYOUTS:
+            return _LAYOUTS[shape]
+        device = probe["device"]
+        if probe.get("fa3_attend") is None or device.type != "cuda" or not torch.cuda.is_available():
+            return None
+        t_start = time.perf_counter()
+        try:
+            choice = _choose(candidates, **probe)
+        except Exception as e:  # noqa: BLE001 - a measurement must never stop the server
+            logger.warning("Prism: could not time the attend layouts for %s (%s: %s); layout 'head'",
+                           shape, type(e).__name__, e)
+            return None
+        finally:
+            torch.cuda.empty_cache()
+        for layout, why in choice.rejected.items():
+            logger.warning("Prism: attend layout %r not used for %s: %s", layout, shape, why)
+        if not choice.attend_ms:
+            return None
+        choice.shape, choice.seconds = shape, time.perf_counter() - t_start
+        _LAYOUTS[shape] = choice
+        return choice
+
+
+def _choose(candidates: Sequence[str], *, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+            scale: float, params: Any, max_model_len: int, max_num_batched_tokens: int,
+            flash_attn_varlen_func: Callable[..., Any], fa_version: Optional[int],
+            fa3_attend: Callable[..., Any], device: torch.device) -> LayoutChoice:
+    S = min(int(max_model_len), LAYOUT_TOKENS)
+    syn = _Synthetic(num_q_heads, num_kv_heads, head_dim, dtype, max_num_batched_tokens, S, device,
+                     flash_attn_varlen_func, fa_version, scale)
+    plan_cpu, _, ws = syn.chunk(S, tuple(candidates), True)
+    T = plan_cpu.num_tokens
+    ref = syn.dense(S, torch.empty_like(syn.q_all[:T]))
+    every = _fixed_selection(plan_cpu, num_q_heads, 1.0, syn.gen, device)
+    sel = _fixed_selection(plan_cpu, num_q_heads, LAYOUT_DENSITY, syn.gen, device)
+    timed: dict[str, float] = {}
+    rejected: dict[str, str] = {}
+    for layout in candidates:
+        out = torch.zeros_like(ref)
+        try:
+            syn.attend(plan_cpu, ws, every, params, out, fa3_attend, layout)()
+            err = float((out.float() - ref.float()).abs().max())
+            if not err <= LAYOUT_TOLERANCE:
+                rejected[layout] = f"every-block output differs from FlashAttention's by {err:.3g}"
+                continue
+            timed[layout] = _wall_ms(syn.attend(plan_cpu, ws, sel, params, out, fa3_attend, layout))
+        except Exception as e:  # noqa: BLE001 - a layout that fails here is not used
+            rejected[layout] = f"{type(e).__name__}: {e}"
+    best = min(timed, key=timed.__getitem__) if timed else ""
+    return LayoutChoice(shape="", layout=best, tokens=S, chunk=T, attend_ms=timed, rejected=rejected)
 
 
 def _fixed_selection(plan: Any, hq: int, density: float, gen: torch.Generator, device: torch.device) -> Any:

@@ -36,6 +36,8 @@ class WorkspaceNeed:
     """Model dtype of the FA3 attend buffers (None: Triton attend step, no such buffers)."""
     block_size: int = 128
     """Prism block size (PrismConfig.block_size, through the layers' PrismParams)."""
+    attend_layouts: tuple[str, ...] = ("head",)
+    """FA3 attend layouts the buffers must serve (``AttendWorkspace``; unused without attend_dtype)."""
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -45,6 +47,7 @@ class WorkspaceNeed:
         return (
             self.shape == other.shape
             and (other.attend_dtype is None or self.attend_dtype == other.attend_dtype)
+            and set(other.attend_layouts) <= set(self.attend_layouts)
             and self.max_num_batched_tokens >= other.max_num_batched_tokens
             and self.max_model_len >= other.max_model_len
             and self.max_num_seqs >= other.max_num_seqs
@@ -58,6 +61,7 @@ class WorkspaceNeed:
             max_model_len=max(self.max_model_len, other.max_model_len),
             max_num_seqs=max(self.max_num_seqs, other.max_num_seqs),
             attend_dtype=self.attend_dtype or other.attend_dtype,
+            attend_layouts=self.attend_layouts + tuple(x for x in other.attend_layouts if x not in self.attend_layouts),
         )
 
 

@@ -31,8 +31,10 @@ read the same K/V pages back to back (L2) and the longest rows start first. A la
 row selects every causal block (thresholds of 1.0) is plain causal attention: ``attend_dense_fa3``
 calls FA3 once on q / out and the requests' own page table.
 
-Group layout (``layout="group"``, an option of the kernel API; the vLLM backend uses the head
-layout): one sequence per (query block g, kv head kvh) carrying the group's G q heads as G heads
+Layouts in the vLLM backend: ``PrismConfig.attend_layout``; "auto" times "head" and "head_views"
+per layer shape at startup and keeps the faster (``attention_backend/break_even.choose_layout``).
+
+Group layout (``layout="group"``, opt-in: it attends more than the selection): one sequence per (query block g, kv head kvh) carrying the group's G q heads as G heads
 (FA3 called with num_heads = G over the same one-kv-head cache view, so it packs them into its M
 tile; at d=64 a one-head 128-row sequence underfills it). Its keys are the ascending union of the
 G heads' rows for block g (``_union_rows_kernel``: a zeroed per-program bitmap, marks, cumsum,
@@ -41,7 +43,7 @@ of each head's selection. The q copy, tables and scatter are the head layout's w
 groups whose rows are G heads wide (HS = HKV sequence heads of HPS = G q heads), one more launch
 (the union) per bucket.
 
-View layouts (``layout="head_views"`` / ``"group_views"``, kernel-API options, not GPU-timed yet):
+View layouts (``layout="head_views"`` / ``"group_views"``):
 the head / group layout's keys without the q copy and the scatter. FA3 takes q and out with any
 row and head strides (stride(-1) == 1), so a bucket is one FA3 call per q head h on
 ``q[row_lo:row_hi, h:h+1]`` / ``out[...]`` (head_views) or per kv head on
@@ -78,6 +80,7 @@ import torch
 import triton
 import triton.language as tl
 
+from prism_vllm.config import ATTEND_LAYOUTS
 from ._launch import AtLeast, check, check_block_table, check_gqa, check_plan, check_tensor, strides
 from .params import BLOCK_SIZE
 from .plan import BlockSelection, PrefillPlan, sel_count_at, sel_row_start
@@ -113,7 +116,7 @@ ORDERS = {"kv_desc": 0, "head_asc": 1}
 #: per (query block, kv head) carrying the group's G q heads over the union of their selections.
 #: "head_views" / "group_views": the same keys, one FA3 call per q head / kv head on views of the
 #: caller's q and out (sequences = the bucket's query blocks on their real rows; no copy of either).
-LAYOUTS = ("head", "group", "head_views", "group_views")
+LAYOUTS = ATTEND_LAYOUTS
 #: Layouts attending a kv group over the union of its heads' selections, and those without copies.
 UNION_LAYOUTS = ("group", "group_views")
 VIEW_LAYOUTS = ("head_views", "group_views")
@@ -958,8 +961,7 @@ def attend_fa3(
             kv head), G heads each, over the union of their selections; ``attend`` from
             ``make_attend_plan(layout="group")``, ``workspace`` with "group" in its layouts);
             "head_views" / "group_views": the same attention, one FA3 call per q head / kv head
-            on views of q and out (no copies; ``order`` does not apply). Only "head" is used by
-            the vLLM backend: the others are not measured on a GPU yet.
+            on views of q and out (no copies; ``order`` does not apply).
         q_scale, k_scale, v_scale: per-tensor fp8 dequantisation scales (1-element device tensors,
             vLLM's ``layer._q_scale`` etc.) for an fp8 cache / fp8 q: FA3's descales.
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -78,8 +78,9 @@ class PrismWorkspace:
         pooled_k_split: float32 [max_k_blocks, HKV, 2, D]  (pooled keys as tf32 hi + lo pairs)
         sel_idx:  int16 [max_sel_capacity]          sel_cnt:  int32 [max_q_blocks * HQ]
         temps:    float32 [max_q_blocks, HQ, 2]     (logit multipliers, for stats)
-        attend:   the FA3 attend step's buffers (``AttendWorkspace``, at most 248 MiB plus the
-                  per-sequence arrays), when ``attend_capacity`` is given: None on the Triton path
+        attend:   the FA3 attend step's buffers for ``attend_layouts`` (``AttendWorkspace``, at
+                  most 248 MiB plus the per-sequence arrays), when ``attend_capacity`` is given:
+                  None on the Triton path
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class PrismWorkspace:
         block_size: int = BLOCK_SIZE,
         attend_capacity: Optional[AttendCapacity] = None,
         attend_dtype: Optional[torch.dtype] = None,
+        attend_layouts: Sequence[str] = ("head",),
     ) -> None:
         _check_positive("PrismWorkspace", max_q_blocks=max_q_blocks, max_k_blocks=max_k_blocks, max_reqs=max_reqs,
                         max_sel_capacity=max_sel_capacity, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
@@ -126,7 +128,8 @@ class PrismWorkspace:
             if attend_dtype not in (torch.float16, torch.bfloat16):
                 raise ValueError(f"PrismWorkspace: the FA3 attend buffers need the model dtype (float16 or "
                                  f"bfloat16), got attend_dtype={attend_dtype}")
-            self.attend = AttendWorkspace(attend_capacity, num_q_heads, head_dim, attend_dtype, device, block_size)
+            self.attend = AttendWorkspace(attend_capacity, num_q_heads, head_dim, attend_dtype, device, block_size,
+                                          layouts=attend_layouts)
         logger.debug("Prism workspace: %.1f MB on %s (%s)", self.nbytes / 2**20, device, self.limits())
 
     @classmethod
@@ -153,6 +156,7 @@ class PrismWorkspace:
         block_size: int = BLOCK_SIZE,
         max_long_reqs: int = 1,
         attend_dtype: Optional[torch.dtype] = None,
+        attend_layouts: Sequence[str] = ("head",),
     ) -> dict:
         """Capacities for a scheduler configuration: the constructor's kwargs less ``device``
         (num_kv_heads / head_dim are passed through; ``allocate`` needs them).
@@ -169,7 +173,8 @@ class PrismWorkspace:
         ``fit``: the backend serves them with FlashAttention or in smaller launches.
         At T = max_model_len = 128K, HQ = 32, HKV = 8, D = 128 this is ~63 MB in all.
         With ``attend_dtype`` (the model dtype) the FA3 attend buffers are added
-        (``attend_fa3.attend_capacity``: <= 248 MiB plus the per-sequence arrays).
+        (``attend_fa3.attend_capacity``: <= 248 MiB plus the per-sequence arrays) for the
+        ``attend_layouts`` it will serve (``AttendWorkspace``: the view layouts need no copies).
         """
         _check_positive("PrismWorkspace.sizes_for", max_num_batched_tokens=max_num_batched_tokens,
                         max_model_len=max_model_len, max_num_seqs=max_num_seqs, num_q_heads=num_q_heads,
@@ -205,6 +210,7 @@ class PrismWorkspace:
             block_size=B,
             attend_capacity=attend,
             attend_dtype=attend_dtype,
+            attend_layouts=tuple(attend_layouts),
         )
 
     def limits(self) -> dict:
@@ -375,7 +381,8 @@ class FA3Launch:
     flash_attn_varlen_func: FlashAttnVarlen
     """vLLM's ``flash_attn_varlen_func`` with ``fa_version=3`` bound (or a stand-in)."""
     attend: AttendPlan
-    """The launch's buckets (``attend_fa3.make_attend_plan``, built on the host in the builder)."""
+    """The launch's buckets (``attend_fa3.make_attend_plan``, built on the host in the builder),
+    planned for the layout the step attends in (``AttendPlan.layout``)."""
     kv: Optional[VirtualKV] = None
     """The cache's virtual-page view when the caller made it already (``attend_fa3.virtual_kv``)."""
 
@@ -408,7 +415,7 @@ def prism_attend(
         return attend_fa3(
             q, vkv, block_table, selection, fa3.attend, params.scale, out,
             flash_attn_varlen_func=fa3.flash_attn_varlen_func, workspace=workspace.attend, softcap=params.softcap,
-            q_scale=sc.q, k_scale=sc.k, v_scale=sc.v,
+            q_scale=sc.q, k_scale=sc.k, v_scale=sc.v, layout=fa3.attend.layout,
         )
     if scales is not None:
         raise ValueError("the Triton attend step reads no fp8 cache; use the FA3 attend step")

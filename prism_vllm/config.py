@@ -13,7 +13,8 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Union
 
-__all__ = ["PrismConfig", "ADDITIONAL_CONFIG_KEY", "AUTO_FALLBACK_MIN_CONTEXT_LEN", "PRESETS", "DEFAULT_PRESET"]
+__all__ = ["PrismConfig", "ADDITIONAL_CONFIG_KEY", "AUTO_FALLBACK_MIN_CONTEXT_LEN", "PRESETS", "DEFAULT_PRESET",
+           "ATTEND_LAYOUTS", "AUTO_ATTEND_LAYOUTS"]
 
 #: Key under vLLM's ``additional_config`` that holds Prism's settings.
 ADDITIONAL_CONFIG_KEY = "prism"
@@ -36,6 +37,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 #: Block-scoring rules (PrismConfig.rule).
 RULES = ("paper", "meanpool")
+#: Sequence layouts of the FA3 attend step (PrismConfig.attend_layout; ``kernels/attend_fa3.py``).
+ATTEND_LAYOUTS = ("head", "group", "head_views", "group_views")
+#: The layouts "auto" chooses between: both attend exactly the selected blocks.
+AUTO_ATTEND_LAYOUTS = ("head", "head_views")
 
 #: The preset of a config that names none.
 DEFAULT_PRESET = "quality"
@@ -153,6 +158,20 @@ class PrismConfig:
     (SmolLM2-135M at the default thresholds, 2026-12-02, benchmarks/results/speed.json). An integer fixes the length
     (0 sends every prefill chunk through Prism)."""
 
+    attend_layout: str = "auto"
+    """How the FA3 attend step (Hopper) lays out its virtual varlen sequences (ignored where
+    Prism's Triton kernel attends). "auto" (default): the faster of "head" and "head_views" for the
+    layer shape, timed on the serving GPU when the model loads (once per shape and process; the
+    choice and its timings are in the startup log and /prism/stats); without a measurement,
+    "head". Both attend exactly the selected blocks: "head" runs one FA3 call over one sequence
+    per (query block, q head), on a head-major copy of q whose output is scattered back; "head_views"
+    runs one FA3 call per q head on views of q and the output (no copies, HQ calls). "group" /
+    "group_views": one sequence per (query block, kv head) carrying the group's q heads over the
+    union of their selections, for small head sizes where one-head sequences run FA3 below its
+    per-block speed. They attend more blocks than selected (a group's union is 1.25-1.5x one head's
+    selection on SmolLM2-135M, benchmarks/results/gqa-union-cpu.json), so whether they pay depends
+    on the model: "auto" never chooses them."""
+
     min_query_len: int = 16
     """Smallest prefill chunk (query tokens) served by Prism. Decode and speculative-decode
     rows are always served by FlashAttention (and keep its CUDA graphs)."""
@@ -195,6 +214,11 @@ class PrismConfig:
                 f"prism.min_context_len={self.min_context_len!r} is out of range: use \"auto\" (the default: "
                 f"measured per layer shape on the GPU) or a token count >= 0 (0 sends every prefill chunk "
                 f"through Prism)."
+            )
+        if self.attend_layout not in ("auto",) + ATTEND_LAYOUTS:
+            raise ValueError(
+                f"prism.attend_layout={self.attend_layout!r} is not an attend layout; use \"auto\" (the default) "
+                f"or one of {', '.join(repr(x) for x in ATTEND_LAYOUTS)}."
             )
         if self.min_query_len < 2:
             raise ValueError(

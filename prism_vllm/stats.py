@@ -64,6 +64,7 @@ class PrismStats:
             self.fallbacks: dict[str, int] = {}
             self.kernel_failures = 0
             self.break_even: dict[str, Any] = {}
+            self.attend_layouts: dict[str, Any] = {}
             self.config: dict[str, Any] = {}
             # density_hint(): an asynchronous host copy of the selected-block counter
             self._hint_host: Any = None
@@ -159,6 +160,10 @@ class PrismStats:
         """The automatic min_context_len decision of a layer shape (for /prism/stats)."""
         self.break_even[shape] = summary
 
+    def record_attend_layout(self, shape: str, summary: dict[str, Any]) -> None:
+        """The FA3 attend layout of a layer shape and its timings (for /prism/stats)."""
+        self.attend_layouts[shape] = summary
+
     # -- cold path -------------------------------------------------------------------------
     def record_fallback(self, reason: str, layers: int = 1) -> None:
         with self._lock:
@@ -196,6 +201,7 @@ class PrismStats:
                 "fallback_layers": dict(self.fallbacks),
                 "kernel_failures": self.kernel_failures,
                 "break_even": dict(self.break_even),
+                "attend_layouts": dict(self.attend_layouts),
                 "config": dict(self.config),
             }
 
@@ -215,7 +221,8 @@ def collect_stats() -> dict[str, Any]:
     sparse attention), ``fallback_layers`` (reason -> number of layers served by
     FlashAttention), ``kernel_failures`` (Prism launches that raised; those layers then went
     dense), ``break_even`` (layer shape -> the automatic min_context_len decision: the length,
-    the density it used and the timings behind it), ``config`` (the effective PrismConfig, preset
+    the density it used and the timings behind it), ``attend_layouts`` (layer shape -> the FA3
+    attend step's layout, with the per-layout timings when "auto" measured it), ``config`` (the effective PrismConfig, preset
     resolved), plus the sampling bookkeeping.
     """
     return STATS.collect()

@@ -493,16 +493,18 @@ def fa3_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["mixed", "chunked_with_context", "prefix_hit", "many_long", "padded_tail"])
-def test_forward_on_named_batches_fa3_attend(base_vllm_config, fake_flash, fa3_on_cpu, case):
-    """The same batches with the attend step on FA3 (virtual varlen sequences)."""
-    test_forward_on_named_batches(base_vllm_config, fake_flash, case, attend="fa3")
+@pytest.mark.parametrize("layout", ["auto", "head_views"])
+def test_forward_on_named_batches_fa3_attend(base_vllm_config, fake_flash, fa3_on_cpu, case, layout):
+    """The same batches with the attend step on FA3 (virtual varlen sequences), in the layout the
+    config names ("auto" without a GPU measurement: "head"); both attend exactly the selection."""
+    test_forward_on_named_batches(base_vllm_config, fake_flash, case, attend="fa3", layout=layout)
 
 
 @pytest.mark.parametrize("case", list(FORWARD_CASES))
-def test_forward_on_named_batches(base_vllm_config, fake_flash, case, attend="triton"):
+def test_forward_on_named_batches(base_vllm_config, fake_flash, case, attend="triton", layout="auto"):
     name, page, pad = FORWARD_CASES[case]
     b = BATCHES[name]
-    vc = _vllm_config(base_vllm_config)
+    vc = _vllm_config(base_vllm_config, prism={**CFG, "attend_layout": layout})
     owners = _model(vc, [ROPE, None])  # layer 1 has no rotary_emb: FlashAttention only
     assert owners[0].attn.impl.prism_fa3 == (attend == "fa3")
     names = [o.attn.layer_name for o in owners]
@@ -523,6 +525,8 @@ def test_forward_on_named_batches(base_vllm_config, fake_flash, case, attend="tr
         launch = step.launches[0]
         plan = launch.plan
         assert (launch.attend is not None) == (attend == "fa3")
+        if launch.attend is not None:
+            assert launch.attend.layout == ("head" if layout == "auto" else layout)
         assert (launch.token_start, launch.token_end) == (step.token_start, step.token_end)
         assert plan.ctx_lens.tolist() == [c for c, q in b.reqs[b.start :] if q > 0]
         assert plan.cu_seqlens_q.tolist() == (b.qsl[b.start : step.end + 1] - b.qsl[b.start]).tolist()

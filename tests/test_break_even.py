@@ -137,9 +137,89 @@ def test_measurement_plumbing_on_cpu(monkeypatch):
     cfg = PrismConfig()
     params = PrismParams.make(bands=rope_bands(RopeLayout(64, 64, True), *cfg.band_dims(64)), scale=0.125,
                               config=cfg, device="cpu")
-    for fa3, lengths in ((reference.paged_varlen_attention, [256, 640]), (None, [256])):  # FA3 / Triton attend
+    calls = []
+
+    def fa3_stand_in(**kw):  # FA3's keyword semantics; records how the attend step called it
+        calls.append(kw["q"].is_contiguous())
+        return reference.paged_varlen_attention(**kw)
+
+    # FA3 attend in two layouts, then the Triton attend step
+    for fa3, lengths, layout in ((fa3_stand_in, [256, 640], "head"), (fa3_stand_in, [256], "head_views"),
+                                 (None, [256], "head")):
+        calls.clear()
         t = be._measure(4, 2, 64, torch.float16, 0.125, params, 1024, 384, reference.paged_varlen_attention,
-                        None, fa3, torch.device("cpu"), lengths)
+                        None, fa3, torch.device("cpu"), lengths, layout)
         assert t.lengths == lengths and t.chunk == 384
         assert len(t.attend_ms) == len(lengths) and all(len(r) == len(be.DENSITIES) for r in t.attend_ms)
         assert all(x > 0 for x in t.dense_ms + t.estimate_ms)
+        # every attend call went through FA3 in the layout asked for: "head" one call on a q copy
+        # per bucket, "head_views" one call per q head on views of q
+        calls_per_attend = {"head": [True], "head_views": [False] * 4}[layout] if fa3 else []
+        assert calls == calls_per_attend * (len(lengths) * len(be.DENSITIES) * (1 + be.REPS))
+
+
+def _choose_cpu(monkeypatch, fa3):
+    """break_even._choose on CPU: tiny shapes, the interpreter, reference attention as FA / FA3."""
+    from prism_vllm import reference
+    from prism_vllm.kernels import PrismParams
+    from prism_vllm.rope import RopeLayout, rope_bands
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(be, "REPS", 1)
+    monkeypatch.setattr(be, "LAYOUT_TOKENS", 640)
+    cfg = PrismConfig()
+    params = PrismParams.make(bands=rope_bands(RopeLayout(64, 64, True), *cfg.band_dims(64)), scale=0.125,
+                              config=cfg, device="cpu")
+    return be._choose(("head", "head_views"), num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float16,
+                      scale=0.125, params=params, max_model_len=1024, max_num_batched_tokens=384,
+                      flash_attn_varlen_func=reference.paged_varlen_attention, fa_version=None, fa3_attend=fa3,
+                      device=torch.device("cpu"))
+
+
+def test_layout_choice_times_the_layouts_that_equal_flash_attention(monkeypatch):
+    from prism_vllm import reference
+
+    c = _choose_cpu(monkeypatch, reference.paged_varlen_attention)
+    assert (c.tokens, c.chunk) == (640, 384) and not c.rejected
+    assert set(c.attend_ms) == {"head", "head_views"} and c.layout == min(c.attend_ms, key=c.attend_ms.get)
+    assert c.summary()["attend_ms"].keys() == c.attend_ms.keys()
+
+
+def test_layout_choice_rejects_a_layout_whose_output_differs_or_that_raises(monkeypatch):
+    from prism_vllm import reference
+
+    def views_off(**kw):  # a stand-in that is wrong on q views (the view layouts' calls) only
+        out = reference.paged_varlen_attention(**kw)
+        if not kw["q"].is_contiguous():
+            kw["out"].add_(0.05)
+        return out
+
+    c = _choose_cpu(monkeypatch, views_off)
+    assert c.layout == "head" and set(c.attend_ms) == {"head"}
+    assert "differs from FlashAttention's by 0.05" in c.rejected["head_views"]
+
+    def copies_raise(**kw):
+        if kw["q"].is_contiguous():
+            raise RuntimeError("no kernel image")
+        return reference.paged_varlen_attention(**kw)
+
+    c = _choose_cpu(monkeypatch, copies_raise)
+    assert c.layout == "head_views" and c.rejected == {"head": "RuntimeError: no kernel image"}
+
+
+def test_choose_layout_without_cuda_or_fa3_chooses_nothing():
+    probe = dict(num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float16, scale=0.125, params=None,
+                 max_model_len=8192, max_num_batched_tokens=4096, flash_attn_varlen_func=None, fa_version=None,
+                 fa3_attend=None, device=torch.device("cpu"))
+    assert be.choose_layout("cpu-shape", ("head", "head_views"), **probe) is None
+    assert be.layout_for("cpu-shape") is None
+
+
+def test_the_backend_uses_the_measured_or_configured_layout(monkeypatch):
+    from prism_vllm.attention_backend.backend import attend_layout
+
+    monkeypatch.setitem(be._LAYOUTS, "s", be.LayoutChoice(shape="s", layout="head_views", tokens=1, chunk=1,
+                                                          attend_ms={"head_views": 1.0}))
+    assert attend_layout(PrismConfig(), "s") == "head_views"
+    assert attend_layout(PrismConfig(), "unmeasured") == "head"
+    assert attend_layout(PrismConfig(attend_layout="group"), "s") == "group"
