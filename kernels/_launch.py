@@ -156,44 +156,35 @@ def check_tensor(
         last_stride_1: the last dim must be contiguous (stride 1), what the kernels index with.
         contiguous: the whole tensor must be contiguous.
     """
-    check(isinstance(t, torch.Tensor), f"Invalid {name}: expected a torch.Tensor, got {type(t).__name__}")
-    if shape is not None:
-        ok = t.dim() == len(shape) and all(_dim_ok(w, g) for w, g in zip(shape, t.shape))
+    # Every launch runs these checks (the attend step once per layer): conditions first, messages
+    # only for a failure (an f-string passed to check() would be formatted on every call).
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"Invalid {name}: expected a torch.Tensor, got {type(t).__name__}")
+    if shape is not None and not (t.dim() == len(shape) and all(_dim_ok(w, g) for w, g in zip(shape, t.shape))):
         want = ", ".join(str(w) for w in shape)
-        check(ok, f"Invalid shape of {name}: expected [{want}], got {list(t.shape)}")
-    if dtype is not None:
+        raise ValueError(f"Invalid shape of {name}: expected [{want}], got {list(t.shape)}")
+    if dtype is not None and not (t.dtype == dtype if isinstance(dtype, torch.dtype) else t.dtype in dtype):
         dts = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
-        check(t.dtype in dts, f"Invalid dtype of {name}: expected {_dtype_names(dts)}, got {t.dtype}")
-    if device is not None:
-        check(
-            t.device == torch.device(device),
-            f"Invalid device of {name}: expected {device} (the launch's device), got {t.device}; move it with "
-            f".to({str(device)!r})",
-        )
-    if last_stride_1:
-        check(
-            t.dim() == 0 or t.stride(-1) == 1,
-            f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}",
-        )
-    if contiguous:
-        check(t.is_contiguous(), f"{name} must be contiguous, got strides {t.stride()} for shape {list(t.shape)}")
+        raise ValueError(f"Invalid dtype of {name}: expected {_dtype_names(dts)}, got {t.dtype}")
+    if device is not None and t.device != device and t.device != torch.device(device):
+        raise ValueError(f"Invalid device of {name}: expected {device} (the launch's device), got {t.device}; move "
+                         f"it with .to({str(device)!r})")
+    if last_stride_1 and t.dim() != 0 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {list(t.shape)}")
 
 
 def check_plan(plan: PrefillPlan, device: torch.device, *, num_q_heads: Optional[int] = None,
                num_rows: Optional[int] = None, rows_of: str = "q") -> None:
     """The plan matches the launch: its device, its q head count, and ``num_rows`` rows of
     ``rows_of`` cover its tokens."""
-    check(
-        plan.qb_abs.device == torch.device(device),
-        f"plan is on {plan.qb_abs.device}, the launch on {device}; use plan.to(device)",
-    )
-    if num_q_heads is not None:
-        check(
-            plan.num_q_heads == num_q_heads,
-            f"plan was built for {plan.num_q_heads} q heads, {rows_of} has {num_q_heads}",
-        )
-    if num_rows is not None:
-        check(num_rows >= plan.num_tokens, f"{rows_of} has {num_rows} rows, the plan covers {plan.num_tokens}")
+    if plan.qb_abs.device != device and plan.qb_abs.device != torch.device(device):
+        raise ValueError(f"plan is on {plan.qb_abs.device}, the launch on {device}; use plan.to(device)")
+    if num_q_heads is not None and plan.num_q_heads != num_q_heads:
+        raise ValueError(f"plan was built for {plan.num_q_heads} q heads, {rows_of} has {num_q_heads}")
+    if num_rows is not None and num_rows < plan.num_tokens:
+        raise ValueError(f"{rows_of} has {num_rows} rows, the plan covers {plan.num_tokens}")
 
 
 def check_params(params: PrismParams, head_dim: int, device: torch.device, *, head_dim_of: str) -> None:
@@ -207,10 +198,8 @@ def check_params(params: PrismParams, head_dim: int, device: torch.device, *, he
 
 def check_gqa(num_q_heads: int, num_kv_heads: int) -> None:
     """Grouped-query attention: every kv head serves G = HQ // HKV q heads."""
-    check(
-        num_kv_heads >= 1 and num_q_heads % num_kv_heads == 0,
-        f"HQ={num_q_heads} q heads is not a multiple of HKV={num_kv_heads} kv heads",
-    )
+    if not (num_kv_heads >= 1 and num_q_heads % num_kv_heads == 0):
+        raise ValueError(f"HQ={num_q_heads} q heads is not a multiple of HKV={num_kv_heads} kv heads")
 
 
 def check_block_table(block_table: torch.Tensor, plan: PrefillPlan, device: torch.device) -> None:

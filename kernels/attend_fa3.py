@@ -81,7 +81,7 @@ import triton
 import triton.language as tl
 
 from prism_vllm.config import ATTEND_LAYOUTS
-from ._launch import AtLeast, check, check_block_table, check_gqa, check_plan, check_tensor, strides
+from ._launch import AtLeast, check_block_table, check_gqa, check_plan, check_tensor, strides
 from .params import BLOCK_SIZE
 from .plan import BlockSelection, PrefillPlan, sel_count_at, sel_row_start
 
@@ -726,15 +726,16 @@ def _check_launch(q: torch.Tensor, out: torch.Tensor, vkv: VirtualKV, block_tabl
     check_tensor("out", out, shape=(AtLeast(plan.num_tokens), HQ, D),
                  dtype=q.dtype if q.dtype != torch.float8_e4m3fn else (torch.float16, torch.bfloat16),
                  device=q.device, last_stride_1=True)
-    check(vkv.k.dtype == q.dtype, f"KV cache dtype {vkv.k.dtype} differs from q's {q.dtype}; FA3 needs them equal")
-    check(D % 8 == 0 and D <= 256, f"FA3 attend needs a head dim <= 256 and a multiple of 8, got {D}")
+    if vkv.k.dtype != q.dtype:
+        raise ValueError(f"KV cache dtype {vkv.k.dtype} differs from q's {q.dtype}; FA3 needs them equal")
+    if D % 8 or D > 256:
+        raise ValueError(f"FA3 attend needs a head dim <= 256 and a multiple of 8, got {D}")
     check_gqa(HQ, vkv.num_kv_heads)
     check_plan(plan, q.device, num_q_heads=HQ, num_rows=T)
     check_block_table(block_table, plan, q.device)
-    if ws is not None:
-        check(ws.num_q_heads == HQ and ws.head_dim == D and ws.dtype == out.dtype,
-              f"attend workspace built for HQ={ws.num_q_heads}, D={ws.head_dim}, {ws.dtype}; out is "
-              f"{list(out.shape)} {out.dtype}")
+    if ws is not None and not (ws.num_q_heads == HQ and ws.head_dim == D and ws.dtype == out.dtype):
+        raise ValueError(f"attend workspace built for HQ={ws.num_q_heads}, D={ws.head_dim}, {ws.dtype}; out is "
+                         f"{list(out.shape)} {out.dtype}")
 
 
 def _seq_heads(HQ: int, num_kv_heads: int, layout: str) -> int:
