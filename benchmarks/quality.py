@@ -40,14 +40,15 @@ __all__ = ["CORPORA", "POINTS", "Point", "derive", "merge_docs", "parse_points",
 #: mean-pool rule, and block-budget caps. The first run (2026-12-02, e31f62d) found top-p 0.99 at
 #: +1.44% on the fortunes at 32K; the CPU screen of one 32K fortunes window
 #: (benchmarks/results/quality-cpu-32k.json) put paper 0.998 at +0.89%, mean-pool 0.995 at +0.98%
-#: and mean-pool 0.998 at +0.80% (paper 0.995: +1.10%). Edit freely; any ``RULE:TOP_P[:bBUDGET]``
-#: with a PrismConfig rule works.
+#: and mean-pool 0.998 at +0.80% (paper 0.995: +1.10%); through vLLM (quality-candidates.json,
+#: d3f61a3) all three were within 1% at every length, and mean-pool 0.998 became the default.
+#: Edit freely; any ``RULE:TOP_P[:bBUDGET]`` with a PrismConfig rule works.
 POINTS: tuple[str, ...] = (
     "dense",
+    "meanpool:0.998",
     "paper:0.99",
     "paper:0.998",
     "meanpool:0.995",
-    "meanpool:0.998",
     "paper:0.95",
     "paper:0.98",
     "paper:0.97",
@@ -238,10 +239,11 @@ def derive(doc: dict[str, Any]) -> list[dict[str, Any]]:
                                   + ": those numbers measure FlashAttention")
         if m.get("ttft"):
             t = dict(m["ttft"])
+            own = t.pop("run_dense_ms", None)  # FLASH_ATTN's TTFT in the run that measured m (merge_docs)
             d = dense.get("ttft") or {}
-            t["dense_ms"] = d.get("ttft_ms")
-            t["ratio"] = t["ttft_ms"] / d["ttft_ms"] if d.get("ttft_ms") else None
-            t["same_run_as_dense"] = dense.get("run") == m.get("run") if d else None
+            t["dense_ms"] = own if own is not None else d.get("ttft_ms")
+            t["ratio"] = t["ttft_ms"] / t["dense_ms"] if t["dense_ms"] else None
+            t["same_run_as_dense"] = True if own is not None else (dense.get("run") == m.get("run") if d else None)
             row["ttft"] = t
         rows.append(row)
     return rows
@@ -293,10 +295,16 @@ def merge_docs(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for i, r in enumerate(d.get("runs", [])):
             remap[i] = len(runs)
             runs.append(r)
-        for p in d.get("points", []):
-            points.setdefault(p["name"], p)
+        for p in d.get("points", []):  # preset marks as the presets are now
+            points.setdefault(p["name"], dict(p, presets=preset_marks(Point.parse(p["name"]))))
+        dense_ttft = {m["length"]: (m.get("ttft") or {}).get("ttft_ms") for m in d.get("measured", [])
+                      if m["point"] == "dense"}
         for m in d.get("measured", []):
-            measured[(m["point"], m["length"])] = dict(m, run=remap.get(m.get("run"), m.get("run")))
+            mm = dict(m, run=remap.get(m.get("run"), m.get("run")))
+            if m.get("ttft") and m["point"] != "dense" and dense_ttft.get(m["length"]):
+                # a TTFT ratio stays within its run, whichever run's FLASH_ATTN row the merge keeps
+                mm["ttft"] = {"run_dense_ms": dense_ttft[m["length"]], **m["ttft"]}
+            measured[(m["point"], m["length"])] = mm
         jobs += d.get("jobs", [])
         for c, info in d.get("settings", {}).get("corpora", {}).items():
             corpora.setdefault(c, {}).update({k: v for k, v in info.items() if k != "documents"})

@@ -18,7 +18,8 @@ Parts (each writes DIR/<part>.json with gpu, date, commit, command and its rows)
              (random weights give near-uniform attention, hence the budget), file speed-llama8b.json
     quality  (only with --only quality) Prism's selection knobs swept on SmolLM2 at 8K (native),
              16K and 32K (YaRN): per point of benchmarks.quality.POINTS (FLASH_ATTN; the paper's
-             rule at top-p 0.9-0.99; mean-pool at 0.99/0.98; block budgets 0.3/0.5 at 0.99) and
+             rule at top-p 0.9-0.998; mean-pool at 0.98-0.998, the default's 0.998 first; block
+             budgets 0.3/0.5 at 0.99) and
              length, one eager engine: perplexity of 4 documents per corpus (fortunes, Austen),
              block density, passkeys per depth, and the TTFT of one prompt, timed while no other
              job of the part works on the GPU; quality.json + quality.png (ΔPPL against density)

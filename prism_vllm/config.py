@@ -24,16 +24,16 @@ SUPPORTED_BLOCK_SIZES = (128,)
 
 #: min_context_len when "auto" has no measurement (no CUDA GPU, or the measurement failed): the
 #: end-to-end break-even measured through vLLM on an H200 (SmolLM2-135M with the FA3 attend step at
-#: the default thresholds, 2026-12-02, benchmarks/results/speed.json: 42,503 tokens), rounded up to
-#: whole blocks.
-AUTO_FALLBACK_MIN_CONTEXT_LEN = 43008
+#: the 'quality' preset's selection, 2026-12-02, commit d3f61a3, benchmarks/results/speed.json:
+#: 56,670 tokens), rounded up to whole blocks.
+AUTO_FALLBACK_MIN_CONTEXT_LEN = 57344
 
 #: Named settings of the fields that trade quality for speed. A preset fills only the fields the
 #: user did not set (explicit values win); ``PrismConfig.preset``'s docstring gives the
 #: measurements behind each.
 PRESETS: dict[str, dict[str, Any]] = {
-    "quality": {"high_threshold": 0.99, "low_threshold": 0.99, "block_budget": None},
-    "fast": {"high_threshold": 0.95, "low_threshold": 0.95, "block_budget": None},
+    "quality": {"rule": "meanpool", "high_threshold": 0.998, "low_threshold": 0.998, "block_budget": None},
+    "fast": {"rule": "paper", "high_threshold": 0.95, "low_threshold": 0.95, "block_budget": None},
 }
 #: Block-scoring rules (PrismConfig.rule).
 RULES = ("paper", "meanpool")
@@ -80,32 +80,36 @@ class PrismConfig:
     unrotated dims of partial-rotary models are always added to this band (zero frequency).
     None: three quarters of the rotary dims (96 at rotary dim 128). Even, >= 2."""
 
-    rule: str = "paper"
-    """How blocks are scored. 'paper' (default): the paper's two RoPE bands (high_band_dims,
-    low_band_dims), energy-calibrated, top-p per band, union. 'meanpool': one band of every head
-    dim, no calibration, top-p at max(high_threshold, low_threshold) (plain mean pooling). At top-p
-    0.99 through vLLM (benchmarks/results/quality.json, SmolLM2-135M, two corpora) 'meanpool'
-    selected 8-9% fewer blocks than 'paper' (density 0.47 / 0.41 / 0.34 against 0.51 / 0.45 / 0.37
-    at 8K / 16K / 32K) at about the same perplexity (+0.63 / +1.05 / +1.30% on fortunes against
-    +0.63 / +0.96 / +1.44%; Austen +0.53 / +0.39 / +0.20% against +0.41 / +0.36 / +0.26%): not the
-    default while it has been measured on one small model only."""
+    rule: str = _FROM_PRESET
+    """How blocks are scored. 'paper': the paper's two RoPE bands (high_band_dims, low_band_dims),
+    energy-calibrated, top-p per band, union. 'meanpool': one band of every head dim, no
+    calibration, top-p at max(high_threshold, low_threshold) (plain mean pooling). Default: from
+    ``preset`` ('meanpool' in 'quality', 'paper' in 'fast'). Through vLLM on an H200 (SmolLM2-135M,
+    two corpora, benchmarks/results/quality-candidates.json, one run) at 8K / 16K / 32K, both rules
+    within 1% of dense perplexity: 'meanpool' at top-p 0.995 selects 0.55 / 0.48 / 0.41 of the
+    blocks (fortunes +0.47 / +0.68 / +0.88%, Austen +0.28 / +0.32 / +0.29%) and at 0.998 0.64 /
+    0.56 / 0.49 (+0.19 / +0.35 / +0.80%, +0.16 / +0.21 / +0.43%), where the paper's rule needs
+    0.998 and 0.67 / 0.60 / 0.52 (+0.13 / +0.36 / +0.87%, +0.14 / +0.18 / +0.38%); at 0.99 the
+    paper's rule costs +1.44% on fortunes at 32K (quality.json)."""
 
     preset: str = DEFAULT_PRESET
-    """Named defaults for the fields that trade quality for speed (high_threshold, low_threshold,
-    block_budget); a field you set yourself overrides the preset's value.
-    'quality' (default): top-p 0.99 in both bands, no block budget. Through vLLM on an H200
-    (benchmarks/results/quality.json: SmolLM2-135M-Instruct, four documents each of Debian's
-    fortunes and of Jane Austen's novels, Debian r-cran-janeaustenr) perplexity +0.63% / +0.41%
-    (fortunes / Austen) at 8K, +0.96% / +0.36% at 16K and +1.44% / +0.26% at 32K (YaRN), at
-    density 0.51 / 0.45 / 0.37, passkeys 30, 13, 12 of 50 against FLASH_ATTN's 30, 15, 14: within
-    1% except fortunes at 32K. On CPU (quality-cpu.json, 8K windows) +0.18..+0.55%; the next lower
-    threshold measured, 0.98, costs over 1% on at least one corpus at every length (+1.30% / +2.47%
-    at 8K, +1.50% / +1.08% at 16K, +2.29% / +0.29% at 32K). Denser than the paper's 0.95,
-    so Prism pays off at longer contexts (min_context_len="auto" decides where).
-    'fast': top-p 0.95 in both bands, no block budget (the paper's setting): perplexity +3.6..+5.7%
-    at 8K-32K (quality.json, density 0.22-0.32); prefill 1.79x faster than FLASH_ATTN at 64K and
-    2.76x at 128K on SmolLM2 (H200, commit 8f43227: benchmarks/results/speed.json as committed in
-    b3a8be6)."""
+    """Named defaults for the fields that trade quality for speed (rule, high_threshold,
+    low_threshold, block_budget); a field you set yourself overrides the preset's value.
+    'quality' (default): the 'meanpool' rule at top-p 0.998, no block budget. Through vLLM on an
+    H200 (benchmarks/results/quality-candidates.json, commit d3f61a3: SmolLM2-135M-Instruct, four
+    documents each of Debian's fortunes and of Jane Austen's novels, Debian r-cran-janeaustenr)
+    perplexity +0.19% / +0.16% (fortunes / Austen) at 8K, +0.35% / +0.21% at 16K and +0.80% /
+    +0.43% at 32K (YaRN), worst single document +1.06%, at density 0.64 / 0.56 / 0.49; passkeys
+    30, 13, 12 of 50 against FLASH_ATTN's 30, 15, 14 (the paper's rule at 0.99 and at 0.998 finds
+    the same 30, 13, 12, sparser settings 14 at 32K in quality.json: these counts do not follow the
+    density). Chosen over 'meanpool' at 0.995 (within 1% too, 14-17% fewer blocks) for its margin
+    on texts and models not measured here: its worst document was +1.17%. Dense enough that Prism
+    pays from about 57K tokens on SmolLM2 (speed.json: 1.10x TTFT at 64K, 1.87x at 128K with
+    Prism forced on); min_context_len="auto" decides where, per model.
+    'fast': the paper's rule and setting, top-p 0.95 in both bands, no block budget: perplexity
+    +3.6..+5.7% at 8K-32K (quality.json, density 0.22-0.32); prefill 1.79x faster than FLASH_ATTN
+    at 64K and 2.76x at 128K on SmolLM2 (H200, commit 8f43227: benchmarks/results/speed.json as
+    committed in b3a8be6)."""
 
     high_threshold: float = _FROM_PRESET
     """Top-p mass kept per query block in the high band, in (0, 1]. 1.0 keeps every block.
@@ -154,9 +158,9 @@ class PrismConfig:
     seconds, once per shape and process), and Prism serves from the shortest length where it takes
     at most 0.9 of dense's time at the density it has been selecting (0.5 until the first sampled
     launches); the decision and its timings are in the startup log and /prism/stats. Without a
-    measurement (no CUDA) it is 43008, the end-to-end break-even measured through vLLM on an H200
-    (SmolLM2-135M at the default thresholds, 2026-12-02, benchmarks/results/speed.json). An integer fixes the length
-    (0 sends every prefill chunk through Prism)."""
+    measurement (no CUDA) it is 57344, the end-to-end break-even measured through vLLM on an H200
+    (SmolLM2-135M at the 'quality' preset's selection, 2026-12-02, benchmarks/results/speed.json).
+    An integer fixes the length (0 sends every prefill chunk through Prism)."""
 
     attend_layout: str = "auto"
     """How the FA3 attend step (Hopper) lays out its virtual varlen sequences (ignored where

@@ -85,8 +85,8 @@ def select_blocks_rule(
     seq_len: ctx + L of the chunk, for cfg.dense_tail (None: no dense tail)."""
     if rule not in RULES:
         raise ValueError(f"unknown selection rule {rule!r}; valid rules: {', '.join(RULES)}")
-    if rule == "paper":
-        return select_blocks(qp, kp, qb0, bands, cfg, seq_len)
+    if rule == "paper":  # whatever cfg.rule says (the 'quality' preset's is 'meanpool')
+        return select_blocks(qp, kp, qb0, bands, dataclasses.replace(cfg, rule="paper"), seq_len)
     if rule == "meanpool":
         alld = torch.ones(qp.shape[-1], dtype=torch.bool, device=qp.device)
         one_band = dataclasses.replace(cfg, calibrate=False, low_threshold=cfg.high_threshold)

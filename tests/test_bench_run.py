@@ -381,7 +381,7 @@ def test_quality_points_table() -> None:
     assert pts[0].name == "dense" and len(pts) == len(quality.POINTS)
     assert [p.name for p in pts] == list(quality.POINTS)  # names round-trip
     marks = {p.name: quality.preset_marks(p) for p in pts}
-    assert marks["paper:0.99"] == ["quality (default)"] and marks["paper:0.95"] == ["fast"]
+    assert marks["meanpool:0.998"] == ["quality (default)"] and marks["paper:0.99"] == [] and marks["paper:0.95"] == ["fast"]
     assert marks["meanpool:0.99"] == [] and marks["paper:0.99:b0.3"] == []
     b = quality.Point.parse("paper:0.99:b0.3")
     assert b.prism_knobs() == {"rule": "paper", "high_threshold": 0.99, "low_threshold": 0.99, "block_budget": 0.3}
@@ -418,13 +418,13 @@ def test_quality_dry_run_and_merge(tmp_path: Path, capsys: pytest.CaptureFixture
     corpora's perplexity against FLASH_ATTN, density, passkeys per depth and TTFT; separate runs
     merge into one file; --report draws its table and plot."""
     out = tmp_path / "res"
-    pts = "paper:0.99,paper:0.95,meanpool:0.99,paper:0.99:b0.3"
+    pts = "meanpool:0.998,paper:0.95,meanpool:0.99,paper:0.99:b0.3"
     assert run.main(["--dry-run", "--only", "quality", "--quality-points", pts, "--out", str(out)]) == 0
     assert set(report.load_results(out)) == {"quality"}  # no other part ran
     d = json.loads((out / "quality.json").read_text())
     names = ["dense"] + pts.split(",")
     assert [p["name"] for p in d["points"]] == names
-    assert {p["name"]: p["presets"] for p in d["points"]}["paper:0.99"] == ["quality (default)"]
+    assert {p["name"]: p["presets"] for p in d["points"]}["meanpool:0.998"] == ["quality (default)"]
     assert all(j["status"] == "ok" for j in d["jobs"]) and len(d["jobs"]) == 5 * 2
     assert {(r["point"], r["length"]) for r in d["rows"]} == {(n, L) for n in names for L in (512, 1024)}
     assert set(d["settings"]["corpora"]) == {"fortunes", "austen"}
@@ -461,13 +461,22 @@ def test_quality_dry_run_and_merge(tmp_path: Path, capsys: pytest.CaptureFixture
     assert len(m["runs"]) == 2
     got = {(r["point"], r["length"]): r["run"] for r in m["rows"]}
     assert got[("paper:0.9", 512)] == 1 and got[("dense", 512)] == 1 and got[("dense", 1024)] == 0
-    assert got[("paper:0.99", 512)] == 0 and m["settings"]["lengths"] == [512, 1024]
+    assert got[("meanpool:0.998", 512)] == 0 and m["settings"]["lengths"] == [512, 1024]
+    # TTFT ratios stay within their run: run 0's point against run 0's FLASH_ATTN, though the
+    # merged FLASH_ATTN row at 512 is run 1's
+    dense_ttft = {run: {r["length"]: r["ttft"]["ttft_ms"] for r in json.loads(f.read_text())["rows"]
+                        if r["point"] == "dense"} for run, f in enumerate((out / "quality.json", out2 / "quality.json"))}
+    rows = {(r["point"], r["length"]): r for r in m["rows"]}
+    old = rows[("meanpool:0.998", 512)]["ttft"]
+    assert old["dense_ms"] == dense_ttft[0][512] != dense_ttft[1][512] and old["same_run_as_dense"]
+    assert old["ratio"] == pytest.approx(old["ttft_ms"] / dense_ttft[0][512])
+    assert rows[("paper:0.9", 512)]["ttft"]["dense_ms"] == dense_ttft[1][512]
     r09 = next(r for r in m["rows"] if r["point"] == "paper:0.9")
     assert r09["ppl"]["austen"]["documents_vs_dense"] == 2
     assert "### Quality against block density" in capsys.readouterr().out
     assert run.main(["--report", "--out", str(merged_dir)]) == 0
     printed = capsys.readouterr().out
-    assert "`paper:0.9`" in printed and "default preset (paper:0.99)" in printed
+    assert "`paper:0.9`" in printed and "default preset (meanpool:0.998)" in printed
 
 
 def test_quality_budget_skips_jobs_without_recording_them(tmp_path: Path) -> None:

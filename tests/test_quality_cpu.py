@@ -54,7 +54,7 @@ def test_rules_keep_sink_diagonal_causality_and_budget(rule, budget):
 
 def test_paper_rule_is_the_reference_and_union_contains_it():
     qp, kp = _pooled(seed=3)
-    cfg = PrismConfig(high_threshold=0.9, low_threshold=0.9)
+    cfg = PrismConfig(rule="paper", high_threshold=0.9, low_threshold=0.9)
     paper = select_blocks_rule(qp, kp, 0, BANDS, cfg, rule="paper")
     assert torch.equal(paper, R.select_blocks(qp, kp, 0, BANDS, cfg))
     union = select_blocks_rule(qp, kp, 0, BANDS, cfg, rule="paper+meanpool")

@@ -23,7 +23,7 @@ def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *
     if S["mode"] == "dense":
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw)
     q = query[0].transpose(0, 1); k = key[0].transpose(0, 1); v = value[0].transpose(0, 1)
-    o, _ = R.prism_attention(q, k, v, 0, bands, PrismConfig(), scaling)
+    o, _ = R.prism_attention(q, k, v, 0, bands, PrismConfig(rule="paper"), scaling)
     return o[None].contiguous(), None
 AttentionInterface.register("exp", attn); model.config._attn_implementation = "exp"
 text = open("/usr/share/common-licenses/GPL-3").read()

@@ -39,7 +39,7 @@ def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *
         m = prism_block_estimate(query, key.repeat_interleave(g, 1), low_freq_dim=48, high_freq_dim=32, calibrate=False)[0]
     else:
         cfg = {"rowcal": PrismConfig(dense_tail=False), "nocal": PrismConfig(calibrate=False, dense_tail=False),
-               "tail": PrismConfig()}[v]
+               "tail": PrismConfig(rule="paper")}[v]
         m = R.select_blocks(R.pool_blocks(q, 0, 128), R.pool_blocks(k, 0, 128), 0, bands, cfg, seq_len=q.shape[0])
     nk = m.shape[-1]
     causal = torch.arange(nk)[None] <= torch.arange(nk)[:, None]
