@@ -112,7 +112,7 @@ def main() -> None:  # noqa: C901 -- one linear script
     hq, hkv, d = (4, 1, 64) if args.dry_run else (32, 8, 128)
     if args.dry_run:
         args.lengths = "1000"
-    cfg = PrismConfig()
+    cfg = PrismConfig(rule="paper")  # two calibrated bands: the costlier rule
     bands = rope_bands(RopeLayout(d, d, True), *cfg.band_dims(d))
     params = PrismParams.make(bands=bands, scale=d**-0.5, config=cfg, device=DEV)
     tunings = {"default": DEFAULT_TUNING}

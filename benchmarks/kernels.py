@@ -493,7 +493,7 @@ class Ours:
         from prism_vllm.rope import RopeLayout, rope_bands
 
         self.s = s
-        self.cfg = PrismConfig()
+        self.cfg = PrismConfig(rule="paper")  # the paper's two calibrated bands (as the official code)
         self.bands = rope_bands(RopeLayout(s.d, s.d, True, s.rope_base), *self.cfg.band_dims(s.d))
         self.params = PrismParams.make(bands=self.bands, scale=s.scale, config=self.cfg, device=s.device)
         self.plan = make_plan([0, L], [0], s.hq, s.block).to(s.device)

@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prism-vllm inspect",
         description="Draw the true attention block maps of a model on a long text with Prism's "
-        "block selection over them (and a mean-pool-only selection beside it), plus a per-layer "
-        "chart of density and recall. Example: prism-vllm inspect /usr/share/common-licenses/GPL-3",
+        "block selection over them (the paper's two-band rule unless --prism-rule says otherwise, and a "
+        "mean-pool-only selection beside it), plus a per-layer chart of density and recall. Example: prism-vllm inspect /usr/share/common-licenses/GPL-3",
     )
     p.add_argument("text_file", help="a long plain-text file (UTF-8)")
     p.add_argument("--model", default=None, help="HF model folder or name (default: the bundled SmolLM2-135M-Instruct)")
@@ -193,6 +193,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raw = getattr(args, f"prism_{name}")
         if raw is not None:
             prism[name] = parse_prism_value(flag, name, raw)
+    # the left panel is the paper's two-band rule unless --prism-rule names another: the right one
+    # is always plain mean-pooling, the 'quality' preset's rule
+    prism.setdefault("rule", "paper")
     try:
         cfg = PrismConfig(**prism)
     except ValueError as e:

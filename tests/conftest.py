@@ -35,7 +35,7 @@ def prism_params(bands, config=None, device=DEVICE, scale=1.0):
     from prism_vllm.config import PrismConfig
     from prism_vllm.kernels import PrismParams
 
-    return PrismParams.make(bands=bands, scale=scale, config=config or PrismConfig(), device=device)
+    return PrismParams.make(bands=bands, scale=scale, config=config or PrismConfig(rule="paper"), device=device)
 
 
 def key_energy_reference(kp, bands):

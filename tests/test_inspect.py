@@ -165,6 +165,7 @@ def test_inspect_command_writes_pngs_and_summary(tmp_path, capsys):
     assert summary["tokens"] == 640 and summary["drawn_layers"] == [0, 2]
     assert [layer["layer"] for layer in summary["layers"]] == [0, 1, 2]
     assert summary["config"]["high_threshold"] == 0.9
+    assert summary["config"]["rule"] == "paper"  # the paper's rule beside the mean-pool baseline by default
     assert all(layer["heads"] == [0, 1, 2] for layer in summary["layers"])
     assert summary["rope"]["is_neox_style"] is True
     assert "Prism density" in capsys.readouterr().out

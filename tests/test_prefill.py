@@ -115,7 +115,7 @@ BANDS64_GPTJ = rope_bands(RopeLayout(64, 64, False), 32, 48)
 
 
 def test_prefill_one_request_matches_reference_batch():
-    chunks, cfg = [(0, 700)], PrismConfig(high_threshold=0.95, low_threshold=0.8)
+    chunks, cfg = [(0, 700)], PrismConfig(rule="paper", high_threshold=0.95, low_threshold=0.8)
     qs, ks, vs, q, plan, sel, out, scale = _run_case(chunks, 4, 2, 64, torch.float16, cfg, BANDS64, "NHD", 16)
     masks = _check(chunks, qs, ks, vs, q, plan, sel, out, scale, cfg, BANDS64)
     # The facade is reference.prism_attention_batch (the masks are equal here, so the outputs are).
@@ -129,7 +129,7 @@ def test_prefill_one_request_matches_reference_batch():
 
 def test_prefill_chunked_batch_with_dense_request():
     chunks = [(300, 500), (1000, 260), (0, 129)]
-    cfg = PrismConfig(high_threshold=0.9, low_threshold=0.9, keep_sink=True, keep_diagonal=False)
+    cfg = PrismConfig(rule="paper", high_threshold=0.9, low_threshold=0.9, keep_sink=True, keep_diagonal=False)
     dense = [0, 1, 0]
     qs, ks, vs, q, plan, sel, out, scale = _run_case(
         chunks, 6, 2, 64, torch.float16, cfg, BANDS64_GPTJ, "HND", 32, dense=dense, seed=1
@@ -139,7 +139,7 @@ def test_prefill_chunked_batch_with_dense_request():
 
 def test_prefill_threshold_one_is_dense_attention():
     chunks = [(77, 300), (0, 200)]
-    cfg = PrismConfig(high_threshold=1.0, low_threshold=1.0)
+    cfg = PrismConfig(rule="paper", high_threshold=1.0, low_threshold=1.0)
     qs, ks, vs, q, plan, sel, out, scale = _run_case(chunks, 4, 1, 64, torch.float16, cfg, BANDS64, "NHD", 16, seed=2)
     atol, rtol = TOL[torch.float16]
     cu = plan.cu_seqlens_q.tolist()
@@ -175,7 +175,7 @@ def test_workspace_sizes_bound_scheduler_batches():
             torch.zeros(300, hq, 16), torch.zeros(1, 16, 2, 16), torch.zeros(1, 16, 2, 16),
             torch.zeros(3, 1, dtype=torch.int32), three_long,
             PrismParams.make(
-                bands=rope_bands(RopeLayout(16, 16), 8, 8), scale=0.25, config=PrismConfig(), device="cpu"
+                bands=rope_bands(RopeLayout(16, 16), 8, 8), scale=0.25, config=PrismConfig(rule="paper"), device="cpu"
             ),
             ws, torch.zeros(300, hq, 16),
         )
@@ -194,7 +194,7 @@ BANDS128 = rope_bands(RopeLayout(128, 128, True), 64, 96)
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("chunks", [[(0, 32768)], [(16384, 16384), (3000, 1000)]], ids=["one_shot", "chunked"])
 def test_prefill_gpu_32k_bf16(chunks, layout):
-    cfg = PrismConfig()
+    cfg = PrismConfig(rule="paper")
     qs, ks, vs, q, plan, sel, out, scale = _run_case(
         chunks, 32, 8, 128, torch.bfloat16, cfg, BANDS128, layout, 16, seed=3, device="cuda"
     )
@@ -218,7 +218,7 @@ def test_estimation_budget_128k():
     k_cache = kv.permute(0, 2, 1, 3).transpose(1, 2).split(d, -1)[0]  # vLLM's NHD view
     table = torch.randperm(L // 16, device="cuda", generator=gen).to(torch.int32)[None]
     plan = make_plan([0, L], [0], hq).to("cuda")
-    cfg = PrismConfig()
+    cfg = PrismConfig(rule="paper")
     params = PrismParams.make(bands=BANDS128, scale=d**-0.5, config=cfg, device="cuda")
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -277,7 +277,7 @@ def test_block_aligned_chunks_select_and_attend_like_one_shot(cut):
     chunks cut at block boundaries gets the same selection and output as in one shot (the same
     tokens and the same paged cache; only the launches differ)."""
     L, hq, hkv, d = 640, 4, 2, 64
-    cfg = PrismConfig(min_context_len=0)
+    cfg = PrismConfig(rule="paper", min_context_len=0)
     qs, ks, vs = _structured_tokens([(0, L)], hq, hkv, d, torch.float16, DEVICE, seed=5)
     q, k_cache, v_cache, table = qs[0], *make_paged_kv(ks, vs, 16, "NHD", seed=5)
     params = PrismParams.make(bands=BANDS64, scale=d**-0.5, config=cfg, device=DEVICE)
@@ -305,7 +305,7 @@ def test_dense_tail_attends_the_partial_last_block_densely(dense_tail):
     every causal block and its rows equal dense attention; the other rows keep Prism's selection.
     A chunk ending on a block boundary has no dense tail."""
     chunks = [(0, 700), (256, 512), (1000, 300)]  # ends 700 (partial), 768 (aligned), 1300 (partial)
-    cfg = PrismConfig(high_threshold=0.9, low_threshold=0.8, dense_tail=dense_tail)
+    cfg = PrismConfig(rule="paper", high_threshold=0.9, low_threshold=0.8, dense_tail=dense_tail)
     qs, ks, vs, q, plan, sel, out, scale = _run_case(chunks, 4, 2, 64, torch.float16, cfg, BANDS64, "NHD", 16, seed=3)
     masks = _check(chunks, qs, ks, vs, q, plan, sel, out, scale, cfg, BANDS64)
     atol, rtol = TOL[torch.float16]
@@ -327,7 +327,7 @@ def test_block_budget_through_the_facade():
     keeps everything) and a 25% budget select what the reference selects, and the output is
     exact attention over that selection."""
     chunks = [(0, 1500), (600, 900)]
-    cfg = PrismConfig(high_threshold=1.0, low_threshold=1.0, block_budget=0.25)
+    cfg = PrismConfig(rule="paper", high_threshold=1.0, low_threshold=1.0, block_budget=0.25)
     qs, ks, vs, q, plan, sel, out, scale = _run_case(chunks, 4, 2, 64, torch.float16, cfg, BANDS64, "HND", 16, seed=4)
     masks = sel.to_masks()
     atol, rtol = TOL[torch.float16]
@@ -350,7 +350,7 @@ def test_layers_of_a_step_replay_the_first_layers_checked_launches(monkeypatch):
 
     chunks = [(0, 700), (256, 512)]
     hq, hkv, d = 4, 2, 64
-    cfg = PrismConfig(high_threshold=0.9, low_threshold=0.8)
+    cfg = PrismConfig(rule="paper", high_threshold=0.9, low_threshold=0.8)
     checks = []
     real_check = P._check_launch
     monkeypatch.setattr(P, "_check_launch", lambda *a: checks.append(1) or real_check(*a))

@@ -21,7 +21,7 @@ from prism_vllm import reference as R
 from prism_vllm.rope import RopeLayout, rope_bands
 
 BANDS64 = rope_bands(RopeLayout(64, 64), 32, 48)
-ALL = PrismConfig(high_threshold=1.0, low_threshold=1.0)
+ALL = PrismConfig(rule="paper", high_threshold=1.0, low_threshold=1.0)
 
 
 def _qkv(L, ctx, hq, hkv, d, seed=0, dtype=torch.float32):
@@ -58,7 +58,7 @@ def test_all_blocks_selected_equals_dense_sdpa(L, ctx, hq, hkv):
 
 def test_single_token_context_has_no_nan():
     q, k, v = _qkv(1, 0, 4, 2, 64)
-    out, mask = R.prism_attention(q, k, v, 0, BANDS64, PrismConfig())
+    out, mask = R.prism_attention(q, k, v, 0, BANDS64, PrismConfig(rule="paper"))
     assert mask.tolist() == [[[True]]] * 4
     torch.testing.assert_close(out, v.repeat_interleave(2, 1))
 
@@ -138,7 +138,7 @@ def test_selection_invariants_and_sparsity_on_structured_input():
     L, hq, hkv, d = 1280, 4, 2, 64
     q, k = _structured(L, hq, hkv, d, seed=5)
     qp, kp = R.pool_blocks(q, 0, 128), R.pool_blocks(k, 0, 128)
-    sel = R.select_blocks(qp, kp, 0, BANDS64, PrismConfig())
+    sel = R.select_blocks(qp, kp, 0, BANDS64, PrismConfig(rule="paper"))
     nq = nk = 10
     causal = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None]
     assert not (sel & ~causal).any()
@@ -147,7 +147,7 @@ def test_selection_invariants_and_sparsity_on_structured_input():
     hot_blocks[::3] = True
     assert (sel | ~(causal & hot_blocks)).all(), "the dominant blocks must be selected"
     assert sel.sum() < causal.sum() * hq * 0.8, "structured input should give a sparse selection"
-    no_extra = R.select_blocks(qp, kp, 0, BANDS64, PrismConfig(keep_sink=False, keep_diagonal=False))
+    no_extra = R.select_blocks(qp, kp, 0, BANDS64, PrismConfig(rule="paper", keep_sink=False, keep_diagonal=False))
     assert (no_extra <= sel).all()
 
 
@@ -156,16 +156,16 @@ def test_block_aligned_chunking_gives_identical_selection_and_output(cut):
     L, hq, hkv, d = 1280, 4, 2, 64
     q, k = _structured(L, hq, hkv, d, seed=7)
     v = torch.randn(L, hkv, d)
-    full_out, full_mask = R.prism_attention(q, k, v, 0, BANDS64, PrismConfig())
-    o1, m1 = R.prism_attention(q[:cut], k[:cut], v[:cut], 0, BANDS64, PrismConfig())
-    o2, m2 = R.prism_attention(q[cut:], k, v, cut, BANDS64, PrismConfig())
+    full_out, full_mask = R.prism_attention(q, k, v, 0, BANDS64, PrismConfig(rule="paper"))
+    o1, m1 = R.prism_attention(q[:cut], k[:cut], v[:cut], 0, BANDS64, PrismConfig(rule="paper"))
+    o2, m2 = R.prism_attention(q[cut:], k, v, cut, BANDS64, PrismConfig(rule="paper"))
     nb = cut // 128
     assert torch.equal(full_mask[:, :nb, :nb], m1) and torch.equal(full_mask[:, nb:], m2)
     torch.testing.assert_close(torch.cat([o1, o2]), full_out, atol=1e-6, rtol=1e-5)
 
 
 def test_batch_equals_per_request():
-    cfg = PrismConfig()
+    cfg = PrismConfig(rule="paper")
     q1, k1, v1 = _qkv(300, 0, 4, 2, 64, seed=1)
     q2, k2, v2 = _qkv(50, 140, 4, 2, 64, seed=2)
     out, masks = R.prism_attention_batch(torch.cat([q1, q2]), [0, 300, 350], [0, 140], [k1, k2], [v1, v2], BANDS64, cfg)
@@ -187,7 +187,7 @@ def _ours_on_official_case(case: dict) -> tuple[torch.Tensor, torch.Tensor, torc
     assert input_digest(q, k) == case["input_sha256"], "the seeded inputs changed: re-record (see the JSON's command)"
     d = OFFICIAL["head_dim"]
     bands = rope_bands(RopeLayout(d, d), OFFICIAL["high_band_dims"], OFFICIAL["low_band_dims"])
-    cfg = PrismConfig(high_threshold=case["high"], low_threshold=case["low"], calibrate=False,
+    cfg = PrismConfig(rule="paper", high_threshold=case["high"], low_threshold=case["low"], calibrate=False,
                       keep_sink=case["keep"], keep_diagonal=case["keep"])
     B = OFFICIAL["block_size"]
     ctx = case["kv_len"] - case["q_len"]

@@ -173,11 +173,11 @@ CASES = {
     "three_levels_g2": ([(0, 40 * 128 + 5)], 4, 2, "neox64"),  # rows of 1..41 blocks: levels 16/32/64
 }
 CFGS = {
-    "t95_80": PrismConfig(high_threshold=0.95, low_threshold=0.8),
-    "t80_95_nocal": PrismConfig(high_threshold=0.8, low_threshold=0.95, calibrate=False),
-    "t95_nosink_nodiag": PrismConfig(keep_sink=False, keep_diagonal=False),
+    "t95_80": PrismConfig(rule="paper", high_threshold=0.95, low_threshold=0.8),
+    "t80_95_nocal": PrismConfig(rule="paper", high_threshold=0.8, low_threshold=0.95, calibrate=False),
+    "t95_nosink_nodiag": PrismConfig(rule="paper", keep_sink=False, keep_diagonal=False),
     # above 0.99 the bisection starts from 0 instead of its proven-feasible floor
-    "t995_99": PrismConfig(high_threshold=0.995, low_threshold=0.99),
+    "t995_99": PrismConfig(rule="paper", high_threshold=0.995, low_threshold=0.99),
 }
 
 
@@ -226,7 +226,7 @@ def test_multipass_path_matches_reference(resident_max_blocks, cfg_name):
 @pytest.mark.parametrize("resident_max_blocks", [16, None], ids=["multipass", "resident"])
 def test_threshold_one_selects_every_causal_block(resident_max_blocks):
     chunks = [(77, 300), (2500, 1000)]
-    cfg = PrismConfig(high_threshold=1.0, low_threshold=0.5, keep_sink=False, keep_diagonal=False)
+    cfg = PrismConfig(rule="paper", high_threshold=1.0, low_threshold=0.5, keep_sink=False, keep_diagonal=False)
     qps, kps = _structured(chunks, 4, 2, 64, seed=3, device=DEVICE)
     plan, sel_idx, sel_cnt, _ = _run(chunks, qps, kps, BANDS["neox64"], cfg, resident_max_blocks=resident_max_blocks)
     masks = kernel_masks(plan, sel_idx, sel_cnt)
@@ -251,7 +251,7 @@ def test_dense_flag_selects_every_causal_block_of_that_request_only(resident_max
 
 def test_single_token_context_selects_block_zero_only():
     chunks = [(0, 1), (0, 1)]
-    cfg = PrismConfig(keep_sink=False, keep_diagonal=False)
+    cfg = PrismConfig(rule="paper", keep_sink=False, keep_diagonal=False)
     qps, kps = _structured(chunks, 4, 2, 64, seed=1, device=DEVICE)
     plan, sel_idx, sel_cnt, _ = _run(chunks, qps, kps, BANDS["neox64"], cfg)
     assert sel_cnt.tolist() == [1] * 8
@@ -265,7 +265,7 @@ def test_gaussian_inputs_and_head_dim_128():
     qb0, nq, nk = R.num_blocks(*chunks[0], B)
     qps = [torch.randn(nq, 4, 128, generator=gen).to(DEVICE)]
     kps = [torch.randn(nk, 1, 128, generator=gen).to(DEVICE)]
-    cfg = PrismConfig(high_threshold=0.9, low_threshold=0.9)
+    cfg = PrismConfig(rule="paper", high_threshold=0.9, low_threshold=0.9)
     plan, sel_idx, sel_cnt, temps = _run(chunks, qps, kps, BANDS["neox128"], cfg)
     masks = kernel_masks(plan, sel_idx, sel_cnt)
     n_amb, n_causal = compare_with_reference(chunks, qps, kps, BANDS["neox128"], cfg, masks)
@@ -282,7 +282,7 @@ def test_coarse_top_p_resolution_keeps_a_superset_within_its_bound(resident_max_
     qb0, nq, nk = R.num_blocks(*chunks[0], B)
     qps = [torch.randn(nq, 4, 64, generator=gen).to(DEVICE)]
     kps = [torch.randn(nk, 1, 64, generator=gen).to(DEVICE)]
-    cfg, bands = PrismConfig(high_threshold=0.9, low_threshold=0.8), BANDS["neox64"]
+    cfg, bands = PrismConfig(rule="paper", high_threshold=0.9, low_threshold=0.8), BANDS["neox64"]
     exact = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks)
     coarse = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks,
                   tuning=SelectionTuning(topp_mantissa_bits=4))
@@ -387,9 +387,9 @@ def _row_budget(chunks, cfg, masks):
 
 BUDGET_CFGS = {
     # thresholds 1.0: the budget alone decides (top-k of max(p_high, p_low))
-    "all_b10": PrismConfig(high_threshold=1.0, low_threshold=1.0, block_budget=0.1),
-    "t95_80_b25": PrismConfig(high_threshold=0.95, low_threshold=0.8, block_budget=0.25),
-    "t9_nosink_b05": PrismConfig(high_threshold=0.9, low_threshold=0.9, keep_sink=False, block_budget=0.05),
+    "all_b10": PrismConfig(rule="paper", high_threshold=1.0, low_threshold=1.0, block_budget=0.1),
+    "t95_80_b25": PrismConfig(rule="paper", high_threshold=0.95, low_threshold=0.8, block_budget=0.25),
+    "t9_nosink_b05": PrismConfig(rule="paper", high_threshold=0.9, low_threshold=0.9, keep_sink=False, block_budget=0.05),
 }
 
 
@@ -448,7 +448,7 @@ def test_block_budget_gpu_realistic(resident_max_blocks):
     # The Llama-3.1-8B evidence setting: near-flat (Gaussian) scores, a 10% budget, 32K tokens.
     chunks = [(0, 32768), (20000, 4096)]
     hq, hkv, d = 32, 8, 128
-    cfg, bands = PrismConfig(block_budget=0.1), BANDS["neox128"]
+    cfg, bands = PrismConfig(rule="paper", block_budget=0.1), BANDS["neox128"]
     gen = torch.Generator().manual_seed(21)
     qps, kps = [], []
     for ctx, L in chunks:
@@ -479,7 +479,7 @@ def test_block_budget_breaks_exact_ties_toward_recent_blocks(resident_max_blocks
     # come close to). The budget must still keep k blocks, not every tied one: the sink, the
     # diagonal and the most recent others.
     chunks = [(2000, 1500), (0, 700)]
-    cfg, bands = PrismConfig(block_budget=0.1, dense_tail=False), BANDS["neox64"]
+    cfg, bands = PrismConfig(rule="paper", block_budget=0.1, dense_tail=False), BANDS["neox64"]
     gen = torch.Generator().manual_seed(2)
     qps, kps = [], []
     for ctx, L in chunks:
