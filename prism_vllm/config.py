@@ -154,7 +154,7 @@ class PrismConfig:
     """Smallest sequence length (context + this chunk, tokens) at which a prefill chunk is
     served by Prism; shorter ones go to FlashAttention. "auto" (default): decided per layer shape
     on the serving GPU: when the model loads, dense FlashAttention and Prism (estimation + attend
-    step at block densities 0.1-1.0) are timed on synthetic chunks of 4K-64K tokens (a few
+    step at block densities 0.1-1.0) are timed on synthetic chunks of 4K-128K tokens (a few
     seconds, once per shape and process), and Prism serves from the shortest length where it takes
     at most 0.9 of dense's time at the density it has been selecting (0.5 until the first sampled
     launches); the decision and its timings are in the startup log and /prism/stats. Without a

@@ -48,6 +48,19 @@ def test_break_even_needs_every_longer_length_to_pay():
     assert t2.break_even(0.3) == 4096  # pays at every measured length: the shortest one
 
 
+def test_a_layer_that_pays_only_at_128k_is_turned_on_there():
+    """The timed lengths reach 128K: a table that stopped at 64K would keep such a layer (a small
+    model's: SmolLM2 paid 1.10x at 64K, 1.87x at 128K end to end) on FlashAttention for good."""
+    assert be.LENGTHS[-2:] == (65536, 131072)
+    att = [2.0] * 5 + [0.5]  # Prism loses up to 64K and wins at 128K
+    t = be.TimingTable(shape="t", lengths=list(be.LENGTHS), dense_ms=[1.0] * 6, estimate_ms=[0.1] * 6,
+                       attend_ms=[[a] * len(be.DENSITIES) for a in att])
+    assert 65536 < t.break_even(0.3) <= 131072
+    t64 = be.TimingTable(shape="t", lengths=list(be.LENGTHS[:-1]), dense_ms=[1.0] * 5, estimate_ms=[0.1] * 5,
+                         attend_ms=[[a] * len(be.DENSITIES) for a in att[:-1]])
+    assert t64.break_even(0.3) is None
+
+
 def test_attend_interpolates_in_density_and_clamps():
     t = _table([1.0] * 5, [0.0] * 5, [1.0] * 5)
     assert t.prism_ms(0, 0.2) == pytest.approx(0.2)  # between 0.1 and 0.3
