@@ -216,12 +216,11 @@ class _Synthetic:
         self.fa_kw = {} if fa_version is None else {"fa_version": fa_version}
         self.gen = torch.Generator(device=device).manual_seed(0)
         n_pages = S_max // self.PAGE + 1
-        kv = torch.randn(n_pages, self.PAGE, hkv, 2 * d, generator=self.gen, device=device,
-                         dtype=torch.float32).to(dtype)
+        # drawn in the model dtype: no float32 copy (the 128K row's cache alone is 512 MiB in bf16)
+        kv = torch.randn(n_pages, self.PAGE, hkv, 2 * d, generator=self.gen, device=device, dtype=dtype)
         self.k_cache, self.v_cache = kv.split(d, dim=-1)
         self.table = torch.randperm(n_pages, generator=self.gen, device=device).to(torch.int32)[None, :]
-        self.q_all = torch.randn(min(chunk, S_max), hq, d, generator=self.gen, device=device,
-                                 dtype=torch.float32).to(dtype)
+        self.q_all = torch.randn(min(chunk, S_max), hq, d, generator=self.gen, device=device, dtype=dtype)
 
     def chunk(self, S: int, attend_layouts: Sequence[str], fa3: bool) -> tuple[Any, Any, Any]:
         """(plan on the host, plan on the device, workspace) of the last chunk of S tokens."""
