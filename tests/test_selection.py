@@ -175,9 +175,11 @@ CASES = {
 CFGS = {
     "t95_80": PrismConfig(rule="paper", high_threshold=0.95, low_threshold=0.8),
     "t80_95_nocal": PrismConfig(rule="paper", high_threshold=0.8, low_threshold=0.95, calibrate=False),
-    "t95_nosink_nodiag": PrismConfig(rule="paper", keep_sink=False, keep_diagonal=False),
-    # above 0.99 the bisection starts from 0 instead of its proven-feasible floor
+    # the preset's 0.998: the highest threshold whose bisection starts from its feasible floor
+    "t998_nosink_nodiag": PrismConfig(rule="paper", keep_sink=False, keep_diagonal=False),
     "t995_99": PrismConfig(rule="paper", high_threshold=0.995, low_threshold=0.99),
+    # above 0.998 the bisection starts from 0
+    "t999_99": PrismConfig(rule="paper", high_threshold=0.999, low_threshold=0.99),
 }
 
 
@@ -204,7 +206,7 @@ def test_selection_matches_reference(case, cfg_name):
 
 
 @pytest.mark.parametrize("resident_max_blocks", [16, None], ids=["multipass", "resident"])
-@pytest.mark.parametrize("cfg_name", ["t95_80", "t95_nosink_nodiag"], ids=str)
+@pytest.mark.parametrize("cfg_name", ["t95_80", "t998_nosink_nodiag"], ids=str)
 def test_multipass_path_matches_reference(resident_max_blocks, cfg_name):
     # 41 and 9 key blocks: with a resident cap of 16 blocks the long request is streamed
     # (several tiles of 32 and several threshold passes); the short one shares the launch.
@@ -346,7 +348,7 @@ def test_selection_gpu_realistic(chunks, precision):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg_name", ["t95_80", "t95_nosink_nodiag"], ids=str)
+@pytest.mark.parametrize("cfg_name", ["t95_80", "t998_nosink_nodiag"], ids=str)
 def test_selection_gpu_1m_context_multipass(cfg_name):
     # A short chunk at the end of a 1M-token context: rows of 8192 key blocks (multi-pass path).
     chunks = [(2**20 - 128, 128), (2**20 - 700, 300)]
