@@ -232,13 +232,16 @@ class _Synthetic:
                                          attend_dtype=self.dtype if fa3 else None, attend_layouts=attend_layouts)
         return plan_cpu, plan_cpu.to(self.device), PrismWorkspace.allocate(sizes, self.device)
 
-    def dense(self, S: int, out: torch.Tensor) -> torch.Tensor:
-        """FlashAttention (the layer's own call) of the chunk over all S tokens, into ``out``."""
+    def dense(self, S: int, out: torch.Tensor) -> Callable[[], Any]:
+        """FlashAttention (the layer's own call) of the chunk over all S tokens into ``out``, as a
+        callable to time (its small index tensors made here, outside the timed call)."""
         T = out.shape[0]
-        return self.fa(q=self.q_all[:T], k=self.k_cache, v=self.v_cache, out=out,
-                       cu_seqlens_q=torch.tensor([0, T], dtype=torch.int32, device=self.device), max_seqlen_q=T,
-                       seqused_k=torch.tensor([S], dtype=torch.int32, device=self.device), max_seqlen_k=S,
-                       softmax_scale=self.scale, causal=True, block_table=self.table, **self.fa_kw)
+        cu = torch.tensor([0, T], dtype=torch.int32, device=self.device)
+        seq = torch.tensor([S], dtype=torch.int32, device=self.device)
+        q = self.q_all[:T]
+        return lambda: self.fa(q=q, k=self.k_cache, v=self.v_cache, out=out, cu_seqlens_q=cu, max_seqlen_q=T,
+                               seqused_k=seq, max_seqlen_k=S, softmax_scale=self.scale, causal=True,
+                               block_table=self.table, **self.fa_kw)
 
     def attend(self, plan_cpu: Any, ws: Any, sel: Any, params: Any, out: torch.Tensor,
                fa3_attend: Optional[Callable[..., Any]], layout: str) -> Callable[[], Any]:
@@ -267,7 +270,7 @@ def _measure(hq: int, hkv: int, d: int, dtype: torch.dtype, scale: float, params
     for S in lengths:
         T = min(S, chunk)
         out = torch.empty_like(syn.q_all[:T])
-        dense_ms.append(_wall_ms(lambda: syn.dense(S, out)))
+        dense_ms.append(_wall_ms(syn.dense(S, out)))
         plan_cpu, plan, ws = syn.chunk(S, (layout,), fa3_attend is not None)
         est_ms.append(_wall_ms(lambda: prism_estimate(syn.q_all[:T], syn.k_cache, syn.table, plan, params, ws)))
         row = []
@@ -361,7 +364,8 @@ def _choose(candidates: Sequence[str], *, num_q_heads: int, num_kv_heads: int, h
                      flash_attn_varlen_func, fa_version, scale)
     plan_cpu, _, ws = syn.chunk(S, tuple(candidates), True)
     T = plan_cpu.num_tokens
-    ref = syn.dense(S, torch.empty_like(syn.q_all[:T]))
+    ref = torch.empty_like(syn.q_all[:T])
+    syn.dense(S, ref)()
     every = _fixed_selection(plan_cpu, num_q_heads, 1.0, syn.gen, device)
     sel = _fixed_selection(plan_cpu, num_q_heads, LAYOUT_DENSITY, syn.gen, device)
     timed: dict[str, float] = {}
