@@ -920,6 +920,15 @@ def scatter_out(o_virt: torch.Tensor, out: torch.Tensor, plan: PrefillPlan, buck
     )
 
 
+def _fa3_bucket(flash_attn_varlen_func: FlashAttnVarlen, vkv: VirtualKV, scale: float, softcap: float, B: int,
+                bucket: AttendBucket, cu_seqlens_q: torch.Tensor, *, q: torch.Tensor, out: torch.Tensor,
+                seqused_k: torch.Tensor, block_table: torch.Tensor, descales: dict) -> None:
+    """One FA3 call over virtual sequences of ``bucket`` (every sparse layout's call)."""
+    flash_attn_varlen_func(**descales, q=q, k=vkv.k, v=vkv.v, max_seqlen_q=bucket.max_rows,
+                           cu_seqlens_q=cu_seqlens_q, max_seqlen_k=bucket.width * B, seqused_k=seqused_k,
+                           block_table=block_table, softmax_scale=scale, causal=True, softcap=softcap, out=out)
+
+
 def attend_fa3(
     q: torch.Tensor,
     vkv: VirtualKV,
@@ -979,7 +988,7 @@ def attend_fa3(
     if attend.layout != layout:
         raise ValueError(f"attend plan made for layout {attend.layout!r}, called with layout {layout!r}; plan it "
                          f"with make_attend_plan(layout={layout!r})")
-    B = plan.block_size
+    fa = (flash_attn_varlen_func, vkv, scale, softcap, plan.block_size)
     if layout in VIEW_LAYOUTS:
         hps = q.shape[1] // _seq_heads(q.shape[1], vkv.num_kv_heads, layout)
         for bucket in attend.buckets:
@@ -988,40 +997,14 @@ def attend_fa3(
             descales = _descales(q_scale, k_scale, v_scale, n_b, 1)  # the same for every call of the bucket
             calls = zip(bucket_views(q, bucket, hps), bucket_views(out, bucket, hps), a["seqused_k"], a["block_table"])
             for q_i, out_i, seqused_k, table in calls:
-                flash_attn_varlen_func(
-                    **descales,
-                    q=q_i,
-                    k=vkv.k,
-                    v=vkv.v,
-                    max_seqlen_q=bucket.max_rows,
-                    cu_seqlens_q=a["cu_seqlens_q"],
-                    max_seqlen_k=bucket.width * B,
-                    seqused_k=seqused_k,
-                    block_table=table,
-                    softmax_scale=scale,
-                    causal=True,
-                    softcap=softcap,
-                    out=out_i,
-                )
+                _fa3_bucket(*fa, bucket, a["cu_seqlens_q"], q=q_i, out=out_i, seqused_k=seqused_k,
+                            block_table=table, descales=descales)
         return out
     for bucket in attend.buckets:
         a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, order=order, layout=layout)
-        n_seq = a["seqused_k"].shape[0]
-        flash_attn_varlen_func(
-            **_descales(q_scale, k_scale, v_scale, n_seq, 1),
-            q=a["q"],
-            k=vkv.k,
-            v=vkv.v,
-            max_seqlen_q=bucket.max_rows,
-            cu_seqlens_q=a["cu_seqlens_q"],
-            max_seqlen_k=bucket.width * B,
-            seqused_k=a["seqused_k"],
-            block_table=a["block_table"],
-            softmax_scale=scale,
-            causal=True,
-            softcap=softcap,
-            out=a["out"],
-        )
+        _fa3_bucket(*fa, bucket, a["cu_seqlens_q"], q=a["q"], out=a["out"], seqused_k=a["seqused_k"],
+                    block_table=a["block_table"],
+                    descales=_descales(q_scale, k_scale, v_scale, a["seqused_k"].shape[0], 1))
         scatter_out(a["out"], out, plan, bucket, vkv.num_kv_heads, order=order, layout=layout)
     return out
 

@@ -137,19 +137,25 @@ def test_builder_routes_with_the_measured_break_even(monkeypatch):
     assert rec["min_context_len"] == t.break_even(0.1) and rec["density"] == 0.1
 
 
+def _cpu_timing(monkeypatch):
+    """The startup timing on CPU: no-op synchronisation, one timed call; returns the PrismParams
+    of a 64-dim NeoX layer under the default config."""
+    from prism_vllm.kernels import PrismParams
+    from prism_vllm.rope import RopeLayout, prism_bands
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(be, "REPS", 1)
+    cfg = PrismConfig()
+    return PrismParams.make(bands=prism_bands(RopeLayout(64, 64, True), cfg), scale=0.125, config=cfg, device="cpu")
+
+
 def test_measurement_plumbing_on_cpu(monkeypatch):
     """The GPU-only timing code end to end on tiny shapes: the Triton interpreter for Prism's
     kernels, reference.paged_varlen_attention standing in for FlashAttention (dense) and for FA3
     (attend step), no-op synchronisation. Checks the calls and the table, not the times."""
     from prism_vllm import reference
-    from prism_vllm.kernels import PrismParams
-    from prism_vllm.rope import RopeLayout, rope_bands
 
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    monkeypatch.setattr(be, "REPS", 1)
-    cfg = PrismConfig()
-    params = PrismParams.make(bands=rope_bands(RopeLayout(64, 64, True), *cfg.band_dims(64)), scale=0.125,
-                              config=cfg, device="cpu")
+    params = _cpu_timing(monkeypatch)
     calls = []
 
     def fa3_stand_in(**kw):  # FA3's keyword semantics; records how the attend step called it
@@ -174,15 +180,9 @@ def test_measurement_plumbing_on_cpu(monkeypatch):
 def _choose_cpu(monkeypatch, fa3):
     """break_even._choose on CPU: tiny shapes, the interpreter, reference attention as FA / FA3."""
     from prism_vllm import reference
-    from prism_vllm.kernels import PrismParams
-    from prism_vllm.rope import RopeLayout, rope_bands
 
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    monkeypatch.setattr(be, "REPS", 1)
+    params = _cpu_timing(monkeypatch)
     monkeypatch.setattr(be, "LAYOUT_TOKENS", 640)
-    cfg = PrismConfig()
-    params = PrismParams.make(bands=rope_bands(RopeLayout(64, 64, True), *cfg.band_dims(64)), scale=0.125,
-                              config=cfg, device="cpu")
     return be._choose(("head", "head_views"), num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float16,
                       scale=0.125, params=params, max_model_len=1024, max_num_batched_tokens=384,
                       flash_attn_varlen_func=reference.paged_varlen_attention, fa_version=None, fa3_attend=fa3,
