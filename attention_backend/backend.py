@@ -48,7 +48,7 @@ from vllm.utils.torch_utils import is_quantized_kv_cache
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from prism_vllm.config import AUTO_ATTEND_LAYOUTS, PrismConfig
-from prism_vllm.kernels import FA3Launch, PrismParams, PrismWorkspace, prism_prefill
+from prism_vllm.kernels import FA3Launch, PrismParams, PrismWorkspace, prism_estimate, prism_prefill
 from prism_vllm.kernels.attend_fa3 import AttendPlan, make_attend_plan, virtual_kv
 from prism_vllm.kernels.plan import BlockSelection, PrefillPlan, make_plan
 from prism_vllm.kernels.prefill import Fp8Scales
@@ -210,10 +210,18 @@ class PrismLaunch:
     """[plan.num_reqs, max_blocks] int32 device view of the batch's block table."""
     attend: Optional[AttendPlan] = None
     """Buckets of the FA3 attend step (None: the Triton kernel attends this launch)."""
-    causal_blocks: int = 0
-    """Sampled steps: (query block, head, key block) causal triples of its sparse requests."""
-    sparse_qb_weight: Optional[torch.Tensor] = None
-    """Sampled steps with dense requests: [NQB] int32, 1 on query blocks of sparse requests."""
+    sampling: Optional["SampleRows"] = None
+    """Sampled steps: where its selected-block counts go (see prism_vllm.stats)."""
+
+
+@dataclass
+class SampleRows:
+    """A sampled launch's density bookkeeping (PrismStats.add_sample)."""
+
+    bucket: torch.Tensor
+    """[NQB] int64 device: each query block's length bucket (the last slot: not counted)."""
+    causal: list[int]
+    """Causal (query block, head, key block) triples per length bucket, counted rows only."""
 
 
 @dataclass
@@ -229,6 +237,8 @@ class PrismStep:
     workspace: Any
     sample: bool = False
     """Sample block density and launch time this step (see prism_vllm.stats)."""
+    shadow: bool = False
+    """FlashAttention serves the whole batch; the launches only estimate (density samples)."""
     timed: bool = False
 
 
@@ -339,6 +349,11 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         self._params: PrismParams = ready[0][1].prism_layer.params
         self._shape_key = shape_key(*shapes[0], getattr(vllm_config.model_config, "dtype", None), fa3)
         self._auto_min_context: Optional[int] = None
+        self._auto_densities: Optional[tuple] = None
+        self._auto_table: Optional[tuple] = None  # (table, its lengths' buckets, buckets it could pay at)
+        # min_context_len="auto" exploration: dense steps per length bucket since its last shadow
+        # step (None: never shadowed), see break_even's module doc.
+        self._dense_steps: list[Optional[int]] = [None] * len(STATS.by_length.lengths)
         self._layout = attend_layout(self.prism_config, self._shape_key)
         if fa3:
             choice = break_even.layout_for(self._shape_key)
@@ -373,6 +388,9 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         cm = common_attn_metadata
         route = self._route(cm, fast_build)
         if route is None:
+            shadow = self._shadow_route(cm, fast_build)
+            if shadow is not None:
+                return self._build_split(cm, shadow, fast_build, kwargs, shadow_prefix_len=common_prefix_len)
             md = self._fa_build(common_prefix_len, cm, fast_build, kwargs)
             if self.prism_on:
                 STATS.record_step(0, 0, int(cm.query_start_loc_cpu[cm.num_reqs]), 0, 0)
@@ -404,31 +422,84 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
 
     def _min_context_len(self) -> int:
         """PrismConfig.min_context_len, with "auto" decided from this shape's measured timings at
-        the density Prism has been selecting (host arithmetic; see break_even)."""
+        the density Prism has been selecting at each length (host arithmetic; see break_even)."""
         cfg = self.prism_config
         if cfg.min_context_len != "auto":
             return int(cfg.min_context_len)
         table = break_even.table_for(self._shape_key)
         if table is None:
             return cfg.fixed_min_context_len
-        seen = STATS.density_hint()
-        density = seen if seen is not None else _prior_density(self._params)
+        density, sampled = self._densities(table)
+        key = tuple(density)
+        if key == self._auto_densities and self._auto_min_context is not None:
+            return self._auto_min_context
+        self._auto_densities = key
         tokens = table.break_even(density)
         value = tokens if tokens is not None else _NEVER
+        STATS.record_break_even(self._shape_key, table.summary(density, sampled))
         if value != self._auto_min_context:
-            first = self._auto_min_context is None
             self._auto_min_context = value
-            STATS.record_break_even(self._shape_key, table.summary(density))
-            (logger.info if first else logger.debug)(
-                "Prism: min_context_len=auto for %s: %s at block density %.2f (%s); dense / Prism ms by "
-                "length: %s", self._shape_key,
+            logger.info(
+                "Prism: min_context_len=auto for %s: %s (dense / Prism ms at block density by length, "
+                "* sampled there: %s)", self._shape_key,
                 f"Prism from {value} tokens" if tokens is not None else "FlashAttention at every measured length",
-                density, "sampled" if seen is not None else "assumed until the first samples",
-                ", ".join(f"{L // 1024}K {d:.2f}/{table.prism_ms(i, density):.2f}"
-                          for i, (L, d) in enumerate(zip(table.lengths, table.dense_ms))))
+                ", ".join(f"{L // 1024}K {d:.2f}/{table.prism_ms(i, r):.2f} @{r:.2f}{'*' if sampled[i] else ''}"
+                          for i, (L, d, r) in enumerate(zip(table.lengths, table.dense_ms, density))))
         return value
 
-    def _build_split(self, cm: CommonAttentionMetadata, route: PrefillRoute, fast_build: bool, kwargs: dict) -> PrismMetadata:
+    def _densities(self, table: break_even.TimingTable) -> tuple[list[float], list[bool]]:
+        """The block density to decide with at each of the table's lengths, and whether it was
+        sampled there (see break_even.densities_for)."""
+        learned = STATS.by_length.densities()
+        per = [learned[b] for b in self._table_buckets(table)[0]]
+        return break_even.densities_for(per, _prior_density(self._params)), [d is not None for d in per]
+
+    def _table_buckets(self, table: break_even.TimingTable) -> tuple[list[int], set[int]]:
+        """The length bucket of each of the table's lengths, and the buckets of those where Prism
+        could pay (``TimingTable.could_pay``); worked out once per table."""
+        if self._auto_table is None or self._auto_table[0] is not table:
+            buckets = [int(b) for b in STATS.by_length.bucket(table.lengths)]
+            self._auto_table = (table, buckets, {b for i, b in enumerate(buckets) if table.could_pay(i)})
+        return self._auto_table[1], self._auto_table[2]
+
+    def _shadow_route(self, cm: CommonAttentionMetadata, fast_build: bool) -> Optional[PrefillRoute]:
+        """With min_context_len="auto", on a step FlashAttention serves whole: the prefill chunks
+        whose length Prism could pay at (``TimingTable.could_pay``) and that are due for a density
+        sample (never sampled, or EXPLORE_EVERY dense steps since), as a route; None otherwise."""
+        cfg = self.prism_config
+        if (cfg.min_context_len != "auto" or not self.prism_on or fast_build or cm.causal is not True
+                or self._params.all_blocks or cm.seq_lens_cpu_upper_bound is None):
+            return None
+        table = break_even.table_for(self._shape_key)
+        if table is None:
+            return None
+        could = self._table_buckets(table)[1]
+        if not could:
+            return None
+        route = route_prism_suffix(cm.query_start_loc_cpu, cm.seq_lens_cpu_upper_bound, cm.num_reqs,
+                                   min_query_len=cfg.min_query_len, min_context_len=break_even.MIN_AUTO,
+                                   decode_threshold=self.decode_threshold)
+        if route is None:
+            return None
+        buckets = STATS.by_length.bucket(route.ctx_lens + np.diff(route.cu_seqlens_q))
+        explore = np.zeros(route.num_reqs, dtype=bool)
+        for b in sorted({int(b) for b in buckets[~route.dense]} & could):
+            seen = self._dense_steps[b]
+            if seen is None or seen >= break_even.EXPLORE_EVERY:
+                explore |= (buckets == b) & ~route.dense
+                self._dense_steps[b] = 0
+            else:
+                self._dense_steps[b] = seen + 1
+        if not explore.any():
+            return None
+        return dataclasses.replace(route, dense=~explore).from_index(0)
+
+    def _build_split(self, cm: CommonAttentionMetadata, route: PrefillRoute, fast_build: bool, kwargs: dict,
+                     shadow_prefix_len: Optional[int] = None) -> PrismMetadata:
+        """The step's Prism launches over ``route``; with ``shadow_prefix_len`` (the step's
+        common prefix) a shadow step: FlashAttention serves the whole batch as it would without
+        Prism, and the launches only estimate, to sample the density (see _shadow_route)."""
+        shadow = shadow_prefix_len is not None
         ws = self.workspace
         lim = ws.limits()
         B = self.prism_config.block_size
@@ -442,12 +513,14 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
             max_sel_capacity=lim["max_sel_capacity"],
         )
         if fitted is None:
-            md = self._fa_build(0, cm, fast_build, kwargs)
+            md = self._fa_build(shadow_prefix_len or 0, cm, fast_build, kwargs)
             STATS.record_step(0, 0, int(cm.query_start_loc_cpu[cm.num_reqs]), 0, 0)
             return _wrap(md)
         route = fitted
         s, e = route.start, route.end
-        if s > 0:
+        if shadow:
+            head, full = None, self._fa_build(shadow_prefix_len, cm, fast_build, kwargs)
+        elif s > 0:
             head = self._fa_build(0, self._head_common(cm, s, route.token_start), fast_build, kwargs)
             # The whole batch for layers Prism does not serve: same tensors, no AOT schedule
             # (one FA build per step: FA3's persistent scheduler buffer now holds the head's).
@@ -468,13 +541,18 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
             full = self._fa_build(0, cm, fast_build, kwargs)
 
         dense = route.dense
-        sample = STATS.record_step(
-            prism_tokens=route.sparse_tokens,
-            prism_dense_tokens=route.num_tokens - route.sparse_tokens,
-            flash_tokens=route.token_start,
-            prism_requests=route.num_reqs,
-            prism_dense_requests=int(dense.sum()),
-        )
+        if shadow:
+            STATS.record_step(0, 0, int(cm.query_start_loc_cpu[cm.num_reqs]), 0, 0)
+            STATS.shadow_steps += 1
+            sample = True
+        else:
+            sample = STATS.record_step(
+                prism_tokens=route.sparse_tokens,
+                prism_dense_tokens=route.num_tokens - route.sparse_tokens,
+                flash_tokens=route.token_start,
+                prism_requests=route.num_reqs,
+                prism_dense_requests=int(dense.sum()),
+            )
         launches = []
         for i0, i1 in groups:
             cu = route.cu_seqlens_q[i0 : i1 + 1] - route.cu_seqlens_q[i0]
@@ -482,16 +560,11 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
                              dense_tail=self.prism_config.dense_tail)
             assert ws.fits(plan), (ws.limits(), plan.num_q_blocks, plan.num_k_blocks, plan.sel_capacity)
             attend = None
-            if ws.attend is not None:  # FA3 buckets, planned here on the host (None: Triton attends)
+            if ws.attend is not None and not shadow:  # FA3 buckets, planned on the host (None: Triton)
                 attend = make_attend_plan(plan, ws.attend.capacity, block_budget=self._params.block_budget,
                                           all_blocks=self._params.all_blocks, layout=self._layout,
                                           num_kv_heads=self._num_kv_heads)
-            causal_blocks, qb_weight = 0, None
-            if sample:
-                qb_sparse = (plan.dense.to(torch.int64) == 0)[plan.qb_req.to(torch.int64)]
-                causal_blocks = int(((plan.qb_abs.to(torch.int64) + 1) * qb_sparse).sum()) * plan.num_q_heads
-                if bool(dense[i0:i1].any()):
-                    qb_weight = qb_sparse.to(torch.int32).to(self.device, non_blocking=True)
+            sampling = self._sampling(plan, route, i0, i1) if sample else None
             t0 = route.token_start + int(route.cu_seqlens_q[i0])
             launches.append(
                 PrismLaunch(
@@ -500,8 +573,7 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
                     plan=plan.to(self.device),
                     block_table=cm.block_table_tensor[s + i0 : s + i1],
                     attend=attend,
-                    causal_blocks=causal_blocks,
-                    sparse_qb_weight=qb_weight,
+                    sampling=sampling,
                 )
             )
         step = PrismStep(
@@ -512,8 +584,22 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
             launches=launches,
             workspace=ws,
             sample=sample,
+            shadow=shadow,
         )
         return _wrap(full, prism=step, prism_head=head)
+
+    def _sampling(self, plan: PrefillPlan, route: PrefillRoute, i0: int, i1: int) -> "SampleRows":
+        """A sampled launch's bookkeeping (host work on sampled steps only): each query block's
+        length bucket (its request's context + chunk; dense requests' blocks go to the uncounted
+        last slot) and the causal triples per bucket."""
+        n = len(STATS.by_length.lengths)
+        seq = route.ctx_lens[i0:i1] + np.diff(route.cu_seqlens_q[i0 : i1 + 1])
+        req_bucket = np.where(route.dense[i0:i1], n, STATS.by_length.bucket(seq))
+        qb_bucket = req_bucket[plan.qb_req.numpy().astype(np.int64)]
+        causal = np.bincount(qb_bucket, weights=(plan.qb_abs.numpy().astype(np.int64) + 1) * plan.num_q_heads,
+                             minlength=n + 1)
+        return SampleRows(bucket=torch.from_numpy(qb_bucket).to(self.device, non_blocking=True),
+                          causal=[int(c) for c in causal[:n]])
 
     @staticmethod
     def _head_common(cm: CommonAttentionMetadata, s: int, t: int) -> CommonAttentionMetadata:
@@ -695,15 +781,14 @@ class PrismAttentionImpl(FlashAttentionImpl):
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
             )
+        if step.shadow:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+            self._shadow_estimate(step, layer, query, kv_cache)
+            return output
         head = attn_metadata.prism_head
         if head is not None:
             super().forward(layer, query, key, value, kv_cache, head, output, output_scale, output_block_scale)
-        k_cache, v_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        scales = None
-        if self._fp8:  # vLLM stores fp8 as uint8 and hands fp8 queries (as FlashAttention reads them)
-            fp8 = current_platform.fp8_dtype()
-            k_cache, v_cache = k_cache.view(fp8), v_cache.view(fp8)
-            scales = Fp8Scales(q=layer._q_scale if query.dtype == fp8 else None, k=layer._k_scale, v=layer._v_scale)
+        k_cache, v_cache, scales = self._cache_views(layer, query, kv_cache)
         timed = step.sample and not step.timed and output.is_cuda
         if timed:
             step.timed = True
@@ -732,6 +817,34 @@ class PrismAttentionImpl(FlashAttentionImpl):
             STATS.add_timing(ev0, ev1)
         return output
 
+    def _cache_views(self, layer: torch.nn.Module, query: torch.Tensor,
+                     kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[Fp8Scales]]:
+        """The K and V halves of vLLM's paged cache as Prism reads them, and the fp8 scales."""
+        k_cache, v_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        scales = None
+        if self._fp8:  # vLLM stores fp8 as uint8 and hands fp8 queries (as FlashAttention reads them)
+            fp8 = current_platform.fp8_dtype()
+            k_cache, v_cache = k_cache.view(fp8), v_cache.view(fp8)
+            scales = Fp8Scales(q=layer._q_scale if query.dtype == fp8 else None, k=layer._k_scale, v=layer._v_scale)
+        return k_cache, v_cache, scales
+
+    def _shadow_estimate(self, step: PrismStep, layer: torch.nn.Module, query: torch.Tensor,
+                         kv_cache: torch.Tensor) -> None:
+        """A shadow step's estimation (after FlashAttention wrote the output): the density Prism
+        would select, sampled by length. A failure turns the layer's Prism path off, as below."""
+        lp = self.prism_layer
+        k_cache, _, scales = self._cache_views(layer, query, kv_cache)
+        sc = scales or Fp8Scales()
+        try:
+            for L in step.launches:
+                sel = prism_estimate(query[L.token_start : L.token_end], k_cache, L.block_table, L.plan, lp.params,
+                                     step.workspace, q_scale=sc.q, k_scale=sc.k)
+                self._sample_density(L, sel)
+        except Exception as e:  # noqa: BLE001 - the output is FlashAttention's already; never fail the step
+            logger.exception("Prism: estimation failed on a shadow step; FlashAttention serves this layer from now on")
+            STATS.record_kernel_failure()
+            self.prism_disable(f"Prism kernel launch failed ({type(e).__name__}: {e})")
+
     def _fa3_launch(self, launch: PrismLaunch, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Optional[FA3Launch]:
         """FA3 for this launch, or None (Triton): FA3 off for the layer, no bucket plan (rows too
         wide for the workspace), or a cache layout whose strides allow no virtual-page view. The
@@ -747,8 +860,5 @@ class PrismAttentionImpl(FlashAttentionImpl):
 
     @staticmethod
     def _sample_density(launch: PrismLaunch, sel: BlockSelection) -> None:
-        cnt = sel.selected_counts()  # [NQB, HQ], no host sync
-        if launch.sparse_qb_weight is not None:
-            cnt = cnt * launch.sparse_qb_weight.unsqueeze(1)
-        STATS.selected_counter(cnt.device).add_(cnt.sum(dtype=torch.int64))
-        STATS.add_causal_blocks(launch.causal_blocks)
+        rows = launch.sampling
+        STATS.add_sample(sel.selected_counts().sum(1, dtype=torch.int64), rows.bucket, rows.causal)

@@ -15,10 +15,19 @@ each as synchronised wall time, so Python and launch overhead count (they decide
 small models, whose layers run for a fraction of a millisecond). The estimation is timed as a
 step's later layers run it (its launches replayed, ``prefill.prism_estimate``); a step's first
 layer also pays the argument checks, ~0.4 ms of host time once per step. ``TimingTable.break_even`` then
-turns the table and a density into the shortest S from which Prism (estimate + attend) takes at
-most MARGIN of dense at every longer measured S. The density is the one Prism has been selecting
-(sampled launches, ``prism_vllm.stats``), or PRIOR_DENSITY until the first samples arrive (a
-block budget caps it). The decision and its numbers go to the startup log and ``/prism/stats``.
+turns the table and a density per measured length into the shortest S from which Prism
+(estimate + attend) takes at most MARGIN of dense at every longer measured S.
+
+The density falls with length (SmolLM2 at the default selection: 0.85 of the blocks at 8K, 0.29 at
+128K), so it is learned per length (``prism_vllm.stats.LengthDensity``, from sampled launches;
+``densities_for`` fills lengths not sampled yet from the nearest shorter one, else PRIOR_DENSITY,
+which a block budget caps). A length nobody has sampled may be where Prism pays, but while
+FlashAttention serves it nothing is sampled there: so where the table says Prism could pay at all
+(``could_pay``: at its lowest timed density), the builder plans a *shadow* step for a chunk of that
+length. FlashAttention serves it exactly as it would anyway, and Prism only runs its estimation
+beside it to count the blocks it would select (once per length, again every EXPLORE_EVERY dense
+steps there; the cost is one estimation per layer on that step). The decision and its numbers go
+to the startup log and ``/prism/stats``.
 
 With ``attend_layout = "auto"`` (and the FA3 attend step), ``choose_layout`` first picks the
 layer shape's attend layout the same way: each layout that attends exactly the selected blocks
@@ -41,9 +50,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from prism_vllm.config import AUTO_FALLBACK_MIN_CONTEXT_LEN
+from prism_vllm.stats import LENGTH_BUCKETS
 
-__all__ = ["TimingTable", "LayoutChoice", "measure", "table_for", "choose_layout", "layout_for", "DENSITIES",
-           "PRIOR_DENSITY", "MARGIN"]
+__all__ = ["TimingTable", "LayoutChoice", "measure", "table_for", "choose_layout", "layout_for", "densities_for",
+           "DENSITIES", "PRIOR_DENSITY", "MARGIN", "EXPLORE_EVERY"]
 
 logger = logging.getLogger("prism_vllm.attention_backend")
 
@@ -54,7 +64,7 @@ DENSITIES = (0.1, 0.3, 0.6, 1.0)
 #: 128K with Prism forced on, benchmarks/results/speed.json), and a table that stops at 64K would
 #: keep Prism off for good. The 128K row holds a synthetic cache of 128K tokens for a moment
 #: (512 MiB for 8 kv heads of d=128 in bf16); a failed allocation falls back like any failure.
-LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
+LENGTHS = LENGTH_BUCKETS
 #: Prism is used where it takes at most this share of FlashAttention's time: the rest covers what
 #: the synthetic timing does not see (selection variance, the step's other work around a chunk).
 MARGIN = 0.9
@@ -63,6 +73,20 @@ MARGIN = 0.9
 PRIOR_DENSITY = 0.5
 #: Never decide below this: one Prism block row of context is not worth estimating.
 MIN_AUTO = 2048
+#: A length where Prism could pay but FlashAttention serves is sampled again (a shadow step) after
+#: this many dense steps there: the text served may have changed since.
+EXPLORE_EVERY = 64
+
+
+def densities_for(sampled: Sequence[Optional[float]], prior: float) -> list[float]:
+    """The density to decide with at each of LENGTHS: the sampled one where there is one, else
+    the nearest shorter sampled one (the density falls with length, so that over-estimates and
+    errs toward FlashAttention), else ``prior``."""
+    out, last = [], None
+    for d in sampled:
+        last = d if d is not None else last
+        out.append(last if last is not None else prior)
+    return out
 
 
 @dataclass
@@ -92,12 +116,21 @@ class TimingTable:
                 return self.estimate_ms[i] + a[j] + w * (a[j + 1] - a[j])
         return self.estimate_ms[i] + a[-1]
 
-    def break_even(self, density: float, margin: float = MARGIN) -> Optional[int]:
+    def _density(self, density: "float | Sequence[float]", i: int) -> float:
+        return float(density) if isinstance(density, (int, float)) else float(density[i])
+
+    def could_pay(self, i: int, margin: float = MARGIN) -> bool:
+        """Whether Prism pays at length index i at the lowest density timed (else no density
+        learned there could turn it on)."""
+        return self.prism_ms(i, self.densities[0]) <= margin * self.dense_ms[i]
+
+    def break_even(self, density: "float | Sequence[float]", margin: float = MARGIN) -> Optional[int]:
         """Shortest sequence length (tokens, a multiple of 128) from which Prism at ``density``
-        takes at most ``margin`` of dense at every measured length; interpolated (log length,
-        linear ratio) between the last length where it does not pay and the first where it
-        does. None: Prism does not pay at any measured length."""
-        ratio = [self.prism_ms(i, density) / self.dense_ms[i] for i in range(len(self.lengths))]
+        (one figure, or one per measured length) takes at most ``margin`` of dense at every
+        measured length; interpolated (log length, linear ratio) between the last length where
+        it does not pay and the first where it does. None: Prism does not pay at any measured
+        length."""
+        ratio = [self.prism_ms(i, self._density(density, i)) / self.dense_ms[i] for i in range(len(self.lengths))]
         first = None
         for i in range(len(ratio)):
             if all(r <= margin for r in ratio[i:]):
@@ -113,17 +146,19 @@ class TimingTable:
             tokens = math.exp(math.log(l0) + w * (math.log(l1) - math.log(l0)))
         return max(MIN_AUTO, int(math.ceil(tokens / 128.0)) * 128)
 
-    def summary(self, density: float) -> dict[str, Any]:
-        """What /prism/stats and the startup log show."""
+    def summary(self, density: "float | Sequence[float]", sampled: Sequence[bool] = ()) -> dict[str, Any]:
+        """What /prism/stats and the startup log show (``sampled``: per length, whether its
+        density was sampled there rather than carried over or assumed)."""
         return {
             "shape": self.shape,
-            "density": round(density, 4),
             "min_context_len": self.break_even(density),
             "chunk_tokens": self.chunk,
             "measured_in_s": round(self.seconds, 2),
             "rows": [
                 {"tokens": L, "dense_ms": round(d, 3), "estimate_ms": round(e, 3),
-                 "prism_ms_at_density": round(self.prism_ms(i, density), 3)}
+                 "density": round(self._density(density, i), 4),
+                 "density_sampled": bool(sampled[i]) if i < len(sampled) else False,
+                 "prism_ms_at_density": round(self.prism_ms(i, self._density(density, i)), 3)}
                 for i, (L, d, e) in enumerate(zip(self.lengths, self.dense_ms, self.estimate_ms))
             ],
         }

@@ -10,6 +10,10 @@ The vLLM glue updates one process-global accumulator:
   sync, next to the host-known number of causal triples; and the GPU time of one layer's Prism
   launch, bracketed by CUDA events that are read later, never waited on in the step.
 
+The same samples also go, by sequence length, into ``STATS.by_length`` (a ``LengthDensity``):
+what ``min_context_len="auto"`` has learned about the density Prism selects at each length. It
+is not a report, so ``reset_stats()`` keeps it.
+
 ``collect_stats()`` turns all of it into a plain dict (it synchronises on the few device
 counters, so call it from a monitoring path, e.g. ``collective_rpc`` on the workers, not from
 the model's forward). ``reset_stats()`` starts over.
@@ -20,11 +24,14 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Any, Deque
+from typing import Any, Deque, Optional, Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
+    "LENGTH_BUCKETS",
+    "LengthDensity",
     "collect_stats",
     "collect_stats_rpc",
     "reset_stats",
@@ -35,6 +42,80 @@ __all__ = [
 
 _MAX_PENDING_EVENTS = 64
 
+#: Sequence lengths (context + chunk) that ``min_context_len="auto"`` times at startup
+#: (``attention_backend.break_even.LENGTHS``); sampled densities are kept per nearest one.
+LENGTH_BUCKETS = (4096, 8192, 16384, 32768, 65536, 131072)
+
+
+class LengthDensity:
+    """Block density Prism selects, per sequence-length bucket (the nearest of ``lengths`` in log
+    scale), from sampled launches: the density falls with length (SmolLM2 at the default
+    selection, one 128K prompt: 0.85 of the blocks at 8K, 0.29 at 128K, speed.json), so one
+    global figure would be wrong at both ends.
+
+    Device side: an int64 counter of ``len(lengths) + 1`` slots per device (the last one takes
+    rows that are not counted, e.g. dense requests in a Prism launch), added into without a host
+    sync. Host side: the causal triples per bucket, known when a step is planned. ``densities()``
+    reads the counters through an asynchronous copy, as the builder calls it once per step.
+    """
+
+    def __init__(self, lengths: Sequence[int] = LENGTH_BUCKETS) -> None:
+        self.lengths = tuple(int(L) for L in lengths)
+        self._log = np.log2(np.asarray(self.lengths, dtype=np.float64))
+        self._counters: dict[torch.device, torch.Tensor] = {}
+        self.causal = [0] * len(self.lengths)
+        """Causal (query block, head, key block) triples sampled per bucket (host, at planning)."""
+        self._values: list[Optional[float]] = [None] * len(self.lengths)
+        self._host: Any = None
+        self._event: Any = None
+        self._causal_at_copy: list[int] = list(self.causal)
+
+    def bucket(self, seq_lens: Any) -> np.ndarray:
+        """Bucket index of each sequence length (nearest bucket length in log2, clamped)."""
+        x = np.log2(np.maximum(np.asarray(seq_lens, dtype=np.float64), 1.0))
+        return np.abs(x[..., None] - self._log).argmin(-1)
+
+    def counter(self, device: torch.device) -> torch.Tensor:
+        """int64 [len(lengths) + 1] device tensor to ``index_add_`` selected counts into."""
+        t = self._counters.get(device)
+        if t is None:
+            t = torch.zeros(len(self.lengths) + 1, dtype=torch.int64, device=device)
+            self._counters[device] = t
+        return t
+
+    def add_causal(self, per_bucket: Sequence[int]) -> None:
+        for i, n in enumerate(per_bucket):
+            self.causal[i] += int(n)
+
+    def exact(self) -> list[Optional[float]]:
+        """``densities()`` read synchronously (a monitoring path, never the step)."""
+        sel = [sum(int(t[i]) for t in self._counters.values()) for i in range(len(self.lengths))]
+        return [s / c if c else None for s, c in zip(sel, self.causal)]
+
+    def densities(self) -> list[Optional[float]]:
+        """Per bucket: selected / causal over the samples the host can see without waiting (None
+        where nothing was sampled yet). Starts a new asynchronous copy when there is news."""
+        ev = self._event
+        if ev is not None and ev.query():
+            sel = self._host.sum(0)
+            self._values = [float(sel[i]) / c if c else None for i, c in enumerate(self._causal_at_copy)]
+            self._event = None
+        if self._event is None and self.causal != self._causal_at_copy and self._counters:
+            counters = list(self._counters.values())
+            if counters[0].is_cuda:
+                if self._host is None or self._host.shape[0] != len(counters):
+                    self._host = torch.zeros(len(counters), len(self.lengths) + 1, dtype=torch.int64, pin_memory=True)
+                for i, t in enumerate(counters):
+                    self._host[i].copy_(t, non_blocking=True)
+                self._causal_at_copy = list(self.causal)
+                self._event = torch.cuda.Event()
+                self._event.record()
+            else:  # CPU tensors: reading them does not wait for a GPU
+                sel = sum(t for t in counters)
+                self._causal_at_copy = list(self.causal)
+                self._values = [int(sel[i]) / c if c else None for i, c in enumerate(self.causal)]
+        return list(self._values)
+
 
 class PrismStats:
     """The accumulator (one per process: ``STATS``)."""
@@ -42,9 +123,15 @@ class PrismStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.sample_every = 16
+        # What the server decided at startup and learned since: not counters, so reset() keeps them.
+        self.by_length = LengthDensity()
+        self.break_even: dict[str, Any] = {}
+        self.attend_layouts: dict[str, Any] = {}
+        self.config: dict[str, Any] = {}
         self.reset()
 
     def reset(self) -> None:
+        """Zero the counters (see ``reset_stats``)."""
         with self._lock:
             self.started_at = time.time()
             self.steps = 0
@@ -57,20 +144,13 @@ class PrismStats:
             self.sampled_steps = 0
             self.sampled_layer_launches = 0
             self.causal_blocks = 0
+            self.shadow_steps = 0
             self._selected: dict[torch.device, torch.Tensor] = {}
             self._pending: Deque[tuple[Any, Any]] = collections.deque()
             self.launch_ms_total = 0.0
             self.launch_ms_samples = 0
             self.fallbacks: dict[str, int] = {}
             self.kernel_failures = 0
-            self.break_even: dict[str, Any] = {}
-            self.attend_layouts: dict[str, Any] = {}
-            self.config: dict[str, Any] = {}
-            # density_hint(): an asynchronous host copy of the selected-block counter
-            self._hint_host: Any = None
-            self._hint_event: Any = None
-            self._hint_causal = 0
-            self._hint_value: Any = None
 
     # -- hot path (builder, once per step) -------------------------------------------------
     def record_step(
@@ -98,16 +178,23 @@ class PrismStats:
 
     # -- hot path (impl, sampled steps only) -------------------------------------------------
     def selected_counter(self, device: torch.device) -> torch.Tensor:
-        """int64 [1] device tensor to ``add_`` selected-block counts into (no host sync)."""
+        """int64 [len(LENGTH_BUCKETS) + 1] device tensor of selected blocks per length bucket
+        (see LengthDensity; the last slot is not counted), added into without a host sync."""
         t = self._selected.get(device)
         if t is None:
-            t = torch.zeros(1, dtype=torch.int64, device=device)
+            t = torch.zeros(len(self.by_length.lengths) + 1, dtype=torch.int64, device=device)
             self._selected[device] = t
         return t
 
-    def add_causal_blocks(self, n: int) -> None:
+    def add_sample(self, selected: torch.Tensor, bucket: torch.Tensor, causal: Sequence[int]) -> None:
+        """One sampled layer launch: ``selected`` [R] int64 selected blocks of R rows (device),
+        ``bucket`` [R] int64 their length buckets (the last slot: rows not counted), ``causal``
+        the host-known causal triples per bucket. Device work only: two ``index_add_``."""
+        self.selected_counter(selected.device).index_add_(0, bucket, selected)
+        self.by_length.counter(selected.device).index_add_(0, bucket, selected)
         self.sampled_layer_launches += 1
-        self.causal_blocks += n
+        self.causal_blocks += int(sum(causal))
+        self.by_length.add_causal(causal)
 
     def add_timing(self, start: Any, end: Any) -> None:
         """Keep a recorded (start, end) CUDA event pair; resolved in ``collect``."""
@@ -128,29 +215,6 @@ class PrismStats:
             self.launch_ms_total += float(start.elapsed_time(end))
             self.launch_ms_samples += 1
         self._pending = keep
-
-    def density_hint(self) -> Any:
-        """Block density of the sampled launches as far as the host can see it without waiting
-        (None before the first sample): the builder reads it once per step. The device counter is
-        copied to pinned host memory asynchronously; a finished copy updates the value."""
-        ev = self._hint_event
-        if ev is not None and ev.query():
-            self._hint_value = float(self._hint_host.sum()) / self._hint_causal
-            self._hint_event = None
-        if self._hint_event is None and self.causal_blocks > self._hint_causal and self._selected:
-            counters = list(self._selected.values())
-            if counters[0].is_cuda:
-                if self._hint_host is None:
-                    self._hint_host = torch.zeros(len(counters), dtype=torch.int64, pin_memory=True)
-                for i, t in enumerate(counters[: self._hint_host.numel()]):
-                    self._hint_host[i : i + 1].copy_(t, non_blocking=True)
-                self._hint_causal = self.causal_blocks
-                self._hint_event = torch.cuda.Event()
-                self._hint_event.record()
-            else:  # CPU tensors: reading them does not wait for a GPU
-                self._hint_causal = self.causal_blocks
-                self._hint_value = sum(int(t.item()) for t in counters) / self._hint_causal
-        return self._hint_value
 
     def record_config(self, config: dict[str, Any]) -> None:
         """The effective PrismConfig (preset resolved) this process serves with."""
@@ -176,7 +240,8 @@ class PrismStats:
     def collect(self) -> dict[str, Any]:
         with self._lock:
             self._resolve_timings(block=True)
-            selected = sum(int(t.item()) for t in self._selected.values())
+            selected = sum(int(t[:-1].sum()) for t in self._selected.values())
+            by_length = self.by_length.exact()
             total = self.prism_tokens + self.prism_dense_tokens + self.flash_tokens
             return {
                 "since": self.started_at,
@@ -193,6 +258,10 @@ class PrismStats:
                 "selected_blocks": selected,
                 "causal_blocks": self.causal_blocks,
                 "block_density": (selected / self.causal_blocks) if self.causal_blocks else None,
+                "shadow_steps": self.shadow_steps,
+                "density_by_length": {
+                    str(L): round(d, 4) for L, d in zip(self.by_length.lengths, by_length) if d is not None
+                },
                 "prism_launch_ms_mean": (
                     self.launch_ms_total / self.launch_ms_samples if self.launch_ms_samples else None
                 ),
@@ -236,7 +305,8 @@ def collect_stats_rpc(worker: Any = None) -> dict[str, Any]:
 
 
 def reset_stats() -> None:
-    """Zero every counter of this process."""
+    """Zero every counter of this process (the startup decisions, the effective config and the
+    densities ``min_context_len="auto"`` has learned by length stay)."""
     STATS.reset()
 
 

@@ -653,6 +653,59 @@ def test_stats_count_rows_and_density(base_vllm_config, fake_flash):
     stats.set_sample_every(16)
 
 
+def test_auto_samples_unmeasured_lengths_on_shadow_steps_served_by_flash_attention(base_vllm_config, fake_flash,
+                                                                                    monkeypatch):
+    """min_context_len="auto" with Prism off at every length for want of a sampled density: a step
+    with a chunk at a length where Prism could pay is a shadow step. FlashAttention serves the
+    whole batch exactly as without Prism; Prism only estimates, and its selection's block count
+    (the reference's) lands in that length's bucket. The decision then uses it; the next steps
+    there are plain FlashAttention until EXPLORE_EVERY dense steps have passed."""
+    from prism_vllm.attention_backend import break_even as be
+
+    b = BATCHES["mixed"]  # sequence lengths 40, 350, 404, 300 -> buckets 256, 256, 512, 256
+    st = stats.PrismStats()
+    st.by_length = stats.LengthDensity((256, 512))
+    monkeypatch.setattr(pb, "STATS", st)
+    monkeypatch.setattr(be, "MIN_AUTO", 128)
+    monkeypatch.setattr(be, "EXPLORE_EVERY", 2)
+    cfg = {"min_context_len": "auto", "min_query_len": 16, "dense_tail": False}
+    vc = _vllm_config(base_vllm_config, prism=cfg)
+    (owner,) = _model(vc, [ROPE])
+    builder = pb.PrismMetadataBuilder(_spec(), [owner.attn.layer_name], vc, torch.device("cpu"))
+    # Prism = 0.1 + attend(density): never pays at 256 tokens, pays at 512 below density ~0.4
+    t = be.TimingTable(shape="t", lengths=[256, 512], dense_ms=[1.0, 1.0], estimate_ms=[0.1, 0.1],
+                       attend_ms=[[9.0] * 4, [2 * d for d in be.DENSITIES]])
+    monkeypatch.setitem(be._TABLES, builder._shape_key, t)
+    assert builder._min_context_len() == pb._NEVER  # at the prior density 0.5
+
+    p = _paged_batch(b, 16, seed=7)
+    md = builder.build(0, p.cm)
+    assert md.prism is not None and md.prism.shadow and md.prism.start == 4  # only the 404-token chunk
+    assert md.prism_head is None and md.num_actual_tokens == p.cm.num_actual_tokens
+    out = torch.empty(p.query.shape[0], HQ, D, dtype=DTYPE)
+    owner.attn.impl.forward(owner.attn, p.query, None, None, p.kv_cache, md, out)
+    assert fake_flash == [md]  # FlashAttention over the whole batch, once
+    want, _ = _expected(b, p, None, (), PrismConfig(**cfg), prism_layer=False)
+    torch.testing.assert_close(out.float(), want.float(), atol=5e-3, rtol=5e-3)
+    # the sample: request 4 (context 144, 260 rows: query blocks 1..3) against the reference's selection
+    _, masks = _expected(b, p, 4, (0, 1), PrismConfig(**cfg), prism_layer=True)
+    causal = HQ * (2 + 3 + 4)
+    assert st.by_length.causal == [0, causal]
+    learned = st.by_length.densities()
+    assert learned[0] is None and learned[1] == pytest.approx(int(masks[4].sum()) / causal)
+    c = st.collect()
+    assert c["shadow_steps"] == 1 and c["prism_tokens"] == 0 and c["flash_tokens"] == int(b.qsl[-1])
+    dens = be.densities_for([None, learned[1]], be.PRIOR_DENSITY)
+    got = t.break_even(dens)
+    assert builder._min_context_len() == (got if got is not None else pb._NEVER)
+    assert st.collect()["break_even"][builder._shape_key]["rows"][1]["density_sampled"]
+    # the next two dense steps at 512 are plain FlashAttention; the one after samples again
+    assert got is None or got > 404, got  # random data: a dense selection, Prism stays off
+    for shadow in (False, False, True):
+        md = builder.build(0, p.cm)
+        assert (md.prism is not None and md.prism.shadow) is shadow
+
+
 def test_workspace_too_small_splits_the_prism_part_into_launches(base_vllm_config, fake_flash):
     """A Prism part the preallocated workspace cannot hold at once runs as several launches."""
     b = BATCHES["many_long"]

@@ -71,8 +71,28 @@ def test_attend_interpolates_in_density_and_clamps():
 def test_summary_names_the_decision_and_its_numbers():
     t = _table([0.1, 0.4, 1.6, 6.4, 25.6], [0.2, 0.3, 0.5, 0.9, 1.7], [0.1, 0.4, 1.6, 6.4, 25.6])
     s = t.summary(0.3)
-    assert s["min_context_len"] == t.break_even(0.3) and s["density"] == 0.3
+    assert s["min_context_len"] == t.break_even(0.3) and {r["density"] for r in s["rows"]} == {0.3}
     assert [r["tokens"] for r in s["rows"]] == L and s["rows"][2]["dense_ms"] == 1.6
+    dens = [0.9, 0.8, 0.6, 0.4, 0.2]
+    s = t.summary(dens, [False, False, True, True, False])
+    assert [r["density"] for r in s["rows"]] == dens and s["min_context_len"] == t.break_even(dens)
+    assert [r["density_sampled"] for r in s["rows"]] == [False, False, True, True, False]
+    assert s["rows"][3]["prism_ms_at_density"] == round(t.prism_ms(3, 0.4), 3)
+
+
+def test_densities_per_length_decide_where_one_figure_would_not():
+    """Density falls with length: a table that does not pay at the short lengths' density pays at
+    the long lengths' own, and a per-length decision turns Prism on there."""
+    dense = [1.0] * 5
+    t = _table(dense, [0.1] * 5, [1.5] * 5)  # Prism = 0.1 + 1.5 * density: pays below density 0.53
+    assert t.break_even(0.6) is None  # one figure, the short prompts' density: never
+    assert 16384 < t.break_even([0.9, 0.8, 0.6, 0.45, 0.3]) <= 32768  # pays at 32K and 64K at their own
+    assert t.could_pay(0) and not _table(dense, [0.1] * 5, [9.0] * 5).could_pay(0)
+
+
+def test_densities_for_carries_the_nearest_shorter_sample_else_the_prior():
+    assert be.densities_for([None, None, None], 0.5) == [0.5, 0.5, 0.5]
+    assert be.densities_for([None, 0.7, None, 0.3, None], 0.5) == [0.5, 0.7, 0.7, 0.3, 0.3]
 
 
 def test_measure_without_cuda_gives_no_table():
@@ -95,12 +115,21 @@ def test_fixed_selection_has_sink_diagonal_and_the_density():
     assert 0.3 < dens < 0.45  # 0.3 of the blocks plus the forced sink and diagonal
 
 
-def test_density_hint_reads_cpu_counters_without_waiting():
+def test_density_by_length_buckets_samples_and_reads_cpu_counters_without_waiting():
     st = stats.PrismStats()
-    assert st.density_hint() is None
-    st.selected_counter(torch.device("cpu")).add_(30)
-    st.add_causal_blocks(100)
-    assert st.density_hint() == pytest.approx(0.3)
+    ld = st.by_length
+    assert ld.lengths == be.LENGTHS and ld.densities() == [None] * len(be.LENGTHS)
+    # nearest bucket in log scale, clamped at both ends
+    assert ld.bucket([100, 4096, 5000, 6000, 24000, 131056, 10**6]).tolist() == [0, 0, 0, 1, 3, 5, 5]
+    # one launch: rows of the 8K bucket select 30, of 32K 10, a dense request's rows 99 (slot 6)
+    st.add_sample(torch.tensor([20, 10, 10, 99]), torch.tensor([1, 1, 3, 6]), [0, 100, 0, 50, 0, 0])
+    assert ld.densities() == [None, pytest.approx(0.3), None, pytest.approx(0.2), None, None]
+    c = st.collect()
+    assert (c["selected_blocks"], c["causal_blocks"]) == (40, 150)
+    assert c["density_by_length"] == {"8192": 0.3, "32768": 0.2}
+    st.reset()  # reported counters start over; what the decision learned stays
+    c = st.collect()
+    assert c["causal_blocks"] == 0 and c["density_by_length"] == {"8192": 0.3, "32768": 0.2}
 
 
 def test_config_auto_is_the_default_and_falls_back_without_a_measurement():
@@ -130,11 +159,14 @@ def test_builder_routes_with_the_measured_break_even(monkeypatch):
     st = stats.PrismStats()
     monkeypatch.setattr(pb, "STATS", st)
     assert builder._min_context_len() == t.break_even(be.PRIOR_DENSITY)
-    st.selected_counter(torch.device("cpu")).add_(10)
-    st.add_causal_blocks(100)  # Prism has been selecting 10% of the blocks
-    assert builder._min_context_len() == t.break_even(0.1) < t.break_even(be.PRIOR_DENSITY)
+    # Prism has been selecting 10% of the blocks at 8K: 8K and longer decide with 0.1, 4K with the prior
+    st.add_sample(torch.tensor([10]), torch.tensor([1]), [0, 100, 0, 0, 0, 0])
+    dens = [be.PRIOR_DENSITY] + [0.1] * 4
+    assert builder._min_context_len() == t.break_even(dens) < t.break_even(be.PRIOR_DENSITY)
     rec = st.collect()["break_even"][builder._shape_key]
-    assert rec["min_context_len"] == t.break_even(0.1) and rec["density"] == 0.1
+    assert rec["min_context_len"] == t.break_even(dens)
+    assert [r["density"] for r in rec["rows"]] == dens
+    assert [r["density_sampled"] for r in rec["rows"]] == [False, True, False, False, False]
 
 
 def _cpu_timing(monkeypatch):

@@ -17,6 +17,7 @@ selected tests start at once, side by side on the GPU, see ``_Engines``):
     prism_preempt every block, a KV cache too small for the batch: preemption and recompute
     flash_fp8     FLASH_ATTN with --kv-cache-dtype fp8
     prism_fp8     prism, every block (estimation on), fp8 KV cache: fp8 pooling + FA3 descales
+    prism_auto    prism with the shipped defaults (no additional_config): min_context_len "auto"
 
 The scheduling-situation engines select every block and are compared with ``prism_dense``: a
 selection at default thresholds is discontinuous (a block at the top-p boundary flips with
@@ -269,6 +270,8 @@ def _engine_specs(p: dict) -> dict[str, tuple[dict, list[dict], dict]]:
         # "prefix" first: its first round must miss the prefix cache.
         "prism_dense": (_prism(ALL_BLOCKS, max_num_batched_tokens=8192), _tasks(p, "prefix", "long", "long_serial"), {}),
         "prism": (_prism(max_num_batched_tokens=8192), _tasks(p, "short", "long", "passkey"), {}),
+        # the shipped defaults, nothing in additional_config: min_context_len="auto"
+        "prism_auto": (dict(attention_backend="prism", max_num_batched_tokens=8192), _tasks(p, "long"), {}),
         # The paper's selection for every row (dense_tail off): what the tail rule changes.
         "prism_paper": (_prism({"dense_tail": False}, max_num_batched_tokens=8192), _tasks(p, "passkey"), {}),
         "prism_c512": (_prism(ALL_BLOCKS, max_num_batched_tokens=512, max_num_seqs=16), _tasks(p, "long_serial"), {}),
@@ -328,10 +331,11 @@ def _engine_fixture(name: str):
     return pytest.fixture(scope="module", name=name)(fixture)
 
 
-flash, flash_b, prism_dense, prism, prism_paper, prism_c512, prism_c1000, prism_preempt, flash_fp8, prism_fp8 = (
+(flash, flash_b, prism_dense, prism, prism_paper, prism_c512, prism_c1000, prism_preempt, flash_fp8, prism_fp8,
+ prism_auto) = (
     _engine_fixture(n)
     for n in ("flash", "flash_b", "prism_dense", "prism", "prism_paper", "prism_c512", "prism_c1000", "prism_preempt",
-              "flash_fp8", "prism_fp8")
+              "flash_fp8", "prism_fp8", "prism_auto")
 )
 
 
@@ -416,6 +420,27 @@ def test_passkey_retrieval_equals_flash_attention(flash, prism, prism_paper, pro
     for name, v in ok.items():
         print(f"passkey {name:24s} {sum(v)}/{len(keys)} {v}")
     assert ok["prism"] == ok["FLASH_ATTN"]
+
+
+def test_auto_break_even_times_at_startup_and_serves_like_flash_attention(flash, prism_auto):
+    """The shipped defaults (min_context_len="auto"): every Prism layer shape timed dense vs Prism
+    on this GPU at startup at the lengths up to max_model_len; a chunk is served by Prism only from
+    the decided length on; shadow steps (estimation beside FlashAttention, to learn the density by
+    length) leave the output FlashAttention's; and the answers match FLASH_ATTN's."""
+    s = prism_auto["stats"][0]
+    print(f"prism auto stats: {json.dumps(s)}")
+    assert s["kernel_failures"] == 0 and s["break_even"], s
+    decided = []
+    for shape, rec in s["break_even"].items():
+        assert [r["tokens"] for r in rec["rows"]] == [4096, 8192], rec
+        assert all(r["dense_ms"] > 0 and r["estimate_ms"] > 0 for r in rec["rows"]) and rec["measured_in_s"] > 0, rec
+        decided.append(rec["min_context_len"] or float("inf"))
+    if s["prism_tokens"]:
+        assert min(decided) <= max(LONG_LENGTHS), (decided, s)
+    if s["shadow_steps"]:
+        assert s["density_by_length"], s
+    for a, b in _pairs(flash["results"]["long"], prism_auto["results"]["long"]):
+        print("matched steps:", _compare_greedy(a, b), "of", len(a["steps"]))
 
 
 def test_default_thresholds_select_fewer_blocks(prism):
