@@ -15,6 +15,12 @@ Llama-3.1-8B layer shape (32 q heads, 8 kv heads, D 128, bf16, structured synthe
   kernels    torch.profiler's per-kernel GPU time per call (name -> microseconds), and the count
              of launches per call
 
+With ``--attend DENSITY`` (vLLM's FA3 importable: `source /root/prism-stage/env.sh`), the same split
+for the FA3 attend step in the backend's "head" layout on a fixed random selection of that density
+(``kernels.fixed_mask``): "attend" (q copy, table build, FA3, output scatter) and "attend_copies"
+(the same without the FA3 calls), and "dense" (FA3 causal attention over the paged cache) beside:
+the fixed cost of a short chunk is host time when host_ms > gpu_ms.
+
 Usage (GPU machine, nothing staged): python benchmarks/profile_estimation.py --out OUT.json
 Kernel metrics (Nsight Compute, where the machine has it):
     ncu -k regex:_select_kernel -c 4 --section SpeedOfLight --section Occupancy --section LaunchStats \
@@ -96,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commit", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--attend", type=float, default=None, metavar="DENSITY",
+                    help="also profile the FA3 attend step at this block density (needs vLLM's FA3)")
     ap.add_argument("--once", action="store_true",
                     help="only run the estimation once per length (for a profiler: ncu -k regex:_select_kernel ...)")
     args = ap.parse_args(argv)
@@ -135,6 +143,16 @@ def main(argv: list[str] | None = None) -> int:
                                             ws.sel_cnt[: nqb * s.hq], ws.temps[:nqb], key_energy=ws.key_energy[:nkb],
                                             pooled_k_split=ws.pooled_k_split[:nkb], precision=ours.precision),
         }
+        if args.attend is not None and not dry:
+            fa, why = kb.load_fa3(s)
+            if fa is None:
+                raise SystemExit(f"--attend needs FA3: {why}")
+            ours.attend_setup(kv)
+            sel_idx, sel_cnt = ours.bsr(kb.fixed_mask(s.hq, nqb, args.attend, s.device, gen))
+            out = torch.empty_like(q)
+            parts["attend"] = lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa)
+            parts["attend_copies"] = lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa, copies_only=True)
+            parts["dense"] = kb.fa3_call(fa, q, kv, s, out)
         ours.estimate(q, kv, ws)  # compile
         row: dict[str, Any] = {"tokens": L, "density": round(ours.density(ws), 5)}
         if args.once:
@@ -152,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             gpu, host = gpu_and_host_ms(fn, args.reps, sleep_cycles=int(2e9 * 0.25))
             row[f"{name}_gpu_ms"], row[f"{name}_host_ms"] = round(gpu, 4), round(host, 4)
         row["kernels_us"], row["launches_per_call"] = kernel_table(parts["estimate"], args.reps)
+        if "attend" in parts:
+            row["attend_density"] = args.attend
+            row["attend_kernels_us"], row["attend_launches_per_call"] = kernel_table(parts["attend"], args.reps)
         rows.append(row)
         print(json.dumps(row), flush=True)
         q = k = v = kv = ws = None  # free before the next length

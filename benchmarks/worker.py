@@ -315,10 +315,22 @@ def task_generate(engine: Any, task: dict[str, Any], res: Result) -> None:
              "seconds": round(time.perf_counter() - t0, 2)})
 
 
+#: Requests at the shortest length before anything is timed: an engine's first requests run slower
+#: (an 8K row once read 0.72x and 1.22x in two runs with both engines on FlashAttention).
+ENGINE_WARMUP = 3
+
+
 def task_speed(engine: Any, task: dict[str, Any], res: Result) -> None:
-    """Per length: one warm-up request (Prism's density sampled on it), then timed requests on
-    distinct prompts; TTFT = wall time of a request with one output token."""
-    for L, prompts in sorted(((int(k), v) for k, v in task["prompts"].items())):
+    """ENGINE_WARMUP untimed requests; then per length: one warm-up request (Prism's density
+    sampled on it, and with min_context_len="auto" its shadow steps), then timed requests on
+    distinct prompts; TTFT = wall time of a request with one output token. Prism rows also get
+    the automatic decision in force after the warm-up (``auto_min_context_len``, by layer shape),
+    the densities it has learned by length and the warm-up's shadow steps."""
+    by_len = sorted(((int(k), v) for k, v in task["prompts"].items()))
+    if by_len:
+        res.data["info"]["engine_warmup_ms"] = [round(1e3 * engine.prefill_seconds(by_len[0][1][0]), 3)
+                                                for _ in range(ENGINE_WARMUP)]
+    for L, prompts in by_len:
         engine.stats("reset")
         engine.stats("sample=1")
         warm = engine.prefill_seconds(prompts[0])
@@ -335,6 +347,9 @@ def task_speed(engine: Any, task: dict[str, Any], res: Result) -> None:
             row["prism_tokens"] = st.get("prism_tokens")
             row["flash_tokens"] = st.get("flash_tokens")
             row["prism_launch_ms_mean"] = st.get("prism_launch_ms_mean")
+            row["shadow_steps"] = st.get("shadow_steps")
+            row["density_by_length"] = st.get("density_by_length")
+            row["auto_min_context_len"] = {k: v.get("min_context_len") for k, v in (st.get("break_even") or {}).items()}
         dens = row.get("density")
         log(f"speed {task['label']} {tok_label(L)}: TTFT {row['ttft_ms']:.1f} ms"
             + (f", density {dens:.3f}" if isinstance(dens, float) else ""))

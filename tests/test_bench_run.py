@@ -609,6 +609,10 @@ def test_vllm_engine_tasks_with_a_stand_in_llm(monkeypatch: pytest.MonkeyPatch) 
     assert gen["outputs"] == {"a": [0, 1, 2]}
     assert speed["length"] == 256 and speed["prompt_tokens"] == 10 and len(speed["ttft_ms_all"]) == 2
     assert "density" in speed  # Prism's stats were read through collective_rpc
+    assert {"auto_min_context_len", "density_by_length", "shadow_steps"} <= set(speed)
+    # untimed engine warm-up requests first, then one warm-up and two timed requests at 256
+    assert len(res["info"]["engine_warmup_ms"]) == worker.ENGINE_WARMUP
+    assert sum(c[0] == "generate" for c in calls) == 2 + worker.ENGINE_WARMUP + 3
     # the job's own stats are read before the speed task resets them
     assert [c[1] for c in calls if c[0] == "rpc"] == [("collect",), ("reset",), ("sample=1",), ("collect",), ("sample=0",)]
 
