@@ -156,8 +156,11 @@ class PrismConfig:
     on the serving GPU: when the model loads, dense FlashAttention and Prism (estimation + attend
     step at block densities 0.1-1.0) are timed on synthetic chunks of 4K-128K tokens (a few
     seconds, once per shape and process), and Prism serves from the shortest length where it takes
-    at most 0.9 of dense's time at the density it has been selecting (0.5 until the first sampled
-    launches); the decision and its timings are in the startup log and /prism/stats. Without a
+    at most 0.9 of dense's time at the density it has been selecting at each length (sampled
+    launches; 0.5 before any). A chunk at a length where Prism could pay but FlashAttention serves
+    gets a shadow step: FlashAttention's output unchanged, Prism's estimation beside it to count
+    the blocks it would select there (once per length, again every 64 such steps). The decision,
+    its timings and densities are in the startup log and /prism/stats. Without a
     measurement (no CUDA) it is 57344, the end-to-end break-even measured through vLLM on an H200
     (SmolLM2-135M at the 'quality' preset's selection, 2026-12-02, benchmarks/results/speed.json).
     An integer fixes the length (0 sends every prefill chunk through Prism)."""
