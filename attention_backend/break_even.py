@@ -60,9 +60,9 @@ logger = logging.getLogger("prism_vllm.attention_backend")
 #: Block densities the attend step is timed at (interpolated linearly in between).
 DENSITIES = (0.1, 0.3, 0.6, 1.0)
 #: Sequence lengths timed (those above max_model_len are skipped). Up to 128K: a small model's
-#: layers may pay only there (SmolLM2-135M at the 'quality' selection: 1.10x TTFT at 64K, 1.87x at
-#: 128K with Prism forced on, benchmarks/results/speed.json), and a table that stops at 64K would
-#: keep Prism off for good. The 128K row holds a synthetic cache of 128K tokens for a moment
+#: layers pay most there (SmolLM2-135M at the 'quality' selection: 1.19x TTFT at 64K, 1.92x at
+#: 128K with Prism forced on, benchmarks/results/speed.json at aae5b7f), and a table that stopped
+#: at 64K kept Prism off for good. The 128K row holds a synthetic cache of 128K tokens for a moment
 #: (512 MiB for 8 kv heads of d=128 in bf16); a failed allocation falls back like any failure.
 LENGTHS = LENGTH_BUCKETS
 #: Prism is used where it takes at most this share of FlashAttention's time: the rest covers what

@@ -31,6 +31,7 @@ CPU plumbing check: python benchmarks/profile_estimation.py --dry-run
 from __future__ import annotations
 
 import argparse
+import functools
 import datetime as _dt
 import json
 import os
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             ours.attend_setup(kv)
             sel_idx, sel_cnt = ours.bsr(kb.fixed_mask(s.hq, nqb, args.attend, s.device, gen))
             out = torch.empty_like(q)
+            fa = functools.partial(fa, fa_version=3)  # sparse_fa3 passes none; vLLM's default is FA2
             parts["attend"] = lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa)
             parts["attend_copies"] = lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa, copies_only=True)
             parts["dense"] = kb.fa3_call(fa, q, kv, s, out)

@@ -17,6 +17,9 @@ __all__ = ["KV_PARTS", "PART_FILES", "break_even", "doc_kv_cache_dtype", "goals"
 
 PART_FILES = {"recall": "recall.json", "ppl": "ppl.json", "needle": "needle.json", "speed": "speed.json",
               "llama8b": "speed-llama8b.json", "quality": "quality.json"}
+#: Further runs of a part at the same settings, kept beside it (copied in by hand from another
+#: device call): goals that compare two engines at a time hold only if they hold in every run.
+REPEAT_FILES = {"speed": "speed-repeat.json", "llama8b": "speed-llama8b-repeat.json"}
 #: The parts whose vLLM engines can run on another KV cache dtype (benchmarks.run --kv-cache-dtype):
 #: their files then carry the dtype (speed-fp8.json, quality-fp8.json), beside the default ones.
 KV_PARTS = ("speed", "llama8b", "quality")
@@ -53,6 +56,9 @@ def load_results(out_dir: Path, kv_cache_dtype: str = "auto") -> dict[str, dict[
         p = Path(out_dir) / part_file(part, kv_cache_dtype)
         if p.is_file():
             out[part] = read_json(p)
+        again = Path(out_dir) / REPEAT_FILES.get(part, "")
+        if kv_cache_dtype == "auto" and part in REPEAT_FILES and again.is_file():
+            out[part]["repeats"] = [read_json(again)]
     return out
 
 
@@ -187,16 +193,21 @@ def goals(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
         out.append(("break-even context length (SmolLM2, Prism forced on every chunk)",
                     f"{be.get('tokens') or 'none'} tokens ({be.get('note', '')})", be.get("tokens") is not None))
     lpairs = speed_pairs(res.get("llama8b", {}).get("rows", []), LLAMA_NAME)
-    for name, prs in (("SmolLM2", pairs), ("Llama-3.1-8B architecture, budget 0.1", lpairs)):
+    for name, part, prs in (("SmolLM2", "speed", pairs), ("Llama-3.1-8B architecture, budget 0.1", "llama8b", lpairs)):
         dflt = [p for p in prs if p.get("prism_default_ms") is not None]
         if not dflt:
             continue
         # issue 11: TTFT >= 0.98x of FLASH_ATTN at every length with what ships (short prompts stay
-        # on FlashAttention); the two engines are separate processes, so this includes their spread
-        worst = min(dflt, key=lambda p: p["dense_ms"] / p["prism_default_ms"])
+        # on FlashAttention); the two engines are separate processes, so this includes their spread,
+        # and a repeated run (REPEAT_FILES) must meet it too
+        runs = [dflt] + [[p for p in speed_pairs(d.get("rows", []), SMOL_NAME if part == "speed" else LLAMA_NAME)
+                          if p.get("prism_default_ms") is not None] for d in res.get(part, {}).get("repeats", [])]
+        worst = [min(r, key=lambda p: p["dense_ms"] / p["prism_default_ms"]) for r in runs if r]
         out.append((f"TTFT >= 0.98x FLASH_ATTN at every length with the shipped defaults ({name})",
-                    f"worst {worst['dense_ms'] / worst['prism_default_ms']:.2f}x at {tok_label(worst['length'])}",
-                    all(p["dense_ms"] / p["prism_default_ms"] >= 0.98 for p in dflt)))
+                    "; ".join(("worst " if i == 0 else "repeat run: worst ")
+                              + f"{w['dense_ms'] / w['prism_default_ms']:.2f}x at {tok_label(w['length'])}"
+                              for i, w in enumerate(worst)),
+                    all(p["dense_ms"] / p["prism_default_ms"] >= 0.98 for r in runs for p in r)))
         if prs is lpairs:
             on = [p["length"] for p in dflt if p.get("prism_default_tokens")]
             first = min(on) if on else None
@@ -208,6 +219,20 @@ def goals(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
 
 
 # -- markdown ------------------------------------------------------------------------------------
+def _speed_rows(d: dict[str, Any], has_default: bool) -> list[list[str]]:
+    rows = []
+    for model in d.get("models", []):
+        for p in speed_pairs(d["rows"], model):
+            dens = _f(p["density"]) if p.get("density") is not None else "n/a"
+            if p.get("block_budget") is not None:
+                dens += f" (budget {p['block_budget']:g})"
+            row = [tok_label(p["length"]), _f(p["dense_ms"], 1), _f(p["prism_ms"], 1), f"{p['speedup']:.2f}x", dens]
+            if has_default:
+                row.append(_f(p.get("prism_default_ms"), 1) + (" (Prism on)" if p.get("prism_default_tokens") else ""))
+            rows.append(row)
+    return rows
+
+
 def markdown(res: dict[str, dict[str, Any]], image_dir: str | None = None) -> str:
     parts: list[str] = []
     if not res:
@@ -268,22 +293,17 @@ def markdown(res: dict[str, dict[str, Any]], image_dir: str | None = None) -> st
         if kv != "auto":
             title += f", KV cache {kv} (both backends)"
             img = part_file(part, kv, ext="")
-        rows = []
         has_default = any(r["backend"] == "prism-default" for r in d["rows"])
-        for model in d.get("models", []):
-            for p in speed_pairs(d["rows"], model):
-                dens = _f(p["density"]) if p.get("density") is not None else "n/a"
-                if p.get("block_budget") is not None:
-                    dens += f" (budget {p['block_budget']:g})"
-                row = [tok_label(p["length"]), _f(p["dense_ms"], 1), _f(p["prism_ms"], 1), f"{p['speedup']:.2f}x", dens]
-                if has_default:
-                    row.append(_f(p.get("prism_default_ms"), 1) + (" (Prism on)" if p.get("prism_default_tokens") else ""))
-                rows.append(row)
         head = ["context", "FLASH_ATTN TTFT ms", "Prism TTFT ms", "speedup", "Prism density"]
         if has_default:
             head.append("Prism, shipped defaults, TTFT ms" + (" (+ the budget)" if part == "llama8b" else ""))
+        rows = _speed_rows(d, has_default)
         text = (f"### Time to first token through vLLM: {title}\n\n" + _meta_line(d) + "\n\n"
                 + (_table(head, rows) if rows else "_no measured rows_"))
+        for again in d.get("repeats", []):
+            text += ("\n\nThe same run repeated in the same session (fresh engines; "
+                     f"{REPEAT_FILES[part]}):\n\n" + _meta_line(again) + "\n\n"
+                     + _table(head, _speed_rows(again, has_default)))
         if part == "speed":
             be = d.get("break_even", {})
             tokens = be.get("tokens")

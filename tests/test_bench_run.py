@@ -640,6 +640,12 @@ def test_shipped_defaults_goals_from_rows() -> None:
     g = goals(rows((10.5, 15.5, 21.0), (0, 0, 900)))  # 0.95x at 8K; on only from 32K
     assert g["TTFT >= 0.98x FLASH_ATTN at every length with the shipped defaults"] is False
     assert g["Prism on from <= 16K with the shipped defaults (Llama-3.1-8B architecture, budget 0.1)"] is False
+    # a repeated run of the same commit must meet it too
+    res = rows((10.1, 15.5, 21.0), (0, 500, 900))
+    res["llama8b"]["repeats"] = [rows((10.1, 15.5, 42.0), (0, 500, 900))["llama8b"]]  # 0.95x at 32K
+    assert goals(res)["TTFT >= 0.98x FLASH_ATTN at every length with the shipped defaults"] is False
+    measured = [m for a, m, _ in report.goals(res) if a.startswith("TTFT >= 0.98x")]
+    assert measured == ["worst 0.99x at 8K; repeat run: worst 0.95x at 32K"]
 
 
 def test_dry_run_quality_on_fp8_kv_cache(tmp_path: Path, engine_specs: list) -> None:
