@@ -388,9 +388,9 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         cm = common_attn_metadata
         route = self._route(cm, fast_build)
         if route is None:
-            shadow = self._shadow_route(cm, fast_build)
+            shadow = self._shadow(common_prefix_len, cm, fast_build, kwargs)
             if shadow is not None:
-                return self._build_split(cm, shadow, fast_build, kwargs, shadow_prefix_len=common_prefix_len)
+                return shadow
             md = self._fa_build(common_prefix_len, cm, fast_build, kwargs)
             if self.prism_on:
                 STATS.record_step(0, 0, int(cm.query_start_loc_cpu[cm.num_reqs]), 0, 0)
@@ -430,7 +430,7 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         if table is None:
             return cfg.fixed_min_context_len
         density, sampled = self._densities(table)
-        key = tuple(density)
+        key = (id(table), *density)
         if key == self._auto_densities and self._auto_min_context is not None:
             return self._auto_min_context
         self._auto_densities = key
@@ -438,8 +438,11 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         value = tokens if tokens is not None else _NEVER
         STATS.record_break_even(self._shape_key, table.summary(density, sampled))
         if value != self._auto_min_context:
-            self._auto_min_context = value
-            logger.info(
+            before, self._auto_min_context = self._auto_min_context, value
+            # INFO for the first decision and for a real move (on / off, or 10% of the length);
+            # each new density sample shifts the interpolated length a little
+            moved = before is None or (before == _NEVER) != (value == _NEVER) or abs(value - before) > 0.1 * before
+            (logger.info if moved else logger.debug)(
                 "Prism: min_context_len=auto for %s: %s (dense / Prism ms at block density by length, "
                 "* sampled there: %s)", self._shape_key,
                 f"Prism from {value} tokens" if tokens is not None else "FlashAttention at every measured length",
@@ -462,10 +465,33 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
             self._auto_table = (table, buckets, {b for i, b in enumerate(buckets) if table.could_pay(i)})
         return self._auto_table[1], self._auto_table[2]
 
-    def _shadow_route(self, cm: CommonAttentionMetadata, fast_build: bool) -> Optional[PrefillRoute]:
+    def _shadow(self, common_prefix_len: int, cm: CommonAttentionMetadata, fast_build: bool,
+                kwargs: dict) -> Optional[PrismMetadata]:
+        """A shadow step's metadata when one is due (``_shadow_route``), else None. Planning it
+        must never fail a step FlashAttention serves anyway: an error is logged once and the
+        step goes on without it."""
+        try:
+            planned = self._shadow_route(cm, fast_build)
+            if planned is None:
+                return None
+            route, buckets = planned
+            md = self._build_split(cm, route, fast_build, kwargs, shadow_prefix_len=common_prefix_len)
+        except Exception as e:  # noqa: BLE001 - a density sample is never worth a failed step
+            if _first_time(f"shadow:{type(e).__name__}"):
+                logger.exception("Prism: could not plan a shadow step (%s: %s); FlashAttention serves the step",
+                                 type(e).__name__, e)
+            return None
+        if md.prism is not None:  # planned (not cut by the workspace): these lengths are being sampled
+            for b in buckets:
+                self._dense_steps[b] = 0
+        return md
+
+    def _shadow_route(self, cm: CommonAttentionMetadata, fast_build: bool) -> Optional[tuple[PrefillRoute, list[int]]]:
         """With min_context_len="auto", on a step FlashAttention serves whole: the prefill chunks
         whose length Prism could pay at (``TimingTable.could_pay``) and that are due for a density
-        sample (never sampled, or EXPLORE_EVERY dense steps since), as a route; None otherwise."""
+        sample (never sampled there, or EXPLORE_EVERY dense steps since this builder's last
+        sample there), as a route ending on the last of them, and their length buckets; None
+        otherwise."""
         cfg = self.prism_config
         if (cfg.min_context_len != "auto" or not self.prism_on or fast_build or cm.causal is not True
                 or self._params.all_blocks or cm.seq_lens_cpu_upper_bound is None):
@@ -483,16 +509,19 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
             return None
         buckets = STATS.by_length.bucket(route.ctx_lens + np.diff(route.cu_seqlens_q))
         explore = np.zeros(route.num_reqs, dtype=bool)
+        due = []
         for b in sorted({int(b) for b in buckets[~route.dense]} & could):
             seen = self._dense_steps[b]
-            if seen is None or seen >= break_even.EXPLORE_EVERY:
+            if (STATS.by_length.causal[b] == 0) if seen is None else seen >= break_even.EXPLORE_EVERY:
                 explore |= (buckets == b) & ~route.dense
-                self._dense_steps[b] = 0
+                due.append(b)
             else:
-                self._dense_steps[b] = seen + 1
+                self._dense_steps[b] = (seen or 0) + 1
         if not explore.any():
             return None
-        return dataclasses.replace(route, dense=~explore).from_index(0)
+        last = int(np.flatnonzero(explore)[-1]) + 1  # no estimation for the requests after it
+        cut = route.until(last) if last < route.num_reqs else route
+        return dataclasses.replace(cut, dense=~explore[:last]).from_index(0), due
 
     def _build_split(self, cm: CommonAttentionMetadata, route: PrefillRoute, fast_build: bool, kwargs: dict,
                      shadow_prefix_len: Optional[int] = None) -> PrismMetadata:
@@ -598,8 +627,10 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         qb_bucket = req_bucket[plan.qb_req.numpy().astype(np.int64)]
         causal = np.bincount(qb_bucket, weights=(plan.qb_abs.numpy().astype(np.int64) + 1) * plan.num_q_heads,
                              minlength=n + 1)
-        return SampleRows(bucket=torch.from_numpy(qb_bucket).to(self.device, non_blocking=True),
-                          causal=[int(c) for c in causal[:n]])
+        bucket = torch.from_numpy(qb_bucket)
+        if self.device.type == "cuda":
+            bucket = bucket.pin_memory()  # an asynchronous copy (pageable memory would synchronise)
+        return SampleRows(bucket=bucket.to(self.device, non_blocking=True), causal=[int(c) for c in causal[:n]])
 
     @staticmethod
     def _head_common(cm: CommonAttentionMetadata, s: int, t: int) -> CommonAttentionMetadata:
@@ -802,7 +833,7 @@ class PrismAttentionImpl(FlashAttentionImpl):
                 sel = prism_prefill(query[t0:t1], k_cache, v_cache, L.block_table, L.plan, lp.params, ws,
                                     output[t0:t1], fa3=self._fa3_launch(L, k_cache, v_cache), scales=scales)
                 if step.sample:
-                    self._sample_density(L, sel)
+                    self._sample_density(L, sel, served=True)
         except Exception as e:  # noqa: BLE001 - e.g. a kernel that does not compile on this GPU
             # Never fail a request Prism was only meant to speed up: this layer goes dense for
             # good, and FlashAttention recomputes the whole batch with the full metadata.
@@ -839,7 +870,7 @@ class PrismAttentionImpl(FlashAttentionImpl):
             for L in step.launches:
                 sel = prism_estimate(query[L.token_start : L.token_end], k_cache, L.block_table, L.plan, lp.params,
                                      step.workspace, q_scale=sc.q, k_scale=sc.k)
-                self._sample_density(L, sel)
+                self._sample_density(L, sel, served=False)
         except Exception as e:  # noqa: BLE001 - the output is FlashAttention's already; never fail the step
             logger.exception("Prism: estimation failed on a shadow step; FlashAttention serves this layer from now on")
             STATS.record_kernel_failure()
@@ -859,6 +890,6 @@ class PrismAttentionImpl(FlashAttentionImpl):
         return FA3Launch(flash_attn_varlen_func=_FA3(), attend=launch.attend, kv=kv)
 
     @staticmethod
-    def _sample_density(launch: PrismLaunch, sel: BlockSelection) -> None:
+    def _sample_density(launch: PrismLaunch, sel: BlockSelection, served: bool) -> None:
         rows = launch.sampling
-        STATS.add_sample(sel.selected_counts().sum(1, dtype=torch.int64), rows.bucket, rows.causal)
+        STATS.add_sample(sel.selected_counts().sum(1, dtype=torch.int64), rows.bucket, rows.causal, served=served)

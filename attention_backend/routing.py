@@ -83,6 +83,21 @@ class PrefillRoute:
             dense=self.dense[k:],
         )
 
+    def until(self, k: int) -> "PrefillRoute":
+        """The route's first ``k`` requests (1 <= k <= num_reqs): FlashAttention-only uses
+        (the shadow step's estimation) that need not read the requests after them."""
+        if not 1 <= k <= self.num_reqs:
+            raise ValueError(f"until({k}) of a route of {self.num_reqs} requests")
+        return PrefillRoute(
+            start=self.start,
+            end=self.start + k,
+            token_start=self.token_start,
+            token_end=self.token_start + int(self.cu_seqlens_q[k]),
+            cu_seqlens_q=self.cu_seqlens_q[: k + 1],
+            ctx_lens=self.ctx_lens[:k],
+            dense=self.dense[:k],
+        )
+
     def drop_first(self) -> Optional["PrefillRoute"]:
         """The route without its first request (see ``from_index``)."""
         return self.from_index(1)

@@ -17,8 +17,10 @@ Llama-3.1-8B layer shape (32 q heads, 8 kv heads, D 128, bf16, structured synthe
 
 With ``--attend DENSITY`` (vLLM's FA3 importable: `source /root/prism-stage/env.sh`), the same split
 for the FA3 attend step in the backend's "head" layout on a fixed random selection of that density
-(``kernels.fixed_mask``): "attend" (q copy, table build, FA3, output scatter) and "attend_copies"
-(the same without the FA3 calls), and "dense" (FA3 causal attention over the paged cache) beside:
+(``kernels.fixed_mask``): "attend" (q copy, table build, FA3, output scatter, every argument
+checked), "attend_replayed" (the same through ``prism_attend``, whose later calls replay the first
+call's launches, as a step's later layers do), "attend_copies" (the copies without the FA3 calls),
+and "dense" (FA3 causal attention over the paged cache) beside:
 the fixed cost of a short chunk is host time when host_ms > gpu_ms.
 
 Usage (GPU machine, nothing staged): python benchmarks/profile_estimation.py --out OUT.json
@@ -154,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
             fa = functools.partial(fa, fa_version=3)  # sparse_fa3 passes none; vLLM's default is FA2
             parts["attend"] = lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa)
             parts["attend_copies"] = lambda: ours.sparse_fa3(q, kv, sel_idx, sel_cnt, out, fa, copies_only=True)
+            # as a step's later layers run it: prism_attend replays the first call's checked launches
+            from prism_vllm.kernels import FA3Launch, prism_attend
+            from prism_vllm.kernels.plan import BlockSelection
+
+            ws.attend = ours.attend_ws
+            launch = FA3Launch(flash_attn_varlen_func=fa, attend=ours.attend_plans["head"], kv=ours.vkv)
+            sel = BlockSelection(plan=p, indices=sel_idx, counts=sel_cnt)
+            parts["attend_replayed"] = lambda: prism_attend(q, kv.k, kv.v, kv.block_table, sel, prm, ws, out,
+                                                            fa3=launch)
             parts["dense"] = kb.fa3_call(fa, q, kv, s, out)
         ours.estimate(q, kv, ws)  # compile
         row: dict[str, Any] = {"tokens": L, "density": round(ours.density(ws), 5)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -18,6 +18,7 @@ from .plan import PrefillPlan
 
 __all__ = [
     "launch",
+    "launch_call",
     "recording",
     "LaunchReplay",
     "strides",
@@ -55,7 +56,7 @@ DTypes = Union[torch.dtype, Sequence[torch.dtype]]
 # ----------------------------------------------------------------------------------------------
 # launches, recorded for replay
 # ----------------------------------------------------------------------------------------------
-_RECORDERS: list[list[tuple[Any, tuple[int, ...], dict[str, Any]]]] = []
+_RECORDERS: list[list[tuple[Any, Optional[tuple[int, ...]], dict[str, Any]]]] = []
 
 
 def launch(kernel: Any, grid: tuple[int, ...], **kwargs: Any) -> None:
@@ -65,6 +66,14 @@ def launch(kernel: Any, grid: tuple[int, ...], **kwargs: Any) -> None:
     kernel[grid](**kwargs)
     for calls in _RECORDERS:  # every open recording: an outer one replays the inner ones' launches too
         calls.append((kernel, grid, kwargs))
+
+
+def launch_call(fn: Callable[..., Any], **kwargs: Any) -> None:
+    """``fn(**kwargs)`` for a launch that is not a Triton kernel (e.g. an FA3 call), recorded like
+    ``launch`` (replayed as ``fn(**kwargs)`` with the inputs swapped in)."""
+    fn(**kwargs)
+    for calls in _RECORDERS:
+        calls.append((fn, None, kwargs))
 
 
 @contextlib.contextmanager
@@ -98,10 +107,11 @@ class LaunchReplay:
     activations alive.
     """
 
-    __slots__ = ("calls",)
+    __slots__ = ("calls", "keep")
 
-    def __init__(self, calls: Sequence[tuple[Any, tuple[int, ...], dict[str, Any]]],
-                 inputs: Sequence[Optional[torch.Tensor]]) -> None:
+    def __init__(self, calls: Sequence[tuple[Any, Optional[tuple[int, ...]], dict[str, Any]]],
+                 inputs: Sequence[Optional[torch.Tensor]], keep: Any = None) -> None:
+        self.keep = keep  # what the caller's key names by id() (kept alive, so the id stays its own)
         slot = {id(t): i for i, t in enumerate(inputs) if t is not None}
         self.calls = []
         for kernel, grid, kwargs in calls:
@@ -114,7 +124,10 @@ class LaunchReplay:
                 kwargs = dict(kwargs)
                 for k, i in swap:
                     kwargs[k] = inputs[i]
-            kernel[grid](**kwargs)
+            if grid is None:  # launch_call
+                kernel(**kwargs)
+            else:
+                kernel[grid](**kwargs)
 
 
 def check(cond: bool, msg: str) -> None:

@@ -81,7 +81,7 @@ import triton
 import triton.language as tl
 
 from prism_vllm.config import ATTEND_LAYOUTS
-from ._launch import AtLeast, check_block_table, check_gqa, check_plan, check_tensor, strides
+from ._launch import AtLeast, check_block_table, check_gqa, check_plan, check_tensor, launch, launch_call, strides
 from .params import BLOCK_SIZE
 from .plan import BlockSelection, PrefillPlan, sel_count_at, sel_row_start
 
@@ -770,7 +770,9 @@ def union_rows(selection: BlockSelection, bucket: AttendBucket, ws: AttendWorksp
     cnt = ws.union_cnt[:n_u]
     if selection.all_blocks:
         raise ValueError("an all-blocks selection has no rows to unite; attend it with attend_dense_fa3")
-    _union_rows_kernel[(min(n_u, ws.union_bits.shape[0]),)](
+    launch(
+        _union_rows_kernel,
+        (min(n_u, ws.union_bits.shape[0]),),
         union_idx=idx,
         union_cnt=cnt,
         union_bits=ws.union_bits,
@@ -833,7 +835,9 @@ def virtual_sequences(
     table = ws.page_table[: n_seq * width].view(n_seq, width)
     q_virt = None if views else ws.q_rows(n_rows, q.dtype, hps)
     u_idx, u_cnt = union_rows(selection, bucket, ws, vkv.num_kv_heads) if layout in UNION_LAYOUTS else (None, None)
-    _virtual_seqs_kernel[(n_seq,)](
+    launch(
+        _virtual_seqs_kernel,
+        (n_seq,),
         q=None if views else q,
         q_virt=q_virt,
         cu_seqlens_q_virt=ws.cu_seqlens_q_virt,
@@ -900,7 +904,9 @@ def scatter_out(o_virt: torch.Tensor, out: torch.Tensor, plan: PrefillPlan, buck
     ``out`` [T, HQ, D] (one launch)."""
     HQ, D = out.shape[1], out.shape[2]
     n_seq = (bucket.g_hi - bucket.g_lo) * _seq_heads(HQ, num_kv_heads, layout)
-    _scatter_out_kernel[(n_seq,)](
+    launch(
+        _scatter_out_kernel,
+        (n_seq,),
         o_virt=o_virt,
         out=out,
         **plan.tensors("cu_seqlens_q", "ctx_lens", "seqused_k", "qb_req", "qb_abs"),
@@ -924,9 +930,9 @@ def _fa3_bucket(flash_attn_varlen_func: FlashAttnVarlen, vkv: VirtualKV, scale: 
                 bucket: AttendBucket, cu_seqlens_q: torch.Tensor, *, q: torch.Tensor, out: torch.Tensor,
                 seqused_k: torch.Tensor, block_table: torch.Tensor, descales: dict) -> None:
     """One FA3 call over virtual sequences of ``bucket`` (every sparse layout's call)."""
-    flash_attn_varlen_func(**descales, q=q, k=vkv.k, v=vkv.v, max_seqlen_q=bucket.max_rows,
-                           cu_seqlens_q=cu_seqlens_q, max_seqlen_k=bucket.width * B, seqused_k=seqused_k,
-                           block_table=block_table, softmax_scale=scale, causal=True, softcap=softcap, out=out)
+    launch_call(flash_attn_varlen_func, **descales, q=q, k=vkv.k, v=vkv.v, max_seqlen_q=bucket.max_rows,
+                cu_seqlens_q=cu_seqlens_q, max_seqlen_k=bucket.width * B, seqused_k=seqused_k,
+                block_table=block_table, softmax_scale=scale, causal=True, softcap=softcap, out=out)
 
 
 def attend_fa3(
@@ -976,7 +982,9 @@ def attend_fa3(
             vLLM's ``layer._q_scale`` etc.) for an fp8 cache / fp8 q: FA3's descales.
 
     Per bucket: two Triton launches (group layout: three) and one FA3 call; view layouts: one
-    launch (group_views: two) and HQ (HKV) FA3 calls. No host sync.
+    launch (group_views: two) and HQ (HKV) FA3 calls. No host sync. Every launch and call goes
+    through ``_launch.launch`` / ``launch_call``, so a caller can record and replay them
+    (``prefill.prism_attend`` does for a step's later layers).
     ``attend.all_blocks``: ``attend_dense_fa3`` instead.
     """
     plan = selection.plan

@@ -67,7 +67,8 @@ class LengthDensity:
         """Causal (query block, head, key block) triples sampled per bucket (host, at planning)."""
         self._values: list[Optional[float]] = [None] * len(self.lengths)
         self._host: Any = None
-        self._event: Any = None
+        self._events: list[Any] = []  # copies in flight, one per device
+        self._added: dict[torch.device, Any] = {}  # per device: an event after its latest index_add_
         self._causal_at_copy: list[int] = list(self.causal)
 
     def bucket(self, seq_lens: Any) -> np.ndarray:
@@ -87,30 +88,47 @@ class LengthDensity:
         for i, n in enumerate(per_bucket):
             self.causal[i] += int(n)
 
+    def mark_added(self, device: torch.device) -> None:
+        """After an ``index_add_`` into ``counter(device)`` on its current stream: the next copy
+        waits for it (the builder, which copies, may run on another stream than the forward)."""
+        if device.type != "cuda":
+            return
+        ev = self._added.get(device)
+        if ev is None:
+            ev = self._added[device] = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(device))
+
     def exact(self) -> list[Optional[float]]:
         """``densities()`` read synchronously (a monitoring path, never the step)."""
-        sel = [sum(int(t[i]) for t in self._counters.values()) for i in range(len(self.lengths))]
+        sel = [0] * (len(self.lengths) + 1)
+        for t in list(self._counters.values()):
+            sel = [a + b for a, b in zip(sel, t.tolist())]
         return [s / c if c else None for s, c in zip(sel, self.causal)]
 
     def densities(self) -> list[Optional[float]]:
         """Per bucket: selected / causal over the samples the host can see without waiting (None
         where nothing was sampled yet). Starts a new asynchronous copy when there is news."""
-        ev = self._event
-        if ev is not None and ev.query():
+        if self._events and all(ev.query() for ev in self._events):
             sel = self._host.sum(0)
             self._values = [float(sel[i]) / c if c else None for i, c in enumerate(self._causal_at_copy)]
-            self._event = None
-        if self._event is None and self.causal != self._causal_at_copy and self._counters:
-            counters = list(self._counters.values())
-            if counters[0].is_cuda:
-                if self._host is None or self._host.shape[0] != len(counters):
-                    self._host = torch.zeros(len(counters), len(self.lengths) + 1, dtype=torch.int64, pin_memory=True)
-                for i, t in enumerate(counters):
-                    self._host[i].copy_(t, non_blocking=True)
+            self._events = []
+        if not self._events and self.causal != self._causal_at_copy and self._counters:
+            devices = list(self._counters)
+            if devices[0].type == "cuda":
+                if self._host is None or self._host.shape[0] != len(devices):
+                    self._host = torch.zeros(len(devices), len(self.lengths) + 1, dtype=torch.int64, pin_memory=True)
+                for i, dev in enumerate(devices):
+                    stream = torch.cuda.current_stream(dev)
+                    if dev in self._added:
+                        stream.wait_event(self._added[dev])
+                    with torch.cuda.stream(stream):
+                        self._host[i].copy_(self._counters[dev], non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(stream)
+                    self._events.append(ev)
                 self._causal_at_copy = list(self.causal)
-                self._event = torch.cuda.Event()
-                self._event.record()
             else:  # CPU tensors: reading them does not wait for a GPU
+                counters = list(self._counters.values())
                 sel = sum(t for t in counters)
                 self._causal_at_copy = list(self.causal)
                 self._values = [int(sel[i]) / c if c else None for i, c in enumerate(self.causal)]
@@ -186,14 +204,19 @@ class PrismStats:
             self._selected[device] = t
         return t
 
-    def add_sample(self, selected: torch.Tensor, bucket: torch.Tensor, causal: Sequence[int]) -> None:
+    def add_sample(self, selected: torch.Tensor, bucket: torch.Tensor, causal: Sequence[int],
+                   served: bool = True) -> None:
         """One sampled layer launch: ``selected`` [R] int64 selected blocks of R rows (device),
         ``bucket`` [R] int64 their length buckets (the last slot: rows not counted), ``causal``
-        the host-known causal triples per bucket. Device work only: two ``index_add_``."""
-        self.selected_counter(selected.device).index_add_(0, bucket, selected)
+        the host-known causal triples per bucket. Device work only (``index_add_``). ``served``
+        False: a shadow step's estimation (FlashAttention served the rows), which only teaches
+        ``by_length``; the reported density stays that of the blocks Prism attended."""
+        if served:
+            self.selected_counter(selected.device).index_add_(0, bucket, selected)
+            self.sampled_layer_launches += 1
+            self.causal_blocks += int(sum(causal))
         self.by_length.counter(selected.device).index_add_(0, bucket, selected)
-        self.sampled_layer_launches += 1
-        self.causal_blocks += int(sum(causal))
+        self.by_length.mark_added(selected.device)
         self.by_length.add_causal(causal)
 
     def add_timing(self, start: Any, end: Any) -> None:
@@ -311,7 +334,8 @@ def reset_stats() -> None:
 
 
 def set_sample_every(n: int) -> None:
-    """Sample block density and timing every ``n`` Prism steps (0 disables sampling)."""
+    """Sample block density and timing every ``n`` Prism steps (0 disables sampling; the shadow
+    steps of ``min_context_len="auto"`` still sample what they are for)."""
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"sample_every={n!r} must be an integer >= 0 (0 disables sampling)")
     STATS.sample_every = n

@@ -433,6 +433,48 @@ def test_layout_every_block_equals_dense_causal_attention(case, layout):
         row += L
 
 
+@pytest.mark.parametrize("layout", ["head", "group", "head_views"])
+def test_a_steps_later_layers_replay_the_attend_launches_with_their_own_tensors(layout, monkeypatch):
+    """prism_attend records the FA3 attend step of a step's first layer (copies, FA3 call, scatter)
+    and replays it for the next layers: each layer's output is its own reference's (its q, out,
+    cache, page table and selection rows swapped in), with one argument check per step; view
+    layouts (per-head views of q / out) are checked and run in full every time."""
+    from prism_vllm import PrismConfig
+    from prism_vllm.kernels import FA3Launch, PrismParams, PrismWorkspace, prism_attend
+    from prism_vllm.rope import RopeLayout, rope_bands
+
+    c = CASES["prefix_context_several_requests"]
+    checks, fa_calls = [], []
+    real = attend_mod._check_launch
+    monkeypatch.setattr(attend_mod, "_check_launch", lambda *a: checks.append(1) or real(*a))
+
+    def fa(**kw):
+        fa_calls.append(1)
+        return ref.paged_varlen_attention(**kw)
+
+    layers = [_inputs(c, seed=s) for s in (3, 4)]
+    plan_cpu = layers[0][6]
+    plan = plan_cpu.to(DEVICE)
+    T, S = plan_cpu.num_tokens, max(a + L for a, L in c.reqs)
+    ws = PrismWorkspace.allocate(PrismWorkspace.sizes_for(T, S, len(c.reqs), c.hq, num_kv_heads=c.hkv, head_dim=c.d,
+                                                          attend_dtype=torch.float16, attend_layouts=(layout,)), DEVICE)
+    cfg = PrismConfig()
+    params = PrismParams.make(bands=rope_bands(RopeLayout(c.d, c.d, True), *cfg.band_dims(c.d)), scale=c.d**-0.5,
+                              config=cfg, device=DEVICE)
+    launch = FA3Launch(flash_attn_varlen_func=fa, attend=make_attend_plan(plan_cpu, ws.attend.capacity, layout=layout,
+                                                                          num_kv_heads=c.hkv))
+    for q, ks, vs, k_cache, v_cache, table, _, _, masks in layers:
+        sel = BlockSelection.from_masks(masks, plan)  # the layer's own selection rows
+        out = torch.full_like(q, float("nan"))
+        prism_attend(q, k_cache, v_cache, table, sel, params, ws, out, fa3=launch)
+        want = _expected(q, ks, vs, c, _masks_of(layout, masks, c.hkv), c.d**-0.5)
+        atol, rtol = TOL[torch.float16]
+        torch.testing.assert_close(out[:T].float(), want.float(), atol=atol, rtol=rtol)
+    views = layout == "head_views"
+    assert len(checks) == (2 if views else 1)
+    assert len(fa_calls) == 2 * (c.hq if views else len(launch.attend.buckets))
+
+
 def test_attend_rejects_a_plan_of_the_other_layout():
     c = CASES["one_full_request"]
     q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c)

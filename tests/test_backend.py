@@ -569,13 +569,15 @@ def test_a_steps_later_layers_replay_the_estimation_with_their_own_tensors(base_
     output is its own reference's (a replay that kept layer 0's q or cache would fail here)."""
     import dataclasses as dc
 
+    import prism_vllm.kernels.attend_fa3 as ka
     import prism_vllm.kernels.prefill as kp
 
     if attend == "fa3":
         request.getfixturevalue("fa3_on_cpu")
-    checks = []
-    real = kp._check_launch
+    checks, attend_checks = [], []
+    real, real_attend = kp._check_launch, ka._check_launch
     monkeypatch.setattr(kp, "_check_launch", lambda *a: checks.append(1) or real(*a))
+    monkeypatch.setattr(ka, "_check_launch", lambda *a: attend_checks.append(1) or real_attend(*a))
     b = Batch([(0, 900)], 0, (0,))  # 8 key blocks: rows 2-6 choose among earlier blocks
     knobs = {**CFG, "high_threshold": 0.6, "low_threshold": 0.6}  # sparse enough that selections matter
     vc = _vllm_config(base_vllm_config, prism=knobs)
@@ -623,6 +625,8 @@ def test_a_steps_later_layers_replay_the_estimation_with_their_own_tensors(base_
         outs.append(out[:T])
         masks.append(m)
     assert len(checks) == 1, "the second layer replays the first layer's checked launches"
+    # the FA3 attend step too (copies, FA3 call, scatter), with the layer's own q, out, cache and rows
+    assert len(attend_checks) == (1 if attend == "fa3" else 0)
     assert any(not torch.equal(masks[0][r], masks[1][r]) for r in masks[0]), "the layers select differently"
 
 
@@ -653,6 +657,28 @@ def test_stats_count_rows_and_density(base_vllm_config, fake_flash):
     stats.set_sample_every(16)
 
 
+def _auto_builder(base_vllm_config, monkeypatch):
+    """A min_context_len="auto" builder over one layer whose timing table (lengths 256 / 512)
+    says Prism never pays at 256 tokens and pays at 512 below a density of ~0.4 (0.5 assumed),
+    with its own stats; MIN_AUTO 128 and EXPLORE_EVERY 2 to fit CPU-sized batches."""
+    from prism_vllm.attention_backend import break_even as be
+
+    st = stats.PrismStats()
+    st.by_length = stats.LengthDensity((256, 512))
+    monkeypatch.setattr(pb, "STATS", st)
+    monkeypatch.setattr(be, "MIN_AUTO", 128)
+    monkeypatch.setattr(be, "EXPLORE_EVERY", 2)
+    cfg = {"min_context_len": "auto", "min_query_len": 16, "dense_tail": False}
+    vc = _vllm_config(base_vllm_config, prism=cfg)
+    (owner,) = _model(vc, [ROPE])
+    builder = pb.PrismMetadataBuilder(_spec(), [owner.attn.layer_name], vc, torch.device("cpu"))
+    t = be.TimingTable(shape="t", lengths=[256, 512], dense_ms=[1.0, 1.0], estimate_ms=[0.1, 0.1],
+                       attend_ms=[[9.0] * 4, [2 * d for d in be.DENSITIES]])
+    monkeypatch.setitem(be._TABLES, builder._shape_key, t)
+    assert builder._min_context_len() == pb._NEVER  # at the prior density 0.5
+    return builder, owner, st, t, cfg
+
+
 def test_auto_samples_unmeasured_lengths_on_shadow_steps_served_by_flash_attention(base_vllm_config, fake_flash,
                                                                                     monkeypatch):
     """min_context_len="auto" with Prism off at every length for want of a sampled density: a step
@@ -663,24 +689,11 @@ def test_auto_samples_unmeasured_lengths_on_shadow_steps_served_by_flash_attenti
     from prism_vllm.attention_backend import break_even as be
 
     b = BATCHES["mixed"]  # sequence lengths 40, 350, 404, 300 -> buckets 256, 256, 512, 256
-    st = stats.PrismStats()
-    st.by_length = stats.LengthDensity((256, 512))
-    monkeypatch.setattr(pb, "STATS", st)
-    monkeypatch.setattr(be, "MIN_AUTO", 128)
-    monkeypatch.setattr(be, "EXPLORE_EVERY", 2)
-    cfg = {"min_context_len": "auto", "min_query_len": 16, "dense_tail": False}
-    vc = _vllm_config(base_vllm_config, prism=cfg)
-    (owner,) = _model(vc, [ROPE])
-    builder = pb.PrismMetadataBuilder(_spec(), [owner.attn.layer_name], vc, torch.device("cpu"))
-    # Prism = 0.1 + attend(density): never pays at 256 tokens, pays at 512 below density ~0.4
-    t = be.TimingTable(shape="t", lengths=[256, 512], dense_ms=[1.0, 1.0], estimate_ms=[0.1, 0.1],
-                       attend_ms=[[9.0] * 4, [2 * d for d in be.DENSITIES]])
-    monkeypatch.setitem(be._TABLES, builder._shape_key, t)
-    assert builder._min_context_len() == pb._NEVER  # at the prior density 0.5
-
+    builder, owner, st, t, cfg = _auto_builder(base_vllm_config, monkeypatch)
     p = _paged_batch(b, 16, seed=7)
     md = builder.build(0, p.cm)
-    assert md.prism is not None and md.prism.shadow and md.prism.start == 4  # only the 404-token chunk
+    # only the 404-token chunk: no estimation for the 300-token request after it either
+    assert md.prism is not None and md.prism.shadow and (md.prism.start, md.prism.end) == (4, 5)
     assert md.prism_head is None and md.num_actual_tokens == p.cm.num_actual_tokens
     out = torch.empty(p.query.shape[0], HQ, D, dtype=DTYPE)
     owner.attn.impl.forward(owner.attn, p.query, None, None, p.kv_cache, md, out)
@@ -695,6 +708,9 @@ def test_auto_samples_unmeasured_lengths_on_shadow_steps_served_by_flash_attenti
     assert learned[0] is None and learned[1] == pytest.approx(int(masks[4].sum()) / causal)
     c = st.collect()
     assert c["shadow_steps"] == 1 and c["prism_tokens"] == 0 and c["flash_tokens"] == int(b.qsl[-1])
+    # what Prism served is reported apart: a shadow step's estimation attended nothing
+    assert (c["causal_blocks"], c["selected_blocks"], c["block_density"]) == (0, 0, None)
+    assert c["density_by_length"] == {"512": round(learned[1], 4)}
     dens = be.densities_for([None, learned[1]], be.PRIOR_DENSITY)
     got = t.break_even(dens)
     assert builder._min_context_len() == (got if got is not None else pb._NEVER)
@@ -704,6 +720,45 @@ def test_auto_samples_unmeasured_lengths_on_shadow_steps_served_by_flash_attenti
     for shadow in (False, False, True):
         md = builder.build(0, p.cm)
         assert (md.prism is not None and md.prism.shadow) is shadow
+
+
+def test_no_shadow_step_where_prism_has_sampled_or_when_planning_fails(base_vllm_config, fake_flash, monkeypatch,
+                                                                       caplog):
+    """A length Prism's own launches have sampled needs no shadow step; and a shadow step that
+    cannot be planned leaves the step to FlashAttention (logged once), never failing it."""
+    b = BATCHES["mixed"]
+    p = _paged_batch(b, 16, seed=7)
+    builder, _, st, _, _ = _auto_builder(base_vllm_config, monkeypatch)
+    st.add_sample(torch.tensor([40]), torch.tensor([1]), [0, 100])  # sampled at 512 by a Prism launch
+    md = builder.build(0, p.cm)
+    assert md.prism is None and fake_flash == []
+
+    builder, _, st, _, _ = _auto_builder(base_vllm_config, monkeypatch)
+
+    def broken(*a, **k):
+        raise RuntimeError("no plan")
+
+    monkeypatch.setattr(builder, "_build_split", broken)
+    with caplog.at_level("ERROR", logger="prism_vllm.attention_backend"):
+        md = builder.build(0, p.cm)
+        builder._dense_steps[1] = None  # due again: the failure is logged once
+        md2 = builder.build(0, p.cm)
+    assert md.prism is None and md2.prism is None and md.num_actual_tokens == p.cm.num_actual_tokens
+    assert sum("could not plan a shadow step" in r.getMessage() for r in caplog.records) == 1
+    assert st.collect()["shadow_steps"] == 0
+
+
+def test_route_until_keeps_the_first_requests():
+    b = BATCHES["many_long"]
+    r = route_prism_suffix(b.qsl, b.seq, len(b.reqs), min_query_len=16, min_context_len=256, decode_threshold=1)
+    u = r.until(2)
+    assert (u.start, u.end, u.token_start, u.token_end) == (r.start, r.start + 2, r.token_start,
+                                                            r.token_start + int(r.cu_seqlens_q[2]))
+    assert u.cu_seqlens_q.tolist() == r.cu_seqlens_q[:3].tolist() and u.ctx_lens.tolist() == r.ctx_lens[:2].tolist()
+    whole = r.until(r.num_reqs)
+    assert (whole.end, whole.token_end, whole.dense.tolist()) == (r.end, r.token_end, r.dense.tolist())
+    with pytest.raises(ValueError, match="until"):
+        r.until(0)
 
 
 def test_workspace_too_small_splits_the_prism_part_into_launches(base_vllm_config, fake_flash):

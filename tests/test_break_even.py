@@ -127,9 +127,14 @@ def test_density_by_length_buckets_samples_and_reads_cpu_counters_without_waitin
     c = st.collect()
     assert (c["selected_blocks"], c["causal_blocks"]) == (40, 150)
     assert c["density_by_length"] == {"8192": 0.3, "32768": 0.2}
+    # a shadow step's sample (FlashAttention served those rows) teaches the decision only
+    st.add_sample(torch.tensor([30]), torch.tensor([2]), [0, 0, 100, 0, 0, 0], served=False)
+    c = st.collect()
+    assert (c["selected_blocks"], c["causal_blocks"], c["sampled_layer_launches"]) == (40, 150, 1)
+    assert c["density_by_length"] == {"8192": 0.3, "16384": 0.3, "32768": 0.2}
     st.reset()  # reported counters start over; what the decision learned stays
     c = st.collect()
-    assert c["causal_blocks"] == 0 and c["density_by_length"] == {"8192": 0.3, "32768": 0.2}
+    assert c["causal_blocks"] == 0 and c["density_by_length"] == {"8192": 0.3, "16384": 0.3, "32768": 0.2}
 
 
 def test_config_auto_is_the_default_and_falls_back_without_a_measurement():
