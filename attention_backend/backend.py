@@ -494,8 +494,9 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         otherwise."""
         cfg = self.prism_config
         if (cfg.min_context_len != "auto" or not self.prism_on or fast_build or cm.causal is not True
-                or self._params.all_blocks or cm.seq_lens_cpu_upper_bound is None):
-            return None
+                or self._params.all_blocks or cm.seq_lens_cpu_upper_bound is None
+                or cm.max_query_len <= self.decode_threshold or cm.max_query_len < cfg.min_query_len):
+            return None  # (the last two: decode-only steps, the most common, cost one comparison)
         table = break_even.table_for(self._shape_key)
         if table is None:
             return None

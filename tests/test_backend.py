@@ -732,6 +732,13 @@ def test_no_shadow_step_where_prism_has_sampled_or_when_planning_fails(base_vllm
     st.add_sample(torch.tensor([40]), torch.tensor([1]), [0, 100])  # sampled at 512 by a Prism launch
     md = builder.build(0, p.cm)
     assert md.prism is None and fake_flash == []
+    # decode-only steps never look for a shadow step (and count no dense step)
+    builder, _, st, _, _ = _auto_builder(base_vllm_config, monkeypatch)
+    with monkeypatch.context() as m:
+        m.setattr(pb, "route_prism_suffix", lambda *a, **k: pytest.fail("routed a decode-only step twice"))
+        m.setattr(builder, "_route", lambda cm, fast_build: None)
+        assert builder.build(0, _paged_batch(BATCHES["decode_only"], 16, seed=7).cm).prism is None
+    assert builder._dense_steps == [None, None]
 
     builder, _, st, _, _ = _auto_builder(base_vllm_config, monkeypatch)
 
