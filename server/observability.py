@@ -44,6 +44,7 @@ _MAX_KEYS = (
     "prism_dense_tokens",
     "flash_tokens",
     "sampled_steps",
+    "shadow_steps",
 )
 _SUM_KEYS = ("selected_blocks", "causal_blocks", "sampled_layer_launches")
 
@@ -83,8 +84,8 @@ def aggregate(replies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ``{"workers_total", "workers_reporting", "tokens": {"sparse", "dense", "dense_prism",
         "dense_flash_attention", "sparse_fraction"}, "block_density", "selected_blocks",
         "causal_blocks", "launch_ms_mean", "launch_ms_samples", "estimation_ms_mean",
-        "estimation_ms_samples", "density_histogram", "fallback_layers", "break_even", "config",
-        ...max counters}``.
+        "estimation_ms_samples", "density_histogram", "fallback_layers", "break_even",
+        "density_by_length", "attend_layouts", "config", ...max counters}``.
     """
     stats = [r.get("stats") or {} for r in replies if r.get("available")]
     out: dict[str, Any] = {"workers_total": len(replies), "workers_reporting": len(stats)}
@@ -132,6 +133,9 @@ def aggregate(replies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["fallback_layers"] = dict(fallback)
     # The automatic min_context_len per layer shape (rank 0's: every rank measures the same shape).
     out["break_even"] = next((dict(s["break_even"]) for s in stats if s.get("break_even")), {})
+    # What the decision learned by length (rank 0's: the ranks see the same text, their own heads).
+    out["density_by_length"] = next((dict(s["density_by_length"]) for s in stats if s.get("density_by_length")), {})
+    out["attend_layouts"] = next((dict(s["attend_layouts"]) for s in stats if s.get("attend_layouts")), {})
     out["config"] = next((dict(s["config"]) for s in stats if s.get("config")), {})
     return out
 

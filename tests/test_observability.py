@@ -315,3 +315,22 @@ def test_effective_settings_reach_the_stats():
     assert s["config"]["preset"] == "fast" and s["config"]["high_threshold"] == 0.95 and s["config"]["low_threshold"] == 0.97
     agg = aggregate([{"available": True, "stats": s}, {"available": True, "stats": {**s, "config": {}}}])
     assert agg["config"] == s["config"]
+
+
+def test_the_automatic_break_even_reaches_the_aggregate():
+    """min_context_len="auto": the decision, the densities learned by length and the shadow steps
+    of the workers reach /prism/stats' aggregate (steps counted once, the learned densities
+    rank 0's)."""
+    import torch
+
+    from prism_vllm.stats import LENGTH_BUCKETS, PrismStats
+
+    st = PrismStats()
+    st.record_break_even("s", {"min_context_len": 71808, "rows": []})
+    st.shadow_steps = 2
+    st.add_sample(torch.tensor([21]), torch.tensor([LENGTH_BUCKETS.index(131072)]), [0, 0, 0, 0, 0, 100],
+                  served=False)
+    s0, s1 = st.collect(), {**st.collect(), "density_by_length": {"131072": 0.5}}
+    agg = aggregate([{"available": True, "stats": s0}, {"available": True, "stats": s1}])
+    assert agg["shadow_steps"] == 2 and agg["break_even"] == {"s": {"min_context_len": 71808, "rows": []}}
+    assert agg["density_by_length"] == {"131072": 0.21} and agg["block_density"] is None
