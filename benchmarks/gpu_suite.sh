@@ -9,6 +9,9 @@
 #             (each FA3 row in the four attend layouts: head, group, head_views, group_views)
 #   attend-fp8  the kernel benchmark's fp8 KV cache rows (Llama-3.1-8B layer, 32K / 128K)
 #   kernels   kernel GPU tests + kernel benchmark
+#   attend-profile  GPU vs host time per call of the estimation and the FA3 attend step (checked,
+#             replayed as a step's later layers run it, copies alone; dense FA3 beside) for the
+#             d=64 layer and the Llama-3.1-8B layer at 8K / 32K, 10% of the blocks (needs vLLM's FA3)
 #   estimation  where the estimation's time goes (GPU per kernel vs host per call), its launch-knob
 #             sweep at 32K/128K, and Nsight Compute metrics of the selection kernel where ncu
 #             exists (nothing staged: torch + triton; the package importable)
@@ -82,6 +85,13 @@ case "$piece" in
     timeout 150 python benchmarks/kernels.py --skip sparse,estimation,break_even --commit "$sha" \
       --out "$out/kernels-fp8-h200.json" > "$out/bench-fp8.log" 2>&1; echo "bench rc=$?" >> "$out/bench-fp8.log"
     tail -12 "$out/bench-fp8.log" ;;
+  attend-profile)
+    for shape in gqa7_d64 llama8b; do
+      log "estimation + attend step profile, $shape"
+      timeout 150 python benchmarks/profile_estimation.py --shape $shape --lengths 8192,32768 --attend 0.1 --reps 10 \
+        --commit "$sha" --out "$out/profile-attend-$shape.json" > "$out/profile-attend-$shape.log" 2>&1
+      echo "profile rc=$?" >> "$out/profile-attend-$shape.log"; tail -2 "$out/profile-attend-$shape.log" | cut -c1-400
+    done ;;
   estimation)
     log "estimation profile, Llama-3.1-8B layer"
     timeout 150 python benchmarks/profile_estimation.py --commit "$sha" --out "$out/profile-estimation.json" \
