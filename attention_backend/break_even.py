@@ -32,7 +32,9 @@ to the startup log and ``/prism/stats``.
 With ``attend_layout = "auto"`` (and the FA3 attend step), ``choose_layout`` first picks the
 layer shape's attend layout the same way: each layout that attends exactly the selected blocks
 ("head", "head_views") must reproduce FlashAttention on an every-block selection, and the fastest
-at a typical density wins; ``measure`` then times the attend step in that layout.
+at a typical density wins; ``measure`` then times the attend step in that layout. Both time
+repeated calls as a step's later layers make them: "head" replays its first call's launches
+(``prefill.prism_attend``), "head_views" (per-head views of q) runs in full every time.
 
 Pure arithmetic here is tested on CPU; ``measure`` and ``choose_layout`` need a CUDA GPU.
 """

@@ -204,7 +204,7 @@ def goals(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
         runs = [dflt] + [[p for p in speed_pairs(d.get("rows", []), SMOL_NAME if part == "speed" else LLAMA_NAME)
                           if p.get("prism_default_ms") is not None] for d in res.get(part, {}).get("repeats", [])]
         worst = [min(r, key=lambda p: p["dense_ms"] / p["prism_default_ms"]) for r in runs if r]
-        floor = [p for p in dflt if p.get("dense_b_ms") is not None]
+        floor = [p for r in runs for p in r if p.get("dense_b_ms") is not None]
         spread = ""
         if floor:  # FLASH_ATTN against itself (a second engine): how far two engines part
             def apart(p: dict[str, Any]) -> float:
@@ -228,6 +228,18 @@ def goals(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
 
 
 # -- markdown ------------------------------------------------------------------------------------
+def _speed_table(d: dict[str, Any], part: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a speed document's TTFT table (its columns: the engines it ran)."""
+    has_default = any(r["backend"] == "prism-default" for r in d["rows"])
+    has_b = any(r["backend"] == "dense-b" for r in d["rows"])
+    head = ["context", "FLASH_ATTN TTFT ms", "Prism TTFT ms", "speedup", "Prism density"]
+    if has_default:
+        head.append("Prism, shipped defaults, TTFT ms" + (" (+ the budget)" if part == "llama8b" else ""))
+    if has_b:
+        head.append("FLASH_ATTN again (second engine), TTFT ms")
+    return head, _speed_rows(d, has_default, has_b)
+
+
 def _speed_rows(d: dict[str, Any], has_default: bool, has_b: bool) -> list[list[str]]:
     rows = []
     for model in d.get("models", []):
@@ -304,20 +316,12 @@ def markdown(res: dict[str, dict[str, Any]], image_dir: str | None = None) -> st
         if kv != "auto":
             title += f", KV cache {kv} (both backends)"
             img = part_file(part, kv, ext="")
-        has_default = any(r["backend"] == "prism-default" for r in d["rows"])
-        head = ["context", "FLASH_ATTN TTFT ms", "Prism TTFT ms", "speedup", "Prism density"]
-        if has_default:
-            head.append("Prism, shipped defaults, TTFT ms" + (" (+ the budget)" if part == "llama8b" else ""))
-        has_b = any(r["backend"] == "dense-b" for r in d["rows"])
-        if has_b:
-            head.append("FLASH_ATTN again (second engine), TTFT ms")
-        rows = _speed_rows(d, has_default, has_b)
+        head, rows = _speed_table(d, part)
         text = (f"### Time to first token through vLLM: {title}\n\n" + _meta_line(d) + "\n\n"
                 + (_table(head, rows) if rows else "_no measured rows_"))
         for again in d.get("repeats", []):
             text += ("\n\nThe same run repeated in the same session (fresh engines; "
-                     f"{REPEAT_FILES[part]}):\n\n" + _meta_line(again) + "\n\n"
-                     + _table(head, _speed_rows(again, has_default, has_b)))
+                     f"{REPEAT_FILES[part]}):\n\n" + _meta_line(again) + "\n\n" + _table(*_speed_table(again, part)))
         if part == "speed":
             be = d.get("break_even", {})
             tokens = be.get("tokens")

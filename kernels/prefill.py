@@ -426,6 +426,7 @@ def prism_attend(
         key = None
         if replayable:
             key = ("attend", id(attend), id(fa3.flash_attn_varlen_func), params.scale, params.softcap,
+                   vkv.page_mult, vkv.head_mult, vkv.slot_mult, vkv.phys_page_size, vkv.num_kv_heads,
                    *(_layout(t) for t in inputs))
             replay = workspace.replay(plan, key)
             if replay is not None:

@@ -133,7 +133,8 @@ def aggregate(replies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["fallback_layers"] = dict(fallback)
     # The automatic min_context_len per layer shape (rank 0's: every rank measures the same shape).
     out["break_even"] = next((dict(s["break_even"]) for s in stats if s.get("break_even")), {})
-    # What the decision learned by length (rank 0's: the ranks see the same text, their own heads).
+    # What the decision learned by length (the first reporting worker's, rank 0's when it reports:
+    # the ranks see the same text, each its own heads).
     out["density_by_length"] = next((dict(s["density_by_length"]) for s in stats if s.get("density_by_length")), {})
     out["attend_layouts"] = next((dict(s["attend_layouts"]) for s in stats if s.get("attend_layouts")), {})
     out["config"] = next((dict(s["config"]) for s in stats if s.get("config")), {})
