@@ -19,9 +19,10 @@ block_table: [R, max_pages] int32; out: [T, HQ, D].
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -246,6 +247,21 @@ class PrismWorkspace:
             entry = self._replays[id(plan)] = (plan, {})
         entry[1][key] = replay
 
+    @contextlib.contextmanager
+    def recording_for(self, plan: PrefillPlan, key: Optional[tuple], inputs: Sequence[Optional[torch.Tensor]],
+                      keep: Any = None) -> Iterator[None]:
+        """Record the launches made inside the block and remember them as ``plan``'s replay under
+        ``key``, with ``inputs`` the tensors a later call swaps in (``LaunchReplay``); nothing
+        is recorded for ``key`` None, nor remembered when two inputs are the same tensor (which
+        one a kwarg stands for would be ambiguous)."""
+        if key is None:
+            yield
+            return
+        with recording() as calls:
+            yield
+        if len({id(t) for t in inputs if t is not None}) == sum(t is not None for t in inputs):
+            self.remember(plan, key, LaunchReplay(calls, inputs, keep))
+
     def forget_replays(self) -> None:
         """Drop every recorded launch (the next call of each plan checks and records again)."""
         self._replays.clear()
@@ -318,10 +334,8 @@ def prism_estimate(
     _check_launch(q, k_cache, plan, params, workspace)
     if params.all_blocks:  # nothing to score or write: attention reads no selection
         return BlockSelection(plan=plan, indices=workspace.sel_idx, counts=sel_cnt, all_blocks=True)
-    with recording() as calls:
+    with workspace.recording_for(plan, key, inputs):
         _estimate(q, k_cache, block_table, plan, params, workspace, sel_cnt, precision, tuning, q_scale, k_scale)
-    if len({id(t) for t in inputs if t is not None}) == sum(t is not None for t in inputs):
-        workspace.remember(plan, key, LaunchReplay(calls, inputs))
     return BlockSelection(plan=plan, indices=workspace.sel_idx, counts=sel_cnt)
 
 
@@ -432,14 +446,12 @@ def prism_attend(
             if replay is not None:
                 replay(*inputs)
                 return out
-        with recording() as calls:
+        with workspace.recording_for(plan, key, inputs, keep=(attend, fa3.flash_attn_varlen_func)):
             attend_fa3(
                 q, vkv, block_table, selection, attend, params.scale, out,
                 flash_attn_varlen_func=fa3.flash_attn_varlen_func, workspace=workspace.attend,
                 softcap=params.softcap, q_scale=sc.q, k_scale=sc.k, v_scale=sc.v, layout=attend.layout,
             )
-        if key is not None and len({id(t) for t in inputs}) == len(inputs):
-            workspace.remember(plan, key, LaunchReplay(calls, inputs, keep=(attend, fa3.flash_attn_varlen_func)))
         return out
     if scales is not None:
         raise ValueError("the Triton attend step reads no fp8 cache; use the FA3 attend step")
