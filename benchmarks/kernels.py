@@ -47,6 +47,7 @@ Usage (GPU machine, from the repo root; vLLM staged for FA3):
     bash benchmarks/fetch_official.sh     # here, then carry benchmarks/_official
     python benchmarks/kernels.py --official-dir benchmarks/_official --commit $SHA
     python benchmarks/kernels.py --sweep  # sparse_prefill launch settings, one table
+    python benchmarks/kernels.py --attend-sweep  # the FA3 attend step's copy launches and sequence order
     python benchmarks/kernels.py --skip sparse,estimation,break_even --out kernels-fp8-h200.json  # fp8 rows only
     python benchmarks/kernels.py --shape gqa7_d64 --skip fp8 --out kernels-gqa7-h200.json  # the four attend layouts, d=64
     python benchmarks/plot_kernels.py benchmarks/results/kernels-h200.json
@@ -70,7 +71,7 @@ import signal
 import sys
 import time
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -83,6 +84,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "kernels-h200.json"
 DEFAULT_SWEEP_OUT = REPO / "benchmarks" / "results" / "kernels-sweep-h200.json"
+DEFAULT_ATTEND_SWEEP_OUT = REPO / "benchmarks" / "results" / "kernels-attend-sweep-h200.json"
 KB = 1024
 
 
@@ -109,6 +111,8 @@ class Setup:
     be_lengths: list[int] = field(default_factory=lambda: [8 * KB, 16 * KB, 32 * KB])
     be_proxies: list[float] = field(default_factory=lambda: [0.3, 0.5])
     sweep_points: list[tuple[int, float]] = field(default_factory=lambda: [(32 * KB, 1.0), (128 * KB, 0.1)])
+    attend_sweep_points: list[tuple[int, float]] = field(
+        default_factory=lambda: [(32 * KB, 0.1), (128 * KB, 0.2), (128 * KB, 0.1)])
     fp8_lengths: list[int] = field(default_factory=lambda: [32 * KB, 128 * KB])
     fp8_density: float = 0.1  # the fixed mask of the fp8 attend rows
     budget_ms: float = 400.0  # time spent per measurement (after warm-up), at least min_reps calls
@@ -137,7 +141,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
             hq=2, hkv=1, d=64,
             lengths=[384], densities=[1.0, 0.5],
             est_lengths=[384], be_lengths=[384], be_proxies=[0.5],
-            sweep_points=[(256, 1.0)], fp8_lengths=[384],
+            sweep_points=[(256, 1.0)], attend_sweep_points=[(384, 0.5)], fp8_lengths=[384],
             budget_ms=0.0, min_reps=1, max_reps=1, dry=True,
         )
     else:
@@ -486,14 +490,16 @@ class Ours:
     """Our kernels on one request of L tokens, through the product's entry points
     (prism_vllm.kernels.prefill: PrismParams, PrismWorkspace, prism_prefill)."""
 
-    def __init__(self, s: Setup, L: int):
+    def __init__(self, s: Setup, L: int, config: Any = None):
         from prism_vllm.config import PrismConfig
         from prism_vllm.kernels import make_plan
         from prism_vllm.kernels.prefill import PrismParams
         from prism_vllm.rope import RopeLayout, rope_bands
 
         self.s = s
-        self.cfg = PrismConfig(rule="paper")  # the paper's two calibrated bands (as the official code)
+        # default: the paper's two calibrated bands (as the official code); the estimation section
+        # also times the shipped defaults (PrismConfig())
+        self.cfg = config if config is not None else PrismConfig(rule="paper")
         self.bands = rope_bands(RopeLayout(s.d, s.d, True, s.rope_base), *self.cfg.band_dims(s.d))
         self.params = PrismParams.make(bands=self.bands, scale=s.scale, config=self.cfg, device=s.device)
         self.plan = make_plan([0, L], [0], s.hq, s.block).to(s.device)
@@ -889,6 +895,16 @@ def run_estimation(s: Setup, off: Optional[Official], res: dict[str, Any], bar: 
             kp = reference.pool_blocks(k, 0, s.block)
             want = reference.select_blocks(qp, kp, 0, ours.bands, ours.cfg)
             add_selection_check(res, "prism_selection_vs_reference", L, got, want)
+        # the shipped defaults' selection (PrismConfig(): the default preset's rule and thresholds),
+        # what the backend runs unless configured otherwise
+        from prism_vllm.config import PrismConfig
+
+        shipped = Ours(s, L, PrismConfig())
+        ws_shipped = shipped.alloc()
+        row["default_rule"] = shipped.cfg.rule
+        row["prism_default_ms"] = bench(lambda: shipped.estimate(q, kv, ws_shipped), s)
+        row["prism_default_density"] = round(shipped.density(ws_shipped), 5)
+        del ws_shipped, shipped
         row["official_ms"] = row["official_extra_mem_mb"] = row["official_density"] = None
         if off is not None and off.prism_block_estimate is not None and L in s.est_lengths:
             G = s.hq // s.hkv
@@ -1106,6 +1122,73 @@ def run_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any]) 
     bar.close()
 
 
+#: The FA3 attend step's copy-launch candidates (kernels/attend_fa3.AttendLaunch), the default first:
+#: rows per copy tile and warps per program.
+ATTEND_LAUNCH_CANDIDATES = [(32, 4), (64, 4), (128, 4), (32, 8), (64, 8), (128, 8)]
+
+
+def run_attend_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any]) -> None:
+    """The FA3 attend step's launch settings at s.attend_sweep_points (fixed masks, head layout):
+    every AttendLaunch candidate (copies alone and the whole step) with the default order, then the
+    other sequence order (whole step) with the default launch. Each run's output must equal the
+    default's exactly (the candidates only move rows and build tables; FA3 is the same call)."""
+    from prism_vllm.kernels import attend_fa3 as af
+
+    if fa3 is None and not s.dry:
+        res["notes"].append("attend sweep skipped: no FA3")
+        return
+    fa3v = functools.partial(fa3, fa_version=3) if fa3 is not None else None
+    if fa3v is None:
+        from prism_vllm import reference
+
+        fa3v = reference.paged_varlen_attention
+    default = af.ATTEND_LAUNCH
+    gen = torch.Generator(device=s.device).manual_seed(5)
+    runs = [(bt, nw, "kv_desc") for bt, nw in ATTEND_LAUNCH_CANDIDATES]
+    runs += [(default.block_t, default.num_warps, o) for o in af.ORDERS if o != "kv_desc"]
+    bar = Progress(len(s.attend_sweep_points) * (len(runs) + 1), "attend sweep")
+    try:
+        for L, dens in s.attend_sweep_points:
+            q, kv, _, _ = sparse_inputs(L, s, gen)
+            ours = Ours(s, L)
+            ours.attend_setup(kv)
+            mask = fixed_mask(s.hq, ours.plan.num_q_blocks, dens, s.device, gen)
+            si, sc = ours.bsr(mask)
+            out = torch.empty_like(q)
+            fa3_ms = bench_or_none(fa3_call(fa3, q, kv, s, torch.empty_like(q)), s, f"FA3 {tok(L)}") if fa3 else None
+            bar.step(f"{tok(L)} fa3")
+            first: Optional[torch.Tensor] = None
+            for bt, nw, order in runs:
+                r: dict[str, Any] = {"tokens": L, "density": round(mask_density(mask), 5), "block_t": bt,
+                                     "num_warps": nw, "order": order, "fa3_ms": fa3_ms,
+                                     "default": (bt, nw, order) == (default.block_t, default.num_warps, "kv_desc")}
+                try:
+                    af.ATTEND_LAUNCH = replace(default, block_t=bt, num_warps=nw,
+                                                           block_n=max(default.block_n, 32 * nw))
+                    if order == "kv_desc":
+                        r["copies_ms"] = bench(
+                            lambda: ours.sparse_fa3(q, kv, si, sc, out, fa3v, order=order, copies_only=True), s)
+                    out.fill_(float("nan"))  # poison: every row must be written
+                    r["prism_fa3_ms"] = bench(lambda: ours.sparse_fa3(q, kv, si, sc, out, fa3v, order=order), s)
+                    if fa3_ms:
+                        r["speedup_vs_fa3"] = round(fa3_ms / r["prism_fa3_ms"], 3)
+                    if first is None:
+                        first = out.clone()
+                    r["equal_to_default"] = bool(torch.equal(out, first))
+                    r["ok"] = r["equal_to_default"] and bool(torch.isfinite(out).all())
+                except Exception as ex:  # noqa: BLE001 - one failing candidate keeps the others' rows
+                    r["prism_fa3_ms"], r["ok"], r["error"] = None, False, f"{type(ex).__name__}: {str(ex)[:200]}"
+                finally:
+                    af.ATTEND_LAUNCH = default
+                res["attend_sweep"].append(r)
+                bar.step(f"{tok(L)} t={bt} w={nw} {order}")
+            del q, kv, mask, si, sc, out, first
+            if s.device == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        bar.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------
@@ -1130,12 +1213,13 @@ def with_estimation(res: dict[str, Any]) -> None:
     """Sparse rows of the FA3 attend step gain the whole Prism step of their length: this run's
     estimation time (structured input, its own selection) plus the attend step at the row's fixed
     density, against FA3 dense, when the run timed both (same run, same GPU)."""
-    est = {r["tokens"]: r["prism_ms"] for r in res.get("estimation", []) if r.get("prism_ms")}
-    for r in res.get("sparse", []):
-        e, a, f = est.get(r["tokens"]), r.get("prism_fa3_ms"), r.get("fa3_ms")
-        if e and a and f:
-            r["estimation_ms"] = e
-            r["fa3_attend_with_estimation_speedup"] = round(f / (e + a), 3)
+    for col, est_col in (("", "prism_ms"), ("_default", "prism_default_ms")):
+        est = {r["tokens"]: r[est_col] for r in res.get("estimation", []) if r.get(est_col)}
+        for r in res.get("sparse", []):
+            e, a, f = est.get(r["tokens"]), r.get("prism_fa3_ms"), r.get("fa3_ms")
+            if e and a and f:
+                r[f"estimation{col}_ms"] = e
+                r[f"fa3_attend_with{col}_estimation_speedup"] = round(f / (e + a), 3)
 
 
 def summary(res: dict[str, Any]) -> str:
@@ -1146,6 +1230,7 @@ def summary(res: dict[str, Any]) -> str:
                                           ("prism_fa3_ms", "prism_fa3"), ("fa3_attend_copies_ms", "copies"),
                                           ("fa3_attend_speedup_vs_fa3", "pfa3/fa3x"),
                                           ("fa3_attend_with_estimation_speedup", "+est x"),
+                                          ("fa3_attend_with_default_estimation_speedup", "+est_default x"),
                                           ("fa3_attend_per_block_eff", "blk_eff"), ("prism_fa3_head_asc_ms", "head_asc"),
                                           ("union_density", "u_dens"), ("prism_fa3_group_ms", "grp_fa3"),
                                           ("fa3_attend_group_speedup_vs_fa3", "grp/fa3x"),
@@ -1166,7 +1251,9 @@ def summary(res: dict[str, Any]) -> str:
         out.append(table(res["estimation"], [("tokens", "tokens"), ("prism_ms", "prism"), ("official_ms", "official"),
                                               ("extra_mem_mb", "prism_MB"), ("call_extra_mem_mb", "call_MB"),
                                               ("official_extra_mem_mb", "official_MB"),
-                                              ("prism_density", "prism_dens"), ("official_density", "off_dens")]))
+                                              ("prism_density", "prism_dens"), ("official_density", "off_dens"),
+                                              ("prism_default_ms", "default"), ("default_rule", "default_rule"),
+                                              ("prism_default_density", "default_dens")]))
     if res.get("break_even"):
         out.append("== break-even: estimation + sparse vs FA3 dense (ms) ==")
         out.append(table(res["break_even"], [("tokens", "tokens"), ("mode", "mode"), ("density", "density"),
@@ -1202,6 +1289,12 @@ def summary(res: dict[str, Any]) -> str:
             out.append(table(est_rows, [("tokens", "tokens"), ("select_precision", "precision"), ("prism_ms", "ms"),
                                         ("density", "density"), ("blocks_differing_from_ieee", "diff_blocks"),
                                         ("error", "error")]))
+    if res.get("attend_sweep"):
+        out.append("== FA3 attend step: copy launches (rows per tile, warps) and sequence order (ms) ==")
+        out.append(table(res["attend_sweep"], [("tokens", "tokens"), ("density", "density"), ("block_t", "rows"),
+                                               ("num_warps", "warps"), ("order", "order"), ("copies_ms", "copies"),
+                                               ("prism_fa3_ms", "attend"), ("fa3_ms", "fa3"),
+                                               ("speedup_vs_fa3", "fa3/attend"), ("ok", "ok"), ("error", "error")]))
     if res.get("break_even_min_tokens"):
         out.append("break-even (shortest measured length not slower than FA3 from there on): "
                    + ", ".join(f"{m}: {v}" for m, v in res["break_even_min_tokens"].items()))
@@ -1230,6 +1323,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller set: 8K/32K, densities 1.0/0.1")
     ap.add_argument("--sweep", action="store_true",
                     help="only time sparse_prefill's launch settings at 32K d=1.0 and 128K d=0.1")
+    ap.add_argument("--attend-sweep", action="store_true",
+                    help="time the FA3 attend step's copy-launch settings and sequence orders (one table)")
     ap.add_argument("--dry-run", action="store_true", help="CPU plumbing check: interpreter, fp16, tiny shapes")
     ap.add_argument("--official-dir", default=None, help="folder holding the official prism/ package")
     ap.add_argument("--official-paged", action="store_true", help="also time the official paged kernel")
@@ -1257,8 +1352,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     s = make_setup(args)
     fa3, fa3_why = load_fa3(s)
-    off, off_why = load_official(args.official_dir, s) if not args.sweep else (None, "sweep")
-    out_path = args.out or (DEFAULT_SWEEP_OUT if args.sweep else DEFAULT_OUT)
+    if args.sweep and args.attend_sweep:
+        ap.error("--sweep and --attend-sweep are separate runs; pick one")
+    sweeping = args.sweep or args.attend_sweep
+    off, off_why = load_official(args.official_dir, s) if not sweeping else (None, "sweep")
+    out_path = args.out or (DEFAULT_SWEEP_OUT if args.sweep else DEFAULT_ATTEND_SWEEP_OUT if args.attend_sweep
+                            else DEFAULT_OUT)
     res: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name() if s.device == "cuda" else "cpu (dry run, TRITON_INTERPRET=1)",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -1298,6 +1397,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         for k in SECTIONS:
             res.pop(k)
         run_sweep(s, fa3, res)
+    elif args.attend_sweep:
+        res["attend_sweep"] = []
+        for k in SECTIONS:
+            res.pop(k)
+        run_attend_sweep(s, fa3, res)
     else:
         steps = (0 if "sparse" in skip else len(s.lengths) * (1 + len(s.densities)))
         steps += 0 if "estimation" in skip else len(set(s.est_lengths) | set(s.be_lengths))
@@ -1340,13 +1444,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     out_path.write_text(json.dumps(res, indent=1) + "\n")
     print(summary(res))
     print(f"wrote {out_path}")
-    if args.plot and not args.sweep:
+    if args.plot and not sweeping:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from plot_kernels import plot
 
         png = plot(out_path)
         print(f"wrote {png}")
-    bad_sweep = [r for r in res.get("sweep", []) if r.get("ok") is False]
+    bad_sweep = [r for r in res.get("sweep", []) + res.get("attend_sweep", []) if r.get("ok") is False]
     return 0 if all(c["ok"] for c in res["sanity"]) and not bad_sweep else 2
 
 

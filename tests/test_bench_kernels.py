@@ -71,6 +71,12 @@ def test_dry_run_json_schema(dry_run):
     for r in res["estimation"]:
         assert {"tokens", "prism_ms", "official_ms", "extra_mem_mb"} <= set(r)
         assert 0.0 < r["prism_density"] <= 1.0
+        # beside the paper's rule (the official code's), the shipped defaults' estimation
+        from prism_vllm.config import PrismConfig
+
+        assert r["default_rule"] == PrismConfig().rule
+        assert math.isfinite(r["prism_default_ms"]) and r["prism_default_ms"] > 0
+        assert 0.0 < r["prism_default_density"] <= 1.0
     for r in res["break_even"]:
         assert math.isfinite(r["total_ms"]) and r["total_ms"] > 0
         if r["mode"].startswith("proxy_fixed_density_"):  # fixed masks: estimation + sparse, summed
@@ -117,6 +123,29 @@ def test_dry_run_plot(dry_run):
         pytest.skip("matplotlib not installed")
     png = out.with_suffix(".png")
     assert png.exists() and png.stat().st_size > 10_000
+
+
+def test_attend_sweep_dry_run(tmp_path):
+    """--attend-sweep: every copy-launch candidate and the other sequence order give the default's
+    output bit for bit (FA's semantics standing in for FA3), with their times, and restore the
+    module's launch settings."""
+    out = tmp_path / "attend-sweep.json"
+    cmd = [sys.executable, str(BENCH), "--dry-run", "--attend-sweep", "--out", str(out), "--commit", "test-commit"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"),
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, f"attend sweep failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    res = json.loads(out.read_text())
+    rows = res["attend_sweep"]
+    bench = _load_bench()
+    assert {(r["block_t"], r["num_warps"]) for r in rows if r["order"] == "kv_desc"} == set(
+        bench.ATTEND_LAUNCH_CANDIDATES)
+    assert {r["order"] for r in rows} == {"kv_desc", "head_asc"}
+    assert sum(r["default"] for r in rows) == 1
+    for r in rows:
+        assert r["ok"] and r["equal_to_default"] and "error" not in r, r
+        assert r["prism_fa3_ms"] > 0 and 0 < r["density"] < 1
+        assert (r["copies_ms"] > 0) if r["order"] == "kv_desc" else ("copies_ms" not in r)
+    assert "sparse" not in res and "copy launches" in proc.stdout
 
 
 def test_fp8_cache_and_descales():
