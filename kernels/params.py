@@ -60,6 +60,10 @@ class PrismParams:
     """Logit soft-cap of the layer (0: none); only the FA3 attend step applies it."""
     block_size: int = BLOCK_SIZE
     """Prism block size B (PrismConfig.block_size); plans and the workspace must agree with it."""
+    one_band: bool = False
+    """The two bands are one: the same mask and the same threshold (rule 'meanpool': every head
+    dim in both), so both would score, calibrate and select alike; the selection then scores one
+    band (half the rows per program). ``make`` sets it when that holds; set by hand it is checked."""
 
     def __post_init__(self) -> None:
         for name in ("band_high", "band_low"):
@@ -81,6 +85,11 @@ class PrismParams:
             _fail(f"scale={self.scale!r} must be > 0 (the softmax scale, usually head_dim ** -0.5)")
         if not (math.isfinite(self.softcap) and self.softcap >= 0.0):
             _fail(f"softcap={self.softcap!r} must be >= 0 (0: no soft-cap)")
+        if self.one_band and not (self.high_threshold == self.low_threshold
+                                  and torch.equal(self.band_high, self.band_low)):
+            _fail(f"one_band=True needs one mask and one threshold in both bands (high_threshold "
+                  f"{self.high_threshold}, low_threshold {self.low_threshold}); leave one_band False "
+                  f"for two bands")
         if self.block_size < 16 or self.block_size % 16:
             _fail(f"block_size={self.block_size!r} must be a positive multiple of 16 (the kernels take {BLOCK_SIZE})")
 
@@ -93,7 +102,7 @@ class PrismParams:
         """What the estimation's launches take from these params besides the band masks (which
         are kernel arguments): equal keys, same launches (``prefill.prism_estimate`` replays)."""
         return (self.high_threshold, self.low_threshold, self.calibrate, self.keep_sink, self.keep_diagonal,
-                self.block_budget, self.block_size, self.head_dim, self.band_high.device)
+                self.block_budget, self.block_size, self.head_dim, self.band_high.device, self.one_band)
 
     @property
     def all_blocks(self) -> bool:
@@ -113,6 +122,7 @@ class PrismParams:
     ) -> "PrismParams":
         """From the layer's RoPE bands (prism_vllm.rope.rope_bands) and a PrismConfig."""
         cfg = config
+        one_band = torch.equal(bands.high, bands.low) and float(cfg.high_threshold) == float(cfg.low_threshold)
         return cls(
             band_high=bands.high.to(device=device, dtype=torch.float32).contiguous(),
             band_low=bands.low.to(device=device, dtype=torch.float32).contiguous(),
@@ -125,4 +135,5 @@ class PrismParams:
             block_budget=None if cfg.block_budget is None else float(cfg.block_budget),
             softcap=float(softcap or 0.0),
             block_size=int(cfg.block_size),
+            one_band=one_band,
         )

@@ -207,11 +207,12 @@ def _multiplier(q_e_all, q_e_band, ek_all, ek_b, qb, d_b, D: tl.constexpr, CALIB
 def _row_setup(
     g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, pooled_q, band_hi, band_lo, stride_qb, stride_qh,
     stride_qd, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_G: tl.constexpr, QR: tl.constexpr, D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, NB: tl.constexpr,
 ):
-    """The program's [M = 2 * QR] rows for request r: (row pointers into pooled_q, active, I,
-    is_high_band, band size, query energy over all dims, over the row's band dims)."""
-    M: tl.constexpr = 2 * QR
+    """The program's [M = NB * QR] rows for request r: (row pointers into pooled_q, active, I,
+    is_high_band, band size, query energy over all dims, over the row's band dims). NB = 1 (one
+    band, ``PrismParams.one_band``): every row is a high-band row."""
+    M: tl.constexpr = NB * QR
     gm, hm, okm, qbm = _rows(g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, G, G_PAD, BLOCK_G, QR, M)
     is_hi = tl.arange(0, M) < QR
     q_rows = pooled_q + gm.to(tl.int64) * stride_qb + hm * stride_qh
@@ -232,10 +233,11 @@ def _calibrated_multiplier(
     temps_out, key_energy, pooled_k, band_hi, band_lo, kb0, kvh, n_cols, qbm, gm, hm, okm, is_hi, d_b, q_e_all,
     q_e_band, live, stride_eb, stride_eh, stride_kb, stride_kh, stride_kd, HQ: tl.constexpr, M: tl.constexpr,
     TILE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, DC: tl.constexpr, CALIBRATE: tl.constexpr,
-    HAS_KE: tl.constexpr, WRITE_TEMPS: tl.constexpr,
+    HAS_KE: tl.constexpr, WRITE_TEMPS: tl.constexpr, NB: tl.constexpr,
 ):
     """Logit multiplier of every row (energy calibration over key blocks 0..I, read in TILE-wide
-    tiles of the first n_cols columns), written to temps_out[g, h, band] for the live rows."""
+    tiles of the first n_cols columns), written to temps_out[g, h, band] for the live rows (one
+    band: to both entries, the values the two identical bands would have)."""
     ek_all = tl.zeros((M,), dtype=tl.float32)
     ek_b = tl.zeros((M,), dtype=tl.float32)
     if CALIBRATE:
@@ -250,6 +252,8 @@ def _calibrated_multiplier(
     if WRITE_TEMPS:
         tptr = temps_out + (gm.to(tl.int64) * HQ + hm) * 2 + tl.where(is_hi, 0, 1)
         tl.store(tptr, mult, mask=okm & live)
+        if NB == 1:
+            tl.store(tptr + 1, mult, mask=okm & live)
     return mult
 
 
@@ -323,21 +327,28 @@ def _forced(cols, qbq, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr):
 
 
 @triton.jit
-def _union(p, lo, cols, qbq, QR: tl.constexpr, N: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr):
+def _union(p, lo, cols, qbq, QR: tl.constexpr, N: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
+           NB: tl.constexpr):
     """([QR, N] int32 selected, [QR, N] forced): the blocks either band's top-p keeps (bits(p) >=
-    the row's threshold bits lo; rows m and m + QR of p are the two bands of one q row) and the
-    forced ones. Blocks past the diagonal (p = 0, kept only when lo = 0) are the caller's to cut."""
+    the row's threshold bits lo; rows m and m + QR of p are the two bands of one q row; NB = 1:
+    the one band's) and the forced ones. Blocks past the diagonal (p = 0, kept only when lo = 0)
+    are the caller's to cut."""
     keep = (p.to(tl.int32, bitcast=True) >= lo[:, None]).to(tl.int32)
     forced = _forced(cols, qbq, KEEP_SINK, KEEP_DIAG)
-    return tl.where(forced, 1, tl.max(tl.reshape(keep, (2, QR, N)), axis=0)), forced
+    if NB == 2:
+        keep = tl.max(tl.reshape(keep, (2, QR, N)), axis=0)
+    return tl.where(forced, 1, keep), forced
 
 
 @triton.jit
-def _budget_rank_bits(p, sel, forced, causal, QR: tl.constexpr, N: tl.constexpr):
+def _budget_rank_bits(p, sel, forced, causal, QR: tl.constexpr, N: tl.constexpr, NB: tl.constexpr):
     """Bit patterns [QR, N] of the budget's rank values: 2.0 for forced blocks, max(p_high,
     p_low) for the union's other blocks, 0 for unselected causal blocks, -1.0 (a negative int)
-    past the diagonal. p: [2 * QR, N] probabilities of both bands (rows m and m + QR)."""
-    score = tl.max(tl.reshape(p, (2, QR, N)), axis=0)
+    past the diagonal. p: [NB * QR, N] probabilities of the bands (rows m and m + QR)."""
+    if NB == 2:
+        score = tl.max(tl.reshape(p, (2, QR, N)), axis=0)
+    else:
+        score = p
     rank = tl.where(forced, 2.0, tl.where(sel != 0, score, 0.0))
     return tl.where(causal, rank, -1.0).to(tl.int32, bitcast=True)
 
@@ -394,18 +405,18 @@ def _tile_probs(
 def _tile_rank(
     q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, c0, ncol, stride_qd, stride_kb,
     stride_kh, stride_kd, mult, mx, rz, QR: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    DC: tl.constexpr, PRECISION: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
+    DC: tl.constexpr, PRECISION: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr, NB: tl.constexpr,
 ):
-    """Of key blocks c0 .. c0+BN-1, per q row: (union of both bands' top-p with the forced
+    """Of key blocks c0 .. c0+BN-1, per q row: (union of the bands' top-p with the forced
     blocks [QR, BN] int32, forced [QR, BN], the budget's rank bits [QR, BN])."""
-    M: tl.constexpr = 2 * QR
+    M: tl.constexpr = NB * QR
     cols = c0 + tl.arange(0, BN)
     p = _tile_probs(
         q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, c0, ncol, stride_qd, stride_kb, stride_kh,
         stride_kd, mult, mx, rz, M, BN, D, BLOCK_D, DC, PRECISION,
     )
-    sel, forced = _union(p, lo, cols, qbq, QR, BN, KEEP_SINK, KEEP_DIAG)
-    rb = _budget_rank_bits(p, sel, forced, cols[None, :] <= qbq[:, None], QR, BN)
+    sel, forced = _union(p, lo, cols, qbq, QR, BN, KEEP_SINK, KEEP_DIAG, NB)
+    rb = _budget_rank_bits(p, sel, forced, cols[None, :] <= qbq[:, None], QR, BN, NB)
     return sel, forced, rb
 
 
@@ -470,6 +481,7 @@ def _select_kernel(
     BN: tl.constexpr,
     NCAND: tl.constexpr,
     ALL_CAUSAL: tl.constexpr,
+    NB: tl.constexpr,
 ):
     """Rows of length I + 1 in (lvl_lo, lvl_hi] of BLOCK_G query blocks x the G q heads of kv head
     program_id(1); key energies read in EB-block tiles. Two paths (constexpr MULTIPASS, see the
@@ -479,8 +491,10 @@ def _select_kernel(
       register row, scores from one tl.dot per DC-wide head-dim chunk;
     * multi-pass (BN, NCAND; ALL_CAUSAL: every causal block, nothing scored): BN-block key tiles,
       scores recomputed in every pass.
+
+    NB: bands scored, 2, or 1 when both are one (``PrismParams.one_band``: the same rows twice).
     """
-    M: tl.constexpr = 2 * QR
+    M: tl.constexpr = NB * QR
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     g0 = pid * BLOCK_G
@@ -495,7 +509,7 @@ def _select_kernel(
         if tl.max(qbq, axis=0) >= 0:
             gm, hm, okm, qbm, q_rows, is_hi, d_b, q_e_all, q_e_band = _row_setup(
                 g0, kvh, r, NQB, qb_req, qb_abs, lvl_lo, lvl_hi, pooled_q, band_hi, band_lo, stride_qb, stride_qh,
-                stride_qd, G, G_PAD, BLOCK_G, QR, D, BLOCK_D,
+                stride_qd, G, G_PAD, BLOCK_G, QR, D, BLOCK_D, NB,
             )
             ncol = tl.max(qbm, axis=0) + 1  # key blocks visible to any row of the group
             kb0 = tl.load(cu_kb + r)
@@ -507,7 +521,7 @@ def _select_kernel(
             mult = _calibrated_multiplier(
                 temps_out, key_energy, pooled_k, band_hi, band_lo, kb0, kvh, n_est, qbm, gm, hm, okm, is_hi, d_b,
                 q_e_all, q_e_band, estimate, stride_eb, stride_eh, stride_kb, stride_kh, stride_kd, HQ, M,
-                EB, D, BLOCK_D, DC, CALIBRATE, HAS_KE, WRITE_TEMPS,
+                EB, D, BLOCK_D, DC, CALIBRATE, HAS_KE, WRITE_TEMPS, NB,
             )
             thr = tl.where(is_hi, thr_hi, thr_lo)
             row_dense = (tl.load(qb_dense + gq, mask=okq, other=0) != 0) | (not estimate)
@@ -563,7 +577,7 @@ def _select_kernel(
                             _, _, rb = _tile_rank(
                                 q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN,
                                 ncol, stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D,
-                                DC, PRECISION, KEEP_SINK, KEEP_DIAG,
+                                DC, PRECISION, KEEP_SINK, KEEP_DIAG, NB,
                             )
                             cnt += tl.sum((rb[:, :, None] >= cand[:, None, :]).to(tl.int32), axis=1)
                         blo, bhi = _narrow(blo, bhi, cand, cnt >= k[:, None], cand_i, NCAND)
@@ -572,7 +586,7 @@ def _select_kernel(
                         _, _, rb = _tile_rank(
                             q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
                             stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC,
-                            PRECISION, KEEP_SINK, KEEP_DIAG,
+                            PRECISION, KEEP_SINK, KEEP_DIAG, NB,
                         )
                         n_gt += tl.sum((rb > blo[:, None]).to(tl.int32), axis=1)
                     need = k - n_gt
@@ -584,7 +598,7 @@ def _select_kernel(
                             _, _, rb = _tile_rank(
                                 q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN,
                                 ncol, stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D,
-                                DC, PRECISION, KEEP_SINK, KEEP_DIAG,
+                                DC, PRECISION, KEEP_SINK, KEEP_DIAG, NB,
                             )
                             eq = (rb == blo[:, None])[:, :, None] & (cols[None, :, None] >= cand[:, None, :])
                             cnt += tl.sum(eq.to(tl.int32), axis=1)
@@ -597,7 +611,7 @@ def _select_kernel(
                         sel, forced, rb = _tile_rank(
                             q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
                             stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC,
-                            PRECISION, KEEP_SINK, KEEP_DIAG,
+                            PRECISION, KEEP_SINK, KEEP_DIAG, NB,
                         )
                         if BUDGET:
                             sel = tl.where(_budget_keep(rb, blo, clo, cols) | forced, sel, 0)
@@ -656,12 +670,12 @@ def _select_kernel(
                     mid = lo + (hi - lo) // 2
                     mass = tl.sum(_kept(pb, tl.broadcast_to(mid[:, None], (M, NK_PAD)), p, USE_ASM), axis=1)
                     lo, hi = _halve(lo, hi, mid, mass >= thr)
-                sel, forced = _union(p, lo, cols, qbq, QR, NK_PAD, KEEP_SINK, KEEP_DIAG)
+                sel, forced = _union(p, lo, cols, qbq, QR, NK_PAD, KEEP_SINK, KEEP_DIAG, NB)
                 sel = tl.where(row_dense[:, None], 1, sel)
                 causal = cols[None, :] <= qbq[:, None]
                 if BUDGET:
                     # -- block budget: the k-th largest rank value, then the column cut among ties --
-                    rb = _budget_rank_bits(p, sel, forced, causal, QR, NK_PAD)
+                    rb = _budget_rank_bits(p, sel, forced, causal, QR, NK_PAD, NB)
                     k, blo, bhi = _budget_k(budget, qbq, budget_live)
                     while tl.max(bhi - blo, axis=0) > 1:
                         mid = blo + (bhi - blo) // 2
@@ -733,9 +747,12 @@ class SelectionLaunch:
     block_g: int
     """Query blocks per program."""
     qr: int
-    """q rows of one band per program (block_g * G padded, >= 8 so that 2 * QR >= 16 for tl.dot)."""
+    """q rows of one band per program (block_g * G padded, >= 16 // bands so that the program's
+    bands * QR rows are >= 16 for tl.dot)."""
     num_warps: int
     num_stages: int
+    bands: int = 2
+    """Bands scored per q row: 2, or 1 when both bands are one (``PrismParams.one_band``)."""
     nk_pad: int = 0
     """Resident: key blocks held per register row."""
     eb: int = 0
@@ -748,15 +765,17 @@ class SelectionLaunch:
     """Multi-pass: every row selects every causal block (nothing scored)."""
 
 
-def _resident_launch(t: SelectionTuning, g_pad: int, nk_pad: int, lvl_lo: int, lvl_hi: int) -> SelectionLaunch:
-    block_g = max(1, min(t.max_q_rows // g_pad, t.resident_elems // (2 * g_pad * nk_pad)))
+def _resident_launch(t: SelectionTuning, g_pad: int, nk_pad: int, lvl_lo: int, lvl_hi: int,
+                     nb: int) -> SelectionLaunch:
+    # a program holds nb * QR register rows: one band doubles the q rows in the same registers
+    block_g = max(1, min(2 * t.max_q_rows // (nb * g_pad), t.resident_elems // (nb * g_pad * nk_pad)))
     block_g = 1 << (block_g.bit_length() - 1)  # power of two
-    qr = max(8, block_g * g_pad)  # 2 * QR >= 16 rows for tl.dot
-    elems = 2 * qr * nk_pad
+    qr = max(16 // nb, block_g * g_pad)  # nb * QR >= 16 rows for tl.dot
+    elems = nb * qr * nk_pad
     warps = max(4, min(16, elems // (32 * t.elems_per_thread)))
     stages = 2 if nk_pad * _DC * 4 * 2 <= 160 * 1024 else 1
     return SelectionLaunch(path="resident", lvl_lo=lvl_lo, lvl_hi=lvl_hi, block_g=block_g, qr=qr, nk_pad=nk_pad,
-                           eb=min(64, nk_pad), num_warps=warps, num_stages=stages)
+                           eb=min(64, nk_pad), num_warps=warps, num_stages=stages, bands=nb)
 
 
 def selection_launches(
@@ -766,21 +785,24 @@ def selection_launches(
     all_blocks: bool = False,
     resident_max_blocks: Optional[int] = None,
     tuning: Optional[SelectionTuning] = None,
+    one_band: bool = False,
 ) -> list[SelectionLaunch]:
     """The launches of one selection for a plan's shape (host ints only): every row belongs to
     exactly one. ``resident_max_blocks`` lowers the longest resident row (tests use it to
-    exercise the multi-pass path on small shapes)."""
+    exercise the multi-pass path on small shapes); ``one_band``: ``PrismParams.one_band`` (one
+    band scored, twice the q rows per program)."""
     t = DEFAULT_TUNING if tuning is None else tuning
+    nb = 1 if one_band else 2
     G = num_q_heads // num_kv_heads
     g_pad = triton.next_power_of_2(G)
     nk_top = max(_MIN_LEVEL, triton.next_power_of_2(max(1, max_k_blocks)))
     cap = min(t.resident_max_blocks, resident_max_blocks or t.resident_max_blocks)
     # One query block per program must fit, in up to twice the budget (at 16 warps).
-    cap = min(cap, 2 * t.resident_elems // (2 * max(8, g_pad)))
-    mp_block_g = max(1, 16 // g_pad)
+    cap = min(cap, 2 * t.resident_elems // (nb * max(16 // nb, g_pad)))
+    mp_block_g = max(1, 32 // (nb * g_pad))
     multipass = SelectionLaunch(path="multipass", lvl_lo=0, lvl_hi=2**31 - 1, block_g=mp_block_g,
-                                qr=max(8, mp_block_g * g_pad), eb=32, bn=32, ncand=8, all_causal=all_blocks,
-                                num_warps=t.multipass_warps, num_stages=2)
+                                qr=max(16 // nb, mp_block_g * g_pad), eb=32, bn=32, ncand=8, all_causal=all_blocks,
+                                num_warps=t.multipass_warps, num_stages=2, bands=nb)
     if all_blocks:  # nothing to score: the multi-pass kernel's tiled emission serves any length
         return [multipass]
     launches = []
@@ -790,7 +812,7 @@ def selection_launches(
         nk = cap
     lowest = max(_MIN_LEVEL, nk >> (t.levels - 1))
     while nk >= lowest and nk >= _MIN_LEVEL:
-        launches.append(_resident_launch(t, g_pad, nk, nk // 2 if nk > lowest else 0, nk))
+        launches.append(_resident_launch(t, g_pad, nk, nk // 2 if nk > lowest else 0, nk, nb))
         nk //= 2
     return launches
 
@@ -904,7 +926,8 @@ def select_blocks(
     use_asm = pooled_q.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
     split_k = pooled_k_split is not None and precision == "tf32x3"
     # A threshold of 1.0 keeps every causal block: nothing to score, unless a budget ranks them.
-    for ln in selection_launches(HQ, HKV, plan.max_k_blocks, p.all_blocks, resident_max_blocks, tuning):
+    for ln in selection_launches(HQ, HKV, plan.max_k_blocks, p.all_blocks, resident_max_blocks, tuning,
+                                 one_band=p.one_band):
         resident = ln.path == "resident"
         launch(
             _select_kernel,
@@ -924,6 +947,7 @@ def select_blocks(
             BN=ln.bn,
             NCAND=ln.ncand,
             ALL_CAUSAL=ln.all_causal,
+            NB=ln.bands,
             num_warps=ln.num_warps,
             num_stages=ln.num_stages,
         )

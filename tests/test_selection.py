@@ -372,6 +372,48 @@ def test_selection_gpu_1m_context_multipass(cfg_name):
     assert n_amb <= max(4, n_causal // 10000)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "chunks",
+    [[(0, 32768)], [(20000, 4096), (1000, 77), (0, 8192)], [(262144 - 1000, 1000)], [(2**20 - 700, 300)]],
+    ids=["32k_one_shot", "three_chunks", "256k_ctx_resident_limit", "1m_ctx_multipass"],
+)
+def test_one_band_selection_gpu_realistic(chunks):
+    """The 'quality' preset's rule on the GPU at real sizes: the one-band launch selects exactly
+    what the two-band launch of the same params does, and agrees with the reference."""
+    from prism_vllm.rope import prism_bands
+
+    hq, hkv, d = 32, 8, 128
+    cfg = PrismConfig(rule="meanpool")
+    bands = prism_bands(RopeLayout(d, d, True), cfg)
+    qps, kps = _structured(chunks, hq, hkv, d, seed=13, device="cuda", n_hot=8)
+    one = prism_params(bands, cfg, "cuda")
+    assert one.one_band
+    got = []
+    for params in (one, dataclasses.replace(one, one_band=False)):
+        cu = [0]
+        for _, L in chunks:
+            cu.append(cu[-1] + L)
+        plan = make_plan(cu, [c for c, _ in chunks], hq, B, dense_tail=cfg.dense_tail).to("cuda")
+        pq, pk = torch.cat(qps), torch.cat(kps)
+        sel_idx = torch.full((plan.sel_capacity + 5,), -7, dtype=torch.int16, device="cuda")
+        sel_cnt = torch.full((plan.num_q_blocks * hq,), -7, dtype=torch.int32, device="cuda")
+        temps = torch.full((plan.num_q_blocks, hq, 2), float("nan"), device="cuda")
+        select_blocks(pooled_q=pq, pooled_k=pk, plan=plan, params=params, sel_idx=sel_idx, sel_cnt=sel_cnt,
+                      temps_out=temps, key_energy=key_energy_reference(pk, bands), pooled_k_split=tf32_split(pk))
+        torch.cuda.synchronize()
+        got.append((plan, sel_idx, sel_cnt, temps))
+    (plan, i1, c1, t1), (_, i2, c2, t2) = got
+    assert torch.equal(c1, c2)
+    m1 = kernel_masks(plan, i1, c1)
+    assert all(torch.equal(a, b) for a, b in zip(m1, kernel_masks(plan, i2, c2)))
+    torch.testing.assert_close(t1, t2, rtol=0, atol=0, equal_nan=True)
+    eps, delta = GPU_TOL["tf32x3_split"]
+    n_amb, n_causal = compare_with_reference(chunks, qps, kps, bands, cfg, m1, eps=eps, delta=delta)
+    assert n_amb <= max(4, n_causal // 10000), f"{n_amb} of {n_causal} blocks differ at the top-p edge"
+    _check_temps(chunks, qps, kps, bands, cfg, plan, t1, rtol=1e-4)
+
+
 def _row_budget(chunks, cfg, masks):
     """Per request: (selected counts [HQ, nq], allowed maximum [nq]) under cfg.block_budget."""
     out = []
@@ -499,3 +541,82 @@ def test_block_budget_breaks_exact_ties_toward_recent_blocks(resident_max_blocks
             k = max(int(R.budget_counts(torch.tensor([n]), 0.1)), min(2, n))
             want = sorted({0, n - 1} | set(range(n - 2, 0, -1)[: max(0, k - 2)]))
             assert got[0, i].nonzero().flatten().tolist() == want, f"request {r} row {i}"
+
+
+ONE_BAND_CFGS = {
+    # the 'quality' preset's rule at its threshold, at a lower one, and with a block budget
+    "meanpool_998": PrismConfig(rule="meanpool"),
+    "meanpool_9_nosink": PrismConfig(rule="meanpool", high_threshold=0.9, low_threshold=0.9, keep_sink=False),
+    "meanpool_95_budget": PrismConfig(rule="meanpool", high_threshold=0.95, low_threshold=0.95, block_budget=0.3),
+}
+
+
+@pytest.mark.parametrize("resident_max_blocks", [16, None], ids=["multipass", "resident"])
+@pytest.mark.parametrize("cfg_name", list(ONE_BAND_CFGS), ids=str)
+def test_one_band_selection_equals_two_identical_bands_and_reference(cfg_name, resident_max_blocks):
+    """Rule 'meanpool' (every head dim in both bands, one threshold): PrismParams.one_band, and the
+    kernel scores one band with twice the query blocks per program. It must select exactly what
+    the two-band launch of the same params selects (the union of two identical sets), write the
+    same temperatures, and agree with the reference like every other rule."""
+    from prism_vllm.rope import prism_bands
+
+    cfg = ONE_BAND_CFGS[cfg_name]
+    bands = prism_bands(RopeLayout(64, 64, True), cfg)
+    chunks = [(4000, 1200), (0, 1100), (300, 200)]
+    hq, hkv = 8, 2
+    qps, kps = _structured(chunks, hq, hkv, 64, seed=11, device=DEVICE)
+    one = prism_params(bands, cfg, DEVICE)
+    two = dataclasses.replace(one, one_band=False)
+    assert one.one_band and one.estimation_key != two.estimation_key  # replays never mix them
+    nb = {ln.bands for ln in selection_launches(hq, hkv, 41, resident_max_blocks=resident_max_blocks, one_band=True)}
+    assert nb == {1}
+    runs = []
+    for params in (one, two):
+        cu = [0]
+        for _, L in chunks:
+            cu.append(cu[-1] + L)
+        plan = make_plan(cu, [c for c, _ in chunks], hq, B, dense_tail=cfg.dense_tail).to(DEVICE)
+        pq, pk = torch.cat(qps), torch.cat(kps)
+        sel_idx = torch.full((plan.sel_capacity + 5,), -7, dtype=torch.int16, device=DEVICE)
+        sel_cnt = torch.full((plan.num_q_blocks * hq,), -7, dtype=torch.int32, device=DEVICE)
+        temps = torch.full((plan.num_q_blocks, hq, 2), float("nan"), device=DEVICE)
+        select_blocks(pooled_q=pq, pooled_k=pk, plan=plan, params=params, sel_idx=sel_idx, sel_cnt=sel_cnt,
+                      temps_out=temps, key_energy=key_energy_reference(pk, bands),
+                      resident_max_blocks=resident_max_blocks)
+        runs.append((plan, sel_idx, sel_cnt, temps))
+    (plan, i1, c1, t1), (_, i2, c2, t2) = runs
+    assert torch.equal(c1, c2)
+    m1, m2 = kernel_masks(plan, i1, c1), kernel_masks(plan, i2, c2)
+    assert all(torch.equal(a, b) for a, b in zip(m1, m2))
+    torch.testing.assert_close(t1, t2, rtol=0, atol=0, equal_nan=True)
+    if cfg.block_budget is None:
+        n_amb, n_causal = compare_with_reference(chunks, qps, kps, bands, cfg, m1)
+        assert n_amb <= 2, f"{n_amb} of {n_causal} blocks differ at the top-p edge"
+        _check_temps(chunks, qps, kps, bands, cfg, plan, t1)
+    else:
+        for r, ((ctx, L), got) in enumerate(zip(chunks, m1)):
+            ref = R.select_blocks(qps[r].cpu(), kps[r].cpu(), ctx // B, bands, cfg, seq_len=ctx + L)
+            assert int((got != ref).sum()) <= 2, f"request {r}: {(got != ref).nonzero()[:5].tolist()}"
+    sel_frac = sum(int(m.sum()) for m in m1) / sum(int(torch.ones(m.shape[1:]).tril(c // B).sum()) * hq
+                                                   for m, (c, _) in zip(m1, chunks))
+    assert sel_frac < 0.9, f"inputs meant to give sparse selections selected {sel_frac:.0%}"
+
+
+def test_one_band_params_are_made_for_identical_bands_only():
+    from prism_vllm.kernels import PrismParams
+    from prism_vllm.rope import prism_bands
+
+    layout = RopeLayout(64, 64, True)
+    mp = PrismConfig(rule="meanpool")
+    assert prism_params(prism_bands(layout, mp), mp).one_band
+    paper = PrismConfig(rule="paper", high_threshold=0.9, low_threshold=0.9)
+    assert not prism_params(prism_bands(layout, paper), paper).one_band  # two different masks
+    # one mask in both bands but two thresholds: two bands
+    split = PrismConfig(rule="meanpool", high_threshold=0.9, low_threshold=0.95)
+    assert not prism_params(prism_bands(layout, split), split).one_band
+    p = prism_params(prism_bands(layout, paper), paper)
+    with pytest.raises(ValueError, match="one_band=True needs one mask and one threshold"):
+        dataclasses.replace(p, one_band=True)
+    with pytest.raises(ValueError, match="one_band=True needs one mask and one threshold"):
+        dataclasses.replace(prism_params(prism_bands(layout, mp), mp), low_threshold=0.5)
+    assert isinstance(p, PrismParams)
