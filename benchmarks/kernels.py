@@ -494,13 +494,13 @@ class Ours:
         from prism_vllm.config import PrismConfig
         from prism_vllm.kernels import make_plan
         from prism_vllm.kernels.prefill import PrismParams
-        from prism_vllm.rope import RopeLayout, rope_bands
+        from prism_vllm.rope import RopeLayout, prism_bands
 
         self.s = s
         # default: the paper's two calibrated bands (as the official code); the estimation section
         # also times the shipped defaults (PrismConfig())
         self.cfg = config if config is not None else PrismConfig(rule="paper")
-        self.bands = rope_bands(RopeLayout(s.d, s.d, True, s.rope_base), *self.cfg.band_dims(s.d))
+        self.bands = prism_bands(RopeLayout(s.d, s.d, True, s.rope_base), self.cfg)  # the config's rule
         self.params = PrismParams.make(bands=self.bands, scale=s.scale, config=self.cfg, device=s.device)
         self.plan = make_plan([0, L], [0], s.hq, s.block).to(s.device)
         self.tokens = L
