@@ -58,6 +58,7 @@ def test_dry_run_json_schema(dry_run):
         assert r["union_over_head_density"] >= 1.0
         assert math.isfinite(r["prism_fa3_group_ms"]) and r["prism_fa3_group_ms"] > 0
         assert math.isfinite(r["prism_fa3_ms"]) and r["prism_fa3_ms"] > 0
+        assert math.isfinite(r["prism_fa3_replayed_ms"]) and r["prism_fa3_replayed_ms"] > 0  # later layers' path
         assert "fa3_attend_group_per_union_block_eff" not in r
         # the copy-free view layouts beside them: their time and their table builds alone
         for lay in ("head_views", "group_views"):
@@ -113,7 +114,7 @@ def test_dry_run_sanity_checks_pass(dry_run):
     assert {"prism_dense_vs_reference", "prism_vs_reference_fixed_mask", "prism_selection_vs_reference",
             "fp8_selection_vs_reference", "fp8_attend_dense_vs_paged_reference_384",
             "fa3_attend_group_vs_triton_union_384", "fa3_attend_head_views_vs_triton_384",
-            "fa3_attend_group_views_vs_triton_union_384"} <= names
+            "fa3_attend_group_views_vs_triton_union_384", "fa3_attend_replayed_vs_checked_384"} <= names
     assert all(c["ok"] for c in res["sanity"]), res["sanity"]
 
 
