@@ -56,7 +56,10 @@ Shape legend (one launch, see kernels/plan.py):
     key_energy: float32 [>= NKB, HKV, 3] (optional)
 
 Rows: row m of a program's [2 * QR, ...] tensors is band m // QR (0 high, 1 low) of q row
-i = m % QR, which is query block g0 + i // G_PAD and q head kvh * G + i % G_PAD.
+i = m % QR, which is query block g0 + i // G_PAD and q head kvh * G + i % G_PAD. When both bands
+are one (``PrismParams.one_band``: rule 'meanpool', every head dim at one threshold) the kernel is
+launched with NB = 1: [QR, ...] rows of the one band, twice the q rows per program in the same
+registers, and the union is that band's set (the same selection, half the work).
 """
 
 from __future__ import annotations
