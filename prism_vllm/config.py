@@ -24,10 +24,11 @@ SUPPORTED_BLOCK_SIZES = (128,)
 
 #: min_context_len when "auto" has no measurement (no CUDA GPU, or the measurement failed): the
 #: end-to-end break-even measured through vLLM on an H200 (SmolLM2-135M with the FA3 attend step at
-#: the 'quality' preset's selection, Prism forced on every chunk, 2026-12-02, commit aae5b7f,
-#: benchmarks/results/speed.json: 44,205 tokens; 40,652 in speed-repeat.json), rounded up to whole
-#: blocks.
-AUTO_FALLBACK_MIN_CONTEXT_LEN = 45056
+#: the 'quality' preset's selection, Prism forced on every chunk, 2026-12-02, commit 3699195,
+#: benchmarks/results/speed.json: 47,080 tokens; 52,037 in speed-repeat.json), the larger of the two
+#: (never slower than dense is the point), rounded up to whole blocks. Earlier runs (aae5b7f) read
+#: 44,205 and 40,652.
+AUTO_FALLBACK_MIN_CONTEXT_LEN = 52096
 
 #: Named settings of the fields that trade quality for speed. A preset fills only the fields the
 #: user did not set (explicit values win); ``PrismConfig.preset``'s docstring gives the
@@ -105,8 +106,9 @@ class PrismConfig:
     the same 30, 13, 12, sparser settings 14 at 32K in quality.json: these counts do not follow the
     density). Chosen over 'meanpool' at 0.995 (within 1% too, 14-17% fewer blocks) for its margin
     on texts and models not measured here: its worst document was +1.17%. Dense enough that Prism
-    pays from about 44K tokens on SmolLM2 (speed.json at aae5b7f: 1.19x TTFT at 64K, 1.92x at
-    128K with Prism forced on); min_context_len="auto" decides where, per model.
+    pays from about 47-52K tokens on SmolLM2 (speed.json / speed-repeat.json at 3699195: 1.16x /
+    1.12x TTFT at 64K, 1.91x / 1.89x at 128K with Prism forced on); min_context_len="auto" decides
+    where, per model.
     'fast': the paper's rule and setting, top-p 0.95 in both bands, no block budget: perplexity
     +3.6..+5.7% at 8K-32K (quality.json, density 0.22-0.32); prefill 1.79x faster than FLASH_ATTN
     at 64K and 2.76x at 128K on SmolLM2 (H200, commit 8f43227: benchmarks/results/speed.json as
@@ -162,8 +164,9 @@ class PrismConfig:
     gets a shadow step: FlashAttention's output unchanged, Prism's estimation beside it to count
     the blocks it would select there (once per length, again every 64 such steps). The decision,
     its timings and densities are in the startup log and /prism/stats. Without a
-    measurement (no CUDA) it is 45056, the end-to-end break-even measured through vLLM on an H200
-    (SmolLM2-135M at the 'quality' preset's selection, 2026-12-02, benchmarks/results/speed.json).
+    measurement (no CUDA, or the timing failed) it is 52096, the larger end-to-end break-even of two
+    runs through vLLM on an H200 (SmolLM2-135M at the 'quality' preset's selection, 2026-12-02,
+    benchmarks/results/speed.json and speed-repeat.json).
     An integer fixes the length (0 sends every prefill chunk through Prism)."""
 
     attend_layout: str = "auto"
