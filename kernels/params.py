@@ -61,9 +61,10 @@ class PrismParams:
     block_size: int = BLOCK_SIZE
     """Prism block size B (PrismConfig.block_size); plans and the workspace must agree with it."""
     one_band: bool = False
-    """The two bands are one: the same mask and the same threshold (rule 'meanpool': every head
-    dim in both), so both would score, calibrate and select alike; the selection then scores one
-    band (half the rows per program). ``make`` sets it when that holds; set by hand it is checked."""
+    """The two bands are one: the same mask (rule 'meanpool': every head dim in both), so both
+    score and calibrate alike and their union is the top-p set at the larger threshold; the
+    selection then scores one band at max(high_threshold, low_threshold) (half the rows per
+    program). ``make`` sets it when the masks agree; set by hand it is checked."""
 
     def __post_init__(self) -> None:
         for name in ("band_high", "band_low"):
@@ -85,11 +86,9 @@ class PrismParams:
             _fail(f"scale={self.scale!r} must be > 0 (the softmax scale, usually head_dim ** -0.5)")
         if not (math.isfinite(self.softcap) and self.softcap >= 0.0):
             _fail(f"softcap={self.softcap!r} must be >= 0 (0: no soft-cap)")
-        if self.one_band and not (self.high_threshold == self.low_threshold
-                                  and torch.equal(self.band_high, self.band_low)):
-            _fail(f"one_band=True needs one mask and one threshold in both bands (high_threshold "
-                  f"{self.high_threshold}, low_threshold {self.low_threshold}); leave one_band False "
-                  f"for two bands")
+        if self.one_band and not torch.equal(self.band_high, self.band_low):
+            _fail("one_band=True needs the same mask in both bands (band_high == band_low); leave one_band "
+                  "False for two bands")
         if self.block_size < 16 or self.block_size % 16:
             _fail(f"block_size={self.block_size!r} must be a positive multiple of 16 (the kernels take {BLOCK_SIZE})")
 
@@ -122,7 +121,7 @@ class PrismParams:
     ) -> "PrismParams":
         """From the layer's RoPE bands (prism_vllm.rope.rope_bands) and a PrismConfig."""
         cfg = config
-        one_band = torch.equal(bands.high, bands.low) and float(cfg.high_threshold) == float(cfg.low_threshold)
+        one_band = torch.equal(bands.high, bands.low)
         return cls(
             band_high=bands.high.to(device=device, dtype=torch.float32).contiguous(),
             band_low=bands.low.to(device=device, dtype=torch.float32).contiguous(),

@@ -57,9 +57,10 @@ Shape legend (one launch, see kernels/plan.py):
 
 Rows: row m of a program's [2 * QR, ...] tensors is band m // QR (0 high, 1 low) of q row
 i = m % QR, which is query block g0 + i // G_PAD and q head kvh * G + i % G_PAD. When both bands
-are one (``PrismParams.one_band``: rule 'meanpool', every head dim at one threshold) the kernel is
-launched with NB = 1: [QR, ...] rows of the one band, twice the q rows per program in the same
-registers, and the union is that band's set (the same selection, half the work).
+are one (``PrismParams.one_band``: rule 'meanpool', every head dim in both) the kernel is
+launched with NB = 1: [QR, ...] rows of the one band at the larger of the two thresholds, twice the
+q rows per program in the same registers (the union of the two bands' sets is that set: the same
+selection, half the work).
 """
 
 from __future__ import annotations
@@ -907,7 +908,9 @@ def select_blocks(
         **strides(pooled_q, "qb", "qh", "qd"),
         **strides(pooled_k, "kb", "kh", "kd"),
         **strides(key_energy, "eb", "eh"),
-        thr_hi=float(p.high_threshold),  # float: an int 1 would compile as a constexpr
+        # float: an int 1 would compile as a constexpr. One band: the union of two top-p sets over
+        # the same probabilities is the set at the larger threshold.
+        thr_hi=float(max(p.high_threshold, p.low_threshold) if p.one_band else p.high_threshold),
         thr_lo=float(p.low_threshold),
         budget=float(p.block_budget) if p.block_budget is not None else 1.0,
         BUDGET=p.block_budget is not None,

@@ -548,6 +548,8 @@ ONE_BAND_CFGS = {
     "meanpool_998": PrismConfig(rule="meanpool"),
     "meanpool_9_nosink": PrismConfig(rule="meanpool", high_threshold=0.9, low_threshold=0.9, keep_sink=False),
     "meanpool_95_budget": PrismConfig(rule="meanpool", high_threshold=0.95, low_threshold=0.95, block_budget=0.3),
+    # two thresholds on one mask: the union is the set at the larger one
+    "meanpool_9_97": PrismConfig(rule="meanpool", high_threshold=0.9, low_threshold=0.97),
 }
 
 
@@ -609,14 +611,10 @@ def test_one_band_params_are_made_for_identical_bands_only():
     layout = RopeLayout(64, 64, True)
     mp = PrismConfig(rule="meanpool")
     assert prism_params(prism_bands(layout, mp), mp).one_band
+    split = PrismConfig(rule="meanpool", high_threshold=0.9, low_threshold=0.95)  # one mask, two thresholds
+    assert prism_params(prism_bands(layout, split), split).one_band
     paper = PrismConfig(rule="paper", high_threshold=0.9, low_threshold=0.9)
-    assert not prism_params(prism_bands(layout, paper), paper).one_band  # two different masks
-    # one mask in both bands but two thresholds: two bands
-    split = PrismConfig(rule="meanpool", high_threshold=0.9, low_threshold=0.95)
-    assert not prism_params(prism_bands(layout, split), split).one_band
     p = prism_params(prism_bands(layout, paper), paper)
-    with pytest.raises(ValueError, match="one_band=True needs one mask and one threshold"):
+    assert isinstance(p, PrismParams) and not p.one_band  # two different masks
+    with pytest.raises(ValueError, match=r"one_band=True needs the same mask in both bands"):
         dataclasses.replace(p, one_band=True)
-    with pytest.raises(ValueError, match="one_band=True needs one mask and one threshold"):
-        dataclasses.replace(prism_params(prism_bands(layout, mp), mp), low_threshold=0.5)
-    assert isinstance(p, PrismParams)
