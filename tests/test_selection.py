@@ -554,18 +554,19 @@ ONE_BAND_CFGS = {
 
 
 @pytest.mark.parametrize("resident_max_blocks", [16, None], ids=["multipass", "resident"])
-@pytest.mark.parametrize("cfg_name", list(ONE_BAND_CFGS), ids=str)
-def test_one_band_selection_equals_two_identical_bands_and_reference(cfg_name, resident_max_blocks):
-    """Rule 'meanpool' (every head dim in both bands, one threshold): PrismParams.one_band, and the
-    kernel scores one band with twice the query blocks per program. It must select exactly what
-    the two-band launch of the same params selects (the union of two identical sets), write the
-    same temperatures, and agree with the reference like every other rule."""
+@pytest.mark.parametrize("cfg_name,hq,hkv", [(c, 8, 2) for c in ONE_BAND_CFGS] + [
+    ("meanpool_998", 3, 3), ("meanpool_998", 14, 2), ("meanpool_95_budget", 8, 1)], ids=str)
+def test_one_band_selection_equals_two_identical_bands_and_reference(cfg_name, hq, hkv, resident_max_blocks):
+    """Rule 'meanpool' (every head dim in both bands): PrismParams.one_band, and the kernel scores
+    one band with twice the query blocks per program (groups of 1, 4, 7 and 8 q heads). It must
+    select exactly what the two-band launch of the same params selects (the union of two sets over
+    the same probabilities), write the same temperatures, and agree with the reference like every
+    other rule."""
     from prism_vllm.rope import prism_bands
 
     cfg = ONE_BAND_CFGS[cfg_name]
     bands = prism_bands(RopeLayout(64, 64, True), cfg)
     chunks = [(4000, 1200), (0, 1100), (300, 200)]
-    hq, hkv = 8, 2
     qps, kps = _structured(chunks, hq, hkv, 64, seed=11, device=DEVICE)
     one = prism_params(bands, cfg, DEVICE)
     two = dataclasses.replace(one, one_band=False)
