@@ -64,7 +64,9 @@ class PrismParams:
     """The two bands are one: the same mask (rule 'meanpool': every head dim in both), so both
     score and calibrate alike and their union is the top-p set at the larger threshold; the
     selection then scores one band at max(high_threshold, low_threshold) (half the rows per
-    program). ``make`` sets it when the masks agree; set by hand it is checked."""
+    program). ``make`` sets it when the masks agree; set by hand it is checked. Exactly the
+    two-band selection with the exact top-p search (``SelectionTuning.topp_mantissa_bits`` 23, the
+    default); a coarser search may stop at another point of the same tolerance."""
 
     def __post_init__(self) -> None:
         for name in ("band_high", "band_low"):

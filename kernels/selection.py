@@ -715,7 +715,7 @@ class SelectionTuning:
     1.82 ms; default 1.83 ms at 128K) did not pay and were removed."""
 
     resident_elems: int = 16384
-    """fp32 elements of resident scores per program ([2 * QR, NK_PAD]); more query blocks per
+    """fp32 elements of resident scores per program ([bands * QR, NK_PAD]); more query blocks per
     program share each key load, but past ~64 per thread ptxas spills."""
     elems_per_thread: int = 64
     """Resident elements per thread that pick num_warps (4..16)."""
@@ -724,7 +724,8 @@ class SelectionTuning:
     memory); longer rows, and rows that do not fit one query block per program in twice
     resident_elems, take the multi-pass path."""
     max_q_rows: int = 32
-    """Cap of QR, the q rows of one band per program."""
+    """Cap of a program's q rows in two-band terms: bands * QR <= 2 * max_q_rows (QR up to 32
+    with two bands, 64 with one)."""
     levels: int = 4
     """Resident launches: rows are split by length into (NK/2, NK], ... so that a register row
     is at least half causal; the lowest level takes all shorter rows."""
@@ -773,6 +774,9 @@ def _resident_launch(t: SelectionTuning, g_pad: int, nk_pad: int, lvl_lo: int, l
                      nb: int) -> SelectionLaunch:
     # a program holds nb * QR register rows: one band doubles the q rows in the same registers
     block_g = max(1, min(2 * t.max_q_rows // (nb * g_pad), t.resident_elems // (nb * g_pad * nk_pad)))
+    # QR is at least 16 // nb rows (tl.dot): fill them with query blocks rather than padding (the
+    # same registers, fewer programs; long rows, where the budget allows less than that)
+    block_g = max(block_g, (16 // nb) // g_pad)
     block_g = 1 << (block_g.bit_length() - 1)  # power of two
     qr = max(16 // nb, block_g * g_pad)  # nb * QR >= 16 rows for tl.dot
     elems = nb * qr * nk_pad

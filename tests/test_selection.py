@@ -605,6 +605,37 @@ def test_one_band_selection_equals_two_identical_bands_and_reference(cfg_name, h
     assert sel_frac < 0.9, f"inputs meant to give sparse selections selected {sel_frac:.0%}"
 
 
+@pytest.mark.parametrize("rule", ["meanpool", "paper"])
+def test_longest_resident_rows_fill_their_programs(rule):
+    """Rows of up to 2048 key blocks (a chunk at the end of a 256K-token context): the level whose
+    register budget holds fewer query blocks than the 16 // bands rows tl.dot needs now fills those
+    rows with query blocks instead of padding. Same selection as the reference, and for one band
+    the same as two."""
+    from prism_vllm.rope import prism_bands
+
+    hq, hkv = 8, 2
+    top = selection_launches(hq, hkv, 2048, one_band=rule == "meanpool")[0]
+    assert top.path == "resident" and top.nk_pad == 2048 and top.block_g * 4 == top.qr  # no padding rows
+    cfg = PrismConfig(rule=rule, high_threshold=0.95, low_threshold=0.9)
+    bands = prism_bands(RopeLayout(64, 64, True), cfg)
+    chunks = [(262144 - 700, 700)]
+    qps, kps = _structured(chunks, hq, hkv, 64, seed=21, device=DEVICE, n_hot=6)
+    params = prism_params(bands, cfg, DEVICE)
+    assert params.one_band == (rule == "meanpool")
+    plan = make_plan([0, 700], [262144 - 700], hq, B, dense_tail=cfg.dense_tail).to(DEVICE)
+    pq, pk = qps[0], kps[0]
+    outs = []
+    for prm in ([params, dataclasses.replace(params, one_band=False)] if params.one_band else [params]):
+        sel_idx = torch.full((plan.sel_capacity + 5,), -7, dtype=torch.int16, device=DEVICE)
+        sel_cnt = torch.full((plan.num_q_blocks * hq,), -7, dtype=torch.int32, device=DEVICE)
+        select_blocks(pooled_q=pq, pooled_k=pk, plan=plan, params=prm, sel_idx=sel_idx, sel_cnt=sel_cnt,
+                      key_energy=key_energy_reference(pk, bands))
+        outs.append(kernel_masks(plan, sel_idx, sel_cnt))
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[-1]))
+    n_amb, n_causal = compare_with_reference(chunks, qps, kps, bands, cfg, outs[0])
+    assert n_amb <= 2, f"{n_amb} of {n_causal} blocks differ at the top-p edge"
+
+
 def test_one_band_params_are_made_for_identical_bands_only():
     from prism_vllm.kernels import PrismParams
     from prism_vllm.rope import prism_bands
