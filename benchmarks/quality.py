@@ -70,24 +70,31 @@ class Point:
     rule: str | None
     top_p: float | None = None
     block_budget: float | None = None
+    local_blocks: int = 1
 
     @classmethod
     def parse(cls, name: str) -> Point:
-        """'dense' | 'RULE:TOP_P' | 'RULE:TOP_P:bBUDGET' (values checked by PrismConfig)."""
+        """'dense' | 'RULE:TOP_P[:bBUDGET][:lLOCAL]' (values checked by PrismConfig), e.g.
+        'meanpool:0.998:l2' keeps the block before the diagonal too (PrismConfig.local_blocks)."""
         s = name.strip()
         if s == "dense":
             return cls(None)
         parts = s.split(":")
         try:
-            if len(parts) == 2:
-                pt = cls(parts[0], float(parts[1]))
-            elif len(parts) == 3 and parts[2].startswith("b"):
-                pt = cls(parts[0], float(parts[1]), float(parts[2][1:]))
-            else:
+            if len(parts) < 2:
                 raise ValueError
+            budget, local = None, 1
+            for extra in parts[2:]:
+                if extra.startswith("b") and budget is None and local == 1:
+                    budget = float(extra[1:])
+                elif extra.startswith("l") and local == 1:
+                    local = int(extra[1:])
+                else:
+                    raise ValueError
+            pt = cls(parts[0], float(parts[1]), budget, local)
         except ValueError:
-            raise ValueError(f"quality point {name!r}: use 'dense' or RULE:TOP_P[:bBUDGET], "
-                             f"e.g. paper:0.99 or paper:0.99:b0.3") from None
+            raise ValueError(f"quality point {name!r}: use 'dense' or RULE:TOP_P[:bBUDGET][:lLOCAL], "
+                             f"e.g. paper:0.99, paper:0.99:b0.3 or meanpool:0.998:l2") from None
         pt.prism_knobs()  # PrismConfig names the bad field and its range
         return pt
 
@@ -95,7 +102,8 @@ class Point:
     def name(self) -> str:
         if self.rule is None:
             return "dense"
-        return f"{self.rule}:{self.top_p:g}" + (f":b{self.block_budget:g}" if self.block_budget is not None else "")
+        return (f"{self.rule}:{self.top_p:g}" + (f":b{self.block_budget:g}" if self.block_budget is not None else "")
+                + (f":l{self.local_blocks}" if self.local_blocks != 1 else ""))
 
     @property
     def slug(self) -> str:
@@ -112,6 +120,8 @@ class Point:
             return None
         knobs = {"rule": self.rule, "high_threshold": self.top_p, "low_threshold": self.top_p,
                  "block_budget": self.block_budget}
+        if self.local_blocks != 1:
+            knobs["local_blocks"] = self.local_blocks
         PrismConfig.from_dict({"min_context_len": 0, **knobs})
         return knobs
 
@@ -140,7 +150,8 @@ def preset_marks(point: Point) -> list[str]:
     out = []
     for name in PRESETS:
         ref = PrismConfig(preset=name)
-        if all(getattr(cfg, f) == getattr(ref, f) for f in ("rule", "high_threshold", "low_threshold", "block_budget")):
+        if all(getattr(cfg, f) == getattr(ref, f)
+               for f in ("rule", "high_threshold", "low_threshold", "block_budget", "local_blocks")):
             out.append(name + (" (default)" if name == DEFAULT_PRESET else ""))
     return out
 

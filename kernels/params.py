@@ -60,6 +60,9 @@ class PrismParams:
     """Logit soft-cap of the layer (0: none); only the FA3 attend step applies it."""
     block_size: int = BLOCK_SIZE
     """Prism block size B (PrismConfig.block_size); plans and the workspace must agree with it."""
+    local_blocks: int = 1
+    """Key blocks always kept ending on the diagonal (PrismConfig.local_blocks): 1 the diagonal
+    alone; more needs keep_diagonal."""
     one_band: bool = False
     """The two bands are one: the same mask (rule 'meanpool': every head dim in both), so both
     score and calibrate alike and their union is the top-p set at the larger threshold; the
@@ -88,6 +91,9 @@ class PrismParams:
             _fail(f"scale={self.scale!r} must be > 0 (the softmax scale, usually head_dim ** -0.5)")
         if not (math.isfinite(self.softcap) and self.softcap >= 0.0):
             _fail(f"softcap={self.softcap!r} must be >= 0 (0: no soft-cap)")
+        if not (isinstance(self.local_blocks, int) and self.local_blocks >= 1) or (
+                self.local_blocks > 1 and not self.keep_diagonal):
+            _fail(f"local_blocks={self.local_blocks!r} must be an int >= 1, and 1 without keep_diagonal")
         if self.one_band and not torch.equal(self.band_high, self.band_low):
             _fail("one_band=True needs the same mask in both bands (band_high == band_low); leave one_band "
                   "False for two bands")
@@ -103,7 +109,8 @@ class PrismParams:
         """What the estimation's launches take from these params besides the band masks (which
         are kernel arguments): equal keys, same launches (``prefill.prism_estimate`` replays)."""
         return (self.high_threshold, self.low_threshold, self.calibrate, self.keep_sink, self.keep_diagonal,
-                self.block_budget, self.block_size, self.head_dim, self.band_high.device, self.one_band)
+                self.block_budget, self.block_size, self.head_dim, self.band_high.device, self.one_band,
+                self.local_blocks)
 
     @property
     def all_blocks(self) -> bool:
@@ -137,4 +144,5 @@ class PrismParams:
             softcap=float(softcap or 0.0),
             block_size=int(cfg.block_size),
             one_band=one_band,
+            local_blocks=int(cfg.local_blocks),
         )

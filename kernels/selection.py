@@ -8,7 +8,7 @@ q head h, with I = qb_abs[g] (its absolute block) and kv head h // G,
     logits_b[j] = <q_b, k_b[j]> / (sqrt(d_b) * t_b)                       j = 0..I (causal)
     p_b         = softmax(logits_b)
     keep_b      = { j : p_b[j] >= t*_b },  t*_b = max{ t : sum(p_b[p_b >= t]) >= threshold_b }
-    selected    = keep_high | keep_low | {0 if keep_sink} | {I if keep_diagonal}
+    selected    = keep_high | keep_low | {0 if keep_sink} | {I - local_blocks < j <= I if keep_diagonal}
                   (every causal block for dense requests and plan.qb_dense rows: dense tails)
     block budget b (optional): of ``selected``, keep the sink/diagonal and the blocks whose
                   max(p_high, p_low) reaches the k-th largest, k = ceil(b * (I + 1)) (>= 1)
@@ -320,25 +320,29 @@ def _narrow(lo, hi, cand, ok, cand_i, NCAND: tl.constexpr):
 
 
 @triton.jit
-def _forced(cols, qbq, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr):
-    """[QR, N] blocks kept whatever the scores: the sink (column 0) and the diagonal (I)."""
+def _forced(cols, qbq, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr, LOCAL: tl.constexpr):
+    """[QR, N] blocks kept whatever the scores: the sink (column 0) and the diagonal (I), with
+    the LOCAL - 1 blocks before it (I - LOCAL < column <= I)."""
     f = (cols[None, :] < 0) & (qbq[:, None] >= -1)
     if KEEP_SINK:
         f = f | (cols[None, :] == 0)
     if KEEP_DIAG:
-        f = f | (cols[None, :] == qbq[:, None])
+        if LOCAL == 1:
+            f = f | (cols[None, :] == qbq[:, None])
+        else:
+            f = f | ((cols[None, :] <= qbq[:, None]) & (cols[None, :] > qbq[:, None] - LOCAL))
     return f
 
 
 @triton.jit
 def _union(p, lo, cols, qbq, QR: tl.constexpr, N: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
-           NB: tl.constexpr):
+           NB: tl.constexpr, LOCAL: tl.constexpr):
     """([QR, N] int32 selected, [QR, N] forced): the blocks either band's top-p keeps (bits(p) >=
     the row's threshold bits lo; rows m and m + QR of p are the two bands of one q row; NB = 1:
     the one band's) and the forced ones. Blocks past the diagonal (p = 0, kept only when lo = 0)
     are the caller's to cut."""
     keep = (p.to(tl.int32, bitcast=True) >= lo[:, None]).to(tl.int32)
-    forced = _forced(cols, qbq, KEEP_SINK, KEEP_DIAG)
+    forced = _forced(cols, qbq, KEEP_SINK, KEEP_DIAG, LOCAL)
     if NB == 2:
         keep = tl.max(tl.reshape(keep, (2, QR, N)), axis=0)
     return tl.where(forced, 1, keep), forced
@@ -410,6 +414,7 @@ def _tile_rank(
     q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, c0, ncol, stride_qd, stride_kb,
     stride_kh, stride_kd, mult, mx, rz, QR: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     DC: tl.constexpr, PRECISION: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr, NB: tl.constexpr,
+    LOCAL: tl.constexpr,
 ):
     """Of key blocks c0 .. c0+BN-1, per q row: (union of the bands' top-p with the forced
     blocks [QR, BN] int32, forced [QR, BN], the budget's rank bits [QR, BN])."""
@@ -419,7 +424,7 @@ def _tile_rank(
         q_rows, okm, is_hi, qbm, band_hi, band_lo, pooled_k, kb0, kvh, c0, ncol, stride_qd, stride_kb, stride_kh,
         stride_kd, mult, mx, rz, M, BN, D, BLOCK_D, DC, PRECISION,
     )
-    sel, forced = _union(p, lo, cols, qbq, QR, BN, KEEP_SINK, KEEP_DIAG, NB)
+    sel, forced = _union(p, lo, cols, qbq, QR, BN, KEEP_SINK, KEEP_DIAG, NB, LOCAL)
     rb = _budget_rank_bits(p, sel, forced, cols[None, :] <= qbq[:, None], QR, BN, NB)
     return sel, forced, rb
 
@@ -486,6 +491,7 @@ def _select_kernel(
     NCAND: tl.constexpr,
     ALL_CAUSAL: tl.constexpr,
     NB: tl.constexpr,
+    LOCAL: tl.constexpr,
 ):
     """Rows of length I + 1 in (lvl_lo, lvl_hi] of BLOCK_G query blocks x the G q heads of kv head
     program_id(1); key energies read in EB-block tiles. Two paths (constexpr MULTIPASS, see the
@@ -581,7 +587,7 @@ def _select_kernel(
                             _, _, rb = _tile_rank(
                                 q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN,
                                 ncol, stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D,
-                                DC, PRECISION, KEEP_SINK, KEEP_DIAG, NB,
+                                DC, PRECISION, KEEP_SINK, KEEP_DIAG, NB, LOCAL,
                             )
                             cnt += tl.sum((rb[:, :, None] >= cand[:, None, :]).to(tl.int32), axis=1)
                         blo, bhi = _narrow(blo, bhi, cand, cnt >= k[:, None], cand_i, NCAND)
@@ -590,7 +596,7 @@ def _select_kernel(
                         _, _, rb = _tile_rank(
                             q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
                             stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC,
-                            PRECISION, KEEP_SINK, KEEP_DIAG, NB,
+                            PRECISION, KEEP_SINK, KEEP_DIAG, NB, LOCAL,
                         )
                         n_gt += tl.sum((rb > blo[:, None]).to(tl.int32), axis=1)
                     need = k - n_gt
@@ -602,7 +608,7 @@ def _select_kernel(
                             _, _, rb = _tile_rank(
                                 q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN,
                                 ncol, stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D,
-                                DC, PRECISION, KEEP_SINK, KEEP_DIAG, NB,
+                                DC, PRECISION, KEEP_SINK, KEEP_DIAG, NB, LOCAL,
                             )
                             eq = (rb == blo[:, None])[:, :, None] & (cols[None, :, None] >= cand[:, None, :])
                             cnt += tl.sum(eq.to(tl.int32), axis=1)
@@ -615,7 +621,7 @@ def _select_kernel(
                         sel, forced, rb = _tile_rank(
                             q_rows, okm, is_hi, qbm, qbq, lo, band_hi, band_lo, pooled_k, kb0, kvh, t * BN, ncol,
                             stride_qd, stride_kb, stride_kh, stride_kd, mult, mx, rz, QR, BN, D, BLOCK_D, DC,
-                            PRECISION, KEEP_SINK, KEEP_DIAG, NB,
+                            PRECISION, KEEP_SINK, KEEP_DIAG, NB, LOCAL,
                         )
                         if BUDGET:
                             sel = tl.where(_budget_keep(rb, blo, clo, cols) | forced, sel, 0)
@@ -674,7 +680,7 @@ def _select_kernel(
                     mid = lo + (hi - lo) // 2
                     mass = tl.sum(_kept(pb, tl.broadcast_to(mid[:, None], (M, NK_PAD)), p, USE_ASM), axis=1)
                     lo, hi = _halve(lo, hi, mid, mass >= thr)
-                sel, forced = _union(p, lo, cols, qbq, QR, NK_PAD, KEEP_SINK, KEEP_DIAG, NB)
+                sel, forced = _union(p, lo, cols, qbq, QR, NK_PAD, KEEP_SINK, KEEP_DIAG, NB, LOCAL)
                 sel = tl.where(row_dense[:, None], 1, sel)
                 causal = cols[None, :] <= qbq[:, None]
                 if BUDGET:
@@ -928,6 +934,7 @@ def select_blocks(
         HAS_KE=key_energy is not None,
         KEEP_SINK=bool(p.keep_sink),
         KEEP_DIAG=bool(p.keep_diagonal),
+        LOCAL=int(p.local_blocks),
         WRITE_TEMPS=temps_out is not None,
         PRECISION=precision,
         TOPP_STOP=1 << (23 - min(23, max(1, (tuning or DEFAULT_TUNING).topp_mantissa_bits))),

@@ -143,6 +143,16 @@ class PrismConfig:
     keep_diagonal: bool = True
     """Always attend to the query block's own (diagonal, causally masked) key block."""
 
+    local_blocks: int = 1
+    """Key blocks always kept that end on the diagonal: 1 keeps the diagonal block alone
+    (``keep_diagonal``), 2 also the block before it, so every query sees at least the 128 tokens
+    before it, whatever the pooled scores say (mean pooling is blind to local structure, and a
+    query near the start of its block otherwise sees only its block's first tokens). Needs
+    keep_diagonal. Costs up to local_blocks - 1 blocks per row. Not yet measured through vLLM:
+    in the quality sweep the passkeys the default lost at 16K / 32K sit at block boundaries
+    (benchmarks/results/quality.json, benchmarks/passkey_pairs.py); 1 stays the default until a
+    sweep measures 2."""
+
     dense_tail: bool = True
     """The rows of a chunk's last query block, when that block is partial (the chunk ends
     mid-block, as a prompt's end almost always does), attend to every causal block, as the
@@ -230,6 +240,11 @@ class PrismConfig:
             raise ValueError(
                 f"prism.attend_layout={self.attend_layout!r} is not an attend layout; use \"auto\" (the default) "
                 f"or one of {', '.join(repr(x) for x in ATTEND_LAYOUTS)}."
+            )
+        if self.local_blocks < 1 or (self.local_blocks > 1 and not self.keep_diagonal):
+            raise ValueError(
+                f"prism.local_blocks={self.local_blocks!r} is out of range: use an integer >= 1 (1: the "
+                f"diagonal block alone; 2: also the block before it), and keep_diagonal=true for more than 1."
             )
         if self.min_query_len < 2:
             raise ValueError(

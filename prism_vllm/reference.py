@@ -217,7 +217,8 @@ def select_blocks(
 def finish_selection(
     sel: torch.Tensor, score: torch.Tensor, qb0: int, cfg: PrismConfig, seq_len: Optional[int] = None
 ) -> torch.Tensor:
-    """Steps 5's common end of any scoring rule: add the sink and diagonal blocks, cap to the
+    """Steps 5's common end of any scoring rule: add the sink and diagonal blocks (and the
+    ``local_blocks`` - 1 blocks before the diagonal), cap to the
     block budget (ranking by ``score``), give a partial last block every causal block
     (dense tail). sel: bool [HQ, nq, nk] of the rule's top-p blocks; score: float32 like sel."""
     nq, nk = sel.shape[1], sel.shape[2]
@@ -228,7 +229,8 @@ def finish_selection(
         forced[:, :, 0] = True
     if cfg.keep_diagonal:
         i = torch.arange(nq, device=sel.device)
-        forced[:, i, qb0 + i] = True
+        for back in range(cfg.local_blocks):  # the diagonal and the local_blocks - 1 blocks before it
+            forced[:, i[qb0 + i - back >= 0], (qb0 + i - back)[qb0 + i - back >= 0]] = True
     forced &= causal
     sel = (sel | forced) & causal
     if cfg.block_budget is not None:

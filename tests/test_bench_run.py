@@ -392,6 +392,14 @@ def test_quality_points_table() -> None:
         quality.Point.parse("paper:0.99:b1.5")
     with pytest.raises(ValueError, match="rule"):
         quality.Point.parse("topk:0.9")
+    # the local-window candidate: parsed, named back, handed to PrismConfig, no preset's
+    w = quality.Point.parse("meanpool:0.998:l2")
+    assert w.name == "meanpool:0.998:l2" and w.prism_knobs()["local_blocks"] == 2 and quality.preset_marks(w) == []
+    assert quality.Point.parse("paper:0.99:b0.3:l3").name == "paper:0.99:b0.3:l3"
+    with pytest.raises(ValueError, match="local_blocks"):
+        quality.Point.parse("meanpool:0.998:l0")
+    with pytest.raises(ValueError, match="RULE:TOP_P"):
+        quality.Point.parse("meanpool:0.998:l2:b0.3")  # budget first, as the names are written
 
 
 def test_gpu_lock_timed_sections_run_alone(tmp_path: Path) -> None:
@@ -677,3 +685,27 @@ def test_dry_run_quality_on_fp8_kv_cache(tmp_path: Path, engine_specs: list) -> 
     auto = dict(d, settings=dict(d["settings"], kv_cache_dtype="auto"))
     with pytest.raises(ValueError, match="different KV cache dtypes"):
         quality.merge_docs([d, auto])
+
+
+def test_passkey_pairs_split_and_mcnemar() -> None:
+    """benchmarks/passkey_pairs.py: the paired split of a point's passkeys against FLASH_ATTN's on
+    the same cases, and the exact McNemar p-value (binomial on the discordant pairs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "passkey_pairs", Path(__file__).resolve().parent.parent / "benchmarks" / "passkey_pairs.py")
+    pp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pp)
+    assert pp.mcnemar_p(0, 0) == 1.0 and pp.mcnemar_p(2, 0) == 0.5 and pp.mcnemar_p(6, 1) == pytest.approx(0.125)
+    assert pp.mcnemar_p(10, 0) == pytest.approx(2 / 1024)
+
+    def job(point, length, correct):
+        return {"point": point, "length": length,
+                "passkeys": [{"id": f"single-{length}-d{i}", "correct": c} for i, c in enumerate(correct)]}
+
+    doc = {"measured": [job("dense", 100, [1, 1, 0, 1, 0]), job("meanpool:0.998", 100, [1, 0, 1, 0, 0]),
+                        job("paper:0.99", 200, [1])]}  # no FLASH_ATTN at 200: no row
+    (row,) = pp.pairs(doc)
+    assert (row["correct"], row["dense_correct"], row["only_dense"], row["only_point"]) == (2, 3, 2, 1)
+    assert row["lost"] == ["single-100-d1", "single-100-d3"] and row["gained"] == ["single-100-d2"]
+    assert row["mcnemar_p"] == pytest.approx(1.0)

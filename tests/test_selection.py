@@ -650,3 +650,49 @@ def test_one_band_params_are_made_for_identical_bands_only():
     assert isinstance(p, PrismParams) and not p.one_band  # two different masks
     with pytest.raises(ValueError, match=r"one_band=True needs the same mask in both bands"):
         dataclasses.replace(p, one_band=True)
+
+
+@pytest.mark.parametrize("resident_max_blocks", [16, None], ids=["multipass", "resident"])
+@pytest.mark.parametrize("cfg", [
+    PrismConfig(rule="meanpool", high_threshold=0.9, low_threshold=0.9, local_blocks=2),
+    PrismConfig(rule="paper", high_threshold=0.9, low_threshold=0.8, local_blocks=3, keep_sink=False),
+    PrismConfig(rule="paper", high_threshold=0.95, low_threshold=0.95, local_blocks=2, block_budget=0.1),
+], ids=["meanpool_l2", "paper_l3_nosink", "paper_l2_budget"])
+def test_local_blocks_are_always_selected_like_reference(cfg, resident_max_blocks):
+    """local_blocks: the diagonal and the local_blocks - 1 blocks before it are always selected
+    (forced, so a block budget keeps them too), as in the reference; chunks that start mid-block
+    and rows near block 0 included."""
+    from prism_vllm.rope import prism_bands
+
+    bands = prism_bands(RopeLayout(64, 64, True), cfg)
+    chunks = [(4000, 1200), (0, 1100), (300, 200)]
+    hq, hkv = 4, 2
+    qps, kps = _structured(chunks, hq, hkv, 64, seed=17, device=DEVICE)
+    plan, sel_idx, sel_cnt, _ = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks)
+    masks = kernel_masks(plan, sel_idx, sel_cnt)
+    base = dataclasses.replace(cfg, local_blocks=1)
+    n_more = 0
+    for r, ((ctx, L), got) in enumerate(zip(chunks, masks)):
+        qb0 = ctx // B
+        ref = R.select_blocks(qps[r].cpu(), kps[r].cpu(), qb0, bands, cfg, seq_len=ctx + L)
+        assert int((got != ref).sum()) <= 2, f"request {r}: {(got != ref).nonzero()[:5].tolist()}"
+        i = torch.arange(got.shape[1])
+        for back in range(cfg.local_blocks):
+            ok = qb0 + i - back >= 0
+            assert got[:, i[ok], (qb0 + i - back)[ok]].all(), f"request {r}: block I-{back} missing"
+        n_more += int((ref & ~R.select_blocks(qps[r].cpu(), kps[r].cpu(), qb0, bands, base, seq_len=ctx + L)).sum())
+    assert n_more > 0, "the local blocks added nothing (test inputs select them anyway)"
+
+
+def test_local_blocks_config_and_params():
+    from prism_vllm.rope import prism_bands
+
+    with pytest.raises(ValueError, match=r"prism\.local_blocks=0 is out of range"):
+        PrismConfig(local_blocks=0)
+    with pytest.raises(ValueError, match=r"prism\.local_blocks=2 .*keep_diagonal=true"):
+        PrismConfig(local_blocks=2, keep_diagonal=False)
+    cfg = PrismConfig(local_blocks=2)
+    p = prism_params(prism_bands(RopeLayout(64, 64, True), cfg), cfg)
+    assert p.local_blocks == 2 and p.estimation_key != dataclasses.replace(p, local_blocks=1).estimation_key
+    with pytest.raises(ValueError, match="local_blocks"):
+        dataclasses.replace(p, local_blocks=2, keep_diagonal=False)
