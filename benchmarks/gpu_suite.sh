@@ -25,9 +25,9 @@
 #             PRISM_QUALITY_LENGTHS=8K,16K for one call and =32K for the next, then merge the two
 #             quality.json here (python -m benchmarks.run --merge-quality A B --out benchmarks/results)
 #             PRISM_QUALITY_POINTS=paper:0.998,meanpool:0.995,meanpool:0.998 runs only those points (and
-#             ':l2' adds local_blocks=2, e.g. meanpool:0.998:l2;
 #             FLASH_ATTN) at every length in one call; merging it into quality.json replaces FLASH_ATTN's
-#             rows, so the older points' TTFT ratios would be across runs: rather rerun the whole sweep
+#             rows, so the older points' TTFT ratios would be across runs: rather rerun the whole sweep.
+#             A point's ':l2' suffix adds local_blocks=2 (e.g. meanpool:0.998:l2)
 #   quality-fp8  the quality / fast presets beside FLASH_ATTN, every engine on vLLM's fp8 KV cache
 #   shared    everything that times nothing, side by side on one GPU, each under a time limit:
 #             vllm + accuracy evidence + load test + the selection/prefill kernel GPU tests
