@@ -38,6 +38,19 @@ mkdir -p "$out"
 export VLLM_ALLOW_INSECURE_SERIALIZATION=1 PYTHONUNBUFFERED=1
 LIMIT=${PRISM_PIECE_LIMIT_S:-540}
 log() { echo "== $piece $(date -u +%FT%TZ) $*"; }
+# The kernel-only pieces (estimation, kernels) need nothing staged, but on a bare machine
+# `pip install -e .` may fail (no setuptools in its Python): then the package is put on
+# PYTHONPATH as a tree of links with the installed layout (prism_vllm.kernels = kernels/, ...),
+# and Python runs with -P so that the checkout's own prism_vllm/ does not shadow it.
+ensure_package() {
+  python -P -c "import prism_vllm.kernels" 2> /dev/null && return
+  local pkg=/tmp/prism-pkg/prism_vllm
+  mkdir -p "$pkg"
+  for f in "$PWD"/prism_vllm/*; do ln -sfn "$f" "$pkg/"; done
+  for d in kernels attention_backend server; do ln -sfn "$PWD/$d" "$pkg/$d"; done
+  export PYTHONPATH=/tmp/prism-pkg${PYTHONPATH:+:$PYTHONPATH}
+  python -P -c "import prism_vllm.kernels" && log "package on PYTHONPATH through /tmp/prism-pkg (not installed)"
+}
 summary() { grep -E "PASSED|FAILED|XFAIL|XPASS|ERROR|SKIPPED|passed|failed|passkey" "$1" | tail -"${2:-16}"; }
 
 run_vllm() {  # [pytest -k expression]
@@ -94,26 +107,28 @@ case "$piece" in
       echo "profile rc=$?" >> "$out/profile-attend-$shape.log"; tail -2 "$out/profile-attend-$shape.log" | cut -c1-400
     done ;;
   estimation)
+    ensure_package
     log "estimation profile, Llama-3.1-8B layer"
-    timeout 150 python benchmarks/profile_estimation.py --commit "$sha" --out "$out/profile-estimation.json" \
+    timeout 150 python -P benchmarks/profile_estimation.py --commit "$sha" --out "$out/profile-estimation.json" \
       > "$out/profile.log" 2>&1; echo "profile rc=$?" >> "$out/profile.log"; grep -v "^ " "$out/profile.log" | tail -8
     log "estimation launch-knob sweep"
-    timeout 250 python benchmarks/estimation_sweep.py --lengths 32768,131072 --sweep \
+    timeout 250 python -P benchmarks/estimation_sweep.py --lengths 32768,131072 --sweep \
       --out "$out/estimation-sweep.json" > "$out/sweep.log" 2>&1; echo "sweep rc=$?" >> "$out/sweep.log"; tail -2 "$out/sweep.log"
     if command -v ncu > /dev/null; then
       log "ncu: selection kernel at 128K (4 level launches)"
       timeout 100 ncu -k regex:_select_kernel -c 4 --section SpeedOfLight --section Occupancy --section LaunchStats \
-        --section WarpStateStats --section ComputeWorkloadAnalysis python benchmarks/profile_estimation.py \
+        --section WarpStateStats --section ComputeWorkloadAnalysis python -P benchmarks/profile_estimation.py \
         --lengths 131072 --once > "$out/ncu-select.txt" 2>&1; echo "ncu rc=$?" >> "$out/ncu-select.txt"
       grep -E "Duration|Achieved Occupancy|Registers Per|Theoretical Occupancy|Compute \(SM\) Throughput|Memory Throughput|Stall|rc=" "$out/ncu-select.txt" | head -40
     fi ;;
   kernels)
+    ensure_package
     log "kernel GPU tests"
-    python -m pytest -m gpu -q -s tests/test_sparse_prefill.py tests/test_pooling.py tests/test_selection.py \
+    python -P -m pytest -m gpu -q -s tests/test_sparse_prefill.py tests/test_pooling.py tests/test_selection.py \
       tests/test_prefill.py -k "not every_candidate" > "$out/gpu-kernels.log" 2>&1; echo "pytest rc=$?" >> "$out/gpu-kernels.log"
     tail -3 "$out/gpu-kernels.log"
     log "kernel benchmark"
-    python benchmarks/kernels.py --official-dir benchmarks/_official --commit "$sha" --out "$out/kernels-h200.json" --plot \
+    python -P benchmarks/kernels.py --official-dir benchmarks/_official --commit "$sha" --out "$out/kernels-h200.json" --plot \
       > "$out/bench.log" 2>&1; echo "bench rc=$?" >> "$out/bench.log"; tail -32 "$out/bench.log" ;;
   vllm)
     run_vllm; summary "$out/gpu-vllm.log" ;;
