@@ -327,10 +327,7 @@ def _forced(cols, qbq, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr, LOCAL: 
     if KEEP_SINK:
         f = f | (cols[None, :] == 0)
     if KEEP_DIAG:
-        if LOCAL == 1:
-            f = f | (cols[None, :] == qbq[:, None])
-        else:
-            f = f | ((cols[None, :] <= qbq[:, None]) & (cols[None, :] > qbq[:, None] - LOCAL))
+        f = f | ((cols[None, :] <= qbq[:, None]) & (cols[None, :] > qbq[:, None] - LOCAL))
     return f
 
 

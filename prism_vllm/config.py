@@ -149,9 +149,9 @@ class PrismConfig:
     before it, whatever the pooled scores say (mean pooling is blind to local structure, and a
     query near the start of its block otherwise sees only its block's first tokens). Needs
     keep_diagonal. Costs up to local_blocks - 1 blocks per row. Not yet measured through vLLM:
-    in the quality sweep the passkeys the default lost at 16K / 32K sit at block boundaries
-    (benchmarks/results/quality.json, benchmarks/passkey_pairs.py); 1 stays the default until a
-    sweep measures 2."""
+    in the quality sweep (benchmarks/results/quality.json, benchmarks/passkey_pairs.py) 5 of the
+    7 passkeys most often lost across settings, and 2 of the 4 the default lost at 16K / 32K, have
+    their key within 16 tokens of a block boundary; 1 stays the default until a sweep measures 2."""
 
     dense_tail: bool = True
     """The rows of a chunk's last query block, when that block is partial (the chunk ends

@@ -227,10 +227,8 @@ def finish_selection(
     forced = torch.zeros_like(sel)
     if cfg.keep_sink:
         forced[:, :, 0] = True
-    if cfg.keep_diagonal:
-        i = torch.arange(nq, device=sel.device)
-        for back in range(cfg.local_blocks):  # the diagonal and the local_blocks - 1 blocks before it
-            forced[:, i[qb0 + i - back >= 0], (qb0 + i - back)[qb0 + i - back >= 0]] = True
+    if cfg.keep_diagonal:  # the diagonal and the local_blocks - 1 blocks before it
+        forced |= torch.arange(nk, device=sel.device)[None, :] > rows[:, None] - cfg.local_blocks
     forced &= causal
     sel = (sel | forced) & causal
     if cfg.block_budget is not None:
