@@ -14,6 +14,7 @@ many selected blocks differ from the "ieee" (reference arithmetic) selection.
 Usage (GPU machine, repo root):
     python benchmarks/estimation_sweep.py                      # defaults at 32K/64K/128K, JSON to stdout
     python benchmarks/estimation_sweep.py --lengths 131072 --sweep --out /tmp/est.json
+    python benchmarks/estimation_sweep.py --lengths 131072 --pool-sweep --out /tmp/pool.json  # pooling launches
 CPU plumbing check (Triton interpreter, fp16, tiny shapes, wall-clock instead of CUDA events):
     python benchmarks/estimation_sweep.py --dry-run
 """
@@ -93,6 +94,67 @@ def _inputs(L: int, kind: str, hq: int, hkv: int, d: int, gen: torch.Generator):
     return q.to(dtype), k_cache, table[None]
 
 
+def _pool_configs(heads: int, d: int) -> list:
+    """Default first, then tiles of 4K / 8K / 16K elements over every power-of-two head tile, at
+    4 and 8 warps, and the default with Triton's pipelining off (num_stages=1)."""
+    from prism_vllm.kernels.pooling import PoolingLaunch, pooling_launch
+
+    default = pooling_launch(heads, d)
+    out = [default, dataclasses.replace(default, num_stages=1)]
+    bh = 1
+    while bh <= heads:
+        for elems in (4096, 8192, 16384):
+            bt = elems // (bh * default.block_d)
+            if 1 <= bt <= 32:
+                for w in (4, 8):
+                    ln = PoolingLaunch(block_t=bt, block_h=bh, block_d=default.block_d, num_warps=w)
+                    if ln not in out:
+                        out.append(ln)
+        bh *= 2
+    return out
+
+
+def _pool_sweep(lengths, hq, hkv, d, params, gen) -> list:
+    """Pooling launches: time of pool_queries and of pool_keys_paged (with the key energies and the
+    split keys, as prism_estimate runs it) per PoolingLaunch, bandwidth of the bytes read, and
+    the largest deviation from the default launch's outputs (summation order differs)."""
+    from prism_vllm.kernels import PrismWorkspace, make_plan
+    from prism_vllm.kernels.pooling import pool_keys_paged, pool_queries
+
+    rows = []
+    for L in lengths:
+        plan = make_plan([0, L], [0], hq).to(DEV)
+        ws = PrismWorkspace(plan.num_q_blocks, plan.num_k_blocks, 1, plan.sel_capacity, hq, hkv, d, DEV)
+        q, k_cache, table = _inputs(L, "structured", hq, hkv, d, gen)
+        pq, pk = ws.pooled_q[: plan.num_q_blocks], ws.pooled_k[: plan.num_k_blocks]
+        ke, sp = ws.key_energy[: plan.num_k_blocks], ws.pooled_k_split[: plan.num_k_blocks]
+        for what, heads in (("pool_q", hq), ("pool_k", hkv)):
+            if what == "pool_q":
+                def fn(ln):
+                    return pool_queries(q=q, plan=plan, out=pq, tuning=ln)
+                outs = (pq,)
+                nbytes = q.numel() * q.element_size()
+            else:
+                def fn(ln):
+                    return pool_keys_paged(k_cache=k_cache, block_table=table, plan=plan, out=pk, energy_out=ke,
+                                           params=params, split_out=sp, tuning=ln)
+                outs = (pk, ke, sp)
+                nbytes = L * hkv * d * k_cache.element_size()
+            ref = None
+            for ln in _pool_configs(heads, d):
+                t0 = time.time()
+                ms = _timed(lambda ln=ln: fn(ln))
+                got = [o.clone() for o in outs]
+                if ref is None:
+                    ref = got
+                dev = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(got, ref))
+                row = {"tokens": L, "kernel": what, "heads": heads, **dataclasses.asdict(ln), "ms": round(ms, 4),
+                       "gb_per_s": round(nbytes / (ms * 1e-3) / 1e9, 1), "max_rel_dev_from_default": dev}
+                rows.append(row)
+                print(f"[{time.time() - t0:5.1f}s] {row}", file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:  # noqa: C901 -- one linear script
     # The timing lambdas below run inside their loop iteration; B023 does not apply.
     from prism_vllm.config import PrismConfig
@@ -105,6 +167,8 @@ def main() -> None:  # noqa: C901 -- one linear script
     ap.add_argument("--lengths", default="32768,65536,131072")
     ap.add_argument("--inputs", default="structured,gaussian")
     ap.add_argument("--sweep", action="store_true", help="also try other SelectionTuning knobs and precisions")
+    ap.add_argument("--pool-sweep", action="store_true",
+                    help="instead: the pooling kernels' launch settings (PoolingLaunch), each checked against the default's output")
     ap.add_argument("--out", default=None, help="JSON output path (default stdout)")
     ap.add_argument("--dry-run", action="store_true", help="CPU plumbing check: interpreter, tiny shapes")
     args = ap.parse_args()
@@ -127,7 +191,9 @@ def main() -> None:  # noqa: C901 -- one linear script
     precisions = ["tf32x3", "ieee"] if args.sweep else ["tf32x3"]
     rows = []
     gen = torch.Generator(device=DEV).manual_seed(0)
-    for L in [int(x) for x in args.lengths.split(",")]:
+    if args.pool_sweep:
+        rows = _pool_sweep([int(x) for x in args.lengths.split(",")], hq, hkv, d, params, gen)
+    for L in [] if args.pool_sweep else [int(x) for x in args.lengths.split(",")]:
         plan = make_plan([0, L], [0], hq).to(DEV)
         ws = PrismWorkspace(plan.num_q_blocks, plan.num_k_blocks, 1, plan.sel_capacity, hq, hkv, d, DEV)
         for kind in args.inputs.split(","):

@@ -15,6 +15,8 @@
 #   estimation  where the estimation's time goes (GPU per kernel vs host per call), its launch-knob
 #             sweep at 32K/128K, and Nsight Compute metrics of the selection kernel where ncu
 #             exists (nothing staged: torch + triton; the package importable)
+#   pool      the pooling kernels' launch settings (estimation_sweep.py --pool-sweep) at 8K / 128K,
+#             Llama-3.1-8B layer (nothing staged; alone on the GPU: it times things)
 #   vllm      backend GPU tests (LLM engines side by side) + the served tests
 #   tp        tensor-parallel test (2 GPUs)
 #   load      load test alone
@@ -121,6 +123,12 @@ case "$piece" in
         --lengths 131072 --once > "$out/ncu-select.txt" 2>&1; echo "ncu rc=$?" >> "$out/ncu-select.txt"
       grep -E "Duration|Achieved Occupancy|Registers Per|Theoretical Occupancy|Compute \(SM\) Throughput|Memory Throughput|Stall|rc=" "$out/ncu-select.txt" | head -40
     fi ;;
+  pool)
+    ensure_package
+    log "pooling launch sweep, Llama-3.1-8B layer"
+    timeout "$LIMIT" python -P benchmarks/estimation_sweep.py --lengths 8192,131072 --pool-sweep \
+      --out "$out/pool-sweep.json" > "$out/pool-sweep.log" 2>&1; echo "pool sweep rc=$?" >> "$out/pool-sweep.log"
+    tail -2 "$out/pool-sweep.log" ;;
   kernels)
     ensure_package
     log "kernel GPU tests"

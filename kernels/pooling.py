@@ -245,6 +245,7 @@ class PoolingLaunch:
     block_h: int
     block_d: int
     num_warps: int = 4
+    num_stages: int = 3  # Triton's default
 
 
 def pooling_launch(num_heads: int, head_dim: int) -> PoolingLaunch:
@@ -256,8 +257,19 @@ def pooling_launch(num_heads: int, head_dim: int) -> PoolingLaunch:
     return PoolingLaunch(block_t=block_t, block_h=block_h, block_d=block_d)
 
 
+def _checked_tuning(ln: PoolingLaunch, head_dim: int) -> PoolingLaunch:
+    check(
+        all(v >= 1 and v & (v - 1) == 0 for v in (ln.block_t, ln.block_h, ln.block_d)) and ln.block_d >= head_dim
+        and ln.num_warps >= 1 and ln.num_stages >= 1,
+        f"Invalid pooling tuning {ln}: block_t, block_h, block_d must be powers of two, block_d >= head dim "
+        f"({head_dim}), num_warps and num_stages >= 1",
+    )
+    return ln
+
+
 def pool_queries(
-    q: torch.Tensor, plan: PrefillPlan, out: torch.Tensor, q_scale: Optional[torch.Tensor] = None
+    q: torch.Tensor, plan: PrefillPlan, out: torch.Tensor, q_scale: Optional[torch.Tensor] = None, *,
+    tuning: Optional[PoolingLaunch] = None,
 ) -> torch.Tensor:
     """Mean-pooled queries of every (absolute) query block of the launch.
 
@@ -271,6 +283,7 @@ def pool_queries(
         q_scale: required iff q is float8_e4m3fn: float32 tensor of 1 element on q's device, the
             per-tensor dequantisation scale (q = fp8 * q_scale; vLLM's ``layer._q_scale``, with
             which Attention.forward quantised the query for FlashAttention). Read in the kernel.
+        tuning: launch settings (default ``pooling_launch(HQ, D)``; benchmarks sweep them).
 
     Returns:
         out. One kernel launch; no host sync, no allocation.
@@ -282,7 +295,7 @@ def pool_queries(
     check_tensor("out", out, shape=(AtLeast(plan.num_q_blocks), H, D), dtype=torch.float32, device=q.device)
     if plan.num_q_blocks == 0:
         return out
-    ln = pooling_launch(H, D)
+    ln = pooling_launch(H, D) if tuning is None else _checked_tuning(tuning, D)
     grid = (plan.num_q_blocks, triton.cdiv(H, ln.block_h))
     launch(
         _pool_queries_kernel,
@@ -301,6 +314,7 @@ def pool_queries(
         BLOCK_D=ln.block_d,
         HAS_SCALE=has_scale,
         num_warps=ln.num_warps,
+        num_stages=ln.num_stages,
     )
     return out
 
@@ -314,6 +328,8 @@ def pool_keys_paged(
     params: Optional[PrismParams] = None,
     split_out: Optional[torch.Tensor] = None,
     k_scale: Optional[torch.Tensor] = None,
+    *,
+    tuning: Optional[PoolingLaunch] = None,
 ) -> torch.Tensor:
     """Mean-pooled keys of every key block of every request, read from the paged KV cache.
 
@@ -341,6 +357,7 @@ def pool_keys_paged(
             cache's device, the per-tensor dequantisation scale (k = fp8 * k_scale; vLLM's
             ``layer._k_scale``, with which the cache write quantised the keys). out, energy_out
             and split_out then describe the dequantised keys. Read in the kernel.
+        tuning: launch settings (default ``pooling_launch(HKV, D)``; benchmarks sweep them).
 
     Returns:
         out. One kernel launch; no host sync, no allocation.
@@ -364,7 +381,7 @@ def pool_keys_paged(
         check_tensor("split_out", split_out, shape=(nkb, H, 2, D), dtype=torch.float32, device=dev, last_stride_1=True)
     if plan.num_k_blocks == 0:
         return out
-    ln = pooling_launch(H, D)
+    ln = pooling_launch(H, D) if tuning is None else _checked_tuning(tuning, D)
     grid = (plan.num_k_blocks, triton.cdiv(H, ln.block_h))
     launch(
         _pool_keys_paged_kernel,
@@ -394,5 +411,6 @@ def pool_keys_paged(
         SPLIT=has_s,
         HAS_SCALE=has_scale,
         num_warps=ln.num_warps,
+        num_stages=ln.num_stages,
     )
     return out

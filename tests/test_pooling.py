@@ -115,6 +115,29 @@ def test_pool_keys_single_kv_head_and_odd_head_dim():
     torch.testing.assert_close(out, _ref_k(ks), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("block_t,block_h,num_warps", [(32, 1, 4), (2, 4, 8), (1, 2, 4)])
+def test_pooling_launch_settings_match_reference(block_t, block_h, num_warps):
+    """Other launch settings (what benchmarks/estimation_sweep.py --pool-sweep times): head tiles
+    smaller than, equal to and (block_h 4 > 3 q heads) larger than the heads, both kernels."""
+    from prism_vllm.kernels.pooling import PoolingLaunch
+
+    chunks = CHUNKS["three_reqs"]
+    q, ks, cu, plan = _batch(chunks, 3, 2, 80, torch.float16, DEVICE, seed=5)
+    ln = PoolingLaunch(block_t=block_t, block_h=block_h, block_d=128, num_warps=num_warps, num_stages=1)
+    out = torch.empty(plan.num_q_blocks, 3, 80, device=DEVICE)
+    pool_queries(q=q, plan=plan, out=out, tuning=ln)
+    torch.testing.assert_close(out, _ref_q(q, chunks, cu), atol=1e-5, rtol=1e-4)
+    k_cache, _, table = make_paged_kv(ks, ks, 16, "NHD")
+    kout = torch.empty(plan.num_k_blocks, 2, 80, device=DEVICE)
+    pool_keys_paged(k_cache=k_cache, block_table=table, plan=plan, out=kout, tuning=ln)
+    torch.testing.assert_close(kout, _ref_k(ks), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="block_d >= head dim"):
+        pool_queries(q=q, plan=plan, out=out, tuning=PoolingLaunch(block_t=8, block_h=4, block_d=64))
+    with pytest.raises(ValueError, match="powers of two"):
+        pool_keys_paged(k_cache=k_cache, block_table=table, plan=plan, out=kout,
+                        tuning=PoolingLaunch(block_t=3, block_h=2, block_d=128))
+
+
 def test_pooling_rejects_bad_shapes():
     chunks = [(0, 129)]
     q, ks, _, plan = _batch(chunks, 4, 2, 64, torch.float16, DEVICE)
