@@ -57,8 +57,11 @@ def load_results(out_dir: Path, kv_cache_dtype: str = "auto") -> dict[str, dict[
         if p.is_file():
             out[part] = read_json(p)
         again = Path(out_dir) / REPEAT_FILES.get(part, "")
-        if kv_cache_dtype == "auto" and part in REPEAT_FILES and again.is_file():
-            out[part]["repeats"] = [read_json(again)]
+        if kv_cache_dtype == "auto" and part in out and part in REPEAT_FILES and again.is_file():
+            rep = read_json(again)
+            # a repeat of another commit's run is not a repeat of this one: never mix them in a goal
+            if rep.get("commit") == out[part].get("commit"):
+                out[part]["repeats"] = [rep]
     return out
 
 

@@ -25,9 +25,9 @@ SUPPORTED_BLOCK_SIZES = (128,)
 #: min_context_len when "auto" has no measurement (no CUDA GPU, or the measurement failed): the
 #: end-to-end break-even measured through vLLM on an H200 (SmolLM2-135M with the FA3 attend step at
 #: the 'quality' preset's selection, Prism forced on every chunk, 2026-12-02, commit 3699195,
-#: benchmarks/results/speed.json: 47,080 tokens; 52,037 in speed-repeat.json), the larger of the two
-#: (never slower than dense is the point), rounded up to whole blocks. Earlier runs (aae5b7f) read
-#: 44,205 and 40,652.
+#: benchmarks/results/speed-3699195.json: 47,080 tokens; 52,037 in speed-repeat-3699195.json), the
+#: larger of the two (never slower than dense is the point), rounded up to whole blocks. Earlier runs
+#: (aae5b7f) read 44,205 and 40,652; a later one with one-band estimation (705db1d, speed.json) 40,377.
 AUTO_FALLBACK_MIN_CONTEXT_LEN = 52096
 
 #: Named settings of the fields that trade quality for speed. A preset fills only the fields the
@@ -106,9 +106,9 @@ class PrismConfig:
     the same 30, 13, 12, sparser settings 14 at 32K in quality.json: these counts do not follow the
     density). Chosen over 'meanpool' at 0.995 (within 1% too, 14-17% fewer blocks) for its margin
     on texts and models not measured here: its worst document was +1.17%. Dense enough that Prism
-    pays from about 47-52K tokens on SmolLM2 (speed.json / speed-repeat.json at 3699195: 1.16x /
-    1.12x TTFT at 64K, 1.91x / 1.89x at 128K with Prism forced on); min_context_len="auto" decides
-    where, per model.
+    pays from about 40-52K tokens on SmolLM2 (speed-3699195.json / speed-repeat-3699195.json: 1.16x /
+    1.12x TTFT at 64K, 1.91x / 1.89x at 128K with Prism forced on; speed.json at 705db1d, one-band
+    estimation: 1.22x / 1.93x); min_context_len="auto" decides where, per model.
     'fast': the paper's rule and setting, top-p 0.95 in both bands, no block budget: perplexity
     +3.6..+5.7% at 8K-32K (quality.json, density 0.22-0.32); prefill 1.79x faster than FLASH_ATTN
     at 64K and 2.76x at 128K on SmolLM2 (H200, commit 8f43227: benchmarks/results/speed.json as
@@ -148,10 +148,11 @@ class PrismConfig:
     (``keep_diagonal``), 2 also the block before it, so every query sees at least the 128 tokens
     before it, whatever the pooled scores say (mean pooling is blind to local structure, and a
     query near the start of its block otherwise sees only its block's first tokens). Needs
-    keep_diagonal. Costs up to local_blocks - 1 blocks per row. Not yet measured through vLLM:
-    in the quality sweep (benchmarks/results/quality.json, benchmarks/passkey_pairs.py) 5 of the
-    7 passkeys most often lost across settings, and 2 of the 4 the default lost at 16K / 32K, have
-    their key within 16 tokens of a block boundary; 1 stays the default until a sweep measures 2."""
+    keep_diagonal. Costs up to local_blocks - 1 blocks per row. Measured through vLLM on an H200
+    (benchmarks/results/quality-local-blocks.json, commit 705db1d, SmolLM2-135M, 8K-32K): at the
+    'quality' selection 2 changed nothing (the same passkeys, the same density to three decimals,
+    perplexity within 0.01 points): the block before the diagonal was nearly always selected
+    anyway. 1 stays the default; 2 is for models whose pooled scores miss local context."""
 
     dense_tail: bool = True
     """The rows of a chunk's last query block, when that block is partial (the chunk ends
@@ -176,7 +177,7 @@ class PrismConfig:
     its timings and densities are in the startup log and /prism/stats. Without a
     measurement (no CUDA, or the timing failed) it is 52096, the larger end-to-end break-even of two
     runs through vLLM on an H200 (SmolLM2-135M at the 'quality' preset's selection, 2026-12-02,
-    benchmarks/results/speed.json and speed-repeat.json).
+    benchmarks/results/speed-3699195.json and speed-repeat-3699195.json).
     An integer fixes the length (0 sends every prefill chunk through Prism)."""
 
     attend_layout: str = "auto"

@@ -709,3 +709,17 @@ def test_passkey_pairs_split_and_mcnemar() -> None:
     assert (row["correct"], row["dense_correct"], row["only_dense"], row["only_point"]) == (2, 3, 2, 1)
     assert row["lost"] == ["single-100-d1", "single-100-d3"] and row["gained"] == ["single-100-d2"]
     assert row["mcnemar_p"] == pytest.approx(1.0)
+
+
+def test_repeat_of_another_commit_is_not_a_repeat(tmp_path):
+    """speed-repeat.json counts as a repeat of speed.json only when both ran at the same commit:
+    a goal 'in every run' must not mix one commit's run with another's."""
+    import json
+
+    (tmp_path / "speed.json").write_text(json.dumps({"commit": "aaa", "rows": []}))
+    (tmp_path / "speed-repeat.json").write_text(json.dumps({"commit": "bbb", "rows": [1]}))
+    assert "repeats" not in report.load_results(tmp_path)["speed"]
+    (tmp_path / "speed-repeat.json").write_text(json.dumps({"commit": "aaa", "rows": [1]}))
+    assert report.load_results(tmp_path)["speed"]["repeats"] == [{"commit": "aaa", "rows": [1]}]
+    (tmp_path / "speed.json").unlink()  # a repeat without its run: nothing to attach it to
+    assert "speed" not in report.load_results(tmp_path)
