@@ -98,6 +98,8 @@ def kernel_table(fn: Callable[[], Any], n: int) -> tuple[dict[str, float], float
 
 
 def main(argv: list[str] | None = None) -> int:
+    from prism_vllm.config import PrismConfig
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="8192,32768,131072")
     ap.add_argument("--shape", default="llama8b", choices=sorted(kb.SHAPES))
@@ -105,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commit", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--config", choices=("paper", "default"), default="paper",
+                    help="the selection timed: the paper's two calibrated bands (default, as the official code), "
+                         "or the shipped defaults (PrismConfig(): the 'quality' preset, one band)")
     ap.add_argument("--attend", type=float, default=None, metavar="DENSITY",
                     help="also profile the FA3 attend step at this block density (needs vLLM's FA3)")
     ap.add_argument("--once", action="store_true",
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         q, k = kb.make_structured_qk(L, s, gen)
         v = kb.randn((L, s.hkv, s.d), s, gen)
         kv = kb.make_paged(k, v, s, gen)
-        ours = kb.Ours(s, L)
+        ours = kb.Ours(s, L, PrismConfig() if args.config == "default" else None)
         ws = ours.alloc()
 
         from prism_vllm.kernels.pooling import pool_keys_paged, pool_queries
@@ -198,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         "commit": args.commit or kb.git_commit(),
         "command": "python benchmarks/profile_estimation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "shape": {"hq": s.hq, "hkv": s.hkv, "head_dim": s.d, "dtype": str(s.dtype).replace("torch.", "")},
+        "selection": "the paper's rule (PrismConfig(rule='paper'))" if args.config == "paper"
+        else "the shipped defaults (PrismConfig())",
         "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
         "rows": rows,
     }

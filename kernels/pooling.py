@@ -250,9 +250,14 @@ class PoolingLaunch:
 
 def pooling_launch(num_heads: int, head_dim: int) -> PoolingLaunch:
     """About 8K elements per loaded tile (16 KB of fp16/bf16), so a program keeps several row
-    loads in flight without spilling."""
+    loads in flight without spilling, of up to 4K elements per row: all heads of a row of q (32 x
+    128 for a Llama-3.1-8B layer), one contiguous read. Measured on an H200 (2026-12-02, commit
+    705db1d, benchmarks/results/pool-sweep-h200.json, ``estimation_sweep.py --pool-sweep``): pooling
+    that layer's q at 128K took 0.268 ms with whole-row tiles (2 rows x 32 heads; 4.0 TB/s) against
+    0.361 ms with the former 1K-element rows (8 rows x 8 heads); its 8 kv heads are one 1K row
+    either way (0.123 ms; no launch setting gained more than 0.017 ms there)."""
     block_d = triton.next_power_of_2(head_dim)
-    block_h = min(triton.next_power_of_2(num_heads), max(1, 1024 // block_d))
+    block_h = min(triton.next_power_of_2(num_heads), max(1, 4096 // block_d))
     block_t = max(1, min(32, 8192 // (block_h * block_d)))
     return PoolingLaunch(block_t=block_t, block_h=block_h, block_d=block_d)
 
