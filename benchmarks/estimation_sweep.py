@@ -94,12 +94,12 @@ def _inputs(L: int, kind: str, hq: int, hkv: int, d: int, gen: torch.Generator):
     return q.to(dtype), k_cache, table[None]
 
 
-def _pool_configs(heads: int, d: int) -> list:
-    """Default first, then tiles of 4K / 8K / 16K elements over every power-of-two head tile, at
+def _pool_configs(heads: int, d: int, num_blocks: int) -> list:
+    """The default at this launch's num_blocks first, then tiles of 4K / 8K / 16K elements over every power-of-two head tile, at
     4 and 8 warps, and the default with Triton's pipelining off (num_stages=1)."""
     from prism_vllm.kernels.pooling import PoolingLaunch, pooling_launch
 
-    default = pooling_launch(heads, d)
+    default = pooling_launch(heads, d, num_blocks)
     out = [default, dataclasses.replace(default, num_stages=1)]
     bh = 1
     while bh <= heads:
@@ -141,7 +141,8 @@ def _pool_sweep(lengths, hq, hkv, d, params, gen) -> list:
                 outs = (pk, ke, sp)
                 nbytes = L * hkv * d * k_cache.element_size()
             ref = None
-            for ln in _pool_configs(heads, d):
+            nblocks = plan.num_q_blocks if what == "pool_q" else plan.num_k_blocks
+            for ln in _pool_configs(heads, d, nblocks):
                 t0 = time.time()
                 ms = _timed(lambda ln=ln: fn(ln))
                 got = [o.clone() for o in outs]

@@ -248,16 +248,28 @@ class PoolingLaunch:
     num_stages: int = 3  # Triton's default
 
 
-def pooling_launch(num_heads: int, head_dim: int) -> PoolingLaunch:
+#: Programs a pooling launch keeps at least when it widens its head tiles (about two per SM on an
+#: H200's 132): below that, fewer and longer programs leave SMs idle.
+_MIN_PROGRAMS = 256
+
+
+def pooling_launch(num_heads: int, head_dim: int, num_blocks: int = 0) -> PoolingLaunch:
     """About 8K elements per loaded tile (16 KB of fp16/bf16), so a program keeps several row
-    loads in flight without spilling, of up to 4K elements per row: all heads of a row of q (32 x
-    128 for a Llama-3.1-8B layer), one contiguous read. Measured on an H200 (2026-12-02, commit
-    705db1d, benchmarks/results/pool-sweep-h200.json, ``estimation_sweep.py --pool-sweep``): pooling
-    that layer's q at 128K took 0.268 ms with whole-row tiles (2 rows x 32 heads; 4.0 TB/s) against
-    0.361 ms with the former 1K-element rows (8 rows x 8 heads); its 8 kv heads are one 1K row
-    either way (0.123 ms; no launch setting gained more than 0.017 ms there)."""
+    loads in flight without spilling. A tile row holds 1K elements (8 heads of d=128), widened
+    up to 4K (all 32 q heads of a Llama-3.1-8B row: one contiguous read) while the launch of
+    ``num_blocks`` blocks keeps at least _MIN_PROGRAMS programs. Measured on an H200 (2026-12-02,
+    benchmarks/results/pool-sweep-h200.json, ``estimation_sweep.py --pool-sweep``; GPU time per
+    kernel in profile-estimation-default-h200.json): pooling that layer's q at 128K took 0.25-0.27
+    ms with whole-row tiles (2 rows x 32 heads, 4.0 TB/s) against 0.36 ms with 1K rows (8 rows x 8
+    heads), at 32K 0.083 against 0.103 ms; at 8K (64 blocks: 64 programs) whole rows took 0.065 ms
+    of GPU time against 0.033 ms with 1K rows (256 programs). Its 8 kv heads are one 1K row either
+    way (0.11-0.13 ms at 128K; no launch setting gained more than 0.017 ms there)."""
     block_d = triton.next_power_of_2(head_dim)
-    block_h = min(triton.next_power_of_2(num_heads), max(1, 4096 // block_d))
+    heads = triton.next_power_of_2(num_heads)
+    block_h = min(heads, max(1, 1024 // block_d))
+    while (block_h < heads and 2 * block_h * block_d <= 4096
+           and num_blocks * triton.cdiv(num_heads, 2 * block_h) >= _MIN_PROGRAMS):
+        block_h *= 2
     block_t = max(1, min(32, 8192 // (block_h * block_d)))
     return PoolingLaunch(block_t=block_t, block_h=block_h, block_d=block_d)
 
@@ -288,7 +300,8 @@ def pool_queries(
         q_scale: required iff q is float8_e4m3fn: float32 tensor of 1 element on q's device, the
             per-tensor dequantisation scale (q = fp8 * q_scale; vLLM's ``layer._q_scale``, with
             which Attention.forward quantised the query for FlashAttention). Read in the kernel.
-        tuning: launch settings (default ``pooling_launch(HQ, D)``; benchmarks sweep them).
+        tuning: launch settings (default ``pooling_launch(HQ, D, plan.num_q_blocks)``; benchmarks
+            sweep them).
 
     Returns:
         out. One kernel launch; no host sync, no allocation.
@@ -300,7 +313,7 @@ def pool_queries(
     check_tensor("out", out, shape=(AtLeast(plan.num_q_blocks), H, D), dtype=torch.float32, device=q.device)
     if plan.num_q_blocks == 0:
         return out
-    ln = pooling_launch(H, D) if tuning is None else _checked_tuning(tuning, D)
+    ln = pooling_launch(H, D, plan.num_q_blocks) if tuning is None else _checked_tuning(tuning, D)
     grid = (plan.num_q_blocks, triton.cdiv(H, ln.block_h))
     launch(
         _pool_queries_kernel,
@@ -362,7 +375,8 @@ def pool_keys_paged(
             cache's device, the per-tensor dequantisation scale (k = fp8 * k_scale; vLLM's
             ``layer._k_scale``, with which the cache write quantised the keys). out, energy_out
             and split_out then describe the dequantised keys. Read in the kernel.
-        tuning: launch settings (default ``pooling_launch(HKV, D)``; benchmarks sweep them).
+        tuning: launch settings (default ``pooling_launch(HKV, D, plan.num_k_blocks)``;
+            benchmarks sweep them).
 
     Returns:
         out. One kernel launch; no host sync, no allocation.
@@ -386,7 +400,7 @@ def pool_keys_paged(
         check_tensor("split_out", split_out, shape=(nkb, H, 2, D), dtype=torch.float32, device=dev, last_stride_1=True)
     if plan.num_k_blocks == 0:
         return out
-    ln = pooling_launch(H, D) if tuning is None else _checked_tuning(tuning, D)
+    ln = pooling_launch(H, D, plan.num_k_blocks) if tuning is None else _checked_tuning(tuning, D)
     grid = (plan.num_k_blocks, triton.cdiv(H, ln.block_h))
     launch(
         _pool_keys_paged_kernel,

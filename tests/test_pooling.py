@@ -138,6 +138,27 @@ def test_pooling_launch_settings_match_reference(block_t, block_h, num_warps):
                         tuning=PoolingLaunch(block_t=3, block_h=2, block_d=128))
 
 
+def test_pooling_launch_widens_head_tiles_only_while_the_gpu_stays_busy():
+    """1K-element tile rows, widened to up to 4K (whole q rows of 32 x 128) only while the launch
+    keeps >= 256 programs (pool-sweep-h200.json: whole rows pay at 32K-128K and cost at 8K)."""
+    from prism_vllm.kernels.pooling import pooling_launch
+
+    def tile(h, d, n):
+        ln = pooling_launch(h, d, n)
+        return ln.block_t, ln.block_h, ln.block_d
+
+    assert tile(32, 128, 64) == (8, 8, 128)  # 8K tokens: 64 blocks x 4 head tiles = 256 programs
+    assert tile(32, 128, 128) == (4, 16, 128)
+    assert tile(32, 128, 256) == tile(32, 128, 1024) == (2, 32, 128)  # 32K+: one contiguous row
+    assert tile(64, 128, 1024) == (2, 32, 128)  # never past 4K elements per row
+    assert tile(8, 128, 1024) == (8, 8, 128)  # kv heads of that layer: one 1K row already
+    assert tile(9, 64, 1024) == (8, 16, 64) and tile(3, 64, 1024) == (32, 4, 64)
+    assert tile(16, 256, 64) == (8, 4, 256) and tile(16, 256, 1024) == (2, 16, 256)
+    for h, d, n in [(32, 128, 0), (5, 80, 1000), (40, 128, 300), (1, 256, 1)]:
+        bt, bh, bd = tile(h, d, n)
+        assert bd >= d and bh * bd <= max(4096, bd) and 1 <= bt * bh * bd <= 8192
+
+
 def test_pooling_rejects_bad_shapes():
     chunks = [(0, 129)]
     q, ks, _, plan = _batch(chunks, 4, 2, 64, torch.float16, DEVICE)
