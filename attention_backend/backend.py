@@ -159,6 +159,13 @@ def _limits(vllm_config: Any) -> Optional[tuple[int, int]]:
         return None
 
 
+def _page_size(vllm_config: Any) -> int:
+    """The engine's KV-cache block size (tokens per page of the cache FlashAttention reads), 16
+    when not known yet: the startup measurements lay out their synthetic cache with it."""
+    size = getattr(getattr(vllm_config, "cache_config", None), "block_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else 16
+
+
 def _layer_device(owner: Any) -> torch.device:
     """Where a layer's tensors live: its rotary cache's device, else the current CUDA device."""
     cache = getattr(getattr(owner, "rotary_emb", None), "cos_sin_cache", None)
@@ -703,6 +710,7 @@ class PrismAttentionImpl(FlashAttentionImpl):
         self.prism_fa3 = self.vllm_flash_attn_version == 3 and self.prism_config.keep_diagonal
         self._fp8 = is_quantized_kv_cache(self.kv_cache_dtype)
         self._limits = _limits(vllm_config)
+        self._page_size = _page_size(vllm_config)
         reason = layer_reason(self, vllm_config, fa3=self.prism_fa3)
         if reason is not None:
             self.prism_disable(reason)
@@ -741,6 +749,7 @@ class PrismAttentionImpl(FlashAttentionImpl):
             scale=self.scale, params=self.prism_layer.params, max_model_len=self._limits[0],
             max_num_batched_tokens=self._limits[1], flash_attn_varlen_func=flash_attn_varlen_func,
             fa_version=self.vllm_flash_attn_version, fa3_attend=_FA3() if self.prism_fa3 else None, device=device,
+            page_size=self._page_size,
         )
         if self.prism_fa3 and cfg.attend_layout == "auto":
             choice = break_even.choose_layout(key, AUTO_ATTEND_LAYOUTS, **probe)

@@ -208,11 +208,13 @@ def measure(
     device: torch.device,
     lengths: Sequence[int] = LENGTHS,
     layout: str = "head",
+    page_size: int = 16,
 ) -> Optional[TimingTable]:
     """Time dense vs Prism for one layer shape on this GPU (once per shape and process).
 
     ``params``: the layer's PrismParams; ``fa3_attend``: vLLM's FA3 varlen call when the layer's
-    attend step runs on FA3 (None: the Triton kernel), in ``layout`` (``attend_fa3.LAYOUTS``).
+    attend step runs on FA3 (None: the Triton kernel), in ``layout`` (``attend_fa3.LAYOUTS``);
+    ``page_size``: the engine's KV-cache block size (the synthetic cache's pages).
     Returns None (and logs why) when there is no CUDA device or anything fails: "auto" then falls
     back to AUTO_FALLBACK_MIN_CONTEXT_LEN.
     """
@@ -225,7 +227,7 @@ def measure(
         try:
             table = _measure(num_q_heads, num_kv_heads, head_dim, dtype, scale, params, max_model_len,
                              max_num_batched_tokens, flash_attn_varlen_func, fa_version, fa3_attend, device,
-                             [L for L in lengths if L <= max_model_len], layout)
+                             [L for L in lengths if L <= max_model_len], layout, page_size)
         except Exception as e:  # noqa: BLE001 - a measurement must never stop the server
             logger.warning("Prism: could not measure the break-even for %s (%s: %s); min_context_len=%d",
                            shape, type(e).__name__, e, AUTO_FALLBACK_MIN_CONTEXT_LEN)
@@ -240,23 +242,31 @@ def measure(
 
 
 class _Synthetic:
-    """Random paged K/V of ``S_max`` tokens (pages of 16 in a shuffled order) and a chunk's q, the
+    """Random paged K/V of ``S_max`` tokens (pages in a shuffled order) and a chunk's q, the
     inputs every startup measurement times on; ``chunk(S)`` sets up the last chunk of an S-token
-    sequence and its Prism workspace."""
+    sequence and its Prism workspace.
 
-    PAGE = 16
+    The cache and the page table are laid out as vLLM's (FlashAttention's packed NHD cache of
+    ``page_size``-token pages, a table row of cdiv(max_model_len, page_size) entries), so that the
+    kernels compile here for the strides and page size the engine's requests bring: Triton
+    specialises on a stride being a multiple of 16, and a table of S_max / 16 + 1 columns had left
+    the key pooling and the attend step's table builder to compile again on the first request."""
 
     def __init__(self, hq: int, hkv: int, d: int, dtype: torch.dtype, chunk: int, S_max: int,
-                 device: torch.device, fa: Callable[..., Any], fa_version: Optional[int], scale: float) -> None:
+                 device: torch.device, fa: Callable[..., Any], fa_version: Optional[int], scale: float,
+                 max_model_len: int = 0, page_size: int = 16) -> None:
         self.hq, self.hkv, self.d, self.dtype, self.chunk_rows, self.device = hq, hkv, d, dtype, chunk, device
         self.fa, self.scale = fa, scale
         self.fa_kw = {} if fa_version is None else {"fa_version": fa_version}
         self.gen = torch.Generator(device=device).manual_seed(0)
-        n_pages = S_max // self.PAGE + 1
+        self.page = page_size
+        n_pages = -(-S_max // page_size)
+        width = max(n_pages, -(-max_model_len // page_size))
         # drawn in the model dtype: no float32 copy (the 128K row's cache alone is 512 MiB in bf16)
-        kv = torch.randn(n_pages, self.PAGE, hkv, 2 * d, generator=self.gen, device=device, dtype=dtype)
+        kv = torch.randn(n_pages, page_size, hkv, 2 * d, generator=self.gen, device=device, dtype=dtype)
         self.k_cache, self.v_cache = kv.split(d, dim=-1)
-        self.table = torch.randperm(n_pages, generator=self.gen, device=device).to(torch.int32)[None, :]
+        self.table = torch.zeros(1, width, dtype=torch.int32, device=device)
+        self.table[0, :n_pages] = torch.randperm(n_pages, generator=self.gen, device=device).to(torch.int32)
         self.q_all = torch.randn(min(chunk, S_max), hq, d, generator=self.gen, device=device, dtype=dtype)
 
     def chunk(self, S: int, attend_layouts: Sequence[str], fa3: bool) -> tuple[Any, Any, Any]:
@@ -297,12 +307,12 @@ class _Synthetic:
 
 def _measure(hq: int, hkv: int, d: int, dtype: torch.dtype, scale: float, params: Any, max_model_len: int,
              chunk: int, fa: Callable[..., Any], fa_version: Optional[int], fa3_attend: Optional[Callable[..., Any]],
-             device: torch.device, lengths: list[int], layout: str) -> Optional[TimingTable]:
+             device: torch.device, lengths: list[int], layout: str, page_size: int = 16) -> Optional[TimingTable]:
     from prism_vllm.kernels import prism_estimate
 
     if not lengths:
         return None
-    syn = _Synthetic(hq, hkv, d, dtype, chunk, max(lengths), device, fa, fa_version, scale)
+    syn = _Synthetic(hq, hkv, d, dtype, chunk, max(lengths), device, fa, fa_version, scale, max_model_len, page_size)
     dense_ms, est_ms, attend_ms, used = [], [], [], []
     for S in lengths:
         T = min(S, chunk)
@@ -395,10 +405,10 @@ def choose_layout(shape: str, candidates: Sequence[str], **probe: Any) -> Option
 def _choose(candidates: Sequence[str], *, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
             scale: float, params: Any, max_model_len: int, max_num_batched_tokens: int,
             flash_attn_varlen_func: Callable[..., Any], fa_version: Optional[int],
-            fa3_attend: Callable[..., Any], device: torch.device) -> LayoutChoice:
+            fa3_attend: Callable[..., Any], device: torch.device, page_size: int = 16) -> LayoutChoice:
     S = min(int(max_model_len), LAYOUT_TOKENS)
     syn = _Synthetic(num_q_heads, num_kv_heads, head_dim, dtype, max_num_batched_tokens, S, device,
-                     flash_attn_varlen_func, fa_version, scale)
+                     flash_attn_varlen_func, fa_version, scale, int(max_model_len), page_size)
     plan_cpu, _, ws = syn.chunk(S, tuple(candidates), True)
     T = plan_cpu.num_tokens
     ref = torch.empty_like(syn.q_all[:T])

@@ -273,3 +273,47 @@ def test_the_backend_uses_the_measured_or_configured_layout(monkeypatch):
     assert attend_layout(PrismConfig(), "s") == "head_views"
     assert attend_layout(PrismConfig(), "unmeasured") == "head"
     assert attend_layout(PrismConfig(attend_layout="group"), "s") == "group"
+
+
+@pytest.mark.parametrize("page,max_model_len,S_max", [(16, 131072, 131072), (32, 1000, 640), (16, 40000, 8192)])
+def test_synthetic_cache_is_laid_out_as_vllms(page, max_model_len, S_max):
+    """The startup measurement's cache and page table have the strides and page size of the
+    engine's (vLLM's own FlashAttention cache shape and stride order; a table row of
+    cdiv(max_model_len, page) entries), so the kernels it compiles are the ones requests run
+    (Triton specialises on strides divisible by 16; a 131072 / 16 + 1 column table had made the key
+    pooling compile again on the first request)."""
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend as FA
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    hq, hkv, d = 4, 2, 64
+    syn = be._Synthetic(hq, hkv, d, torch.float16, 64, S_max, torch.device("cpu"), None, None, 0.125,
+                        max_model_len=max_model_len, page_size=page)
+    n_pages = -(-S_max // page)
+    vc = VllmConfig(device_config=DeviceConfig(device="cpu"))
+    with set_current_vllm_config(vc):
+        shape = FA.get_kv_cache_shape(n_pages, page, hkv, d)
+        order = FA.get_kv_cache_stride_order()
+    spec = FullAttentionSpec(block_size=page, num_kv_heads=hkv, head_size=d, dtype=torch.float16)
+    physical = torch.empty([shape[i] for i in order], dtype=torch.float16)
+    kv_cache = physical.permute([order.index(i) for i in range(len(order))])  # as vLLM hands it over
+    k_real = kv_cache.transpose(1, 2).split(d, dim=-1)[0]  # as PrismAttentionImpl._cache_views reads it
+    assert syn.k_cache.shape == k_real.shape and syn.k_cache.stride() == k_real.stride()
+    width = spec.max_num_blocks_per_req(vc, max_model_len)  # the width of the runner's block table rows
+    assert syn.table.shape == (1, width) and syn.table.stride(0) == width
+    assert sorted(syn.table[0, :n_pages].tolist()) == list(range(n_pages))  # every page once, shuffled
+    assert not syn.table[0, n_pages:].any()
+
+
+def test_backend_hands_the_engines_page_size_to_the_measurements():
+    from prism_vllm.attention_backend.backend import _page_size
+
+    class Cache:
+        block_size = 32
+
+    class Config:
+        cache_config = Cache()
+
+    assert _page_size(Config()) == 32
+    Cache.block_size = None  # not resolved yet: FlashAttention's smallest page
+    assert _page_size(Config()) == 16 and _page_size(None) == 16
