@@ -737,8 +737,6 @@ class PrismAttentionImpl(FlashAttentionImpl):
         if not self.prism_resolve() or self._limits is None or self.prism_layer.params.band_high.device.type != "cuda":
             return
         cfg = self.prism_config
-        if cfg.min_context_len != "auto" and (cfg.attend_layout != "auto" or not self.prism_fa3):
-            return
         # Before vLLM sizes its KV cache, so the synthetic inputs fit; once per shape and process.
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
@@ -763,6 +761,11 @@ class PrismAttentionImpl(FlashAttentionImpl):
             if table is not None and table.seconds:
                 logger.info("Prism: timed dense vs Prism for %s on %s in %.1f s (min_context_len=auto)",
                             key, torch.cuda.get_device_name(device), table.seconds)
+        else:  # nothing to time, but the kernels should compile now rather than on the first long request
+            seconds = break_even.warm_up(key, min_len=cfg.min_context_len, **probe, layout=attend_layout(cfg, key))
+            if seconds:
+                logger.info("Prism: kernels for %s warmed up on %s in %.1f s (min_context_len=%d)",
+                            key, torch.cuda.get_device_name(device), seconds, cfg.min_context_len)
 
     def prism_resolve(self) -> bool:
         """Resolve this layer's Prism state once (idempotent); False if it stays dense.

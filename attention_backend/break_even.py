@@ -36,7 +36,12 @@ at a typical density wins; ``measure`` then times the attend step in that layout
 repeated calls as a step's later layers make them: "head" replays its first call's launches
 (``prefill.prism_attend``), "head_views" (per-head views of q) runs in full every time.
 
-Pure arithmetic here is tested on CPU; ``measure`` and ``choose_layout`` need a CUDA GPU.
+With an integer ``min_context_len`` nothing is timed, but ``warm_up`` runs the same synthetic
+calls once, untimed, at the lengths Prism will serve: vLLM's own warm-up sends no prefill through
+the attention backend, so without it Triton would compile Prism's kernels on the first long
+requests (seconds each).
+
+Pure arithmetic here is tested on CPU; ``measure``, ``choose_layout`` and ``warm_up`` need a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from prism_vllm.config import AUTO_FALLBACK_MIN_CONTEXT_LEN
 from prism_vllm.stats import LENGTH_BUCKETS
 
 __all__ = ["TimingTable", "LayoutChoice", "measure", "table_for", "choose_layout", "layout_for", "densities_for",
-           "DENSITIES", "PRIOR_DENSITY", "MARGIN", "EXPLORE_EVERY"]
+           "warm_up", "DENSITIES", "PRIOR_DENSITY", "MARGIN", "EXPLORE_EVERY"]
 
 logger = logging.getLogger("prism_vllm.attention_backend")
 
@@ -191,6 +196,46 @@ def _wall_ms(fn: Callable[[], Any]) -> float:
     return statistics.median(times)
 
 
+def _once(fn: Callable[[], Any]) -> float:
+    """``warm_up``'s stand-in for ``_wall_ms``: one untimed call (Triton compiles here)."""
+    fn()
+    return 0.0
+
+
+_WARM: dict[str, float] = {}
+
+
+def warm_up(shape: str, *, min_len: int, layout: str = "head", **probe: Any) -> Optional[float]:
+    """Prism's kernels run once, untimed, for one layer shape (``probe``: ``measure``'s keyword
+    arguments, less ``lengths`` and ``layout``) on ``measure``'s synthetic inputs, at the measured
+    lengths from the one holding ``min_len`` (an integer min_context_len: the shortest sequence
+    Prism serves) up to max_model_len, so that Triton compiles them at startup. Once per shape and
+    process; the seconds it took, or None (logged) without CUDA, when Prism serves no length, or
+    on failure (the kernels then compile on first use, as before)."""
+    with _LOCK:
+        if shape in _WARM:
+            return _WARM[shape]
+        device = probe["device"]
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return None
+        max_len = int(probe["max_model_len"])
+        lengths = [L for i, L in enumerate(LENGTHS)
+                   if L <= max_len and (i + 1 == len(LENGTHS) or LENGTHS[i + 1] > min_len)]
+        if not lengths or min_len > max_len:
+            return None
+        t_start = time.perf_counter()
+        try:
+            _measure(**probe, lengths=lengths, layout=layout, timer=_once)
+        except Exception as e:  # noqa: BLE001 - a warm-up must never stop the server
+            logger.warning("Prism: could not warm up the kernels for %s (%s: %s); they compile on first use",
+                           shape, type(e).__name__, e)
+            return None
+        finally:
+            torch.cuda.empty_cache()
+        _WARM[shape] = time.perf_counter() - t_start
+        return _WARM[shape]
+
+
 def measure(
     shape: str,
     *,
@@ -305,25 +350,30 @@ class _Synthetic:
         return lambda: prism_attend(q, self.k_cache, self.v_cache, self.table, sel, params, ws, out, fa3=fa3)
 
 
-def _measure(hq: int, hkv: int, d: int, dtype: torch.dtype, scale: float, params: Any, max_model_len: int,
-             chunk: int, fa: Callable[..., Any], fa_version: Optional[int], fa3_attend: Optional[Callable[..., Any]],
-             device: torch.device, lengths: list[int], layout: str, page_size: int = 16) -> Optional[TimingTable]:
+def _measure(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, scale: float, params: Any,
+             max_model_len: int, max_num_batched_tokens: int, flash_attn_varlen_func: Callable[..., Any],
+             fa_version: Optional[int], fa3_attend: Optional[Callable[..., Any]], device: torch.device,
+             lengths: list[int], layout: str, page_size: int = 16,
+             timer: Callable[[Callable[[], Any]], float] = _wall_ms) -> Optional[TimingTable]:
+    """``measure``'s table (``timer``: how each synthetic call is taken, ``_wall_ms`` or ``_once``)."""
     from prism_vllm.kernels import prism_estimate
 
     if not lengths:
         return None
-    syn = _Synthetic(hq, hkv, d, dtype, chunk, max(lengths), device, fa, fa_version, scale, max_model_len, page_size)
+    hq, chunk = num_q_heads, max_num_batched_tokens
+    syn = _Synthetic(hq, num_kv_heads, head_dim, dtype, chunk, max(lengths), device, flash_attn_varlen_func,
+                     fa_version, scale, max_model_len, page_size)
     dense_ms, est_ms, attend_ms, used = [], [], [], []
     for S in lengths:
         T = min(S, chunk)
         out = torch.empty_like(syn.q_all[:T])
-        dense_ms.append(_wall_ms(syn.dense(S, out)))
+        dense_ms.append(timer(syn.dense(S, out)))
         plan_cpu, plan, ws = syn.chunk(S, (layout,), fa3_attend is not None)
-        est_ms.append(_wall_ms(lambda: prism_estimate(syn.q_all[:T], syn.k_cache, syn.table, plan, params, ws)))
+        est_ms.append(timer(lambda: prism_estimate(syn.q_all[:T], syn.k_cache, syn.table, plan, params, ws)))
         row = []
         for rho in DENSITIES:
             sel = _fixed_selection(plan_cpu, hq, rho, syn.gen, device)
-            row.append(_wall_ms(syn.attend(plan_cpu, ws, sel, params, out, fa3_attend, layout)))
+            row.append(timer(syn.attend(plan_cpu, ws, sel, params, out, fa3_attend, layout)))
         attend_ms.append(row)
         used.append(S)
     return TimingTable(shape="", lengths=used, dense_ms=dense_ms, estimate_ms=est_ms, attend_ms=attend_ms, chunk=chunk)

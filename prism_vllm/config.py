@@ -178,7 +178,9 @@ class PrismConfig:
     measurement (no CUDA, or the timing failed) it is 52096, the larger end-to-end break-even of two
     runs through vLLM on an H200 (SmolLM2-135M at the 'quality' preset's selection, 2026-12-02,
     benchmarks/results/speed-3699195.json and speed-repeat-3699195.json).
-    An integer fixes the length (0 sends every prefill chunk through Prism)."""
+    An integer fixes the length (0 sends every prefill chunk through Prism); the same synthetic
+    calls then run once, untimed, at the lengths Prism will serve, so that its kernels compile at
+    startup rather than on the first long requests."""
 
     attend_layout: str = "auto"
     """How the FA3 attend step (Hopper) lays out its virtual varlen sequences (ignored where

@@ -317,3 +317,50 @@ def test_backend_hands_the_engines_page_size_to_the_measurements():
     assert _page_size(Config()) == 32
     Cache.block_size = None  # not resolved yet: FlashAttention's smallest page
     assert _page_size(Config()) == 16 and _page_size(None) == 16
+
+
+def test_warm_up_runs_the_synthetic_calls_once_at_the_lengths_prism_serves(monkeypatch, caplog):
+    """An integer min_context_len times nothing, but the startup still runs Prism's kernels once
+    per layer shape (vLLM's warm-up sends no prefill through the backend), at the measured lengths
+    from the bucket holding min_context_len up to max_model_len."""
+    calls = []
+
+    def fake_measure(**kw):
+        calls.append((kw["lengths"], kw["timer"], kw["layout"], kw["page_size"]))
+        if kw["num_q_heads"] == 3:
+            raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(be, "_measure", fake_measure)
+    monkeypatch.setattr(be, "_WARM", {})
+    probe = dict(num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float16, scale=0.125, params=None,
+                 max_model_len=40000, max_num_batched_tokens=8192, flash_attn_varlen_func=None, fa_version=3,
+                 fa3_attend=None, device=torch.device("cuda"), page_size=16)
+    assert be.warm_up("a", min_len=20000, **probe) is None  # no CUDA here: nothing runs
+    assert calls == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert be.warm_up("a", min_len=20000, **probe, layout="head_views") >= 0
+    assert calls == [([16384, 32768], be._once, "head_views", 16)]
+    assert be.warm_up("a", min_len=0, **probe) is not None and len(calls) == 1  # once per shape and process
+    assert be.warm_up("b", min_len=0, **probe) is not None
+    assert calls[-1][0] == [4096, 8192, 16384, 32768]  # 0: every measured length up to max_model_len
+    assert be.warm_up("c", min_len=50000, **probe) is None and len(calls) == 2  # Prism serves no length
+    with caplog.at_level("WARNING", logger="prism_vllm.attention_backend"):
+        assert be.warm_up("d", min_len=0, **{**probe, "num_q_heads": 3}) is None
+    assert "could not warm up the kernels for d (RuntimeError: out of memory)" in caplog.text
+
+
+def test_warm_up_calls_each_synthetic_kernel_once_on_cpu(monkeypatch):
+    """``_measure`` with warm_up's timer on CPU (interpreter, reference attention as FA / FA3):
+    one call per synthetic launch instead of a warm-up and REPS timed calls."""
+    from prism_vllm import reference
+
+    params = _cpu_timing(monkeypatch)
+    n = []
+
+    def fa3_stand_in(**kw):
+        n.append(1)
+        return reference.paged_varlen_attention(**kw)
+
+    t = be._measure(4, 2, 64, torch.float16, 0.125, params, 1024, 384, reference.paged_varlen_attention, None,
+                    fa3_stand_in, torch.device("cpu"), [256, 640], "head", timer=be._once)
+    assert t.lengths == [256, 640] and len(n) == 2 * len(be.DENSITIES)
