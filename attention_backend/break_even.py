@@ -304,7 +304,6 @@ class _Synthetic:
         self.fa, self.scale = fa, scale
         self.fa_kw = {} if fa_version is None else {"fa_version": fa_version}
         self.gen = torch.Generator(device=device).manual_seed(0)
-        self.page = page_size
         n_pages = -(-S_max // page_size)
         width = max(n_pages, -(-max_model_len // page_size))
         # drawn in the model dtype: no float32 copy (the 128K row's cache alone is 512 MiB in bf16)

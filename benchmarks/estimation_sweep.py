@@ -95,8 +95,9 @@ def _inputs(L: int, kind: str, hq: int, hkv: int, d: int, gen: torch.Generator):
 
 
 def _pool_configs(heads: int, d: int, num_blocks: int) -> list:
-    """The default at this launch's num_blocks first, then tiles of 4K / 8K / 16K elements over every power-of-two head tile, at
-    4 and 8 warps, and the default with Triton's pipelining off (num_stages=1)."""
+    """The default launch for num_blocks first, the same with Triton's pipelining off
+    (num_stages=1), then tiles of 4K / 8K / 16K elements over every power-of-two head tile, at 4
+    and 8 warps."""
     from prism_vllm.kernels.pooling import PoolingLaunch, pooling_launch
 
     default = pooling_launch(heads, d, num_blocks)
@@ -192,9 +193,10 @@ def main() -> None:  # noqa: C901 -- one linear script
     precisions = ["tf32x3", "ieee"] if args.sweep else ["tf32x3"]
     rows = []
     gen = torch.Generator(device=DEV).manual_seed(0)
-    if args.pool_sweep:
-        rows = _pool_sweep([int(x) for x in args.lengths.split(",")], hq, hkv, d, params, gen)
-    for L in [] if args.pool_sweep else [int(x) for x in args.lengths.split(",")]:
+    lengths = [int(x) for x in args.lengths.split(",")]
+    if args.pool_sweep:  # the pooling launches instead of the selection's knobs
+        rows = _pool_sweep(lengths, hq, hkv, d, params, gen)
+    for L in [] if args.pool_sweep else lengths:
         plan = make_plan([0, L], [0], hq).to(DEV)
         ws = PrismWorkspace(plan.num_q_blocks, plan.num_k_blocks, 1, plan.sel_capacity, hq, hkv, d, DEV)
         for kind in args.inputs.split(","):
