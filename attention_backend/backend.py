@@ -18,8 +18,9 @@ The attend step runs on vLLM's own FA3 where the layer's FlashAttention is FA3 (
 kernel elsewhere (``kernels/sparse_prefill.py``).
 
 Layers Prism cannot help (sliding-window / chunked-local / encoder / cross attention, ALiBi,
-no RoPE, soft-capped logits without FA3, sinks, fp8 KV cache, decode context parallelism,
-multimodal prefix-LM, head sizes the kernels lack) stay on FlashAttention, logged once per reason.
+no RoPE, soft-capped logits without FA3, sinks, fp8 KV caches other than per-tensor e4m3 on FA3,
+decode context parallelism, multimodal prefix-LM, head sizes the kernels lack) stay on
+FlashAttention, logged once per reason.
 """
 
 from __future__ import annotations
@@ -749,23 +750,13 @@ class PrismAttentionImpl(FlashAttentionImpl):
             fa_version=self.vllm_flash_attn_version, fa3_attend=_FA3() if self.prism_fa3 else None, device=device,
             page_size=self._page_size,
         )
+        # each logs its outcome once per shape
         if self.prism_fa3 and cfg.attend_layout == "auto":
-            choice = break_even.choose_layout(key, AUTO_ATTEND_LAYOUTS, **probe)
-            if choice is not None and choice.seconds:
-                logger.info("Prism: attend layout %r for %s on %s (attend ms at %dK tokens, density %.1f: %s; "
-                            "timed in %.1f s)", choice.layout, key, torch.cuda.get_device_name(device),
-                            choice.tokens // 1024, break_even.LAYOUT_DENSITY,
-                            ", ".join(f"{k} {v:.3f}" for k, v in choice.attend_ms.items()), choice.seconds)
+            break_even.choose_layout(key, AUTO_ATTEND_LAYOUTS, **probe)
         if cfg.min_context_len == "auto":
-            table = break_even.measure(key, **probe, layout=attend_layout(cfg, key))
-            if table is not None and table.seconds:
-                logger.info("Prism: timed dense vs Prism for %s on %s in %.1f s (min_context_len=auto)",
-                            key, torch.cuda.get_device_name(device), table.seconds)
+            break_even.measure(key, **probe, layout=attend_layout(cfg, key))
         else:  # nothing to time, but the kernels should compile now rather than on the first long request
-            seconds = break_even.warm_up(key, min_len=cfg.min_context_len, **probe, layout=attend_layout(cfg, key))
-            if seconds:
-                logger.info("Prism: kernels for %s warmed up on %s in %.1f s (min_context_len=%d)",
-                            key, torch.cuda.get_device_name(device), seconds, cfg.min_context_len)
+            break_even.warm_up(key, min_len=cfg.min_context_len, **probe, layout=attend_layout(cfg, key))
 
     def prism_resolve(self) -> bool:
         """Resolve this layer's Prism state once (idempotent); False if it stays dense.

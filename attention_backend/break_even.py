@@ -171,7 +171,8 @@ class TimingTable:
         }
 
 
-_TABLES: dict[str, TimingTable] = {}
+#: Per shape: the measured table, or None once a measurement failed (not retried per layer).
+_TABLES: dict[str, Optional[TimingTable]] = {}
 _LOCK = threading.Lock()
 
 
@@ -202,16 +203,49 @@ def _once(fn: Callable[[], Any]) -> float:
     return 0.0
 
 
-_WARM: dict[str, float] = {}
+#: Longest sequence the startup runs untimed so that every selection launch compiles: one key block
+#: past the longest row the selection holds on chip (``SelectionTuning.resident_max_blocks``, 2048
+#: blocks), so the multi-pass launch of longer rows compiles too.
+TOP_WARM_TOKENS = 2049 * 128
+
+
+def _top_length(max_model_len: int, done: Sequence[int]) -> list[int]:
+    """[the longest sequence to run untimed at startup] when it is longer than every length in
+    ``done``: each power-of-two row length of the selection is its own compiled launch, so a
+    40K-token max_model_len needs its 512-block level, which the 32K measurement does not reach."""
+    top = min(int(max_model_len), TOP_WARM_TOKENS)
+    return [top] if top > max(done, default=0) else []
+
+
+def _untimed(shape: str, probe: dict[str, Any], lengths: Sequence[int], layout: str) -> bool:
+    """``measure``'s synthetic calls once each at ``lengths``, untimed (Triton compiles them);
+    False (logged) when that failed: those kernels then compile on first use."""
+    if not lengths:
+        return True
+    try:
+        _measure(**probe, lengths=list(lengths), layout=layout, timer=_once)
+        torch.cuda.synchronize()  # a fault surfaces here, inside the try
+        return True
+    except Exception as e:  # noqa: BLE001 - a warm-up must never stop the server
+        logger.warning("Prism: could not run %s untimed for %s (%s: %s); their kernels compile on first use",
+                       "/".join(str(L) for L in lengths), shape, type(e).__name__, e)
+        return False
+    finally:
+        torch.cuda.empty_cache()
+
+
+#: Per shape: the seconds a warm-up took, or None once it failed (not retried per layer).
+_WARM: dict[str, Optional[float]] = {}
 
 
 def warm_up(shape: str, *, min_len: int, layout: str = "head", **probe: Any) -> Optional[float]:
     """Prism's kernels run once, untimed, for one layer shape (``probe``: ``measure``'s keyword
     arguments, less ``lengths`` and ``layout``) on ``measure``'s synthetic inputs, at the measured
     lengths from the one holding ``min_len`` (an integer min_context_len: the shortest sequence
-    Prism serves) up to max_model_len, so that Triton compiles them at startup. Once per shape and
-    process; the seconds it took, or None (logged) without CUDA, when Prism serves no length, or
-    on failure (the kernels then compile on first use, as before)."""
+    Prism serves) up to max_model_len, and at max_model_len itself (up to TOP_WARM_TOKENS), so
+    that Triton compiles them at startup; logged once. Once per shape and process: the seconds it
+    took, or None without CUDA, when Prism serves no length, or on failure (logged; the kernels
+    then compile on first use, as before)."""
     with _LOCK:
         if shape in _WARM:
             return _WARM[shape]
@@ -219,20 +253,22 @@ def warm_up(shape: str, *, min_len: int, layout: str = "head", **probe: Any) -> 
         if device.type != "cuda" or not torch.cuda.is_available():
             return None
         max_len = int(probe["max_model_len"])
+        if min_len > max_len:
+            return None
         lengths = [L for i, L in enumerate(LENGTHS)
                    if L <= max_len and (i + 1 == len(LENGTHS) or LENGTHS[i + 1] > min_len)]
-        if not lengths or min_len > max_len:
-            return None
+        top = _top_length(max_len, lengths)
         t_start = time.perf_counter()
-        try:
-            _measure(**probe, lengths=lengths, layout=layout, timer=_once)
-        except Exception as e:  # noqa: BLE001 - a warm-up must never stop the server
-            logger.warning("Prism: could not warm up the kernels for %s (%s: %s); they compile on first use",
-                           shape, type(e).__name__, e)
+        _WARM[shape] = None
+        ok = _untimed(shape, probe, lengths, layout)
+        ok = _untimed(shape, probe, top, layout) and ok  # alone: a failed allocation there spares the rest
+        if not ok:
             return None
-        finally:
-            torch.cuda.empty_cache()
+        lengths += top
         _WARM[shape] = time.perf_counter() - t_start
+        logger.info("Prism: kernels for %s compiled on %s in %.1f s (sequences of %s tokens, untimed; "
+                    "min_context_len=%d)", shape, torch.cuda.get_device_name(device), _WARM[shape],
+                    ", ".join(str(L) for L in lengths), min_len)
         return _WARM[shape]
 
 
@@ -260,8 +296,10 @@ def measure(
     ``params``: the layer's PrismParams; ``fa3_attend``: vLLM's FA3 varlen call when the layer's
     attend step runs on FA3 (None: the Triton kernel), in ``layout`` (``attend_fa3.LAYOUTS``);
     ``page_size``: the engine's KV-cache block size (the synthetic cache's pages).
+    Sequences longer than the lengths timed, up to max_model_len (at most TOP_WARM_TOKENS), run
+    once untimed afterwards so that their selection launches compile at startup too.
     Returns None (and logs why) when there is no CUDA device or anything fails: "auto" then falls
-    back to AUTO_FALLBACK_MIN_CONTEXT_LEN.
+    back to AUTO_FALLBACK_MIN_CONTEXT_LEN. The decision is logged once per shape.
     """
     with _LOCK:
         if shape in _TABLES:
@@ -269,10 +307,13 @@ def measure(
         if device.type != "cuda" or not torch.cuda.is_available():
             return None
         t_start = time.perf_counter()
+        _TABLES[shape] = None
+        probe = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, scale=scale,
+                     params=params, max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
+                     flash_attn_varlen_func=flash_attn_varlen_func, fa_version=fa_version, fa3_attend=fa3_attend,
+                     device=device, page_size=page_size)
         try:
-            table = _measure(num_q_heads, num_kv_heads, head_dim, dtype, scale, params, max_model_len,
-                             max_num_batched_tokens, flash_attn_varlen_func, fa_version, fa3_attend, device,
-                             [L for L in lengths if L <= max_model_len], layout, page_size)
+            table = _measure(**probe, lengths=[L for L in lengths if L <= max_model_len], layout=layout)
         except Exception as e:  # noqa: BLE001 - a measurement must never stop the server
             logger.warning("Prism: could not measure the break-even for %s (%s: %s); min_context_len=%d",
                            shape, type(e).__name__, e, AUTO_FALLBACK_MIN_CONTEXT_LEN)
@@ -281,8 +322,11 @@ def measure(
             torch.cuda.empty_cache()
         if table is None:
             return None
+        _untimed(shape, probe, _top_length(max_model_len, table.lengths), layout)  # failing costs a compile later
         table.shape, table.seconds = shape, time.perf_counter() - t_start
         _TABLES[shape] = table
+        logger.info("Prism: timed dense vs Prism for %s on %s in %.1f s (min_context_len=auto)",
+                    shape, torch.cuda.get_device_name(device), table.seconds)
         return table
 
 
@@ -292,10 +336,12 @@ class _Synthetic:
     sequence and its Prism workspace.
 
     The cache and the page table are laid out as vLLM's (FlashAttention's packed NHD cache of
-    ``page_size``-token pages, a table row of cdiv(max_model_len, page_size) entries), so that the
-    kernels compile here for the strides and page size the engine's requests bring: Triton
-    specialises on a stride being a multiple of 16, and a table of S_max / 16 + 1 columns had left
-    the key pooling and the attend step's table builder to compile again on the first request."""
+    ``page_size``-token pages; a table row as wide as the runner's, cdiv(max_model_len,
+    page_size) entries rounded up to a multiple of 128 / page_size as vLLM 0.26's
+    MultiGroupBlockTable does), so that the kernels compile here for the strides and page size the
+    engine's requests bring: Triton specialises on a stride being a multiple of 16, and a table of
+    S_max / 16 + 1 columns had left the key pooling and the attend step's table builder to compile
+    again on the first request."""
 
     def __init__(self, hq: int, hkv: int, d: int, dtype: torch.dtype, chunk: int, S_max: int,
                  device: torch.device, fa: Callable[..., Any], fa_version: Optional[int], scale: float,
@@ -305,7 +351,10 @@ class _Synthetic:
         self.fa_kw = {} if fa_version is None else {"fa_version": fa_version}
         self.gen = torch.Generator(device=device).manual_seed(0)
         n_pages = -(-S_max // page_size)
-        width = max(n_pages, -(-max_model_len // page_size))
+        width = -(-max_model_len // page_size)
+        if page_size <= 128:
+            width = -(-width // (128 // page_size)) * (128 // page_size)
+        width = max(n_pages, width)
         # drawn in the model dtype: no float32 copy (the 128K row's cache alone is 512 MiB in bf16)
         kv = torch.randn(n_pages, page_size, hkv, 2 * d, generator=self.gen, device=device, dtype=dtype)
         self.k_cache, self.v_cache = kv.split(d, dim=-1)
@@ -410,7 +459,8 @@ class LayoutChoice:
                 "rejected": dict(self.rejected), "measured_in_s": round(self.seconds, 2)}
 
 
-_LAYOUTS: dict[str, LayoutChoice] = {}
+#: Per shape: the layout choice, or None once none could be chosen (not retried per layer).
+_LAYOUTS: dict[str, Optional[LayoutChoice]] = {}
 
 
 def layout_for(shape: str) -> Optional[LayoutChoice]:
@@ -434,6 +484,7 @@ def choose_layout(shape: str, candidates: Sequence[str], **probe: Any) -> Option
         if probe.get("fa3_attend") is None or device.type != "cuda" or not torch.cuda.is_available():
             return None
         t_start = time.perf_counter()
+        _LAYOUTS[shape] = None
         try:
             choice = _choose(candidates, **probe)
         except Exception as e:  # noqa: BLE001 - a measurement must never stop the server
@@ -448,6 +499,10 @@ def choose_layout(shape: str, candidates: Sequence[str], **probe: Any) -> Option
             return None
         choice.shape, choice.seconds = shape, time.perf_counter() - t_start
         _LAYOUTS[shape] = choice
+        logger.info("Prism: attend layout %r for %s on %s (attend ms at %dK tokens, density %.1f: %s; "
+                    "timed in %.1f s)", choice.layout, shape, torch.cuda.get_device_name(device),
+                    choice.tokens // 1024, LAYOUT_DENSITY,
+                    ", ".join(f"{k} {v:.3f}" for k, v in choice.attend_ms.items()), choice.seconds)
         return choice
 
 

@@ -60,7 +60,7 @@ def load_results(out_dir: Path, kv_cache_dtype: str = "auto") -> dict[str, dict[
         if kv_cache_dtype == "auto" and part in out and part in REPEAT_FILES and again.is_file():
             rep = read_json(again)
             # a repeat of another commit's run is not a repeat of this one: never mix them in a goal
-            if rep.get("commit") == out[part].get("commit"):
+            if rep.get("commit") not in (None, "", "unknown") and rep.get("commit") == out[part].get("commit"):
                 out[part]["repeats"] = [rep]
     return out
 

@@ -263,12 +263,17 @@ def pooling_launch(num_heads: int, head_dim: int, num_blocks: int = 0) -> Poolin
     ms with whole-row tiles (2 rows x 32 heads, 4.0 TB/s) against 0.36 ms with 1K rows (8 rows x 8
     heads), at 32K 0.083 against 0.103 ms; at 8K (64 blocks: 64 programs) whole rows took 0.065 ms
     of GPU time against 0.033 ms with 1K rows (256 programs). Its 8 kv heads are one 1K row either
-    way (0.11-0.13 ms at 128K; no launch setting gained more than 0.017 ms there)."""
+    way (0.11-0.13 ms at 128K; no launch setting gained more than 0.017 ms there). Through vLLM a
+    q pooling launch holds one step's chunk: with 8K-token chunks (64 blocks) 32 q heads stay on
+    8-head tiles, with 32K-token chunks they take whole rows; key pooling covers every key block of
+    the context."""
     block_d = triton.next_power_of_2(head_dim)
     heads = triton.next_power_of_2(num_heads)
     block_h = min(heads, max(1, 1024 // block_d))
+    # programs counted over the padded heads: the tile changes only at power-of-two block counts,
+    # which the startup's synthetic chunks (4K-128K tokens) all reach, so each tile compiles there
     while (block_h < heads and 2 * block_h * block_d <= 4096
-           and num_blocks * triton.cdiv(num_heads, 2 * block_h) >= _MIN_PROGRAMS):
+           and num_blocks * (heads // (2 * block_h)) >= _MIN_PROGRAMS):
         block_h *= 2
     block_t = max(1, min(32, 8192 // (block_h * block_d)))
     return PoolingLaunch(block_t=block_t, block_h=block_h, block_d=block_d)
@@ -276,10 +281,11 @@ def pooling_launch(num_heads: int, head_dim: int, num_blocks: int = 0) -> Poolin
 
 def _checked_tuning(ln: PoolingLaunch, head_dim: int) -> PoolingLaunch:
     check(
-        all(v >= 1 and v & (v - 1) == 0 for v in (ln.block_t, ln.block_h, ln.block_d)) and ln.block_d >= head_dim
-        and ln.num_warps >= 1 and ln.num_stages >= 1,
-        f"Invalid pooling tuning {ln}: block_t, block_h, block_d must be powers of two, block_d >= head dim "
-        f"({head_dim}), num_warps and num_stages >= 1",
+        all(isinstance(v, int) and v >= 1 and v & (v - 1) == 0
+            for v in (ln.block_t, ln.block_h, ln.block_d, ln.num_warps))
+        and ln.block_d >= head_dim and isinstance(ln.num_stages, int) and ln.num_stages >= 1,
+        f"Invalid pooling tuning {ln}: block_t, block_h, block_d and num_warps must be powers of two, "
+        f"block_d >= head dim ({head_dim}), num_stages >= 1",
     )
     return ln
 

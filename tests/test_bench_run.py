@@ -721,5 +721,9 @@ def test_repeat_of_another_commit_is_not_a_repeat(tmp_path):
     assert "repeats" not in report.load_results(tmp_path)["speed"]
     (tmp_path / "speed-repeat.json").write_text(json.dumps({"commit": "aaa", "rows": [1]}))
     assert report.load_results(tmp_path)["speed"]["repeats"] == [{"commit": "aaa", "rows": [1]}]
+    for commit in (None, "unknown"):  # runs that do not know their commit are not known to match
+        (tmp_path / "speed.json").write_text(json.dumps({"commit": commit, "rows": []}))
+        (tmp_path / "speed-repeat.json").write_text(json.dumps({"commit": commit, "rows": [1]}))
+        assert "repeats" not in report.load_results(tmp_path)["speed"]
     (tmp_path / "speed.json").unlink()  # a repeat without its run: nothing to attach it to
     assert "speed" not in report.load_results(tmp_path)

@@ -275,7 +275,8 @@ def test_the_backend_uses_the_measured_or_configured_layout(monkeypatch):
     assert attend_layout(PrismConfig(attend_layout="group"), "s") == "group"
 
 
-@pytest.mark.parametrize("page,max_model_len,S_max", [(16, 131072, 131072), (32, 1000, 640), (16, 40000, 8192)])
+@pytest.mark.parametrize("page,max_model_len,S_max",
+                         [(16, 131072, 131072), (32, 1000, 640), (16, 40000, 8192), (16, 4000, 4000), (256, 100000, 4096)])
 def test_synthetic_cache_is_laid_out_as_vllms(page, max_model_len, S_max):
     """The startup measurement's cache and page table have the strides and page size of the
     engine's (vLLM's own FlashAttention cache shape and stride order; a table row of
@@ -285,6 +286,7 @@ def test_synthetic_cache_is_laid_out_as_vllms(page, max_model_len, S_max):
     from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend as FA
     from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.worker.block_table import MultiGroupBlockTable
 
     hq, hkv, d = 4, 2, 64
     syn = be._Synthetic(hq, hkv, d, torch.float16, 64, S_max, torch.device("cpu"), None, None, 0.125,
@@ -299,7 +301,10 @@ def test_synthetic_cache_is_laid_out_as_vllms(page, max_model_len, S_max):
     kv_cache = physical.permute([order.index(i) for i in range(len(order))])  # as vLLM hands it over
     k_real = kv_cache.transpose(1, 2).split(d, dim=-1)[0]  # as PrismAttentionImpl._cache_views reads it
     assert syn.k_cache.shape == k_real.shape and syn.k_cache.stride() == k_real.stride()
-    width = spec.max_num_blocks_per_req(vc, max_model_len)  # the width of the runner's block table rows
+    # the runner's block table, built as vLLM builds it (its rows rounded up for some backends)
+    rows = MultiGroupBlockTable(4, 256, False, torch.device("cpu"), [page], [page],
+                                [spec.max_num_blocks_per_req(vc, max_model_len)])
+    width = rows.block_tables[0].max_num_blocks_per_req
     assert syn.table.shape == (1, width) and syn.table.stride(0) == width
     assert sorted(syn.table[0, :n_pages].tolist()) == list(range(n_pages))  # every page once, shuffled
     assert not syn.table[0, n_pages:].any()
@@ -319,34 +324,86 @@ def test_backend_hands_the_engines_page_size_to_the_measurements():
     assert _page_size(Config()) == 16 and _page_size(None) == 16
 
 
-def test_warm_up_runs_the_synthetic_calls_once_at_the_lengths_prism_serves(monkeypatch, caplog):
-    """An integer min_context_len times nothing, but the startup still runs Prism's kernels once
-    per layer shape (vLLM's warm-up sends no prefill through the backend), at the measured lengths
-    from the bucket holding min_context_len up to max_model_len."""
+def _fake_gpu(monkeypatch, fail_heads=()):
+    """``_measure`` recorded instead of run (its keyword arguments bound to the real signature, so
+    a probe key it does not take fails), CUDA calls stubbed: (calls, probe)."""
+    import inspect
+
+    real = inspect.signature(be._measure)
     calls = []
 
-    def fake_measure(**kw):
-        calls.append((kw["lengths"], kw["timer"], kw["layout"], kw["page_size"]))
-        if kw["num_q_heads"] == 3:
+    def fake_measure(*args, **kw):
+        b = real.bind(*args, **kw)
+        b.apply_defaults()
+        a = b.arguments
+        calls.append((a["lengths"], a["timer"], a["layout"], a["page_size"]))
+        if a["num_q_heads"] in fail_heads:
             raise RuntimeError("out of memory")
+        n = len(a["lengths"])
+        return be.TimingTable(shape="", lengths=list(a["lengths"]), dense_ms=[1.0] * n, estimate_ms=[0.1] * n,
+                              attend_ms=[[0.5] * len(be.DENSITIES)] * n, chunk=a["max_num_batched_tokens"])
 
     monkeypatch.setattr(be, "_measure", fake_measure)
-    monkeypatch.setattr(be, "_WARM", {})
+    for name in ("_WARM", "_TABLES", "_LAYOUTS"):
+        monkeypatch.setattr(be, name, {})
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "FakeGPU")
     probe = dict(num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float16, scale=0.125, params=None,
                  max_model_len=40000, max_num_batched_tokens=8192, flash_attn_varlen_func=None, fa_version=3,
                  fa3_attend=None, device=torch.device("cuda"), page_size=16)
-    assert be.warm_up("a", min_len=20000, **probe) is None  # no CUDA here: nothing runs
+    return calls, probe
+
+
+def test_warm_up_runs_the_synthetic_calls_once_at_the_lengths_prism_serves(monkeypatch, caplog):
+    """An integer min_context_len times nothing, but the startup still runs Prism's kernels once
+    per layer shape (vLLM's warm-up sends no prefill through the backend), at the measured lengths
+    from the bucket holding min_context_len up to max_model_len, then at max_model_len itself
+    (each power-of-two row length of the selection is its own compiled launch)."""
+    calls, probe = _fake_gpu(monkeypatch, fail_heads=(3,))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert be.warm_up("a", min_len=20000, **probe) is None  # no CUDA: nothing runs
     assert calls == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert be.warm_up("a", min_len=20000, **probe, layout="head_views") >= 0
-    assert calls == [([16384, 32768], be._once, "head_views", 16)]
-    assert be.warm_up("a", min_len=0, **probe) is not None and len(calls) == 1  # once per shape and process
-    assert be.warm_up("b", min_len=0, **probe) is not None
-    assert calls[-1][0] == [4096, 8192, 16384, 32768]  # 0: every measured length up to max_model_len
-    assert be.warm_up("c", min_len=50000, **probe) is None and len(calls) == 2  # Prism serves no length
+    with caplog.at_level("INFO", logger="prism_vllm.attention_backend"):
+        assert be.warm_up("a", min_len=20000, **probe, layout="head_views") >= 0
+        assert be.warm_up("a", min_len=0, **probe) is not None  # once per shape and process
+    assert calls == [([16384, 32768], be._once, "head_views", 16), ([40000], be._once, "head_views", 16)]
+    assert caplog.text.count("Prism: kernels for a compiled on FakeGPU") == 1  # logged once, not per layer
+    assert "16384, 32768, 40000 tokens" in caplog.text
+    calls.clear()
+    assert be.warm_up("b", min_len=0, **{**probe, "max_model_len": 131072}) is not None
+    assert calls[0][0] == [4096, 8192, 16384, 32768, 65536, 131072] and len(calls) == 1  # nothing longer
+    calls.clear()
+    assert be.warm_up("b2", min_len=0, **{**probe, "max_model_len": 1 << 20}) is not None
+    assert calls[1][0] == [be.TOP_WARM_TOKENS]  # 2049 blocks: the multi-pass launch, not 1M tokens
+    calls.clear()
+    assert be.warm_up("b3", min_len=0, **{**probe, "max_model_len": 3000}) is not None
+    assert calls == [([3000], be._once, "head", 16)]  # shorter than every bucket: max_model_len itself
+    assert be.warm_up("c", min_len=50000, **probe) is None and len(calls) == 1  # Prism serves no length
     with caplog.at_level("WARNING", logger="prism_vllm.attention_backend"):
         assert be.warm_up("d", min_len=0, **{**probe, "num_q_heads": 3}) is None
-    assert "could not warm up the kernels for d (RuntimeError: out of memory)" in caplog.text
+        assert be.warm_up("d", min_len=0, **{**probe, "num_q_heads": 3}) is None
+    assert "could not run 4096/8192/16384/32768 untimed for d (RuntimeError: out of memory)" in caplog.text
+    assert len(calls) == 3  # the buckets and the top length each tried once, not again for the next layer
+
+
+def test_measure_runs_longer_sequences_untimed_and_caches_failures(monkeypatch, caplog):
+    """"auto": the table is timed at the buckets up to max_model_len, max_model_len itself runs
+    once untimed (its selection launch compiles at startup); the decision is logged once per shape
+    and a failed measurement is not retried by the next layer of that shape."""
+    calls, probe = _fake_gpu(monkeypatch, fail_heads=(3,))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with caplog.at_level("INFO", logger="prism_vllm.attention_backend"):
+        t = be.measure("m", **probe)
+        assert be.measure("m", **probe) is t and be.table_for("m") is t
+    assert t.lengths == [4096, 8192, 16384, 32768]
+    assert [c[0] for c in calls] == [[4096, 8192, 16384, 32768], [40000]]
+    assert calls[0][1] is be._wall_ms and calls[1][1] is be._once
+    assert caplog.text.count("Prism: timed dense vs Prism for m on FakeGPU") == 1
+    calls.clear()
+    assert be.measure("f", **{**probe, "num_q_heads": 3}) is None
+    assert be.measure("f", **{**probe, "num_q_heads": 3}) is None and len(calls) == 1
+    assert be.table_for("f") is None
 
 
 def test_warm_up_calls_each_synthetic_kernel_once_on_cpu(monkeypatch):

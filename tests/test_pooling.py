@@ -140,7 +140,8 @@ def test_pooling_launch_settings_match_reference(block_t, block_h, num_warps):
 
 def test_pooling_launch_widens_head_tiles_only_while_the_gpu_stays_busy():
     """1K-element tile rows, widened to up to 4K (whole q rows of 32 x 128) only while the launch
-    keeps >= 256 programs (pool-sweep-h200.json: whole rows pay at 32K-128K and cost at 8K)."""
+    keeps >= 256 programs over the padded heads (pool-sweep-h200.json: whole rows pay at 32K-128K
+    and cost at 8K)."""
     from prism_vllm.kernels.pooling import pooling_launch
 
     def tile(h, d, n):
@@ -154,6 +155,9 @@ def test_pooling_launch_widens_head_tiles_only_while_the_gpu_stays_busy():
     assert tile(8, 128, 1024) == (8, 8, 128)  # kv heads of that layer: one 1K row already
     assert tile(9, 64, 1024) == (8, 16, 64) and tile(3, 64, 1024) == (32, 4, 64)
     assert tile(16, 256, 64) == (8, 4, 256) and tile(16, 256, 1024) == (2, 16, 256)
+    # 40 heads pad to 64: the tile changes at 64 and 128 blocks, block counts the startup reaches
+    assert tile(40, 128, 63) == (8, 8, 128) and tile(40, 128, 64) == tile(40, 128, 127) == (4, 16, 128)
+    assert tile(40, 128, 128) == (2, 32, 128)
     for h, d, n in [(32, 128, 0), (5, 80, 1000), (40, 128, 300), (1, 256, 1)]:
         bt, bh, bd = tile(h, d, n)
         assert bd >= d and bh * bd <= max(4096, bd) and 1 <= bt * bh * bd <= 8192
