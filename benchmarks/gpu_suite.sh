@@ -21,6 +21,8 @@
 #   tp        tensor-parallel test (2 GPUs)
 #   load      load test alone
 #   speed     evidence: TTFT on SmolLM2 (alone on the GPU: it times things)
+#   speed-native  the same at SmolLM2's native context (4K / 8K, max_model_len 8192: no YaRN)
+#             -> results/speed-native.json (#11's "every model": the decision and TTFT there)
 #   speed-fp8 the same with vLLM's --kv-cache-dtype fp8 on both engines -> results/speed-fp8.json
 #   llama8b   evidence: TTFT on the Llama-3.1-8B architecture (alone on the GPU)
 #   quality   the quality sweep (ΔPPL / passkeys / density / TTFT per selection point): set
@@ -147,6 +149,11 @@ case "$piece" in
     run_load; tail -15 "$out/load.log" ;;
   speed|llama8b)
     run_bench "$piece" "$LIMIT"; tail -30 "$out/bench-$piece.log" ;;
+  speed-native)  # the speed part at lengths that need no YaRN; its speed.json renamed
+    BENCH_TAG=speed-native run_bench speed "$LIMIT" --speed-lengths 4K,8K
+    mv "$out/results/speed.json" "$out/results/speed-native.json" 2>/dev/null
+    mv "$out/results/speed.png" "$out/results/speed-native.png" 2>/dev/null
+    tail -30 "$out/bench-speed-native.log" ;;
   speed-fp8)  # dense and Prism forced on (no shipped-defaults engine), as in speed.json's first two columns
     BENCH_TAG=speed-fp8 run_bench speed "$LIMIT" --kv-cache-dtype fp8 --no-speed-default-config
     tail -30 "$out/bench-speed-fp8.log" ;;
