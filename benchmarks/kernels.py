@@ -1191,8 +1191,8 @@ def run_attend_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str,
                                      "num_warps": nw, "order": order, "fa3_ms": fa3_ms,
                                      "default": (bt, nw, order) == (default.block_t, default.num_warps, "kv_desc")}
                 try:
-                    af.ATTEND_LAUNCH = replace(default, block_t=bt, num_warps=nw,
-                                                           block_n=max(default.block_n, 32 * nw))
+                    block_n = max(default.block_n, 32 * nw)
+                    af.ATTEND_LAUNCH = replace(default, block_t=bt, num_warps=nw, block_n=block_n)
                     if order == "kv_desc":
                         r["copies_ms"] = bench(
                             lambda: ours.sparse_fa3(q, kv, si, sc, out, fa3v, order=order, copies_only=True), s)

@@ -245,7 +245,6 @@ class PoolingLaunch:
     block_h: int
     block_d: int
     num_warps: int = 4
-    num_stages: int = 3  # Triton's default
 
 
 #: Programs a pooling launch keeps at least when it widens its head tiles (about two per SM on an
@@ -283,9 +282,9 @@ def _checked_tuning(ln: PoolingLaunch, head_dim: int) -> PoolingLaunch:
     check(
         all(isinstance(v, int) and v >= 1 and v & (v - 1) == 0
             for v in (ln.block_t, ln.block_h, ln.block_d, ln.num_warps))
-        and ln.block_d >= head_dim and isinstance(ln.num_stages, int) and ln.num_stages >= 1,
+        and ln.block_d >= head_dim,
         f"Invalid pooling tuning {ln}: block_t, block_h, block_d and num_warps must be powers of two, "
-        f"block_d >= head dim ({head_dim}), num_stages >= 1",
+        f"block_d >= head dim ({head_dim})",
     )
     return ln
 
@@ -338,7 +337,6 @@ def pool_queries(
         BLOCK_D=ln.block_d,
         HAS_SCALE=has_scale,
         num_warps=ln.num_warps,
-        num_stages=ln.num_stages,
     )
     return out
 
@@ -436,6 +434,5 @@ def pool_keys_paged(
         SPLIT=has_s,
         HAS_SCALE=has_scale,
         num_warps=ln.num_warps,
-        num_stages=ln.num_stages,
     )
     return out

@@ -170,8 +170,8 @@ class PrismConfig:
     on the serving GPU: when the model loads, dense FlashAttention and Prism (estimation + attend
     step at block densities 0.1-1.0) are timed on synthetic chunks of 4K-128K tokens (a few
     seconds, once per shape and process; a longer max_model_len also runs once untimed, up to 256K
-    tokens, so that every kernel compiles at startup), and Prism serves from the shortest length where it takes
-    at most 0.9 of dense's time at the density it has been selecting at each length (sampled
+    tokens, so that the kernels compile at startup), and Prism serves from the shortest length
+    where it takes at most 0.9 of dense's time at the density it has been selecting at each length (sampled
     launches; 0.5 before any). A chunk at a length where Prism could pay but FlashAttention serves
     gets a shadow step: FlashAttention's output unchanged, Prism's estimation beside it to count
     the blocks it would select there (once per length, again every 64 such steps). The decision,

@@ -123,7 +123,7 @@ def test_pooling_launch_settings_match_reference(block_t, block_h, num_warps):
 
     chunks = CHUNKS["three_reqs"]
     q, ks, cu, plan = _batch(chunks, 3, 2, 80, torch.float16, DEVICE, seed=5)
-    ln = PoolingLaunch(block_t=block_t, block_h=block_h, block_d=128, num_warps=num_warps, num_stages=1)
+    ln = PoolingLaunch(block_t=block_t, block_h=block_h, block_d=128, num_warps=num_warps)
     out = torch.empty(plan.num_q_blocks, 3, 80, device=DEVICE)
     pool_queries(q=q, plan=plan, out=out, tuning=ln)
     torch.testing.assert_close(out, _ref_q(q, chunks, cu), atol=1e-5, rtol=1e-4)
