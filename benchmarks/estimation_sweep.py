@@ -96,8 +96,9 @@ def _inputs(L: int, kind: str, hq: int, hkv: int, d: int, gen: torch.Generator):
 
 def _pool_configs(heads: int, d: int, num_blocks: int) -> list:
     """The default launch for num_blocks first, then tiles of 4K / 8K / 16K elements over every
-    power-of-two head tile, at 4 and 8 warps. (Triton's pipelining, num_stages 1 against its
-    default 3, made no difference in pool-sweep-h200.json and is no setting.)"""
+    power-of-two head tile, at 4 and 8 warps. (Triton's pipelining is no setting: num_stages 1
+    against its default 3 read 0.361 / 0.361 ms for q and 0.123 / 0.124 ms for the keys at 128K in
+    pool-sweep-h200.json; the 8K rows there are host-bound.)"""
     from prism_vllm.kernels.pooling import PoolingLaunch, pooling_launch
 
     default = pooling_launch(heads, d, num_blocks)
