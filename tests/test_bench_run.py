@@ -461,6 +461,13 @@ def test_quality_dry_run_and_merge(tmp_path: Path, capsys: pytest.CaptureFixture
     out2 = tmp_path / "res2"
     assert run.main(["--dry-run", "--only", "quality", "--quality-points", "paper:0.9", "--quality-lengths", "512",
                      "--out", str(out2)]) == 0
+    # two dry runs can time their FLASH_ATTN rows alike to the microsecond: set run 1's apart so
+    # the merge below shows which run's baseline each ratio uses
+    q2 = json.loads((out2 / "quality.json").read_text())
+    for r in q2["measured"] + q2["rows"]:
+        if r["point"] == "dense":
+            r["ttft"]["ttft_ms"] += 1000.0
+    (out2 / "quality.json").write_text(json.dumps(q2))
     merged_dir = tmp_path / "merged"
     capsys.readouterr()
     assert run.main(["--merge-quality", str(out / "quality.json"), str(out2 / "quality.json"),
