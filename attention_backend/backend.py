@@ -127,10 +127,11 @@ def _announce(cfg: Any) -> None:
                 ", ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items() if k != "preset"))
 
 
-def shape_key(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: Any, fa3: bool) -> str:
-    """What the break-even of a layer depends on (measured once per key and process)."""
+def shape_key(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: Any, fa3: bool, fp8: bool = False) -> str:
+    """What the break-even of a layer depends on (measured once per key and process); ``fp8``:
+    the KV cache is fp8."""
     name = str(dtype).replace("torch.", "")
-    return f"{num_q_heads}q/{num_kv_heads}kv d={head_dim} {name} {'fa3' if fa3 else 'triton'}"
+    return f"{num_q_heads}q/{num_kv_heads}kv d={head_dim} {name}{' fp8-kv' if fp8 else ''} {'fa3' if fa3 else 'triton'}"
 
 
 def attend_layout(cfg: PrismConfig, shape: str) -> str:
@@ -355,7 +356,8 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         # What the layers' launches do (every Prism layer of a group has the same config): read,
         # not re-derived from the config.
         self._params: PrismParams = ready[0][1].prism_layer.params
-        self._shape_key = shape_key(*shapes[0], getattr(vllm_config.model_config, "dtype", None), fa3)
+        fp8 = is_quantized_kv_cache(getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto"))
+        self._shape_key = shape_key(*shapes[0], getattr(vllm_config.model_config, "dtype", None), fa3, fp8)
         self._auto_min_context: Optional[int] = None
         self._auto_densities: Optional[tuple] = None
         self._auto_table: Optional[tuple] = None  # (table, its lengths' buckets, buckets it could pay at)
@@ -739,17 +741,7 @@ class PrismAttentionImpl(FlashAttentionImpl):
             return
         cfg = self.prism_config
         # Before vLLM sizes its KV cache, so the synthetic inputs fit; once per shape and process.
-        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
-
-        device = self.prism_layer.params.band_high.device
-        key = shape_key(self.num_heads, self.num_kv_heads, self.head_size, act_dtype, self.prism_fa3)
-        probe = dict(
-            num_q_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_size, dtype=act_dtype,
-            scale=self.scale, params=self.prism_layer.params, max_model_len=self._limits[0],
-            max_num_batched_tokens=self._limits[1], flash_attn_varlen_func=flash_attn_varlen_func,
-            fa_version=self.vllm_flash_attn_version, fa3_attend=_FA3() if self.prism_fa3 else None, device=device,
-            page_size=self._page_size,
-        )
+        key, probe = self._startup_probe(act_dtype)
         # each logs its outcome once per shape
         if self.prism_fa3 and cfg.attend_layout == "auto":
             break_even.choose_layout(key, AUTO_ATTEND_LAYOUTS, **probe)
@@ -757,6 +749,22 @@ class PrismAttentionImpl(FlashAttentionImpl):
             break_even.measure(key, **probe, layout=attend_layout(cfg, key))
         else:  # nothing to time, but the kernels should compile now rather than on the first long request
             break_even.warm_up(key, min_len=cfg.min_context_len, **probe, layout=attend_layout(cfg, key))
+
+    def _startup_probe(self, act_dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
+        """(shape key, the keyword arguments of break_even's startup measurements) of this
+        resolved layer: its shape, the engine's limits and page size, vLLM's FlashAttention call,
+        the FA3 attend step if the layer attends on FA3, and the cache's fp8 dtype if quantized."""
+        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+
+        key = shape_key(self.num_heads, self.num_kv_heads, self.head_size, act_dtype, self.prism_fa3, self._fp8)
+        return key, dict(
+            num_q_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_size, dtype=act_dtype,
+            scale=self.scale, params=self.prism_layer.params, max_model_len=self._limits[0],
+            max_num_batched_tokens=self._limits[1], flash_attn_varlen_func=flash_attn_varlen_func,
+            fa_version=self.vllm_flash_attn_version, fa3_attend=_FA3() if self.prism_fa3 else None,
+            device=self.prism_layer.params.band_high.device, page_size=self._page_size,
+            fp8=current_platform.fp8_dtype() if self._fp8 else None,
+        )
 
     def prism_resolve(self) -> bool:
         """Resolve this layer's Prism state once (idempotent); False if it stays dense.

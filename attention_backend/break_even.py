@@ -290,12 +290,15 @@ def measure(
     lengths: Sequence[int] = LENGTHS,
     layout: str = "head",
     page_size: int = 16,
+    fp8: Optional[torch.dtype] = None,
 ) -> Optional[TimingTable]:
     """Time dense vs Prism for one layer shape on this GPU (once per shape and process).
 
     ``params``: the layer's PrismParams; ``fa3_attend``: vLLM's FA3 varlen call when the layer's
     attend step runs on FA3 (None: the Triton kernel), in ``layout`` (``attend_fa3.LAYOUTS``);
-    ``page_size``: the engine's KV-cache block size (the synthetic cache's pages).
+    ``page_size``: the engine's KV-cache block size (the synthetic cache's pages); ``fp8``: the
+    cache's fp8 dtype when it is quantized (``--kv-cache-dtype fp8``: the synthetic cache and q are
+    fp8 too, with unit per-tensor scales, as vLLM quantizes the queries for FA3), else None.
     Sequences longer than the lengths timed, up to max_model_len (at most TOP_WARM_TOKENS), run
     once untimed afterwards so that their selection launches compile at startup too.
     Returns None (and logs why) when there is no CUDA device or anything fails: "auto" then falls
@@ -311,7 +314,7 @@ def measure(
         probe = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, scale=scale,
                      params=params, max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                      flash_attn_varlen_func=flash_attn_varlen_func, fa_version=fa_version, fa3_attend=fa3_attend,
-                     device=device, page_size=page_size)
+                     device=device, page_size=page_size, fp8=fp8)
         try:
             table = _measure(**probe, lengths=[L for L in lengths if L <= max_model_len], layout=layout)
         except Exception as e:  # noqa: BLE001 - a measurement must never stop the server
@@ -341,11 +344,15 @@ class _Synthetic:
     MultiGroupBlockTable does), so that the kernels compile here for the strides and page size the
     engine's requests bring: Triton specialises on a stride being a multiple of 16, and a table of
     S_max / 16 + 1 columns had left the key pooling and the attend step's table builder to compile
-    again on the first request."""
+    again on the first request. With ``fp8`` (an fp8 KV cache) the cache and q are in that dtype
+    with unit per-tensor scales (``scales``), as the engine hands them to the layer, so that the
+    fp8 variants compile here and the timings are the fp8 cache's; outputs stay in ``dtype``."""
 
     def __init__(self, hq: int, hkv: int, d: int, dtype: torch.dtype, chunk: int, S_max: int,
                  device: torch.device, fa: Callable[..., Any], fa_version: Optional[int], scale: float,
-                 max_model_len: int = 0, page_size: int = 16) -> None:
+                 max_model_len: int = 0, page_size: int = 16, fp8: Optional[torch.dtype] = None) -> None:
+        from prism_vllm.kernels.prefill import Fp8Scales
+
         self.hq, self.hkv, self.d, self.dtype, self.chunk_rows, self.device = hq, hkv, d, dtype, chunk, device
         self.fa, self.scale = fa, scale
         self.fa_kw = {} if fa_version is None else {"fa_version": fa_version}
@@ -357,10 +364,20 @@ class _Synthetic:
         width = max(n_pages, width)
         # drawn in the model dtype: no float32 copy (the 128K row's cache alone is 512 MiB in bf16)
         kv = torch.randn(n_pages, page_size, hkv, 2 * d, generator=self.gen, device=device, dtype=dtype)
+        q = torch.randn(min(chunk, S_max), hq, d, generator=self.gen, device=device, dtype=dtype)
+        self.scales: Optional[Fp8Scales] = None
+        if fp8 is not None:
+            kv, q = kv.to(fp8), q.to(fp8)  # values of unit variance: in fp8 range at scale 1
+            one = torch.ones((), dtype=torch.float32, device=device)  # vLLM's layer._k_scale etc.
+            self.scales = Fp8Scales(q=one, k=one, v=one)
         self.k_cache, self.v_cache = kv.split(d, dim=-1)
         self.table = torch.zeros(1, width, dtype=torch.int32, device=device)
         self.table[0, :n_pages] = torch.randperm(n_pages, generator=self.gen, device=device).to(torch.int32)
-        self.q_all = torch.randn(min(chunk, S_max), hq, d, generator=self.gen, device=device, dtype=dtype)
+        self.q_all = q
+
+    def out(self, T: int) -> torch.Tensor:
+        """An output of T rows (the model dtype, whatever q's)."""
+        return torch.empty(T, self.hq, self.d, dtype=self.dtype, device=self.device)
 
     def chunk(self, S: int, attend_layouts: Sequence[str], fa3: bool) -> tuple[Any, Any, Any]:
         """(plan on the host, plan on the device, workspace) of the last chunk of S tokens."""
@@ -379,9 +396,22 @@ class _Synthetic:
         cu = torch.tensor([0, T], dtype=torch.int32, device=self.device)
         seq = torch.tensor([S], dtype=torch.int32, device=self.device)
         q = self.q_all[:T]
+        sc = self.scales
+        # descales as vLLM's FlashAttention passes them: [sequences, kv heads] views of the scales
+        kw = dict(self.fa_kw) if sc is None else dict(self.fa_kw, q_descale=sc.q.expand(1, self.hkv),
+                                                      k_descale=sc.k.expand(1, self.hkv),
+                                                      v_descale=sc.v.expand(1, self.hkv))
         return lambda: self.fa(q=q, k=self.k_cache, v=self.v_cache, out=out, cu_seqlens_q=cu, max_seqlen_q=T,
                                seqused_k=seq, max_seqlen_k=S, softmax_scale=self.scale, causal=True,
-                               block_table=self.table, **self.fa_kw)
+                               block_table=self.table, **kw)
+
+    def estimate(self, T: int, plan: Any, params: Any, ws: Any) -> Callable[[], Any]:
+        """Prism's estimation of the chunk's T rows, as a callable to time."""
+        from prism_vllm.kernels import prism_estimate
+
+        q, sc = self.q_all[:T], self.scales
+        return lambda: prism_estimate(q, self.k_cache, self.table, plan, params, ws,
+                                      q_scale=None if sc is None else sc.q, k_scale=None if sc is None else sc.k)
 
     def attend(self, plan_cpu: Any, ws: Any, sel: Any, params: Any, out: torch.Tensor,
                fa3_attend: Optional[Callable[..., Any]], layout: str) -> Callable[[], Any]:
@@ -395,29 +425,28 @@ class _Synthetic:
                             attend=make_attend_plan(plan_cpu, ws.attend.capacity, layout=layout,
                                                     num_kv_heads=self.hkv))
         q = self.q_all[: out.shape[0]]
-        return lambda: prism_attend(q, self.k_cache, self.v_cache, self.table, sel, params, ws, out, fa3=fa3)
+        return lambda: prism_attend(q, self.k_cache, self.v_cache, self.table, sel, params, ws, out, fa3=fa3,
+                                    scales=self.scales)
 
 
 def _measure(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, scale: float, params: Any,
              max_model_len: int, max_num_batched_tokens: int, flash_attn_varlen_func: Callable[..., Any],
              fa_version: Optional[int], fa3_attend: Optional[Callable[..., Any]], device: torch.device,
-             lengths: list[int], layout: str, page_size: int = 16,
+             lengths: list[int], layout: str, page_size: int = 16, fp8: Optional[torch.dtype] = None,
              timer: Callable[[Callable[[], Any]], float] = _wall_ms) -> Optional[TimingTable]:
     """``measure``'s table (``timer``: how each synthetic call is taken, ``_wall_ms`` or ``_once``)."""
-    from prism_vllm.kernels import prism_estimate
-
     if not lengths:
         return None
     hq, chunk = num_q_heads, max_num_batched_tokens
     syn = _Synthetic(hq, num_kv_heads, head_dim, dtype, chunk, max(lengths), device, flash_attn_varlen_func,
-                     fa_version, scale, max_model_len, page_size)
+                     fa_version, scale, max_model_len, page_size, fp8)
     dense_ms, est_ms, attend_ms, used = [], [], [], []
     for S in lengths:
         T = min(S, chunk)
-        out = torch.empty_like(syn.q_all[:T])
+        out = syn.out(T)
         dense_ms.append(timer(syn.dense(S, out)))
         plan_cpu, plan, ws = syn.chunk(S, (layout,), fa3_attend is not None)
-        est_ms.append(timer(lambda: prism_estimate(syn.q_all[:T], syn.k_cache, syn.table, plan, params, ws)))
+        est_ms.append(timer(syn.estimate(T, plan, params, ws)))
         row = []
         for rho in DENSITIES:
             sel = _fixed_selection(plan_cpu, hq, rho, syn.gen, device)
@@ -509,13 +538,14 @@ def choose_layout(shape: str, candidates: Sequence[str], **probe: Any) -> Option
 def _choose(candidates: Sequence[str], *, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
             scale: float, params: Any, max_model_len: int, max_num_batched_tokens: int,
             flash_attn_varlen_func: Callable[..., Any], fa_version: Optional[int],
-            fa3_attend: Callable[..., Any], device: torch.device, page_size: int = 16) -> LayoutChoice:
+            fa3_attend: Callable[..., Any], device: torch.device, page_size: int = 16,
+            fp8: Optional[torch.dtype] = None) -> LayoutChoice:
     S = min(int(max_model_len), LAYOUT_TOKENS)
     syn = _Synthetic(num_q_heads, num_kv_heads, head_dim, dtype, max_num_batched_tokens, S, device,
-                     flash_attn_varlen_func, fa_version, scale, int(max_model_len), page_size)
+                     flash_attn_varlen_func, fa_version, scale, int(max_model_len), page_size, fp8)
     plan_cpu, _, ws = syn.chunk(S, tuple(candidates), True)
     T = plan_cpu.num_tokens
-    ref = torch.empty_like(syn.q_all[:T])
+    ref = syn.out(T)
     syn.dense(S, ref)()
     every = _fixed_selection(plan_cpu, num_q_heads, 1.0, syn.gen, device)
     sel = _fixed_selection(plan_cpu, num_q_heads, LAYOUT_DENSITY, syn.gen, device)

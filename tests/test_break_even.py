@@ -214,6 +214,38 @@ def test_measurement_plumbing_on_cpu(monkeypatch):
         assert calls == calls_per_attend * (len(lengths) * len(be.DENSITIES) * (1 + be.REPS))
 
 
+def test_fp8_cache_measurement_on_cpu(monkeypatch):
+    """With an fp8 KV cache the startup inputs are what the engine hands an fp8 layer: cache and q
+    in fp8, unit per-tensor scales as descales to both FlashAttention calls (dense and the attend
+    step), outputs in the model dtype; the estimation reads them too (interpreter, reference
+    attention standing in for FA / FA3)."""
+    from prism_vllm import reference
+
+    params = _cpu_timing(monkeypatch)
+    fp8 = torch.float8_e4m3fn
+    seen = []
+
+    def stand_in(**kw):  # FA's keyword semantics; records what each call was given
+        seen.append((kw["q"].dtype, kw["k"].dtype, kw["out"].dtype,
+                     tuple(kw["k_descale"].shape) if "k_descale" in kw else None))
+        return reference.paged_varlen_attention(**kw)
+
+    t = be._measure(4, 2, 64, torch.float16, 0.125, params, 1024, 384, stand_in, None, stand_in,
+                    torch.device("cpu"), [256], "head", fp8=fp8, timer=be._once)
+    assert t.lengths == [256] and len(seen) == 1 + len(be.DENSITIES)
+    assert all(q == k == fp8 and o == torch.float16 for q, k, o, _ in seen)
+    assert seen[0][3] == (1, 2)  # dense: [sequences, kv heads] as vLLM passes them
+    assert all(ds is not None for *_, ds in seen[1:])  # the attend step's calls
+    # the dense call and the attend step read the fp8 inputs alike: every layout's every-block
+    # output equals the dense one (else _choose would reject it)
+    monkeypatch.setattr(be, "LAYOUT_TOKENS", 640)
+    c = be._choose(("head", "head_views"), num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float16,
+                   scale=0.125, params=params, max_model_len=1024, max_num_batched_tokens=384,
+                   flash_attn_varlen_func=reference.paged_varlen_attention, fa_version=None,
+                   fa3_attend=reference.paged_varlen_attention, device=torch.device("cpu"), fp8=fp8)
+    assert not c.rejected and set(c.attend_ms) == {"head", "head_views"}
+
+
 def _choose_cpu(monkeypatch, fa3):
     """break_even._choose on CPU: tiny shapes, the interpreter, reference attention as FA / FA3."""
     from prism_vllm import reference
@@ -322,6 +354,33 @@ def test_backend_hands_the_engines_page_size_to_the_measurements():
     assert _page_size(Config()) == 32
     Cache.block_size = None  # not resolved yet: FlashAttention's smallest page
     assert _page_size(Config()) == 16 and _page_size(None) == 16
+
+
+def test_startup_probe_carries_the_layer_and_the_fp8_cache(monkeypatch):
+    """What a layer hands break_even at startup: keyword arguments its measurements take (bound
+    to measure's signature, so a key it does not take fails), the engine's limits and page size,
+    and for an fp8 KV cache the fp8 dtype, under a shape key of its own (fp8 timings never stand
+    in for the model dtype's)."""
+    import inspect
+
+    from test_backend import MAX_MODEL_LEN, _model, _vllm_config
+    from vllm.config import DeviceConfig, VllmConfig
+    from vllm.v1.attention.backends import fa_utils
+
+    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", reference_fa := object(), raising=False)
+    vc = _vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu")), max_batched_tokens=2048)
+    vc.cache_config.block_size = 32
+    (owner,) = _model(vc, [{"rope_theta": 10000.0}])
+    impl = owner.attn.impl
+    key, probe = impl._startup_probe(torch.bfloat16)
+    bound = inspect.signature(be.measure).bind(key, **probe, layout="head").arguments
+    assert (bound["max_model_len"], bound["max_num_batched_tokens"], bound["page_size"]) == (MAX_MODEL_LEN, 2048, 32)
+    assert bound["flash_attn_varlen_func"] is reference_fa and bound["fp8"] is None and "fp8" not in key
+    assert (bound["num_q_heads"], bound["num_kv_heads"], bound["head_dim"]) == (
+        impl.num_heads, impl.num_kv_heads, impl.head_size)
+    impl._fp8 = True  # as for --kv-cache-dtype fp8 (which CPU layers do not serve)
+    key8, probe8 = impl._startup_probe(torch.bfloat16)
+    assert probe8["fp8"] == torch.float8_e4m3fn and key8 != key and "fp8-kv" in key8
 
 
 def _fake_gpu(monkeypatch, fail_heads=()):
