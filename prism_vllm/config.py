@@ -212,7 +212,8 @@ class PrismConfig:
         if self.rule not in RULES:
             raise ValueError(
                 f"prism.rule={self.rule!r} is not a selection rule; valid rules: "
-                f"{', '.join(repr(r) for r in RULES)} (default 'paper')."
+                f"{', '.join(repr(r) for r in RULES)} (default {PRESETS[self.preset]['rule']!r} in preset "
+                f"{self.preset!r})."
             )
         for name in ("high_band_dims", "low_band_dims"):
             v = getattr(self, name)
@@ -235,8 +236,9 @@ class PrismConfig:
                 f"key blocks in (0, 1] (e.g. 0.1 keeps at most 10% of them), or null for no cap."
             )
         if self.min_context_len != "auto" and (isinstance(self.min_context_len, str) or self.min_context_len < 0):
+            what = "is not valid" if isinstance(self.min_context_len, str) else "is out of range"
             raise ValueError(
-                f"prism.min_context_len={self.min_context_len!r} is out of range: use \"auto\" (the default: "
+                f"prism.min_context_len={self.min_context_len!r} {what}: use \"auto\" (the default: "
                 f"measured per layer shape on the GPU) or a token count >= 0 (0 sends every prefill chunk "
                 f"through Prism)."
             )
@@ -245,10 +247,15 @@ class PrismConfig:
                 f"prism.attend_layout={self.attend_layout!r} is not an attend layout; use \"auto\" (the default) "
                 f"or one of {', '.join(repr(x) for x in ATTEND_LAYOUTS)}."
             )
-        if self.local_blocks < 1 or (self.local_blocks > 1 and not self.keep_diagonal):
+        if self.local_blocks < 1:
             raise ValueError(
                 f"prism.local_blocks={self.local_blocks!r} is out of range: use an integer >= 1 (1: the "
-                f"diagonal block alone; 2: also the block before it), and keep_diagonal=true for more than 1."
+                f"diagonal block alone; 2: also the block before it)."
+            )
+        if self.local_blocks > 1 and not self.keep_diagonal:
+            raise ValueError(
+                f"prism.local_blocks={self.local_blocks!r} needs keep_diagonal=true (the local blocks are "
+                f"the ones before the kept diagonal): set keep_diagonal=true or local_blocks=1."
             )
         if self.min_query_len < 2:
             raise ValueError(

@@ -226,9 +226,11 @@ def plan_serve(args: Sequence[str], bundled_model: Optional[Callable[[], str]] =
         rest.append(a)
         i += 1
 
-    if prism:
-        # Fold the prism flags into one --additional-config, merged over the user's (JSON first,
-        # then dotted forms in order, as vLLM applies them), the flags winning.
+    if prism or additional:
+        # The prism section vLLM will see: the user's --additional-config (JSON first, then dotted
+        # forms in order, as vLLM applies them) with the prism flags over it. Checked here, so a
+        # bad value stops the launch before vLLM starts; the flags are folded into one
+        # --additional-config.
         merged: dict[str, Any] = {}
         dotted: dict[str, Any] = {}
         drop: set[int] = set()
@@ -246,16 +248,17 @@ def plan_serve(args: Sequence[str], bundled_model: Optional[Callable[[], str]] =
             raise UsageError(
                 f'--additional-config "{ADDITIONAL_CONFIG_KEY}" must be a JSON object, got {section!r}'
             )
-        overridden = sorted(set(section) & set(prism))
-        if overridden:
-            logger.info("--prism-* flags override --additional-config prism fields %s", overridden)
-        merged[ADDITIONAL_CONFIG_KEY] = {**section, **prism}
-        rest = [t for j, t in enumerate(rest) if j not in drop]
-        rest += ["--additional-config", json.dumps(merged, separators=(",", ":"))]
         try:
-            PrismConfig.from_dict(merged[ADDITIONAL_CONFIG_KEY])
+            PrismConfig.from_dict({**section, **prism})
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if prism:
+            overridden = sorted(set(section) & set(prism))
+            if overridden:
+                logger.info("--prism-* flags override --additional-config prism fields %s", overridden)
+            merged[ADDITIONAL_CONFIG_KEY] = {**section, **prism}
+            rest = [t for j, t in enumerate(rest) if j not in drop]
+            rest += ["--additional-config", json.dumps(merged, separators=(",", ":"))]
 
     plan = ServePlan(argv=[], prism=prism)
     if rest and rest[0] == "":

@@ -110,6 +110,20 @@ def test_additional_config_untouched_without_prism_flags():
 
 
 @pytest.mark.parametrize(
+    "user",
+    [["--additional-config", '{"prism": {"treshold": 0.9}}'], ["--additional-config.prism.treshold=0.9"],
+     ["-ac", "{}", "--additional-config", '{"prism": {"treshold": 0.9}}']],
+    ids=["json", "dotted", "with-other-flags"],
+)
+def test_prism_settings_in_additional_config_alone_are_checked_before_vllm_starts(user):
+    """No --prism-* flag: the user's --additional-config is handed to vLLM as written, but a bad
+    prism section stops the launch here, naming the setting (not after vLLM has started)."""
+    with pytest.raises(UsageError) as e:
+        plan_serve(["m", *user], bundled_model=_no_bundled)
+    assert "treshold" in str(e.value) and "high_threshold" in str(e.value)
+
+
+@pytest.mark.parametrize(
     "args, words",
     [
         (["--prism-high-threshold", "1.5"], ["high_threshold", "(0, 1]"]),

@@ -40,6 +40,9 @@ def test_explicit_band_dims_are_checked_against_the_rotary_dim():
         ("high_band_dims", 33, r"prism\.high_band_dims=33 is invalid: it must be an even number"),
         ("min_context_len", -1, r"prism\.min_context_len=-1 is out of range"),
         ("min_query_len", 1, r"prism\.min_query_len=1 is out of range"),
+        ("min_context_len", "autoo", r"prism\.min_context_len='autoo' is not valid: use \"auto\""),
+        ("local_blocks", 0, r"prism\.local_blocks=0 is out of range: use an integer >= 1"),
+        ("rule", "foo", r"prism\.rule='foo' is not a selection rule.*\(default 'meanpool' in preset 'quality'\)"),
         ("calibrate", "yes", r"prism\.calibrate='yes' has the wrong type: expected bool"),
         ("high_threshold", "0.9", r"prism\.high_threshold='0\.9' has the wrong type: expected float"),
         ("min_context_len", True, r"prism\.min_context_len=True has the wrong type: expected int"),
@@ -53,6 +56,13 @@ def test_explicit_band_dims_are_checked_against_the_rotary_dim():
 def test_bad_values_name_the_field_value_and_range(field, value, match):
     with pytest.raises(ValueError, match=match):
         PrismConfig.from_dict({field: value})
+
+
+def test_local_blocks_without_the_diagonal_names_the_setting_that_conflicts():
+    with pytest.raises(ValueError, match=r"local_blocks=2 needs keep_diagonal=true.*or local_blocks=1"):
+        PrismConfig.from_dict({"local_blocks": 2, "keep_diagonal": False})
+    with pytest.raises(ValueError, match=r"default 'paper' in preset 'fast'"):
+        PrismConfig.from_dict({"preset": "fast", "rule": "nope"})
 
 
 def test_int_thresholds_are_accepted_as_floats():
