@@ -7,6 +7,7 @@ deselected by default (pyproject addopts); run them with `pytest -m gpu`.
 
 import os
 
+import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -23,6 +24,21 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 INTERPRETER_NOISE = (
     "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning:triton.runtime.interpreter"
 )
+
+
+@pytest.fixture(autouse=True)
+def _process_state_restored():
+    """Every test leaves the process environment (VLLM_PLUGINS, VLLM_ALLOW_INSECURE_SERIALIZATION,
+    ... set by the code under test) and Prism's stats sampling as it found them, so no test's
+    verdict depends on which tests ran before it."""
+    from prism_vllm import stats
+
+    env, every = dict(os.environ), stats.STATS.sample_every
+    yield
+    if os.environ != env:
+        os.environ.clear()
+        os.environ.update(env)
+    stats.STATS.sample_every = every
 
 
 def pytest_configure(config):

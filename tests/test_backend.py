@@ -728,6 +728,7 @@ def test_no_shadow_step_where_prism_has_sampled_or_when_planning_fails(base_vllm
     cannot be planned leaves the step to FlashAttention (logged once), never failing it."""
     b = BATCHES["mixed"]
     p = _paged_batch(b, 16, seed=7)
+    monkeypatch.setattr(pb, "_logged_reasons", set())  # logged once per process: not by an earlier run
     builder, _, st, _, _ = _auto_builder(base_vllm_config, monkeypatch)
     st.add_sample(torch.tensor([40]), torch.tensor([1]), [0, 100])  # sampled at 512 by a Prism launch
     md = builder.build(0, p.cm)

@@ -7,15 +7,10 @@ import importlib.util
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-# benchmarks/ is a folder of scripts at the repo root, not part of the installed package.
-if str(Path(__file__).resolve().parent.parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common, corpus, prompts, quality, recall, report, run
 from prism_vllm.config import PrismConfig

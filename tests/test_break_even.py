@@ -258,13 +258,18 @@ def _choose_cpu(monkeypatch, fa3):
                       device=torch.device("cpu"))
 
 
-def test_layout_choice_times_the_layouts_that_equal_flash_attention(monkeypatch):
+@pytest.mark.parametrize("times,fastest", [((2.0, 1.0), "head_views"), ((1.0, 2.0), "head")])
+def test_layout_choice_times_the_layouts_that_equal_flash_attention(monkeypatch, times, fastest):
+    """Both layouts pass the every-block check and are timed (scripted times, in candidate
+    order): the faster one is chosen."""
     from prism_vllm import reference
 
+    scripted = iter(times)
+    monkeypatch.setattr(be, "_wall_ms", lambda fn: (fn(), next(scripted))[1])
     c = _choose_cpu(monkeypatch, reference.paged_varlen_attention)
     assert (c.tokens, c.chunk) == (640, 384) and not c.rejected
-    assert set(c.attend_ms) == {"head", "head_views"} and c.layout == min(c.attend_ms, key=c.attend_ms.get)
-    assert c.summary()["attend_ms"].keys() == c.attend_ms.keys()
+    assert c.attend_ms == {"head": times[0], "head_views": times[1]} and c.layout == fastest
+    assert c.summary()["attend_ms"] == c.attend_ms
 
 
 def test_layout_choice_rejects_a_layout_whose_output_differs_or_that_raises(monkeypatch):

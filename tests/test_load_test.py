@@ -3,10 +3,8 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import load_test  # noqa: E402
+from benchmarks import load_test
 
 
 def test_server_memory_counts_only_its_own_process_group(monkeypatch):

@@ -460,7 +460,8 @@ def test_block_budget_caps_selection_like_reference(cfg_name, resident_max_block
         n_diff += int((got != ref).sum())
         n_causal += int(free.numel())
         capped_rows += int((ref.sum(-1) < free.sum(-1)).sum())
-        assert not (got & ~free).any() or n_diff <= 2, f"request {r}: blocks outside the top-p union"
+        outside = int((got & ~free).sum())  # the budget only removes: at most the cut's float noise
+        assert outside <= 2, f"request {r}: {outside} blocks outside the top-p union"
         if cfg.keep_diagonal:
             i = torch.arange(got.shape[1])
             assert got[:, i, qb0 + i].all(), "the diagonal block must survive the budget"
