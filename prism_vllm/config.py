@@ -86,7 +86,9 @@ class PrismConfig:
     """How blocks are scored. 'paper': the paper's two RoPE bands (high_band_dims, low_band_dims),
     energy-calibrated, top-p per band, union. 'meanpool': one band of every head dim, no
     calibration, top-p at max(high_threshold, low_threshold) (plain mean pooling). Default: from
-    ``preset`` ('meanpool' in 'quality', 'paper' in 'fast'). Through vLLM on an H200 (SmolLM2-135M,
+    ``preset`` ('meanpool' in 'quality', 'paper' in 'fast').
+
+    Through vLLM on an H200 (SmolLM2-135M,
     two corpora, benchmarks/results/quality-candidates.json, one run) at 8K / 16K / 32K, both rules
     within 1% of dense perplexity: 'meanpool' at top-p 0.995 selects 0.55 / 0.48 / 0.41 of the
     blocks (fortunes +0.47 / +0.68 / +0.88%, Austen +0.28 / +0.32 / +0.29%) and at 0.998 0.64 /
@@ -97,8 +99,11 @@ class PrismConfig:
     preset: str = DEFAULT_PRESET
     """Named defaults for the fields that trade quality for speed (rule, high_threshold,
     low_threshold, block_budget); a field you set yourself overrides the preset's value.
-    'quality' (default): the 'meanpool' rule at top-p 0.998, no block budget. Through vLLM on an
-    H200 (benchmarks/results/quality-candidates.json, commit d3f61a3: SmolLM2-135M-Instruct, four
+    'quality' (default): the 'meanpool' rule at top-p 0.998, no block budget, within 1% of dense
+    perplexity on the model measured. 'fast': the paper's rule at top-p 0.95, about half the
+    blocks of 'quality' and +3.6..+5.7% perplexity there.
+
+    'quality' through vLLM on an H200 (benchmarks/results/quality-candidates.json, commit d3f61a3: SmolLM2-135M-Instruct, four
     documents each of Debian's fortunes and of Jane Austen's novels, Debian r-cran-janeaustenr)
     perplexity +0.19% / +0.16% (fortunes / Austen) at 8K, +0.35% / +0.21% at 16K and +0.80% /
     +0.43% at 32K (YaRN), worst single document +1.06%, at density 0.64 / 0.56 / 0.49; passkeys
@@ -148,7 +153,9 @@ class PrismConfig:
     (``keep_diagonal``), 2 also the block before it, so every query sees at least the 128 tokens
     before it, whatever the pooled scores say (mean pooling is blind to local structure, and a
     query near the start of its block otherwise sees only its block's first tokens). Needs
-    keep_diagonal. Costs up to local_blocks - 1 blocks per row. Measured through vLLM on an H200
+    keep_diagonal. Costs up to local_blocks - 1 blocks per row.
+
+    Measured through vLLM on an H200
     (benchmarks/results/quality-local-blocks.json, commit 705db1d, SmolLM2-135M, 8K-32K): at the
     'quality' selection 2 changed nothing (the same passkeys, the same density to three decimals,
     perplexity within 0.01 points): the block before the diagonal was nearly always selected
@@ -157,17 +164,22 @@ class PrismConfig:
     dense_tail: bool = True
     """The rows of a chunk's last query block, when that block is partial (the chunk ends
     mid-block, as a prompt's end almost always does), attend to every causal block, as the
-    decode rows after them do. The answer to a long prompt is read from these rows; Prism's
+    decode rows after them do. Costs at most one block row per chunk. False: the paper's
+    selection for every row.
+
+    The answer to a long prompt is read from these rows; Prism's
     pooled estimate of a partial block that mixes the question with earlier text misses needles
     on small models (SmolLM2-135M passkeys on the H200: 2/10 without, 9/10 with the
     dense tail, FLASH_ATTN 9/10; benchmarks/results/gpu-tests.txt, passkey-tail-cpu.txt). Chunks cut at block boundaries
-    end on a full block, so selections stay independent of block-aligned chunking. Costs at most
-    one block row per chunk. False: the paper's selection for every row."""
+    end on a full block, so selections stay independent of block-aligned chunking."""
 
     min_context_len: Union[int, str] = "auto"
     """Smallest sequence length (context + this chunk, tokens) at which a prefill chunk is
     served by Prism; shorter ones go to FlashAttention. "auto" (default): decided per layer shape
-    on the serving GPU: when the model loads, dense FlashAttention and Prism (estimation + attend
+    from timings on the serving GPU at startup (startup log and /prism/stats say what was decided),
+    52096 without them. An integer fixes the length (0 sends every prefill chunk through Prism).
+
+    "auto": when the model loads, dense FlashAttention and Prism (estimation + attend
     step at block densities 0.1-1.0) are timed on synthetic chunks of 4K-128K tokens (a few
     seconds, once per shape and process; a longer max_model_len also runs once untimed, up to 256K
     tokens, so that the kernels compile at startup), and Prism serves from the shortest length
@@ -179,8 +191,7 @@ class PrismConfig:
     measurement (no CUDA, or the timing failed) it is 52096, the larger end-to-end break-even of two
     runs through vLLM on an H200 (SmolLM2-135M at the 'quality' preset's selection, 2026-12-02,
     benchmarks/results/speed-3699195.json and speed-repeat-3699195.json).
-    An integer fixes the length (0 sends every prefill chunk through Prism); the same synthetic
-    calls then run once, untimed, at the lengths Prism will serve, so that its kernels compile at
+    With an integer, the same synthetic calls run once, untimed, at the lengths Prism will serve, so that its kernels compile at
     startup rather than on the first long requests."""
 
     attend_layout: str = "auto"
@@ -188,7 +199,9 @@ class PrismConfig:
     Prism's Triton kernel attends). "auto" (default): the faster of "head" and "head_views" for the
     layer shape, timed on the serving GPU when the model loads (once per shape and process; the
     choice and its timings are in the startup log and /prism/stats); without a measurement,
-    "head". Both attend exactly the selected blocks: "head" runs one FA3 call over one sequence
+    "head". Or one of "head", "head_views", "group", "group_views".
+
+    "head" and "head_views" attend exactly the selected blocks: "head" runs one FA3 call over one sequence
     per (query block, q head), on a head-major copy of q whose output is scattered back; "head_views"
     runs one FA3 call per q head on views of q and the output (no copies, HQ calls). "group" /
     "group_views": one sequence per (query block, kv head) carrying the group's q heads over the
@@ -371,8 +384,9 @@ class PrismConfig:
         return "\n".join(rows)
 
     @classmethod
-    def field_docs(cls) -> dict[str, str]:
-        """Field name -> docstring (for README tables and ``--help``)."""
+    def field_docs(cls, summary: bool = False) -> dict[str, str]:
+        """Field name -> docstring, whitespace collapsed (for README tables); ``summary``: its
+        first paragraph only (for ``--help``: the evidence behind a default stays in the README)."""
         import ast
         import inspect
         import textwrap
@@ -382,6 +396,9 @@ class PrismConfig:
         docs: dict[str, str] = {}
         for a, b in zip(body, body[1:]):
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                docs[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[attr-defined]
+                text = textwrap.dedent(str(b.value.value)).strip()  # type: ignore[attr-defined]
+                if summary:
+                    text = text.split("\n\n", 1)[0]
+                docs[a.target.id] = " ".join(text.split())  # type: ignore[attr-defined]
         return docs
 

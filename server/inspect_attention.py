@@ -178,18 +178,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=4096, help="tokens of the text to use (default: 4096)")
     p.add_argument("--out", default="prism-inspect", help="output folder (default: ./prism-inspect)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    for flag, name in prism_flag_names().items():
-        note = flag_note(name)
+    docs = PrismConfig.field_docs(summary=True)
+    for flag, name in _selection_flags().items():
+        note = INSPECT_NOTES.get(name) or flag_note(name)
         p.add_argument(flag, dest=f"prism_{name}", default=None, metavar="VALUE",
-                       help=f"PrismConfig.{name}" + (f". {note}" if note else ""))
+                       help=(docs[name] + (f" {note}" if note else "")).replace("%", "%%"))  # argparse formats help
     return p
+
+
+#: PrismConfig fields that decide only when and how the server runs Prism, not what it selects:
+#: no ``--prism-`` flag of inspect.
+SERVING_ONLY = ("min_context_len", "attend_layout", "min_query_len")
+#: Where inspect reads a flag otherwise than the server.
+INSPECT_NOTES = {"rule": "Here: the left panel's rule, 'paper' unless given; the right panel is always 'meanpool'."}
+
+
+def _selection_flags() -> dict[str, str]:
+    """``--prism-<field>`` -> field, for the fields that shape the selection inspect draws."""
+    return {flag: name for flag, name in prism_flag_names().items() if name not in SERVING_ONLY}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``prism-vllm inspect`` entry point."""
     args = build_parser().parse_args(argv)
     prism: dict[str, Any] = {}
-    for flag, name in prism_flag_names().items():
+    for flag, name in _selection_flags().items():
         raw = getattr(args, f"prism_{name}")
         if raw is not None:
             prism[name] = parse_prism_value(flag, name, raw)

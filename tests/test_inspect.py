@@ -206,3 +206,23 @@ def test_inspect_says_when_the_text_is_shorter_than_tokens(tmp_path, caplog):
     n = json.loads((out / "summary.json").read_text())["tokens"]
     assert n < 100000
     assert f"--tokens 100000: {txt} has only {n} tokens; using all {n}" in caplog.text
+
+
+def test_inspect_help_explains_the_selection_flags_only(capsys):
+    """Every --prism- flag of inspect shapes the selection it draws and says what it does (the
+    field's summary; '%' in a docstring must not break argparse); the server-only ones are absent."""
+    from prism_vllm.config import PrismConfig
+    from prism_vllm.server import cli
+    from prism_vllm.server.inspect_attention import SERVING_ONLY
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["inspect", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    docs = PrismConfig.field_docs(summary=True)
+    for name, doc in docs.items():
+        flag = "--prism-" + name.replace("_", "-")
+        assert (flag in out) == (name not in SERVING_ONLY), flag
+        if name not in SERVING_ONLY:
+            assert " ".join(doc.split()[:5]) in out, flag
+    assert "PrismConfig." not in out and "+3.6..+5.7% perplexity" in out
