@@ -2,7 +2,9 @@
 # The GPU machine's part of the project, in pieces that fit one device call each (10 min).
 # Run from the repo root after staging vLLM + the model (shared/device/README.md) and carrying
 # benchmarks/data (python -m benchmarks.corpus; the quality piece also python -m benchmarks.corpus_austen):
-#   source /root/prism-stage/env.sh && bash benchmarks/gpu_suite.sh PIECE OUTDIR COMMIT
+#   source /root/prism-stage/env.sh && bash benchmarks/gpu_suite.sh PIECE [OUTDIR [COMMIT]]
+# (env.sh: the staged environment's PATH / PYTHONPATH / model paths; a machine with vLLM 0.26 and
+# this package installed needs none of it; OUTDIR defaults to ./gpu-out, COMMIT to git's HEAD)
 # Pieces:
 #   attend    FA3 attend step: its GPU tests (+ fp8 pooling), then the kernel benchmark with FA3
 #             attend rows for the Llama-3.1-8B layer and a 14q/2kv d=64 layer (needs vLLM's FA3),
@@ -37,7 +39,8 @@
 #             vllm + accuracy evidence + load test + the selection/prefill kernel GPU tests
 # OUTDIR collects logs and result JSON (device calls return at most 8 files: see the end).
 set -uo pipefail
-piece=$1; out=$2; sha=${3:-unknown}
+piece=${1:?usage: bash benchmarks/gpu_suite.sh PIECE [OUTDIR [COMMIT]] (pieces: see the header)}
+out=${2:-gpu-out}; sha=${3:-$(git rev-parse --short HEAD 2> /dev/null || echo unknown)}
 mkdir -p "$out"
 export VLLM_ALLOW_INSECURE_SERIALIZATION=1 PYTHONUNBUFFERED=1
 LIMIT=${PRISM_PIECE_LIMIT_S:-540}
