@@ -18,7 +18,8 @@ The attend step runs on vLLM's own FA3 where the layer's FlashAttention is FA3 (
 kernel elsewhere (``kernels/sparse_prefill.py``).
 
 Layers Prism cannot help (sliding-window / chunked-local / encoder / cross attention, ALiBi,
-no RoPE, soft-capped logits without FA3, sinks, fp8 KV caches other than per-tensor e4m3 on FA3,
+no RoPE, soft-capped logits or learned sinks without FA3 (sinks: with FA3 in a view layout only),
+fp8 KV caches other than per-tensor e4m3 on FA3,
 decode context parallelism, multimodal prefix-LM, head sizes the kernels lack) stay on
 FlashAttention, logged once per reason.
 """
@@ -56,7 +57,7 @@ from prism_vllm.kernels.prefill import Fp8Scales
 from prism_vllm.stats import STATS
 
 from . import break_even
-from .eligibility import group_reason, layer_reason, layer_rope_reason, prism_config_of
+from .eligibility import SINK_LAYOUTS, group_reason, layer_reason, layer_rope_reason, prism_config_of
 from .rope_source import bands_for
 from .routing import PrefillRoute, route_prism_suffix, split_launches
 from .workspace import POOL, WorkspaceNeed
@@ -127,18 +128,23 @@ def _announce(cfg: Any) -> None:
                 ", ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items() if k != "preset"))
 
 
-def shape_key(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: Any, fa3: bool, fp8: bool = False) -> str:
+def shape_key(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: Any, fa3: bool, fp8: bool = False,
+              sinks: bool = False) -> str:
     """What the break-even of a layer depends on (measured once per key and process); ``fp8``:
-    the KV cache is fp8."""
+    the KV cache is fp8; ``sinks``: the layer has learned sinks (view layouts only)."""
     name = str(dtype).replace("torch.", "")
-    return f"{num_q_heads}q/{num_kv_heads}kv d={head_dim} {name}{' fp8-kv' if fp8 else ''} {'fa3' if fa3 else 'triton'}"
+    extra = (" fp8-kv" if fp8 else "") + (" sinks" if sinks else "")
+    return f"{num_q_heads}q/{num_kv_heads}kv d={head_dim} {name}{extra} {'fa3' if fa3 else 'triton'}"
 
 
-def attend_layout(cfg: PrismConfig, shape: str) -> str:
-    """The FA3 attend layout of a layer shape: the configured one, else (``"auto"``) the one
-    measured for the shape at startup (``break_even.choose_layout``), else "head"."""
+def attend_layout(cfg: PrismConfig, shape: str, sinks: bool = False) -> str:
+    """The FA3 attend layout of a layer shape: the configured one, else (``"auto"``) for layers
+    with learned sinks the first of SINK_LAYOUTS (the others cannot carry a sink per q head),
+    else the one measured for the shape at startup (``break_even.choose_layout``), else "head"."""
     if cfg.attend_layout != "auto":
         return cfg.attend_layout
+    if sinks:
+        return SINK_LAYOUTS[0]
     choice = break_even.layout_for(shape)
     return choice.layout if choice is not None else "head"
 
@@ -353,18 +359,19 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         self.prism_on = True
         self.prism_num_heads, self._num_kv_heads = shapes[0][0], shapes[0][1]
         fa3 = any(impl.prism_fa3 for _, impl in ready)
+        sinks = any(impl.sinks is not None for _, impl in ready)
         # What the layers' launches do (every Prism layer of a group has the same config): read,
         # not re-derived from the config.
         self._params: PrismParams = ready[0][1].prism_layer.params
         fp8 = is_quantized_kv_cache(getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto"))
-        self._shape_key = shape_key(*shapes[0], getattr(vllm_config.model_config, "dtype", None), fa3, fp8)
+        self._shape_key = shape_key(*shapes[0], getattr(vllm_config.model_config, "dtype", None), fa3, fp8, sinks)
         self._auto_min_context: Optional[int] = None
         self._auto_densities: Optional[tuple] = None
         self._auto_table: Optional[tuple] = None  # (table, its lengths' buckets, buckets it could pay at)
         # min_context_len="auto" exploration: dense steps per length bucket since its last shadow
         # step (None: never shadowed), see break_even's module doc.
         self._dense_steps: list[Optional[int]] = [None] * len(STATS.by_length.lengths)
-        self._layout = attend_layout(self.prism_config, self._shape_key)
+        self._layout = attend_layout(self.prism_config, self._shape_key, sinks)
         if fa3:
             choice = break_even.layout_for(self._shape_key)
             STATS.record_attend_layout(self._shape_key, choice.summary() if choice is not None and (
@@ -714,7 +721,7 @@ class PrismAttentionImpl(FlashAttentionImpl):
         self._fp8 = is_quantized_kv_cache(self.kv_cache_dtype)
         self._limits = _limits(vllm_config)
         self._page_size = _page_size(vllm_config)
-        reason = layer_reason(self, vllm_config, fa3=self.prism_fa3)
+        reason = layer_reason(self, vllm_config, fa3=self.prism_fa3, attend_layout=self.prism_config.attend_layout)
         if reason is not None:
             self.prism_disable(reason)
         elif vllm_config is not None:
@@ -743,12 +750,14 @@ class PrismAttentionImpl(FlashAttentionImpl):
         # Before vLLM sizes its KV cache, so the synthetic inputs fit; once per shape and process.
         key, probe = self._startup_probe(act_dtype)
         # each logs its outcome once per shape
-        if self.prism_fa3 and cfg.attend_layout == "auto":
+        sinks = self.sinks is not None
+        if self.prism_fa3 and cfg.attend_layout == "auto" and not sinks:  # with sinks: no choice to make
             break_even.choose_layout(key, AUTO_ATTEND_LAYOUTS, **probe)
+        layout = attend_layout(cfg, key, sinks)
         if cfg.min_context_len == "auto":
-            break_even.measure(key, **probe, layout=attend_layout(cfg, key))
+            break_even.measure(key, **probe, layout=layout)
         else:  # nothing to time, but the kernels should compile now rather than on the first long request
-            break_even.warm_up(key, min_len=cfg.min_context_len, **probe, layout=attend_layout(cfg, key))
+            break_even.warm_up(key, min_len=cfg.min_context_len, **probe, layout=layout)
 
     def _startup_probe(self, act_dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
         """(shape key, the keyword arguments of break_even's startup measurements) of this
@@ -756,7 +765,8 @@ class PrismAttentionImpl(FlashAttentionImpl):
         the FA3 attend step if the layer attends on FA3, and the cache's fp8 dtype if quantized."""
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
-        key = shape_key(self.num_heads, self.num_kv_heads, self.head_size, act_dtype, self.prism_fa3, self._fp8)
+        key = shape_key(self.num_heads, self.num_kv_heads, self.head_size, act_dtype, self.prism_fa3, self._fp8,
+                        self.sinks is not None)
         return key, dict(
             num_q_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_size, dtype=act_dtype,
             scale=self.scale, params=self.prism_layer.params, max_model_len=self._limits[0],
@@ -785,7 +795,7 @@ class PrismAttentionImpl(FlashAttentionImpl):
         bands = bands_for(src, self.prism_config)
         device = _layer_device(owner)
         params = PrismParams.make(bands=bands, scale=self.scale, config=self.prism_config, device=device,
-                                  softcap=self.logits_soft_cap)
+                                  softcap=self.logits_soft_cap, sinks=self.sinks)
         self.prism_layer = PrismLayer(params=params, description=src.description)
         logger.debug("prism: %s on Prism (%s)", name, src.description)
         return True

@@ -28,6 +28,7 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from prism_vllm.config import ADDITIONAL_CONFIG_KEY, PrismConfig
+from prism_vllm.kernels.attend_fa3 import VIEW_LAYOUTS
 from prism_vllm.kernels.prefill import SUPPORTED_HEAD_DIMS
 
 from .rope_source import RotarySource, resolve_rotary
@@ -35,6 +36,9 @@ from .rope_source import RotarySource, resolve_rotary
 __all__ = ["prism_config_of", "layer_reason", "layer_rope_reason", "group_reason"]
 
 FP8_KV_DTYPES = ("fp8", "fp8_e4m3")
+#: FA3 attend layouts that give each q head its own learned sink (one FA3 call per q head / kv
+#: group on views of q and out); "auto" takes the first for layers with sinks.
+SINK_LAYOUTS = VIEW_LAYOUTS
 
 
 @functools.lru_cache(maxsize=8)
@@ -57,9 +61,10 @@ def prism_config_of(vllm_config: Any) -> PrismConfig:
     return _parse(key)
 
 
-def layer_reason(impl: Any, vllm_config: Any, *, fa3: bool) -> Optional[str]:
+def layer_reason(impl: Any, vllm_config: Any, *, fa3: bool, attend_layout: str = "auto") -> Optional[str]:
     """What keeps a layer on FlashAttention whatever the weights (``impl``: vLLM's FlashAttention
-    impl fields). ``fa3``: the layer's attend step would run on FA3."""
+    impl fields). ``fa3``: the layer's attend step would run on FA3; ``attend_layout``: the
+    configured FA3 attend layout (PrismConfig.attend_layout)."""
     if impl.attn_type != AttentionType.DECODER:
         kind = getattr(impl.attn_type, "value", impl.attn_type)
         return f"{kind} attention (Prism is for causal decoder self-attention)"
@@ -70,9 +75,13 @@ def layer_reason(impl: Any, vllm_config: Any, *, fa3: bool) -> Optional[str]:
     if impl.logits_soft_cap and not fa3:
         return "logits soft-capping without FA3 (Prism's Triton kernel has no soft-cap)"
     if impl.sinks is not None:
-        # FA3 takes one sink logit per head of a call (s_aux [heads]); the attend step's virtual
-        # sequences put every q head in one call with one head each, so a head's sink cannot follow it
-        return "learned attention sinks (the attend step's one-head virtual sequences cannot carry per-head sinks)"
+        # FA3 takes one sink logit per head of a call (s_aux [heads]): the view layouts make one
+        # call per q head / kv group, the copy layouts put sequences of every q head in one call
+        if not fa3:
+            return "learned attention sinks without FA3 (Prism's Triton attend step has no sinks)"
+        if attend_layout not in SINK_LAYOUTS + ("auto",):
+            return (f"learned attention sinks with attend_layout={attend_layout!r} (FA3 holds one sink per head "
+                    f"of a call): set attend_layout to \"auto\" or one of {', '.join(map(repr, SINK_LAYOUTS))}")
     if is_quantized_kv_cache(impl.kv_cache_dtype):
         if not fa3:
             return (f"quantized KV cache kv_cache_dtype={impl.kv_cache_dtype} without FA3 (Prism's Triton "

@@ -928,11 +928,18 @@ def scatter_out(o_virt: torch.Tensor, out: torch.Tensor, plan: PrefillPlan, buck
 
 def _fa3_bucket(flash_attn_varlen_func: FlashAttnVarlen, vkv: VirtualKV, scale: float, softcap: float, B: int,
                 bucket: AttendBucket, cu_seqlens_q: torch.Tensor, *, q: torch.Tensor, out: torch.Tensor,
-                seqused_k: torch.Tensor, block_table: torch.Tensor, descales: dict) -> None:
-    """One FA3 call over virtual sequences of ``bucket`` (every sparse layout's call)."""
-    launch_call(flash_attn_varlen_func, **descales, q=q, k=vkv.k, v=vkv.v, max_seqlen_q=bucket.max_rows,
+                seqused_k: torch.Tensor, block_table: torch.Tensor, descales: dict,
+                sinks: Optional[torch.Tensor] = None) -> None:
+    """One FA3 call over virtual sequences of ``bucket`` (every sparse layout's call); ``sinks``:
+    the learned sinks of the call's q heads (FA3's ``s_aux``)."""
+    launch_call(flash_attn_varlen_func, **descales, **_s_aux(sinks), q=q, k=vkv.k, v=vkv.v, max_seqlen_q=bucket.max_rows,
                 cu_seqlens_q=cu_seqlens_q, max_seqlen_k=bucket.width * B, seqused_k=seqused_k,
                 block_table=block_table, softmax_scale=scale, causal=True, softcap=softcap, out=out)
+
+
+def _s_aux(sinks: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FA3's ``s_aux`` argument for learned sinks; nothing without them (the call stays as it was)."""
+    return {} if sinks is None else {"s_aux": sinks}
 
 
 def attend_fa3(
@@ -952,6 +959,7 @@ def attend_fa3(
     q_scale: Optional[torch.Tensor] = None,
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention of every chunk of ``selection.plan`` through FA3.
 
@@ -980,6 +988,9 @@ def attend_fa3(
             on views of q and out (no copies; ``order`` does not apply).
         q_scale, k_scale, v_scale: per-tensor fp8 dequantisation scales (1-element device tensors,
             vLLM's ``layer._q_scale`` etc.) for an fp8 cache / fp8 q: FA3's descales.
+        sinks: learned attention sinks [HQ] (``reference.softmax_with_sinks``), as FA3's ``s_aux``,
+            which holds one sink per head of a call: only the view layouts (and the plain causal
+            call) can give each q head its own; "head" / "group" raise.
 
     Per bucket: two Triton launches (group layout: three) and one FA3 call; view layouts: one
     launch (group_views: two) and HQ (HKV) FA3 calls. No host sync. Every launch and call goes
@@ -989,10 +1000,15 @@ def attend_fa3(
     """
     plan = selection.plan
     _check_launch(q, out, vkv, block_table, plan, workspace)
+    if sinks is not None:
+        check_tensor("sinks", sinks, shape=(q.shape[1],), device=q.device)
     if attend.all_blocks or selection.all_blocks:
         return attend_dense_fa3(q, vkv, block_table, plan, attend, scale, out,
                                 flash_attn_varlen_func=flash_attn_varlen_func, softcap=softcap,
-                                q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
+                                q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, sinks=sinks)
+    if sinks is not None and layout not in VIEW_LAYOUTS:
+        raise ValueError(f"learned sinks need a view layout ({', '.join(VIEW_LAYOUTS)}): FA3 takes one sink per "
+                         f"head of a call, and layout {layout!r} puts sequences of different q heads in one call")
     if attend.layout != layout:
         raise ValueError(f"attend plan made for layout {attend.layout!r}, called with layout {layout!r}; plan it "
                          f"with make_attend_plan(layout={layout!r})")
@@ -1003,10 +1019,13 @@ def attend_fa3(
             a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, layout=layout)
             n_b = bucket.g_hi - bucket.g_lo
             descales = _descales(q_scale, k_scale, v_scale, n_b, 1)  # the same for every call of the bucket
-            calls = zip(bucket_views(q, bucket, hps), bucket_views(out, bucket, hps), a["seqused_k"], a["block_table"])
-            for q_i, out_i, seqused_k, table in calls:
+            heads = [None] * (q.shape[1] // hps) if sinks is None else [sinks[i : i + hps]
+                                                                          for i in range(0, q.shape[1], hps)]
+            calls = zip(bucket_views(q, bucket, hps), bucket_views(out, bucket, hps), a["seqused_k"], a["block_table"],
+                        heads)
+            for q_i, out_i, seqused_k, table, sinks_i in calls:
                 _fa3_bucket(*fa, bucket, a["cu_seqlens_q"], q=q_i, out=out_i, seqused_k=seqused_k,
-                            block_table=table, descales=descales)
+                            block_table=table, descales=descales, sinks=sinks_i)
         return out
     for bucket in attend.buckets:
         a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, order=order, layout=layout)
@@ -1031,12 +1050,15 @@ def attend_dense_fa3(
     q_scale: Optional[torch.Tensor] = None,
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Every chunk of ``plan`` with plain causal attention: one FA3 call on q / out and the
-    requests' own page table over the real cache (what FlashAttention itself runs)."""
+    requests' own page table over the real cache (what FlashAttention itself runs, learned
+    ``sinks`` [HQ] included)."""
     n = plan.num_tokens
     flash_attn_varlen_func(
         **_descales(q_scale, k_scale, v_scale, plan.num_reqs, vkv.num_kv_heads),
+        **_s_aux(sinks),
         q=q[:n],
         k=vkv.k_cache,
         v=vkv.v_cache,

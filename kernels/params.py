@@ -70,6 +70,11 @@ class PrismParams:
     program). ``make`` sets it when the masks agree; set by hand it is checked. Exactly the
     two-band selection with the exact top-p search (``SelectionTuning.topp_mantissa_bits`` 23, the
     default); a coarser search may stop at another point of the same tolerance."""
+    sinks: Optional[torch.Tensor] = None
+    """The layer's learned attention sinks, [HQ] on the bands' device (vLLM's ``impl.sinks``,
+    gpt-oss style: one logit per q head in the softmax's normaliser), or None. Only the FA3 attend
+    step in a view layout applies them (FA3's ``s_aux`` holds one sink per head of a call); the
+    selection ignores them."""
 
     def __post_init__(self) -> None:
         for name in ("band_high", "band_low"):
@@ -97,6 +102,12 @@ class PrismParams:
         if self.one_band and not torch.equal(self.band_high, self.band_low):
             _fail("one_band=True needs the same mask in both bands (band_high == band_low); leave one_band "
                   "False for two bands")
+        if self.sinks is not None and not (
+                isinstance(self.sinks, torch.Tensor) and self.sinks.dim() == 1 and self.sinks.is_floating_point()
+                and self.sinks.device == self.band_high.device):
+            _fail(f"sinks must be a floating [HQ] tensor on {self.band_high.device} (the layer's learned sinks), got "
+                  f"{getattr(self.sinks, 'dtype', type(self.sinks).__name__)} {list(getattr(self.sinks, 'shape', []))} "
+                  f"on {getattr(self.sinks, 'device', None)}")
         if self.block_size < 16 or self.block_size % 16:
             _fail(f"block_size={self.block_size!r} must be a positive multiple of 16 (the kernels take {BLOCK_SIZE})")
 
@@ -127,8 +138,10 @@ class PrismParams:
         config: "PrismConfig",
         device: Union[str, torch.device],
         softcap: float = 0.0,
+        sinks: Optional[torch.Tensor] = None,
     ) -> "PrismParams":
-        """From the layer's RoPE bands (prism_vllm.rope.rope_bands) and a PrismConfig."""
+        """From the layer's RoPE bands (prism_vllm.rope.rope_bands) and a PrismConfig (``sinks``:
+        the layer's learned sinks, held as given: vLLM loads them in place)."""
         cfg = config
         one_band = torch.equal(bands.high, bands.low)
         return cls(
@@ -145,4 +158,5 @@ class PrismParams:
             block_size=int(cfg.block_size),
             one_band=one_band,
             local_blocks=int(cfg.local_blocks),
+            sinks=sinks,
         )

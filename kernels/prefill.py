@@ -434,7 +434,7 @@ def prism_attend(
         # that is one plain causal FA3 call.
         plan = selection.plan
         attend = fa3.attend
-        replayable = (scales is None and not (attend.all_blocks or selection.all_blocks)
+        replayable = (scales is None and params.sinks is None and not (attend.all_blocks or selection.all_blocks)
                       and attend.layout not in VIEW_LAYOUTS)
         inputs = (q, out, vkv.k, vkv.v, block_table, selection.indices, selection.counts)
         key = None
@@ -451,12 +451,15 @@ def prism_attend(
                 q, vkv, block_table, selection, attend, params.scale, out,
                 flash_attn_varlen_func=fa3.flash_attn_varlen_func, workspace=workspace.attend,
                 softcap=params.softcap, q_scale=sc.q, k_scale=sc.k, v_scale=sc.v, layout=attend.layout,
+                sinks=params.sinks,
             )
         return out
     if scales is not None:
         raise ValueError("the Triton attend step reads no fp8 cache; use the FA3 attend step")
     if params.softcap:
         raise ValueError("the Triton attend step has no logit soft-cap; use the FA3 attend step")
+    if params.sinks is not None:
+        raise ValueError("the Triton attend step has no learned sinks; use the FA3 attend step in a view layout")
     return sparse_prefill(
         q=q,
         k_cache=k_cache,

@@ -248,9 +248,11 @@ def block_sparse_attention(
     block: int,
     scale: float,
     softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Exact attention of q over the keys of the selected blocks, causal per token (``softcap``
-    > 0: scores become softcap * tanh(s / softcap), as FlashAttention's soft-capping).
+    > 0: scores become softcap * tanh(s / softcap), as FlashAttention's soft-capping;
+    ``sinks``: learned attention sinks, see ``softmax_with_sinks``).
 
     q: [L, HQ, D] at positions ctx..ctx+L-1; k, v: [S, HKV, D], S = ctx + L;
     block_mask: bool [HQ, nq, nk] over absolute query blocks qb0.. and key blocks 0..nk-1.
@@ -271,8 +273,20 @@ def block_sparse_attention(
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~allowed, float("-inf"))
-    out = torch.softmax(s, dim=-1) @ vf
+    out = softmax_with_sinks(s, sinks) @ vf
     return out.permute(1, 0, 2).to(q.dtype)
+
+
+def softmax_with_sinks(s: torch.Tensor, sinks: Optional[torch.Tensor]) -> torch.Tensor:
+    """Softmax over the last dim of scores s [H, ..., N] (already scaled and soft-capped; -inf
+    where masked). ``sinks`` [H] (learned attention sinks, gpt-oss style, FA3's ``s_aux``): head
+    h's softmax has one more logit sinks[h] in its normaliser, attached to no value, so a row's
+    probabilities sum to less than one: p_j = exp(s_j) / (exp(sinks[h]) + sum_k exp(s_k)) (a
+    row that sees no key: zeros with sinks, NaN without, as torch.softmax)."""
+    if sinks is None:
+        return torch.softmax(s, dim=-1)
+    sink = sinks.float().view(-1, *([1] * (s.dim() - 1))).expand(*s.shape[:-1], 1)
+    return torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int, scale: float) -> torch.Tensor:
@@ -355,6 +369,7 @@ def paged_varlen_attention(
     q_descale: Optional[torch.Tensor] = None,
     k_descale: Optional[torch.Tensor] = None,
     v_descale: Optional[torch.Tensor] = None,
+    s_aux: Optional[torch.Tensor] = None,
     **unused: object,
 ) -> torch.Tensor:
     """FlashAttention's paged varlen forward (``flash_attn_varlen_func`` with ``seqused_k`` and
@@ -366,7 +381,9 @@ def paged_varlen_attention(
     query i sees key j iff j <= i + n - Lq; a row that sees no key is written as zeros. q head h
     reads kv head h // (HQ // HKV). ``softcap`` > 0: scores become softcap * tanh(s / softcap).
     ``*_descale`` ([batch, HKV] float32, fp8 inputs): q, k, v of sequence b, kv head j are
-    multiplied by their [b, j] entry. Writes into ``out`` when given and returns it.
+    multiplied by their [b, j] entry. ``s_aux`` ([HQ] of the call): one learned sink logit per q
+    head in the softmax's normaliser (``softmax_with_sinks``). Writes into ``out`` when given and
+    returns it.
     """
     hq, d = q.shape[1], q.shape[2]
     page, hkv = k.shape[1], k.shape[2]
@@ -399,6 +416,6 @@ def paged_varlen_attention(
         if causal:
             seen = pos[None, :] <= torch.arange(lq, device=q.device)[:, None] + (n - lq)
             s = s.masked_fill(~seen, float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows that see nothing: zeros
+        p = softmax_with_sinks(s, s_aux).nan_to_num(0.0)  # rows that see nothing: zeros
         out[a:e] = (p @ vv).transpose(0, 1).to(out.dtype)
     return out

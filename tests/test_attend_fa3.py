@@ -598,7 +598,7 @@ GPU_CASES = {
 }
 
 
-def _blockwise_reference(q, ks, vs, c: Case, masks, scale, T):
+def _blockwise_reference(q, ks, vs, c: Case, masks, scale, T, sinks=None):
     """``reference.block_sparse_attention`` one query block at a time, fp32 (memory O(B * S))."""
     want = torch.empty_like(q[:T])
     row = 0
@@ -608,7 +608,7 @@ def _blockwise_reference(q, ks, vs, c: Case, masks, scale, T):
             lo, hi = max((qb0 + i) * B, a), min((qb0 + i + 1) * B, a + L)
             want[row + lo - a : row + hi - a] = ref.block_sparse_attention(
                 q[row + lo - a : row + hi - a], ks[r][:hi], vs[r][:hi], lo,
-                masks[r][:, i : i + 1, : -(-hi // B)].to(q.device), B, scale)
+                masks[r][:, i : i + 1, : -(-hi // B)].to(q.device), B, scale, sinks=sinks)
         row += L
     return want
 
@@ -655,6 +655,32 @@ def test_gpu_fa3_view_layouts_equal_reference(name, layout):
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(out[:T].float(), want.float(), atol=atol, rtol=rtol)
     assert math.isfinite(float(out[:T].float().abs().max()))
+    assert out[T:].isnan().all(), "rows past the plan were written"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", ["head_views", "group_views"])
+@pytest.mark.parametrize("name", ["d64_gqa7", "mid_block_chunks_context", "every_block"])
+def test_gpu_fa3_learned_sinks_equal_reference(name, layout):
+    """vLLM's FA3 with s_aux (learned sinks, gpt-oss style) in the view layouts, each call with its
+    own heads' sinks, and in the plain causal call: block-sparse attention with sinks
+    (``reference.softmax_with_sinks``), d=64 and d=128."""
+    fa = _fa3()
+    c = GPU_CASES[name]
+    dtype = torch.bfloat16
+    q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c, dtype=dtype, device="cuda")
+    scale, sinks = c.d**-0.5, _sinks(c.hq, "cuda")
+    vkv = virtual_kv(kc, vc)
+    ap = make_attend_plan(plan, c.capacity, all_blocks=c.keep == "all", layout=layout, num_kv_heads=c.hkv)
+    ws = AttendWorkspace(c.capacity, c.hq, c.d, dtype, q.device, layouts=(layout,))
+    out = torch.full_like(q, float("nan"))
+    attend_fa3(q, vkv, table, sel, ap, scale, out, flash_attn_varlen_func=fa, workspace=ws, layout=layout,
+               sinks=sinks)
+    T = plan.num_tokens
+    want = _blockwise_reference(q, ks, vs, c, _masks_of(layout, masks, c.hkv), scale, T, sinks=sinks)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out[:T].float(), want.float(), atol=atol, rtol=rtol)
     assert out[T:].isnan().all(), "rows past the plan were written"
 
 
@@ -709,6 +735,63 @@ def test_fp8_cache_and_queries_through_fa3_semantics(layout):
                                           _masks_of(layout, masks, 2)[r].to(DEVICE), B, 64**-0.5)
         torch.testing.assert_close(out[row : row + L].float(), want.float(), atol=2e-3, rtol=1e-2)
         row += L
+
+
+def _sinks(hq: int, device=DEVICE) -> torch.Tensor:
+    """Learned sinks of a layer: one logit per q head, from a small share of a row's mass to most of it."""
+    return torch.linspace(-2.0, 3.0, hq).to(device)
+
+
+@pytest.mark.parametrize("layout", ["head_views", "group_views"])
+@pytest.mark.parametrize("name", ["prefix_context_several_requests", "dense_request_and_tail", "many_buckets",
+                                  "every_block"])
+def test_learned_sinks_through_the_view_layouts(name, layout):
+    """Learned sinks (gpt-oss) on the FA3 path: every call of a view layout gets the sinks of its
+    own q heads as FA3's s_aux ([1] per q head, [G] per kv group), the plain causal call all of
+    them; the output is block-sparse attention with sinks (``reference.softmax_with_sinks``)."""
+    c = CASES[name]
+    q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c, seed=3)
+    scale, sinks = c.d**-0.5, _sinks(c.hq)
+    got_sinks = []
+
+    def fa(**kw):
+        got_sinks.append(kw["s_aux"].tolist())
+        return ref.paged_varlen_attention(**kw)
+
+    vkv = virtual_kv(kc, vc)
+    ap = make_attend_plan(plan, c.capacity, all_blocks=c.keep == "all", layout=layout, num_kv_heads=c.hkv)
+    ws = AttendWorkspace(c.capacity, c.hq, c.d, torch.float16, q.device, layouts=(layout,))
+    out = torch.full_like(q, float("nan"))
+    attend_fa3(q, vkv, table, sel, ap, scale, out, flash_attn_varlen_func=fa, workspace=ws, layout=layout,
+               sinks=sinks)
+    T = plan.num_tokens
+    atts = _masks_of(layout, masks, c.hkv)
+    want, row = [], 0
+    for r, (a, L) in enumerate(c.reqs):
+        want.append(ref.block_sparse_attention(q[row : row + L], ks[r], vs[r], a, atts[r].to(q.device), B, scale,
+                                               sinks=sinks))
+        row += L
+    atol, rtol = TOL[torch.float16]
+    torch.testing.assert_close(out[:T].float(), torch.cat(want).float(), atol=atol, rtol=rtol)
+    hps = 1 if layout == "head_views" else c.hq // c.hkv
+    per_call = [sinks[i : i + hps].tolist() for i in range(0, c.hq, hps)]
+    assert got_sinks == ([sinks.tolist()] if c.keep == "all" else per_call * len(ap.buckets))
+    # the sinks change the output: without them it is plain block-sparse attention
+    plain = _expected(q, ks, vs, c, atts, scale)
+    assert (out[:T].float() - plain.float()).abs().max() > 10 * atol
+
+
+@pytest.mark.parametrize("layout", ["head", "group"])
+def test_learned_sinks_are_refused_by_the_copy_layouts(layout):
+    """One FA3 call over sequences of every q head can carry one sink only: refused, naming the
+    layouts that can."""
+    c = CASES["partial_last_block"]
+    q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c)
+    ws = AttendWorkspace(BIG, c.hq, c.d, torch.float16, q.device, layouts=(layout,))
+    with pytest.raises(ValueError, match="learned sinks need a view layout.*head_views"):
+        attend_fa3(q, virtual_kv(kc, vc), table, sel, make_attend_plan(plan, BIG, layout=layout, num_kv_heads=c.hkv),
+                   c.d**-0.5, torch.empty_like(q), flash_attn_varlen_func=ref.paged_varlen_attention, workspace=ws,
+                   layout=layout, sinks=_sinks(c.hq))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

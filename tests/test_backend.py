@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import zlib
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -354,7 +355,17 @@ def test_validation_is_flash_attentions_except_batch_invariance():
 # ---------------------------------------------------------------------------------------------
 # Whole batches through builder.build and impl.forward (Prism suffix under the interpreter)
 # ---------------------------------------------------------------------------------------------
-def _paged_dense_attention(query, kv_cache, md, output, scale):
+def _dense(q, k, v, ctx, scale, sinks=None):
+    """Dense causal attention (SDPA), with learned sinks through the block-sparse reference
+    with every block."""
+    if sinks is None:
+        return reference.dense_causal_attention(q, k, v, ctx, scale)
+    nq, nk = -(-(ctx + q.shape[0]) // 128) - ctx // 128, -(-(ctx + q.shape[0]) // 128)
+    every = torch.ones(q.shape[1], nq, nk, dtype=torch.bool)
+    return reference.block_sparse_attention(q, k, v, ctx, every, 128, scale, sinks=sinks)
+
+
+def _paged_dense_attention(query, kv_cache, md, output, scale, sinks=None):
     """Stand-in for FlashAttention on CPU: dense causal attention of md's requests, reading the
     paged cache through md's block table (what FlashAttention's varlen call computes)."""
     k_cache, v_cache = kv_cache.transpose(1, 2).split(D, dim=-1)
@@ -368,7 +379,7 @@ def _paged_dense_attention(query, kv_cache, md, output, scale):
         pos = torch.arange(seq[r])
         pages = md.block_table[r, pos // page].long()
         k, v = k_cache[pages, pos % page], v_cache[pages, pos % page]
-        output[a:b] = reference.dense_causal_attention(query[a:b], k, v, seq[r] - (b - a), scale)
+        output[a:b] = _dense(query[a:b], k, v, seq[r] - (b - a), scale, sinks)
     return output
 
 
@@ -380,7 +391,7 @@ def fake_flash(monkeypatch):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         calls.append(attn_metadata)
         assert attn_metadata.num_actual_tokens >= int(attn_metadata.query_start_loc[-1])
-        return _paged_dense_attention(query, kv_cache, attn_metadata, output, self.scale)
+        return _paged_dense_attention(query, kv_cache, attn_metadata, output, self.scale, self.sinks)
 
     monkeypatch.setattr(FlashAttentionImpl, "forward", forward)
     return calls
@@ -443,9 +454,11 @@ def _paged_batch(b: Batch, page: int, seed: int, pad_tokens: int = 0) -> Paged:
     return Paged(query, phys.permute(0, 2, 1, 3), table, ks, vs, cm)
 
 
-def _expected(b: Batch, p: Paged, start: Optional[int], dense_flags, cfg: PrismConfig, prism_layer: bool):
+def _expected(b: Batch, p: Paged, start: Optional[int], dense_flags, cfg: PrismConfig, prism_layer: bool,
+              sinks=None):
     """Per request: dense causal attention (FlashAttention part, dense rows, non-Prism layers)
-    or reference.prism_attention (NeoX RoPE, rotary dim D)."""
+    or reference.prism_attention (NeoX RoPE, rotary dim D); with learned ``sinks``, the same
+    attention over the same blocks with them."""
     bands = rope_bands(RopeLayout(D, D, True, 10000.0), *cfg.band_dims(D))
     out, masks = [], {}
     qsl = b.qsl.tolist()
@@ -456,8 +469,10 @@ def _expected(b: Batch, p: Paged, start: Optional[int], dense_flags, cfg: PrismC
         on_prism = prism_layer and start is not None and r >= start and not dense_flags[r - start]
         if on_prism:
             o, masks[r] = reference.prism_attention(qr, p.ks[r], p.vs[r], c, bands, cfg, D**-0.5)
+            if sinks is not None:
+                o = reference.block_sparse_attention(qr, p.ks[r], p.vs[r], c, masks[r], 128, D**-0.5, sinks=sinks)
         else:
-            o = reference.dense_causal_attention(qr, p.ks[r], p.vs[r], c, D**-0.5)
+            o = _dense(qr, p.ks[r], p.vs[r], c, D**-0.5, sinks)
         out.append(o)
     return torch.cat(out), masks
 
@@ -498,6 +513,62 @@ def test_forward_on_named_batches_fa3_attend(base_vllm_config, fake_flash, fa3_o
     """The same batches with the attend step on FA3 (virtual varlen sequences), in the layout the
     config names ("auto" without a GPU measurement: "head"); both attend exactly the selection."""
     test_forward_on_named_batches(base_vllm_config, fake_flash, case, attend="fa3", layout=layout)
+
+
+@pytest.fixture
+def sinks_allowed(monkeypatch):
+    """vLLM's FlashAttentionImpl takes learned sinks only where its FA version has them (3)."""
+    from vllm.v1.attention.backends import flash_attn
+
+    monkeypatch.setattr(flash_attn, "flash_attn_supports_sinks", lambda: True, raising=False)  # CPU: not imported
+
+
+SINKS = torch.tensor([-1.0, 0.0, 1.0, 2.5])  # one per q head (HQ = 4)
+
+
+def test_learned_sinks_serve_on_prism_in_a_view_layout(base_vllm_config, fake_flash, fa3_on_cpu, sinks_allowed):
+    """A layer with learned sinks (gpt-oss) on the FA3 attend step: "auto" takes "head_views"
+    (one FA3 call per q head, each with its own sink), the layer's PrismParams carry the sinks,
+    and the output is Prism's selection attended with the sinks (FlashAttention's rows with them
+    too)."""
+    b = BATCHES["mixed"]
+    vc = _vllm_config(base_vllm_config, prism=CFG)  # attend_layout "auto"
+    (owner,) = _model(vc, [ROPE], sinks=SINKS)
+    impl = owner.attn.impl
+    assert impl.prism_reason is None and impl.prism_layer.params.sinks is impl.sinks
+    builder = pb.PrismMetadataBuilder(_spec(), [owner.attn.layer_name], vc, torch.device("cpu"))
+    assert builder.prism_on and "sinks" in builder._shape_key
+    p = _paged_batch(b, 16, seed=11)
+    md = builder.build(0, p.cm)
+    assert md.prism.launches[0].attend.layout == "head_views"
+    out = torch.full((p.query.shape[0], HQ, D), float("nan"), dtype=DTYPE)
+    impl.forward(owner.attn, p.query, None, None, p.kv_cache, md, out)
+    T = int(b.qsl[-1])
+    cfg = PrismConfig(**CFG)
+    want, _ = _expected(b, p, b.start, b.dense, cfg, prism_layer=True, sinks=SINKS)
+    torch.testing.assert_close(out[:T].float(), want.float(), atol=5e-3, rtol=5e-3)
+    plain, _ = _expected(b, p, b.start, b.dense, cfg, prism_layer=True)
+    assert not torch.isnan(out[:T]).any() and (out[:T].float() - plain.float()).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("layout,fa3,match", [("head", True, "attend_layout='head'.*'head_views'"),
+                                             ("auto", False, "without FA3")])
+def test_learned_sinks_without_a_view_layout_stay_on_flash_attention(base_vllm_config, monkeypatch, sinks_allowed,
+                                                                     layout, fa3, match):
+    """Sinks Prism cannot carry (a copy layout named in the config, or the Triton attend step):
+    the layer serves on FlashAttention, the reason naming the setting and its fix."""
+    if fa3:
+        init = FlashAttentionImpl.__init__
+
+        def fa3_init(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            self.vllm_flash_attn_version = 3
+
+        monkeypatch.setattr(FlashAttentionImpl, "__init__", fa3_init)
+    vc = _vllm_config(base_vllm_config, prism={**CFG, "attend_layout": layout})
+    (owner,) = _model(vc, [ROPE], sinks=SINKS)
+    reason = owner.attn.impl.prism_reason
+    assert reason is not None and "learned attention sinks" in reason and re.search(match, reason)
 
 
 @pytest.mark.parametrize("case", list(FORWARD_CASES))

@@ -443,3 +443,40 @@ def test_launch_recordings_nest_and_close_by_identity():
     u = torch.ones(3)
     replay(u)
     assert [kw["x"] is u for _, kw in k.calls[-2:]] == [True, True]
+
+
+def test_learned_sinks_reach_the_fa3_attend_step_from_the_layer_params():
+    """A layer with learned sinks (PrismParams.sinks, vLLM's impl.sinks): the prefill's FA3 attend
+    step in a view layout attends with them (reference attention with sinks over the selected
+    blocks); the selection ignores them; the Triton attend step refuses them."""
+    from prism_vllm.kernels import FA3Launch
+    from prism_vllm.kernels.attend_fa3 import AttendCapacity, make_attend_plan
+
+    chunks, hq, hkv, d = [(0, 700), (256, 300)], 4, 2, 64
+    cfg = PrismConfig(rule="paper", high_threshold=0.9, low_threshold=0.8)
+    qs, ks, vs = _structured_tokens(chunks, hq, hkv, d, torch.float16, DEVICE, seed=5)
+    q = torch.cat(qs)
+    plan_cpu = make_plan([0, 700, 1000], [0, 256], hq, B, dense_tail=cfg.dense_tail)
+    plan = plan_cpu.to(DEVICE)
+    k_cache, v_cache, table = make_paged_kv(ks, vs, 16, "NHD", seed=5)
+    sinks = torch.tensor([-1.0, 0.0, 1.0, 2.5], device=DEVICE)
+    scale = d**-0.5
+    params = PrismParams.make(bands=BANDS64, scale=scale, config=cfg, device=DEVICE, sinks=sinks)
+    cap = AttendCapacity(rows=4096, sequences=1024, table_blocks=8192, key_blocks=16)
+    ws = PrismWorkspace(plan.num_q_blocks, plan.num_k_blocks, 2, plan.sel_capacity, hq, hkv, d, DEVICE,
+                        attend_capacity=cap, attend_dtype=torch.float16, attend_layouts=("head_views",))
+    fa3 = FA3Launch(flash_attn_varlen_func=R.paged_varlen_attention,
+                    attend=make_attend_plan(plan_cpu, cap, layout="head_views", num_kv_heads=hkv))
+    out = torch.full_like(q, float("nan"))
+    masks = prism_prefill(q, k_cache, v_cache, table, plan, params, ws, out, fa3=fa3).to_masks()
+    plain = PrismParams.make(bands=BANDS64, scale=scale, config=cfg, device=DEVICE)
+    assert all(torch.equal(m, p) for m, p in zip(masks, prism_estimate(q, k_cache, table, plan, plain, ws).to_masks()))
+    atol, rtol = TOL[torch.float16]
+    for r, (ctx, L) in enumerate(chunks):
+        row = plan_cpu.cu_seqlens_q[r]
+        want = R.block_sparse_attention(qs[r], ks[r], vs[r], ctx, masks[r].to(DEVICE), B, scale, sinks=sinks)
+        torch.testing.assert_close(out[row : row + L].float(), want.float(), atol=atol, rtol=rtol)
+    with pytest.raises(ValueError, match="Triton attend step has no learned sinks"):
+        prism_prefill(q, k_cache, v_cache, table, plan, params, ws, out)
+    with pytest.raises(ValueError, match=r"sinks must be a floating \[HQ\] tensor"):
+        PrismParams.make(bands=BANDS64, scale=scale, config=cfg, device=DEVICE, sinks=sinks[None])

@@ -56,6 +56,35 @@ def test_all_blocks_selected_equals_dense_sdpa(L, ctx, hq, hkv):
     torch.testing.assert_close(out, R.dense_causal_attention(q, k, v, ctx, 1 / 8), atol=2e-5, rtol=1e-4)
 
 
+def test_learned_sinks_scale_dense_attention_by_the_kept_mass():
+    """With a learned sink s_h, attention is dense attention times the share of the row's mass
+    its keys keep, Z / (Z + exp(s_h)) = sigmoid(logsumexp(scores) - s_h): checked against SDPA
+    and an independent logsumexp, through both references (block-sparse with every block,
+    and FA's paged varlen semantics with s_aux)."""
+    L, ctx, hq, hkv, d = 300, 77, 4, 2, 64
+    q, k, v = _qkv(L, ctx, hq, hkv, d)
+    scale, sinks = d**-0.5, torch.tensor([-1.0, 0.5, 2.0, 30.0])
+    S = ctx + L
+    dense = R.dense_causal_attention(q, k, v, ctx, scale)  # [L, HQ, D]
+    s = torch.einsum("lhd,shd->hls", q.float(), k.float().repeat_interleave(hq // hkv, 1)) * scale
+    s = s.masked_fill(torch.arange(S)[None, None, :] > torch.arange(ctx, S)[None, :, None], float("-inf"))
+    kept = torch.sigmoid(torch.logsumexp(s, -1) - sinks[:, None])  # [HQ, L]
+    want = dense.float() * kept.transpose(0, 1)[:, :, None]
+    nq, nk = -(-S // 128) - ctx // 128, -(-S // 128)
+    every = torch.ones(hq, nq, nk, dtype=torch.bool)
+    got = R.block_sparse_attention(q, k, v, ctx, every, 128, scale, sinks=sinks)
+    torch.testing.assert_close(got.float(), want, atol=2e-5, rtol=1e-4)
+    assert got[:, 3].abs().max() < 1e-6  # a sink of 30 takes nearly all of head 3's mass
+    pages = torch.randperm(-(-S // 16))
+    kc = torch.zeros(len(pages), 16, hkv, d)
+    vc = torch.zeros_like(kc)
+    for j in range(S):
+        kc[pages[j // 16], j % 16], vc[pages[j // 16], j % 16] = k[j], v[j]
+    cu, used = torch.tensor([0, L], dtype=torch.int32), torch.tensor([S], dtype=torch.int32)
+    fa = R.paged_varlen_attention(q, kc, vc, L, cu, S, used, pages[None].int(), scale, causal=True, s_aux=sinks)
+    torch.testing.assert_close(fa.float(), want, atol=2e-5, rtol=1e-4)
+
+
 def test_single_token_context_has_no_nan():
     q, k, v = _qkv(1, 0, 4, 2, 64)
     out, mask = R.prism_attention(q, k, v, 0, BANDS64, PrismConfig(rule="paper"))
