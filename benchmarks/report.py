@@ -146,11 +146,16 @@ def break_even(pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def goals(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
     """(goal, measured, met) for the issue's goals that the results cover."""
     out: list[tuple[str, str, bool | None]] = []
+
+    def run(part: str) -> str:  # which run a row reads: results of several commits sit side by side
+        c = res.get(part, {}).get("commit")
+        return f" (run `{c}`)" if c else ""
+
     ppl = res.get("ppl", {}).get("summary", [])
     if ppl:
         worst = max(ppl, key=lambda s: abs(s["delta_pct"]))
         out.append(("perplexity within 1% of dense at every length",
-                    ", ".join(f"{tok_label(s['length'])}: {s['delta_pct']:+.2f}%" for s in ppl),
+                    ", ".join(f"{tok_label(s['length'])}: {s['delta_pct']:+.2f}%" for s in ppl) + run("ppl"),
                     all(abs(s["delta_pct"]) <= 1.0 for s in ppl)))
         del worst
     nd = res.get("needle", {}).get("rows", [])
@@ -161,19 +166,20 @@ def goals(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
         diffs = [(k, v["prism"]["correct"] - v["dense"]["correct"]) for k, v in by.items() if "prism" in v and "dense" in v]
         bad = [f"{k[0]} {tok_label(k[1])} d{k[2]:g}: {d:+d}" for k, d in diffs if d != 0]
         out.append(("needle accuracy equal to dense at every length and depth",
-                    "equal at all points" if not bad else "differs at " + "; ".join(bad), not bad))
+                    ("equal at all points" if not bad else "differs at " + "; ".join(bad)) + run("needle"), not bad))
     rc = res.get("recall", {}).get("rows", [])
     if rc:
         ok = all(r["summary"]["prism"]["recall"] > r["summary"]["meanpool_topk"]["recall"] for r in rc)
         out.append(("recall above mean-pool-only at equal density",
                     ", ".join(f"{tok_label(r['length'])}: {r['summary']['prism']['recall']:.4f} vs "
-                              f"{r['summary']['meanpool_topk']['recall']:.4f}" for r in rc), ok))
+                              f"{r['summary']['meanpool_topk']['recall']:.4f}" for r in rc) + run("recall"), ok))
     sp = res.get("speed", {})
     pairs = speed_pairs(sp.get("rows", []), SMOL_NAME)
     at32 = [p for p in pairs if p["length"] == 32 * 1024]
     if at32:
         out.append(("TTFT >= 2x FLASH_ATTN at 32K, SmolLM2, Prism's own density",
-                    f"{at32[0]['speedup']:.2f}x at density {_f(at32[0]['density'])}", at32[0]["speedup"] >= 2.0))
+                    f"{at32[0]['speedup']:.2f}x at density {_f(at32[0]['density'])}" + run("speed"),
+                    at32[0]["speedup"] >= 2.0))
     big = [p for p in speed_pairs(res.get("llama8b", {}).get("rows", []), LLAMA_NAME) if p["length"] == 128 * 1024]
     if big:
         out.append(("TTFT >= 2.5x at 128K, Llama-3.1-8B architecture, 10% budget",
