@@ -88,13 +88,12 @@ class PrismConfig:
     calibration, top-p at max(high_threshold, low_threshold) (plain mean pooling). Default: from
     ``preset`` ('meanpool' in 'quality', 'paper' in 'fast').
 
-    Through vLLM on an H200 (SmolLM2-135M,
-    two corpora, benchmarks/results/quality-candidates.json, one run) at 8K / 16K / 32K, both rules
-    within 1% of dense perplexity: 'meanpool' at top-p 0.995 selects 0.55 / 0.48 / 0.41 of the
-    blocks (fortunes +0.47 / +0.68 / +0.88%, Austen +0.28 / +0.32 / +0.29%) and at 0.998 0.64 /
-    0.56 / 0.49 (+0.19 / +0.35 / +0.80%, +0.16 / +0.21 / +0.43%), where the paper's rule needs
-    0.998 and 0.67 / 0.60 / 0.52 (+0.13 / +0.36 / +0.87%, +0.14 / +0.18 / +0.38%); at 0.99 the
-    paper's rule costs +1.44% on fortunes at 32K (quality.json)."""
+    Through vLLM on an H200 (SmolLM2-135M, two corpora, benchmarks/results/quality-candidates.json,
+    one run) at 8K / 16K / 32K, both rules within 1% of dense perplexity: 'meanpool' at top-p 0.995
+    selects 0.55 / 0.48 / 0.41 of the blocks (fortunes +0.47 / +0.68 / +0.88%, Austen +0.28 / +0.32
+    / +0.29%) and at 0.998 0.64 / 0.56 / 0.49 (+0.19 / +0.35 / +0.80%, +0.16 / +0.21 / +0.43%),
+    where the paper's rule needs 0.998 and 0.67 / 0.60 / 0.52 (+0.13 / +0.36 / +0.87%, +0.14 / +0.18
+    / +0.38%); at 0.99 the paper's rule costs +1.44% on fortunes at 32K (quality.json)."""
 
     preset: str = DEFAULT_PRESET
     """Named defaults for the fields that trade quality for speed (rule, high_threshold,
@@ -103,21 +102,21 @@ class PrismConfig:
     perplexity on the model measured. 'fast': the paper's rule at top-p 0.95, about half the
     blocks of 'quality' and +3.6..+5.7% perplexity there.
 
-    'quality' through vLLM on an H200 (benchmarks/results/quality-candidates.json, commit d3f61a3: SmolLM2-135M-Instruct, four
-    documents each of Debian's fortunes and of Jane Austen's novels, Debian r-cran-janeaustenr)
-    perplexity +0.19% / +0.16% (fortunes / Austen) at 8K, +0.35% / +0.21% at 16K and +0.80% /
-    +0.43% at 32K (YaRN), worst single document +1.06%, at density 0.64 / 0.56 / 0.49; passkeys
-    30, 13, 12 of 50 against FLASH_ATTN's 30, 15, 14 (the paper's rule at 0.99 and at 0.998 finds
-    the same 30, 13, 12, sparser settings 14 at 32K in quality.json: these counts do not follow the
-    density). Chosen over 'meanpool' at 0.995 (within 1% too, 14-17% fewer blocks) for its margin
-    on texts and models not measured here: its worst document was +1.17%. Dense enough that Prism
-    pays from about 40-52K tokens on SmolLM2 (speed-3699195.json / speed-repeat-3699195.json: 1.16x /
-    1.12x TTFT at 64K, 1.91x / 1.89x at 128K with Prism forced on; speed.json at 705db1d, one-band
-    estimation: 1.22x / 1.93x); min_context_len="auto" decides where, per model.
-    'fast': the paper's rule and setting, top-p 0.95 in both bands, no block budget: perplexity
-    +3.6..+5.7% at 8K-32K (quality.json, density 0.22-0.32); prefill 1.79x faster than FLASH_ATTN
-    at 64K and 2.76x at 128K on SmolLM2 (H200, commit 8f43227: benchmarks/results/speed.json as
-    committed in b3a8be6)."""
+    'quality' through vLLM on an H200 (benchmarks/results/quality-candidates.json, commit d3f61a3:
+    SmolLM2-135M-Instruct, four documents each of Debian's fortunes and of Jane Austen's novels,
+    Debian r-cran-janeaustenr) perplexity +0.19% / +0.16% (fortunes / Austen) at 8K, +0.35% / +0.21%
+    at 16K and +0.80% / +0.43% at 32K (YaRN), worst single document +1.06%, at density 0.64 / 0.56 /
+    0.49; passkeys 30, 13, 12 of 50 against FLASH_ATTN's 30, 15, 14 (the paper's rule at 0.99 and at
+    0.998 finds the same 30, 13, 12, sparser settings 14 at 32K in quality.json: these counts do not
+    follow the density). Chosen over 'meanpool' at 0.995 (within 1% too, 14-17% fewer blocks) for
+    its margin on texts and models not measured here: its worst document was +1.17%. Dense enough
+    that Prism pays from about 40-52K tokens on SmolLM2 (speed-3699195.json /
+    speed-repeat-3699195.json: 1.16x / 1.12x TTFT at 64K, 1.91x / 1.89x at 128K with Prism forced
+    on; speed.json at 705db1d, one-band estimation: 1.22x / 1.93x); min_context_len="auto" decides
+    where, per model. 'fast': the paper's rule and setting, top-p 0.95 in both bands, no block
+    budget: perplexity +3.6..+5.7% at 8K-32K (quality.json, density 0.22-0.32); prefill 1.79x faster
+    than FLASH_ATTN at 64K and 2.76x at 128K on SmolLM2 (H200, commit 8f43227:
+    benchmarks/results/speed.json as committed in b3a8be6)."""
 
     high_threshold: float = _FROM_PRESET
     """Top-p mass kept per query block in the high band, in (0, 1]. 1.0 keeps every block.
@@ -155,11 +154,11 @@ class PrismConfig:
     query near the start of its block otherwise sees only its block's first tokens). Needs
     keep_diagonal. Costs up to local_blocks - 1 blocks per row.
 
-    Measured through vLLM on an H200
-    (benchmarks/results/quality-local-blocks.json, commit 705db1d, SmolLM2-135M, 8K-32K): at the
-    'quality' selection 2 changed nothing (the same passkeys, the same density to three decimals,
-    perplexity within 0.01 points): the block before the diagonal was nearly always selected
-    anyway. 1 stays the default; 2 is for models whose pooled scores miss local context."""
+    Measured through vLLM on an H200 (benchmarks/results/quality-local-blocks.json, commit 705db1d,
+    SmolLM2-135M, 8K-32K): at the 'quality' selection 2 changed nothing (the same passkeys, the same
+    density to three decimals, perplexity within 0.01 points): the block before the diagonal was
+    nearly always selected anyway. 1 stays the default; 2 is for models whose pooled scores miss
+    local context."""
 
     dense_tail: bool = True
     """The rows of a chunk's last query block, when that block is partial (the chunk ends
@@ -167,11 +166,11 @@ class PrismConfig:
     decode rows after them do. Costs at most one block row per chunk. False: the paper's
     selection for every row.
 
-    The answer to a long prompt is read from these rows; Prism's
-    pooled estimate of a partial block that mixes the question with earlier text misses needles
-    on small models (SmolLM2-135M passkeys on the H200: 2/10 without, 9/10 with the
-    dense tail, FLASH_ATTN 9/10; benchmarks/results/gpu-tests.txt, passkey-tail-cpu.txt). Chunks cut at block boundaries
-    end on a full block, so selections stay independent of block-aligned chunking."""
+    The answer to a long prompt is read from these rows; Prism's pooled estimate of a partial block
+    that mixes the question with earlier text misses needles on small models (SmolLM2-135M passkeys
+    on the H200: 2/10 without, 9/10 with the dense tail, FLASH_ATTN 9/10;
+    benchmarks/results/gpu-tests.txt, passkey-tail-cpu.txt). Chunks cut at block boundaries end on a
+    full block, so selections stay independent of block-aligned chunking."""
 
     min_context_len: Union[int, str] = "auto"
     """Smallest sequence length (context + this chunk, tokens) at which a prefill chunk is
@@ -179,20 +178,20 @@ class PrismConfig:
     from timings on the serving GPU at startup (startup log and /prism/stats say what was decided),
     52096 without them. An integer fixes the length (0 sends every prefill chunk through Prism).
 
-    "auto": when the model loads, dense FlashAttention and Prism (estimation + attend
-    step at block densities 0.1-1.0) are timed on synthetic chunks of 4K-128K tokens (a few
-    seconds, once per shape and process; a longer max_model_len also runs once untimed, up to 256K
-    tokens, so that the kernels compile at startup), and Prism serves from the shortest length
-    where it takes at most 0.9 of dense's time at the density it has been selecting at each length (sampled
-    launches; 0.5 before any). A chunk at a length where Prism could pay but FlashAttention serves
-    gets a shadow step: FlashAttention's output unchanged, Prism's estimation beside it to count
-    the blocks it would select there (once per length, again every 64 such steps). The decision,
-    its timings and densities are in the startup log and /prism/stats. Without a
-    measurement (no CUDA, or the timing failed) it is 52096, the larger end-to-end break-even of two
-    runs through vLLM on an H200 (SmolLM2-135M at the 'quality' preset's selection, 2026-12-02,
-    benchmarks/results/speed-3699195.json and speed-repeat-3699195.json).
-    With an integer, the same synthetic calls run once, untimed, at the lengths Prism will serve, so that its kernels compile at
-    startup rather than on the first long requests."""
+    "auto": when the model loads, dense FlashAttention and Prism (estimation + attend step at block
+    densities 0.1-1.0) are timed on synthetic chunks of 4K-128K tokens (a few seconds, once per
+    shape and process; a longer max_model_len also runs once untimed, up to 256K tokens, so that the
+    kernels compile at startup), and Prism serves from the shortest length where it takes at most
+    0.9 of dense's time at the density it has been selecting at each length (sampled launches; 0.5
+    before any). A chunk at a length where Prism could pay but FlashAttention serves gets a shadow
+    step: FlashAttention's output unchanged, Prism's estimation beside it to count the blocks it
+    would select there (once per length, again every 64 such steps). The decision, its timings and
+    densities are in the startup log and /prism/stats. Without a measurement (no CUDA, or the timing
+    failed) it is 52096, the larger end-to-end break-even of two runs through vLLM on an H200
+    (SmolLM2-135M at the 'quality' preset's selection, 2026-12-02,
+    benchmarks/results/speed-3699195.json and speed-repeat-3699195.json). With an integer, the same
+    synthetic calls run once, untimed, at the lengths Prism will serve, so that its kernels compile
+    at startup rather than on the first long requests."""
 
     attend_layout: str = "auto"
     """How the FA3 attend step (Hopper) lays out its virtual varlen sequences (ignored where
@@ -202,14 +201,14 @@ class PrismConfig:
     "head"; "head_views" for layers with learned sinks (only the view layouts carry one sink per
     q head). Or one of "head", "head_views", "group", "group_views".
 
-    "head" and "head_views" attend exactly the selected blocks: "head" runs one FA3 call over one sequence
-    per (query block, q head), on a head-major copy of q whose output is scattered back; "head_views"
-    runs one FA3 call per q head on views of q and the output (no copies, HQ calls). "group" /
-    "group_views": one sequence per (query block, kv head) carrying the group's q heads over the
-    union of their selections, for small head sizes where one-head sequences run FA3 below its
-    per-block speed. They attend more blocks than selected (a group's union is 1.25-1.5x one head's
-    selection on SmolLM2-135M, benchmarks/results/gqa-union-cpu.json), so whether they pay depends
-    on the model: "auto" never chooses them."""
+    "head" and "head_views" attend exactly the selected blocks: "head" runs one FA3 call over one
+    sequence per (query block, q head), on a head-major copy of q whose output is scattered back;
+    "head_views" runs one FA3 call per q head on views of q and the output (no copies, HQ calls).
+    "group" / "group_views": one sequence per (query block, kv head) carrying the group's q heads
+    over the union of their selections, for small head sizes where one-head sequences run FA3 below
+    its per-block speed. They attend more blocks than selected (a group's union is 1.25-1.5x one
+    head's selection on SmolLM2-135M, benchmarks/results/gqa-union-cpu.json), so whether they pay
+    depends on the model: "auto" never chooses them."""
 
     min_query_len: int = 16
     """Smallest prefill chunk (query tokens) served by Prism. Decode and speculative-decode
