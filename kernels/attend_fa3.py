@@ -932,9 +932,10 @@ def _fa3_bucket(flash_attn_varlen_func: FlashAttnVarlen, vkv: VirtualKV, scale: 
                 sinks: Optional[torch.Tensor] = None) -> None:
     """One FA3 call over virtual sequences of ``bucket`` (every sparse layout's call); ``sinks``:
     the learned sinks of the call's q heads (FA3's ``s_aux``)."""
-    launch_call(flash_attn_varlen_func, **descales, **_s_aux(sinks), q=q, k=vkv.k, v=vkv.v, max_seqlen_q=bucket.max_rows,
-                cu_seqlens_q=cu_seqlens_q, max_seqlen_k=bucket.width * B, seqused_k=seqused_k,
-                block_table=block_table, softmax_scale=scale, causal=True, softcap=softcap, out=out)
+    launch_call(flash_attn_varlen_func, **descales, **_s_aux(sinks), q=q, k=vkv.k, v=vkv.v,
+                max_seqlen_q=bucket.max_rows, cu_seqlens_q=cu_seqlens_q, max_seqlen_k=bucket.width * B,
+                seqused_k=seqused_k, block_table=block_table, softmax_scale=scale, causal=True, softcap=softcap,
+                out=out)
 
 
 def _s_aux(sinks: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -1015,14 +1016,14 @@ def attend_fa3(
     fa = (flash_attn_varlen_func, vkv, scale, softcap, plan.block_size)
     if layout in VIEW_LAYOUTS:
         hps = q.shape[1] // _seq_heads(q.shape[1], vkv.num_kv_heads, layout)
+        # call i's q heads i*hps .. (i+1)*hps - 1 carry their own sinks
+        call_sinks = [None if sinks is None else sinks[i : i + hps] for i in range(0, q.shape[1], hps)]
         for bucket in attend.buckets:
             a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, layout=layout)
             n_b = bucket.g_hi - bucket.g_lo
             descales = _descales(q_scale, k_scale, v_scale, n_b, 1)  # the same for every call of the bucket
-            heads = [None] * (q.shape[1] // hps) if sinks is None else [sinks[i : i + hps]
-                                                                          for i in range(0, q.shape[1], hps)]
             calls = zip(bucket_views(q, bucket, hps), bucket_views(out, bucket, hps), a["seqused_k"], a["block_table"],
-                        heads)
+                        call_sinks)
             for q_i, out_i, seqused_k, table, sinks_i in calls:
                 _fa3_bucket(*fa, bucket, a["cu_seqlens_q"], q=q_i, out=out_i, seqused_k=seqused_k,
                             block_table=table, descales=descales, sinks=sinks_i)
