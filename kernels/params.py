@@ -73,8 +73,8 @@ class PrismParams:
     sinks: Optional[torch.Tensor] = None
     """The layer's learned attention sinks, [HQ] on the bands' device (vLLM's ``impl.sinks``,
     gpt-oss style: one logit per q head in the softmax's normaliser), or None. Only the FA3 attend
-    step in a view layout applies them (FA3's ``s_aux`` holds one sink per head of a call); the
-    selection ignores them."""
+    step in a view layout applies them (FA3's ``s_aux`` holds one sink per head of a call, bf16
+    and contiguous, as vLLM's own call passes them); the selection ignores them."""
 
     def __post_init__(self) -> None:
         for name in ("band_high", "band_low"):

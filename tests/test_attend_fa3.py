@@ -670,7 +670,7 @@ def test_gpu_fa3_learned_sinks_equal_reference(name, layout):
     c = GPU_CASES[name]
     dtype = torch.bfloat16
     q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c, dtype=dtype, device="cuda")
-    scale, sinks = c.d**-0.5, _sinks(c.hq, "cuda")
+    scale, sinks = c.d**-0.5, _sinks(c.hq, "cuda").to(torch.bfloat16)  # FA3 takes bf16 s_aux, contiguous
     vkv = virtual_kv(kc, vc)
     ap = make_attend_plan(plan, c.capacity, all_blocks=c.keep == "all", layout=layout, num_kv_heads=c.hkv)
     ws = AttendWorkspace(c.capacity, c.hq, c.d, dtype, q.device, layouts=(layout,))
