@@ -429,7 +429,9 @@ def _tile_rank(
 # ----------------------------------------------------------------------------------------------
 # the kernel
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+# NQB unspecialised: one binary whatever a step's query-block count (Triton would otherwise compile
+# a variant per NQB == 1 / NQB % 16 == 0 / other, the ones the startup warm-up missed mid-serving)
+@triton.jit(do_not_specialize=["NQB"])
 def _select_kernel(
     pooled_q,
     pooled_k,
