@@ -18,6 +18,8 @@ selected tests start at once, side by side on the GPU, see ``_Engines``):
     flash_fp8     FLASH_ATTN with --kv-cache-dtype fp8
     prism_fp8     prism, every block (estimation on), fp8 KV cache: fp8 pooling + FA3 descales
     prism_auto    prism with the shipped defaults (no additional_config): min_context_len "auto"
+(prism, prism_auto and prism_fp8 run with vLLM's verbose JIT monitor: every Triton compile after
+vLLM's warm-up is logged, and Prism's kernels must not be among them)
 
 The scheduling-situation engines select every block and are compared with ``prism_dense``: a
 selection at default thresholds is discontinuous (a block at the top-p boundary flips with
@@ -225,7 +227,7 @@ def _run_engine(
         if proc.returncode != 0 or not os.path.exists(op):
             raise AssertionError(f"engine {engine} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
         res = json.load(open(op))
-        res["log"] = proc.stderr
+        res["log"] = proc.stdout + proc.stderr  # vLLM logs to stdout (VLLM_LOGGING_STREAM)
         return res
 
 
@@ -269,16 +271,20 @@ def _engine_specs(p: dict) -> dict[str, tuple[dict, list[dict], dict]]:
         "flash_b": (dict(attention_backend="FLASH_ATTN", max_num_batched_tokens=8192), _tasks(p, "short"), {}),
         # "prefix" first: its first round must miss the prefix cache.
         "prism_dense": (_prism(ALL_BLOCKS, max_num_batched_tokens=8192), _tasks(p, "prefix", "long", "long_serial"), {}),
-        "prism": (_prism(max_num_batched_tokens=8192), _tasks(p, "short", "long", "passkey"), {}),
+        # jit_monitor_verbose: vLLM logs every Triton compile after its warm-up (startup compiles)
+        "prism": (_prism(max_num_batched_tokens=8192, jit_monitor_verbose=True), _tasks(p, "short", "long", "passkey"),
+                  {}),
         # the shipped defaults, nothing in additional_config: min_context_len="auto"
-        "prism_auto": (dict(attention_backend="prism", max_num_batched_tokens=8192), _tasks(p, "long"), {}),
+        "prism_auto": (dict(attention_backend="prism", max_num_batched_tokens=8192, jit_monitor_verbose=True),
+                       _tasks(p, "long"), {}),
         # The paper's selection for every row (dense_tail off): what the tail rule changes.
         "prism_paper": (_prism({"dense_tail": False}, max_num_batched_tokens=8192), _tasks(p, "passkey"), {}),
         "prism_c512": (_prism(ALL_BLOCKS, max_num_batched_tokens=512, max_num_seqs=16), _tasks(p, "long_serial"), {}),
         # fp8 (e4m3) KV caches: Prism's pooling reads fp8 keys and queries, FA3 gets the descales
         "flash_fp8": (dict(attention_backend="FLASH_ATTN", max_num_batched_tokens=8192, kv_cache_dtype="fp8"),
                       _tasks(p, "long"), {}),
-        "prism_fp8": (_prism(ALL_BLOCKS, max_num_batched_tokens=8192, kv_cache_dtype="fp8"), _tasks(p, "long"), {}),
+        "prism_fp8": (_prism(ALL_BLOCKS, max_num_batched_tokens=8192, kv_cache_dtype="fp8", jit_monitor_verbose=True),
+                      _tasks(p, "long"), {}),
         "prism_c1000": (_prism(ALL_BLOCKS, max_num_batched_tokens=1000, max_num_seqs=16), _tasks(p, "long"),
                         dict(env={"VLLM_USE_V2_MODEL_RUNNER": "0"})),
         # 400 KV blocks of 16 tokens hold one long prompt (~312 blocks) but not two: chunked prefill
@@ -443,6 +449,35 @@ def test_auto_break_even_times_at_startup_and_serves_like_flash_attention(flash,
         assert s["density_by_length"], s
     for a, b in _pairs(flash["results"]["long"], prism_auto["results"]["long"]):
         print("matched steps:", _compare_greedy(a, b), "of", len(a["steps"]))
+
+
+def _prism_kernel_names() -> set[str]:
+    """The names of Prism's Triton kernels (the @triton.jit functions of prism_vllm.kernels)."""
+    import importlib
+
+    import triton
+
+    mods = [importlib.import_module(f"prism_vllm.kernels.{m}")  # the modules, not the same-named functions
+            for m in ("attend_fa3", "plan", "pooling", "selection", "sparse_prefill")]
+    return {name for m in mods for name, f in vars(m).items() if isinstance(f, triton.runtime.JITFunction)}
+
+
+def test_prism_kernels_compile_at_startup_not_during_inference(prism, prism_auto, prism_fp8):
+    """vLLM's JIT monitor (verbose: every compile after its warm-up is logged) names none of
+    Prism's kernels while the engines serve: the startup runs (warm_up for an integer
+    min_context_len, the timing for "auto", fp8 inputs for an fp8 cache) compiled every variant
+    the requests needed (page size, table width, row-length levels, query-block counts)."""
+    import re
+
+    ours = _prism_kernel_names()
+    assert {"_select_kernel", "_pool_keys_paged_kernel", "_sparse_prefill_fwd_kernel"} <= ours, ours
+    for name, res in (("prism", prism), ("prism_auto", prism_auto), ("prism_fp8", prism_fp8)):
+        if name != "prism_auto":  # "auto" may keep every prompt here on FlashAttention (SmolLM2 at 4K-8K)
+            _prism_ran(res)
+        assert "JIT monitor activated" in res["log"], f"{name}: vLLM's JIT monitor did not start"
+        compiled = re.findall(r"JIT compilation during inference: (\w+)", res["log"])
+        print(f"{name}: compiled during inference: {sorted(set(compiled))}")
+        assert not set(compiled) & ours, f"{name}: Prism kernels compiled mid-serving: {sorted(set(compiled) & ours)}"
 
 
 def test_default_thresholds_select_fewer_blocks(prism):
