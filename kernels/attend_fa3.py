@@ -557,7 +557,10 @@ def _union_rows_kernel(
         tl.store(union_cnt + u, cnt)
 
 
-@triton.jit(do_not_specialize=["g_lo", "g_hi", "row_lo", "row_hi", "page_mult", "head_mult", "slot_mult"])
+# per-bucket scalars unspecialised (the table strides follow the bucket's width): one binary per
+# layout whatever the step, compiled by the startup warm-up rather than mid-serving
+@triton.jit(do_not_specialize=["g_lo", "g_hi", "row_lo", "row_hi", "stride_pt", "stride_ut", "page_mult", "head_mult",
+                               "slot_mult"])
 def _virtual_seqs_kernel(
     q,
     q_virt,
