@@ -114,12 +114,21 @@ def _parse_json_object(flag: str, raw: Optional[str]) -> dict[str, Any]:
 
 
 def _dotted_value(raw: Optional[str]) -> Any:
-    """A dotted argument's value the way vLLM reads it: JSON when it parses, else the string."""
+    """A dotted argument's value the way vLLM reads it: JSON when it parses, else a size with a
+    suffix ("8K", "16k": vLLM's human_readable_int), else the string."""
     if raw is None:
         return None
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
+        pass
+    try:
+        from vllm.utils.argparse_utils import human_readable_int  # only for values JSON does not read
+    except ImportError:
+        return raw
+    try:
+        return human_readable_int(raw)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
         return raw
 
 
@@ -227,11 +236,12 @@ def plan_serve(args: Sequence[str], bundled_model: Optional[Callable[[], str]] =
         i += 1
 
     if prism or additional:
-        # The prism section vLLM will see: the user's --additional-config (JSON first, then dotted
-        # forms in order, as vLLM applies them) with the prism flags over it. Checked here, so a
-        # bad value stops the launch before vLLM starts; the flags are folded into one
-        # --additional-config.
-        merged: dict[str, Any] = {}
+        # The prism section vLLM will see, checked here so that a bad value stops the launch before
+        # vLLM starts. Without prism flags the arguments go to vLLM as written, and vLLM keeps the
+        # last JSON --additional-config, or, when there are dotted forms, only their merge (its
+        # parser appends them as one more JSON value). With prism flags everything is folded into
+        # one --additional-config: the last JSON, the dotted forms merged over it, the flags over both.
+        last_json: dict[str, Any] = {}
         dotted: dict[str, Any] = {}
         drop: set[int] = set()
         for pos, toks in additional:
@@ -240,9 +250,9 @@ def plan_serve(args: Sequence[str], bundled_model: Optional[Callable[[], str]] =
             if keys:
                 _merge(dotted, _nested(keys, _dotted_value(raw)))
             else:
-                merged = _parse_json_object("--additional-config", raw)
+                last_json = _parse_json_object("--additional-config", raw)
             drop.update(range(pos, pos + len(toks)))
-        _merge(merged, dotted)
+        merged = _merge(last_json, dotted) if prism else (dotted or last_json)
         section = merged.get(ADDITIONAL_CONFIG_KEY) or {}
         if not isinstance(section, dict):
             raise UsageError(
