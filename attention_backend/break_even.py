@@ -413,6 +413,26 @@ class _Synthetic:
         return lambda: prism_estimate(q, self.k_cache, self.table, plan, params, ws,
                                       q_scale=None if sc is None else sc.q, k_scale=None if sc is None else sc.k)
 
+    def pool_query_tiles(self) -> int:
+        """The query pooling once per launch tile its rule can pick (``pooling.pooling_launch``
+        widens the head tile with a step's query-block count, at power-of-two counts): the timed
+        chunks are one request each and may not reach a step's count (a short tail chunk, many
+        requests in one step). Each on a plan of n one-row requests (n query blocks). Returns
+        the launches run."""
+        from prism_vllm.kernels import make_plan, pool_queries
+        from prism_vllm.kernels.pooling import pooling_launch
+
+        tiles, n = set(), 1
+        while n <= self.q_all.shape[0]:
+            ln = pooling_launch(self.hq, self.d, n)
+            if ln not in tiles:
+                tiles.add(ln)
+                plan = make_plan(list(range(n + 1)), [0] * n, self.hq, 128).to(self.device)
+                out = torch.empty(n, self.hq, self.d, dtype=torch.float32, device=self.device)  # as pooled_q
+                pool_queries(self.q_all, plan, out, q_scale=None if self.scales is None else self.scales.q)
+            n *= 2
+        return len(tiles)
+
     def attend(self, plan_cpu: Any, ws: Any, sel: Any, params: Any, out: torch.Tensor,
                fa3_attend: Optional[Callable[..., Any]], layout: str) -> Callable[[], Any]:
         """Prism's attend step of ``sel`` into ``out``, as a callable to time."""
@@ -453,6 +473,7 @@ def _measure(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dt
             row.append(timer(syn.attend(plan_cpu, ws, sel, params, out, fa3_attend, layout)))
         attend_ms.append(row)
         used.append(S)
+    syn.pool_query_tiles()  # untimed: the tiles a step's query-block count may pick beyond these chunks'
     return TimingTable(shape="", lengths=used, dense_ms=dense_ms, estimate_ms=est_ms, attend_ms=attend_ms, chunk=chunk)
 
 

@@ -557,10 +557,11 @@ def _union_rows_kernel(
         tl.store(union_cnt + u, cnt)
 
 
-# per-bucket scalars unspecialised (the table strides follow the bucket's width): one binary per
-# layout whatever the step, compiled by the startup warm-up rather than mid-serving
+# per-bucket scalars unspecialised (the table strides follow the bucket's width), and the alignment
+# of the step's block_table row slice: one binary per layout whatever the step, compiled by the
+# startup warm-up rather than mid-serving
 @triton.jit(do_not_specialize=["g_lo", "g_hi", "row_lo", "row_hi", "stride_pt", "stride_ut", "page_mult", "head_mult",
-                               "slot_mult"])
+                               "slot_mult"], do_not_specialize_on_alignment=["block_table"])
 def _virtual_seqs_kernel(
     q,
     q_virt,
@@ -1004,8 +1005,8 @@ def attend_fa3(
     """
     plan = selection.plan
     _check_launch(q, out, vkv, block_table, plan, workspace)
-    if sinks is not None:
-        check_tensor("sinks", sinks, shape=(q.shape[1],), device=q.device)
+    if sinks is not None:  # FA3's s_aux: bf16, contiguous (vLLM's flash-attention checks the same)
+        check_tensor("sinks", sinks, shape=(q.shape[1],), dtype=torch.bfloat16, device=q.device, contiguous=True)
     if attend.all_blocks or selection.all_blocks:
         return attend_dense_fa3(q, vkv, block_table, plan, attend, scale, out,
                                 flash_attn_varlen_func=flash_attn_varlen_func, softcap=softcap,

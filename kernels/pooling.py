@@ -125,7 +125,10 @@ def _pool_queries_kernel(
     tl.store(o_ptr, mean, mask=hd_mask)
 
 
-@triton.jit
+# block_table's alignment unspecialised: a launch's table is a row slice of the engine's (starting
+# past the step's decode rows), 16-byte aligned or not depending on the step when page sizes of 64+
+# make its rows a width not divisible by 4; the kernel only gathers single entries from it
+@triton.jit(do_not_specialize_on_alignment=["block_table"])
 def _pool_keys_paged_kernel(
     k_cache,
     k_scale,

@@ -214,7 +214,8 @@ def _attend_tile(
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["NQB"])  # one binary whatever the step's query-block count
+# one binary whatever the step's query-block count and the alignment of its block_table row slice
+@triton.jit(do_not_specialize=["NQB"], do_not_specialize_on_alignment=["block_table"])
 def _sparse_prefill_fwd_kernel(
     q,
     k_cache,

@@ -347,6 +347,26 @@ def test_synthetic_cache_is_laid_out_as_vllms(page, max_model_len, S_max):
     assert not syn.table[0, n_pages:].any()
 
 
+def test_startup_pools_queries_with_every_tile_a_step_can_pick(monkeypatch):
+    """The query pooling's head tile widens with a step's query-block count (pooling_launch); the
+    startup runs pool_queries with every tile the rule picks for any count its chunk rows allow
+    (here 32 q heads of d=128: 8-, 16- and 32-head tiles), so none compiles mid-serving."""
+    from prism_vllm.kernels import pooling
+
+    rule, used = pooling.pooling_launch, []
+
+    def recorded(h, d, n=0):
+        ln = rule(h, d, n)
+        used.append(ln)
+        return ln
+
+    monkeypatch.setattr(pooling, "pooling_launch", recorded)
+    syn = be._Synthetic(32, 8, 128, torch.float16, 300, 300, torch.device("cpu"), None, None, 0.1, max_model_len=300)
+    assert syn.pool_query_tiles() == 3
+    every = {rule(32, 128, n) for n in range(1, 301)}
+    assert len(every) == 3 and set(used) == every
+
+
 def test_backend_hands_the_engines_page_size_to_the_measurements():
     from prism_vllm.attention_backend.backend import _page_size
 
