@@ -191,9 +191,11 @@ def _FA3() -> Any:
 
 
 def _workspace_need(vllm_config: Any, num_q_heads: int, num_kv_heads: int, head_dim: int, *, attend: bool,
-                    cfg: PrismConfig) -> WorkspaceNeed:
+                    cfg: PrismConfig, sinks: bool = False) -> WorkspaceNeed:
     """The worst case one launch must fit under vLLM's scheduler limits (FA3 attend buffers in
-    the model dtype for the layouts ``cfg.attend_layout`` may use, when ``attend``)."""
+    the model dtype for the layouts ``cfg.attend_layout`` may use, when ``attend``: with learned
+    ``sinks`` "auto" is SINK_LAYOUTS[0] alone, whose views need no q / output copies)."""
+    auto = (SINK_LAYOUTS[0],) if sinks else AUTO_ATTEND_LAYOUTS
     sched = vllm_config.scheduler_config
     dtype = getattr(vllm_config.model_config, "dtype", None)
     return WorkspaceNeed(
@@ -205,7 +207,7 @@ def _workspace_need(vllm_config: Any, num_q_heads: int, num_kv_heads: int, head_
         head_dim=head_dim,
         attend_dtype=dtype if attend and dtype in (torch.float16, torch.bfloat16) else None,
         block_size=cfg.block_size,
-        attend_layouts=AUTO_ATTEND_LAYOUTS if cfg.attend_layout == "auto" else (cfg.attend_layout,),
+        attend_layouts=auto if cfg.attend_layout == "auto" else (cfg.attend_layout,),
     )
 
 
@@ -363,7 +365,7 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         # What the layers' launches do (every Prism layer of a group has the same config): read,
         # not re-derived from the config.
         self._params: PrismParams = ready[0][1].prism_layer.params
-        fp8 = is_quantized_kv_cache(getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto"))
+        fp8 = any(impl._fp8 for _, impl in ready)  # the layers' own (--kv-cache-dtype-skip-layers)
         self._shape_key = shape_key(*shapes[0], getattr(vllm_config.model_config, "dtype", None), fa3, fp8, sinks)
         self._auto_min_context: Optional[int] = None
         self._auto_densities: Optional[tuple] = None
@@ -376,7 +378,7 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
             choice = break_even.layout_for(self._shape_key)
             STATS.record_attend_layout(self._shape_key, choice.summary() if choice is not None and (
                 self.prism_config.attend_layout == "auto") else {"layout": self._layout, "shape": self._shape_key})
-        need = _workspace_need(vllm_config, *shapes[0], attend=fa3, cfg=self.prism_config)
+        need = _workspace_need(vllm_config, *shapes[0], attend=fa3, cfg=self.prism_config, sinks=sinks)
         lane = POOL.lane_for(self, tuple(layer_names))
         self.workspace = POOL.get(device, lane, need, _new_workspace)
         logger.debug(
@@ -805,7 +807,7 @@ class PrismAttentionImpl(FlashAttentionImpl):
         # attention) counts it. The builder reuses this lane-0 buffer.
         try:
             need = _workspace_need(vllm_config, int(self.num_heads), int(self.num_kv_heads), int(self.head_size),
-                                   attend=self.prism_fa3, cfg=self.prism_config)
+                                   attend=self.prism_fa3, cfg=self.prism_config, sinks=self.sinks is not None)
             device = torch.empty(0).device  # the model loader's device context
         except AttributeError:
             return
@@ -838,10 +840,21 @@ class PrismAttentionImpl(FlashAttentionImpl):
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
             self._shadow_estimate(step, layer, query, kv_cache)
             return output
+        k_cache, v_cache, scales = self._cache_views(layer, query, kv_cache)
+        fa3s = [self._fa3_launch(L, k_cache, v_cache) for L in step.launches]
+        if None in fa3s and (scales is not None or lp.params.softcap or lp.params.sinks is not None):
+            # What only the FA3 attend step applies (an fp8 cache, the soft-cap, learned sinks) and a
+            # launch FA3 cannot take (rows too wide for the attend workspace, a cache with no virtual
+            # view): FlashAttention serves this step, the layer stays on Prism for the next ones.
+            if _first_time("fa3-only step"):
+                logger.info("Prism: FlashAttention serves a step the FA3 attend step cannot take on a layer "
+                            "that needs it (fp8 cache, soft-cap or learned sinks)")
+            return super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+            )
         head = attn_metadata.prism_head
         if head is not None:
             super().forward(layer, query, key, value, kv_cache, head, output, output_scale, output_block_scale)
-        k_cache, v_cache, scales = self._cache_views(layer, query, kv_cache)
         timed = step.sample and not step.timed and output.is_cuda
         if timed:
             step.timed = True
@@ -850,10 +863,10 @@ class PrismAttentionImpl(FlashAttentionImpl):
             ev0.record()
         ws = step.workspace
         try:
-            for L in step.launches:  # one per workspace-sized run of requests (usually one)
+            for L, fa3 in zip(step.launches, fa3s):  # one per workspace-sized run of requests (usually one)
                 t0, t1 = L.token_start, L.token_end
                 sel = prism_prefill(query[t0:t1], k_cache, v_cache, L.block_table, L.plan, lp.params, ws,
-                                    output[t0:t1], fa3=self._fa3_launch(L, k_cache, v_cache), scales=scales)
+                                    output[t0:t1], fa3=fa3, scales=scales)
                 if step.sample:
                     self._sample_density(L, sel, served=True)
         except Exception as e:  # noqa: BLE001 - e.g. a kernel that does not compile on this GPU

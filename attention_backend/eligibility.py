@@ -79,6 +79,8 @@ def layer_reason(impl: Any, vllm_config: Any, *, fa3: bool, attend_layout: str =
         # call per q head / kv group, the copy layouts put sequences of every q head in one call
         if not fa3:
             return "learned attention sinks without FA3 (Prism's Triton attend step has no sinks)"
+        if impl.sinks.dtype != torch.bfloat16:
+            return f"learned attention sinks in {impl.sinks.dtype} (FA3 takes bfloat16 sinks)"
         if attend_layout not in SINK_LAYOUTS + ("auto",):
             return (f"learned attention sinks with attend_layout={attend_layout!r} (FA3 holds one sink per head "
                     f"of a call): set attend_layout to \"auto\" or one of {', '.join(map(repr, SINK_LAYOUTS))}")

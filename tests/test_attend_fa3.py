@@ -670,7 +670,7 @@ def test_gpu_fa3_learned_sinks_equal_reference(name, layout):
     c = GPU_CASES[name]
     dtype = torch.bfloat16
     q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c, dtype=dtype, device="cuda")
-    scale, sinks = c.d**-0.5, _sinks(c.hq, "cuda").to(torch.bfloat16)  # FA3 takes bf16 s_aux, contiguous
+    scale, sinks = c.d**-0.5, _sinks(c.hq, "cuda")
     vkv = virtual_kv(kc, vc)
     ap = make_attend_plan(plan, c.capacity, all_blocks=c.keep == "all", layout=layout, num_kv_heads=c.hkv)
     ws = AttendWorkspace(c.capacity, c.hq, c.d, dtype, q.device, layouts=(layout,))
@@ -738,8 +738,9 @@ def test_fp8_cache_and_queries_through_fa3_semantics(layout):
 
 
 def _sinks(hq: int, device=DEVICE) -> torch.Tensor:
-    """Learned sinks of a layer: one logit per q head, from a small share of a row's mass to most of it."""
-    return torch.linspace(-2.0, 3.0, hq).to(device)
+    """Learned sinks of a layer: one logit per q head, from a small share of a row's mass to most of it
+    (bf16, as FA3 takes them)."""
+    return torch.linspace(-2.0, 3.0, hq).to(device=device, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("layout", ["head_views", "group_views"])

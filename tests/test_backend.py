@@ -523,7 +523,7 @@ def sinks_allowed(monkeypatch):
     monkeypatch.setattr(flash_attn, "flash_attn_supports_sinks", lambda: True, raising=False)  # CPU: not imported
 
 
-SINKS = torch.tensor([-1.0, 0.0, 1.0, 2.5])  # one per q head (HQ = 4)
+SINKS = torch.tensor([-1.0, 0.0, 1.0, 2.5], dtype=torch.bfloat16)  # one per q head (HQ = 4); FA3 takes bf16
 
 
 def test_learned_sinks_serve_on_prism_in_a_view_layout(base_vllm_config, fake_flash, fa3_on_cpu, sinks_allowed):
@@ -551,12 +551,41 @@ def test_learned_sinks_serve_on_prism_in_a_view_layout(base_vllm_config, fake_fl
     assert not torch.isnan(out[:T]).any() and (out[:T].float() - plain.float()).abs().max() > 0.05
 
 
-@pytest.mark.parametrize("layout,fa3,match", [("head", True, "attend_layout='head'.*'head_views'"),
-                                             ("auto", False, "without FA3")])
+def test_a_step_fa3_cannot_take_goes_to_flash_attention_when_the_layer_needs_fa3(
+        base_vllm_config, fake_flash, fa3_on_cpu, sinks_allowed, monkeypatch):
+    """A layer with learned sinks (what only the FA3 attend step applies) and a step whose cache
+    FA3 cannot view: FlashAttention serves that whole step, with the sinks; the layer stays on
+    Prism and no kernel failure is counted (the Triton attend step would have refused the sinks
+    and turned the layer off for good)."""
+    b = BATCHES["mixed"]
+    vc = _vllm_config(base_vllm_config, prism=CFG)
+    (owner,) = _model(vc, [ROPE], sinks=SINKS)
+    impl = owner.attn.impl
+    builder = pb.PrismMetadataBuilder(_spec(), [owner.attn.layer_name], vc, torch.device("cpu"))
+    p = _paged_batch(b, 16, seed=11)
+    md = builder.build(0, p.cm)
+    assert md.prism is not None
+    monkeypatch.setattr(pb, "virtual_kv", lambda *a, **k: "strides no virtual page can express")
+    st = stats.PrismStats()
+    monkeypatch.setattr(pb, "STATS", st)
+    fake_flash.clear()
+    out = torch.full((p.query.shape[0], HQ, D), float("nan"), dtype=DTYPE)
+    impl.forward(owner.attn, p.query, None, None, p.kv_cache, md, out)
+    assert fake_flash == [md]  # one FlashAttention call over the whole batch
+    T = int(b.qsl[-1])
+    want, _ = _expected(b, p, b.start, b.dense, PrismConfig(**CFG), prism_layer=False, sinks=SINKS)
+    torch.testing.assert_close(out[:T].float(), want.float(), atol=5e-3, rtol=5e-3)
+    assert impl.prism_layer is not None and st.collect()["kernel_failures"] == 0
+
+
+@pytest.mark.parametrize("layout,fa3,sinks,match", [("head", True, SINKS, "attend_layout='head'.*'head_views'"),
+                                                   ("auto", False, SINKS, "without FA3"),
+                                                   ("auto", True, SINKS.float(), "in torch.float32.*bfloat16")])
 def test_learned_sinks_without_a_view_layout_stay_on_flash_attention(base_vllm_config, monkeypatch, sinks_allowed,
-                                                                     layout, fa3, match):
-    """Sinks Prism cannot carry (a copy layout named in the config, or the Triton attend step):
-    the layer serves on FlashAttention, the reason naming the setting and its fix."""
+                                                                     layout, fa3, sinks, match):
+    """Sinks Prism cannot carry (a copy layout named in the config, the Triton attend step, a
+    dtype FA3 does not take): the layer serves on FlashAttention, the reason naming the setting
+    and its fix."""
     if fa3:
         init = FlashAttentionImpl.__init__
 
@@ -566,7 +595,7 @@ def test_learned_sinks_without_a_view_layout_stay_on_flash_attention(base_vllm_c
 
         monkeypatch.setattr(FlashAttentionImpl, "__init__", fa3_init)
     vc = _vllm_config(base_vllm_config, prism={**CFG, "attend_layout": layout})
-    (owner,) = _model(vc, [ROPE], sinks=SINKS)
+    (owner,) = _model(vc, [ROPE], sinks=sinks)
     reason = owner.attn.impl.prism_reason
     assert reason is not None and "learned attention sinks" in reason and re.search(match, reason)
 

@@ -459,7 +459,7 @@ def test_learned_sinks_reach_the_fa3_attend_step_from_the_layer_params():
     plan_cpu = make_plan([0, 700, 1000], [0, 256], hq, B, dense_tail=cfg.dense_tail)
     plan = plan_cpu.to(DEVICE)
     k_cache, v_cache, table = make_paged_kv(ks, vs, 16, "NHD", seed=5)
-    sinks = torch.tensor([-1.0, 0.0, 1.0, 2.5], device=DEVICE)
+    sinks = torch.tensor([-1.0, 0.0, 1.0, 2.5], device=DEVICE, dtype=torch.bfloat16)  # FA3 takes bf16
     scale = d**-0.5
     params = PrismParams.make(bands=BANDS64, scale=scale, config=cfg, device=DEVICE, sinks=sinks)
     cap = AttendCapacity(rows=4096, sequences=1024, table_blocks=8192, key_blocks=16)
