@@ -788,8 +788,8 @@ def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Offici
                 row["speedup_vs_official"] = round(row["official_ms"] / row["prism_ms"], 3)
             res["sparse"].append(row)
             bar.step(f"{tok(L)} d={dens}")
-            del mask, sel_idx, sel_cnt
-        del q, kv, k, v, out, qc, kc, vc
+            mask = sel_idx = sel_cnt = None  # freed before the next row's (rebound, not del: the lambdas above read them)
+        q = kv = k = v = out = qc = kc = vc = None
         if s.device == "cuda":
             torch.cuda.empty_cache()
 
@@ -932,7 +932,7 @@ def run_estimation(s: Setup, off: Optional[Official], res: dict[str, Any], bar: 
         row["default_rule"] = shipped.cfg.rule
         row["prism_default_ms"] = bench(lambda: shipped.estimate(q, kv, ws_shipped), s)
         row["prism_default_density"] = round(shipped.density(ws_shipped), 5)
-        del ws_shipped, shipped
+        ws_shipped = shipped = None
         row["official_ms"] = row["official_extra_mem_mb"] = row["official_density"] = None
         if off is not None and off.prism_block_estimate is not None and L in s.est_lengths:
             G = s.hq // s.hkv
@@ -1126,7 +1126,7 @@ def run_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str, Any]) 
                 r["prism_ms"], r["error"] = None, f"{type(ex).__name__}: {str(ex)[:200]}"
             res["sweep"].append(r)
             bar.step(f"{tok(L)} {knobs}")
-        del q, kv, mask, si, sc, out
+        q = kv = mask = si = sc = out = None
     # Selection precision at the longest sweep length, on the structured input: time and how
     # many selected blocks differ from the exact ("ieee") selection.
     L = max(p[0] for p in s.sweep_points)
@@ -1211,7 +1211,7 @@ def run_attend_sweep(s: Setup, fa3: Optional[Callable[..., Any]], res: dict[str,
                     af.ATTEND_LAUNCH = default
                 res["attend_sweep"].append(r)
                 bar.step(f"{tok(L)} t={bt} w={nw} {order}")
-            del q, kv, mask, si, sc, out, first
+            q = kv = mask = si = sc = out = first = None
             if s.device == "cuda":
                 torch.cuda.empty_cache()
     finally:

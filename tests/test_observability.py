@@ -235,7 +235,6 @@ def test_worker_extension_reports_a_scripted_sequence_of_steps(fresh_stats):
     assert s.record_step(prism_tokens=500, prism_dense_tokens=0, flash_tokens=10,
                          prism_requests=1, prism_dense_requests=0) is False
     # two sampled layer launches of step 1: 7 of 20 and 5 of 10 causal blocks, 2.0 and 4.0 ms
-    cpu = torch.device("cpu")
     for selected, causal, ms in ((7, 20, 2.0), (5, 10, 4.0)):
         s.add_sample(torch.tensor([selected]), torch.tensor([3]), [0, 0, 0, causal, 0, 0])
         s.add_timing(_FakeEvent(1.0), _FakeEvent(1.0 + ms))

@@ -7,7 +7,6 @@ GPU (`-m gpu`): realistic sizes in bf16 and fp16, reference run on the GPU in fp
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 

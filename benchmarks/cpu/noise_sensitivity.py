@@ -2,7 +2,7 @@
 (relative 2^-8), with dense attention vs with Prism's block selection? 5000 tokens of GPL-3 on the
 bundled SmolLM2-135M. Usage: python benchmarks/cpu/noise_sensitivity.py"""
 import os
-import sys, torch
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from prism_vllm import PrismConfig, reference as R

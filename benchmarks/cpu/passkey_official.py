@@ -9,7 +9,7 @@ Usage: PRISM_OFFICIAL_DIR=benchmarks/_official python benchmarks/cpu/passkey_off
 (N prompt tokens, default 4096; the official modes need N % 128 == 0.)
 Prints per depth "argmax==first key token:logprob of it" and the mean selected density."""
 import os
-import random, sys, time, math
+import random, sys, time
 sys.path.insert(0, os.environ.get("PRISM_OFFICIAL_DIR", "benchmarks/_official"))
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, AttentionInterface
