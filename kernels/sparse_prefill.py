@@ -43,6 +43,7 @@ from ._launch import (
     check_plan,
     check_selection_buffers,
     check_tensor,
+    launch,
     strides,
 )
 from .plan import PrefillPlan, sel_count_at, sel_row_start
@@ -418,7 +419,9 @@ def sparse_prefill(
         return out
 
     grid = (plan.num_q_blocks * (B // cfg.block_m) * HQ,)
-    _sparse_prefill_fwd_kernel[grid](
+    launch(
+        _sparse_prefill_fwd_kernel,
+        grid,
         q=q,
         k_cache=k_cache,
         v_cache=v_cache,

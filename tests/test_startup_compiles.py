@@ -1,0 +1,166 @@
+"""The startup warm-up compiles every Triton binary a serving step needs, checked on CPU.
+
+Triton compiles a kernel anew for every new *specialisation key*: its constexpr values, launch
+options (warps, stages), each tensor's dtype and 16-byte alignment, and each integer argument's
+class (== 1, divisible by 16, other) unless the kernel opts out (``do_not_specialize``,
+``do_not_specialize_on_alignment``). The backend runs Prism's kernels on synthetic inputs when a
+model loads (``attention_backend/break_even.py``: ``warm_up`` for an integer ``min_context_len``,
+``measure`` for "auto") so that no request waits for a compile (vLLM's JIT monitor flags one).
+
+Here every launch goes to a recorder instead of the kernel: it computes the key with Triton's own
+``native_specialize_impl`` for the CUDA backend (no GPU needed, nothing runs) and collects the
+keys of the warm-up, then of serving steps built the way the backend slices vLLM's tensors (a
+query view of the fused qkv past the step's decode rows, a row slice of the engine's block table,
+chunks that end mid-block, several requests). Every serving key must be a warm-up key. The GPU
+suite checks the same end to end with vLLM's JIT monitor
+(``tests/test_vllm_gpu.py::test_prism_kernels_compile_at_startup_not_during_inference``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.runtime.jit import JITFunction
+
+from prism_vllm import PrismConfig
+from prism_vllm.attention_backend import break_even as be
+from prism_vllm.kernels import FA3Launch, PrismParams, PrismWorkspace, make_plan, prism_prefill
+from prism_vllm.kernels.attend_fa3 import make_attend_plan, virtual_kv
+from prism_vllm.kernels.prefill import Fp8Scales
+from prism_vllm.rope import RopeLayout, prism_bands
+
+HQ, HKV, D = 32, 8, 128  # a Llama-3.1-8B layer: the query pooling widens its head tile with the step
+MAX_MODEL_LEN, CHUNK = 40000, 8192
+LAUNCHERS = ("pooling", "selection", "sparse_prefill", "attend_fa3")
+
+
+def _signature(kernel: Any) -> JITFunction:
+    """The kernel's JITFunction (under TRITON_INTERPRET the decorator returns an interpreter
+    wrapper: the same function and specialisation options, re-read here)."""
+    if isinstance(kernel, JITFunction):
+        return kernel
+    kw = {k: kernel.kwargs.get(k) for k in ("do_not_specialize", "do_not_specialize_on_alignment")}
+    return JITFunction(kernel.fn, **kw)
+
+
+class _Keys:
+    """Records the specialisation key of every launch; runs nothing."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, set] = {}
+        self._sig: dict[int, JITFunction] = {}
+
+    def key(self, kernel: Any, kwargs: dict[str, Any]) -> tuple[str, tuple]:
+        jf = self._sig.setdefault(id(kernel), _signature(kernel))
+        spec = []
+        for p in jf.params:
+            v = kwargs.get(p.name, p.default)
+            if p.is_constexpr:
+                spec.append((p.name, "constexpr", repr(v)))
+            else:
+                spec.append((p.name, *native_specialize_impl(CUDABackend, v, p.is_const, not p.do_not_specialize,
+                                                             not p.do_not_specialize_on_alignment)))
+        return jf.fn.__name__, (tuple(spec), kwargs.get("num_warps"), kwargs.get("num_stages"))
+
+    def launch(self, kernel: Any, grid: tuple, **kwargs: Any) -> None:
+        name, key = self.key(kernel, kwargs)
+        self.keys.setdefault(name, set()).add(key)
+
+
+@pytest.fixture
+def keys(monkeypatch):
+    rec = _Keys()
+    for m in LAUNCHERS:
+        monkeypatch.setattr(importlib.import_module(f"prism_vllm.kernels.{m}"), "launch", rec.launch)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    return rec
+
+
+def _no_fa(**kw: Any) -> None:
+    """FlashAttention / FA3 stand-in: the keys are all that matters here."""
+
+
+def _new_keys(rec: _Keys, warm: dict[str, set]) -> dict[str, list]:
+    """Keys recorded that the warm-up did not record, with the arguments that differ from the
+    closest warm key."""
+    out = {}
+    for name, ks in rec.keys.items():
+        for k in ks - warm.get(name, set()):
+            near = min(warm.get(name, ()), key=lambda w: sum(a != b for a, b in zip(w[0], k[0])), default=None)
+            out.setdefault(name, []).append("no warm launch" if near is None else
+                                            [(b[0], a[1:], b[1:]) for a, b in zip(near[0], k[0]) if a != b]
+                                            + ([("warps/stages", near[1:], k[1:])] if near[1:] != k[1:] else []))
+    return out
+
+
+CASES = [(layout, page, min_len, False) for layout in ("head", "head_views", "triton")
+         for page, min_len in ((16, "auto"), (16, 16384), (64, 16384), (128, "auto"))]
+CASES += [("head", 16, "auto", True), ("head_views", 64, 16384, True)]  # fp8 KV caches (FA3 only)
+
+
+@pytest.mark.parametrize("layout,page,min_len,fp8", CASES,
+                         ids=[f"{a}-p{b}-{c}{'-fp8' if d else ''}" for a, b, c, d in CASES])
+def test_serving_steps_launch_only_what_the_startup_compiled(keys, layout, page, min_len, fp8):
+    fa3 = layout != "triton"
+    f8 = torch.float8_e4m3fn
+    cfg = PrismConfig()
+    params = PrismParams.make(bands=prism_bands(RopeLayout(D, D, True), cfg), scale=D**-0.5, config=cfg, device="cpu")
+    probe = dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype=torch.bfloat16, scale=D**-0.5, params=params,
+                 max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=CHUNK, flash_attn_varlen_func=_no_fa,
+                 fa_version=3, fa3_attend=_no_fa if fa3 else None, device=torch.device("cpu"), page_size=page,
+                 fp8=f8 if fp8 else None)
+    attend = layout if fa3 else "head"
+    # what the startup runs: measure's lengths for "auto", warm_up's for an integer (both: _measure,
+    # then the longest sequence untimed)
+    lengths = [L for i, L in enumerate(be.LENGTHS) if L <= MAX_MODEL_LEN and (
+        min_len == "auto" or i + 1 == len(be.LENGTHS) or be.LENGTHS[i + 1] > min_len)]
+    be._measure(**probe, lengths=lengths, layout=attend, timer=be._once)
+    be._measure(**probe, lengths=be._top_length(MAX_MODEL_LEN, lengths), layout=attend, timer=be._once)
+    warm = {k: set(v) for k, v in keys.keys.items()}
+    assert {"_pool_queries_kernel", "_pool_keys_paged_kernel", "_select_kernel"} <= set(warm)
+
+    # the engine's side: vLLM's paged cache and block table (rows as wide as its runner's)
+    W = -(-MAX_MODEL_LEN // page)
+    if page <= 128:
+        W = -(-W // (128 // page)) * (128 // page)
+    kv = torch.zeros(-(-MAX_MODEL_LEN // page) * 2, page, HKV, 2 * D, dtype=torch.uint8 if fp8 else torch.bfloat16)
+    k_cache, v_cache = (x.view(f8) if fp8 else x for x in kv.split(D, dim=-1))  # vLLM stores fp8 as uint8
+    one = torch.ones((), dtype=torch.float32)  # vLLM's layer._q_scale etc.
+    scales = Fp8Scales(q=one, k=one, v=one) if fp8 else None
+    table = torch.zeros(16, W, dtype=torch.int32)
+    sizes = PrismWorkspace.sizes_for(CHUNK, MAX_MODEL_LEN, 16, HQ, num_kv_heads=HKV, head_dim=D,
+                                     attend_dtype=torch.bfloat16 if fa3 else None, attend_layouts=(attend,))
+    ws = PrismWorkspace.allocate(sizes, "cpu")
+
+    def step(n_decode: int, chunks: list[tuple[int, int]]) -> None:
+        """A step of n_decode decode rows (FlashAttention's) then Prism's prefill chunks (ctx, rows)."""
+        T = n_decode + sum(n for _, n in chunks)
+        qkv = torch.zeros(T, (HQ + 2 * HKV) * D, dtype=torch.bfloat16)  # vLLM's fused projection
+        query = qkv[:, : HQ * D].view(T, HQ, D)
+        if fp8:  # vLLM quantises the query for FA3 when the cache is fp8
+            query = query.to(f8)
+        output = torch.empty(T, HQ, D, dtype=torch.bfloat16)
+        plan = make_plan(np.concatenate([[0], np.cumsum([n for _, n in chunks])]), [c for c, _ in chunks], HQ, 128,
+                         dense_tail=cfg.dense_tail)
+        fa3_launch = None
+        if fa3:
+            fa3_launch = FA3Launch(flash_attn_varlen_func=_no_fa, kv=virtual_kv(k_cache, v_cache, 128),
+                                   attend=make_attend_plan(plan, ws.attend.capacity, layout=layout, num_kv_heads=HKV))
+        prism_prefill(query[n_decode:], k_cache, v_cache, table[n_decode : n_decode + len(chunks)], plan, params, ws,
+                      output[n_decode:], fa3=fa3_launch, scales=scales)
+
+    first = 16384 if min_len == "auto" else min_len  # the shortest sequence Prism serves here
+    step(0, [(MAX_MODEL_LEN - CHUNK, CHUNK)])  # a long prompt's last chunk
+    step(1, [(MAX_MODEL_LEN - CHUNK, CHUNK)])  # behind a decode row
+    step(3, [(MAX_MODEL_LEN - 7232, 7232)])  # its tail chunk, mid-block
+    step(5, [(first, 2000)])  # a short chunk
+    step(2, [(20000 + 77, CHUNK - 100)])  # a chunk starting mid-block
+    step(3, [(first, 4000), (first + 1000, 3000)])  # two requests
+    step(0, [(128 * i + 50, 130) for i in range(12)])  # many short chunks (query blocks > rows / 128)
+    assert not _new_keys(keys, warm), _new_keys(keys, warm)
