@@ -102,6 +102,7 @@ def _new_keys(rec: _Keys, warm: dict[str, set]) -> dict[str, list]:
 CASES = [(layout, page, min_len, False) for layout in ("head", "head_views", "triton")
          for page, min_len in ((16, "auto"), (16, 16384), (64, 16384), (128, "auto"))]
 CASES += [("head", 16, "auto", True), ("head_views", 64, 16384, True)]  # fp8 KV caches (FA3 only)
+CASES += [("group", 16, "auto", False), ("group_views", 32, 16384, False)]  # the opt-in union layouts
 
 
 @pytest.mark.parametrize("layout,page,min_len,fp8", CASES,
