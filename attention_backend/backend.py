@@ -53,7 +53,7 @@ from prism_vllm.config import AUTO_ATTEND_LAYOUTS, PrismConfig
 from prism_vllm.kernels import FA3Launch, PrismParams, PrismWorkspace, prism_estimate, prism_prefill
 from prism_vllm.kernels.attend_fa3 import AttendPlan, make_attend_plan, virtual_kv
 from prism_vllm.kernels.plan import BlockSelection, PrefillPlan, make_plan
-from prism_vllm.kernels.prefill import Fp8Scales
+from prism_vllm.kernels.prefill import SUPPORTED_HEAD_DIMS, Fp8Scales
 from prism_vllm.stats import STATS
 
 from . import break_even
@@ -362,6 +362,8 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         self.prism_num_heads, self._num_kv_heads = shapes[0][0], shapes[0][1]
         fa3 = any(impl.prism_fa3 for _, impl in ready)
         sinks = any(impl.sinks is not None for _, impl in ready)
+        # layers only the FA3 attend step serves: a step it cannot plan goes to FlashAttention
+        self._fa3_only = any(impl._fa3_only for _, impl in ready)
         # What the layers' launches do (every Prism layer of a group has the same config): read,
         # not re-derived from the config.
         self._params: PrismParams = ready[0][1].prism_layer.params
@@ -567,6 +569,27 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
             return _wrap(md)
         route = fitted
         s, e = route.start, route.end
+        dense = route.dense
+        plans = []
+        for i0, i1 in groups:
+            cu = route.cu_seqlens_q[i0 : i1 + 1] - route.cu_seqlens_q[i0]
+            plan = make_plan(cu, route.ctx_lens[i0:i1], self.prism_num_heads, B, dense=dense[i0:i1].astype(np.int64),
+                             dense_tail=self.prism_config.dense_tail)
+            assert ws.fits(plan), (ws.limits(), plan.num_q_blocks, plan.num_k_blocks, plan.sel_capacity)
+            attend = None
+            if ws.attend is not None and not shadow:  # FA3 buckets, planned on the host (None: Triton)
+                attend = make_attend_plan(plan, ws.attend.capacity, block_budget=self._params.block_budget,
+                                          all_blocks=self._params.all_blocks, layout=self._layout,
+                                          num_kv_heads=self._num_kv_heads)
+            plans.append((i0, i1, cu, plan, attend))
+        if not shadow and self._fa3_only and any(p[4] is None for p in plans):
+            # rows too wide for the attend workspace on layers only the FA3 attend step serves
+            # (fp8, soft-cap, sinks, head size): FlashAttention serves the step, counted as its own
+            if _first_time("fa3-only step"):
+                logger.info("Prism: FlashAttention serves steps whose rows the FA3 attend workspace cannot take "
+                            "on layers only the FA3 attend step serves")
+            STATS.record_step(0, 0, int(cm.query_start_loc_cpu[cm.num_reqs]), 0, 0)
+            return _wrap(self._fa_build(0, cm, fast_build, kwargs))
         if shadow:
             head, full = None, self._fa_build(shadow_prefix_len, cm, fast_build, kwargs)
         elif s > 0:
@@ -589,7 +612,6 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
             head = None
             full = self._fa_build(0, cm, fast_build, kwargs)
 
-        dense = route.dense
         if shadow:
             STATS.record_step(0, 0, int(cm.query_start_loc_cpu[cm.num_reqs]), 0, 0)
             STATS.shadow_steps += 1
@@ -603,16 +625,7 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
                 prism_dense_requests=int(dense.sum()),
             )
         launches = []
-        for i0, i1 in groups:
-            cu = route.cu_seqlens_q[i0 : i1 + 1] - route.cu_seqlens_q[i0]
-            plan = make_plan(cu, route.ctx_lens[i0:i1], self.prism_num_heads, B, dense=dense[i0:i1].astype(np.int64),
-                             dense_tail=self.prism_config.dense_tail)
-            assert ws.fits(plan), (ws.limits(), plan.num_q_blocks, plan.num_k_blocks, plan.sel_capacity)
-            attend = None
-            if ws.attend is not None and not shadow:  # FA3 buckets, planned on the host (None: Triton)
-                attend = make_attend_plan(plan, ws.attend.capacity, block_budget=self._params.block_budget,
-                                          all_blocks=self._params.all_blocks, layout=self._layout,
-                                          num_kv_heads=self._num_kv_heads)
+        for i0, i1, cu, plan, attend in plans:
             sampling = self._sampling(plan, route, i0, i1) if sample else None
             t0 = route.token_start + int(route.cu_seqlens_q[i0])
             launches.append(
@@ -721,6 +734,10 @@ class PrismAttentionImpl(FlashAttentionImpl):
         # end on their diagonal block; elsewhere on Prism's Triton kernel.
         self.prism_fa3 = self.vllm_flash_attn_version == 3 and self.prism_config.keep_diagonal
         self._fp8 = is_quantized_kv_cache(self.kv_cache_dtype)
+        # What only the FA3 attend step serves (the Triton one has no fp8 cache, soft-cap or sinks,
+        # and fewer head sizes): a launch FA3 cannot take is then FlashAttention's, not Triton's.
+        self._fa3_only = self.prism_fa3 and bool(self._fp8 or self.logits_soft_cap or self.sinks is not None
+                                                 or self.head_size not in SUPPORTED_HEAD_DIMS)
         self._limits = _limits(vllm_config)
         self._page_size = _page_size(vllm_config)
         reason = layer_reason(self, vllm_config, fa3=self.prism_fa3, attend_layout=self.prism_config.attend_layout)
@@ -842,13 +859,11 @@ class PrismAttentionImpl(FlashAttentionImpl):
             return output
         k_cache, v_cache, scales = self._cache_views(layer, query, kv_cache)
         fa3s = [self._fa3_launch(L, k_cache, v_cache) for L in step.launches]
-        if None in fa3s and (scales is not None or lp.params.softcap or lp.params.sinks is not None):
-            # What only the FA3 attend step applies (an fp8 cache, the soft-cap, learned sinks) and a
-            # launch FA3 cannot take (rows too wide for the attend workspace, a cache with no virtual
-            # view): FlashAttention serves this step, the layer stays on Prism for the next ones.
-            if _first_time("fa3-only step"):
-                logger.info("Prism: FlashAttention serves a step the FA3 attend step cannot take on a layer "
-                            "that needs it (fp8 cache, soft-cap or learned sinks)")
+        if self._fa3_only and None in fa3s:
+            # The builder hands FlashAttention the steps whose rows the attend workspace cannot take
+            # on such layers, so this is a KV cache FA3 cannot view: the same for every step.
+            self.prism_disable("a KV cache layout the FA3 attend step cannot view, on a layer only it can serve "
+                               "(fp8 cache, soft-cap, learned sinks or head size)")
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
             )

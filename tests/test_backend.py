@@ -551,31 +551,47 @@ def test_learned_sinks_serve_on_prism_in_a_view_layout(base_vllm_config, fake_fl
     assert not torch.isnan(out[:T]).any() and (out[:T].float() - plain.float()).abs().max() > 0.05
 
 
-def test_a_step_fa3_cannot_take_goes_to_flash_attention_when_the_layer_needs_fa3(
+def test_steps_fa3_cannot_take_go_to_flash_attention_on_layers_only_fa3_serves(
         base_vllm_config, fake_flash, fa3_on_cpu, sinks_allowed, monkeypatch):
-    """A layer with learned sinks (what only the FA3 attend step applies) and a step whose cache
-    FA3 cannot view: FlashAttention serves that whole step, with the sinks; the layer stays on
-    Prism and no kernel failure is counted (the Triton attend step would have refused the sinks
-    and turned the layer off for good)."""
+    """Layers with learned sinks (what only the FA3 attend step applies; also fp8, soft-cap, head
+    sizes the Triton kernel lacks). A step whose rows the attend workspace cannot take: the
+    builder hands it to FlashAttention (sinks applied, counted as FlashAttention's tokens). A KV
+    cache FA3 cannot view: the layer goes to FlashAttention with the reason, no kernel failure
+    (the Triton attend step would have refused the sinks and counted one)."""
     b = BATCHES["mixed"]
     vc = _vllm_config(base_vllm_config, prism=CFG)
     (owner,) = _model(vc, [ROPE], sinks=SINKS)
     impl = owner.attn.impl
     builder = pb.PrismMetadataBuilder(_spec(), [owner.attn.layer_name], vc, torch.device("cpu"))
+    assert impl._fa3_only and builder._fa3_only
     p = _paged_batch(b, 16, seed=11)
-    md = builder.build(0, p.cm)
-    assert md.prism is not None
-    monkeypatch.setattr(pb, "virtual_kv", lambda *a, **k: "strides no virtual page can express")
-    st = stats.PrismStats()
-    monkeypatch.setattr(pb, "STATS", st)
-    fake_flash.clear()
-    out = torch.full((p.query.shape[0], HQ, D), float("nan"), dtype=DTYPE)
-    impl.forward(owner.attn, p.query, None, None, p.kv_cache, md, out)
-    assert fake_flash == [md]  # one FlashAttention call over the whole batch
     T = int(b.qsl[-1])
     want, _ = _expected(b, p, b.start, b.dense, PrismConfig(**CFG), prism_layer=False, sinks=SINKS)
+    st = stats.PrismStats()
+    monkeypatch.setattr(pb, "STATS", st)
+
+    with monkeypatch.context() as m:  # rows too wide for the attend workspace: no bucket plan
+        m.setattr(pb, "make_attend_plan", lambda *a, **k: None)
+        md = builder.build(0, p.cm)
+    assert md.prism is None
+    s = st.collect()
+    assert s["prism_tokens"] == 0 and s["flash_tokens"] == int(p.cm.query_start_loc_cpu[-1])
+    out = torch.full((p.query.shape[0], HQ, D), float("nan"), dtype=DTYPE)
+    fake_flash.clear()
+    impl.forward(owner.attn, p.query, None, None, p.kv_cache, md, out)
+    assert fake_flash == [md] and impl.prism_layer is not None
     torch.testing.assert_close(out[:T].float(), want.float(), atol=5e-3, rtol=5e-3)
-    assert impl.prism_layer is not None and st.collect()["kernel_failures"] == 0
+
+    md = builder.build(0, p.cm)  # a step Prism plans, on a cache FA3 cannot view
+    assert md.prism is not None
+    monkeypatch.setattr(pb, "virtual_kv", lambda *a, **k: "strides no virtual page can express")
+    out.fill_(float("nan"))
+    fake_flash.clear()
+    impl.forward(owner.attn, p.query, None, None, p.kv_cache, md, out)
+    assert fake_flash == [md]  # one FlashAttention call over the whole batch
+    torch.testing.assert_close(out[:T].float(), want.float(), atol=5e-3, rtol=5e-3)
+    assert impl.prism_layer is None and "cannot view" in impl.prism_reason
+    assert st.collect()["kernel_failures"] == 0
 
 
 @pytest.mark.parametrize("layout,fa3,sinks,match", [("head", True, SINKS, "attend_layout='head'.*'head_views'"),
