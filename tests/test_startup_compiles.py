@@ -99,21 +99,30 @@ def _new_keys(rec: _Keys, warm: dict[str, set]) -> dict[str, list]:
     return out
 
 
-CASES = [(layout, page, min_len, False) for layout in ("head", "head_views", "triton")
+CASES = [(layout, page, min_len, False, CHUNK) for layout in ("head", "head_views", "triton")
          for page, min_len in ((16, "auto"), (16, 16384), (64, 16384), (128, "auto"))]
-CASES += [("head", 16, "auto", True), ("head_views", 64, 16384, True)]  # fp8 KV caches (FA3 only)
-CASES += [("group", 16, "auto", False), ("group_views", 32, 16384, False)]  # the opt-in union layouts
+CASES += [("head", 16, "auto", True, CHUNK), ("head_views", 64, 16384, True, CHUNK)]  # fp8 KV caches (FA3 only)
+CASES += [("group", 16, "auto", False, CHUNK), ("group_views", 32, 16384, False, CHUNK)]  # the union layouts
+# 32K-token chunks: the warm chunks' 256 query blocks take whole-row pooling tiles, a tail chunk's
+# 57 the narrow ones (Synthetic.pool_query_tiles)
+CASES += [("head", 16, 16384, False, 32768)]
+#: Kernels a serving step of each attend path launches besides pooling and selection.
+ATTEND_KERNELS = {"head": {"_virtual_seqs_kernel", "_scatter_out_kernel"}, "head_views": {"_virtual_seqs_kernel"},
+                  "group": {"_union_rows_kernel", "_virtual_seqs_kernel", "_scatter_out_kernel"},
+                  "group_views": {"_union_rows_kernel", "_virtual_seqs_kernel"}, "triton": {"_sparse_prefill_fwd_kernel"}}
 
 
-@pytest.mark.parametrize("layout,page,min_len,fp8", CASES,
-                         ids=[f"{a}-p{b}-{c}{'-fp8' if d else ''}" for a, b, c, d in CASES])
-def test_serving_steps_launch_only_what_the_startup_compiled(keys, layout, page, min_len, fp8):
+@pytest.mark.parametrize("layout,page,min_len,fp8,chunk", CASES,
+                         ids=[f"{a}-p{b}-{c}{'-fp8' if d else ''}-c{e}" for a, b, c, d, e in CASES])
+def test_serving_steps_launch_only_what_the_startup_compiled(keys, monkeypatch, layout, page, min_len, fp8, chunk):
+    # every launch of a step goes through the recorder (a replayed one would skip it)
+    monkeypatch.setattr(PrismWorkspace, "replay", lambda *a, **k: None)
     fa3 = layout != "triton"
     f8 = torch.float8_e4m3fn
     cfg = PrismConfig()
     params = PrismParams.make(bands=prism_bands(RopeLayout(D, D, True), cfg), scale=D**-0.5, config=cfg, device="cpu")
     probe = dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype=torch.bfloat16, scale=D**-0.5, params=params,
-                 max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=CHUNK, flash_attn_varlen_func=_no_fa,
+                 max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=chunk, flash_attn_varlen_func=_no_fa,
                  fa_version=3, fa3_attend=_no_fa if fa3 else None, device=torch.device("cpu"), page_size=page,
                  fp8=f8 if fp8 else None)
     attend = layout if fa3 else "head"
@@ -124,7 +133,7 @@ def test_serving_steps_launch_only_what_the_startup_compiled(keys, layout, page,
     be._measure(**probe, lengths=lengths, layout=attend, timer=be._once)
     be._measure(**probe, lengths=be._top_length(MAX_MODEL_LEN, lengths), layout=attend, timer=be._once)
     warm = {k: set(v) for k, v in keys.keys.items()}
-    assert {"_pool_queries_kernel", "_pool_keys_paged_kernel", "_select_kernel"} <= set(warm)
+    keys.keys.clear()
 
     # the engine's side: vLLM's paged cache and block table (rows as wide as its runner's)
     W = -(-MAX_MODEL_LEN // page)
@@ -135,7 +144,7 @@ def test_serving_steps_launch_only_what_the_startup_compiled(keys, layout, page,
     one = torch.ones((), dtype=torch.float32)  # vLLM's layer._q_scale etc.
     scales = Fp8Scales(q=one, k=one, v=one) if fp8 else None
     table = torch.zeros(16, W, dtype=torch.int32)
-    sizes = PrismWorkspace.sizes_for(CHUNK, MAX_MODEL_LEN, 16, HQ, num_kv_heads=HKV, head_dim=D,
+    sizes = PrismWorkspace.sizes_for(chunk, MAX_MODEL_LEN, 16, HQ, num_kv_heads=HKV, head_dim=D,
                                      attend_dtype=torch.bfloat16 if fa3 else None, attend_layouts=(attend,))
     ws = PrismWorkspace.allocate(sizes, "cpu")
 
@@ -157,11 +166,13 @@ def test_serving_steps_launch_only_what_the_startup_compiled(keys, layout, page,
                       output[n_decode:], fa3=fa3_launch, scales=scales)
 
     first = 16384 if min_len == "auto" else min_len  # the shortest sequence Prism serves here
-    step(0, [(MAX_MODEL_LEN - CHUNK, CHUNK)])  # a long prompt's last chunk
-    step(1, [(MAX_MODEL_LEN - CHUNK, CHUNK)])  # behind a decode row
-    step(3, [(MAX_MODEL_LEN - 7232, 7232)])  # its tail chunk, mid-block
+    step(0, [(MAX_MODEL_LEN - chunk, chunk)])  # a long prompt's last chunk
+    step(1, [(MAX_MODEL_LEN - chunk, chunk)])  # behind a decode row
+    step(3, [(MAX_MODEL_LEN - 7232, 7232)])  # a tail chunk, mid-block
     step(5, [(first, 2000)])  # a short chunk
-    step(2, [(20000 + 77, CHUNK - 100)])  # a chunk starting mid-block
+    step(2, [(first + 77, 8000)])  # a chunk starting mid-block
     step(3, [(first, 4000), (first + 1000, 3000)])  # two requests
-    step(0, [(128 * i + 50, 130) for i in range(12)])  # many short chunks (query blocks > rows / 128)
+    step(0, [(first + 50 + 128 * i, 130) for i in range(3)])  # short chunks across blocks (query blocks > rows / 128)
+    served = set(keys.keys)
+    assert {"_pool_queries_kernel", "_pool_keys_paged_kernel", "_select_kernel"} | ATTEND_KERNELS[layout] <= served
     assert not _new_keys(keys, warm), _new_keys(keys, warm)
