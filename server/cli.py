@@ -252,6 +252,10 @@ def plan_serve(args: Sequence[str], bundled_model: Optional[Callable[[], str]] =
             else:
                 last_json = _parse_json_object("--additional-config", raw)
             drop.update(range(pos, pos + len(toks)))
+        if not prism and dotted and ADDITIONAL_CONFIG_KEY in last_json:
+            logger.warning("vLLM keeps only the dotted --additional-config.* forms when they are given with a JSON "
+                           "--additional-config: its %r section is not used (give every setting one way)",
+                           ADDITIONAL_CONFIG_KEY)
         merged = _merge(last_json, dotted) if prism else (dotted or last_json)
         section = merged.get(ADDITIONAL_CONFIG_KEY) or {}
         if not isinstance(section, dict):

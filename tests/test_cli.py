@@ -123,7 +123,7 @@ def test_prism_settings_in_additional_config_alone_are_checked_before_vllm_start
     assert "treshold" in str(e.value) and "high_threshold" in str(e.value)
 
 
-def test_additional_config_is_checked_as_vllm_reads_it():
+def test_additional_config_is_checked_as_vllm_reads_it(caplog):
     """Without prism flags the check sees what vLLM keeps: dotted values with a size suffix are
     numbers ("8K" -> 8192, vLLM's human_readable_int), and a JSON value next to dotted forms is
     dropped (vLLM keeps their merge only), so its prism section is not held against the launch."""
@@ -133,7 +133,9 @@ def test_additional_config_is_checked_as_vllm_reads_it():
     assert json.loads(_value_after(plan.argv, "--additional-config"))["prism"] == {"min_context_len": 8192,
                                                                                   "rule": "paper"}
     dropped = ["--additional-config", '{"prism": {"treshold": 0.9}}', "--additional-config.other=1"]
-    assert plan_serve(["m", *dropped], bundled_model=_no_bundled).argv[2 : 2 + len(dropped)] == dropped
+    with caplog.at_level("WARNING"):
+        assert plan_serve(["m", *dropped], bundled_model=_no_bundled).argv[2 : 2 + len(dropped)] == dropped
+    assert "'prism' section is not used" in caplog.text
 
 
 @pytest.mark.parametrize(
