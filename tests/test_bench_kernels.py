@@ -290,15 +290,30 @@ def test_estimation_scripts_dry_run(tmp_path, script):
 
 
 def test_a_run_stopped_by_timeout_keeps_its_rows(tmp_path):
-    """gpu_suite.sh runs the benchmark under `timeout`: SIGTERM writes what was measured so far."""
+    """gpu_suite.sh runs the benchmark under `timeout`: SIGTERM writes what was measured so far.
+    The run is held after its first section (the estimation section stands in with a sleep), so
+    the signal always lands mid-run, however fast or loaded the machine."""
     import signal
+    import textwrap
     import threading
     import time
 
     out = tmp_path / "kernels.json"
-    cmd = [sys.executable, str(BENCH), "--dry-run", "--out", str(out), "--commit", "test-commit"]
+    args = ["--dry-run", "--out", str(out), "--commit", "test-commit"]
+    held = textwrap.dedent(f"""
+        import importlib.util, sys, time
+        spec = importlib.util.spec_from_file_location("bench_kernels", {str(BENCH)!r})
+        k = sys.modules["bench_kernels"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(k)
+        def hold(*a, **kw):
+            print("HELD after the sparse section", file=sys.stderr, flush=True)
+            time.sleep(600)
+        k.run_estimation = hold
+        sys.exit(k.main({args!r}))
+    """)
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    proc = subprocess.Popen([sys.executable, "-c", held], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            cwd=REPO)
     seen: list[str] = []
 
     def drain() -> None:
@@ -307,11 +322,11 @@ def test_a_run_stopped_by_timeout_keeps_its_rows(tmp_path):
 
     threading.Thread(target=drain, daemon=True).start()
     deadline = time.monotonic() + 240
-    while "kernels" not in "".join(seen):  # the progress bar: the sections have started
+    while "HELD" not in "".join(seen):
         assert proc.poll() is None and time.monotonic() < deadline, "".join(seen)[-3000:]
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 124, "".join(seen)[-3000:]
     res = json.loads(out.read_text())
     assert any(n.startswith("PARTIAL") for n in res["notes"])
-    assert res["commit"] == "test-commit"
+    assert res["commit"] == "test-commit" and res["sparse"] and not res["estimation"]
