@@ -137,16 +137,21 @@ def shape_key(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: Any, fa
     return f"{num_q_heads}q/{num_kv_heads}kv d={head_dim} {name}{extra} {'fa3' if fa3 else 'triton'}"
 
 
+def auto_layouts(sinks: bool) -> tuple[str, ...]:
+    """The FA3 attend layouts ``attend_layout="auto"`` picks from: for layers with learned sinks
+    the first of SINK_LAYOUTS alone (the others cannot carry a sink per q head), else
+    AUTO_ATTEND_LAYOUTS (timed at startup, ``break_even.choose_layout``)."""
+    return (SINK_LAYOUTS[0],) if sinks else AUTO_ATTEND_LAYOUTS
+
+
 def attend_layout(cfg: PrismConfig, shape: str, sinks: bool = False) -> str:
-    """The FA3 attend layout of a layer shape: the configured one, else (``"auto"``) for layers
-    with learned sinks the first of SINK_LAYOUTS (the others cannot carry a sink per q head),
-    else the one measured for the shape at startup (``break_even.choose_layout``), else "head"."""
+    """The FA3 attend layout of a layer shape: the configured one, else (``"auto"``) the only
+    candidate, or the one measured for the shape at startup, else the first candidate."""
     if cfg.attend_layout != "auto":
         return cfg.attend_layout
-    if sinks:
-        return SINK_LAYOUTS[0]
-    choice = break_even.layout_for(shape)
-    return choice.layout if choice is not None else "head"
+    candidates = auto_layouts(sinks)
+    choice = break_even.layout_for(shape) if len(candidates) > 1 else None
+    return choice.layout if choice is not None else candidates[0]
 
 
 def _prior_density(params: PrismParams) -> float:
@@ -195,7 +200,6 @@ def _workspace_need(vllm_config: Any, num_q_heads: int, num_kv_heads: int, head_
     """The worst case one launch must fit under vLLM's scheduler limits (FA3 attend buffers in
     the model dtype for the layouts ``cfg.attend_layout`` may use, when ``attend``: with learned
     ``sinks`` "auto" is SINK_LAYOUTS[0] alone, whose views need no q / output copies)."""
-    auto = (SINK_LAYOUTS[0],) if sinks else AUTO_ATTEND_LAYOUTS
     sched = vllm_config.scheduler_config
     dtype = getattr(vllm_config.model_config, "dtype", None)
     return WorkspaceNeed(
@@ -207,7 +211,7 @@ def _workspace_need(vllm_config: Any, num_q_heads: int, num_kv_heads: int, head_
         head_dim=head_dim,
         attend_dtype=dtype if attend and dtype in (torch.float16, torch.bfloat16) else None,
         block_size=cfg.block_size,
-        attend_layouts=auto if cfg.attend_layout == "auto" else (cfg.attend_layout,),
+        attend_layouts=auto_layouts(sinks) if cfg.attend_layout == "auto" else (cfg.attend_layout,),
     )
 
 
@@ -770,8 +774,8 @@ class PrismAttentionImpl(FlashAttentionImpl):
         key, probe = self._startup_probe(act_dtype)
         # each logs its outcome once per shape
         sinks = self.sinks is not None
-        if self.prism_fa3 and cfg.attend_layout == "auto" and not sinks:  # with sinks: no choice to make
-            break_even.choose_layout(key, AUTO_ATTEND_LAYOUTS, **probe)
+        if self.prism_fa3 and cfg.attend_layout == "auto" and len(auto_layouts(sinks)) > 1:
+            break_even.choose_layout(key, auto_layouts(sinks), **probe)
         layout = attend_layout(cfg, key, sinks)
         if cfg.min_context_len == "auto":
             break_even.measure(key, **probe, layout=layout)

@@ -396,11 +396,10 @@ class _Synthetic:
         cu = torch.tensor([0, T], dtype=torch.int32, device=self.device)
         seq = torch.tensor([S], dtype=torch.int32, device=self.device)
         q = self.q_all[:T]
-        sc = self.scales
-        # descales as vLLM's FlashAttention passes them: [sequences, kv heads] views of the scales
-        kw = dict(self.fa_kw) if sc is None else dict(self.fa_kw, q_descale=sc.q.expand(1, self.hkv),
-                                                      k_descale=sc.k.expand(1, self.hkv),
-                                                      v_descale=sc.v.expand(1, self.hkv))
+        from prism_vllm.kernels.attend_fa3 import fa3_descales
+
+        sc = self.scales  # descales as vLLM's FlashAttention passes them: [sequences, kv heads] views
+        kw = dict(self.fa_kw) if sc is None else dict(self.fa_kw, **fa3_descales(sc.q, sc.k, sc.v, 1, self.hkv))
         return lambda: self.fa(q=q, k=self.k_cache, v=self.v_cache, out=out, cu_seqlens_q=cu, max_seqlen_q=T,
                                seqused_k=seq, max_seqlen_k=S, softmax_scale=self.scale, causal=True,
                                block_table=self.table, **kw)

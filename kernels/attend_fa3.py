@@ -97,6 +97,7 @@ __all__ = [
     "attend_dense_fa3",
     "attend_fa3",
     "bucket_views",
+    "fa3_descales",
     "make_attend_plan",
     "row_width_bounds",
     "union_rows",
@@ -710,7 +711,7 @@ def _scatter_out_kernel(
 FlashAttnVarlen = Callable[..., Any]
 
 
-def _descales(q_scale: Optional[torch.Tensor], k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
+def fa3_descales(q_scale: Optional[torch.Tensor], k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
               n_seq: int, n_kv: int) -> dict[str, torch.Tensor]:
     """FA3's descale arguments ([sequences, kv heads] views of per-tensor scales, no copy), as
     vLLM's FlashAttention passes them; nothing for unquantized inputs."""
@@ -1025,7 +1026,7 @@ def attend_fa3(
         for bucket in attend.buckets:
             a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, layout=layout)
             n_b = bucket.g_hi - bucket.g_lo
-            descales = _descales(q_scale, k_scale, v_scale, n_b, 1)  # the same for every call of the bucket
+            descales = fa3_descales(q_scale, k_scale, v_scale, n_b, 1)  # the same for every call of the bucket
             calls = zip(bucket_views(q, bucket, hps), bucket_views(out, bucket, hps), a["seqused_k"], a["block_table"],
                         call_sinks)
             for q_i, out_i, seqused_k, table, sinks_i in calls:
@@ -1036,7 +1037,7 @@ def attend_fa3(
         a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, order=order, layout=layout)
         _fa3_bucket(*fa, bucket, a["cu_seqlens_q"], q=a["q"], out=a["out"], seqused_k=a["seqused_k"],
                     block_table=a["block_table"],
-                    descales=_descales(q_scale, k_scale, v_scale, a["seqused_k"].shape[0], 1))
+                    descales=fa3_descales(q_scale, k_scale, v_scale, a["seqused_k"].shape[0], 1))
         scatter_out(a["out"], out, plan, bucket, vkv.num_kv_heads, order=order, layout=layout)
     return out
 
@@ -1062,7 +1063,7 @@ def attend_dense_fa3(
     ``sinks`` [HQ] included)."""
     n = plan.num_tokens
     flash_attn_varlen_func(
-        **_descales(q_scale, k_scale, v_scale, plan.num_reqs, vkv.num_kv_heads),
+        **fa3_descales(q_scale, k_scale, v_scale, plan.num_reqs, vkv.num_kv_heads),
         **_s_aux(sinks),
         q=q[:n],
         k=vkv.k_cache,
