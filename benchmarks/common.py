@@ -350,6 +350,17 @@ def read_rope_theta(model_dir: str) -> float:
     return float(cfg.get("rope_theta", 10000.0))
 
 
+def kv_bytes_per_token(model_dir: str, kv_cache_dtype: str = "auto") -> int:
+    """Bytes of vLLM's KV cache per token for a HF model folder: keys and values of every layer
+    (2 bytes per element, 1 on an fp8 cache)."""
+    cfg = read_json(Path(model_dir) / "config.json")
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    elem = 1 if kv_cache_dtype.startswith("fp8") else 2
+    return 2 * int(cfg["num_hidden_layers"]) * kv_heads * head_dim * elem
+
+
 def yarn_factor(max_len: int, native: int = SMOLLM2_NATIVE_LEN) -> float:
     """YaRN factor that stretches ``native`` to ``max_len`` (1.0: no scaling needed)."""
     return max(1.0, max_len / native)

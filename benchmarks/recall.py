@@ -10,7 +10,8 @@ For one layer (one prefill of L tokens, q: [L, HQ, D], k: [L, HKV, D], G = HQ //
 
 Selections compared (all bool [HQ, nq, nk], causal):
 
-    prism          prism_vllm.reference.select_blocks: two RoPE bands, calibration, top-p
+    prism          prism_vllm.reference.select_blocks: two RoPE bands, calibration, top-p (the
+                   paper's rule: callers pass ``study_config(cfg)`` and its bands)
     meanpool       the same top-p on one band of all head dims, no calibration (plain mean pooling)
     meanpool_topk  mean-pool scores, the k best blocks per row with k = Prism's count (equal density)
     oracle         the k blocks with the most true mass per row, k = Prism's count (upper bound)
@@ -38,6 +39,13 @@ __all__ = ["CAPTURE_NAME", "block_mass", "capture_qk", "layer_recall", "model_ba
 
 CAPTURE_NAME = "prism_bench_capture"
 METHODS = ("prism", "meanpool", "meanpool_topk", "oracle")
+
+
+def study_config(cfg: PrismConfig) -> PrismConfig:
+    """The config the study's "prism" selection uses: ``cfg`` under the paper's rule, whatever
+    rule ``cfg`` names (the 'quality' preset's is mean-pooling, which would compare mean-pooling
+    with itself: the recall run at 9bdb1ed did). Thresholds and every other field stay."""
+    return dataclasses.replace(cfg, rule="paper")
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, block: int, scale: float, chunk_rows: int = 1024) -> torch.Tensor:

@@ -150,6 +150,9 @@ class Plan:
     #: 30% at 8K between runs (speed.json, speed-repeat.json at aae5b7f), a spread the 0.98x goal
     #: must be read against.
     speed_default_config: bool = True
+    #: the SmolLM2 speed engines side by side in one job, their timed requests interleaved
+    #: (worker.task_speed_interleaved); off: one engine after another, as before 2026-12-03
+    speed_interleave: bool = True
     #: vLLM's kv_cache_dtype of the KV parts' engines (report.KV_PARTS; "auto": the model's dtype)
     kv_cache_dtype: str = "auto"
     max_num_batched_tokens: int = 16384
@@ -193,6 +196,8 @@ def make_plan(a: argparse.Namespace) -> Plan:
         p.ppl_windows = a.windows
     if a.speed_default_config is not None:
         p.speed_default_config = a.speed_default_config
+    if a.speed_interleave is not None:
+        p.speed_interleave = a.speed_interleave
     if a.reps is not None:
         p.speed_reps = p.llama_reps = p.quality_reps = a.reps
     if a.quality_points is not None:
@@ -250,8 +255,9 @@ class Runner:
     def windows(self, L: int, n: int, start: int) -> list[list[int]]:
         return corpus.token_windows(self.ids, L, n, start)
 
-    def run_job(self, job: dict[str, Any], kind: str) -> dict[str, Any]:
-        limit = self.plan.limits[kind]
+    def run_job(self, job: dict[str, Any], kind: str, scale: int = 1) -> dict[str, Any]:
+        """scale: the job does the work of that many jobs of its kind (engines side by side)."""
+        limit = self.plan.limits[kind] * scale
         if self.t_end is not None:
             left = self.t_end - time.monotonic() - 5
             if left < self.plan.min_start_s.get(kind, 30):
@@ -585,12 +591,32 @@ class Runner:
             "lengths": p.speed_lengths, "reps": p.speed_reps, "enforce_eager": False, "enable_prefix_caching": False,
             "kv_cache_dtype": p.kv_cache_dtype,
             "max_num_batched_tokens": p.max_num_batched_tokens, "prism_default_config": self.user_prism,
-            "ttft": "wall time of LLM.generate for one request with max_tokens=1, median over reps after one warm-up"})
+            "interleaved": p.speed_interleave,
+            "ttft": "wall time of LLM.generate for one request with max_tokens=1, median over reps after one warm-up"
+                    + ("; the engines alive side by side in one process, each timed prompt on every engine in a "
+                       "rotated order" if p.speed_interleave else "; one engine process after another")})
         if not p.speed_lengths:
             return
         mml = max(p.speed_lengths)
         prompts_by_len = {str(L): self.windows(L - OUT_RESERVE, p.speed_reps + 1, 0) for L in p.speed_lengths}
         backends = ("dense", "prism") + (("prism-default", "dense-b") if p.speed_default_config else ())
+        if p.speed_interleave:
+            # every engine alive in one job, each with a fixed KV cache (no memory profiling
+            # beside the others) large enough for one prompt of the longest length
+            kv = max(p.accuracy_kv_bytes, 2 * mml * common.kv_bytes_per_token(self.model, p.kv_cache_dtype))
+            specs = {f"SmolLM2 {b}": self.engine_spec(b, mml, eager=False, mem=0.9 / len(backends), max_num_seqs=4,
+                                                      kv_cache_dtype=p.kv_cache_dtype, kv_cache_memory_bytes=kv)
+                     for b in backends}
+            job = {"name": f"speed-smollm2-interleaved{self.kv_tag}", "kind": "engines", "engines": specs,
+                   "task": {"task": "speed", "prompts": prompts_by_len}}
+            res = self.run_job(job, "speed", scale=len(backends))
+            by_label = {f"SmolLM2 {b}": b for b in backends}
+            for r in res.get("rows", []):
+                doc["rows"].append({"model": SMOL_NAME, "backend": by_label[r["label"]], "rope": self.rope_label(mml), **r})
+            doc["jobs"].append(self.job_summary(job, res))
+            self._speed_summary(doc)
+            self.save("speed")
+            return
         for backend in backends:
             job = {"name": f"speed-smollm2-{backend}{self.kv_tag}", "kind": "engine",
                    "engine": self.engine_spec(backend, mml, eager=False, mem=0.5, max_num_seqs=4,
@@ -678,6 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "DIR/quality.json and redraw its plot; runs nothing")
     ap.add_argument("--speed-default-config", action=argparse.BooleanOptionalAction, default=None,
                     help="also time Prism with PrismConfig's shipped defaults (default: on, off with --quick)")
+    ap.add_argument("--speed-interleave", action=argparse.BooleanOptionalAction, default=None,
+                    help="SmolLM2 speed: every engine alive in one process, timed requests interleaved across "
+                         "them (default: on); --no-speed-interleave starts one engine after another")
     ap.add_argument("--seeds", type=int, default=None, help="needle (and quality passkey) seeds per point")
     ap.add_argument("--windows", type=int, default=None, help="perplexity windows per length")
     ap.add_argument("--reps", type=int, default=None, help="timed requests per speed (and quality) point (after 1 warm-up)")

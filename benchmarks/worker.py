@@ -16,6 +16,7 @@ Job kinds:
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import statistics
@@ -189,6 +190,7 @@ class HFEngine:
     """CPU dry-run engine: a transformers model; backend 'prism' runs prism_vllm.reference."""
 
     ATTN_NAME = "prism_bench_reference"
+    _names = itertools.count()
 
     def __init__(self, spec: dict[str, Any]):
         import torch
@@ -231,8 +233,11 @@ class HFEngine:
                 self.prism_tokens += q.shape[0]
                 return o.unsqueeze(0), None
 
-            AttentionInterface.register(self.ATTN_NAME, attend)
-            self.model.set_attn_implementation(self.ATTN_NAME)
+            # a name per engine: the registry is process-wide, and an interleaved speed job
+            # holds several Prism engines (each with its own config and counters) at once
+            name = f"{self.ATTN_NAME}_{next(HFEngine._names)}"
+            AttentionInterface.register(name, attend)
+            self.model.set_attn_implementation(name)
         log(f"HF engine: {self.backend} on {self.device}")
 
     def _logits(self, ids: Sequence[int]) -> Any:
@@ -326,34 +331,60 @@ def task_speed(engine: Any, task: dict[str, Any], res: Result) -> None:
     distinct prompts; TTFT = wall time of a request with one output token. Prism rows also get
     the automatic decision in force after the warm-up (``auto_min_context_len``, by layer shape),
     the densities it has learned by length and the warm-up's shadow steps."""
+    task_speed_interleaved({task["label"]: engine}, task, res)
+
+
+def task_speed_interleaved(engines: dict[str, Any], task: dict[str, Any], res: Result) -> None:
+    """:func:`task_speed` for engines alive side by side (label -> engine), their timed requests
+    interleaved: per length every engine gets its warm-up request, then timed prompt r runs on
+    every engine in turn, the order rotated by r. Separate engine processes of one backend,
+    started one after another, read 17 to 34 ms for the same 8K prompt in one session
+    (speed.json at 705db1d, speed-native.json at 9bdb1ed): interleaving puts every engine's
+    requests into the same minutes, so a ratio between engines no longer carries that drift."""
+    labels = list(engines)
     by_len = sorted(((int(k), v) for k, v in task["prompts"].items()))
     if by_len:
-        res.data["info"]["engine_warmup_ms"] = [round(1e3 * engine.prefill_seconds(by_len[0][1][0]), 3)
-                                                for _ in range(ENGINE_WARMUP)]
+        warm_ms = {lb: [round(1e3 * engines[lb].prefill_seconds(by_len[0][1][0]), 3) for _ in range(ENGINE_WARMUP)]
+                   for lb in labels}
+        res.data["info"]["engine_warmup_ms"] = warm_ms[labels[0]] if len(labels) == 1 else warm_ms
     for L, prompts in by_len:
-        engine.stats("reset")
-        engine.stats("sample=1")
-        warm = engine.prefill_seconds(prompts[0])
-        st = engine.stats("collect")
-        engine.stats("sample=0")  # timed runs without sampling events
-        times = [engine.prefill_seconds(p) for p in prompts[1:]]
-        med = statistics.median(times)
-        n = len(prompts[0])
-        row = {"task": "speed", "label": task["label"], "length": L, "prompt_tokens": n, "ttft_ms": round(1e3 * med, 3),
-               "ttft_ms_all": [round(1e3 * t, 3) for t in times], "warmup_ms": round(1e3 * warm, 3),
-               "prefill_tok_s": round(n / med, 1)}
-        if st is not None:
-            row["density"] = st.get("block_density")
-            row["prism_tokens"] = st.get("prism_tokens")
-            row["flash_tokens"] = st.get("flash_tokens")
-            row["prism_launch_ms_mean"] = st.get("prism_launch_ms_mean")
-            row["shadow_steps"] = st.get("shadow_steps")
-            row["density_by_length"] = st.get("density_by_length")
-            row["auto_min_context_len"] = {k: v.get("min_context_len") for k, v in (st.get("break_even") or {}).items()}
-        dens = row.get("density")
-        log(f"speed {task['label']} {tok_label(L)}: TTFT {row['ttft_ms']:.1f} ms"
-            + (f", density {dens:.3f}" if isinstance(dens, float) else ""))
-        res.add(row)
+        warm, st = {}, {}
+        for lb in labels:
+            engine = engines[lb]
+            engine.stats("reset")
+            engine.stats("sample=1")
+            warm[lb] = engine.prefill_seconds(prompts[0])
+            st[lb] = engine.stats("collect")
+            engine.stats("sample=0")  # timed runs without sampling events
+        times: dict[str, list[float]] = {lb: [] for lb in labels}
+        for r, p in enumerate(prompts[1:]):
+            k = r % len(labels)
+            for lb in labels[k:] + labels[:k]:
+                times[lb].append(engines[lb].prefill_seconds(p))
+        for lb in labels:
+            res.add(_speed_row(lb, L, len(prompts[0]), times[lb], warm[lb], st[lb], interleaved=len(labels) > 1))
+
+
+def _speed_row(label: str, L: int, n: int, times: list[float], warm: float, st: dict[str, Any] | None,
+               interleaved: bool) -> dict[str, Any]:
+    med = statistics.median(times)
+    row = {"task": "speed", "label": label, "length": L, "prompt_tokens": n, "ttft_ms": round(1e3 * med, 3),
+           "ttft_ms_all": [round(1e3 * t, 3) for t in times], "warmup_ms": round(1e3 * warm, 3),
+           "prefill_tok_s": round(n / med, 1)}
+    if interleaved:
+        row["interleaved"] = True
+    if st is not None:
+        row["density"] = st.get("block_density")
+        row["prism_tokens"] = st.get("prism_tokens")
+        row["flash_tokens"] = st.get("flash_tokens")
+        row["prism_launch_ms_mean"] = st.get("prism_launch_ms_mean")
+        row["shadow_steps"] = st.get("shadow_steps")
+        row["density_by_length"] = st.get("density_by_length")
+        row["auto_min_context_len"] = {k: v.get("min_context_len") for k, v in (st.get("break_even") or {}).items()}
+    dens = row.get("density")
+    log(f"speed {label} {tok_label(L)}: TTFT {row['ttft_ms']:.1f} ms"
+        + (f", density {dens:.3f}" if isinstance(dens, float) else ""))
+    return row
 
 
 TASKS = {"ppl": task_ppl, "generate": task_generate, "speed": task_speed}
@@ -433,13 +464,34 @@ def run_engine_job(job: dict[str, Any], res: Result) -> None:
         _job_stats(engine, res)
 
 
+def run_engines_job(job: dict[str, Any], res: Result) -> None:
+    """Several engines side by side in this process (``engines``: label -> engine spec, started
+    in order), then ``task`` (a speed task) on all of them: :func:`task_speed_interleaved`.
+    The rows carry each engine's Prism stats per length, as :func:`task_speed`'s do."""
+    engines: dict[str, Any] = {}
+    init: dict[str, float] = {}
+    for label, spec in job["engines"].items():
+        t0 = time.perf_counter()
+        engines[label] = VllmEngine(spec) if spec["kind"] == "vllm" else HFEngine(spec)
+        init[label] = round(time.perf_counter() - t0, 1)
+        log(f"engine {label} ready in {init[label]} s")
+        res.data["info"]["engine_init_s"] = round(sum(init.values()), 1)
+        res.data["info"]["engine_init_s_by_label"] = dict(init)
+        res.flush()
+    task = job["task"]
+    try:
+        task_speed_interleaved(engines, task, res)
+    except Exception as e:  # noqa: BLE001 - record; the rows so far stay
+        res.error(f"{task['task']} interleaved", e)
+
+
 def run_recall_job(job: dict[str, Any], res: Result) -> None:
     import torch
 
-    from benchmarks.recall import capture_qk, layer_recall, model_bands
+    from benchmarks.recall import capture_qk, layer_recall, model_bands, study_config
     from prism_vllm.config import PrismConfig
 
-    cfg = PrismConfig.from_dict(job.get("prism") or {})
+    cfg = study_config(PrismConfig.from_dict(job.get("prism") or {}))
     device = job.get("device", "cuda")
     for item in job["items"]:
         L = int(item["length"])
@@ -494,7 +546,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run one job in this process; returns the result dict (also written to job['result_file'])."""
     res = Result(job.get("result_file"))
     kind = job["kind"]
-    runner = {"engine": run_engine_job, "recall": run_recall_job, "selftest": run_selftest_job}[kind]
+    runner = {"engine": run_engine_job, "engines": run_engines_job, "recall": run_recall_job,
+              "selftest": run_selftest_job}[kind]
     try:
         runner(job, res)
     except Exception as e:

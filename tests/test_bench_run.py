@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import common, corpus, prompts, quality, recall, report, run
 from prism_vllm.config import PrismConfig
-from prism_vllm.rope import RopeLayout, rope_bands
+from prism_vllm.rope import RopeLayout, prism_bands, rope_bands
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
@@ -89,19 +89,45 @@ def test_layer_recall_orders_and_limits() -> None:
 
 
 def test_layer_recall_matches_reference_selection() -> None:
-    """prism_recall is the mass inside prism_vllm.reference's own mask."""
+    """prism_recall is the mass inside prism_vllm.reference's own mask under the paper's rule
+    (study_config), meanpool_recall the mass inside the product's mean-pooling rule's mask."""
     from prism_vllm.reference import prism_attention
 
-    q, k = _structured_qk(L=640, seed=3)
+    q, k = _structured_qk(L=640, seed=0)
     d = q.shape[-1]
-    bands = rope_bands(RopeLayout(head_size=d, rotary_dim=d), *PrismConfig().band_dims(d))
+    layout = RopeLayout(head_size=d, rotary_dim=d)
     cfg = PrismConfig(high_threshold=0.7, low_threshold=0.7)
-    _, mask = prism_attention(q, k, k, 0, bands, cfg)
+    assert cfg.rule == "meanpool"  # the default preset's
+    paper = recall.study_config(cfg)
+    assert paper.rule == "paper" and paper.high_threshold == 0.7
+    _, mask = prism_attention(q, k, k, 0, prism_bands(layout, paper), paper)
+    _, mp_mask = prism_attention(q, k, k, 0, prism_bands(layout, cfg), cfg)
+    assert not torch.equal(mask, mp_mask)  # the two rules differ on this input
     M = recall.block_mass(q, k, 128, 1 / math.sqrt(d))
-    r = recall.layer_recall(q, k, bands, cfg)
-    assert r["prism_recall"] == pytest.approx(float((M * mask).sum()) / (q.shape[1] * q.shape[0]), rel=1e-5)
+    r = recall.layer_recall(q, k, prism_bands(layout, paper), paper)
+    rows = q.shape[1] * q.shape[0]
+    assert r["prism_recall"] == pytest.approx(float((M * mask).sum()) / rows, rel=1e-5)
+    assert r["meanpool_recall"] == pytest.approx(float((M * mp_mask).sum()) / rows, rel=1e-5)
     nb = mask.shape[1]
     assert r["prism_density"] == pytest.approx(float(mask.sum()) / (q.shape[1] * nb * (nb + 1) / 2))
+
+
+def test_recall_job_compares_the_papers_rule_under_the_default_preset(tmp_path: Path, monkeypatch) -> None:
+    """The job studies the paper's rule (bands and calibration) beside mean-pooling, also when the
+    job's config is the default preset, whose own rule is mean-pooling."""
+    from benchmarks import worker
+
+    seen = []
+    real = recall.layer_recall
+    monkeypatch.setattr(recall, "layer_recall", lambda q, k, bands, cfg, *a: seen.append((bands, cfg)) or real(q, k, bands, cfg, *a))
+    path = common.write_tiny_llama(tmp_path / "m", vocab_size=256)
+    ids = torch.randint(0, 256, (256,), generator=torch.Generator().manual_seed(0)).tolist()
+    res = worker.Result(None)
+    worker.run_recall_job({"model": str(path), "device": "cpu", "dtype": "float32", "prism": {},
+                           "items": [{"length": 256, "ids": ids}]}, res)
+    assert seen and all(cfg.rule == "paper" and cfg.calibrated for _, cfg in seen)
+    assert all(not torch.equal(bands.high, bands.low) for bands, _ in seen)  # two bands, not one
+    assert len(res.data["rows"][0]["layers"]) == len(seen)
 
 
 @pytest.mark.parametrize("via", ["implementation", "override"])
@@ -295,6 +321,9 @@ def test_dry_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     # shipped defaults (min_context_len far above 1024 tokens) keep these short prompts off Prism entirely
     assert all(r["prism_tokens"] == 0 for r in sp["rows"] if r["backend"] == "prism-default")
     assert "break_even" in sp
+    # the four engines ran side by side, their timed requests interleaved
+    assert sp["settings"]["interleaved"] and all(r["interleaved"] for r in sp["rows"])
+    assert [j["name"] for j in sp["jobs"]] == ["speed-smollm2-interleaved"]
     # the prism runs really were sparse (lowered thresholds in the dry run)
     assert min(r["density"] for r in sp["rows"] if r["backend"] == "prism") < 1.0
     # the Llama-8B part runs dense, Prism forced on and the shipped defaults (the tiny model stands
@@ -332,7 +361,7 @@ def engine_specs(monkeypatch: pytest.MonkeyPatch) -> list:
     real_run_job = worker.run_job
 
     def spy(job):
-        specs.append(job["engine"])
+        specs.extend(job["engines"].values() if "engines" in job else [job["engine"]])
         return real_run_job(job)
 
     monkeypatch.setattr(worker, "run_job", spy)
@@ -570,6 +599,52 @@ def _stand_in_llm(calls: list):
             return [fn(None, *args)]
 
     return StandIn
+
+
+@pytest.mark.vllm
+def test_interleaved_speed_job_with_stand_in_llms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engines side by side in one job: every engine warms up, then each timed prompt runs on
+    every engine in an order rotated by the prompt's index, and each engine's rows carry its own
+    label, times and (Prism) stats."""
+    vllm = pytest.importorskip("vllm")
+    from benchmarks import worker
+
+    order: list = []
+
+    class Tagged:
+        def __init__(self, **kw):
+            self.name = kw["attention_backend"] + ("-b" if kw.get("seed") == 1 else "")
+            self.inner = _stand_in_llm([])(**kw)
+
+        def generate(self, prompts, params, use_tqdm=True):
+            order.append((self.name, prompts[0]["prompt_token_ids"][0]))
+            return self.inner.generate(prompts, params, use_tqdm)
+
+        def collective_rpc(self, *a, **kw):
+            return self.inner.collective_rpc(*a, **kw)
+
+    monkeypatch.setattr(vllm, "LLM", Tagged)
+    real_kwargs = worker.VllmEngine.engine_kwargs
+    monkeypatch.setattr(worker.VllmEngine, "engine_kwargs",
+                        staticmethod(lambda spec: {**real_kwargs(spec), "seed": spec.get("seed", 0)}))
+    engines = {"A dense": _spec("dense"), "A prism": _spec("prism"), "A dense-b": _spec("dense", seed=1)}
+    prompts = {"256": [[9] * 10, [1] * 10, [2] * 10, [3] * 10]}
+    res = worker.run_job({"name": "i", "kind": "engines", "engines": engines,
+                          "task": {"task": "speed", "prompts": prompts}})
+    assert res["errors"] == []
+    timed = [o for o in order if o[1] != 9]
+    assert timed == [("FLASH_ATTN", 1), ("prism", 1), ("FLASH_ATTN-b", 1),
+                     ("prism", 2), ("FLASH_ATTN-b", 2), ("FLASH_ATTN", 2),
+                     ("FLASH_ATTN-b", 3), ("FLASH_ATTN", 3), ("prism", 3)]
+    # every engine's warm-ups (engine, then the length's) come before any timed request
+    first_timed = order.index(timed[0])
+    assert sorted(o[0] for o in order[:first_timed]) == sorted(["FLASH_ATTN", "prism", "FLASH_ATTN-b"]
+                                                               * (worker.ENGINE_WARMUP + 1))
+    rows = {r["label"]: r for r in res["rows"]}
+    assert set(rows) == set(engines) and all(r["interleaved"] and len(r["ttft_ms_all"]) == 3 for r in rows.values())
+    assert "density" in rows["A prism"] and "density" not in rows["A dense"]
+    assert set(res["info"]["engine_init_s_by_label"]) == set(engines)
+    assert set(res["info"]["engine_warmup_ms"]) == set(engines)
 
 
 @pytest.mark.vllm
