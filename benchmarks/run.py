@@ -280,6 +280,9 @@ class Runner:
         info = res.get("info", {})
         out = {"name": job["name"], "status": res.get("status"), "wall_s": res.get("wall_s"),
                "engine_init_s": info.get("engine_init_s"), "errors": res.get("errors", [])}
+        for key in ("engine_init_s_by_label", "engine_warmup_ms"):  # engines side by side: per engine
+            if isinstance(info.get(key), dict):
+                out[key] = info[key]
         st = info.get("prism_stats")
         if st is not None:
             keep = ("prism_tokens", "prism_dense_tokens", "flash_tokens", "block_density", "fallback_layers")
@@ -594,7 +597,8 @@ class Runner:
             "interleaved": p.speed_interleave,
             "ttft": "wall time of LLM.generate for one request with max_tokens=1, median over reps after one warm-up"
                     + ("; the engines alive side by side in one process, each timed prompt on every engine in a "
-                       "rotated order" if p.speed_interleave else "; one engine process after another")})
+                       "rotated order, right after an untimed request on the same engine" if p.speed_interleave
+                       else "; one engine process after another")})
         if not p.speed_lengths:
             return
         mml = max(p.speed_lengths)

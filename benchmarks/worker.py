@@ -337,10 +337,14 @@ def task_speed(engine: Any, task: dict[str, Any], res: Result) -> None:
 def task_speed_interleaved(engines: dict[str, Any], task: dict[str, Any], res: Result) -> None:
     """:func:`task_speed` for engines alive side by side (label -> engine), their timed requests
     interleaved: per length every engine gets its warm-up request, then timed prompt r runs on
-    every engine in turn, the order rotated by r. Separate engine processes of one backend,
-    started one after another, read 17 to 34 ms for the same 8K prompt in one session
-    (speed.json at 705db1d, speed-native.json at 9bdb1ed): interleaving puts every engine's
-    requests into the same minutes, so a ratio between engines no longer carries that drift."""
+    every engine in turn, the order rotated by r, each timed request right after an untimed one
+    on the same engine (a hot burst, as one engine's back-to-back requests are). Separate engine
+    processes of one backend, started one after another, read 17 to 34 ms for the same 8K prompt
+    in one session (speed.json at 705db1d, speed-native.json at 9bdb1ed): interleaving puts every
+    engine's requests into the same minutes, so a ratio between engines no longer carries that
+    drift. The bursts came after the first interleaved run (f98685c): timed requests that each
+    followed the other engines' read 26-37 ms at 8K on both FLASH_ATTN engines, against 17 ms
+    back to back in one engine before."""
     labels = list(engines)
     by_len = sorted(((int(k), v) for k, v in task["prompts"].items()))
     if by_len:
@@ -360,6 +364,8 @@ def task_speed_interleaved(engines: dict[str, Any], task: dict[str, Any], res: R
         for r, p in enumerate(prompts[1:]):
             k = r % len(labels)
             for lb in labels[k:] + labels[:k]:
+                if len(labels) > 1:
+                    engines[lb].prefill_seconds(prompts[0])  # the burst's untimed request
                 times[lb].append(engines[lb].prefill_seconds(p))
         for lb in labels:
             res.add(_speed_row(lb, L, len(prompts[0]), times[lb], warm[lb], st[lb], interleaved=len(labels) > 1))

@@ -324,6 +324,8 @@ def test_dry_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     # the four engines ran side by side, their timed requests interleaved
     assert sp["settings"]["interleaved"] and all(r["interleaved"] for r in sp["rows"])
     assert [j["name"] for j in sp["jobs"]] == ["speed-smollm2-interleaved"]
+    labels = {f"SmolLM2 {b}" for b in ("dense", "prism", "prism-default", "dense-b")}
+    assert set(sp["jobs"][0]["engine_warmup_ms"]) == set(sp["jobs"][0]["engine_init_s_by_label"]) == labels
     # the prism runs really were sparse (lowered thresholds in the dry run)
     assert min(r["density"] for r in sp["rows"] if r["backend"] == "prism") < 1.0
     # the Llama-8B part runs dense, Prism forced on and the shipped defaults (the tiny model stands
@@ -638,8 +640,12 @@ def test_interleaved_speed_job_with_stand_in_llms(monkeypatch: pytest.MonkeyPatc
                      ("FLASH_ATTN-b", 3), ("FLASH_ATTN", 3), ("prism", 3)]
     # every engine's warm-ups (engine, then the length's) come before any timed request
     first_timed = order.index(timed[0])
-    assert sorted(o[0] for o in order[:first_timed]) == sorted(["FLASH_ATTN", "prism", "FLASH_ATTN-b"]
-                                                               * (worker.ENGINE_WARMUP + 1))
+    assert sorted(o[0] for o in order[:first_timed - 1]) == sorted(["FLASH_ATTN", "prism", "FLASH_ATTN-b"]
+                                                                   * (worker.ENGINE_WARMUP + 1))
+    # and each timed request comes right after an untimed one on the same engine (a hot burst)
+    for o in timed:
+        i = order.index(o)
+        assert order[i - 1] == (o[0], 9), order[i - 1:i + 1]
     rows = {r["label"]: r for r in res["rows"]}
     assert set(rows) == set(engines) and all(r["interleaved"] and len(r["ttft_ms_all"]) == 3 for r in rows.values())
     assert "density" in rows["A prism"] and "density" not in rows["A dense"]
