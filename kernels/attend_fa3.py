@@ -121,6 +121,22 @@ LAYOUTS = ATTEND_LAYOUTS
 #: Layouts attending a kv group over the union of its heads' selections, and those without copies.
 UNION_LAYOUTS = ("group", "group_views")
 VIEW_LAYOUTS = ("head_views", "group_views")
+#: FA3's ``num_splits`` (split-KV) for a layout's calls: 1 (none) for the copy layouts, at most
+#: VIEW_MAX_SPLITS for the view layouts. Left to FA3 (0), its heuristic sizes the split for one
+#: sequence of max_seqlen_q rows ("pretending that batch = 1", flash_api.cpp ``get_num_splits``),
+#: which our calls of hundreds of 128-row sequences are not, and every call allocates fp32
+#: accumulators of splits x heads x rows x D, outside vLLM's memory profiling (attention does not
+#: run there): 55 splits, ~1 GiB, on SmolLM2's 8K step; ~109 splits, ~6.6 GiB, for a Llama-3.1-8B
+#: bucket of <= 31 query blocks at 128K (above 992 sequences FA3 itself uses 1). FA3's
+#: per-sequence dynamic split (flash_prepare_scheduler.cu) keeps one split per sequence wherever a
+#: call's key blocks outnumber the SMs many times over, as the copy layouts' calls (HQ or HKV
+#: sequences per query block) do but for small buckets (a few query blocks), so there they lose
+#: the accumulators and the combine pass. A view layout's call holds one head's (or one group's)
+#: sequences, few enough that splitting long rows may fill the SMs: its accumulators are at most
+#: VIEW_MAX_SPLITS x heads of the call x rows x D x 4 bytes (64 MiB for a 16K-row head_views
+#: call at d=128). Chosen from FA3's source; not yet timed on a GPU (2026-12-03).
+COPY_SPLITS = 1
+VIEW_MAX_SPLITS = 8
 
 
 @dataclass(frozen=True)
@@ -933,14 +949,15 @@ def scatter_out(o_virt: torch.Tensor, out: torch.Tensor, plan: PrefillPlan, buck
 
 def _fa3_bucket(flash_attn_varlen_func: FlashAttnVarlen, vkv: VirtualKV, scale: float, softcap: float, B: int,
                 bucket: AttendBucket, cu_seqlens_q: torch.Tensor, *, q: torch.Tensor, out: torch.Tensor,
-                seqused_k: torch.Tensor, block_table: torch.Tensor, descales: dict,
+                seqused_k: torch.Tensor, block_table: torch.Tensor, descales: dict, num_splits: int,
                 sinks: Optional[torch.Tensor] = None) -> None:
     """One FA3 call over virtual sequences of ``bucket`` (every sparse layout's call); ``sinks``:
-    the learned sinks of the call's q heads (FA3's ``s_aux``)."""
+    the learned sinks of the call's q heads (FA3's ``s_aux``); ``num_splits``: COPY_SPLITS or
+    VIEW_MAX_SPLITS."""
     launch_call(flash_attn_varlen_func, **descales, **_s_aux(sinks), q=q, k=vkv.k, v=vkv.v,
                 max_seqlen_q=bucket.max_rows, cu_seqlens_q=cu_seqlens_q, max_seqlen_k=bucket.width * B,
                 seqused_k=seqused_k, block_table=block_table, softmax_scale=scale, causal=True, softcap=softcap,
-                out=out)
+                out=out, num_splits=num_splits)
 
 
 def _s_aux(sinks: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -1031,12 +1048,12 @@ def attend_fa3(
                         call_sinks)
             for q_i, out_i, seqused_k, table, sinks_i in calls:
                 _fa3_bucket(*fa, bucket, a["cu_seqlens_q"], q=q_i, out=out_i, seqused_k=seqused_k,
-                            block_table=table, descales=descales, sinks=sinks_i)
+                            block_table=table, descales=descales, num_splits=VIEW_MAX_SPLITS, sinks=sinks_i)
         return out
     for bucket in attend.buckets:
         a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, order=order, layout=layout)
         _fa3_bucket(*fa, bucket, a["cu_seqlens_q"], q=a["q"], out=a["out"], seqused_k=a["seqused_k"],
-                    block_table=a["block_table"],
+                    block_table=a["block_table"], num_splits=COPY_SPLITS,
                     descales=fa3_descales(q_scale, k_scale, v_scale, a["seqused_k"].shape[0], 1))
         scatter_out(a["out"], out, plan, bucket, vkv.num_kv_heads, order=order, layout=layout)
     return out

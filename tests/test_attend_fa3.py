@@ -413,6 +413,28 @@ def test_view_layouts_with_fa_semantics_equal_reference(name, layout):
         assert len(ap.buckets) > 1  # no rows bound: fewer, larger buckets than the copy layouts'
 
 
+@pytest.mark.parametrize("layout", attend_mod.LAYOUTS)
+def test_fa3_split_kv_per_layout(layout):
+    """Every sparse FA3 call names its split-KV bound: none for the copy layouts (FA3's own
+    heuristic would size fp32 accumulators for one long sequence on every call, outside vLLM's
+    memory profiling), at most VIEW_MAX_SPLITS for the view layouts; the plain causal call
+    (every block selected) leaves it to FA3, as vLLM's FLASH_ATTN does."""
+    want = attend_mod.VIEW_MAX_SPLITS if layout in attend_mod.VIEW_LAYOUTS else attend_mod.COPY_SPLITS
+    assert want >= 1 and attend_mod.COPY_SPLITS == 1
+    for name in ("prefix_context_several_requests", "many_buckets", "every_block"):
+        c = CASES[name]
+        q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c)
+        splits = []
+
+        def fa(**kw):
+            splits.append(kw.get("num_splits"))
+            return ref.paged_varlen_attention(**kw)
+
+        _attend(c, q, kc, vc, table, plan.to(DEVICE), sel, fa, c.d**-0.5, layout=layout)
+        assert splits, name
+        assert set(splits) == ({None} if c.keep == "all" else {want}), (name, splits)
+
+
 @pytest.mark.parametrize("layout", ["group", "head_views", "group_views"])
 @pytest.mark.parametrize("case", [Case([(0, 400), (128, 256)], keep="all"),
                                   Case([(200, 250), (0, 300)], hq=14, hkv=2, keep="all")],
