@@ -10,6 +10,9 @@
 #             attend rows for the Llama-3.1-8B layer and a 14q/2kv d=64 layer (needs vLLM's FA3),
 #             (each FA3 row in the four attend layouts: head, group, head_views, group_views)
 #   attend-fp8  the kernel benchmark's fp8 KV cache rows (Llama-3.1-8B layer, 32K / 128K)
+#   attend-sweep  the attend step's copy launches, sequence order and FA3 split-KV (shipped bound
+#             against FA3's own heuristic: time, output difference, extra GPU memory) for the
+#             Llama-3.1-8B layer and the 14q/2kv d=64 layer (needs vLLM's FA3; alone: it times things)
 #   kernels   kernel GPU tests + kernel benchmark
 #   attend-profile  GPU vs host time per call of the estimation and the FA3 attend step (checked,
 #             replayed as a step's later layers run it, copies alone; dense FA3 beside) for the
@@ -106,6 +109,13 @@ case "$piece" in
     timeout 150 python benchmarks/kernels.py --skip sparse,estimation,break_even --commit "$sha" \
       --out "$out/kernels-fp8-h200.json" > "$out/bench-fp8.log" 2>&1; echo "bench rc=$?" >> "$out/bench-fp8.log"
     tail -12 "$out/bench-fp8.log" ;;
+  attend-sweep)
+    for shape in llama8b gqa7_d64; do
+      log "attend sweep (launches, order, split-KV), $shape"
+      timeout 250 python benchmarks/kernels.py --attend-sweep --shape $shape --commit "$sha" \
+        --out "$out/kernels-attend-sweep-$shape-h200.json" > "$out/attend-sweep-$shape.log" 2>&1
+      echo "sweep rc=$?" >> "$out/attend-sweep-$shape.log"; tail -16 "$out/attend-sweep-$shape.log"
+    done ;;
   attend-profile)
     for shape in gqa7_d64 llama8b; do
       log "estimation + attend step profile, $shape"

@@ -138,14 +138,19 @@ def test_attend_sweep_dry_run(tmp_path):
     res = json.loads(out.read_text())
     rows = res["attend_sweep"]
     bench = _load_bench()
-    assert {(r["block_t"], r["num_warps"]) for r in rows if r["order"] == "kv_desc"} == set(
+    shipped = [r for r in rows if r["copy_splits"] == 1]
+    assert {(r["block_t"], r["num_warps"]) for r in shipped if r["order"] == "kv_desc"} == set(
         bench.ATTEND_LAUNCH_CANDIDATES)
     assert {r["order"] for r in rows} == {"kv_desc", "head_asc"}
     assert sum(r["default"] for r in rows) == 1
-    for r in rows:
+    for r in shipped:
         assert r["ok"] and r["equal_to_default"] and "error" not in r, r
         assert r["prism_fa3_ms"] > 0 and 0 < r["density"] < 1
         assert (r["copies_ms"] > 0) if r["order"] == "kv_desc" else ("copies_ms" not in r)
+    # FA3's own split heuristic beside the shipped setting: timed, compared, its memory asked for
+    (heur,) = [r for r in rows if r["copy_splits"] == 0]
+    assert heur["ok"] and heur["prism_fa3_ms"] > 0 and heur["max_abs_diff_to_default"] == 0.0  # FA's semantics
+    assert "extra_mb" in heur and heur["extra_mb"] is None  # CPU: no CUDA memory counters
     assert "sparse" not in res and "copy launches" in proc.stdout
 
 
