@@ -8,7 +8,7 @@
 # Pieces:
 #   attend    FA3 attend step: its GPU tests (+ fp8 pooling), then the kernel benchmark with FA3
 #             attend rows for the Llama-3.1-8B layer and a 14q/2kv d=64 layer (needs vLLM's FA3),
-#             (each FA3 row in the four attend layouts: head, group, head_views, group_views)
+#             (each FA3 row in the five attend layouts: head, group, head_views, group_views, head_halves)
 #   attend-fp8  the kernel benchmark's fp8 KV cache rows (Llama-3.1-8B layer, 32K / 128K)
 #   attend-sweep  the attend step's copy launches, sequence order and FA3 split-KV (shipped bound
 #             against FA3's own heuristic: time, output difference, extra GPU memory) for the
@@ -93,15 +93,15 @@ run_bench() {  # PART BUDGET_S [more benchmarks.run flags]; BENCH_TAG names the 
 case "$piece" in
   attend)
     log "FA3 attend GPU tests"
-    # 45 s measured at 8f43227 / b2c8345 with the head layout alone; the group and view layouts'
-    # tests and the benchmarks' four layouts per row (e2d9457) are not timed yet: limits add up to 550 s
-    timeout 150 python -m pytest -m gpu -q -s tests/test_attend_fa3.py tests/test_pooling_fp8.py \
+    # tests: 53.5 s at 9bdb1ed (36 tests), before head_halves doubled the head-layout GPU cases;
+    # the benchmarks time five layouts per row: limits add up to 580 s
+    timeout 120 python -m pytest -m gpu -q -s tests/test_attend_fa3.py tests/test_pooling_fp8.py \
       > "$out/gpu-attend.log" 2>&1; echo "pytest rc=$?" >> "$out/gpu-attend.log"; tail -4 "$out/gpu-attend.log"
-    log "kernel benchmark, Llama-3.1-8B layer, layouts head / group / head_views / group_views"
-    timeout 240 python benchmarks/kernels.py --skip break_even,fp8 --commit "$sha" --out "$out/kernels-fa3-h200.json" \
+    log "kernel benchmark, Llama-3.1-8B layer, layouts head / group / head_views / group_views / head_halves"
+    timeout 260 python benchmarks/kernels.py --skip break_even,fp8 --commit "$sha" --out "$out/kernels-fa3-h200.json" \
       > "$out/bench-fa3.log" 2>&1; echo "bench rc=$?" >> "$out/bench-fa3.log"; tail -24 "$out/bench-fa3.log"
     log "kernel benchmark, 14q/2kv d=64 layer"
-    timeout 160 python benchmarks/kernels.py --shape gqa7_d64 --skip estimation,break_even,fp8 --commit "$sha" \
+    timeout 200 python benchmarks/kernels.py --shape gqa7_d64 --skip estimation,break_even,fp8 --commit "$sha" \
       --out "$out/kernels-fa3-d64-h200.json" > "$out/bench-fa3-d64.log" 2>&1; echo "bench rc=$?" >> "$out/bench-fa3-d64.log"
     tail -16 "$out/bench-fa3-d64.log" ;;
   attend-fp8)

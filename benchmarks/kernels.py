@@ -25,11 +25,12 @@ dim, randomly permuted block table). Sections:
               backend gets it; also bf16 q, and the bf16 cache for the ratio), our FA3 attend step on
               the fp8 cache at a fixed density-0.1 mask (with descales), and estimation + attend
               (the sum of the two medians) vs FA3 fp8 dense.
-  layouts     (--attend-layout, default head,group,head_views,group_views) the FA3 attend step in
-              the head layout (one virtual sequence per query block and q head), the group layout
-              (per query block and kv head, the group's G heads packed over the union of their
-              selections), and their copy-free twins head_views / group_views (one FA3 call per q
-              head / kv head on views of q and out, kernels/attend_fa3.py): sparse rows and the
+  layouts     (--attend-layout, default head,group,head_views,group_views,head_halves) the FA3
+              attend step in the head layout (one virtual sequence per query block and q head), the
+              group layout (per query block and kv head, the group's G heads packed over the union
+              of their selections), their copy-free twins head_views / group_views (one FA3 call per
+              q head / kv head on views of q and out), and head_halves (the head layout's sequences
+              cut at the block middle, kernels/attend_fa3.py): sparse rows and the
               structured selection's break-even row report the union's density beside the
               per-head density, each layout's time, speed-up and per-block cost against FA3 dense
               (per UNION block for the group layouts: what they compute), and the Triton launches
@@ -131,7 +132,7 @@ class Setup:
 
 SHAPES = {"llama8b": (32, 8, 128), "gqa7_d64": (14, 2, 64)}
 #: kernels/attend_fa3.py's LAYOUTS (named here: the module imports kernels lazily)
-ATTEND_LAYOUTS = ("head", "group", "head_views", "group_views")
+ATTEND_LAYOUTS = ("head", "group", "head_views", "group_views", "head_halves")
 SECTIONS = ("sparse", "estimation", "break_even", "fp8")
 
 
@@ -549,10 +550,11 @@ class Ours:
         from prism_vllm.kernels.attend_fa3 import AttendWorkspace, attend_capacity, make_attend_plan, virtual_kv
 
         s, p = self.s, self.plan
+        layouts = tuple(dict.fromkeys(("head", *s.attend_layouts)))  # head: the backend's, the fp8 rows'
         cap = attend_capacity(max_num_batched_tokens=self.tokens, max_q_blocks=p.num_q_blocks,
                               max_k_blocks=p.num_k_blocks, num_q_heads=s.hq, head_dim=s.d,
-                              element_size=torch.empty(0, dtype=s.dtype).element_size(), block_size=s.block)
-        layouts = tuple(dict.fromkeys(("head", *s.attend_layouts)))  # head: the backend's, the fp8 rows'
+                              element_size=torch.empty(0, dtype=s.dtype).element_size(), block_size=s.block,
+                              layouts=layouts)
         self.attend_ws = AttendWorkspace(cap, s.hq, s.d, s.dtype, s.device, s.block, layouts=layouts)
         self.attend_plans = {lay: make_attend_plan(p.to("cpu"), cap, layout=lay, num_kv_heads=s.hkv)
                              for lay in layouts}
@@ -738,7 +740,7 @@ def run_sparse(s: Setup, fa3: Optional[Callable[..., Any]], off: Optional[Offici
                         if dens == 1.0 and fa3_out is not None:
                             add_check(res, f"fa3_attend_dense_vs_fa3_{tok(L)}", L, measured, out, fa3_out, tol=2e-2)
                         del tri
-            for lay in ("group", "head_views", "group_views"):
+            for lay in ("group", "head_views", "group_views", "head_halves"):
                 if fa3v is not None and lay in s.attend_layouts:
                     layout_rows(s, ours, row, lay, q, kv, mask, sel_idx, sel_cnt, out, fa3v, fa3_ms, res,
                                 check=dens < 1.0)
@@ -807,8 +809,9 @@ def layout_rows(s: Setup, ours: Ours, row: dict[str, Any], layout: str, q: torch
                 mask: torch.Tensor, sel_idx: torch.Tensor, sel_cnt: torch.Tensor, out: torch.Tensor,
                 fa: Callable[..., Any], fa3_ms: Optional[float], res: dict[str, Any], check: bool) -> None:
     """The columns of a row (same selection as the head layout's) for the layouts beside the
-    backend's: "group" (copies, a kv group's heads over the union of their selections) and the
-    view layouts (one FA3 call per q head / kv head on views of q and out). The union's density
+    backend's: "group" (copies, a kv group's heads over the union of their selections), the
+    view layouts (one FA3 call per q head / kv head on views of q and out) and "head_halves" (the
+    head layout's sequences cut at the block middle: FA3's 64-row tile). The union's density
     beside the per-head one (group layouts), the attend step's time, its Triton launches alone
     (``*_tables_ms``: for the view layouts the table build that replaces the copies), its
     speed-up over FA3 dense and its per-block efficiency (FA3 dense time x density / its time,
@@ -991,7 +994,7 @@ def run_break_even(s: Setup, fa3: Optional[Callable[..., Any]], est: dict[int, d
                 if r["fa3_attend_ms"] is not None and fa3_ms is not None:
                     r["fa3_attend_per_block_eff"] = round(fa3_ms * e["density"] / r["fa3_attend_ms"], 3)
             got = ours.selected_mask(ws)
-            for lay in ("group", "head_views", "group_views"):
+            for lay in ("group", "head_views", "group_views", "head_halves"):
                 if lay in s.attend_layouts:
                     layout_rows(s, ours, r, lay, q, kv, got, sel_idx, sel_cnt, out, fa, fa3_ms, res, check=False)
         res["break_even"].append(r)
@@ -1288,6 +1291,8 @@ def summary(res: dict[str, Any]) -> str:
                                           ("fa3_attend_group_views_tables_ms", "gv_tables"),
                                           ("fa3_attend_group_views_speedup_vs_fa3", "gv/fa3x"),
                                           ("fa3_attend_group_views_per_union_block_eff", "gv_ublk_eff"),
+                                          ("prism_fa3_head_halves_ms", "hh_fa3"),
+                                          ("fa3_attend_head_halves_per_block_eff", "hh_blk_eff"),
                                           ("fa3_ms", "fa3"), ("official_ms", "official"),
                                           ("official_paged_ms", "off_paged"), ("speedup_vs_fa3", "prism/fa3x"),
                                           ("official_speedup_vs_fa3", "off/fa3x"), ("prism_tflops", "TFLOP/s")]))
@@ -1311,7 +1316,9 @@ def summary(res: dict[str, Any]) -> str:
                                               ("prism_fa3_head_views_ms", "attend_hv"),
                                               ("fa3_attend_head_views_per_block_eff", "hv_blk_eff"),
                                               ("prism_fa3_group_views_ms", "attend_gv"),
-                                              ("fa3_attend_group_views_per_union_block_eff", "gv_ublk_eff")]))
+                                              ("fa3_attend_group_views_per_union_block_eff", "gv_ublk_eff"),
+                                              ("prism_fa3_head_halves_ms", "attend_hh"),
+                                              ("fa3_attend_head_halves_per_block_eff", "hh_blk_eff")]))
     if res.get("fp8"):
         out.append("== fp8 KV cache (e4m3, per-tensor scales; ms; x = FA3 fp8 dense / impl) ==")
         out.append(table(res["fp8"], [("tokens", "tokens"), ("density", "density"), ("fa3_fp8_ms", "fa3_fp8"),
@@ -1388,7 +1395,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="comma-separated FA3 attend layouts to time: head (the backend's: a sequence per query "
                          "block and q head), group (per query block and kv head over the union of the group's "
                          "selections), head_views / group_views (the same, one FA3 call per q head / kv head "
-                         "on views of q and out: no copies)")
+                         "on views of q and out: no copies), head_halves (head's sequences cut at the block "
+                         "middle: FA3's 64-row tile)")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     layouts = set(filter(None, args.attend_layout.split(",")))

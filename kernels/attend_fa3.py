@@ -43,6 +43,14 @@ of each head's selection. The q copy, tables and scatter are the head layout's w
 groups whose rows are G heads wide (HS = HKV sequence heads of HPS = G q heads), one more launch
 (the union) per bucket.
 
+Half-block layout (``layout="head_halves"``, opt-in): the head layout's sequences each cut in two
+at the middle of their block (absolute rows a*B .. a*B + B/2 - 1 and a*B + B/2 .. a*B + B - 1, a
+half may be empty), same keys, each half's seqlen_k counting the diagonal block's keys up to its own
+last row, so the bottom-right causal mask still holds. The q copy, the table content and the
+scatter are the head layout's (a program still handles one (query block, q head) and writes its
+two sequences' entries); FA3 is called with max_seqlen_q = B / 2, which at d <= 64 (and d = 128)
+selects its one-warpgroup tile of 64 query rows instead of 192 (d <= 64) rows.
+
 View layouts (``layout="head_views"`` / ``"group_views"``):
 the head / group layout's keys without the q copy and the scatter. FA3 takes q and out with any
 row and head strides (stride(-1) == 1), so a bucket is one FA3 call per q head h on
@@ -118,9 +126,13 @@ ORDERS = {"kv_desc": 0, "head_asc": 1}
 #: "head_views" / "group_views": the same keys, one FA3 call per q head / kv head on views of the
 #: caller's q and out (sequences = the bucket's query blocks on their real rows; no copy of either).
 LAYOUTS = ATTEND_LAYOUTS
+#: "head_halves": "head" with each (query block, q head) cut into two sequences, the block's rows
+#: of its first and its second half (same keys; the q copy, table rows and scatter are "head"'s).
 #: Layouts attending a kv group over the union of its heads' selections, and those without copies.
 UNION_LAYOUTS = ("group", "group_views")
 VIEW_LAYOUTS = ("head_views", "group_views")
+#: Virtual sequences per (query block, sequence head) of a layout (every other layout: 1).
+SUBSEQUENCES = {"head_halves": 2}
 #: FA3's ``num_splits`` (split-KV) for a layout's calls: 1 (none) for the copy layouts, at most
 #: VIEW_MAX_SPLITS for the view layouts. Left to FA3 (0), its heuristic sizes the split for one
 #: sequence of max_seqlen_q rows ("pretending that batch = 1", flash_api.cpp ``get_num_splits``),
@@ -189,18 +201,20 @@ def attend_capacity(
     head_dim: int,
     element_size: int,
     block_size: int = BLOCK_SIZE,
+    layouts: Sequence[str] = ("head",),
 ) -> AttendCapacity:
     """Bucket capacity for a scheduler configuration, within COPY_BYTES + TABLE_BYTES (248 MiB) plus the per-sequence arrays.
 
     rows: every row of a step if the two copies fit COPY_BYTES, else as many as fit (a 128K
     one-shot prefill of a 32-head d=128 bf16 layer: 8192 rows, 16 buckets); sequences: one per
-    (query block, q head) of a full bucket; table: the widest rows (``max_k_blocks``) for every
-    sequence, capped by TABLE_BYTES (a bucket then holds fewer query blocks).
+    (query block, q head) of a full bucket, times the most SUBSEQUENCES of ``layouts``; table: the
+    widest rows (``max_k_blocks``) for every sequence, capped by TABLE_BYTES (a bucket then holds
+    fewer query blocks).
     """
     row_bytes = 2 * num_q_heads * head_dim * element_size
     rows = max(1, min(int(max_num_batched_tokens), COPY_BYTES // row_bytes))
     qbs = min(int(max_q_blocks), rows + 1)  # a bucket's query blocks each hold >= 1 row
-    sequences = qbs * num_q_heads
+    sequences = qbs * num_q_heads * max(SUBSEQUENCES.get(x, 1) for x in layouts)
     ppb = block_size // MIN_PAGE
     table_blocks = max(1, min(sequences * int(max_k_blocks), TABLE_BYTES // (4 * ppb)))
     return AttendCapacity(rows=rows, sequences=sequences, table_blocks=table_blocks, key_blocks=int(max_k_blocks))
@@ -286,7 +300,7 @@ def make_attend_plan(
     the rows): a bucket is one FA3 call per q head / kv head, so fewer buckets mean fewer calls.
     """
     hq = plan.num_q_heads
-    hs = _seq_heads(hq, num_kv_heads, layout)  # sequences per query block (checks the layout)
+    hs = _seq_heads(hq, num_kv_heads, layout)  # sequence heads per query block (checks the layout)
     seq = plan.seqused_k.cpu().numpy()
     cu = plan.cu_seqlens_q.cpu().numpy()
     max_q = int((cu[1:] - cu[:-1]).max()) if plan.num_reqs else 0
@@ -307,6 +321,7 @@ def make_attend_plan(
         # a union row holds at most every causal block, and at most its G heads' rows together
         width = np.minimum(row_width_bounds(plan, None), (hq // num_kv_heads) * width)
     max_rows = capacity.rows if layout not in VIEW_LAYOUTS else plan.num_tokens
+    hs *= SUBSEQUENCES.get(layout, 1)  # sequences per query block
     buckets: list[AttendBucket] = []
     g_hi = plan.num_q_blocks
     while g_hi > 0:
@@ -623,8 +638,13 @@ def _virtual_seqs_kernel(
     ORDER: tl.constexpr,
     GROUP: tl.constexpr,
     VIEWS: tl.constexpr,
+    HALVES: tl.constexpr = False,
 ):
     """One program per virtual sequence: cu_seqlens_q_virt, seqused_k_virt, page-table row, q copy.
+
+    HALVES (the head layout's "head_halves"): program s is still the head layout's sequence s, and
+    writes the entries of sequences 2s and 2s + 1, its block's rows before and from the middle
+    of the block (same keys and table row; each seqused_k ends at its own last row).
 
     GROUP: the sequences are (query block, kv head) carrying the group's G heads over the union
     rows, i.e. the head layout with HQ // G one-member groups whose "head" is the kv head and
@@ -645,6 +665,13 @@ def _virtual_seqs_kernel(
             tl.store(cu_seqlens_q_virt + s, qrow - row_lo)
         if s == 0:  # the end of the last query block: every row of the bucket
             tl.store(cu_seqlens_q_virt + (g_hi - g_lo), row_hi - row_lo)
+    elif HALVES:
+        # rows of the first half: from the chunk's first row of the block to the block's middle
+        r0 = tl.minimum(tl.maximum(a * B + B // 2 - (p_hi - rows), 0), rows)
+        tl.store(cu_seqlens_q_virt + 2 * s, off)
+        tl.store(cu_seqlens_q_virt + 2 * s + 1, off + r0)
+        if s == 0:
+            tl.store(cu_seqlens_q_virt + 2 * (g_hi - g_lo) * HQ, HQ * (row_hi - row_lo))
     else:
         tl.store(cu_seqlens_q_virt + s, off)
         if s == 0:  # the end of the last sequence: every row of the bucket, every sequence head
@@ -661,9 +688,14 @@ def _virtual_seqs_kernel(
     else:
         cnt = tl.where(row_dense, a + 1, tl.load(sel_cnt + sel_count_at(g, h, HQ)))
         row_ptr = sel_idx + sel_row_start(tl.load(sel_off + g), h, a, HQ)
-    tl.store(seqused_k_virt + s, (cnt - 1) * B + (p_hi - a * B))
+    if HALVES:  # the first half sees the diagonal block's keys up to its own last row
+        tl.store(seqused_k_virt + 2 * s, (cnt - 1) * B + tl.minimum(p_hi - a * B, B // 2))
+        tl.store(seqused_k_virt + 2 * s + 1, (cnt - 1) * B + (p_hi - a * B))
+    else:
+        tl.store(seqused_k_virt + s, (cnt - 1) * B + (p_hi - a * B))
 
-    pt_row = page_table + s.to(tl.int64) * stride_pt
+    SUB: tl.constexpr = 2 if HALVES else 1  # table rows per program (the same content)
+    pt_row = page_table + (s * SUB).to(tl.int64) * stride_pt
     bt_row = block_table + r.to(tl.int64) * stride_bt
     kofs = tl.arange(0, PPB)
     for j0 in range(0, cnt, BLOCK_J):
@@ -675,7 +707,8 @@ def _virtual_seqs_kernel(
         ok = live[:, None] & (tok < seq)  # pages past the sequence end may not exist (never read)
         phys = tl.load(bt_row + tok // PS, mask=ok, other=0).to(tl.int64)
         virt = phys * page_mult + kvh * head_mult + ((tok % PS) // VPS) * slot_mult
-        tl.store(pt_row + jj[:, None] * PPB + kofs[None, :], virt.to(tl.int32), mask=ok)
+        for u in tl.static_range(SUB):
+            tl.store(pt_row + u * stride_pt + jj[:, None] * PPB + kofs[None, :], virt.to(tl.int32), mask=ok)
 
     # the block's rows of head h (of heads h * G .. h * G + G - 1, token-major, in the group
     # layout), sequence-major; VIEWS: FA3 reads them in place (constexpr: no copy compiled)
@@ -829,7 +862,9 @@ def virtual_sequences(
 
     Returns FA3's inputs as views of the workspace: ``q`` and ``out`` [HS * T_b, HPS, D],
     ``cu_seqlens_q`` [S_b + 1], ``seqused_k`` [S_b], ``block_table`` [S_b, width * PPB], with
-    HS sequence heads of HPS q heads each: HQ of 1 ("head"), HKV of G ("group").
+    HS sequence heads of HPS q heads each: HQ of 1 ("head"), HKV of G ("group"); "head_halves":
+    the head layout's rows with S_b twice the sequences (each (query block, q head) cut at its
+    block's middle), the table rows of a pair alike.
 
     View layouts ("head_views": HS = HQ of 1, "group_views": HKV of G; ``order`` does not apply,
     a call's sequences are its query blocks ascending): no q / out (FA3 call i reads and writes
@@ -844,7 +879,8 @@ def virtual_sequences(
     B = plan.block_size
     ppb = B // vkv.page_size
     n_b = bucket.g_hi - bucket.g_lo
-    n_seq = n_b * hs
+    n_prog = n_b * hs  # one program per (query block, sequence head)
+    n_seq = n_prog * SUBSEQUENCES.get(layout, 1)
     n_rows = (bucket.row_hi - bucket.row_lo) * hs
     width = bucket.width * ppb
     cap = ws.capacity
@@ -858,7 +894,7 @@ def virtual_sequences(
     u_idx, u_cnt = union_rows(selection, bucket, ws, vkv.num_kv_heads) if layout in UNION_LAYOUTS else (None, None)
     launch(
         _virtual_seqs_kernel,
-        (n_seq,),
+        (n_prog,),
         q=None if views else q,
         q_virt=q_virt,
         cu_seqlens_q_virt=ws.cu_seqlens_q_virt,
@@ -894,6 +930,7 @@ def virtual_sequences(
         ORDER=1 if views else ORDERS[order],  # views: call-major, query blocks ascending (cu_seqlens_q grows)
         GROUP=layout in UNION_LAYOUTS,
         VIEWS=views,
+        HALVES=layout == "head_halves",
         num_warps=ATTEND_LAUNCH.num_warps,
     )
     if views:
@@ -950,12 +987,13 @@ def scatter_out(o_virt: torch.Tensor, out: torch.Tensor, plan: PrefillPlan, buck
 def _fa3_bucket(flash_attn_varlen_func: FlashAttnVarlen, vkv: VirtualKV, scale: float, softcap: float, B: int,
                 bucket: AttendBucket, cu_seqlens_q: torch.Tensor, *, q: torch.Tensor, out: torch.Tensor,
                 seqused_k: torch.Tensor, block_table: torch.Tensor, descales: dict, num_splits: int,
-                sinks: Optional[torch.Tensor] = None) -> None:
+                sinks: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None) -> None:
     """One FA3 call over virtual sequences of ``bucket`` (every sparse layout's call); ``sinks``:
     the learned sinks of the call's q heads (FA3's ``s_aux``); ``num_splits``: COPY_SPLITS or
-    VIEW_MAX_SPLITS."""
+    VIEW_MAX_SPLITS; ``max_seqlen_q``: the longest sequence's rows when not the bucket's longest
+    query block (the half-block layout's)."""
     launch_call(flash_attn_varlen_func, **descales, **_s_aux(sinks), q=q, k=vkv.k, v=vkv.v,
-                max_seqlen_q=bucket.max_rows, cu_seqlens_q=cu_seqlens_q, max_seqlen_k=bucket.width * B,
+                max_seqlen_q=max_seqlen_q or bucket.max_rows, cu_seqlens_q=cu_seqlens_q, max_seqlen_k=bucket.width * B,
                 seqused_k=seqused_k, block_table=block_table, softmax_scale=scale, causal=True, softcap=softcap,
                 out=out, num_splits=num_splits)
 
@@ -1054,6 +1092,7 @@ def attend_fa3(
         a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, order=order, layout=layout)
         _fa3_bucket(*fa, bucket, a["cu_seqlens_q"], q=a["q"], out=a["out"], seqused_k=a["seqused_k"],
                     block_table=a["block_table"], num_splits=COPY_SPLITS,
+                    max_seqlen_q=min(bucket.max_rows, plan.block_size // 2) if layout == "head_halves" else None,
                     descales=fa3_descales(q_scale, k_scale, v_scale, a["seqused_k"].shape[0], 1))
         scatter_out(a["out"], out, plan, bucket, vkv.num_kv_heads, order=order, layout=layout)
     return out

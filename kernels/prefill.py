@@ -200,6 +200,7 @@ class PrismWorkspace:
                 head_dim=int(head_dim),
                 element_size=torch.empty(0, dtype=attend_dtype).element_size(),
                 block_size=B,
+                layouts=attend_layouts,
             )
         return dict(
             max_q_blocks=q_blocks,

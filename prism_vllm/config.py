@@ -40,7 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: Block-scoring rules (PrismConfig.rule).
 RULES = ("paper", "meanpool")
 #: Sequence layouts of the FA3 attend step (PrismConfig.attend_layout; ``kernels/attend_fa3.py``).
-ATTEND_LAYOUTS = ("head", "group", "head_views", "group_views")
+ATTEND_LAYOUTS = ("head", "group", "head_views", "group_views", "head_halves")
 #: The layouts "auto" chooses between: both attend exactly the selected blocks.
 AUTO_ATTEND_LAYOUTS = ("head", "head_views")
 
@@ -199,7 +199,7 @@ class PrismConfig:
     layer shape, timed on the serving GPU when the model loads (once per shape and process; the
     choice and its timings are in the startup log and /prism/stats); without a measurement,
     "head"; "head_views" for layers with learned sinks (only the view layouts carry one sink per
-    q head). Or one of "head", "head_views", "group", "group_views".
+    q head). Or one of "head", "head_views", "group", "group_views", "head_halves".
 
     "head" and "head_views" attend exactly the selected blocks: "head" runs one FA3 call over one
     sequence per (query block, q head), on a head-major copy of q whose output is scattered back;
@@ -208,7 +208,10 @@ class PrismConfig:
     over the union of their selections, for small head sizes where one-head sequences run FA3 below
     its per-block speed. They attend more blocks than selected (a group's union is 1.25-1.5x one
     head's selection on SmolLM2-135M, benchmarks/results/gqa-union-cpu.json), so whether they pay
-    depends on the model: "auto" never chooses them."""
+    depends on the model: "auto" never chooses them. "head_halves": "head" with each (query block,
+    q head) cut into two sequences of half a block's rows, for head sizes <= 64, where FA3's tile
+    holds 192 query rows (a one-head 128-row sequence fills 2/3 of it) but switches to a 64-row tile
+    for calls whose sequences have at most 64 rows; opt-in, not yet timed on a GPU."""
 
     min_query_len: int = 16
     """Smallest prefill chunk (query tokens) served by Prism. Decode and speculative-decode

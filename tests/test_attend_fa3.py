@@ -150,12 +150,12 @@ def _masks_of(layout, masks, hkv):
     return union_masks(masks, hkv) if layout in ("group", "group_views") else masks
 
 
-@pytest.mark.parametrize("layout", ["head", "group"])
+@pytest.mark.parametrize("layout", ["head", "group", "head_halves"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_attend_with_fa_semantics_equals_reference(name, layout):
     """A copy layout's FA3 inputs, through FA's documented paged varlen semantics (the group
     layout: G q heads per sequence over one kv head), are block-sparse attention under each
-    head's mask (head) or its kv group's union (group), for every row kind."""
+    head's mask (head, head_halves) or its kv group's union (group), for every row kind."""
     c = CASES[name]
     q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c)
     scale = c.d**-0.5
@@ -174,6 +174,53 @@ def test_attend_with_fa_semantics_equals_reference(name, layout):
             dense = ref.dense_causal_attention(q[row : row + L], ks[r], vs[r], a, scale)
             torch.testing.assert_close(out[row : row + L].float(), dense.float(), atol=atol, rtol=rtol)
             row += L
+
+
+@pytest.mark.parametrize("name", ["one_full_request", "partial_last_block", "mid_block_chunk_with_context",
+                                  "prefix_context_several_requests", "many_buckets"])
+def test_head_halves_cuts_every_sequence_at_the_block_middle(name):
+    """head_halves hands FA3 the head layout's sequences cut in two: twice the sequences, none
+    longer than half a block (max_seqlen_q = B / 2), each pair's rows the head layout's sequence's
+    rows split where the block's absolute middle falls, with the same keys and a first half whose
+    seqlen_k ends at its own last row."""
+    c = CASES[name]
+    q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c)
+    got = {}
+    for layout in ("head", "head_halves"):
+        calls = []
+
+        def fa(**kw):
+            calls.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()
+                          if k in ("cu_seqlens_q", "seqused_k", "block_table", "max_seqlen_q")})
+            return ref.paged_varlen_attention(**kw)
+
+        _attend(c, q, kc, vc, table, plan.to(DEVICE), sel, fa, c.d**-0.5, layout=layout)
+        got[layout] = calls
+    B = plan.block_size
+    assert len(got["head"]) == len(got["head_halves"]) or name == "many_buckets"
+    n_head = sum(len(x["seqused_k"]) for x in got["head"])
+    assert sum(len(x["seqused_k"]) for x in got["head_halves"]) == 2 * n_head
+    for call in got["head_halves"]:
+        cu, used, tab = call["cu_seqlens_q"].long(), call["seqused_k"].long(), call["block_table"]
+        rows = cu[1:] - cu[:-1]
+        assert call["max_seqlen_q"] <= B // 2 and int(rows.max()) <= call["max_seqlen_q"]
+        r0, r1 = rows[0::2], rows[1::2]
+        assert bool((r0 + r1 > 0).all())  # every head-layout sequence has rows
+        # both halves read the same keys (table entries past a row's keys are unspecified)
+        vps = math.gcd(c.page, B)
+        live = torch.arange(tab.shape[1])[None, :] < ((used[1::2] + vps - 1) // vps)[:, None]
+        assert torch.equal(tab[0::2][live], tab[1::2][live])
+        # the second half ends where the head layout's sequence ends; the first half ends r1
+        # rows earlier, where the block's middle falls (or holds nothing)
+        assert bool(((used[0::2] == used[1::2] - r1) | (r0 == 0)).all())
+        start1 = (used[1::2] - r1) % B  # where the second half starts in its block
+        assert bool(((r1 == 0) | ((r0 > 0) & (start1 == B // 2)) | ((r0 == 0) & (start1 >= B // 2))).all())
+    if name != "many_buckets":  # one bucket: the head layout's sequences pair up in order
+        head, halves = got["head"][0], got["head_halves"][0]
+        rows_head = head["cu_seqlens_q"][1:] - head["cu_seqlens_q"][:-1]
+        rows_h = halves["cu_seqlens_q"][1:] - halves["cu_seqlens_q"][:-1]
+        assert torch.equal(rows_h[0::2] + rows_h[1::2], rows_head)
+        assert torch.equal(halves["seqused_k"][1::2], head["seqused_k"])
 
 
 def _pytorch_virtual_sequences(c: Case, q, kc, table, plan, masks, bucket, vkv, order, layout="head"):
@@ -435,7 +482,7 @@ def test_fa3_split_kv_per_layout(layout):
         assert set(splits) == ({None} if c.keep == "all" else {want}), (name, splits)
 
 
-@pytest.mark.parametrize("layout", ["group", "head_views", "group_views"])
+@pytest.mark.parametrize("layout", ["group", "head_views", "group_views", "head_halves"])
 @pytest.mark.parametrize("case", [Case([(0, 400), (128, 256)], keep="all"),
                                   Case([(200, 250), (0, 300)], hq=14, hkv=2, keep="all")],
                          ids=["gqa2", "gqa7_mid_block"])
@@ -455,7 +502,7 @@ def test_layout_every_block_equals_dense_causal_attention(case, layout):
         row += L
 
 
-@pytest.mark.parametrize("layout", ["head", "group", "head_views"])
+@pytest.mark.parametrize("layout", ["head", "group", "head_views", "head_halves"])
 def test_a_steps_later_layers_replay_the_attend_launches_with_their_own_tensors(layout, monkeypatch):
     """prism_attend records the FA3 attend step of a step's first layer (copies, FA3 call, scatter)
     and replays it for the next layers: each layer's output is its own reference's (its q, out,
@@ -710,13 +757,16 @@ def test_gpu_fa3_learned_sinks_equal_reference(name, layout):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_gpu_fa3_attend_equals_reference_and_triton(name, dtype):
+@pytest.mark.parametrize("layout", ["head", "head_halves"])
+def test_gpu_fa3_attend_equals_reference_and_triton(name, dtype, layout):
+    """vLLM's FA3 on the head layout's virtual sequences (and on their half-block cut, whose calls
+    take FA3's 64-row tile) equals the fp32 reference and the Triton kernel."""
     fa = _fa3()
     c = GPU_CASES[name]
     q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c, dtype=dtype, device="cuda")
     scale = c.d**-0.5
     pd = plan.to("cuda")
-    out, _ = _attend(c, q, kc, vc, table, pd, sel, fa, scale, dtype=dtype)
+    out, _ = _attend(c, q, kc, vc, table, pd, sel, fa, scale, dtype=dtype, layout=layout)
     atol, rtol = TOL[dtype]
     T = plan.num_tokens
     want = _blockwise_reference(q, ks, vs, c, masks, scale, T)
@@ -804,7 +854,7 @@ def test_learned_sinks_through_the_view_layouts(name, layout):
     assert (out[:T].float() - plain.float()).abs().max() > 10 * atol
 
 
-@pytest.mark.parametrize("layout", ["head", "group"])
+@pytest.mark.parametrize("layout", ["head", "group", "head_halves"])
 def test_learned_sinks_are_refused_by_the_copy_layouts(layout):
     """One FA3 call over sequences of every q head can carry one sink only: refused, naming the
     layouts that can."""

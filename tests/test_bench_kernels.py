@@ -61,7 +61,7 @@ def test_dry_run_json_schema(dry_run):
         assert math.isfinite(r["prism_fa3_replayed_ms"]) and r["prism_fa3_replayed_ms"] > 0  # later layers' path
         assert "fa3_attend_group_per_union_block_eff" not in r
         # the copy-free view layouts beside them: their time and their table builds alone
-        for lay in ("head_views", "group_views"):
+        for lay in ("head_views", "group_views", "head_halves"):
             assert math.isfinite(r[f"prism_fa3_{lay}_ms"]) and r[f"prism_fa3_{lay}_ms"] > 0, lay
             assert 0 < r[f"fa3_attend_{lay}_tables_ms"], lay
             assert f"fa3_attend_{lay}_speedup_vs_fa3" not in r
@@ -93,7 +93,8 @@ def test_dry_run_json_schema(dry_run):
     assert "sparse attention" in stdout and "sanity" in stdout and "grp_ublk_eff" in stdout
     assert "hv_blk_eff" in stdout and "gv_ublk_eff" in stdout and "hv_tables" in stdout
     nb = res["attend_buckets_by_layout"]["384"]
-    assert set(nb) == {"head", "group", "head_views", "group_views"} and res["attend_buckets"]["384"] == nb["head"]
+    assert set(nb) == {"head", "group", "head_views", "group_views", "head_halves"}
+    assert res["attend_buckets"]["384"] == nb["head"]
     # fp8 KV cache rows: our estimation and the FA3 attend step (FA's semantics standing in) on
     # the fp8 cache; no FA3 dense numbers without FA3
     assert [r["tokens"] for r in res["fp8"]] == [384]

@@ -103,11 +103,13 @@ CASES = [(layout, page, min_len, False, CHUNK) for layout in ("head", "head_view
          for page, min_len in ((16, "auto"), (16, 16384), (64, 16384), (128, "auto"))]
 CASES += [("head", 16, "auto", True, CHUNK), ("head_views", 64, 16384, True, CHUNK)]  # fp8 KV caches (FA3 only)
 CASES += [("group", 16, "auto", False, CHUNK), ("group_views", 32, 16384, False, CHUNK)]  # the union layouts
+CASES += [("head_halves", 16, 16384, False, CHUNK)]  # the half-block sequences (HALVES kernel variant)
 # 32K-token chunks: the warm chunks' 256 query blocks take whole-row pooling tiles, a tail chunk's
 # 57 the narrow ones (Synthetic.pool_query_tiles)
 CASES += [("head", 16, 16384, False, 32768)]
 #: Kernels a serving step of each attend path launches besides pooling and selection.
 ATTEND_KERNELS = {"head": {"_virtual_seqs_kernel", "_scatter_out_kernel"}, "head_views": {"_virtual_seqs_kernel"},
+                  "head_halves": {"_virtual_seqs_kernel", "_scatter_out_kernel"},
                   "group": {"_union_rows_kernel", "_virtual_seqs_kernel", "_scatter_out_kernel"},
                   "group_views": {"_union_rows_kernel", "_virtual_seqs_kernel"}, "triton": {"_sparse_prefill_fwd_kernel"}}
 
