@@ -930,7 +930,7 @@ def virtual_sequences(
         ORDER=1 if views else ORDERS[order],  # views: call-major, query blocks ascending (cu_seqlens_q grows)
         GROUP=layout in UNION_LAYOUTS,
         VIEWS=views,
-        HALVES=layout == "head_halves",
+        HALVES=SUBSEQUENCES.get(layout, 1) == 2,
         num_warps=ATTEND_LAUNCH.num_warps,
     )
     if views:
@@ -1088,11 +1088,12 @@ def attend_fa3(
                 _fa3_bucket(*fa, bucket, a["cu_seqlens_q"], q=q_i, out=out_i, seqused_k=seqused_k,
                             block_table=table, descales=descales, num_splits=VIEW_MAX_SPLITS, sinks=sinks_i)
         return out
+    sub = SUBSEQUENCES.get(layout, 1)  # sequences per (query block, q head): their rows are <= B / sub
     for bucket in attend.buckets:
         a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, order=order, layout=layout)
         _fa3_bucket(*fa, bucket, a["cu_seqlens_q"], q=a["q"], out=a["out"], seqused_k=a["seqused_k"],
                     block_table=a["block_table"], num_splits=COPY_SPLITS,
-                    max_seqlen_q=min(bucket.max_rows, plan.block_size // 2) if layout == "head_halves" else None,
+                    max_seqlen_q=min(bucket.max_rows, plan.block_size // sub) if sub > 1 else None,
                     descales=fa3_descales(q_scale, k_scale, v_scale, a["seqused_k"].shape[0], 1))
         scatter_out(a["out"], out, plan, bucket, vkv.num_kv_heads, order=order, layout=layout)
     return out
