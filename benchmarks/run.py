@@ -256,11 +256,12 @@ class Runner:
         return corpus.token_windows(self.ids, L, n, start)
 
     def run_job(self, job: dict[str, Any], kind: str, scale: int = 1) -> dict[str, Any]:
-        """scale: the job does the work of that many jobs of its kind (engines side by side)."""
+        """scale: the job does the work of that many jobs of its kind (engines side by side): its
+        time limit and the budget it needs to start scale with it."""
         limit = self.plan.limits[kind] * scale
         if self.t_end is not None:
             left = self.t_end - time.monotonic() - 5
-            if left < self.plan.min_start_s.get(kind, 30):
+            if left < self.plan.min_start_s.get(kind, 30) * scale:
                 log(f"job {job['name']}: skipped, {max(0, left):.0f} s of --budget-s left")
                 return {"status": "skipped (budget)", "rows": [], "errors": []}
             limit = min(limit, left)

@@ -16,6 +16,7 @@ Job kinds:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -23,7 +24,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks.common import GpuLock, log, read_json, tok_label, write_json
@@ -345,30 +346,49 @@ def task_speed_interleaved(engines: dict[str, Any], task: dict[str, Any], res: R
     drift. The bursts came after the first interleaved run (f98685c): timed requests that each
     followed the other engines' read 26-37 ms at 8K on both FLASH_ATTN engines, against 17 ms
     back to back in one engine before."""
-    labels = list(engines)
+    labels = list(engines)  # the engines still in the job
     by_len = sorted(((int(k), v) for k, v in task["prompts"].items()))
     if by_len:
         warm_ms = {lb: [round(1e3 * engines[lb].prefill_seconds(by_len[0][1][0]), 3) for _ in range(ENGINE_WARMUP)]
                    for lb in labels}
         res.data["info"]["engine_warmup_ms"] = warm_ms[labels[0]] if len(labels) == 1 else warm_ms
+    interleaved = len(labels) > 1
     for L, prompts in by_len:
         warm, st = {}, {}
-        for lb in labels:
-            engine = engines[lb]
+        times: dict[str, list[float]] = {}
+
+        def attempt(lb: str, fn: Callable[[], Any]) -> None:
+            """fn() for engine lb; side by side, an engine that fails leaves the job (recorded)
+            and the others go on (with one engine the task's caller records the error)."""
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001
+                if not interleaved:
+                    raise
+                res.error(f"speed {lb} {tok_label(L)}", e)
+                labels.remove(lb)
+                times.pop(lb, None)
+
+        def warm_up(lb: str, engine: Any) -> None:
             engine.stats("reset")
             engine.stats("sample=1")
             warm[lb] = engine.prefill_seconds(prompts[0])
             st[lb] = engine.stats("collect")
             engine.stats("sample=0")  # timed runs without sampling events
-        times: dict[str, list[float]] = {lb: [] for lb in labels}
+            times[lb] = []
+
+        for lb in list(labels):
+            attempt(lb, functools.partial(warm_up, lb, engines[lb]))
         for r, p in enumerate(prompts[1:]):
-            k = r % len(labels)
+            k = r % max(len(labels), 1)
             for lb in labels[k:] + labels[:k]:
-                if len(labels) > 1:
-                    engines[lb].prefill_seconds(prompts[0])  # the burst's untimed request
-                times[lb].append(engines[lb].prefill_seconds(p))
+                def timed(lb: str = lb, p: Sequence[int] = p) -> None:
+                    if interleaved:
+                        engines[lb].prefill_seconds(prompts[0])  # the burst's untimed request
+                    times[lb].append(engines[lb].prefill_seconds(p))
+                attempt(lb, timed)
         for lb in labels:
-            res.add(_speed_row(lb, L, len(prompts[0]), times[lb], warm[lb], st[lb], interleaved=len(labels) > 1))
+            res.add(_speed_row(lb, L, len(prompts[0]), times[lb], warm[lb], st[lb], interleaved=interleaved))
 
 
 def _speed_row(label: str, L: int, n: int, times: list[float], warm: float, st: dict[str, Any] | None,

@@ -48,8 +48,9 @@ at the middle of their block (absolute rows a*B .. a*B + B/2 - 1 and a*B + B/2 .
 half may be empty), same keys, each half's seqlen_k counting the diagonal block's keys up to its own
 last row, so the bottom-right causal mask still holds. The q copy, the table content and the
 scatter are the head layout's (a program still handles one (query block, q head) and writes its
-two sequences' entries); FA3 is called with max_seqlen_q = B / 2, which at d <= 64 (and d = 128)
-selects its one-warpgroup tile of 64 query rows instead of 192 (d <= 64) rows.
+two sequences' entries); FA3 is called with max_seqlen_q = B / 2, which at d = 64 (and d = 128;
+``use_one_mma_wg`` in FA3's hopper/heuristics.h) selects its one-warpgroup tile of 64 query rows
+instead of 192 rows; at other head sizes it only adds sequences.
 
 View layouts (``layout="head_views"`` / ``"group_views"``):
 the head / group layout's keys without the q copy and the scatter. FA3 takes q and out with any

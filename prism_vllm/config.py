@@ -209,9 +209,10 @@ class PrismConfig:
     its per-block speed. They attend more blocks than selected (a group's union is 1.25-1.5x one
     head's selection on SmolLM2-135M, benchmarks/results/gqa-union-cpu.json), so whether they pay
     depends on the model: "auto" never chooses them. "head_halves": "head" with each (query block,
-    q head) cut into two sequences of half a block's rows, for head sizes <= 64, where FA3's tile
-    holds 192 query rows (a one-head 128-row sequence fills 2/3 of it) but switches to a 64-row tile
-    for calls whose sequences have at most 64 rows; opt-in, not yet timed on a GPU."""
+    q head) cut into two sequences of half a block's rows, for head size 64, where FA3's tile holds
+    192 query rows (a one-head 128-row sequence fills 2/3 of it) but switches to a 64-row tile for
+    calls whose sequences have at most 64 rows (head sizes 64 and 128 only); opt-in, not yet timed
+    on a GPU."""
 
     min_query_len: int = 16
     """Smallest prefill chunk (query tokens) served by Prism. Decode and speculative-decode

@@ -652,6 +652,25 @@ def test_interleaved_speed_job_with_stand_in_llms(monkeypatch: pytest.MonkeyPatc
     assert set(res["info"]["engine_init_s_by_label"]) == set(engines)
     assert set(res["info"]["engine_warmup_ms"]) == set(engines)
 
+    # an engine that fails (here: prism at its second timed prompt of the longer length) leaves
+    # the job with its error recorded; the other engines' rows of every length still come
+    order.clear()
+    real_generate = Tagged.generate
+
+    def failing(self, prompts, params, use_tqdm=True):
+        if self.name == "prism" and prompts[0]["prompt_token_ids"][0] == 5:
+            raise RuntimeError("out of memory")
+        return real_generate(self, prompts, params, use_tqdm)
+
+    monkeypatch.setattr(Tagged, "generate", failing)
+    prompts = {"256": [[9] * 10, [1] * 10, [2] * 10], "512": [[9] * 20, [4] * 20, [5] * 20, [6] * 20]}
+    res = worker.run_job({"name": "i", "kind": "engines", "engines": engines,
+                          "task": {"task": "speed", "prompts": prompts}})
+    assert len(res["errors"]) == 1 and "speed A prism 512" in res["errors"][0]
+    got = {(r["label"], r["length"]) for r in res["rows"]}
+    assert got == {(lb, 256) for lb in engines} | {("A dense", 512), ("A dense-b", 512)}
+    assert all(len(r["ttft_ms_all"]) == 3 for r in res["rows"] if r["length"] == 512)
+
 
 @pytest.mark.vllm
 def test_vllm_quality_job_with_a_stand_in_llm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
