@@ -80,6 +80,7 @@ Shape legend (one launch, see kernels/plan.py):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
@@ -134,22 +135,24 @@ UNION_LAYOUTS = ("group", "group_views")
 VIEW_LAYOUTS = ("head_views", "group_views")
 #: Virtual sequences per (query block, sequence head) of a layout (every other layout: 1).
 SUBSEQUENCES = {"head_halves": 2}
-#: FA3's ``num_splits`` (split-KV) for a layout's calls: 1 (none) for the copy layouts, at most
-#: VIEW_MAX_SPLITS for the view layouts. Left to FA3 (0), its heuristic sizes the split for one
-#: sequence of max_seqlen_q rows ("pretending that batch = 1", flash_api.cpp ``get_num_splits``),
-#: which our calls of hundreds of 128-row sequences are not, and every call allocates fp32
-#: accumulators of splits x heads x rows x D, outside vLLM's memory profiling (attention does not
-#: run there): 55 splits, ~1 GiB, on SmolLM2's 8K step; ~109 splits, ~6.6 GiB, for a Llama-3.1-8B
-#: bucket of <= 31 query blocks at 128K (above 992 sequences FA3 itself uses 1). FA3's
-#: per-sequence dynamic split (flash_prepare_scheduler.cu) keeps one split per sequence wherever a
-#: call's key blocks outnumber the SMs many times over, as the copy layouts' calls (HQ or HKV
-#: sequences per query block) do but for small buckets (a few query blocks), so there they lose
-#: the accumulators and the combine pass. A view layout's call holds one head's (or one group's)
-#: sequences, few enough that splitting long rows may fill the SMs: its accumulators are at most
-#: VIEW_MAX_SPLITS x heads of the call x rows x D x 4 bytes (64 MiB for a 16K-row head_views
-#: call at d=128). Chosen from FA3's source; not yet timed on a GPU (2026-12-03).
+#: FA3's ``num_splits`` (split-KV) for our calls (``fa3_num_splits``). Left to FA3 (0), its
+#: heuristic sizes the split for one sequence of max_seqlen_q rows ("pretending that batch = 1",
+#: flash_api.cpp ``get_num_splits``), which our calls of hundreds of 128-row sequences are not, and
+#: every call allocates fp32 accumulators of splits x heads x rows x D, outside vLLM's memory
+#: profiling (attention does not run there): 55 splits, ~1 GiB, on SmolLM2's 8K step; ~109 splits,
+#: ~6.6 GiB, for a Llama-3.1-8B bucket of <= 31 query blocks at 128K (above 992 sequences FA3 itself
+#: uses 1). FA3's per-sequence dynamic split (flash_prepare_scheduler.cu) keeps one split per
+#: sequence wherever a call's key blocks outnumber the SMs many times over, so a copy layout's call
+#: with at least SPLIT_FREE_WAVES x SMs sequences gets COPY_SPLITS (none: no accumulators, no
+#: combine pass). Smaller calls (a short chunk after a long cached context: one or two query
+#: blocks) and the view layouts' calls (one head's or group's sequences) may gain from splitting
+#: long rows: up to COPY_MAX_SPLITS / VIEW_MAX_SPLITS, and never more accumulator bytes than
+#: SPLIT_ACCUM_BYTES. Chosen from FA3's source; not yet timed on a GPU (2026-12-03).
 COPY_SPLITS = 1
+SPLIT_FREE_WAVES = 2
+COPY_MAX_SPLITS = 128
 VIEW_MAX_SPLITS = 8
+SPLIT_ACCUM_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -990,13 +993,33 @@ def _fa3_bucket(flash_attn_varlen_func: FlashAttnVarlen, vkv: VirtualKV, scale: 
                 seqused_k: torch.Tensor, block_table: torch.Tensor, descales: dict, num_splits: int,
                 sinks: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None) -> None:
     """One FA3 call over virtual sequences of ``bucket`` (every sparse layout's call); ``sinks``:
-    the learned sinks of the call's q heads (FA3's ``s_aux``); ``num_splits``: COPY_SPLITS or
-    VIEW_MAX_SPLITS; ``max_seqlen_q``: the longest sequence's rows when not the bucket's longest
+    the learned sinks of the call's q heads (FA3's ``s_aux``); ``num_splits``: ``fa3_num_splits``;
+    ``max_seqlen_q``: the longest sequence's rows when not the bucket's longest
     query block (the half-block layout's)."""
     launch_call(flash_attn_varlen_func, **descales, **_s_aux(sinks), q=q, k=vkv.k, v=vkv.v,
                 max_seqlen_q=max_seqlen_q or bucket.max_rows, cu_seqlens_q=cu_seqlens_q, max_seqlen_k=bucket.width * B,
                 seqused_k=seqused_k, block_table=block_table, softmax_scale=scale, causal=True, softcap=softcap,
                 out=out, num_splits=num_splits)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 / H200; elsewhere, e.g. the
+    CPU-interpreted tests, that figure)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fa3_num_splits(layout: str, sequences: int, q: torch.Tensor) -> int:
+    """FA3's ``num_splits`` for one call of ``layout`` over ``sequences`` virtual sequences with
+    queries ``q`` ([rows, heads, D]): see COPY_SPLITS. Host arithmetic, once per bucket (a step's
+    later layers replay the recorded call)."""
+    if layout not in VIEW_LAYOUTS and sequences >= SPLIT_FREE_WAVES * _num_sms(q.device):
+        return COPY_SPLITS
+    cap = VIEW_MAX_SPLITS if layout in VIEW_LAYOUTS else COPY_MAX_SPLITS
+    split_bytes = 4 * q.shape[0] * q.shape[1] * q.shape[2]  # one split's fp32 out_accum
+    return max(1, min(cap, SPLIT_ACCUM_BYTES // max(split_bytes, 1)))
 
 
 def _s_aux(sinks: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -1087,13 +1110,14 @@ def attend_fa3(
                         call_sinks)
             for q_i, out_i, seqused_k, table, sinks_i in calls:
                 _fa3_bucket(*fa, bucket, a["cu_seqlens_q"], q=q_i, out=out_i, seqused_k=seqused_k,
-                            block_table=table, descales=descales, num_splits=VIEW_MAX_SPLITS, sinks=sinks_i)
+                            block_table=table, descales=descales, sinks=sinks_i,
+                            num_splits=fa3_num_splits(layout, n_b, q_i))
         return out
     sub = SUBSEQUENCES.get(layout, 1)  # sequences per (query block, q head): their rows are <= B / sub
     for bucket in attend.buckets:
         a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, order=order, layout=layout)
         _fa3_bucket(*fa, bucket, a["cu_seqlens_q"], q=a["q"], out=a["out"], seqused_k=a["seqused_k"],
-                    block_table=a["block_table"], num_splits=COPY_SPLITS,
+                    block_table=a["block_table"], num_splits=fa3_num_splits(layout, a["seqused_k"].shape[0], a["q"]),
                     max_seqlen_q=min(bucket.max_rows, plan.block_size // sub) if sub > 1 else None,
                     descales=fa3_descales(q_scale, k_scale, v_scale, a["seqused_k"].shape[0], 1))
         scatter_out(a["out"], out, plan, bucket, vkv.num_kv_heads, order=order, layout=layout)

@@ -461,25 +461,41 @@ def test_view_layouts_with_fa_semantics_equal_reference(name, layout):
 
 
 @pytest.mark.parametrize("layout", attend_mod.LAYOUTS)
-def test_fa3_split_kv_per_layout(layout):
-    """Every sparse FA3 call names its split-KV bound: none for the copy layouts (FA3's own
-    heuristic would size fp32 accumulators for one long sequence on every call, outside vLLM's
-    memory profiling), at most VIEW_MAX_SPLITS for the view layouts; the plain causal call
-    (every block selected) leaves it to FA3, as vLLM's FLASH_ATTN does."""
-    want = attend_mod.VIEW_MAX_SPLITS if layout in attend_mod.VIEW_LAYOUTS else attend_mod.COPY_SPLITS
-    assert want >= 1 and attend_mod.COPY_SPLITS == 1
-    for name in ("prefix_context_several_requests", "many_buckets", "every_block"):
-        c = CASES[name]
-        q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c)
-        splits = []
+def test_fa3_split_kv_per_layout(layout, monkeypatch):
+    """Every sparse FA3 call names its split-KV bound (FA3's own heuristic would size fp32
+    accumulators for one long sequence on every call, outside vLLM's memory profiling): none for a
+    copy layout's call of at least SPLIT_FREE_WAVES x SMs sequences; else at most COPY_MAX_SPLITS /
+    VIEW_MAX_SPLITS, within SPLIT_ACCUM_BYTES of accumulators. The plain causal call (every block
+    selected) leaves it to FA3, as vLLM's FLASH_ATTN does."""
+    views = layout in attend_mod.VIEW_LAYOUTS
+    cap = attend_mod.VIEW_MAX_SPLITS if views else attend_mod.COPY_MAX_SPLITS
+    for sms, accum in ((132, attend_mod.SPLIT_ACCUM_BYTES), (1, attend_mod.SPLIT_ACCUM_BYTES), (132, 3 << 20)):
+        monkeypatch.setattr(attend_mod, "_num_sms", lambda device, n=sms: n)
+        monkeypatch.setattr(attend_mod, "SPLIT_ACCUM_BYTES", accum)
+        for name in ("prefix_context_several_requests", "many_buckets", "every_block"):
+            c = CASES[name]
+            q, ks, vs, kc, vc, table, plan, sel, masks = _inputs(c)
+            calls = []
 
-        def fa(**kw):
-            splits.append(kw.get("num_splits"))
-            return ref.paged_varlen_attention(**kw)
+            def fa(**kw):
+                calls.append((kw.get("num_splits"), kw["seqused_k"].shape[0], kw["q"].numel()))
+                return ref.paged_varlen_attention(**kw)
 
-        _attend(c, q, kc, vc, table, plan.to(DEVICE), sel, fa, c.d**-0.5, layout=layout)
-        assert splits, name
-        assert set(splits) == ({None} if c.keep == "all" else {want}), (name, splits)
+            out, _ = _attend(c, q, kc, vc, table, plan.to(DEVICE), sel, fa, c.d**-0.5, layout=layout)
+            assert calls, name
+            if c.keep == "all":
+                assert {n for n, _, _ in calls} == {None}, (name, calls)
+                continue
+            for n, seqs, elems in calls:
+                if not views and seqs >= attend_mod.SPLIT_FREE_WAVES * sms:
+                    assert n == attend_mod.COPY_SPLITS == 1, (name, sms, n, seqs)
+                else:
+                    assert 1 <= n <= cap and (n == 1 or n * 4 * elems <= accum), (name, sms, n, seqs, elems)
+                    assert n == min(cap, max(1, accum // (4 * elems)))  # the most the bounds allow
+            # the outputs do not depend on it (FA's semantics stand in for FA3)
+            want = _expected(q, ks, vs, c, _masks_of(layout, masks, c.hkv), c.d**-0.5)
+            atol, rtol = TOL[torch.float16]
+            torch.testing.assert_close(out[: plan.num_tokens].float(), want.float(), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("layout", ["group", "head_views", "group_views", "head_halves"])
