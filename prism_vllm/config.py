@@ -27,7 +27,7 @@ SUPPORTED_BLOCK_SIZES = (128,)
 #: the 'quality' preset's selection, Prism forced on every chunk, 2026-12-02, commit 3699195,
 #: benchmarks/results/speed-3699195.json: 47,080 tokens; 52,037 in speed-repeat-3699195.json), the
 #: larger of the two (never slower than dense is the point), rounded up to whole blocks. Earlier runs
-#: (aae5b7f) read 44,205 and 40,652; a later one with one-band estimation (705db1d, speed.json) 40,377.
+#: (aae5b7f) read 44,205 and 40,652; a later one with one-band estimation (705db1d, speed-705db1d.json) 40,377.
 AUTO_FALLBACK_MIN_CONTEXT_LEN = 52096
 
 #: Named settings of the fields that trade quality for speed. A preset fills only the fields the
@@ -75,12 +75,14 @@ class PrismConfig:
 
     high_band_dims: Optional[int] = None
     """Head dimensions in the high-frequency band (the fastest-rotating RoPE pairs).
-    None: half of the rotary dims (64 at rotary dim 128, as in the paper). Even, >= 2."""
+    None: half of the rotary dims (64 at rotary dim 128, as in the paper). Even, >= 2. Only the
+    'paper' rule has bands (the default 'meanpool' scores every head dim)."""
 
     low_band_dims: Optional[int] = None
     """Rotary head dimensions in the low-frequency band (the slowest-rotating RoPE pairs);
     unrotated dims of partial-rotary models are always added to this band (zero frequency).
-    None: three quarters of the rotary dims (96 at rotary dim 128). Even, >= 2."""
+    None: three quarters of the rotary dims (96 at rotary dim 128). Even, >= 2. Only the 'paper'
+    rule has bands."""
 
     rule: str = _FROM_PRESET
     """How blocks are scored. 'paper': the paper's two RoPE bands (high_band_dims, low_band_dims),
@@ -112,7 +114,7 @@ class PrismConfig:
     its margin on texts and models not measured here: its worst document was +1.17%. Dense enough
     that Prism pays from about 40-52K tokens on SmolLM2 (speed-3699195.json /
     speed-repeat-3699195.json: 1.16x / 1.12x TTFT at 64K, 1.91x / 1.89x at 128K with Prism forced
-    on; speed.json at 705db1d, one-band estimation: 1.22x / 1.93x); min_context_len="auto" decides
+    on; speed-705db1d.json, one-band estimation: 1.22x / 1.93x); min_context_len="auto" decides
     where, per model. 'fast': the paper's rule and setting, top-p 0.95 in both bands, no block
     budget: perplexity +3.6..+5.7% at 8K-32K (quality.json, density 0.22-0.32); prefill 1.79x faster
     than FLASH_ATTN at 64K and 2.76x at 128K on SmolLM2 (H200, commit 8f43227:
@@ -120,7 +122,8 @@ class PrismConfig:
 
     high_threshold: float = _FROM_PRESET
     """Top-p mass kept per query block in the high band, in (0, 1]. 1.0 keeps every block.
-    Default: from ``preset``."""
+    With the 'meanpool' rule (one band) the top-p is max(high_threshold, low_threshold): set
+    both. Default: from ``preset``."""
 
     low_threshold: float = _FROM_PRESET
     """Top-p mass kept per query block in the low band, in (0, 1]. 1.0 keeps every block.
@@ -131,7 +134,8 @@ class PrismConfig:
     t = sqrt(d_band/d) * rms(q_band)/rms(q) * rms(k_band)/rms(k), restoring the energy that
     mean pooling removed from the high band; the query ratio is taken per query block and the
     key ratio over the key blocks causally visible to it, so selections do not depend on where
-    chunked prefill cut the prompt. False: temperature 1 for both bands."""
+    chunked prefill cut the prompt. False: temperature 1 for both bands. Only the 'paper' rule
+    calibrates (the default 'meanpool' has one band)."""
 
     block_budget: Optional[float] = _FROM_PRESET
     """Cap on the blocks kept per (query block, q head), as a share of its causal key blocks,
@@ -211,8 +215,8 @@ class PrismConfig:
     depends on the model: "auto" never chooses them. "head_halves": "head" with each (query block,
     q head) cut into two sequences of half a block's rows, for head size 64, where FA3's tile holds
     192 query rows (a one-head 128-row sequence fills 2/3 of it) but switches to a 64-row tile for
-    calls whose sequences have at most 64 rows (head sizes 64 and 128 only); opt-in, not yet timed
-    on a GPU."""
+    calls whose sequences have at most 64 rows (head sizes 64 and 128 only); opt-in, not yet run
+    on a GPU (CPU-tested only)."""
 
     min_query_len: int = 16
     """Smallest prefill chunk (query tokens) served by Prism. Decode and speculative-decode
