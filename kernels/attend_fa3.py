@@ -235,7 +235,8 @@ class AttendBucket:
     width: int
     """Key blocks per page-table row: at least any row's selected count."""
     max_rows: int
-    """Rows of its largest query block (max_seqlen_q)."""
+    """Rows of its longest virtual sequence (FA3's max_seqlen_q): its largest query block's, at
+    most B / SUBSEQUENCES in a layout that cuts query blocks ("head_halves")."""
 
 
 @dataclass(frozen=True)
@@ -342,7 +343,8 @@ def make_attend_plan(
         g_lo = g + 1
         buckets.append(
             AttendBucket(g_lo=g_lo, g_hi=g_hi, row_lo=int(row0[g_lo]),
-                         row_hi=int(row0[g_hi - 1] + rows[g_hi - 1]), width=w, max_rows=mr)
+                         row_hi=int(row0[g_hi - 1] + rows[g_hi - 1]), width=w,
+                         max_rows=min(mr, plan.block_size // SUBSEQUENCES.get(layout, 1)))
         )
         g_hi = g_lo
     return AttendPlan(buckets=tuple(buckets), all_blocks=False, max_seqlen_q=max_q, max_seqlen_k=max_k, layout=layout)
@@ -991,13 +993,11 @@ def scatter_out(o_virt: torch.Tensor, out: torch.Tensor, plan: PrefillPlan, buck
 def _fa3_bucket(flash_attn_varlen_func: FlashAttnVarlen, vkv: VirtualKV, scale: float, softcap: float, B: int,
                 bucket: AttendBucket, cu_seqlens_q: torch.Tensor, *, q: torch.Tensor, out: torch.Tensor,
                 seqused_k: torch.Tensor, block_table: torch.Tensor, descales: dict, num_splits: int,
-                sinks: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None) -> None:
+                sinks: Optional[torch.Tensor] = None) -> None:
     """One FA3 call over virtual sequences of ``bucket`` (every sparse layout's call); ``sinks``:
-    the learned sinks of the call's q heads (FA3's ``s_aux``); ``num_splits``: ``fa3_num_splits``;
-    ``max_seqlen_q``: the longest sequence's rows when not the bucket's longest
-    query block (the half-block layout's)."""
+    the learned sinks of the call's q heads (FA3's ``s_aux``); ``num_splits``: ``fa3_num_splits``."""
     launch_call(flash_attn_varlen_func, **descales, **_s_aux(sinks), q=q, k=vkv.k, v=vkv.v,
-                max_seqlen_q=max_seqlen_q or bucket.max_rows, cu_seqlens_q=cu_seqlens_q, max_seqlen_k=bucket.width * B,
+                max_seqlen_q=bucket.max_rows, cu_seqlens_q=cu_seqlens_q, max_seqlen_k=bucket.width * B,
                 seqused_k=seqused_k, block_table=block_table, softmax_scale=scale, causal=True, softcap=softcap,
                 out=out, num_splits=num_splits)
 
@@ -1113,12 +1113,10 @@ def attend_fa3(
                             block_table=table, descales=descales, sinks=sinks_i,
                             num_splits=fa3_num_splits(layout, n_b, q_i))
         return out
-    sub = SUBSEQUENCES.get(layout, 1)  # sequences per (query block, q head): their rows are <= B / sub
     for bucket in attend.buckets:
         a = virtual_sequences(q, vkv, block_table, selection, bucket, workspace, order=order, layout=layout)
         _fa3_bucket(*fa, bucket, a["cu_seqlens_q"], q=a["q"], out=a["out"], seqused_k=a["seqused_k"],
                     block_table=a["block_table"], num_splits=fa3_num_splits(layout, a["seqused_k"].shape[0], a["q"]),
-                    max_seqlen_q=min(bucket.max_rows, plan.block_size // sub) if sub > 1 else None,
                     descales=fa3_descales(q_scale, k_scale, v_scale, a["seqused_k"].shape[0], 1))
         scatter_out(a["out"], out, plan, bucket, vkv.num_kv_heads, order=order, layout=layout)
     return out
