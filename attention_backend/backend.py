@@ -51,7 +51,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from prism_vllm.config import AUTO_ATTEND_LAYOUTS, PrismConfig
 from prism_vllm.kernels import FA3Launch, PrismParams, PrismWorkspace, prism_estimate, prism_prefill
-from prism_vllm.kernels.attend_fa3 import AttendPlan, make_attend_plan, virtual_kv
+from prism_vllm.kernels.attend_fa3 import HALVES_MAX_HEAD_DIM, AttendPlan, make_attend_plan, virtual_kv
 from prism_vllm.kernels.plan import BlockSelection, PrefillPlan, make_plan
 from prism_vllm.kernels.prefill import SUPPORTED_HEAD_DIMS, Fp8Scales
 from prism_vllm.stats import STATS
@@ -137,19 +137,22 @@ def shape_key(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: Any, fa
     return f"{num_q_heads}q/{num_kv_heads}kv d={head_dim} {name}{extra} {'fa3' if fa3 else 'triton'}"
 
 
-def auto_layouts(sinks: bool) -> tuple[str, ...]:
+def auto_layouts(sinks: bool, head_dim: int) -> tuple[str, ...]:
     """The FA3 attend layouts ``attend_layout="auto"`` picks from: for layers with learned sinks
     the first of SINK_LAYOUTS alone (the others cannot carry a sink per q head), else
-    AUTO_ATTEND_LAYOUTS (timed at startup, ``break_even.choose_layout``)."""
-    return (SINK_LAYOUTS[0],) if sinks else AUTO_ATTEND_LAYOUTS
+    AUTO_ATTEND_LAYOUTS, and "head_halves" too up to HALVES_MAX_HEAD_DIM (where FA3's 64-row tile
+    can beat its 192-row one); timed at startup, ``break_even.choose_layout``."""
+    if sinks:
+        return (SINK_LAYOUTS[0],)
+    return AUTO_ATTEND_LAYOUTS + (("head_halves",) if head_dim <= HALVES_MAX_HEAD_DIM else ())
 
 
-def attend_layout(cfg: PrismConfig, shape: str, sinks: bool = False) -> str:
+def attend_layout(cfg: PrismConfig, shape: str, head_dim: int, sinks: bool = False) -> str:
     """The FA3 attend layout of a layer shape: the configured one, else (``"auto"``) the only
     candidate, or the one measured for the shape at startup, else the first candidate."""
     if cfg.attend_layout != "auto":
         return cfg.attend_layout
-    candidates = auto_layouts(sinks)
+    candidates = auto_layouts(sinks, head_dim)
     choice = break_even.layout_for(shape) if len(candidates) > 1 else None
     return choice.layout if choice is not None else candidates[0]
 
@@ -211,7 +214,7 @@ def _workspace_need(vllm_config: Any, num_q_heads: int, num_kv_heads: int, head_
         head_dim=head_dim,
         attend_dtype=dtype if attend and dtype in (torch.float16, torch.bfloat16) else None,
         block_size=cfg.block_size,
-        attend_layouts=auto_layouts(sinks) if cfg.attend_layout == "auto" else (cfg.attend_layout,),
+        attend_layouts=auto_layouts(sinks, head_dim) if cfg.attend_layout == "auto" else (cfg.attend_layout,),
     )
 
 
@@ -379,7 +382,7 @@ class PrismMetadataBuilder(FlashAttentionMetadataBuilder):
         # min_context_len="auto" exploration: dense steps per length bucket since its last shadow
         # step (None: never shadowed), see break_even's module doc.
         self._dense_steps: list[Optional[int]] = [None] * len(STATS.by_length.lengths)
-        self._layout = attend_layout(self.prism_config, self._shape_key, sinks)
+        self._layout = attend_layout(self.prism_config, self._shape_key, shapes[0][2], sinks)
         if fa3:
             choice = break_even.layout_for(self._shape_key)
             STATS.record_attend_layout(self._shape_key, choice.summary() if choice is not None and (
@@ -774,9 +777,10 @@ class PrismAttentionImpl(FlashAttentionImpl):
         key, probe = self._startup_probe(act_dtype)
         # each logs its outcome once per shape
         sinks = self.sinks is not None
-        if self.prism_fa3 and cfg.attend_layout == "auto" and len(auto_layouts(sinks)) > 1:
-            break_even.choose_layout(key, auto_layouts(sinks), **probe)
-        layout = attend_layout(cfg, key, sinks)
+        candidates = auto_layouts(sinks, int(self.head_size))
+        if self.prism_fa3 and cfg.attend_layout == "auto" and len(candidates) > 1:
+            break_even.choose_layout(key, candidates, **probe)
+        layout = attend_layout(cfg, key, int(self.head_size), sinks)
         if cfg.min_context_len == "auto":
             break_even.measure(key, **probe, layout=layout)
         else:  # nothing to time, but the kernels should compile now rather than on the first long request

@@ -43,7 +43,7 @@ of each head's selection. The q copy, tables and scatter are the head layout's w
 groups whose rows are G heads wide (HS = HKV sequence heads of HPS = G q heads), one more launch
 (the union) per bucket.
 
-Half-block layout (``layout="head_halves"``, opt-in): the head layout's sequences each cut in two
+Half-block layout (``layout="head_halves"``; a candidate of "auto" at head sizes up to 64): the head layout's sequences each cut in two
 at the middle of their block (absolute rows a*B .. a*B + B/2 - 1 and a*B + B/2 .. a*B + B - 1, a
 half may be empty), same keys, each half's seqlen_k counting the diagonal block's keys up to its own
 last row, so the bottom-right causal mask still holds. The q copy, the table content and the
@@ -135,6 +135,11 @@ UNION_LAYOUTS = ("group", "group_views")
 VIEW_LAYOUTS = ("head_views", "group_views")
 #: Virtual sequences per (query block, sequence head) of a layout (every other layout: 1).
 SUBSEQUENCES = {"head_halves": 2}
+#: Largest head size at which "head_halves" can pay: FA3 rounds head sizes up to 64 / 96 / 128 / ...
+#: and tiles 192 query rows at 64 (a one-head 128-row sequence fills 2/3 of it); its 64-row tile
+#: (``use_one_mma_wg``, hopper/heuristics.h: d of 64 or 128, seqlen_q x q heads per kv head <= 64)
+#: is the only gain, and at d = 128 the 128-row tile is already full with one block's rows.
+HALVES_MAX_HEAD_DIM = 64
 #: FA3's ``num_splits`` (split-KV) for our calls (``fa3_num_splits``). Left to FA3 (0), its
 #: heuristic sizes the split for one sequence of max_seqlen_q rows ("pretending that batch = 1",
 #: flash_api.cpp ``get_num_splits``), which our calls of hundreds of 128-row sequences are not, and

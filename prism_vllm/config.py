@@ -41,7 +41,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 RULES = ("paper", "meanpool")
 #: Sequence layouts of the FA3 attend step (PrismConfig.attend_layout; ``kernels/attend_fa3.py``).
 ATTEND_LAYOUTS = ("head", "group", "head_views", "group_views", "head_halves")
-#: The layouts "auto" chooses between: both attend exactly the selected blocks.
+#: The layouts "auto" chooses between: both attend exactly the selected blocks (and so does
+#: "head_halves", added at head sizes up to 64: ``attention_backend.backend.auto_layouts``).
 AUTO_ATTEND_LAYOUTS = ("head", "head_views")
 
 #: The preset of a config that names none.
@@ -199,8 +200,8 @@ class PrismConfig:
 
     attend_layout: str = "auto"
     """How the FA3 attend step (Hopper) lays out its virtual varlen sequences (ignored where
-    Prism's Triton kernel attends). "auto" (default): the faster of "head" and "head_views" for the
-    layer shape, timed on the serving GPU when the model loads (once per shape and process; the
+    Prism's Triton kernel attends). "auto" (default): the fastest of "head" and "head_views" (and
+    "head_halves" at head sizes up to 64) for the layer shape, timed on the serving GPU when the model loads (once per shape and process; the
     choice and its timings are in the startup log and /prism/stats); without a measurement,
     "head"; "head_views" for layers with learned sinks (only the view layouts carry one sink per
     q head). Or one of "head", "head_views", "group", "group_views", "head_halves".
@@ -215,8 +216,7 @@ class PrismConfig:
     depends on the model: "auto" never chooses them. "head_halves": "head" with each (query block,
     q head) cut into two sequences of half a block's rows, for head size 64, where FA3's tile holds
     192 query rows (a one-head 128-row sequence fills 2/3 of it) but switches to a 64-row tile for
-    calls whose sequences have at most 64 rows (head sizes 64 and 128 only); opt-in, not yet run
-    on a GPU (CPU-tested only)."""
+    calls whose sequences have at most 64 rows (head sizes 64 and 128 only)."""
 
     min_query_len: int = 16
     """Smallest prefill chunk (query tokens) served by Prism. Decode and speculative-decode

@@ -307,9 +307,22 @@ def test_the_backend_uses_the_measured_or_configured_layout(monkeypatch):
 
     monkeypatch.setitem(be._LAYOUTS, "s", be.LayoutChoice(shape="s", layout="head_views", tokens=1, chunk=1,
                                                           attend_ms={"head_views": 1.0}))
-    assert attend_layout(PrismConfig(), "s") == "head_views"
-    assert attend_layout(PrismConfig(), "unmeasured") == "head"
-    assert attend_layout(PrismConfig(attend_layout="group"), "s") == "group"
+    assert attend_layout(PrismConfig(), "s", 128) == "head_views"
+    assert attend_layout(PrismConfig(), "unmeasured", 64) == "head"
+    assert attend_layout(PrismConfig(attend_layout="group"), "s", 64) == "group"
+    assert attend_layout(PrismConfig(), "s", 64, sinks=True) == "head_views"
+
+
+def test_auto_times_half_blocks_only_where_fa3_has_a_tile_for_them():
+    """"head_halves" is a candidate of "auto" only at head sizes FA3 tiles with 192 query rows
+    (<= 64), where its 64-row tile may pay; layers with learned sinks keep the view layout."""
+    from prism_vllm.attention_backend.backend import auto_layouts
+
+    assert auto_layouts(False, 64) == ("head", "head_views", "head_halves")
+    assert auto_layouts(False, 32) == ("head", "head_views", "head_halves")
+    for d in (80, 96, 128, 256):
+        assert auto_layouts(False, d) == ("head", "head_views")
+    assert auto_layouts(True, 64) == ("head_views",)
 
 
 @pytest.mark.parametrize("page,max_model_len,S_max",

@@ -50,7 +50,6 @@ from typing import Any
 
 import pytest
 
-from prism_vllm.config import AUTO_ATTEND_LAYOUTS
 
 pytestmark = pytest.mark.gpu
 
@@ -369,9 +368,12 @@ def _prism_ran(res: dict) -> dict:
     s = res["stats"][0]
     assert s["prism_tokens"] > 0, f"Prism never ran: {s}"
     assert s["kernel_failures"] == 0, f"Prism kernels failed and fell back to FlashAttention: {s}"
+    from prism_vllm.attention_backend.backend import auto_layouts
+
     # attend_layout "auto": every layout it chooses between reproduced FlashAttention at startup
     for shape, rec in s["attend_layouts"].items():
-        assert rec["layout"] in AUTO_ATTEND_LAYOUTS and not rec.get("rejected"), f"{shape}: {rec}"
+        assert rec["layout"] in auto_layouts(False, int(shape.split("d=")[1].split()[0])) and not rec.get("rejected"), \
+            f"{shape}: {rec}"
     return s
 
 
