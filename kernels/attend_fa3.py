@@ -718,8 +718,8 @@ def _virtual_seqs_kernel(
         ok = live[:, None] & (tok < seq)  # pages past the sequence end may not exist (never read)
         phys = tl.load(bt_row + tok // PS, mask=ok, other=0).to(tl.int64)
         virt = phys * page_mult + kvh * head_mult + ((tok % PS) // VPS) * slot_mult
-        for u in tl.static_range(SUB):
-            tl.store(pt_row + u * stride_pt + jj[:, None] * PPB + kofs[None, :], virt.to(tl.int32), mask=ok)
+        for half in tl.static_range(SUB):  # not `u`: the group layout's union row is a tensor of that name
+            tl.store(pt_row + half * stride_pt + jj[:, None] * PPB + kofs[None, :], virt.to(tl.int32), mask=ok)
 
     # the block's rows of head h (of heads h * G .. h * G + G - 1, token-major, in the group
     # layout), sequence-major; VIEWS: FA3 reads them in place (constexpr: no copy compiled)

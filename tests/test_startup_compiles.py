@@ -19,6 +19,12 @@ suite checks the same end to end with vLLM's JIT monitor
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +33,8 @@ import torch
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.runtime.jit import JITFunction
+
+from hopper_compile import Job
 
 from prism_vllm import PrismConfig
 from prism_vllm.attention_backend import break_even as be
@@ -50,10 +58,12 @@ def _signature(kernel: Any) -> JITFunction:
 
 
 class _Keys:
-    """Records the specialisation key of every launch; runs nothing."""
+    """Records the specialisation key of every launch, and what compiling it takes
+    (``hopper_compile.Job``); runs nothing."""
 
     def __init__(self) -> None:
         self.keys: dict[str, set] = {}
+        self.jobs: dict[tuple, Job] = {}
         self._sig: dict[int, JITFunction] = {}
 
     def key(self, kernel: Any, kwargs: dict[str, Any]) -> tuple[str, tuple]:
@@ -71,6 +81,28 @@ class _Keys:
     def launch(self, kernel: Any, grid: tuple, **kwargs: Any) -> None:
         name, key = self.key(kernel, kwargs)
         self.keys.setdefault(name, set()).add(key)
+        if (name, key) not in self.jobs:
+            self.jobs[name, key] = self.job(self._sig[id(kernel)], kwargs)
+
+    @staticmethod
+    def job(jf: JITFunction, kwargs: dict[str, Any]) -> Job:
+        """The compile of this launch as JITFunction.run packs it (signature types, constexprs
+        including integers specialised to 1, divisibility attributes, warps / stages)."""
+        sig, constexprs, attrs = {}, {}, {}
+        for i, p in enumerate(jf.params):
+            v = kwargs.get(p.name, p.default)
+            if p.is_constexpr:
+                sig[p.name], constexprs[(i,)] = "constexpr", v
+                continue
+            ty, attr = native_specialize_impl(CUDABackend, v, p.is_const, not p.do_not_specialize,
+                                              not p.do_not_specialize_on_alignment)
+            sig[p.name] = ty
+            if ty == "constexpr":
+                constexprs[(i,)] = attr
+            elif isinstance(attr, str):
+                attrs[(i,)] = CUDABackend.parse_attr(attr)
+        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if kwargs.get(k) is not None}
+        return Job(jf.fn.__module__, jf.fn.__name__, sig, constexprs, attrs, options)
 
 
 @pytest.fixture
@@ -114,6 +146,25 @@ ATTEND_KERNELS = {"head": {"_virtual_seqs_kernel", "_scatter_out_kernel"}, "head
                   "group_views": {"_union_rows_kernel", "_virtual_seqs_kernel"}, "triton": {"_sparse_prefill_fwd_kernel"}}
 
 
+def _startup(layout: str, page: int, min_len: Any, fp8: bool, chunk: int) -> PrismParams:
+    """Run what the backend's startup runs for one layer (its launches go to the recorder):
+    measure's lengths for "auto", warm_up's for an integer (both: _measure, then the longest
+    sequence untimed). Returns the layer's params."""
+    fa3 = layout != "triton"
+    cfg = PrismConfig()
+    params = PrismParams.make(bands=prism_bands(RopeLayout(D, D, True), cfg), scale=D**-0.5, config=cfg, device="cpu")
+    probe = dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype=torch.bfloat16, scale=D**-0.5, params=params,
+                 max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=chunk, flash_attn_varlen_func=_no_fa,
+                 fa_version=3, fa3_attend=_no_fa if fa3 else None, device=torch.device("cpu"), page_size=page,
+                 fp8=torch.float8_e4m3fn if fp8 else None)
+    attend = layout if fa3 else "head"
+    lengths = [L for i, L in enumerate(be.LENGTHS) if L <= MAX_MODEL_LEN and (
+        min_len == "auto" or i + 1 == len(be.LENGTHS) or be.LENGTHS[i + 1] > min_len)]
+    be._measure(**probe, lengths=lengths, layout=attend, timer=be._once)
+    be._measure(**probe, lengths=be._top_length(MAX_MODEL_LEN, lengths), layout=attend, timer=be._once)
+    return params
+
+
 @pytest.mark.parametrize("layout,page,min_len,fp8,chunk", CASES,
                          ids=[f"{a}-p{b}-{c}{'-fp8' if d else ''}-c{e}" for a, b, c, d, e in CASES])
 def test_serving_steps_launch_only_what_the_startup_compiled(keys, monkeypatch, layout, page, min_len, fp8, chunk):
@@ -122,18 +173,7 @@ def test_serving_steps_launch_only_what_the_startup_compiled(keys, monkeypatch, 
     fa3 = layout != "triton"
     f8 = torch.float8_e4m3fn
     cfg = PrismConfig()
-    params = PrismParams.make(bands=prism_bands(RopeLayout(D, D, True), cfg), scale=D**-0.5, config=cfg, device="cpu")
-    probe = dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype=torch.bfloat16, scale=D**-0.5, params=params,
-                 max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=chunk, flash_attn_varlen_func=_no_fa,
-                 fa_version=3, fa3_attend=_no_fa if fa3 else None, device=torch.device("cpu"), page_size=page,
-                 fp8=f8 if fp8 else None)
-    attend = layout if fa3 else "head"
-    # what the startup runs: measure's lengths for "auto", warm_up's for an integer (both: _measure,
-    # then the longest sequence untimed)
-    lengths = [L for i, L in enumerate(be.LENGTHS) if L <= MAX_MODEL_LEN and (
-        min_len == "auto" or i + 1 == len(be.LENGTHS) or be.LENGTHS[i + 1] > min_len)]
-    be._measure(**probe, lengths=lengths, layout=attend, timer=be._once)
-    be._measure(**probe, lengths=be._top_length(MAX_MODEL_LEN, lengths), layout=attend, timer=be._once)
+    params = _startup(layout, page, min_len, fp8, chunk)
     warm = {k: set(v) for k, v in keys.keys.items()}
     keys.keys.clear()
 
@@ -147,7 +187,7 @@ def test_serving_steps_launch_only_what_the_startup_compiled(keys, monkeypatch, 
     scales = Fp8Scales(q=one, k=one, v=one) if fp8 else None
     table = torch.zeros(16, W, dtype=torch.int32)
     sizes = PrismWorkspace.sizes_for(chunk, MAX_MODEL_LEN, 16, HQ, num_kv_heads=HKV, head_dim=D,
-                                     attend_dtype=torch.bfloat16 if fa3 else None, attend_layouts=(attend,))
+                                     attend_dtype=torch.bfloat16 if fa3 else None, attend_layouts=(layout if fa3 else "head",))
     ws = PrismWorkspace.allocate(sizes, "cpu")
 
     def step(n_decode: int, chunks: list[tuple[int, int]]) -> None:
@@ -178,3 +218,25 @@ def test_serving_steps_launch_only_what_the_startup_compiled(keys, monkeypatch, 
     served = set(keys.keys)
     assert {"_pool_queries_kernel", "_pool_keys_paged_kernel", "_select_kernel"} | ATTEND_KERNELS[layout] <= served
     assert not _new_keys(keys, warm), _new_keys(keys, warm)
+
+
+def test_startup_binaries_compile_for_hopper(keys, tmp_path):
+    """Every binary the startup compiles (for every attend path, page size, fp8 and chunk case
+    above, which the test above finds covering serving) compiles for sm_90 with Triton's own
+    compiler, no GPU needed (``tests/hopper_compile.py``, in a process without the interpreter).
+    The interpreter accepts code the compiler rejects: a static_range variable named like a
+    tensor of an enclosing scope ran on CPU and failed every group-layout GPU test (2026-12-03)."""
+    for case in CASES:
+        _startup(*case)
+    jobs = list(keys.jobs.values())
+    assert {j.name for j in jobs} >= {"_pool_queries_kernel", "_pool_keys_paged_kernel", "_select_kernel",
+                                      "_sparse_prefill_fwd_kernel"} | set().union(*ATTEND_KERNELS.values())
+    path = tmp_path / "jobs.pkl"
+    path.write_bytes(pickle.dumps([tuple(j) for j in jobs]))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_compile.py")), str(path)],
+                         env=env, capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert not report["failed"], report["failed"][:3]
+    assert report["compiled"] == len(jobs)
