@@ -330,7 +330,8 @@ def task_speed(engine: Any, task: dict[str, Any], res: Result) -> None:
     """ENGINE_WARMUP untimed requests; then per length: one warm-up request (Prism's density
     sampled on it, and with min_context_len="auto" its shadow steps), then timed requests on
     distinct prompts; TTFT = wall time of a request with one output token. Prism rows also get
-    the automatic decision in force after the warm-up (``auto_min_context_len``, by layer shape),
+    the automatic decision in force after the warm-up (``auto_min_context_len``, by layer shape,
+    with the timing table behind it: ``auto_break_even``), the attend layout chosen per shape,
     the densities it has learned by length and the warm-up's shadow steps."""
     task_speed_interleaved({task["label"]: engine}, task, res)
 
@@ -407,6 +408,10 @@ def _speed_row(label: str, L: int, n: int, times: list[float], warm: float, st: 
         row["shadow_steps"] = st.get("shadow_steps")
         row["density_by_length"] = st.get("density_by_length")
         row["auto_min_context_len"] = {k: v.get("min_context_len") for k, v in (st.get("break_even") or {}).items()}
+        if st.get("break_even"):  # what decided it: the startup's timing table and the densities behind it
+            row["auto_break_even"] = st["break_even"]
+        if st.get("attend_layouts"):
+            row["attend_layouts"] = st["attend_layouts"]
     dens = row.get("density")
     log(f"speed {label} {tok_label(L)}: TTFT {row['ttft_ms']:.1f} ms"
         + (f", density {dens:.3f}" if isinstance(dens, float) else ""))

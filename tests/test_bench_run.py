@@ -706,8 +706,14 @@ def test_vllm_engine_tasks_with_a_stand_in_llm(monkeypatch: pytest.MonkeyPatch) 
     vllm = pytest.importorskip("vllm")
     from benchmarks import worker
 
+    from prism_vllm.stats import STATS
+
     calls: list = []
     monkeypatch.setattr(vllm, "LLM", _stand_in_llm(calls))
+    # the startup decisions an engine would have recorded ("auto": its timing table, its layout)
+    decision = {"shape": "s", "min_context_len": 53376, "rows": [{"tokens": 65536, "dense_ms": 2.0}]}
+    monkeypatch.setattr(STATS, "break_even", {"s": decision})
+    monkeypatch.setattr(STATS, "attend_layouts", {"s": {"layout": "head_halves"}})
     job = {"name": "t", "kind": "engine", "engine": _spec("prism"), "tasks": [
         {"task": "ppl", "label": "x", "length": 64, "windows": [[1, 2, 3, 4], [5, 6, 7]]},
         {"task": "generate", "label": "n", "max_tokens": 3, "cases": [{"id": "a", "ids": [1, 2]}]},
@@ -720,6 +726,8 @@ def test_vllm_engine_tasks_with_a_stand_in_llm(monkeypatch: pytest.MonkeyPatch) 
     assert speed["length"] == 256 and speed["prompt_tokens"] == 10 and len(speed["ttft_ms_all"]) == 2
     assert "density" in speed  # Prism's stats were read through collective_rpc
     assert {"auto_min_context_len", "density_by_length", "shadow_steps"} <= set(speed)
+    assert speed["auto_min_context_len"] == {"s": 53376} and speed["auto_break_even"] == {"s": decision}
+    assert speed["attend_layouts"] == {"s": {"layout": "head_halves"}}
     # untimed engine warm-up requests first, then one warm-up and two timed requests at 256
     assert len(res["info"]["engine_warmup_ms"]) == worker.ENGINE_WARMUP
     assert sum(c[0] == "generate" for c in calls) == 2 + worker.ENGINE_WARMUP + 3
