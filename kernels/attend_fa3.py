@@ -43,14 +43,17 @@ of each head's selection. The q copy, tables and scatter are the head layout's w
 groups whose rows are G heads wide (HS = HKV sequence heads of HPS = G q heads), one more launch
 (the union) per bucket.
 
-Half-block layout (``layout="head_halves"``; a candidate of "auto" at head sizes up to 64): the head layout's sequences each cut in two
-at the middle of their block (absolute rows a*B .. a*B + B/2 - 1 and a*B + B/2 .. a*B + B - 1, a
-half may be empty), same keys, each half's seqlen_k counting the diagonal block's keys up to its own
-last row, so the bottom-right causal mask still holds. The q copy, the table content and the
-scatter are the head layout's (a program still handles one (query block, q head) and writes its
-two sequences' entries); FA3 is called with max_seqlen_q = B / 2, which at d = 64 (and d = 128;
-``use_one_mma_wg`` in FA3's hopper/heuristics.h) selects its one-warpgroup tile of 64 query rows
-instead of 192 rows; at other head sizes it only adds sequences.
+Half-block layout (``layout="head_halves"``; a candidate of "auto" at head sizes up to 64): the
+head layout's sequences each cut in two at the middle of their block (absolute rows a*B .. a*B +
+B/2 - 1 and a*B + B/2 .. a*B + B - 1, a half may be empty), same keys, each half's seqlen_k
+counting the diagonal block's keys up to its own last row, so the bottom-right causal mask still
+holds. The q copy, the table content and the scatter are the head layout's (a program still
+handles one (query block, q head) and writes its two sequences' entries); FA3 is called with
+max_seqlen_q = B / 2, which at d = 64 (and d = 128; ``use_one_mma_wg`` in FA3's
+hopper/heuristics.h) selects its one-warpgroup tile of 64 query rows instead of 192 rows; at other
+head sizes it only adds sequences. Measured on an H200 (benchmarks/RESULTS.md, ``db58eb6``): at
+d = 64 0.69 of dense FA3 per block against "head"'s 0.65-0.66 with every block selected, mixed at
+low density; at d = 128 slower than "head" everywhere.
 
 View layouts (``layout="head_views"`` / ``"group_views"``):
 the head / group layout's keys without the q copy and the scatter. FA3 takes q and out with any

@@ -201,8 +201,9 @@ class PrismConfig:
     attend_layout: str = "auto"
     """How the FA3 attend step (Hopper) lays out its virtual varlen sequences (ignored where
     Prism's Triton kernel attends). "auto" (default): the fastest of "head" and "head_views" (and
-    "head_halves" at head sizes up to 64) for the layer shape, timed on the serving GPU when the model loads (once per shape and process; the
-    choice and its timings are in the startup log and /prism/stats); without a measurement,
+    "head_halves" at head sizes up to 64) for the layer shape, timed on the serving GPU when the
+    model loads (once per shape and process; the choice and its timings are in the startup log and
+    /prism/stats); without a measurement,
     "head"; "head_views" for layers with learned sinks (only the view layouts carry one sink per
     q head). Or one of "head", "head_views", "group", "group_views", "head_halves".
 
