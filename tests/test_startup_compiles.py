@@ -146,14 +146,16 @@ ATTEND_KERNELS = {"head": {"_virtual_seqs_kernel", "_scatter_out_kernel"}, "head
                   "group_views": {"_union_rows_kernel", "_virtual_seqs_kernel"}, "triton": {"_sparse_prefill_fwd_kernel"}}
 
 
-def _startup(layout: str, page: int, min_len: Any, fp8: bool, chunk: int) -> PrismParams:
-    """Run what the backend's startup runs for one layer (its launches go to the recorder):
-    measure's lengths for "auto", warm_up's for an integer (both: _measure, then the longest
-    sequence untimed). Returns the layer's params."""
+def _startup(layout: str, page: int, min_len: Any, fp8: bool, chunk: int,
+             shape: tuple[int, int, int] = (HQ, HKV, D)) -> PrismParams:
+    """Run what the backend's startup runs for one layer of ``shape`` (q heads, kv heads, head
+    size; its launches go to the recorder): measure's lengths for "auto", warm_up's for an integer
+    (both: _measure, then the longest sequence untimed). Returns the layer's params."""
+    hq, hkv, d = shape
     fa3 = layout != "triton"
     cfg = PrismConfig()
-    params = PrismParams.make(bands=prism_bands(RopeLayout(D, D, True), cfg), scale=D**-0.5, config=cfg, device="cpu")
-    probe = dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype=torch.bfloat16, scale=D**-0.5, params=params,
+    params = PrismParams.make(bands=prism_bands(RopeLayout(d, d, True), cfg), scale=d**-0.5, config=cfg, device="cpu")
+    probe = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=torch.bfloat16, scale=d**-0.5, params=params,
                  max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=chunk, flash_attn_varlen_func=_no_fa,
                  fa_version=3, fa3_attend=_no_fa if fa3 else None, device=torch.device("cpu"), page_size=page,
                  fp8=torch.float8_e4m3fn if fp8 else None)
@@ -222,12 +224,16 @@ def test_serving_steps_launch_only_what_the_startup_compiled(keys, monkeypatch, 
 
 def test_startup_binaries_compile_for_hopper(keys, tmp_path):
     """Every binary the startup compiles (for every attend path, page size, fp8 and chunk case
-    above, which the test above finds covering serving) compiles for sm_90 with Triton's own
-    compiler, no GPU needed (``tests/hopper_compile.py``, in a process without the interpreter).
-    The interpreter accepts code the compiler rejects: a static_range variable named like a
-    tensor of an enclosing scope ran on CPU and failed every group-layout GPU test (2026-12-03)."""
+    above, which the test above finds covering serving; and each attend path for a d=64 and a
+    d=256 layer) compiles for sm_90 with Triton's own compiler, no GPU needed
+    (``tests/hopper_compile.py``, in a process without the interpreter). The interpreter accepts
+    code the compiler rejects: a static_range variable named like a tensor of an enclosing scope
+    ran on CPU and failed every group-layout GPU test (2026-12-03)."""
     for case in CASES:
         _startup(*case)
+    for shape in ((14, 2, 64), (8, 2, 256)):  # SmolLM2-like d=64 (head_halves' head size), d=256
+        for layout in ATTEND_KERNELS:
+            _startup(layout, 16, 16384, False, CHUNK, shape)
     jobs = list(keys.jobs.values())
     assert {j.name for j in jobs} >= {"_pool_queries_kernel", "_pool_keys_paged_kernel", "_select_kernel",
                                       "_sparse_prefill_fwd_kernel"} | set().union(*ATTEND_KERNELS.values())
