@@ -36,7 +36,10 @@
 #             PRISM_QUALITY_POINTS=paper:0.998,meanpool:0.995,meanpool:0.998 runs only those points (and
 #             FLASH_ATTN) at every length in one call; merging it into quality.json replaces FLASH_ATTN's
 #             rows, so the older points' TTFT ratios would be across runs: rather rerun the whole sweep.
-#             A point's ':l2' suffix adds local_blocks=2 (e.g. meanpool:0.998:l2)
+#             A point's ':l2' suffix adds local_blocks=2 (e.g. meanpool:0.998:l2); 'dense:c2048' is
+#             FLASH_ATTN in prefill chunks of 2048 tokens, the numerics control: how far this model's
+#             passkeys and perplexity move without Prism (e.g. PRISM_QUALITY_POINTS=dense:c2048,meanpool:0.998
+#             PRISM_QUALITY_LENGTHS=16K,32K)
 #   quality-fp8  the quality / fast presets beside FLASH_ATTN, every engine on vLLM's fp8 KV cache
 #   shared    everything that times nothing, side by side on one GPU, each under a time limit:
 #             vllm + accuracy evidence + load test + the selection/prefill kernel GPU tests

@@ -65,20 +65,33 @@ CORPORA: tuple[str, ...] = ("fortunes", "austen")
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-    """One attention setting of the sweep; ``rule`` None is FLASH_ATTN."""
+    """One attention setting of the sweep; ``rule`` None is FLASH_ATTN, with ``chunk`` a
+    control: FLASH_ATTN with prefill chunks of ``chunk`` tokens (``max_num_batched_tokens``)
+    instead of the sweep's, the same attention in other numerics (the model's matmuls see other
+    row counts), which measures how far this model's passkeys and perplexity move on numerics
+    alone."""
 
     rule: str | None
     top_p: float | None = None
     block_budget: float | None = None
     local_blocks: int = 1
+    chunk: int | None = None
 
     @classmethod
     def parse(cls, name: str) -> Point:
-        """'dense' | 'RULE:TOP_P[:bBUDGET][:lLOCAL]' (values checked by PrismConfig), e.g.
-        'meanpool:0.998:l2' keeps the block before the diagonal too (PrismConfig.local_blocks)."""
+        """'dense' | 'dense:cCHUNK' | 'RULE:TOP_P[:bBUDGET][:lLOCAL]' (values checked by
+        PrismConfig), e.g. 'meanpool:0.998:l2' keeps the block before the diagonal too
+        (PrismConfig.local_blocks); 'dense:c2048' is FLASH_ATTN in chunks of 2048 tokens (a
+        positive multiple of 128, so perplexity documents still cut at block boundaries)."""
         s = name.strip()
         if s == "dense":
             return cls(None)
+        if s.startswith("dense:"):
+            c = s[len("dense:"):]
+            if not (c[:1] == "c" and c[1:].isdigit() and int(c[1:]) > 0 and int(c[1:]) % 128 == 0):
+                raise ValueError(f"quality point {name!r}: a FLASH_ATTN control is 'dense:cCHUNK' with CHUNK a "
+                                 f"positive multiple of 128 (prefill tokens per step), e.g. dense:c2048")
+            return cls(None, chunk=int(c[1:]))
         parts = s.split(":")
         try:
             if len(parts) < 2:
@@ -101,7 +114,7 @@ class Point:
     @property
     def name(self) -> str:
         if self.rule is None:
-            return "dense"
+            return "dense" + (f":c{self.chunk}" if self.chunk else "")
         return (f"{self.rule}:{self.top_p:g}" + (f":b{self.block_budget:g}" if self.block_budget is not None else "")
                 + (f":l{self.local_blocks}" if self.local_blocks != 1 else ""))
 
@@ -127,7 +140,8 @@ class Point:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "backend": self.backend, "rule": self.rule, "top_p": self.top_p,
-                "block_budget": self.block_budget, "presets": preset_marks(self)}
+                "block_budget": self.block_budget, "presets": preset_marks(self),
+                **({"max_num_batched_tokens": self.chunk} if self.chunk else {})}
 
 
 def parse_points(names: Iterable[str]) -> list[Point]:

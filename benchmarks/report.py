@@ -379,7 +379,7 @@ def quality_markdown(d: dict[str, Any], image_dir: str | None = None) -> str:
     for L in sorted({r["length"] for r in rows}):
         tab = []
         for r in (r for r in rows if r["length"] == L):
-            dense = r["backend"] == "dense"
+            dense = r["point"] == "dense"  # the reference ('dense:cN' controls are read against it)
             cells = [f"`{r['point']}`" if not dense else "FLASH_ATTN", ", ".join(r.get("presets", [])),
                      _f(r.get("density"))]
             for c in corpora:

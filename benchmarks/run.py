@@ -517,7 +517,8 @@ class Runner:
                 prism = None if pt.rule is None else {"min_context_len": 0, **self.user_prism, **(pt.prism_knobs() or {})}
                 spec = self.engine_spec(pt.backend, max(L, p.native), eager=True, mem=0.1,
                                         kv_cache_memory_bytes=p.accuracy_kv_bytes, prism=prism,
-                                        kv_cache_dtype=p.kv_cache_dtype)
+                                        kv_cache_dtype=p.kv_cache_dtype,
+                                        **({"max_num_batched_tokens": pt.chunk} if pt.chunk else {}))
                 tasks: list[dict[str, Any]] = [
                     {"task": "ppl", "label": f"{c} {tok_label(L)}", "length": L, "windows": [w for _, w in docs[(c, L)]],
                      "one_at_a_time": True, "stats": True, "tag": f"ppl:{c}"} for c in corpora]

@@ -426,6 +426,37 @@ def test_quality_points_table() -> None:
         quality.Point.parse("meanpool:0.998:l0")
     with pytest.raises(ValueError, match="RULE:TOP_P"):
         quality.Point.parse("meanpool:0.998:l2:b0.3")  # budget first, as the names are written
+    # the numerics control: FLASH_ATTN in other prefill chunks, a point of its own beside 'dense'
+    c = quality.Point.parse("dense:c2048")
+    assert c.name == "dense:c2048" and c.backend == "dense" and c.prism_knobs() is None and c.chunk == 2048
+    assert c.describe()["max_num_batched_tokens"] == 2048 and quality.preset_marks(c) == []
+    assert [p.name for p in quality.parse_points(["dense:c2048"])] == ["dense", "dense:c2048"]
+    for bad in ("dense:c100", "dense:2048", "dense:c0", "dense:cx"):
+        with pytest.raises(ValueError, match="multiple of 128"):
+            quality.Point.parse(bad)
+
+
+def test_quality_numerics_control_runs_flash_attention_in_its_own_chunks(tmp_path: Path, monkeypatch) -> None:
+    """'dense:cN' runs FLASH_ATTN with max_num_batched_tokens N (the other jobs keep the sweep's),
+    and its rows read as deltas against FLASH_ATTN, as a Prism point's do."""
+    from benchmarks import worker
+
+    specs: dict[str, dict] = {}
+    real = worker.run_job
+    monkeypatch.setattr(worker, "run_job", lambda job: (specs.__setitem__(job["name"], job["engine"]), real(job))[1])
+    out = tmp_path / "res"
+    assert run.main(["--dry-run", "--only", "quality", "--quality-points", "dense:c256", "--quality-lengths", "512",
+                     "--out", str(out)]) == 0
+    d = json.loads((out / "quality.json").read_text())
+    chunks = {name: spec["max_num_batched_tokens"] for name, spec in specs.items()}
+    assert chunks == {"quality-512-dense": d["settings"]["max_num_batched_tokens"], "quality-512-dense-c256": 256}
+    assert d["settings"]["max_num_batched_tokens"] != 256
+    assert all(spec["backend"] == "dense" and not spec.get("prism") for spec in specs.values())
+    row = next(r for r in d["rows"] if r["point"] == "dense:c256")
+    assert row["passkey"]["dense_correct"] is not None and row["ttft"]["ratio"] > 0
+    assert all(s["documents_vs_dense"] == 2 for s in row["ppl"].values())
+    md = report.quality_markdown(d)
+    assert "`dense:c256`" in md and md.count("FLASH_ATTN |") >= 1
 
 
 def test_gpu_lock_timed_sections_run_alone(tmp_path: Path) -> None:
