@@ -33,9 +33,9 @@ With ``attend_layout = "auto"`` (and the FA3 attend step), ``choose_layout`` fir
 layer shape's attend layout the same way: each layout that attends exactly the selected blocks
 ("head", "head_views", and "head_halves" at head sizes up to 64) must reproduce FlashAttention
 on an every-block selection, and the fastest at a typical density wins; ``measure`` then times
-the attend step in that layout. Both time repeated calls as a step's later layers make them:
-"head" and "head_halves" replay their first call's launches (``prefill.prism_attend``),
-"head_views" (per-head views of q) runs in full every time.
+the attend step in that layout. The layout choice and ``measure`` time repeated calls as a
+step's later layers make them: "head" and "head_halves" replay their first call's launches
+(``prefill.prism_attend``), "head_views" (per-head views of q) runs in full every time.
 
 With an integer ``min_context_len`` nothing is timed, but ``warm_up`` runs the same synthetic
 calls once, untimed, at the lengths Prism will serve: vLLM's own warm-up sends no prefill through

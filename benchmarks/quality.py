@@ -2,9 +2,10 @@
 documents and the numbers derived from what the engine jobs measured.
 
 A *point* is one attention setting, named as in :mod:`benchmarks.quality_cpu` so the two studies
-line up: ``dense`` (FLASH_ATTN) or ``RULE:TOP_P[:bBUDGET]`` (Prism with ``rule``, both bands'
-thresholds at TOP_P, ``block_budget`` BUDGET), e.g. ``paper:0.99``, ``meanpool:0.98``,
-``paper:0.99:b0.3``. :data:`POINTS` is the sweep, in run order (a ``--budget-s`` cut drops the
+line up: ``dense`` (FLASH_ATTN), ``dense:cCHUNK`` (FLASH_ATTN in prefill chunks of CHUNK tokens:
+the numerics control) or ``RULE:TOP_P[:bBUDGET][:lLOCAL]`` (Prism with ``rule``, both bands'
+thresholds at TOP_P, ``block_budget`` BUDGET, ``local_blocks`` LOCAL), e.g. ``paper:0.99``,
+``meanpool:0.98``, ``paper:0.99:b0.3``. :data:`POINTS` is the sweep, in run order (a ``--budget-s`` cut drops the
 last ones first). Every Prism point runs with ``min_context_len=0``, so every prompt is served
 sparsely.
 
@@ -106,7 +107,7 @@ class Point:
                     raise ValueError
             pt = cls(parts[0], float(parts[1]), budget, local)
         except ValueError:
-            raise ValueError(f"quality point {name!r}: use 'dense' or RULE:TOP_P[:bBUDGET][:lLOCAL], "
+            raise ValueError(f"quality point {name!r}: use 'dense', 'dense:cCHUNK' or RULE:TOP_P[:bBUDGET][:lLOCAL], "
                              f"e.g. paper:0.99, paper:0.99:b0.3 or meanpool:0.998:l2") from None
         pt.prism_knobs()  # PrismConfig names the bad field and its range
         return pt

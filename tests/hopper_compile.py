@@ -57,7 +57,8 @@ def main(path: str) -> None:
         raise SystemExit("hopper_compile.py needs TRITON_INTERPRET unset (the interpreter's kernels do not compile)")
     with open(path, "rb") as f:
         jobs: list[Job] = [Job(*j) for j in pickle.load(f)]
-    with ProcessPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+    workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         errors = list(pool.map(compile_one, jobs))
     failed = [[f"{j.module}.{j.name} {j.constexprs}", e] for j, e in zip(jobs, errors) if e is not None]
     print(json.dumps({"compiled": len(jobs) - len(failed), "failed": failed}))

@@ -310,7 +310,11 @@ def test_the_backend_uses_the_measured_or_configured_layout(monkeypatch):
     assert attend_layout(PrismConfig(), "s", 128) == "head_views"
     assert attend_layout(PrismConfig(), "unmeasured", 64) == "head"
     assert attend_layout(PrismConfig(attend_layout="group"), "s", 64) == "group"
-    assert attend_layout(PrismConfig(), "s", 64, sinks=True) == "head_views"
+    # learned sinks: the view layout whatever was measured for the shape
+    monkeypatch.setitem(be._LAYOUTS, "t", be.LayoutChoice(shape="t", layout="head", tokens=1, chunk=1,
+                                                          attend_ms={"head": 1.0}))
+    assert attend_layout(PrismConfig(), "t", 64) == "head"
+    assert attend_layout(PrismConfig(), "t", 64, sinks=True) == "head_views"
 
 
 def test_auto_times_half_blocks_only_where_fa3_has_a_tile_for_them():

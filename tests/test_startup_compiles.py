@@ -34,7 +34,7 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.runtime.jit import JITFunction
 
-from hopper_compile import Job
+from hopper_compile import Job  # tests/ is on sys.path (pytest's default rootdir-relative import mode)
 
 from prism_vllm import PrismConfig
 from prism_vllm.attention_backend import break_even as be
@@ -131,14 +131,18 @@ def _new_keys(rec: _Keys, warm: dict[str, set]) -> dict[str, list]:
     return out
 
 
-CASES = [(layout, page, min_len, False, CHUNK) for layout in ("head", "head_views", "triton")
+LLAMA = (HQ, HKV, D)
+SMOLLM2 = (9, 3, 64)  # SmolLM2-135M's layers, where "auto" chose head_halves on the H200 (db58eb6)
+CASES = [(layout, page, min_len, False, CHUNK, LLAMA) for layout in ("head", "head_views", "triton")
          for page, min_len in ((16, "auto"), (16, 16384), (64, 16384), (128, "auto"))]
-CASES += [("head", 16, "auto", True, CHUNK), ("head_views", 64, 16384, True, CHUNK)]  # fp8 KV caches (FA3 only)
-CASES += [("group", 16, "auto", False, CHUNK), ("group_views", 32, 16384, False, CHUNK)]  # the union layouts
-CASES += [("head_halves", 16, 16384, False, CHUNK)]  # the half-block sequences (HALVES kernel variant)
+CASES += [("head", 16, "auto", True, CHUNK, LLAMA), ("head_views", 64, 16384, True, CHUNK, LLAMA)]  # fp8 KV caches (FA3 only)
+CASES += [("group", 16, "auto", False, CHUNK, LLAMA), ("group_views", 32, 16384, False, CHUNK, LLAMA)]  # the union layouts
+CASES += [("head_halves", 16, 16384, False, CHUNK, LLAMA)]  # the half-block sequences (HALVES kernel variant)
 # 32K-token chunks: the warm chunks' 256 query blocks take whole-row pooling tiles, a tail chunk's
 # 57 the narrow ones (Synthetic.pool_query_tiles)
-CASES += [("head", 16, 16384, False, 32768)]
+CASES += [("head", 16, 16384, False, 32768, LLAMA)]
+# d=64: the half-block layout as "auto" picks it for SmolLM2, on bf16 and fp8 KV caches
+CASES += [("head_halves", 16, "auto", False, CHUNK, SMOLLM2), ("head_halves", 16, "auto", True, CHUNK, SMOLLM2)]
 #: Kernels a serving step of each attend path launches besides pooling and selection.
 ATTEND_KERNELS = {"head": {"_virtual_seqs_kernel", "_scatter_out_kernel"}, "head_views": {"_virtual_seqs_kernel"},
                   "head_halves": {"_virtual_seqs_kernel", "_scatter_out_kernel"},
@@ -167,15 +171,17 @@ def _startup(layout: str, page: int, min_len: Any, fp8: bool, chunk: int,
     return params
 
 
-@pytest.mark.parametrize("layout,page,min_len,fp8,chunk", CASES,
-                         ids=[f"{a}-p{b}-{c}{'-fp8' if d else ''}-c{e}" for a, b, c, d, e in CASES])
-def test_serving_steps_launch_only_what_the_startup_compiled(keys, monkeypatch, layout, page, min_len, fp8, chunk):
+@pytest.mark.parametrize("layout,page,min_len,fp8,chunk,shape", CASES,
+                         ids=[f"{a}-p{b}-{c}{'-fp8' if d else ''}-c{e}-d{f[2]}" for a, b, c, d, e, f in CASES])
+def test_serving_steps_launch_only_what_the_startup_compiled(keys, monkeypatch, layout, page, min_len, fp8, chunk,
+                                                              shape):
     # every launch of a step goes through the recorder (a replayed one would skip it)
     monkeypatch.setattr(PrismWorkspace, "replay", lambda *a, **k: None)
+    HQ, HKV, D = shape
     fa3 = layout != "triton"
     f8 = torch.float8_e4m3fn
     cfg = PrismConfig()
-    params = _startup(layout, page, min_len, fp8, chunk)
+    params = _startup(layout, page, min_len, fp8, chunk, shape)
     warm = {k: set(v) for k, v in keys.keys.items()}
     keys.keys.clear()
 
@@ -225,15 +231,16 @@ def test_serving_steps_launch_only_what_the_startup_compiled(keys, monkeypatch, 
 def test_startup_binaries_compile_for_hopper(keys, tmp_path):
     """Every binary the startup compiles (for every attend path, page size, fp8 and chunk case
     above, which the test above finds covering serving; and each attend path for a d=64 and a
-    d=256 layer) compiles for sm_90 with Triton's own compiler, no GPU needed
+    d=256 layer, bf16 and fp8) compiles for sm_90 with Triton's own compiler, no GPU needed
     (``tests/hopper_compile.py``, in a process without the interpreter). The interpreter accepts
     code the compiler rejects: a static_range variable named like a tensor of an enclosing scope
     ran on CPU and failed every group-layout GPU test (2026-12-03)."""
     for case in CASES:
         _startup(*case)
-    for shape in ((14, 2, 64), (8, 2, 256)):  # SmolLM2-like d=64 (head_halves' head size), d=256
+    for shape in ((14, 2, 64), (8, 2, 256)):  # the GPU tests' d=64 (gqa7) and d=256 layers
         for layout in ATTEND_KERNELS:
-            _startup(layout, 16, 16384, False, CHUNK, shape)
+            for fp8 in (False, True) if layout != "triton" else (False,):
+                _startup(layout, 16, 16384, fp8, CHUNK, shape)
     jobs = list(keys.jobs.values())
     assert {j.name for j in jobs} >= {"_pool_queries_kernel", "_pool_keys_paged_kernel", "_select_kernel",
                                       "_sparse_prefill_fwd_kernel"} | set().union(*ATTEND_KERNELS.values())

@@ -370,8 +370,9 @@ def _prism_ran(res: dict) -> dict:
     # attend_layout "auto": every layout it timed reproduced FlashAttention at startup, and it
     # chose among the layouts that attend exactly the selection (never a kv group's union)
     for shape, rec in s["attend_layouts"].items():
-        assert rec["layout"] in rec["attend_ms"] and not rec.get("rejected"), f"{shape}: {rec}"
-        assert set(rec["attend_ms"]) <= {"head", "head_views", "head_halves"}, f"{shape}: {rec}"
+        timed = rec.get("attend_ms") or {}
+        assert rec["layout"] in timed and not rec.get("rejected"), f"{shape}: {rec}"
+        assert set(timed) <= {"head", "head_views", "head_halves"}, f"{shape}: {rec}"
     return s
 
 
