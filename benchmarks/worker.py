@@ -346,7 +346,8 @@ def task_speed_interleaved(engines: dict[str, Any], task: dict[str, Any], res: R
     engine's requests into the same minutes, so a ratio between engines no longer carries that
     drift. The bursts came after the first interleaved run (f98685c): timed requests that each
     followed the other engines' read 26-37 ms at 8K on both FLASH_ATTN engines, against 17 ms
-    back to back in one engine before."""
+    back to back in one engine before; with the bursts (db58eb6) they still read 33 ms, so the
+    untimed request does not restore the single-engine figure (ratios stay within the run)."""
     labels = list(engines)  # the engines still in the job
     by_len = sorted(((int(k), v) for k, v in task["prompts"].items()))
     if by_len:

@@ -136,7 +136,8 @@ LAYOUTS = ATTEND_LAYOUTS
 #: Layouts attending a kv group over the union of its heads' selections, and those without copies.
 UNION_LAYOUTS = ("group", "group_views")
 VIEW_LAYOUTS = ("head_views", "group_views")
-#: Virtual sequences per (query block, sequence head) of a layout (every other layout: 1).
+#: Virtual sequences per (query block, sequence head) of a layout (every other layout: 1; read
+#: through ``subsequences``).
 SUBSEQUENCES = {"head_halves": 2}
 #: Largest head size at which "head_halves" can pay: FA3 rounds head sizes up to 64 / 96 / 128 / ...
 #: and tiles 192 query rows at 64 (a one-head 128-row sequence fills 2/3 of it); its 64-row tile
@@ -155,7 +156,9 @@ HALVES_MAX_HEAD_DIM = 64
 #: combine pass). Smaller calls (a short chunk after a long cached context: one or two query
 #: blocks) and the view layouts' calls (one head's or group's sequences) may gain from splitting
 #: long rows: up to COPY_MAX_SPLITS / VIEW_MAX_SPLITS, and never more accumulator bytes than
-#: SPLIT_ACCUM_BYTES. Chosen from FA3's source; not yet timed on a GPU (2026-12-03).
+#: SPLIT_ACCUM_BYTES. Chosen from FA3's source; on the H200 at db58eb6 the attend step with this
+#: bound timed as before per block (benchmarks/RESULTS.md) and a load test's server memory stayed
+#: flat; not yet timed against FA3's own heuristic (``kernels.py --attend-sweep``).
 COPY_SPLITS = 1
 SPLIT_FREE_WAVES = 2
 COPY_MAX_SPLITS = 128
@@ -190,6 +193,11 @@ ATTEND_LAUNCH = AttendLaunch()
 # ----------------------------------------------------------------------------------------------
 # host side: capacity and the per-launch bucket plan (built once per step, in the builder)
 # ----------------------------------------------------------------------------------------------
+def subsequences(layout: str) -> int:
+    """Virtual sequences per (query block, sequence head) of ``layout`` (SUBSEQUENCES)."""
+    return SUBSEQUENCES.get(layout, 1)
+
+
 @dataclass(frozen=True)
 class AttendCapacity:
     """What one bucket may hold (the workspace's sizes)."""
@@ -226,7 +234,7 @@ def attend_capacity(
     row_bytes = 2 * num_q_heads * head_dim * element_size
     rows = max(1, min(int(max_num_batched_tokens), COPY_BYTES // row_bytes))
     qbs = min(int(max_q_blocks), rows + 1)  # a bucket's query blocks each hold >= 1 row
-    sequences = qbs * num_q_heads * max(SUBSEQUENCES.get(x, 1) for x in layouts)
+    sequences = qbs * num_q_heads * max(subsequences(x) for x in layouts)
     ppb = block_size // MIN_PAGE
     table_blocks = max(1, min(sequences * int(max_k_blocks), TABLE_BYTES // (4 * ppb)))
     return AttendCapacity(rows=rows, sequences=sequences, table_blocks=table_blocks, key_blocks=int(max_k_blocks))
@@ -334,7 +342,8 @@ def make_attend_plan(
         # a union row holds at most every causal block, and at most its G heads' rows together
         width = np.minimum(row_width_bounds(plan, None), (hq // num_kv_heads) * width)
     max_rows = capacity.rows if layout not in VIEW_LAYOUTS else plan.num_tokens
-    hs *= SUBSEQUENCES.get(layout, 1)  # sequences per query block
+    sub = subsequences(layout)
+    hs *= sub  # sequences per query block
     buckets: list[AttendBucket] = []
     g_hi = plan.num_q_blocks
     while g_hi > 0:
@@ -352,7 +361,7 @@ def make_attend_plan(
         buckets.append(
             AttendBucket(g_lo=g_lo, g_hi=g_hi, row_lo=int(row0[g_lo]),
                          row_hi=int(row0[g_hi - 1] + rows[g_hi - 1]), width=w,
-                         max_rows=min(mr, plan.block_size // SUBSEQUENCES.get(layout, 1)))
+                         max_rows=min(mr, plan.block_size // sub))
         )
         g_hi = g_lo
     return AttendPlan(buckets=tuple(buckets), all_blocks=False, max_seqlen_q=max_q, max_seqlen_k=max_k, layout=layout)
@@ -894,7 +903,7 @@ def virtual_sequences(
     ppb = B // vkv.page_size
     n_b = bucket.g_hi - bucket.g_lo
     n_prog = n_b * hs  # one program per (query block, sequence head)
-    n_seq = n_prog * SUBSEQUENCES.get(layout, 1)
+    n_seq = n_prog * subsequences(layout)
     n_rows = (bucket.row_hi - bucket.row_lo) * hs
     width = bucket.width * ppb
     cap = ws.capacity
@@ -944,7 +953,7 @@ def virtual_sequences(
         ORDER=1 if views else ORDERS[order],  # views: call-major, query blocks ascending (cu_seqlens_q grows)
         GROUP=layout in UNION_LAYOUTS,
         VIEWS=views,
-        HALVES=SUBSEQUENCES.get(layout, 1) == 2,
+        HALVES=subsequences(layout) == 2,
         num_warps=ATTEND_LAUNCH.num_warps,
     )
     if views:
