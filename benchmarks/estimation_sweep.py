@@ -174,12 +174,15 @@ def main() -> None:  # noqa: C901 -- one linear script
                     help="instead: the pooling kernels' launch settings (PoolingLaunch), each checked against the default's output")
     ap.add_argument("--out", default=None, help="JSON output path (default stdout)")
     ap.add_argument("--dry-run", action="store_true", help="CPU plumbing check: interpreter, tiny shapes")
+    ap.add_argument("--config", choices=("paper", "default"), default="paper",
+                    help="the selection timed: 'paper' (two calibrated bands, the costlier rule) or 'default' "
+                         "(PrismConfig(): the shipped selection, one band)")
     args = ap.parse_args()
 
     hq, hkv, d = (4, 1, 64) if args.dry_run else (32, 8, 128)
     if args.dry_run:
         args.lengths = "1000"
-    cfg = PrismConfig(rule="paper")  # two calibrated bands: the costlier rule
+    cfg = PrismConfig(rule="paper") if args.config == "paper" else PrismConfig()
     bands = rope_bands(RopeLayout(d, d, True), *cfg.band_dims(d))
     params = PrismParams.make(bands=bands, scale=d**-0.5, config=cfg, device=DEV)
     tunings = {"default": DEFAULT_TUNING}
@@ -189,6 +192,10 @@ def main() -> None:  # noqa: C901 -- one linear script
             "warps4": dict(elems_per_thread=128),
             "topp16bits": dict(topp_mantissa_bits=16),
             "topp8bits": dict(topp_mantissa_bits=8),
+            # more query blocks per program (each key load shared by more rows), fewer / more levels
+            "resident32k": dict(resident_elems=32768),
+            "levels3": dict(levels=3),
+            "levels6": dict(levels=6),
         }.items():
             tunings[name] = dataclasses.replace(DEFAULT_TUNING, **kw)
     precisions = ["tf32x3", "ieee"] if args.sweep else ["tf32x3"]
@@ -240,6 +247,7 @@ def main() -> None:  # noqa: C901 -- one linear script
                     print(f"[{time.time() - t0:5.1f}s] {row}", file=sys.stderr, flush=True)
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter)"
     out = {"gpu": gpu, "torch": torch.__version__, "tuning_default": dataclasses.asdict(DEFAULT_TUNING),
+           "selection": "PrismConfig(rule='paper')" if args.config == "paper" else "the shipped defaults (PrismConfig())",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": os.environ.get("PRISM_BENCH_COMMIT") or _git_commit(),
            "command": "python benchmarks/estimation_sweep.py " + " ".join(sys.argv[1:]),

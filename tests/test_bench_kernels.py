@@ -275,12 +275,15 @@ def test_dry_run_sweep(tmp_path):
     assert all(r["prism_ms"] > 0 and 0 < r["density"] <= 1 for r in est)
 
 
-@pytest.mark.parametrize("script", ["profile_estimation.py", "estimation_sweep.py"])
-def test_estimation_scripts_dry_run(tmp_path, script):
+@pytest.mark.parametrize("script,config", [("profile_estimation.py", "paper"), ("estimation_sweep.py", "paper"),
+                                           ("estimation_sweep.py", "default")])
+def test_estimation_scripts_dry_run(tmp_path, script, config):
     """The GPU piece `estimation`'s scripts run their plumbing on CPU and write self-describing
-    JSON (commit, command, rows); the sweep's variants select what the 'ieee' reference does."""
+    JSON (commit, command, rows); the sweep's variants select what the 'ieee' reference does, for
+    the paper's rule and for the shipped selection (one band)."""
     out = tmp_path / "o.json"
-    args = ["--out", str(out)] + (["--sweep", "--inputs", "structured"] if script == "estimation_sweep.py" else [])
+    args = ["--out", str(out), "--config", config]
+    args += ["--sweep", "--inputs", "structured"] if script == "estimation_sweep.py" else []
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--dry-run", *args], capture_output=True,
                           text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600, cwd=REPO)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
@@ -290,7 +293,9 @@ def test_estimation_scripts_dry_run(tmp_path, script):
         assert all(0 < r["density"] <= 1 and r["dry_run"] for r in res["rows"])
     else:
         tunings = {r["tuning"] for r in res["rows"]}
-        assert {"default", "warps16", "warps4", "topp16bits", "topp8bits"} <= tunings
+        assert {"default", "warps16", "warps4", "topp16bits", "topp8bits", "resident32k", "levels3", "levels6"} <= tunings
+        assert res["selection"] == ("the shipped defaults (PrismConfig())" if config == "default"
+                                    else "PrismConfig(rule='paper')")
         exact = [r for r in res["rows"] if "topp" not in r["tuning"]]
         assert exact and all(r["rows_with_other_count_than_ieee"] == 0 for r in exact)
 
