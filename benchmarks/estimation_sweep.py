@@ -191,6 +191,7 @@ def main() -> None:  # noqa: C901 -- one linear script
             "warps16": dict(elems_per_thread=32),
             "warps4": dict(elems_per_thread=128),
             "topp16bits": dict(topp_mantissa_bits=16),
+            "topp12bits": dict(topp_mantissa_bits=12),
             "topp8bits": dict(topp_mantissa_bits=8),
             # more query blocks per program (each key load shared by more rows), fewer / more levels
             "resident32k": dict(resident_elems=32768),

@@ -508,6 +508,8 @@ class Ours:
         self.plan = make_plan([0, L], [0], s.hq, s.block).to(s.device)
         self.tokens = L
         self.precision = s.select_precision or "tf32x3"  # prism_prefill's default
+        self.tuning: Any = None
+        """The selection's SelectionTuning (None: the shipped DEFAULT_TUNING)."""
 
     def alloc(self) -> Any:
         """A PrismWorkspace sized exactly for this launch (the backend allocates one per device,
@@ -527,7 +529,7 @@ class Ours:
         from prism_vllm.kernels.prefill import prism_estimate
 
         prism_estimate(q, kv.k, kv.block_table, self.plan, self.params, ws, precision=self.precision,
-                       q_scale=scales.q if scales is not None else None,
+                       tuning=self.tuning, q_scale=scales.q if scales is not None else None,
                        k_scale=scales.k if scales is not None else None)
 
     def prefill(self, q: torch.Tensor, kv: Paged, ws: Any, out: torch.Tensor) -> torch.Tensor:

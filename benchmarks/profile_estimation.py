@@ -33,6 +33,7 @@ CPU plumbing check: python benchmarks/profile_estimation.py --dry-run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import datetime as _dt
 import json
@@ -112,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
                          "or the shipped defaults (PrismConfig(): the 'quality' preset, one band)")
     ap.add_argument("--attend", type=float, default=None, metavar="DENSITY",
                     help="also profile the FA3 attend step at this block density (needs vLLM's FA3)")
+    ap.add_argument("--topp-bits", type=int, default=None, metavar="BITS",
+                    help="the selection's SelectionTuning.topp_mantissa_bits (default: the shipped tuning, 23: the "
+                         "exact top-p threshold; fewer stop its search early and keep the blocks within 2^-BITS "
+                         "relative below it too)")
     ap.add_argument("--once", action="store_true",
                     help="only run the estimation once per length (for a profiler: ncu -k regex:_select_kernel ...)")
     args = ap.parse_args(argv)
@@ -132,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         kv = kb.make_paged(k, v, s, gen)
         ours = kb.Ours(s, L, PrismConfig() if args.config == "default" else None)
         ws = ours.alloc()
+        if args.topp_bits is not None:
+            from prism_vllm.kernels.selection import DEFAULT_TUNING
+
+            ours.tuning = dataclasses.replace(DEFAULT_TUNING, topp_mantissa_bits=args.topp_bits)
 
         from prism_vllm.kernels.pooling import pool_keys_paged, pool_queries
         from prism_vllm.kernels.selection import select_blocks
@@ -149,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                                               split_out=ws.pooled_k_split[:nkb]),
             "select": lambda: select_blocks(ws.pooled_q[:nqb], ws.pooled_k[:nkb], p, prm, ws.sel_idx,
                                             ws.sel_cnt[: nqb * s.hq], ws.temps[:nqb], key_energy=ws.key_energy[:nkb],
-                                            pooled_k_split=ws.pooled_k_split[:nkb], precision=ours.precision),
+                                            pooled_k_split=ws.pooled_k_split[:nkb], precision=ours.precision,
+                                            tuning=ours.tuning),
         }
         if args.attend is not None and not dry:
             fa, why = kb.load_fa3(s)
@@ -205,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "shape": {"hq": s.hq, "hkv": s.hkv, "head_dim": s.d, "dtype": str(s.dtype).replace("torch.", "")},
         "selection": "the paper's rule (PrismConfig(rule='paper'))" if args.config == "paper"
         else "the shipped defaults (PrismConfig())",
+        "topp_mantissa_bits": args.topp_bits if args.topp_bits is not None else "default (SelectionTuning)",
         "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
         "rows": rows,
     }

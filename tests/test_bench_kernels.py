@@ -293,7 +293,8 @@ def test_estimation_scripts_dry_run(tmp_path, script, config):
         assert all(0 < r["density"] <= 1 and r["dry_run"] for r in res["rows"])
     else:
         tunings = {r["tuning"] for r in res["rows"]}
-        assert {"default", "warps16", "warps4", "topp16bits", "topp8bits", "resident32k", "levels3", "levels6"} <= tunings
+        assert {"default", "warps16", "warps4", "topp16bits", "topp12bits", "topp8bits", "resident32k", "levels3",
+                "levels6"} <= tunings
         assert res["selection"] == ("the shipped defaults (PrismConfig())" if config == "default"
                                     else "PrismConfig(rule='paper')")
         exact = [r for r in res["rows"] if "topp" not in r["tuning"]]
