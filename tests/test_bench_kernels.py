@@ -275,8 +275,8 @@ def test_dry_run_sweep(tmp_path):
     assert all(r["prism_ms"] > 0 and 0 < r["density"] <= 1 for r in est)
 
 
-@pytest.mark.parametrize("script,config", [("profile_estimation.py", "paper"), ("estimation_sweep.py", "paper"),
-                                           ("estimation_sweep.py", "default")])
+@pytest.mark.parametrize("script,config", [("profile_estimation.py", "paper"), ("profile_estimation.py", "default"),
+                                           ("estimation_sweep.py", "paper"), ("estimation_sweep.py", "default")])
 def test_estimation_scripts_dry_run(tmp_path, script, config):
     """The GPU piece `estimation`'s scripts run their plumbing on CPU and write self-describing
     JSON (commit, command, rows); the sweep's variants select what the 'ieee' reference does, for
@@ -284,6 +284,7 @@ def test_estimation_scripts_dry_run(tmp_path, script, config):
     out = tmp_path / "o.json"
     args = ["--out", str(out), "--config", config]
     args += ["--sweep", "--inputs", "structured"] if script == "estimation_sweep.py" else []
+    args += ["--topp-bits", "12"] if script == "profile_estimation.py" and config == "default" else []
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--dry-run", *args], capture_output=True,
                           text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600, cwd=REPO)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
@@ -291,6 +292,7 @@ def test_estimation_scripts_dry_run(tmp_path, script, config):
     assert res["commit"] and script in res["command"] and res["rows"]
     if script == "profile_estimation.py":
         assert all(0 < r["density"] <= 1 and r["dry_run"] for r in res["rows"])
+        assert res["topp_mantissa_bits"] == (12 if config == "default" else "default (SelectionTuning)")
     else:
         tunings = {r["tuning"] for r in res["rows"]}
         assert {"default", "warps16", "warps4", "topp16bits", "topp12bits", "topp8bits", "resident32k", "levels3",
