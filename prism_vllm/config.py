@@ -203,9 +203,8 @@ class PrismConfig:
     Prism's Triton kernel attends). "auto" (default): the fastest of "head" and "head_views" (and
     "head_halves" at head sizes up to 64) for the layer shape, timed on the serving GPU when the
     model loads (once per shape and process; the choice and its timings are in the startup log and
-    /prism/stats); without a measurement,
-    "head"; "head_views" for layers with learned sinks (only the view layouts carry one sink per
-    q head). Or one of "head", "head_views", "group", "group_views", "head_halves".
+    /prism/stats); without a measurement, "head"; "head_views" for layers with learned sinks (only
+    the view layouts carry one sink per q head). Or one of "head", "head_views", "group", "group_views", "head_halves".
 
     "head" and "head_views" attend exactly the selected blocks: "head" runs one FA3 call over one
     sequence per (query block, q head), on a head-major copy of q whose output is scattered back;
