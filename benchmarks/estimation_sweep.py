@@ -164,7 +164,7 @@ def main() -> None:  # noqa: C901 -- one linear script
     from prism_vllm.kernels import BlockSelection, PrismParams, PrismWorkspace, make_plan, prism_estimate
     from prism_vllm.kernels.pooling import pool_keys_paged, pool_queries
     from prism_vllm.kernels.selection import DEFAULT_TUNING, select_blocks
-    from prism_vllm.rope import RopeLayout, rope_bands
+    from prism_vllm.rope import RopeLayout, prism_bands
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="32768,65536,131072")
@@ -183,7 +183,7 @@ def main() -> None:  # noqa: C901 -- one linear script
     if args.dry_run:
         args.lengths = "1000"
     cfg = PrismConfig(rule="paper") if args.config == "paper" else PrismConfig()
-    bands = rope_bands(RopeLayout(d, d, True), *cfg.band_dims(d))
+    bands = prism_bands(RopeLayout(d, d, True), cfg)  # the config's rule: 'meanpool' is one band of every dim
     params = PrismParams.make(bands=bands, scale=d**-0.5, config=cfg, device=DEV)
     tunings = {"default": DEFAULT_TUNING}
     if args.sweep:
@@ -249,6 +249,7 @@ def main() -> None:  # noqa: C901 -- one linear script
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter)"
     out = {"gpu": gpu, "torch": torch.__version__, "tuning_default": dataclasses.asdict(DEFAULT_TUNING),
            "selection": "PrismConfig(rule='paper')" if args.config == "paper" else "the shipped defaults (PrismConfig())",
+           "bands_scored": 1 if params.one_band else 2,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": os.environ.get("PRISM_BENCH_COMMIT") or _git_commit(),
            "command": "python benchmarks/estimation_sweep.py " + " ".join(sys.argv[1:]),

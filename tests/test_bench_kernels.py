@@ -299,6 +299,8 @@ def test_estimation_scripts_dry_run(tmp_path, script, config):
                 "levels6"} <= tunings
         assert res["selection"] == ("the shipped defaults (PrismConfig())" if config == "default"
                                     else "PrismConfig(rule='paper')")
+        # the shipped 'meanpool' rule is one band of every head dim, the paper's two RoPE bands
+        assert res["bands_scored"] == (1 if config == "default" else 2)
         exact = [r for r in res["rows"] if "topp" not in r["tuning"]]
         assert exact and all(r["rows_with_other_count_than_ieee"] == 0 for r in exact)
 
