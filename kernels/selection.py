@@ -302,6 +302,20 @@ def _halve(lo, hi, mid, ok):
 
 
 @triton.jit
+def _snap(pb, p, lo, hi, thr, M: tl.constexpr, N: tl.constexpr, USE_ASM: tl.constexpr):
+    """The exactness step after a search stopped early, per row: [lo, hi) with lo feasible (kept
+    mass >= thr) and hi not. x, the smallest probability in [lo, hi), keeps what lo keeps (none
+    lies between them), so x is feasible; if x + 1 is not, x is the exact threshold t*: [x, x + 1).
+    Else x + 1 is feasible: [x + 1, hi), for the bisection to finish. Rows whose bracket is one
+    value wide already hold t* and are left alone."""
+    x = tl.min(tl.where((pb >= lo[:, None]) & (pb < hi[:, None]), pb, 0x7FFFFFFF), axis=1)
+    todo = ((hi - lo) > 1) & (x < hi)
+    t = tl.where(todo, x + 1, hi)
+    fin = tl.sum(_kept(pb, tl.broadcast_to(t[:, None], (M, N)), p, USE_ASM), axis=1) < thr
+    return tl.where(todo, tl.where(fin, x, x + 1), lo), tl.where(todo & fin, x + 1, hi)
+
+
+@triton.jit
 def _candidates(lo, hi, cand_i, NCAND: tl.constexpr):
     """[rows, NCAND] rising values cutting each row's [lo, hi) into NCAND + 1 parts (int64 spans:
     bit-pattern brackets exceed 2^31 / NCAND)."""
@@ -480,6 +494,7 @@ def _select_kernel(
     WRITE_TEMPS: tl.constexpr,
     PRECISION: tl.constexpr,
     TOPP_STOP: tl.constexpr,
+    SNAP: tl.constexpr,
     BUDGET: tl.constexpr,
     EB: tl.constexpr,
     MULTIPASS: tl.constexpr,
@@ -679,6 +694,12 @@ def _select_kernel(
                     mid = lo + (hi - lo) // 2
                     mass = tl.sum(_kept(pb, tl.broadcast_to(mid[:, None], (M, NK_PAD)), p, USE_ASM), axis=1)
                     lo, hi = _halve(lo, hi, mid, mass >= thr)
+                if SNAP:  # coarse search, then exact: one snap, and bisection only where it did not settle
+                    lo, hi = _snap(pb, p, lo, hi, thr, M, NK_PAD, USE_ASM)
+                    while tl.max(hi - lo, axis=0) > 1:
+                        mid = lo + (hi - lo) // 2
+                        mass = tl.sum(_kept(pb, tl.broadcast_to(mid[:, None], (M, NK_PAD)), p, USE_ASM), axis=1)
+                        lo, hi = _halve(lo, hi, mid, mass >= thr)
                 sel, forced = _union(p, lo, cols, qbq, QR, NK_PAD, KEEP_SINK, KEEP_DIAG, NB, LOCAL)
                 sel = tl.where(row_dense[:, None], 1, sel)
                 causal = cols[None, :] <= qbq[:, None]
@@ -736,10 +757,21 @@ class SelectionTuning:
     is at least half causal; the lowest level takes all shorter rows."""
     multipass_warps: int = 8
     topp_mantissa_bits: int = 23
-    """Resolution of the top-p threshold search: 23 finds t* exactly (to the float bit); fewer
-    bits stop the bisection once [lo, hi) is narrower than 2^-bits relative and keep every block
-    with p >= lo, i.e. also blocks within that relative distance below t* (16 bits: ~7 fewer of
-    ~27 steps, deviation < 1.6e-5 relative)."""
+    """Resolution of the top-p threshold search: 23 bisects to the float bit; fewer bits stop the
+    bisection once [lo, hi) is narrower than 2^-bits relative (12 bits: ~11 fewer of ~27 steps).
+    What happens then is ``topp_exact``'s."""
+    topp_exact: bool = True
+    """After a search stopped early (topp_mantissa_bits < 23), find the exact threshold anyway:
+    resident rows snap to the smallest probability in the bracket and test once whether the next
+    bit pattern still keeps the mass (nearly always settled: a bracket of 2^-12 relative rarely
+    holds two probabilities), and bisect on only where that did not settle; multi-pass rows search
+    to the bit. The selection is the exact one whatever the bits. False: keep every block with p
+    >= the coarse bracket's low end, i.e. also blocks within 2^-bits relative below t* (a superset)."""
+    min_programs: int = 0
+    """Resident levels that would run fewer programs than this (counted for one request from
+    position 0: NK/2 query blocks at level (NK/2, NK], NK at the lowest, times the kv heads) get
+    fewer query blocks per program, halved while that is so (not below one tl.dot's 16 rows), so
+    that short levels spread over more SMs. 0: off."""
 
 
 DEFAULT_TUNING = SelectionTuning()
@@ -776,13 +808,17 @@ class SelectionLaunch:
 
 
 def _resident_launch(t: SelectionTuning, g_pad: int, nk_pad: int, lvl_lo: int, lvl_hi: int,
-                     nb: int) -> SelectionLaunch:
+                     nb: int, num_kv_heads: int = 1) -> SelectionLaunch:
     # a program holds nb * QR register rows: one band doubles the q rows in the same registers
     block_g = max(1, min(2 * t.max_q_rows // (nb * g_pad), t.resident_elems // (nb * g_pad * nk_pad)))
     # QR is at least 16 // nb rows (tl.dot): fill them with query blocks rather than padding (the
     # same registers, fewer programs; long rows, where the budget allows less than that)
-    block_g = max(block_g, (16 // nb) // g_pad)
+    min_g = max(1, (16 // nb) // g_pad)
+    block_g = max(block_g, min_g)
     block_g = 1 << (block_g.bit_length() - 1)  # power of two
+    level_q_blocks = nk_pad if lvl_lo == 0 else nk_pad - lvl_lo  # one request from position 0
+    while block_g > min_g and -(-level_q_blocks // block_g) * num_kv_heads < t.min_programs:
+        block_g //= 2
     qr = max(16 // nb, block_g * g_pad)  # nb * QR >= 16 rows for tl.dot
     elems = nb * qr * nk_pad
     warps = max(4, min(16, elems // (32 * t.elems_per_thread)))
@@ -825,7 +861,7 @@ def selection_launches(
         nk = cap
     lowest = max(_MIN_LEVEL, nk >> (t.levels - 1))
     while nk >= lowest and nk >= _MIN_LEVEL:
-        launches.append(_resident_launch(t, g_pad, nk, nk // 2 if nk > lowest else 0, nk, nb))
+        launches.append(_resident_launch(t, g_pad, nk, nk // 2 if nk > lowest else 0, nk, nb, num_kv_heads))
         nk //= 2
     return launches
 
@@ -936,8 +972,9 @@ def select_blocks(
         LOCAL=int(p.local_blocks),
         WRITE_TEMPS=temps_out is not None,
         PRECISION=precision,
-        TOPP_STOP=1 << (23 - min(23, max(1, (tuning or DEFAULT_TUNING).topp_mantissa_bits))),
     )
+    tun = tuning or DEFAULT_TUNING
+    stop = 1 << (23 - min(23, max(1, tun.topp_mantissa_bits)))  # bit patterns: 2^-bits relative
     # PTX inline assembly: NVIDIA GPUs only (not the interpreter, not ROCm).
     use_asm = pooled_q.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
     split_k = pooled_k_split is not None and precision == "tf32x3"
@@ -963,6 +1000,9 @@ def select_blocks(
             BN=ln.bn,
             NCAND=ln.ncand,
             ALL_CAUSAL=ln.all_causal,
+            # exact: the resident path snaps after its coarse search, the multi-pass one searches to the bit
+            TOPP_STOP=stop if resident or not tun.topp_exact else 1,
+            SNAP=resident and tun.topp_exact and stop > 1,
             NB=ln.bands,
             num_warps=ln.num_warps,
             num_stages=ln.num_stages,

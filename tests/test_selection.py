@@ -287,12 +287,66 @@ def test_coarse_top_p_resolution_keeps_a_superset_within_its_bound(resident_max_
     cfg, bands = PrismConfig(rule="paper", high_threshold=0.9, low_threshold=0.8), BANDS["neox64"]
     exact = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks)
     coarse = _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks,
-                  tuning=SelectionTuning(topp_mantissa_bits=4))
+                  tuning=SelectionTuning(topp_mantissa_bits=4, topp_exact=False))
     m_exact = kernel_masks(exact[0], exact[1], exact[2])[0]
     m_coarse = kernel_masks(coarse[0], coarse[1], coarse[2])[0]
     assert not (m_exact & ~m_coarse).any(), "the coarse search must keep every exactly selected block"
     assert (m_coarse & ~m_exact).any(), "4 bits on near-flat rows should admit extra blocks (else the test is vacuous)"
     compare_with_reference(chunks, qps, kps, bands, cfg, [m_coarse], eps=2**-4 + 2e-5)
+
+
+@pytest.mark.parametrize("resident_max_blocks", [16, None], ids=["multipass", "resident"])
+@pytest.mark.parametrize("inputs", ["gaussian", "uniform", "structured"])
+def test_coarse_search_finished_exactly_selects_what_the_full_search_does(resident_max_blocks, inputs):
+    # topp_exact (the default) after a coarse search: the resident rows snap to the smallest
+    # probability in their bracket and bisect on only where that did not settle; multi-pass rows
+    # search to the bit. Same blocks, same counts as the 23-bit search, bit for bit -- on rows where
+    # the 4-bit bracket holds several probabilities (near-flat "gaussian", so the snap's fallback
+    # bisection runs), rows of equal probabilities ("uniform": zero queries) and sparse ones.
+    chunks = [(5000, 3000), (0, 700)]
+    gen = torch.Generator().manual_seed(4)
+    if inputs == "structured":
+        qps, kps = _structured(chunks, 4, 1, 64, seed=8, device=DEVICE)
+    else:
+        qps, kps = [], []
+        for ctx, L in chunks:
+            _, nq, nk = R.num_blocks(ctx, L, B)
+            q = torch.randn(nq, 4, 64, generator=gen)
+            qps.append((q * 0 if inputs == "uniform" else q).to(DEVICE))
+            kps.append(torch.randn(nk, 1, 64, generator=gen).to(DEVICE))
+    cfg, bands = PrismConfig(rule="paper", high_threshold=0.9, low_threshold=0.8), BANDS["neox64"]
+    runs = {name: _run(chunks, qps, kps, bands, cfg, resident_max_blocks=resident_max_blocks, tuning=tun)
+            for name, tun in {"full": SelectionTuning(topp_mantissa_bits=23),
+                              "coarse_exact": SelectionTuning(topp_mantissa_bits=4),
+                              "coarse": SelectionTuning(topp_mantissa_bits=4, topp_exact=False)}.items()}
+    masks = {k: kernel_masks(*v[:3]) for k, v in runs.items()}
+    for a, b in zip(masks["full"], masks["coarse_exact"]):
+        assert torch.equal(a, b)
+    assert torch.equal(runs["full"][2], runs["coarse_exact"][2])  # sel_cnt
+    if inputs == "gaussian":  # else the coarse brackets may all have held one value: nothing to finish
+        assert any((c & ~f).any() for c, f in zip(masks["coarse"], masks["full"])), "vacuous: nothing to finish"
+    compare_with_reference(chunks, qps, kps, bands, cfg, masks["coarse_exact"])
+
+
+def test_min_programs_splits_short_levels_and_selects_the_same():
+    # A 128K-token request of a Llama-8B layer: the two lowest resident levels run 64 programs of 16
+    # query blocks each; min_programs halves their query blocks per program until they reach it
+    # (not below the 4 query blocks x 4 heads of one tl.dot's 16 rows).
+    base = selection_launches(32, 8, 1024, one_band=True)
+    split = selection_launches(32, 8, 1024, one_band=True, tuning=SelectionTuning(min_programs=256))
+    assert [ln.nk_pad for ln in base] == [ln.nk_pad for ln in split] == [1024, 512, 256, 128]
+    assert [ln.block_g for ln in base] == [4, 8, 16, 16]
+    assert [ln.block_g for ln in split] == [4, 8, 4, 4]
+    assert all(ln.qr == ln.block_g * 4 for ln in split)
+    # and on a small shape, where it splits every level down to one tl.dot's rows: the same blocks
+    chunks, hq, hkv = [(0, 40 * 128 + 5)], 4, 2
+    cfg, bands = CFGS["t95_80"], BANDS["neox64"]
+    qps, kps = _structured(chunks, hq, hkv, 64, seed=6, device=DEVICE)
+    a = _run(chunks, qps, kps, bands, cfg)
+    b = _run(chunks, qps, kps, bands, cfg, tuning=SelectionTuning(min_programs=10**6))
+    assert [ln.block_g for ln in selection_launches(hq, hkv, 41, tuning=SelectionTuning(min_programs=10**6))] \
+        != [ln.block_g for ln in selection_launches(hq, hkv, 41)]
+    assert all(torch.equal(x, y) for x, y in zip(kernel_masks(*a[:3]), kernel_masks(*b[:3])))
 
 
 def test_selection_rejects_bad_arguments():
