@@ -190,9 +190,15 @@ def main() -> None:  # noqa: C901 -- one linear script
         for name, kw in {
             "warps16": dict(elems_per_thread=32),
             "warps4": dict(elems_per_thread=128),
-            "topp16bits": dict(topp_mantissa_bits=16),
-            "topp12bits": dict(topp_mantissa_bits=12),
+            # the top-p search: bisection to the bit; coarser stops finished exactly (the default's
+            # way); and coarse stops kept as they are (supersets of the exact selection)
+            "topp23bits": dict(topp_mantissa_bits=23),
             "topp8bits": dict(topp_mantissa_bits=8),
+            "topp16bits_superset": dict(topp_mantissa_bits=16, topp_exact=False),
+            "topp12bits_superset": dict(topp_mantissa_bits=12, topp_exact=False),
+            "topp8bits_superset": dict(topp_mantissa_bits=8, topp_exact=False),
+            # every resident level in the query blocks per program its register budget allows
+            "minprograms0": dict(min_programs=0),
             # more query blocks per program (each key load shared by more rows), fewer / more levels
             "resident32k": dict(resident_elems=32768),
             "levels3": dict(levels=3),

@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attend", type=float, default=None, metavar="DENSITY",
                     help="also profile the FA3 attend step at this block density (needs vLLM's FA3)")
     ap.add_argument("--topp-bits", type=int, default=None, metavar="BITS",
-                    help="the selection's SelectionTuning.topp_mantissa_bits (default: the shipped tuning, 23: the "
-                         "exact top-p threshold; fewer stop its search early and keep the blocks within 2^-BITS "
-                         "relative below it too)")
+                    help="the selection's SelectionTuning.topp_mantissa_bits, the resolution its top-p search "
+                         "bisects to before it finishes exactly (default: the shipped tuning's; 23: bisection to "
+                         "the bit)")
     ap.add_argument("--once", action="store_true",
                     help="only run the estimation once per length (for a profiler: ncu -k regex:_select_kernel ...)")
     args = ap.parse_args(argv)

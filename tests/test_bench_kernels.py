@@ -295,14 +295,33 @@ def test_estimation_scripts_dry_run(tmp_path, script, config):
         assert res["topp_mantissa_bits"] == (12 if config == "default" else "default (SelectionTuning)")
     else:
         tunings = {r["tuning"] for r in res["rows"]}
-        assert {"default", "warps16", "warps4", "topp16bits", "topp12bits", "topp8bits", "resident32k", "levels3",
-                "levels6"} <= tunings
+        assert {"default", "warps16", "warps4", "topp23bits", "topp8bits", "topp16bits_superset", "topp12bits_superset",
+                "topp8bits_superset", "minprograms0", "resident32k", "levels3", "levels6"} <= tunings
         assert res["selection"] == ("the shipped defaults (PrismConfig())" if config == "default"
                                     else "PrismConfig(rule='paper')")
         # the shipped 'meanpool' rule is one band of every head dim, the paper's two RoPE bands
         assert res["bands_scored"] == (1 if config == "default" else 2)
-        exact = [r for r in res["rows"] if "topp" not in r["tuning"]]
+        exact = [r for r in res["rows"] if "superset" not in r["tuning"]]
         assert exact and all(r["rows_with_other_count_than_ieee"] == 0 for r in exact)
+
+
+def test_selection_tunings_dry_run(tmp_path):
+    """benchmarks/selection_tunings.py on CPU: every tuning on every input, and each whose search is
+    finished exactly selects what the 23-bit search does (the coarse superset may select more)."""
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "selection_tunings.py"), "--dry-run", "--out",
+                           str(out)], capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"),
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["commit"] and "selection_tunings.py" in res["command"]
+    assert {(r["inputs"], r["tuning"]) for r in res["rows"]} == {
+        (i, t) for i in ("kbench", "structured", "gaussian") for t in res["tunings"]}
+    for r in res["rows"]:
+        if "sup" in r["tuning"]:
+            assert r["extra_blocks_vs_b23"] >= 0
+        else:
+            assert r["same_as_b23"], r
 
 
 def test_a_run_stopped_by_timeout_keeps_its_rows(tmp_path):
