@@ -68,8 +68,8 @@ class PrismParams:
     score and calibrate alike and their union is the top-p set at the larger threshold; the
     selection then scores one band at max(high_threshold, low_threshold) (half the rows per
     program). ``make`` sets it when the masks agree; set by hand it is checked. Exactly the
-    two-band selection with the exact top-p search (``SelectionTuning.topp_mantissa_bits`` 23, the
-    default); a coarser search may stop at another point of the same tolerance."""
+    two-band selection with an exact top-p search (``SelectionTuning.topp_exact``, the default); a
+    coarse one (``topp_exact=False``) may stop at another point of the same tolerance."""
     sinks: Optional[torch.Tensor] = None
     """The layer's learned attention sinks, [HQ] on the bands' device (vLLM's ``impl.sinks``,
     gpt-oss style: one logit per q head in the softmax's normaliser), or None. Only the FA3 attend

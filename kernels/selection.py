@@ -738,7 +738,15 @@ class SelectionTuning:
     consumer), runs one block per SM and is latency bound; its rows span all 8 warps in the
     tl.dot accumulator's layout, so every search pass is a cross-warp reduction. Two search
     variants measured there (three thresholds per pass: 1.98 ms; a pass count fixed up front:
-    1.82 ms; default 1.83 ms at 128K) did not pay and were removed."""
+    1.82 ms; default 1.83 ms at 128K) did not pay and were removed.
+
+    The shipped one-band selection, Llama-3.1-8B layer at 128K on an H200 (2026-12-03,
+    ``benchmarks/results/selection-tunings-h200.json``, commit ed8bbc8): estimation (pool q, pool
+    k, select) 1.07 / 1.11 / 1.21 ms with the former defaults (an exact 23-bit search, the levels'
+    query blocks per program as the register budget allows) on inputs selecting 1% / 36% / 100% of
+    the blocks; 0.95 / 0.97 / 1.07 ms with a 12-bit search finished exactly and min_programs 264
+    (the same selection as the 23-bit search up to a block or two per 16M, flipped by the other
+    tl.dot shape's rounding, as between precisions); at 32K 0.30 -> 0.21 ms."""
 
     resident_elems: int = 16384
     """fp32 elements of resident scores per program ([bands * QR, NK_PAD]); more query blocks per
@@ -756,10 +764,10 @@ class SelectionTuning:
     """Resident launches: rows are split by length into (NK/2, NK], ... so that a register row
     is at least half causal; the lowest level takes all shorter rows."""
     multipass_warps: int = 8
-    topp_mantissa_bits: int = 23
+    topp_mantissa_bits: int = 12
     """Resolution of the top-p threshold search: 23 bisects to the float bit; fewer bits stop the
     bisection once [lo, hi) is narrower than 2^-bits relative (12 bits: ~11 fewer of ~27 steps).
-    What happens then is ``topp_exact``'s."""
+    What happens then is ``topp_exact``'s (by default the exact threshold all the same)."""
     topp_exact: bool = True
     """After a search stopped early (topp_mantissa_bits < 23), find the exact threshold anyway:
     resident rows snap to the smallest probability in the bracket and test once whether the next
@@ -767,11 +775,11 @@ class SelectionTuning:
     holds two probabilities), and bisect on only where that did not settle; multi-pass rows search
     to the bit. The selection is the exact one whatever the bits. False: keep every block with p
     >= the coarse bracket's low end, i.e. also blocks within 2^-bits relative below t* (a superset)."""
-    min_programs: int = 0
+    min_programs: int = 264
     """Resident levels that would run fewer programs than this (counted for one request from
     position 0: NK/2 query blocks at level (NK/2, NK], NK at the lowest, times the kv heads) get
     fewer query blocks per program, halved while that is so (not below one tl.dot's 16 rows), so
-    that short levels spread over more SMs. 0: off."""
+    that short levels spread over more SMs (264: two per SM of an H200). 0: off."""
 
 
 DEFAULT_TUNING = SelectionTuning()
