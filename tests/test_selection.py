@@ -332,8 +332,10 @@ def test_min_programs_splits_short_levels_and_selects_the_same():
     # A 128K-token request of a Llama-8B layer: the two lowest resident levels run 64 programs of 16
     # query blocks each; min_programs halves their query blocks per program until they reach it
     # (not below the 4 query blocks x 4 heads of one tl.dot's 16 rows).
-    base = selection_launches(32, 8, 1024, one_band=True)
+    base = selection_launches(32, 8, 1024, one_band=True, tuning=SelectionTuning(min_programs=0))
     split = selection_launches(32, 8, 1024, one_band=True, tuning=SelectionTuning(min_programs=256))
+    # the default, 264 (two per SM of an H200), also splits the 512 level: every level at 4
+    assert [ln.block_g for ln in selection_launches(32, 8, 1024, one_band=True)] == [4, 4, 4, 4]
     assert [ln.nk_pad for ln in base] == [ln.nk_pad for ln in split] == [1024, 512, 256, 128]
     assert [ln.block_g for ln in base] == [4, 8, 16, 16]
     assert [ln.block_g for ln in split] == [4, 8, 4, 4]
@@ -342,10 +344,10 @@ def test_min_programs_splits_short_levels_and_selects_the_same():
     chunks, hq, hkv = [(0, 40 * 128 + 5)], 4, 2
     cfg, bands = CFGS["t95_80"], BANDS["neox64"]
     qps, kps = _structured(chunks, hq, hkv, 64, seed=6, device=DEVICE)
-    a = _run(chunks, qps, kps, bands, cfg)
+    a = _run(chunks, qps, kps, bands, cfg, tuning=SelectionTuning(min_programs=0))
     b = _run(chunks, qps, kps, bands, cfg, tuning=SelectionTuning(min_programs=10**6))
     assert [ln.block_g for ln in selection_launches(hq, hkv, 41, tuning=SelectionTuning(min_programs=10**6))] \
-        != [ln.block_g for ln in selection_launches(hq, hkv, 41)]
+        != [ln.block_g for ln in selection_launches(hq, hkv, 41, tuning=SelectionTuning(min_programs=0))]
     assert all(torch.equal(x, y) for x, y in zip(kernel_masks(*a[:3]), kernel_masks(*b[:3])))
 
 
