@@ -34,7 +34,7 @@ from prism_vllm.attention_backend import backend as pb  # noqa: E402
 from prism_vllm.attention_backend.rope_source import resolve_rotary  # noqa: E402
 from prism_vllm.attention_backend.routing import route_prism_suffix  # noqa: E402
 from prism_vllm.kernels import BlockSelection  # noqa: E402
-from prism_vllm.rope import RopeLayout, rope_bands, rope_inv_freq  # noqa: E402
+from prism_vllm.rope import RopeLayout, prism_bands, rope_inv_freq  # noqa: E402
 
 HQ, HKV, D = 4, 2, 64
 DTYPE = torch.float16
@@ -459,7 +459,7 @@ def _expected(b: Batch, p: Paged, start: Optional[int], dense_flags, cfg: PrismC
     """Per request: dense causal attention (FlashAttention part, dense rows, non-Prism layers)
     or reference.prism_attention (NeoX RoPE, rotary dim D); with learned ``sinks``, the same
     attention over the same blocks with them."""
-    bands = rope_bands(RopeLayout(D, D, True, 10000.0), *cfg.band_dims(D))
+    bands = prism_bands(RopeLayout(D, D, True, 10000.0), cfg)  # the rule's bands, as the backend builds them
     out, masks = [], {}
     qsl = b.qsl.tolist()
     for r, (c, q) in enumerate(b.reqs):
