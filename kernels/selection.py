@@ -745,8 +745,9 @@ class SelectionTuning:
     k, select) 1.07 / 1.11 / 1.21 ms with the former defaults (an exact 23-bit search, the levels'
     query blocks per program as the register budget allows) on inputs selecting 1% / 36% / 100% of
     the blocks; 0.95 / 0.97 / 1.07 ms with a 12-bit search finished exactly and min_programs 264
-    (the same selection as the 23-bit search up to a block or two per 16M, flipped by the other
-    tl.dot shape's rounding, as between precisions); at 32K 0.30 -> 0.21 ms."""
+    (the 23-bit search's selection up to a few blocks per input, the net count within one: the
+    other tl.dot shape's rounding flips knife-edge blocks, as other precisions do); at 32K 0.30 ->
+    0.21 ms."""
 
     resident_elems: int = 16384
     """fp32 elements of resident scores per program ([bands * QR, NK_PAD]); more query blocks per
@@ -772,9 +773,10 @@ class SelectionTuning:
     """After a search stopped early (topp_mantissa_bits < 23), find the exact threshold anyway:
     resident rows snap to the smallest probability in the bracket and test once whether the next
     bit pattern still keeps the mass (nearly always settled: a bracket of 2^-12 relative rarely
-    holds two probabilities), and bisect on only where that did not settle; multi-pass rows search
-    to the bit. The selection is the exact one whatever the bits. False: keep every block with p
-    >= the coarse bracket's low end, i.e. also blocks within 2^-bits relative below t* (a superset)."""
+    holds two probabilities); a program with a row not settled bisects on to the bit (all its rows
+    pay those passes); multi-pass rows search to the bit. The selection is the exact one whatever
+    the bits. False: keep every block with p >= the coarse bracket's low end, i.e. also blocks
+    within 2^-bits relative below t* (a superset)."""
     min_programs: int = 264
     """Resident levels that would run fewer programs than this (counted for one request from
     position 0: NK/2 query blocks at level (NK/2, NK], NK at the lowest, times the kv heads) get

@@ -344,8 +344,9 @@ def test_min_programs_splits_short_levels_and_selects_the_same():
     chunks, hq, hkv = [(0, 40 * 128 + 5)], 4, 2
     cfg, bands = CFGS["t95_80"], BANDS["neox64"]
     qps, kps = _structured(chunks, hq, hkv, 64, seed=6, device=DEVICE)
-    a = _run(chunks, qps, kps, bands, cfg, tuning=SelectionTuning(min_programs=0))
-    b = _run(chunks, qps, kps, bands, cfg, tuning=SelectionTuning(min_programs=10**6))
+    # fp32 FMA ("ieee"): on a GPU, tf32 tensor-core dots of other shapes may round a knife-edge block
+    a = _run(chunks, qps, kps, bands, cfg, tuning=SelectionTuning(min_programs=0), precision="ieee")
+    b = _run(chunks, qps, kps, bands, cfg, tuning=SelectionTuning(min_programs=10**6), precision="ieee")
     assert [ln.block_g for ln in selection_launches(hq, hkv, 41, tuning=SelectionTuning(min_programs=10**6))] \
         != [ln.block_g for ln in selection_launches(hq, hkv, 41, tuning=SelectionTuning(min_programs=0))]
     assert all(torch.equal(x, y) for x, y in zip(kernel_masks(*a[:3]), kernel_masks(*b[:3])))
