@@ -77,6 +77,7 @@ def test_dry_run_json_schema(dry_run):
 
         assert r["default_rule"] == PrismConfig().rule
         assert math.isfinite(r["prism_default_ms"]) and r["prism_default_ms"] > 0
+        assert math.isfinite(r["prism_default_gpu_ms"]) and r["prism_default_gpu_ms"] > 0
         assert 0.0 < r["prism_default_density"] <= 1.0
     for r in res["break_even"]:
         assert math.isfinite(r["total_ms"]) and r["total_ms"] > 0
