@@ -206,15 +206,15 @@ def bench(fn: Callable[[], Any], s: Setup) -> float:
     return statistics.median(a.elapsed_time(b) for a, b in zip(starts, ends))
 
 
-def bench_gpu(fn: Callable[[], Any], s: Setup, n: int = 20) -> float:
+def bench_gpu(fn: Callable[[], Any], s: Setup, n: int = 20, trials: int = 3) -> float:
     """GPU milliseconds per call of fn(): n calls queued behind a sleeping kernel, so that the
     host's time to issue them is hidden (bench() times each call on its own and reads the host
-    time where it is the larger, e.g. a short estimation); median of three. CPU: bench()."""
+    time where it is the larger, e.g. a short estimation); median of ``trials``. CPU: bench()."""
     if s.device != "cuda":
         return bench(fn, s)
     fn()
     gpus = []
-    for _ in range(3):
+    for _ in range(trials):
         torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda._sleep(int(2e9 * 0.1))  # ~0.1 s: longer than issuing n calls

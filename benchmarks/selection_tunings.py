@@ -21,7 +21,6 @@ import datetime
 import importlib.util
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -49,26 +48,6 @@ TUNINGS = {
 }
 
 
-def gpu_ms(fn, n: int = 10) -> float:
-    if DEV == "cpu":
-        fn()
-        return 0.0
-    for _ in range(3):
-        fn()
-    gs = []
-    for _ in range(5):
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(int(2e8))
-        a.record()
-        for _ in range(n):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        gs.append(a.elapsed_time(b) / n)
-    return statistics.median(gs)
-
-
 def main() -> None:
     from benchmarks.estimation_sweep import _git_commit, _inputs
     from prism_vllm.config import PrismConfig
@@ -88,6 +67,12 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="CPU plumbing check: interpreter, tiny shapes")
     args = ap.parse_args()
     hq, hkv, d = (4, 1, 64) if DRY else (32, 8, 128)
+    s = kb.Setup(device=DEV, dtype=torch.float16 if DRY else torch.bfloat16)
+    s.hq, s.hkv, s.d = hq, hkv, d
+
+    def gpu_ms(fn) -> float:  # 10 calls queued behind a sleep, median of 5 (CPU: one call's wall time)
+        return kb.bench_gpu(fn, s, n=10, trials=5)
+
     lengths = [2560] if DRY else [int(x) for x in args.lengths.split(",")]
     cfg = PrismConfig()
     params = PrismParams.make(bands=prism_bands(RopeLayout(d, d, True), cfg), scale=d**-0.5, config=cfg, device=DEV)
@@ -99,8 +84,6 @@ def main() -> None:
         for kind in ("kbench", "structured", "gaussian"):
             gen = torch.Generator(device=DEV).manual_seed(2)
             if kind == "kbench":
-                s = kb.Setup(device=DEV, dtype=torch.float16 if DRY else torch.bfloat16)
-                s.hq, s.hkv, s.d = hq, hkv, d
                 q, k = kb.make_structured_qk(L, s, gen)
                 kv = kb.make_paged(k, kb.randn((L, hkv, d), s, gen), s, gen)
                 k_cache, table = kv.k, kv.block_table

@@ -818,7 +818,7 @@ class SelectionLaunch:
 
 
 def _resident_launch(t: SelectionTuning, g_pad: int, nk_pad: int, lvl_lo: int, lvl_hi: int,
-                     nb: int, num_kv_heads: int = 1) -> SelectionLaunch:
+                     nb: int, num_kv_heads: int) -> SelectionLaunch:
     # a program holds nb * QR register rows: one band doubles the q rows in the same registers
     block_g = max(1, min(2 * t.max_q_rows // (nb * g_pad), t.resident_elems // (nb * g_pad * nk_pad)))
     # QR is at least 16 // nb rows (tl.dot): fill them with query blocks rather than padding (the
