@@ -21,6 +21,7 @@ __all__ = [
     "launch_call",
     "recording",
     "LaunchReplay",
+    "DirectLaunch",
     "strides",
     "AtLeast",
     "check",
@@ -56,16 +57,21 @@ DTypes = Union[torch.dtype, Sequence[torch.dtype]]
 # ----------------------------------------------------------------------------------------------
 # launches, recorded for replay
 # ----------------------------------------------------------------------------------------------
-_RECORDERS: list[list[tuple[Any, Optional[tuple[int, ...]], dict[str, Any]]]] = []
+#: One recorded launch: (kernel, grid, kwargs, compiled), ``compiled`` the kernel Triton ran for
+#: that call (``triton.compiler.CompiledKernel``; None for a non-Triton call, e.g. FA3, or under
+#: the Triton interpreter, which compiles nothing).
+Recorded = tuple[Any, Optional[tuple[int, ...]], dict[str, Any], Any]
+_RECORDERS: list[list[Recorded]] = []
 
 
 def launch(kernel: Any, grid: tuple[int, ...], **kwargs: Any) -> None:
     """``kernel[grid](**kwargs)``, recorded when a ``recording()`` is open (so a caller can replay
     the launches of a checked call). The estimation's launchers (pooling, selection) start their
     kernels only this way and do no other device work, which is what makes their calls replayable."""
-    kernel[grid](**kwargs)
+    ran = kernel[grid](**kwargs)  # a JITFunction returns the CompiledKernel it launched
+    compiled = ran if _is_compiled(ran) else None
     for calls in _RECORDERS:  # every open recording: an outer one replays the inner ones' launches too
-        calls.append((kernel, grid, kwargs))
+        calls.append((kernel, grid, kwargs, compiled))
 
 
 def launch_call(fn: Callable[..., Any], **kwargs: Any) -> None:
@@ -73,13 +79,21 @@ def launch_call(fn: Callable[..., Any], **kwargs: Any) -> None:
     ``launch`` (replayed as ``fn(**kwargs)`` with the inputs swapped in)."""
     fn(**kwargs)
     for calls in _RECORDERS:
-        calls.append((fn, None, kwargs))
+        calls.append((fn, None, kwargs, None))
+
+
+def _is_compiled(obj: Any) -> bool:
+    try:
+        from triton.compiler import CompiledKernel
+    except ImportError:  # pragma: no cover - triton is a dependency
+        return False
+    return isinstance(obj, CompiledKernel)
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[list[tuple[Any, tuple[int, ...], dict[str, Any]]]]:
-    """Collect the (kernel, grid, kwargs) of every ``launch`` made inside the block."""
-    calls: list[tuple[Any, tuple[int, ...], dict[str, Any]]] = []
+def recording() -> Iterator[list[Recorded]]:
+    """Collect the (kernel, grid, kwargs, compiled) of every ``launch`` made inside the block."""
+    calls: list[Recorded] = []
     _RECORDERS.append(calls)
     try:
         yield calls
@@ -87,6 +101,52 @@ def recording() -> Iterator[list[tuple[Any, tuple[int, ...], dict[str, Any]]]]:
         # by identity (list == would compare the recorded tensors); nested blocks close innermost first
         assert _RECORDERS and _RECORDERS[-1] is calls, "recording() blocks must close innermost first"
         _RECORDERS.pop()
+
+
+#: Byte alignment Triton specialises tensor arguments on (``tt.divisibility``): a replayed
+#: launch passes a swapped tensor straight to the compiled kernel only when it falls in the same
+#: class as the recorded one.
+_ALIGN = 16
+
+
+class DirectLaunch:
+    """A recorded Triton launch relaunched through the kernel Triton compiled for it.
+
+    Why: ``kernel[grid](**kwargs)`` binds and specialises every argument and builds a cache key
+    from all of them on each call: tens of microseconds per launch on the host, several times the
+    GPU time of an 8K estimation's launches. A replay's launches differ from the recorded ones only
+    in the swapped tensors, so they can run the recorded binary (``CompiledKernel[grid](*args)``,
+    the arguments in the kernel's parameter order) once each swapped tensor is what the binary was
+    specialised for: the same dtype and the same 16-byte alignment class. Anything else returns
+    False and the caller launches the normal way (which compiles or picks the right variant).
+    """
+
+    __slots__ = ("compiled", "grid", "args", "swap")
+
+    def __init__(self, kernel: Any, grid: tuple[int, ...], kwargs: dict[str, Any], compiled: Any,
+                 swap: Sequence[tuple[str, int]]) -> None:
+        names = [p.name for p in kernel.params]
+        pos = {n: i for i, n in enumerate(names)}
+        # kwargs that are not parameters (num_warps, num_stages, ...) are compile options: the
+        # binary already has them
+        self.args = [kwargs[p.name] if p.name in kwargs else p.default for p in kernel.params]
+        self.swap = []
+        for name, slot in swap:
+            t = kwargs[name]
+            self.swap.append((pos[name], slot, t.dtype, t.data_ptr() % _ALIGN == 0))
+            self.args[pos[name]] = None  # hold no input
+        self.compiled = compiled
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+
+    def __call__(self, inputs: Sequence[Optional[torch.Tensor]]) -> bool:
+        args = self.args.copy()
+        for p, slot, dtype, aligned in self.swap:
+            t = inputs[slot]
+            if t is None or t.dtype != dtype or (t.data_ptr() % _ALIGN == 0) != aligned:
+                return False
+            args[p] = t
+        self.compiled[self.grid](*args)
+        return True
 
 
 class LaunchReplay:
@@ -98,8 +158,9 @@ class LaunchReplay:
     in every layer with only the layer's q and cache tensors changed. Built from a ``recording()``
     of the checked call and the tensors of that call that later calls replace (by identity: an
     input tensor's kwargs are those holding that very object), it relaunches the same kernels
-    with those kwargs swapped and nothing else recomputed. Triton still specialises each launch
-    (pointer alignment), so a replayed launch runs the kernel a fresh call would.
+    with those kwargs swapped and nothing else recomputed. A Triton launch reruns the binary of
+    the recorded call (``DirectLaunch``) when the swapped tensors fit its specialisation, else
+    goes through ``kernel[grid]`` as a fresh call would (``direct`` counts the launches that can).
 
     The caller guarantees the rest is unchanged: hold it only under a key of everything else
     the launches read (see ``prefill.prism_estimate``). The recorded kwargs keep no input: those
@@ -107,19 +168,23 @@ class LaunchReplay:
     activations alive.
     """
 
-    __slots__ = ("calls", "keep")
+    __slots__ = ("calls", "keep", "direct")
 
-    def __init__(self, calls: Sequence[tuple[Any, Optional[tuple[int, ...]], dict[str, Any]]],
-                 inputs: Sequence[Optional[torch.Tensor]], keep: Any = None) -> None:
+    def __init__(self, calls: Sequence[Recorded], inputs: Sequence[Optional[torch.Tensor]], keep: Any = None) -> None:
         self.keep = keep  # what the caller's key names by id() (kept alive, so the id stays its own)
         slot = {id(t): i for i, t in enumerate(inputs) if t is not None}
         self.calls = []
-        for kernel, grid, kwargs in calls:
+        for kernel, grid, kwargs, compiled in calls:
             swap = [(k, slot[id(v)]) for k, v in kwargs.items() if id(v) in slot]
-            self.calls.append((kernel, grid, {k: (None if id(v) in slot else v) for k, v in kwargs.items()}, swap))
+            direct = None if compiled is None else DirectLaunch(kernel, grid, kwargs, compiled, swap)
+            self.calls.append((kernel, grid, {k: (None if id(v) in slot else v) for k, v in kwargs.items()}, swap,
+                               direct))
+        self.direct = sum(c[4] is not None for c in self.calls)
 
     def __call__(self, *inputs: Optional[torch.Tensor]) -> None:
-        for kernel, grid, kwargs, swap in self.calls:
+        for kernel, grid, kwargs, swap, direct in self.calls:
+            if direct is not None and direct(inputs):
+                continue
             if swap:
                 kwargs = dict(kwargs)
                 for k, i in swap:

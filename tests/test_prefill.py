@@ -11,7 +11,9 @@ import weakref
 
 import pytest
 import torch
+import triton.language as tl
 from conftest import DEVICE, make_paged_kv
+from triton.runtime.jit import JITFunction
 from prism_vllm.kernels import PrismParams, PrismWorkspace, make_plan, prism_estimate, prism_prefill
 from test_selection import compare_with_reference
 
@@ -436,13 +438,123 @@ def test_launch_recordings_nest_and_close_by_identity():
             L.launch(k, (2,), x=t)
         with L.recording() as empty:
             pass
-    assert [g for _, g, _ in outer] == [(1,), (2,)] and [g for _, g, _ in inner] == [(2,)] and empty == []
+    assert [g for _, g, _, _ in outer] == [(1,), (2,)] and [g for _, g, _, _ in inner] == [(2,)] and empty == []
     assert not L._RECORDERS
     replay = L.LaunchReplay(outer, [t])
-    assert all(kw["x"] is None for _, _, kw, _ in replay.calls), "inputs are not held"
+    assert all(kw["x"] is None for _, _, kw, _, _ in replay.calls), "inputs are not held"
+    assert replay.direct == 0, "a launch that returned no CompiledKernel replays through kernel[grid]"
     u = torch.ones(3)
     replay(u)
     assert [kw["x"] is u for _, kw in k.calls[-2:]] == [True, True]
+
+
+def _toy(x, y, n, stride_x, D: tl.constexpr, FLAG: tl.constexpr = False):
+    """Never launched: its parameters are what DirectLaunch orders a replay's arguments by."""
+    tl.store(x + n, tl.load(y + n))
+
+
+# a JITFunction even under the Triton interpreter (where @triton.jit makes an InterpretedFunction)
+_toy_kernel = JITFunction(_toy)
+
+
+class _Compiled:
+    """Stands in for the CompiledKernel a launch returned: records each relaunch."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args: self.launches.append((grid, args))
+
+
+class _Kernel:
+    """A JITFunction's parameters (the real ``_toy_kernel``'s) with ``kernel[grid](**kw)`` recorded."""
+
+    params = _toy_kernel.params
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda **kw: self.launches.append((grid, kw))
+
+
+def test_replay_relaunches_the_recorded_binary_with_arguments_in_parameter_order():
+    """A replayed Triton launch passes the compiled kernel every parameter in the kernel's order
+    (kwargs given in any order, defaults filled, compile options such as num_warps left out) with
+    the swapped tensors in place; a swapped tensor of another dtype or 16-byte alignment class, or
+    a missing one, goes through kernel[grid](**kwargs) instead (Triton picks or compiles the
+    variant for it)."""
+    from prism_vllm.kernels import _launch as L
+
+    x, y, other = torch.zeros(64), torch.ones(64), torch.zeros(8, dtype=torch.int32)
+    kernel, compiled = _Kernel(), _Compiled()
+    kw = dict(D=64, stride_x=3, n=5, y=other, x=x, num_warps=4)
+    replay = L.LaunchReplay([(kernel, (7,), kw, compiled), (kernel, (2, 3), dict(kw), None)], [x])
+    assert replay.direct == 1
+    assert all(kw_["x"] is None for _, _, kw_, _, _ in replay.calls), "inputs are not held"
+    assert all(v is not x for v in replay.calls[0][4].args), "nor by the direct launch"
+
+    u = torch.full((64,), 2.0)
+    replay(u)
+    assert compiled.launches == [((7, 1, 1), (u, other, 5, 3, 64, False))]
+    assert len(kernel.launches) == 1 and kernel.launches[0][0] == (2, 3) and kernel.launches[0][1]["x"] is u
+
+    for bad in (torch.zeros(64, dtype=torch.float16), torch.zeros(65)[1:], None):  # dtype, alignment, absent
+        replay(bad)
+        assert len(compiled.launches) == 1, "the recorded binary is not run for another specialisation"
+        assert kernel.launches[-2][0] == (7,) and kernel.launches[-2][1]["x"] is bad
+        assert kernel.launches[-2][1]["num_warps"] == 4 and kernel.launches[-2][1]["y"] is other
+
+
+@pytest.mark.gpu
+def test_gpu_replays_run_the_recorded_binaries(monkeypatch):
+    """On a GPU a step's later layers relaunch the binaries Triton compiled for the first layer's
+    launches (DirectLaunch): every estimation launch replays that way and selects exactly what a
+    fresh workspace selects; a q of the same layout but another alignment class replays through
+    kernel[grid] (Triton's own variant for it) and is exact too."""
+    import prism_vllm.kernels._launch as L
+
+    chunks, hq, hkv, d = [(0, 4096), (1024, 3000)], 8, 2, 128
+    cfg = PrismConfig()
+    bands = rope_bands(RopeLayout(d, d, True), *cfg.band_dims(d))
+    hits = []
+    real = L.DirectLaunch.__call__
+    monkeypatch.setattr(L.DirectLaunch, "__call__", lambda self, inputs: hits.append(real(self, inputs)) or hits[-1])
+
+    def layer(seed):
+        qs, ks, vs = _structured_tokens(chunks, hq, hkv, d, torch.bfloat16, "cuda", seed=seed)
+        k_cache, _, table = make_paged_kv(ks, vs, 16, "NHD", seed=seed)
+        params = PrismParams.make(bands=bands, scale=d**-0.5, config=cfg, device="cuda")
+        return torch.cat(qs), k_cache, table, params
+
+    plan = make_plan([0, 4096, 7096], [0, 1024], hq, B, dense_tail=cfg.dense_tail).to("cuda")
+
+    def new_ws():
+        return PrismWorkspace(plan.num_q_blocks, plan.num_k_blocks, 2, plan.sel_capacity, hq, hkv, d, "cuda")
+
+    def masks(sel):
+        return [m.clone() for m in sel.to_masks()]
+
+    a, b = layer(1), layer(2)
+    ws = new_ws()
+    prism_estimate(*a[:3], plan, a[3], ws)
+    (replay,) = ws._replays[id(plan)][1].values()
+    assert replay.direct == len(replay.calls) > 0, "every estimation launch is a Triton launch with its binary"
+    got = masks(prism_estimate(*b[:3], plan, b[3], ws))
+    assert hits == [True] * replay.direct
+    want = masks(prism_estimate(*b[:3], plan, b[3], new_ws()))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert not all(torch.equal(g, w) for g, w in zip(got, masks(prism_estimate(*a[:3], plan, a[3], new_ws()))))
+
+    n = b[0].numel()
+    odd = torch.empty(n + 8, dtype=b[0].dtype, device="cuda")[1 : n + 1].view(b[0].shape)  # 2 bytes off
+    odd.copy_(b[0])
+    assert odd.stride() == b[0].stride() and odd.data_ptr() % 16 != 0
+    hits.clear()
+    got = masks(prism_estimate(odd, *b[1:3], plan, b[3], ws))
+    assert hits and hits[0] is False, "pooling q replays through kernel[grid] for a q of another alignment"
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_learned_sinks_reach_the_fa3_attend_step_from_the_layer_params():
