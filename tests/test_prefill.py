@@ -487,7 +487,7 @@ def test_replay_relaunches_the_recorded_binary_with_arguments_in_parameter_order
     variant for it)."""
     from prism_vllm.kernels import _launch as L
 
-    x, y, other = torch.zeros(64), torch.ones(64), torch.zeros(8, dtype=torch.int32)
+    x, other = torch.zeros(64), torch.zeros(8, dtype=torch.int32)
     kernel, compiled = _Kernel(), _Compiled()
     kw = dict(D=64, stride_x=3, n=5, y=other, x=x, num_warps=4)
     replay = L.LaunchReplay([(kernel, (7,), kw, compiled), (kernel, (2, 3), dict(kw), None)], [x])
