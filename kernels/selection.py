@@ -302,6 +302,17 @@ def _halve(lo, hi, mid, ok):
 
 
 @triton.jit
+def _bisect(pb, p, lo, hi, thr, stop, M: tl.constexpr, N: tl.constexpr, USE_ASM: tl.constexpr):
+    """Top-p bisection of resident rows over probability bit patterns ``pb`` [M, N] until every
+    row's bracket [lo, hi) (lo feasible: kept mass >= thr; hi not) is at most ``stop`` wide."""
+    while tl.max(hi - lo, axis=0) > stop:
+        mid = lo + (hi - lo) // 2
+        mass = tl.sum(_kept(pb, tl.broadcast_to(mid[:, None], (M, N)), p, USE_ASM), axis=1)
+        lo, hi = _halve(lo, hi, mid, mass >= thr)
+    return lo, hi
+
+
+@triton.jit
 def _snap(pb, p, lo, hi, thr, M: tl.constexpr, N: tl.constexpr, USE_ASM: tl.constexpr):
     """The exactness step after a search stopped early, per row: [lo, hi) with lo feasible (kept
     mass >= thr) and hi not. x, the smallest probability in [lo, hi), keeps what lo keeps (none
@@ -690,16 +701,10 @@ def _select_kernel(
                 lo = _feasible_floor(thr, qbm)
                 hi = tl.maximum(tl.max(pb, axis=1) + 1, lo + 1)
                 hi = tl.where(thr >= 1.0, lo + 1, hi)  # top-p 1.0 keeps every block: no search
-                while tl.max(hi - lo, axis=0) > TOPP_STOP:
-                    mid = lo + (hi - lo) // 2
-                    mass = tl.sum(_kept(pb, tl.broadcast_to(mid[:, None], (M, NK_PAD)), p, USE_ASM), axis=1)
-                    lo, hi = _halve(lo, hi, mid, mass >= thr)
+                lo, hi = _bisect(pb, p, lo, hi, thr, TOPP_STOP, M, NK_PAD, USE_ASM)
                 if SNAP:  # coarse search, then exact: one snap, and bisection only where it did not settle
                     lo, hi = _snap(pb, p, lo, hi, thr, M, NK_PAD, USE_ASM)
-                    while tl.max(hi - lo, axis=0) > 1:
-                        mid = lo + (hi - lo) // 2
-                        mass = tl.sum(_kept(pb, tl.broadcast_to(mid[:, None], (M, NK_PAD)), p, USE_ASM), axis=1)
-                        lo, hi = _halve(lo, hi, mid, mass >= thr)
+                    lo, hi = _bisect(pb, p, lo, hi, thr, 1, M, NK_PAD, USE_ASM)
                 sel, forced = _union(p, lo, cols, qbq, QR, NK_PAD, KEEP_SINK, KEEP_DIAG, NB, LOCAL)
                 sel = tl.where(row_dense[:, None], 1, sel)
                 causal = cols[None, :] <= qbq[:, None]

@@ -526,7 +526,7 @@ def test_a_steps_later_layers_replay_the_attend_launches_with_their_own_tensors(
     layouts (per-head views of q / out) are checked and run in full every time."""
     from prism_vllm import PrismConfig
     from prism_vllm.kernels import FA3Launch, PrismParams, PrismWorkspace, prism_attend
-    from prism_vllm.rope import RopeLayout, rope_bands
+    from prism_vllm.rope import RopeLayout, prism_bands
 
     c = CASES["prefix_context_several_requests"]
     checks, fa_calls = [], []
@@ -544,7 +544,7 @@ def test_a_steps_later_layers_replay_the_attend_launches_with_their_own_tensors(
     ws = PrismWorkspace.allocate(PrismWorkspace.sizes_for(T, S, len(c.reqs), c.hq, num_kv_heads=c.hkv, head_dim=c.d,
                                                           attend_dtype=torch.float16, attend_layouts=(layout,)), DEVICE)
     cfg = PrismConfig()
-    params = PrismParams.make(bands=rope_bands(RopeLayout(c.d, c.d, True), *cfg.band_dims(c.d)), scale=c.d**-0.5,
+    params = PrismParams.make(bands=prism_bands(RopeLayout(c.d, c.d, True), cfg), scale=c.d**-0.5,
                               config=cfg, device=DEVICE)
     launch = FA3Launch(flash_attn_varlen_func=fa, attend=make_attend_plan(plan_cpu, ws.attend.capacity, layout=layout,
                                                                           num_kv_heads=c.hkv))

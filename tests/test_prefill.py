@@ -19,7 +19,7 @@ from test_selection import compare_with_reference
 
 from prism_vllm import PrismConfig
 from prism_vllm import reference as R
-from prism_vllm.rope import RopeLayout, rope_bands
+from prism_vllm.rope import RopeLayout, prism_bands, rope_bands
 
 B = 128
 TOL = {torch.float16: (4e-3, 1e-2), torch.bfloat16: (2.5e-2, 2e-2)}
@@ -517,7 +517,7 @@ def test_gpu_replays_run_the_recorded_binaries(monkeypatch):
 
     chunks, hq, hkv, d = [(0, 4096), (1024, 3000)], 8, 2, 128
     cfg = PrismConfig()
-    bands = rope_bands(RopeLayout(d, d, True), *cfg.band_dims(d))
+    bands = prism_bands(RopeLayout(d, d, True), cfg)  # the shipped one-band selection
     hits = []
     real = L.DirectLaunch.__call__
     monkeypatch.setattr(L.DirectLaunch, "__call__", lambda self, inputs: hits.append(real(self, inputs)) or hits[-1])
