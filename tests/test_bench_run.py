@@ -806,6 +806,31 @@ def test_shipped_defaults_goals_from_rows() -> None:
     assert "FLASH_ATTN again (second engine), TTFT ms" in md and "| 10.5 |" in md
 
 
+def test_shipped_defaults_goal_reads_smollm2_native_run_of_the_same_commit(tmp_path) -> None:
+    """SmolLM2 at its native context (speed-native.json) is the same model for "every length on
+    every model": the shipped-defaults goal reads it beside speed.json when both ran at the same
+    commit, and not a native run of another commit."""
+    def doc(commit, lengths, dflt):
+        rows = []
+        for L, d in zip(lengths, dflt):
+            rows += [{"model": report.SMOL_NAME, "backend": "dense", "length": L, "ttft_ms": 20.0},
+                     {"model": report.SMOL_NAME, "backend": "prism", "length": L, "ttft_ms": 30.0, "density": 0.8},
+                     {"model": report.SMOL_NAME, "backend": "prism-default", "length": L, "ttft_ms": d}]
+        return {"commit": commit, "rows": rows}
+
+    (tmp_path / "speed.json").write_text(json.dumps(doc("aaa", (16384, 32768), (20.0, 20.1))))
+    (tmp_path / "speed-native.json").write_text(json.dumps(doc("aaa", (4096, 8192), (20.0, 25.0))))
+
+    def goal():
+        (g,) = [(m, ok) for a, m, ok in report.goals(report.load_results(tmp_path))
+                if a.startswith("TTFT >= 0.98x") and "SmolLM2" in a]
+        return g
+
+    assert goal() == ("worst 0.995x at 32K; native context: worst 0.800x at 8K", False)
+    (tmp_path / "speed-native.json").write_text(json.dumps(doc("bbb", (4096, 8192), (20.0, 25.0))))
+    assert goal() == ("worst 0.995x at 32K", True)
+
+
 def test_dry_run_quality_on_fp8_kv_cache(tmp_path: Path, engine_specs: list) -> None:
     """Issue 14's perplexity and passkeys on an fp8 cache: --only quality --kv-cache-dtype fp8 runs
     every engine of the sweep (FLASH_ATTN and Prism) on fp8 into quality-fp8.json, beside (never
