@@ -165,10 +165,15 @@ case "$piece" in
     run_load; tail -15 "$out/load.log" ;;
   speed|llama8b)
     run_bench "$piece" "$LIMIT"; tail -30 "$out/bench-$piece.log" ;;
-  speed-native)  # the speed part at lengths that need no YaRN; its speed.json renamed
+  speed-native)  # the speed part at lengths that need no YaRN, in a folder of its own (the speed part
+    # writes speed.json: in $out/results it would replace a speed run's), then renamed into results/
+    out_main=$out; out=$out/native; mkdir -p "$out"
     BENCH_TAG=speed-native run_bench speed "$LIMIT" --speed-lengths 4K,8K
-    mv "$out/results/speed.json" "$out/results/speed-native.json" 2>/dev/null
-    mv "$out/results/speed.png" "$out/results/speed-native.png" 2>/dev/null
+    out=$out_main; mkdir -p "$out/results"
+    mv "$out/native/results/speed.json" "$out/results/speed-native.json" 2>/dev/null
+    mv "$out/native/results/speed.png" "$out/results/speed-native.png" 2>/dev/null
+    mv "$out/native/bench-speed-native.log" "$out/native/logs-speed-native.tgz" "$out/" 2>/dev/null
+    rm -rf "$out/native"
     tail -30 "$out/bench-speed-native.log" ;;
   speed-fp8)  # dense and Prism forced on (no shipped-defaults engine), as in speed.json's first two columns
     BENCH_TAG=speed-fp8 run_bench speed "$LIMIT" --kv-cache-dtype fp8 --no-speed-default-config
