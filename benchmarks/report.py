@@ -124,7 +124,11 @@ def speed_pairs(rows: Sequence[dict[str, Any]], model: str) -> list[dict[str, An
                         "speedup": d["ttft_ms"] / p["ttft_ms"], "density": p.get("density"),
                         "block_budget": p.get("block_budget"),
                         "prism_default_ms": pd["ttft_ms"] if pd else None,
-                        "prism_default_tokens": pd.get("prism_tokens") if pd else None,
+                        # tokens Prism served on the shipped engine: in the requests after the
+                        # warm-up where the row has them (the decision may change after the
+                        # warm-up's shadow step), else in the warm-up request
+                        "prism_default_tokens": (pd.get("prism_tokens_timed", pd.get("prism_tokens"))
+                                                 if pd else None),
                         "dense_b_ms": db["ttft_ms"] if db else None})
     return out
 

@@ -390,11 +390,19 @@ def task_speed_interleaved(engines: dict[str, Any], task: dict[str, Any], res: R
                     times[lb].append(engines[lb].prefill_seconds(p))
                 attempt(lb, timed)
         for lb in labels:
-            res.add(_speed_row(lb, L, len(prompts[0]), times[lb], warm[lb], st[lb], interleaved=interleaved))
+            # what served the requests after the warm-up (the untimed and the timed ones): the
+            # decision may change after the warm-up's shadow step, so the warm-up's counts alone
+            # do not say it
+            after = engines[lb].stats("collect") if st[lb] is not None else None
+            res.add(_speed_row(lb, L, len(prompts[0]), times[lb], warm[lb], st[lb], interleaved=interleaved,
+                               after=after))
 
 
 def _speed_row(label: str, L: int, n: int, times: list[float], warm: float, st: dict[str, Any] | None,
-               interleaved: bool) -> dict[str, Any]:
+               interleaved: bool, after: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One engine's speed row at length L; ``st``: Prism's stats collected after the warm-up
+    request (reset before it), ``after``: collected again after the timed requests, whose
+    difference is what served the requests after the warm-up (``*_tokens_timed``)."""
     med = statistics.median(times)
     row = {"task": "speed", "label": label, "length": L, "prompt_tokens": n, "ttft_ms": round(1e3 * med, 3),
            "ttft_ms_all": [round(1e3 * t, 3) for t in times], "warmup_ms": round(1e3 * warm, 3),
@@ -413,6 +421,10 @@ def _speed_row(label: str, L: int, n: int, times: list[float], warm: float, st: 
             row["auto_break_even"] = st["break_even"]
         if st.get("attend_layouts"):
             row["attend_layouts"] = st["attend_layouts"]
+        served = _stats_delta(st, after) if after is not None else None
+        if served is not None:
+            row["prism_tokens_timed"] = served["prism_tokens"]
+            row["flash_tokens_timed"] = served["flash_tokens"]
     dens = row.get("density")
     log(f"speed {label} {tok_label(L)}: TTFT {row['ttft_ms']:.1f} ms"
         + (f", density {dens:.3f}" if isinstance(dens, float) else ""))

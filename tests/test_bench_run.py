@@ -727,7 +727,7 @@ def test_vllm_quality_job_with_a_stand_in_llm(monkeypatch: pytest.MonkeyPatch, t
     assert set(ppl["prism_stats"]) >= {"prism_tokens", "selected_blocks", "causal_blocks", "block_density"}
     assert "prism_stats" not in speed and "prism_stats" in res["info"]  # job stats read before the speed task resets them
     rpc = [c[1][0] for c in calls if c[0] == "rpc"]
-    assert rpc[0] == "sample=1" and rpc[-4:] == ["reset", "sample=1", "collect", "sample=0"]
+    assert rpc[0] == "sample=1" and rpc[-5:] == ["reset", "sample=1", "collect", "sample=0", "collect"]
 
 
 @pytest.mark.vllm
@@ -763,7 +763,11 @@ def test_vllm_engine_tasks_with_a_stand_in_llm(monkeypatch: pytest.MonkeyPatch) 
     assert len(res["info"]["engine_warmup_ms"]) == worker.ENGINE_WARMUP
     assert sum(c[0] == "generate" for c in calls) == 2 + worker.ENGINE_WARMUP + 3
     # the job's own stats are read before the speed task resets them
-    assert [c[1] for c in calls if c[0] == "rpc"] == [("collect",), ("reset",), ("sample=1",), ("collect",), ("sample=0",)]
+    # ... and collected again after the timed requests: what served them (the stand-in serves none
+    # through Prism, so every token after the warm-up is FlashAttention's or uncounted: 0 here)
+    assert [c[1] for c in calls if c[0] == "rpc"] == [("collect",), ("reset",), ("sample=1",), ("collect",), ("sample=0",),
+                                                      ("collect",)]
+    assert speed["prism_tokens_timed"] == 0 and "flash_tokens_timed" in speed
 
 
 
@@ -789,6 +793,13 @@ def test_shipped_defaults_goals_from_rows() -> None:
     g = goals(rows((10.5, 15.5, 21.0), (0, 0, 900)))  # 0.95x at 8K; on only from 32K
     assert g["TTFT >= 0.98x FLASH_ATTN at every length with the shipped defaults"] is False
     assert g["Prism on from <= 16K with the shipped defaults (Llama-3.1-8B architecture, budget 0.1)"] is False
+    # the requests after the warm-up decide what served a length where the row counts them: the
+    # decision can turn Prism on after the warm-up's shadow step, or off
+    res = rows((10.1, 15.5, 21.0), (0, 0, 900))
+    for r, timed in zip([r for r in res["llama8b"]["rows"] if r["backend"] == "prism-default"], (0, 700, 0)):
+        r["prism_tokens_timed"] = timed
+    on = "Prism on from <= 16K with the shipped defaults (Llama-3.1-8B architecture, budget 0.1)"
+    assert [m for a, m, _ in report.goals(res) if a == on] == ["on from 16K"] and goals(res)[on] is False  # off at 32K
     # a repeated run of the same commit must meet it too
     res = rows((10.1, 15.5, 21.0), (0, 500, 900))
     res["llama8b"]["repeats"] = [rows((10.1, 15.5, 42.0), (0, 500, 900))["llama8b"]]  # 0.95x at 32K
