@@ -206,25 +206,35 @@ def bench(fn: Callable[[], Any], s: Setup) -> float:
     return statistics.median(a.elapsed_time(b) for a, b in zip(starts, ends))
 
 
-def bench_gpu(fn: Callable[[], Any], s: Setup, n: int = 20, trials: int = 3) -> float:
-    """GPU milliseconds per call of fn(): n calls queued behind a sleeping kernel, so that the
-    host's time to issue them is hidden (bench() times each call on its own and reads the host
-    time where it is the larger, e.g. a short estimation); median of ``trials``. CPU: bench()."""
-    if s.device != "cuda":
-        return bench(fn, s)
-    fn()
-    gpus = []
+def gpu_and_host_ms(fn: Callable[[], Any], n: int, trials: int = 3, sleep_s: float = 0.1) -> tuple[float, float]:
+    """(GPU ms, host ms) per call of fn() (CUDA): n calls queued behind a kernel sleeping about
+    ``sleep_s``, so the host's time to issue them is hidden from the GPU's and measured on its
+    own; median of ``trials`` each. Size the sleep above n calls' host time: else the GPU waited
+    for the host and its figure is an upper bound."""
+    gpus, hosts = [], []
     for _ in range(trials):
         torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(int(2e9 * 0.1))  # ~0.1 s: longer than issuing n calls
+        torch.cuda._sleep(int(2e9 * sleep_s))
         a.record()
+        t0 = time.perf_counter()
         for _ in range(n):
             fn()
+        hosts.append((time.perf_counter() - t0) * 1e3 / n)
         b.record()
         torch.cuda.synchronize()
         gpus.append(a.elapsed_time(b) / n)
-    return statistics.median(gpus)
+    return statistics.median(gpus), statistics.median(hosts)
+
+
+def bench_gpu(fn: Callable[[], Any], s: Setup, n: int = 20, trials: int = 3) -> float:
+    """GPU milliseconds per call of fn() (``gpu_and_host_ms`` after one warm-up call; bench()
+    times each call on its own and reads the host time where it is the larger, e.g. a short
+    estimation). CPU: bench()."""
+    if s.device != "cuda":
+        return bench(fn, s)
+    fn()
+    return gpu_and_host_ms(fn, n, trials)[0]
 
 
 ERRORS: list[str] = []

@@ -38,9 +38,7 @@ import functools
 import datetime as _dt
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,27 +53,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels as kb  # noqa: E402
 
 KB = 1024
-
-
-def gpu_and_host_ms(fn: Callable[[], Any], n: int, sleep_cycles: int) -> tuple[float, float]:
-    """(GPU ms per call, host ms per call) of n calls queued behind a sleeping kernel."""
-    gpus, hosts = [], []
-    for _ in range(3):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(sleep_cycles)
-        start.record()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        host = (time.perf_counter() - t0) * 1e3 / n
-        end.record()
-        # If the host took longer than the sleep the GPU waited for it: the GPU figure is then an
-        # upper bound; the caller sizes the sleep so that this does not happen.
-        torch.cuda.synchronize()
-        gpus.append(start.elapsed_time(end) / n)
-        hosts.append(host)
-    return statistics.median(gpus), statistics.median(hosts)
 
 
 def kernel_table(fn: Callable[[], Any], n: int) -> tuple[dict[str, float], float]:
@@ -195,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in parts.items():
             fn()
             row[f"{name}_events_ms"] = round(kb.bench(fn, s), 4)
-            gpu, host = gpu_and_host_ms(fn, args.reps, sleep_cycles=int(2e9 * 0.25))
+            gpu, host = kb.gpu_and_host_ms(fn, args.reps, sleep_s=0.25)
             row[f"{name}_gpu_ms"], row[f"{name}_host_ms"] = round(gpu, 4), round(host, 4)
         row["kernels_us"], row["launches_per_call"] = kernel_table(parts["estimate"], args.reps)
         if "attend" in parts:
