@@ -69,7 +69,7 @@ def launch(kernel: Any, grid: tuple[int, ...], **kwargs: Any) -> None:
     the launches of a checked call). The estimation's launchers (pooling, selection) start their
     kernels only this way and do no other device work, which is what makes their calls replayable."""
     ran = kernel[grid](**kwargs)  # a JITFunction returns the CompiledKernel it launched
-    compiled = ran if _is_compiled(ran) else None
+    compiled = ran if _is_compiled(ran) and _is_plain_jit(kernel) else None
     for calls in _RECORDERS:  # every open recording: an outer one replays the inner ones' launches too
         calls.append((kernel, grid, kwargs, compiled))
 
@@ -88,6 +88,14 @@ def _is_compiled(obj: Any) -> bool:
     except ImportError:  # pragma: no cover - triton is a dependency
         return False
     return isinstance(obj, CompiledKernel)
+
+
+def _is_plain_jit(kernel: Any) -> bool:
+    """A bare ``@triton.jit`` kernel without pre-run hooks: what ``DirectLaunch`` may relaunch
+    (an autotuner or heuristics wrapper picks its configuration and runs its hooks per call)."""
+    from triton.runtime.jit import JITFunction
+
+    return type(kernel) is JITFunction and not kernel.pre_run_hooks
 
 
 @contextlib.contextmanager
@@ -119,6 +127,9 @@ class DirectLaunch:
     the arguments in the kernel's parameter order) once each swapped tensor is what the binary was
     specialised for: the same dtype and the same 16-byte alignment class. Anything else returns
     False and the caller launches the normal way (which compiles or picks the right variant).
+    Only bare ``@triton.jit`` kernels without pre-run hooks are relaunched this way (``launch``);
+    like any ``CompiledKernel`` launch it reads the current stream and runs Triton's launch
+    hooks, but not JITFunction.run's per-call checks (changed globals, the debug knob).
     """
 
     __slots__ = ("compiled", "grid", "args", "swap")

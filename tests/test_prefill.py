@@ -500,6 +500,12 @@ def test_replay_relaunches_the_recorded_binary_with_arguments_in_parameter_order
     assert compiled.launches == [((7, 1, 1), (u, other, 5, 3, 64, False))]
     assert len(kernel.launches) == 1 and kernel.launches[0][0] == (2, 3) and kernel.launches[0][1]["x"] is u
 
+    # only bare @triton.jit kernels are relaunched directly: no wrapper, no pre-run hook
+    assert L._is_plain_jit(_toy_kernel) and not L._is_plain_jit(kernel)
+    hooked = JITFunction(_toy)
+    hooked.add_pre_run_hook(lambda *a, **k: None)
+    assert not L._is_plain_jit(hooked)
+
     for bad in (torch.zeros(64, dtype=torch.float16), torch.zeros(65)[1:], None):  # dtype, alignment, absent
         replay(bad)
         assert len(compiled.launches) == 1, "the recorded binary is not run for another specialisation"
