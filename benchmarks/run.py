@@ -134,7 +134,7 @@ class Plan:
     speed_lengths: list[int] = dataclasses.field(default_factory=lambda: [8 * KB, 16 * KB, 32 * KB, 64 * KB, 128 * KB])
     #: timed requests per engine and length (after one warm-up): 5 since 2026-12-03 (3 before), as
     #: the 0.98x goal is read at lengths where both engines serve FlashAttention and three requests
-    #: of each left a 2% reading inside FLASH_ATTN's own engine-to-engine spread (speed.json, f3e3aaa)
+    #: of each left a 2% reading inside FLASH_ATTN's own engine-to-engine spread (speed-f3e3aaa.json)
     speed_reps: int = 5
     llama_lengths: list[int] = dataclasses.field(default_factory=lambda: [16 * KB, 32 * KB, 64 * KB, 128 * KB])
     llama_reps: int = 2

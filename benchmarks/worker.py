@@ -342,7 +342,7 @@ def task_speed_interleaved(engines: dict[str, Any], task: dict[str, Any], res: R
     every engine in turn, the order rotated by r, each timed request right after an untimed one
     on the same engine (a hot burst, as one engine's back-to-back requests are). Separate engine
     processes of one backend, started one after another, read 17 to 34 ms for the same 8K prompt
-    in one session (speed.json at 705db1d, speed-native.json at 9bdb1ed): interleaving puts every
+    in one session (speed-705db1d.json, speed-native-9bdb1ed.json): interleaving puts every
     engine's requests into the same minutes, so a ratio between engines no longer carries that
     drift. The bursts came after the first interleaved run (f98685c): timed requests that each
     followed the other engines' read 26-37 ms at 8K on both FLASH_ATTN engines, against 17 ms

@@ -838,6 +838,10 @@ def test_shipped_defaults_goal_reads_smollm2_native_run_of_the_same_commit(tmp_p
         return g
 
     assert goal() == ("worst 0.995x at 32K; native context: worst 0.800x at 8K", False)
+    native = json.loads((tmp_path / "speed-native.json").read_text())
+    native["rows"].append({"model": report.SMOL_NAME, "backend": "dense-b", "length": 8192, "ttft_ms": 30.0})
+    (tmp_path / "speed-native.json").write_text(json.dumps(native))
+    assert goal()[0].endswith("FLASH_ATTN's two engines up to 50.0% apart (native context, 8K)")  # names its run
     (tmp_path / "speed-native.json").write_text(json.dumps(doc("bbb", (4096, 8192), (20.0, 25.0))))
     assert goal() == ("worst 0.995x at 32K", True)
 
