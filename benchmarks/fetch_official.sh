@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Export the official Prism package (github xinghaow99/prism, `prism/` only) into
-# benchmarks/_official/ for `benchmarks/kernels.py --official-dir benchmarks/_official`.
+# benchmarks/_official/ for `benchmarks/bench_kernels.py --official-dir benchmarks/_official`.
 # The folder is git-ignored: the official code is benchmarked beside ours, never committed.
 #
 # Usage: bash benchmarks/fetch_official.sh [GIT_DIR]

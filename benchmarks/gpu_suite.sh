@@ -101,21 +101,21 @@ case "$piece" in
     timeout 120 python -m pytest -m gpu -q -s tests/test_attend_fa3.py tests/test_pooling_fp8.py \
       > "$out/gpu-attend.log" 2>&1; echo "pytest rc=$?" >> "$out/gpu-attend.log"; tail -4 "$out/gpu-attend.log"
     log "kernel benchmark, Llama-3.1-8B layer, layouts head / group / head_views / group_views / head_halves"
-    timeout 260 python benchmarks/kernels.py --skip break_even,fp8 --commit "$sha" --out "$out/kernels-fa3-h200.json" \
+    timeout 260 python benchmarks/bench_kernels.py --skip break_even,fp8 --commit "$sha" --out "$out/kernels-fa3-h200.json" \
       > "$out/bench-fa3.log" 2>&1; echo "bench rc=$?" >> "$out/bench-fa3.log"; tail -24 "$out/bench-fa3.log"
     log "kernel benchmark, 14q/2kv d=64 layer"
-    timeout 200 python benchmarks/kernels.py --shape gqa7_d64 --skip estimation,break_even,fp8 --commit "$sha" \
+    timeout 200 python benchmarks/bench_kernels.py --shape gqa7_d64 --skip estimation,break_even,fp8 --commit "$sha" \
       --out "$out/kernels-fa3-d64-h200.json" > "$out/bench-fa3-d64.log" 2>&1; echo "bench rc=$?" >> "$out/bench-fa3-d64.log"
     tail -16 "$out/bench-fa3-d64.log" ;;
   attend-fp8)
     log "kernel benchmark, fp8 KV cache, Llama-3.1-8B layer"
-    timeout 150 python benchmarks/kernels.py --skip sparse,estimation,break_even --commit "$sha" \
+    timeout 150 python benchmarks/bench_kernels.py --skip sparse,estimation,break_even --commit "$sha" \
       --out "$out/kernels-fp8-h200.json" > "$out/bench-fp8.log" 2>&1; echo "bench rc=$?" >> "$out/bench-fp8.log"
     tail -12 "$out/bench-fp8.log" ;;
   attend-sweep)
     for shape in llama8b gqa7_d64; do
       log "attend sweep (launches, order, split-KV), $shape"
-      timeout 250 python benchmarks/kernels.py --attend-sweep --shape $shape --commit "$sha" \
+      timeout 250 python benchmarks/bench_kernels.py --attend-sweep --shape $shape --commit "$sha" \
         --out "$out/kernels-attend-sweep-$shape-h200.json" > "$out/attend-sweep-$shape.log" 2>&1
       echo "sweep rc=$?" >> "$out/attend-sweep-$shape.log"; tail -16 "$out/attend-sweep-$shape.log"
     done ;;
@@ -154,7 +154,7 @@ case "$piece" in
       tests/test_prefill.py -k "not every_candidate" > "$out/gpu-kernels.log" 2>&1; echo "pytest rc=$?" >> "$out/gpu-kernels.log"
     tail -3 "$out/gpu-kernels.log"
     log "kernel benchmark"
-    python -P benchmarks/kernels.py --official-dir benchmarks/_official --commit "$sha" --out "$out/kernels-h200.json" --plot \
+    python -P benchmarks/bench_kernels.py --official-dir benchmarks/_official --commit "$sha" --out "$out/kernels-h200.json" --plot \
       > "$out/bench.log" 2>&1; echo "bench rc=$?" >> "$out/bench.log"; tail -32 "$out/bench.log" ;;
   vllm)
     run_vllm; summary "$out/gpu-vllm.log" ;;

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Plot benchmarks/kernels.py's JSON: speedup over FA3 dense by density for each length, the
+"""Plot benchmarks/bench_kernels.py's JSON: speedup over FA3 dense by density for each length, the
 estimation times, and the break-even rows. Writes a PNG next to the JSON (or to --png).
 
     python benchmarks/plot_kernels.py benchmarks/results/kernels-h200.json

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Where the estimation's time goes (issue 11): GPU time per kernel vs host time per call.
 
-``benchmarks/kernels.py`` times a call with CUDA events around back-to-back calls, which measures
+``benchmarks/bench_kernels.py`` times a call with CUDA events around back-to-back calls, which measures
 the larger of the GPU's work and the host's launch work. This script separates the two for the
 Llama-3.1-8B layer shape (32 q heads, 8 kv heads, D 128, bf16, structured synthetic q/k of
 ``kernels.make_structured_qk``, one request in a paged cache) at each length:
 
-  events_ms  kernels.bench(): CUDA events around back-to-back calls (what kernels.py reports)
+  events_ms  bench_kernels.bench(): CUDA events around back-to-back calls (what bench_kernels.py reports)
   gpu_ms     the GPU's own time per call: the calls are queued behind a sleeping kernel, so the
              host is never what the GPU waits for, then timed with events (median of 3 batches)
   host_ms    the host's time to issue one call (Python, checks, Triton launches), measured while
@@ -47,10 +47,10 @@ if "--dry-run" in sys.argv:
 
 import torch  # noqa: E402
 
-# benchmarks/kernels.py by its path (run as a script: the repo root on sys.path would shadow the
+# benchmarks/bench_kernels.py by its path (run as a script: the repo root on sys.path would shadow the
 # installed package's prism_vllm with the bare prism_vllm/ folder)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernels as kb  # noqa: E402
+import bench_kernels as kb  # noqa: E402
 
 KB = 1024
 

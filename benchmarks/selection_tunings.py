@@ -3,7 +3,7 @@ GPU time of the selection alone and of the whole estimation per SelectionTuning,
 selects what the 23-bit search does.
 
 Llama-3.1-8B layer (32 q / 8 kv heads, d=128), one request of L tokens from position 0, three
-inputs: ``kbench`` (benchmarks/kernels.py's structured q/k, the kernel benchmark's input: ~1-3%
+inputs: ``kbench`` (benchmarks/bench_kernels.py's structured q/k, the kernel benchmark's input: ~1-3%
 of the blocks selected), ``structured`` and ``gaussian`` (benchmarks/estimation_sweep.py's: ~40%
 and ~100%). GPU time: 10 calls queued behind a sleeping kernel (host time hidden), median of 5.
 ``same_as_b23``: the same counts and blocks as the first tuning (23 bits, the former default);
@@ -55,7 +55,7 @@ def main() -> None:
     from prism_vllm.kernels.selection import DEFAULT_TUNING, select_blocks
     from prism_vllm.rope import RopeLayout, prism_bands
 
-    spec = importlib.util.spec_from_file_location("bench_kernels", HERE / "kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_kernels", HERE / "bench_kernels.py")
     kb = importlib.util.module_from_spec(spec)
     sys.modules["bench_kernels"] = kb
     spec.loader.exec_module(kb)

@@ -158,7 +158,7 @@ HALVES_MAX_HEAD_DIM = 64
 #: long rows: up to COPY_MAX_SPLITS / VIEW_MAX_SPLITS, and never more accumulator bytes than
 #: SPLIT_ACCUM_BYTES. Chosen from FA3's source; on the H200 at db58eb6 the attend step with this
 #: bound timed as before per block (benchmarks/RESULTS.md) and a load test's server memory stayed
-#: flat; not yet timed against FA3's own heuristic (``kernels.py --attend-sweep``).
+#: flat; not yet timed against FA3's own heuristic (``benchmarks/bench_kernels.py --attend-sweep``).
 COPY_SPLITS = 1
 SPLIT_FREE_WAVES = 2
 COPY_MAX_SPLITS = 128

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py plumbing on CPU: the --dry-run end to end (Triton interpreter, fp16, tiny
+"""benchmarks/bench_kernels.py plumbing on CPU: the --dry-run end to end (Triton interpreter, fp16, tiny
 shapes, no FA3, no official code), and its fixed masks through BlockSelection against plain torch."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "benchmarks" / "kernels.py"
+BENCH = REPO / "benchmarks" / "bench_kernels.py"
 
 
 def _load_bench():

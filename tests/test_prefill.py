@@ -269,7 +269,7 @@ def test_estimation_budget_128k():
     )
     assert temp_mb < 1.0, "launchers must not allocate"
     assert buffers_mb <= 64.0
-    # The 1.0 ms target is measured and reported by benchmarks/kernels.py, not asserted here
+    # The 1.0 ms target is measured and reported by benchmarks/bench_kernels.py, not asserted here
     # (a timed assertion fails on a loaded GPU and proves nothing a benchmark doesn't).
 
 

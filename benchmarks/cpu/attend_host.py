@@ -1,5 +1,5 @@
 """CPU check: our Python host time per bucket of the FA3 attend step's checked path (q copy,
-table build and output scatter launched per bucket, benchmarks/kernels.py's "copies" column) with
+table build and output scatter launched per bucket, benchmarks/bench_kernels.py's "copies" column) with
 every Triton launch stubbed out, so only the Python argument work is timed. Llama-3.1-8B layer,
 one 128K-token request, 10% fixed mask. Usage: PYTHONPATH=. python benchmarks/cpu/attend_host.py
 (a tree at another commit: put its package first on PYTHONPATH, as gpu_suite.sh's link tree does)."""
@@ -7,7 +7,7 @@ import time
 
 import torch
 
-import benchmarks.kernels as kb
+import benchmarks.bench_kernels as kb
 from prism_vllm.kernels import attend_fa3 as af
 
 af.launch = lambda *a, **k: None  # the host path only

@@ -51,14 +51,14 @@ commands of benchmarks/gpu_suite.sh's attend piece skip it; its attend-fp8 piece
 
 Usage (GPU machine, from the repo root; vLLM staged for FA3):
     bash benchmarks/fetch_official.sh     # here, then carry benchmarks/_official
-    python benchmarks/kernels.py --official-dir benchmarks/_official --commit $SHA
-    python benchmarks/kernels.py --sweep  # sparse_prefill launch settings, one table
-    python benchmarks/kernels.py --attend-sweep  # the FA3 attend step's copy launches and sequence order
-    python benchmarks/kernels.py --skip sparse,estimation,break_even --out kernels-fp8-h200.json  # fp8 rows only
-    python benchmarks/kernels.py --shape gqa7_d64 --skip fp8 --out kernels-gqa7-h200.json  # the four attend layouts, d=64
+    python benchmarks/bench_kernels.py --official-dir benchmarks/_official --commit $SHA
+    python benchmarks/bench_kernels.py --sweep  # sparse_prefill launch settings, one table
+    python benchmarks/bench_kernels.py --attend-sweep  # the FA3 attend step's copy launches and sequence order
+    python benchmarks/bench_kernels.py --skip sparse,estimation,break_even --out kernels-fp8-h200.json  # fp8 rows only
+    python benchmarks/bench_kernels.py --shape gqa7_d64 --skip fp8 --out kernels-gqa7-h200.json  # the four attend layouts, d=64
     python benchmarks/plot_kernels.py benchmarks/results/kernels-h200.json
 CPU plumbing check (TRITON_INTERPRET=1, fp16, tiny shapes, no FA3, no official):
-    python benchmarks/kernels.py --dry-run --out /tmp/k.json
+    python benchmarks/bench_kernels.py --dry-run --out /tmp/k.json
 """
 
 from __future__ import annotations
@@ -1455,7 +1455,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "gpu": torch.cuda.get_device_name() if s.device == "cuda" else "cpu (dry run, TRITON_INTERPRET=1)",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": args.commit or os.environ.get("PRISM_COMMIT") or git_commit(),
-        "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(["kernels.py", *argv]),
+        "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(["bench_kernels.py", *argv]),
         "setup": {"hq": s.hq, "hkv": s.hkv, "head_dim": s.d, "dtype": str(s.dtype).replace("torch.", ""),
                   "page_size": s.page, "prism_block": s.block, "causal": True, "requests": 1,
                   "block_table": "random permutation", "timing": f"median of CUDA-event timed calls after warm-up, "
