@@ -908,3 +908,30 @@ def test_repeat_of_another_commit_is_not_a_repeat(tmp_path):
         assert "repeats" not in report.load_results(tmp_path)["speed"]
     (tmp_path / "speed.json").unlink()  # a repeat without its run: nothing to attach it to
     assert "speed" not in report.load_results(tmp_path)
+
+
+def test_benchmarks_keep_the_checkouts_root_behind_installed_packages() -> None:
+    """``python -m benchmarks.X`` / ``python -c`` from the checkout put its root first on sys.path,
+    where the top-level kernels/ folder would shadow Hugging Face's ``kernels`` package (which
+    transformers imports when it is installed): importing ``benchmarks`` moves the root last, so
+    ``import kernels`` finds the installed package wherever there is one."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "benchmarks.corpus", "--help"], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]  # a module of the package runs as the benchmarks do
+    probe = ("import importlib.util, json, sys; import benchmarks; s = importlib.util.find_spec('kernels'); "
+             "print(json.dumps([sys.path, s.origin if s else None]))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    path, origin = json.loads(out.stdout.strip().splitlines()[-1])
+    at_root = [i for i, p in enumerate(path) if Path(p or ".").resolve() == root]
+    assert at_root == [len(path) - 1], path  # the root stays importable, behind everything else
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return  # nothing to shadow here; CI's fresh environment has it (transformers >= 5.25 pulls it)
+    assert origin is not None and not Path(origin).is_relative_to(root / "kernels"), origin
