@@ -4,7 +4,7 @@
 ``benchmarks/bench_kernels.py`` times a call with CUDA events around back-to-back calls, which measures
 the larger of the GPU's work and the host's launch work. This script separates the two for the
 Llama-3.1-8B layer shape (32 q heads, 8 kv heads, D 128, bf16, structured synthetic q/k of
-``kernels.make_structured_qk``, one request in a paged cache) at each length:
+``bench_kernels.make_structured_qk``, one request in a paged cache) at each length:
 
   events_ms  bench_kernels.bench(): CUDA events around back-to-back calls (what bench_kernels.py reports)
   gpu_ms     the GPU's own time per call: the calls are queued behind a sleeping kernel, so the
@@ -17,7 +17,7 @@ Llama-3.1-8B layer shape (32 q heads, 8 kv heads, D 128, bf16, structured synthe
 
 With ``--attend DENSITY`` (vLLM's FA3 importable: `source /root/prism-stage/env.sh`), the same split
 for the FA3 attend step in the backend's "head" layout on a fixed random selection of that density
-(``kernels.fixed_mask``): "attend" (q copy, table build, FA3, output scatter, every argument
+(``bench_kernels.fixed_mask``): "attend" (q copy, table build, FA3, output scatter, every argument
 checked), "attend_replayed" (the same through ``prism_attend``, whose later calls replay the first
 call's launches, as a step's later layers do), "attend_copies" (the copies without the FA3 calls),
 and "dense" (FA3 causal attention over the paged cache) beside:
