@@ -64,11 +64,14 @@ _FRESH = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def fresh_process():
+def fresh_process(tmp_path_factory):
     env = dict(os.environ)
     env.pop("VLLM_PLUGINS", None)
+    # outside the checkout: `python -c` puts its working directory first on sys.path, and the
+    # checkout's kernels/ folder would shadow the `kernels` package transformers imports
     proc = subprocess.run(
-        [sys.executable, "-c", _FRESH], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-c", _FRESH], capture_output=True, text=True, timeout=300, env=env,
+        cwd=tmp_path_factory.mktemp("fresh"),
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
