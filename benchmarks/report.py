@@ -63,15 +63,20 @@ def load_results(out_dir: Path, kv_cache_dtype: str = "auto") -> dict[str, dict[
         again = Path(out_dir) / REPEAT_FILES.get(part, "")
         if kv_cache_dtype == "auto" and part in out and part in REPEAT_FILES and again.is_file():
             rep = read_json(again)
-            # a repeat of another commit's run is not a repeat of this one: never mix them in a goal
-            if rep.get("commit") not in (None, "", "unknown") and rep.get("commit") == out[part].get("commit"):
+            if _same_commit(rep, out[part]):
                 out[part]["repeats"] = [rep]
     native = Path(out_dir) / NATIVE_FILE
     if kv_cache_dtype == "auto" and "speed" in out and native.is_file():
         doc = read_json(native)
-        if doc.get("commit") not in (None, "", "unknown") and doc.get("commit") == out["speed"].get("commit"):
+        if _same_commit(doc, out["speed"]):
             out["speed"]["native"] = doc
     return out
+
+
+def _same_commit(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two runs of one known commit: another commit's run never joins a goal's runs (nor one
+    that does not know its commit)."""
+    return a.get("commit") not in (None, "", "unknown") and a.get("commit") == b.get("commit")
 
 
 def _f(x: Any, nd: int = 3) -> str:
@@ -228,21 +233,21 @@ def goals(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
         others += [("native context", res[part]["native"])] if res.get(part, {}).get("native") else []
         runs = [dflt] + [[p for p in speed_pairs(d.get("rows", []), model) if p.get("prism_default_ms") is not None]
                          for _, d in others]
-        names = ["worst "] + [f"{n}: worst " for n, _ in others]
-        worst = [(n, min(r, key=lambda p: p["dense_ms"] / p["prism_default_ms"])) for n, r in zip(names, runs) if r]
-        floor = [(n, p) for n, r in zip(names, runs) for p in r if p.get("dense_b_ms") is not None]
+        labels = [""] + [n for n, _ in others]  # "": the run the table shows
+        worst = [(n, min(r, key=lambda p: p["dense_ms"] / p["prism_default_ms"])) for n, r in zip(labels, runs) if r]
+        floor = [(n, p) for n, r in zip(labels, runs) for p in r if p.get("dense_b_ms") is not None]
         spread = ""
         if floor:  # FLASH_ATTN against itself (a second engine): how far two engines part
             def apart(p: dict[str, Any]) -> float:
                 return max(p["dense_ms"] / p["dense_b_ms"], p["dense_b_ms"] / p["dense_ms"]) - 1.0
 
             n, f = max(floor, key=lambda x: apart(x[1]))
-            where = tok_label(f["length"]) if n == names[0] else f"{n.removesuffix(': worst ')}, {tok_label(f['length'])}"
+            where = f"{n}, {tok_label(f['length'])}" if n else tok_label(f["length"])
             spread = f"; FLASH_ATTN's two engines up to {100 * apart(f):.1f}% apart ({where})"
         # three places: a 0.979 printed as "0.98x" beside a "no" reads as a contradiction
         out.append((f"TTFT >= 0.98x FLASH_ATTN at every length with the shipped defaults ({name})",
-                    "; ".join(n + f"{w['dense_ms'] / w['prism_default_ms']:.3f}x at {tok_label(w['length'])}"
-                              for n, w in worst) + spread,
+                    "; ".join(f"{n + ': ' if n else ''}worst {w['dense_ms'] / w['prism_default_ms']:.3f}x at "
+                              f"{tok_label(w['length'])}" for n, w in worst) + spread,
                     all(p["dense_ms"] / p["prism_default_ms"] >= 0.98 for r in runs for p in r)))
         if prs is lpairs:
             on = [p["length"] for p in dflt if p.get("prism_default_tokens")]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
+from triton.compiler import CompiledKernel
+from triton.runtime.jit import JITFunction
 
 from .params import PrismParams
 from .plan import PrefillPlan
@@ -69,7 +71,7 @@ def launch(kernel: Any, grid: tuple[int, ...], **kwargs: Any) -> None:
     the launches of a checked call). The estimation's launchers (pooling, selection) start their
     kernels only this way and do no other device work, which is what makes their calls replayable."""
     ran = kernel[grid](**kwargs)  # a JITFunction returns the CompiledKernel it launched
-    compiled = ran if _is_compiled(ran) and _is_plain_jit(kernel) else None
+    compiled = ran if _relaunchable(kernel, ran) else None
     for calls in _RECORDERS:  # every open recording: an outer one replays the inner ones' launches too
         calls.append((kernel, grid, kwargs, compiled))
 
@@ -82,20 +84,11 @@ def launch_call(fn: Callable[..., Any], **kwargs: Any) -> None:
         calls.append((fn, None, kwargs, None))
 
 
-def _is_compiled(obj: Any) -> bool:
-    try:
-        from triton.compiler import CompiledKernel
-    except ImportError:  # pragma: no cover - triton is a dependency
-        return False
-    return isinstance(obj, CompiledKernel)
-
-
-def _is_plain_jit(kernel: Any) -> bool:
-    """A bare ``@triton.jit`` kernel without pre-run hooks: what ``DirectLaunch`` may relaunch
-    (an autotuner or heuristics wrapper picks its configuration and runs its hooks per call)."""
-    from triton.runtime.jit import JITFunction
-
-    return type(kernel) is JITFunction and not kernel.pre_run_hooks
+def _relaunchable(kernel: Any, ran: Any) -> bool:
+    """``ran`` is the CompiledKernel of a bare ``@triton.jit`` kernel without pre-run hooks: what
+    ``DirectLaunch`` may relaunch (an autotuner or heuristics wrapper picks its configuration and
+    runs its hooks per call; the interpreter compiles nothing)."""
+    return isinstance(ran, CompiledKernel) and type(kernel) is JITFunction and not kernel.pre_run_hooks
 
 
 @contextlib.contextmanager
@@ -179,7 +172,7 @@ class LaunchReplay:
     activations alive.
     """
 
-    __slots__ = ("calls", "keep", "direct")
+    __slots__ = ("calls", "keep")
 
     def __init__(self, calls: Sequence[Recorded], inputs: Sequence[Optional[torch.Tensor]], keep: Any = None) -> None:
         self.keep = keep  # what the caller's key names by id() (kept alive, so the id stays its own)
@@ -190,7 +183,11 @@ class LaunchReplay:
             direct = None if compiled is None else DirectLaunch(kernel, grid, kwargs, compiled, swap)
             self.calls.append((kernel, grid, {k: (None if id(v) in slot else v) for k, v in kwargs.items()}, swap,
                                direct))
-        self.direct = sum(c[4] is not None for c in self.calls)
+
+    @property
+    def direct(self) -> int:
+        """Launches that can rerun their recorded binary (``DirectLaunch``)."""
+        return sum(c[4] is not None for c in self.calls)
 
     def __call__(self, *inputs: Optional[torch.Tensor]) -> None:
         for kernel, grid, kwargs, swap, direct in self.calls:

@@ -501,10 +501,14 @@ def test_replay_relaunches_the_recorded_binary_with_arguments_in_parameter_order
     assert len(kernel.launches) == 1 and kernel.launches[0][0] == (2, 3) and kernel.launches[0][1]["x"] is u
 
     # only bare @triton.jit kernels are relaunched directly: no wrapper, no pre-run hook
-    assert L._is_plain_jit(_toy_kernel) and not L._is_plain_jit(kernel)
+    from triton.compiler import CompiledKernel
+
+    ran = object.__new__(CompiledKernel)  # a compiled kernel, never launched
+    assert L._relaunchable(_toy_kernel, ran) and not L._relaunchable(kernel, ran)
+    assert not L._relaunchable(_toy_kernel, None)  # the interpreter returns no CompiledKernel
     hooked = JITFunction(_toy)
     hooked.add_pre_run_hook(lambda *a, **k: None)
-    assert not L._is_plain_jit(hooked)
+    assert not L._relaunchable(hooked, ran)
 
     for bad in (torch.zeros(64, dtype=torch.float16), torch.zeros(65)[1:], None):  # dtype, alignment, absent
         replay(bad)
